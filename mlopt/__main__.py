@@ -1,0 +1,3 @@
+from mlopt.cli.main import main
+
+main()

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from mlopt.cli import options as o
+from mlopt.cli.common import build_recipe, execute, handle_errors
+
+
+@handle_errors
+def bench(
+    models: Annotated[List[Path], typer.Argument(help="ONNX files (or mlopt output directories); the first is the baseline.")],
+    provider: Annotated[str, typer.Option("--provider", help="cpu, cuda or tensorrt.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads.")] = None,
+    batch_size: Annotated[Optional[List[int]], typer.Option("--batch-size", "-b", help="Batch size; repeat for several.")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 10,
+    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Timed runs per model and batch size.")] = 100,
+    duration: Annotated[Optional[float], typer.Option("--duration", help="Seconds per model and batch size (instead of --iterations).")] = None,
+    input_shape: o.InputShape = None,
+    out: o.OptionalOut = None,
+    overwrite: o.Overwrite = False,
+    quiet: o.Quiet = False,
+    json_out: o.Json = False,
+    save_recipe: o.SaveRecipe = None,
+) -> None:
+    """onnxruntime latency and throughput of one or more ONNX models, side by side."""
+    from mlopt.artifacts import ONNX_FILE
+
+    paths = [str(p / ONNX_FILE) if p.is_dir() else str(p) for p in models]
+    recipe = build_recipe(
+        {"spec": paths[0], "input_shape": input_shape},
+        None,
+        {"type": "bench", "provider": provider, "threads": threads, "batch_sizes": batch_size or [1],
+         "warmup": warmup, "iterations": iterations, "duration_s": duration, "compare": paths[1:]},
+    )
+    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
+    if json_out:
+        from mlopt import console
+
+        keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
+        rows = [{k: r[k] for k in keys} for r in result.report["step"]["bench"]["results"]]
+        console.emit_json({"results": rows, "timing": result.report["step"]["bench"]["timing"]})

@@ -1,0 +1,85 @@
+"""What every command does after parsing its flags: build a recipe, run it, show the result.
+
+Errors are turned into one line and an exit code in exactly one place: `handle_errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from mlopt import console
+from mlopt.errors import EXIT_FAILURE, MloptError
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map mlopt errors to a one-line message and their exit code; MLOPT_DEBUG=1 shows tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MloptError as exc:
+            if os.environ.get("MLOPT_DEBUG"):
+                raise
+            console.error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # an mlopt bug or an unexpected library failure
+            if os.environ.get("MLOPT_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            console.error(f"{type(exc).__name__}: {first} (set MLOPT_DEBUG=1 for the traceback)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[str, Any]) -> Any:
+    """A one-step recipe from command-line values (None means: not given, use the default)."""
+    from mlopt.recipe import recipe_from_dict
+
+    raw: dict[str, Any] = {"version": 1, "model": _given(model), "steps": [_given(step)]}
+    if data is not None and data.get("source") is not None:
+        raw["data"] = _given(data)
+    return recipe_from_dict(raw, "command line")
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
+
+
+def save_recipe(recipe: Any, path: Path) -> None:
+    from mlopt.fsutil import atomic_write_text
+    from mlopt.recipe import recipe_to_yaml
+
+    try:
+        atomic_write_text(path, recipe_to_yaml(recipe))
+    except OSError as exc:
+        from mlopt.errors import InputError
+
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    console.info(f"wrote {path}")
+
+
+def execute(recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: Path | None = None) -> Any:
+    """Run a one-step recipe through the shared runner (flat layout)."""
+    from mlopt.pipeline import run_recipe
+
+    console.set_quiet(quiet)
+    if save is not None:
+        save_recipe(recipe, save)
+        raise typer.Exit(0)
+    result = run_recipe(recipe, out, overwrite=overwrite, flat=True)
+    if out is not None:
+        console.info(f"wrote {out}")
+    return result
+

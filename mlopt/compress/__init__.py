@@ -1,0 +1,1 @@
+"""Passes that change a torch model's weights or structure: training, pruning, distillation."""

@@ -1,0 +1,32 @@
+"""The `train` pass: supervised training of the current torch model."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from mlopt import console
+from mlopt.compress.engine import TrainingConfig, fit
+from mlopt.pipeline import Pass, StepResult
+
+
+class TrainConfig(TrainingConfig):
+    """Train (or fine-tune) the current model on the recipe's data."""
+
+    type: Literal["train"] = "train"
+
+
+class TrainPass(Pass):
+    name = "train"
+    config_class = TrainConfig
+    needs_data = True
+
+    def run(self, artifact: Any, config: TrainConfig, ctx: Any) -> StepResult:
+        module = artifact.require_torch("train")
+        batch = config.batch_size or ctx.recipe.data.batch_size
+        result = fit(module, ctx.data, config, batch)
+        history = result.pop("history")
+        new = artifact.derive("train", module=module)
+        result["params"] = new.params()
+        result["size_mb"] = new.size_mb()
+        console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
+        return StepResult(artifact=new, metrics=result, extra={"history": history})

@@ -1,0 +1,100 @@
+"""The one place that writes to the terminal.
+
+Passes never print: they call these helpers. Human-facing output (messages, progress bars,
+tables) goes to stderr so that `--json` output on stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def _stderr():
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        # Logs and CI job output: wide enough that tables are not truncated.
+        console = Console(stderr=True, highlight=False, width=160)
+    return console
+
+
+def info(message: str) -> None:
+    if not _quiet:
+        _stderr().print(message)
+
+
+def warn(message: str) -> None:
+    """Warnings are shown even with --quiet: they say something the user must know."""
+    _stderr().print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str) -> None:
+    _stderr().print(f"[red]error:[/red] {message}", markup=True)
+
+
+def table(rich_table: Any) -> None:
+    if not _quiet:
+        _stderr().print(rich_table)
+
+
+def emit_json(data: Any) -> None:
+    """Print data as JSON on stdout (always, even with --quiet: it was asked for)."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+class _NullProgress:
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress: Any, task: Any):
+        self._progress = progress
+        self._task = task
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        status = "  ".join(f"{k} {v}" for k, v in fields.items())
+        self._progress.update(self._task, advance=n, status=status)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None) -> Iterator[_NullProgress | _RichProgress]:
+    """A progress bar on stderr; a no-op with --quiet."""
+    if _quiet:
+        yield _NullProgress()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=_stderr(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total, status="")
+        yield _RichProgress(bar, task)

@@ -1,0 +1,282 @@
+"""Data specs and loading.
+
+- ``digits``: scikit-learn's real 8x8 handwritten digits (1797 images, 10 classes), scaled to
+  [-1, 1], split deterministically (stratified) into train and validation.
+- ``npz:FILE``: arrays ``x`` (N, C, H, W) float and ``y`` (N,) int; optional ``x_val``/``y_val``
+  give the validation split, otherwise it is split deterministically.
+- ``imagefolder:DIR``: one folder per class (``DIR/train`` and ``DIR/val`` if present), images
+  resized to ``image_size`` (default 224) and normalised with ImageNet statistics.
+- ``random:SHAPE``: Gaussian inputs of one sample's shape (e.g. ``3x32x32``), no labels:
+  for calibration and benchmarking only.
+
+``image_size`` and ``channels`` resize and convert any source, so the same model can be fed
+from different data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlopt.errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataConfig(BaseModel):
+    """Where the data comes from and how it is shaped; shared by every step of a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="digits | npz:FILE | imagefolder:DIR | random:SHAPE")
+    image_size: int | None = Field(None, gt=0, description="resize images to this height and width")
+    channels: int | None = Field(None, description="convert images to 1 or 3 channels")
+    batch_size: int = Field(64, gt=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="validation share when the source has no split")
+    seed: int = 0
+    samples: int = Field(256, gt=0, description="number of samples for random:SHAPE")
+
+
+@dataclass
+class Dataset:
+    """Both splits of a data source, ready for torch DataLoaders."""
+
+    name: str
+    train: Any  # torch.utils.data.Dataset
+    val: Any
+    sample_shape: tuple[int, ...]
+    num_classes: int | None  # None: no labels
+
+    @property
+    def labeled(self) -> bool:
+        return self.num_classes is not None
+
+
+def require_labels(data: Dataset, why: str) -> None:
+    if not data.labeled:
+        raise InputError(f"{why} needs labelled data; {data.name!r} has no labels (random data is for calibration and benchmarking)")
+
+
+def load_data(cfg: DataConfig) -> Dataset:
+    source = cfg.source
+    if cfg.channels not in (None, 1, 3):
+        raise InputError(f"channels must be 1 or 3, not {cfg.channels}")
+    kind, _, arg = source.partition(":")
+    if kind == "digits" and not arg:
+        return _digits(cfg)
+    if kind == "npz" and arg:
+        return _npz(cfg, Path(arg))
+    if kind == "imagefolder" and arg:
+        return _imagefolder(cfg, Path(arg))
+    if kind == "random" and arg:
+        return _random(cfg, arg)
+    raise InputError(
+        f"unrecognised data {source!r}: expected digits, npz:FILE, imagefolder:DIR or random:SHAPE"
+    )
+
+
+def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None, y_val: Any = None) -> Dataset:
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
+
+    if x_val is None:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(len(y))
+        counts = np.bincount(y)
+        stratify = y if counts[counts > 0].min() >= 2 else None
+        tr, va = train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=stratify)
+        tr.sort()
+        va.sort()
+        x, x_val, y, y_val = x[tr], x[va], y[tr], y[va]
+    xt = _shape_images(torch.as_tensor(x, dtype=torch.float32), cfg)
+    xv = _shape_images(torch.as_tensor(x_val, dtype=torch.float32), cfg)
+    num_classes = int(max(y.max(), y_val.max())) + 1
+    return Dataset(
+        name=name,
+        train=TensorDataset(xt, torch.as_tensor(y, dtype=torch.long)),
+        val=TensorDataset(xv, torch.as_tensor(y_val, dtype=torch.long)),
+        sample_shape=tuple(xt.shape[1:]),
+        num_classes=num_classes,
+    )
+
+
+def _shape_images(x: Any, cfg: DataConfig) -> Any:
+    """Resize (bilinear) and convert channels of an (N, C, H, W) float tensor."""
+    import torch.nn.functional as F
+
+    if x.dim() == 4 and cfg.image_size is not None and tuple(x.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    if x.dim() == 4 and cfg.channels is not None and x.shape[1] != cfg.channels:
+        if x.shape[1] == 1:
+            x = x.repeat(1, cfg.channels, 1, 1)
+        elif cfg.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise InputError(f"cannot convert {x.shape[1]} channels to {cfg.channels}")
+    if x.dim() != 4 and (cfg.image_size or cfg.channels):
+        raise InputError(f"image_size and channels apply to images (N, C, H, W); the data has shape {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    return _tensor_split(cfg, "digits", x[:, None, :, :], bunch.target.astype(np.int64))
+
+
+def _npz(cfg: DataConfig, path: Path) -> Dataset:
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as .npz: {exc}") from exc
+    with arrays:
+        names = set(arrays.files)
+        if not {"x", "y"} <= names:
+            raise InputError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(names)}")
+        x, y = arrays["x"], arrays["y"]
+        x_val = arrays["x_val"] if "x_val" in names else None
+        y_val = arrays["y_val"] if "y_val" in names else None
+    for label, xs, ys in (("x/y", x, y), ("x_val/y_val", x_val, y_val)):
+        if xs is None:
+            continue
+        if ys is None:
+            raise InputError(f"{path}: x_val is given without y_val")
+        if not np.issubdtype(ys.dtype, np.integer) or ys.ndim != 1:
+            raise InputError(f"{path}: labels must be a 1-D integer array, got {ys.dtype} {ys.shape}")
+        if len(xs) != len(ys):
+            raise InputError(f"{path}: {label} have different lengths ({len(xs)} vs {len(ys)})")
+        if ys.min() < 0:
+            raise InputError(f"{path}: labels must be >= 0, found {ys.min()}")
+        if not np.issubdtype(xs.dtype, np.number):
+            raise InputError(f"{path}: x must be numeric, got {xs.dtype}")
+    if len(y) < 2:
+        raise InputError(f"{path}: needs at least 2 samples")
+    return _tensor_split(cfg, f"npz:{path}", x.astype(np.float32), y.astype(np.int64),
+                         None if x_val is None else x_val.astype(np.float32),
+                         None if y_val is None else y_val.astype(np.int64))
+
+
+class _ImageFiles:
+    """A lazily loaded list of (image path, label); a torch-style map dataset."""
+
+    def __init__(self, items: list[tuple[Path, int]], size: int, channels: int):
+        self.items = items
+        self.size = size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+        from PIL import Image
+        from torchvision.transforms.functional import normalize, pil_to_tensor, resize
+
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                t = pil_to_tensor(img).float() / 255.0
+        except Exception as exc:
+            raise InputError(f"cannot read image {path}: {exc}") from exc
+        t = resize(t, [self.size, self.size], antialias=True)
+        mean = IMAGENET_MEAN if self.channels == 3 else (sum(IMAGENET_MEAN) / 3,)
+        std = IMAGENET_STD if self.channels == 3 else (sum(IMAGENET_STD) / 3,)
+        return normalize(t, mean, std), torch.tensor(label, dtype=torch.long)
+
+
+def _list_images(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    items = []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if folder.is_dir():
+            items += [(p, label) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return items
+
+
+def _imagefolder(cfg: DataConfig, root: Path) -> Dataset:
+    if not root.is_dir():
+        raise InputError(f"image folder {root} does not exist")
+    split = (root / "train").is_dir() and (root / "val").is_dir()
+    class_root = root / "train" if split else root
+    classes = sorted(p.name for p in class_root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise InputError(f"image folder {class_root} needs one sub-folder per class (found {len(classes)})")
+    size = cfg.image_size or 224
+    channels = cfg.channels or 3
+    if split:
+        train, val = _list_images(root / "train", classes), _list_images(root / "val", classes)
+    else:
+        import numpy as np
+
+        items = _list_images(root, classes)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(items))
+        n_val = max(1, int(round(len(items) * cfg.val_fraction)))
+        val = [items[i] for i in sorted(order[:n_val])]
+        train = [items[i] for i in sorted(order[n_val:])]
+    if not train or not val:
+        raise InputError(f"image folder {root} has too few images for a train and a validation split")
+    return Dataset(
+        name=f"imagefolder:{root}",
+        train=_ImageFiles(train, size, channels),
+        val=_ImageFiles(val, size, channels),
+        sample_shape=(channels, size, size),
+        num_classes=len(classes),
+    )
+
+
+def _random(cfg: DataConfig, shape_text: str) -> Dataset:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from mlopt.models import parse_shape
+
+    shape = parse_shape(shape_text)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((cfg.samples, *shape), generator=g)
+    ds = TensorDataset(x)
+    return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
+
+
+def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:
+    import torch
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+
+def check_labels(data: Dataset, num_classes: int) -> None:
+    """Labels outside the model's classes are an input error, not a CUDA assert or a silent wrap."""
+    if data.num_classes is not None and data.num_classes > num_classes:
+        raise InputError(
+            f"data {data.name!r} has labels up to {data.num_classes - 1} but the model has {num_classes} classes"
+        )
+
+
+def first_inputs(data: Dataset, n: int) -> Any:
+    """Up to n real inputs from the validation split, as one tensor."""
+    import torch
+
+    xs, count = [], 0
+    for batch in loader(data.val, batch_size=min(n, 256)):
+        xs.append(batch[0])
+        count += len(batch[0])
+        if count >= n:
+            break
+    return torch.cat(xs)[:n]

@@ -1,0 +1,92 @@
+"""Top-1 accuracy and loss on the validation split, for a torch module or an ONNX file."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlopt import console
+from mlopt.data import Dataset, loader, require_labels
+from mlopt.pipeline import Pass, StepResult
+
+
+class EvalConfig(BaseModel):
+    """Measure top-1 accuracy and cross-entropy loss on the validation split."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["eval"] = "eval"
+    batch_size: int | None = Field(None, gt=0, description="defaults to the data's batch_size")
+
+
+def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    correct, loss_sum, seen = 0, 0.0, 0
+    with console.progress(label, total=total) as bar:
+        for x, y in batches:
+            logits = predict(x)
+            if logits.dim() != 2:
+                from mlopt.errors import InputError
+
+                raise InputError(f"the model returned shape {tuple(logits.shape)}; expected logits (batch, classes)")
+            if int(y.max()) >= logits.shape[1]:
+                from mlopt.errors import InputError
+
+                raise InputError(f"label {int(y.max())} is outside the model's {logits.shape[1]} classes")
+            loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            seen += len(y)
+            bar.advance(len(y), acc=f"{correct / seen:.4f}")
+    if seen == 0:
+        from mlopt.errors import InputError
+
+        raise InputError("the validation split is empty")
+    return {"accuracy": correct / seen, "loss": loss_sum / seen, "samples": seen}
+
+
+def evaluate_torch(module: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
+    import torch
+
+    require_labels(data, "accuracy")
+    module.eval()
+
+    def predict(x: Any) -> Any:
+        with torch.no_grad():
+            return module(x)
+
+    return _score(loader(data.val, batch_size), predict, len(data.val), "evaluate")
+
+
+def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
+    import torch
+
+    from mlopt.export.runtime import make_session, run_session
+
+    require_labels(data, "accuracy")
+    session = make_session(path, "cpu")
+
+    def predict(x: Any) -> Any:
+        return torch.from_numpy(run_session(session, x.numpy()))
+
+    return _score(loader(data.val, batch_size), predict, len(data.val), "evaluate (onnxruntime)")
+
+
+def evaluate_artifact(artifact: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
+    if artifact.format == "onnx":
+        return evaluate_onnx(artifact.onnx_path, data, batch_size)
+    return evaluate_torch(artifact.module, data, batch_size)
+
+
+class EvalPass(Pass):
+    name = "eval"
+    config_class = EvalConfig
+    produces_model = False
+    needs_data = True
+
+    def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
+        batch = config.batch_size or ctx.recipe.data.batch_size
+        metrics = evaluate_artifact(artifact, ctx.data, batch)
+        console.info(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['samples']} samples)")
+        return StepResult(artifact=artifact, metrics=metrics)

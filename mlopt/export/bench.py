@@ -1,0 +1,177 @@
+"""The `bench` pass: onnxruntime latency and throughput, models side by side.
+
+Models are timed one after another with a single session alive at a time. Two live sessions
+interfere: idle intra-op threads of one spin and steal the cores of the other, which made an
+INT8 model look 40% slower than it is when timed alternately. Every report says how it timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlopt import console
+from mlopt.errors import InputError
+from mlopt.pipeline import Pass, StepResult
+
+TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
+
+
+class BenchConfig(BaseModel):
+    """Time the current ONNX model (and any others named in `compare`) on onnxruntime."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["bench"] = "bench"
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    warmup: int = Field(10, ge=0, description="untimed runs before timing")
+    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size")
+    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations")
+    compare: list[str] = Field(default_factory=list, description="more ONNX files timed after the current model")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchConfig":
+        if any(b <= 0 for b in self.batch_sizes):
+            raise ValueError("batch sizes must be positive")
+        if self.duration_s is not None:
+            self.iterations = None
+        return self
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(sorted_ms, q))
+
+
+def time_model(
+    path: Path, sample_shape: tuple[int, ...] | None, cfg: BenchConfig, label: str
+) -> list[dict[str, Any]]:
+    """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
+    import numpy as np
+
+    from mlopt.export.runtime import input_spec, make_session
+    from mlopt.fsutil import file_size_mb
+
+    session = make_session(path, cfg.provider, cfg.threads)
+    name, shape, dtype = input_spec(session)
+    if sample_shape is None:
+        if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            raise InputError(f"{path} has symbolic input dimensions {shape}: give --input-shape")
+        sample_shape = tuple(shape[1:])
+    if isinstance(shape[0], int) and shape[0] > 0 and any(b != shape[0] for b in cfg.batch_sizes):
+        raise InputError(f"{path} has a fixed batch size of {shape[0]}; it cannot run batch sizes {cfg.batch_sizes}")
+    rng = np.random.default_rng(0)
+    results = []
+    for batch in cfg.batch_sizes:
+        full = (batch, *sample_shape)
+        if np.issubdtype(dtype, np.floating):
+            x = rng.standard_normal(full).astype(dtype)
+        else:
+            x = rng.integers(0, 100, size=full).astype(dtype)
+        feed = {name: x}
+        try:
+            for _ in range(cfg.warmup):
+                session.run(None, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"onnxruntime rejected input of shape {full} for {path}: {first}") from exc
+        times: list[float] = []
+        total = cfg.iterations
+        with console.progress(f"bench {label} batch {batch}", total=total) as bar:
+            deadline = time.perf_counter() + (cfg.duration_s or 0)
+            while True:
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                times.append((time.perf_counter() - t0) * 1000)
+                bar.advance(1)
+                if cfg.iterations is not None and len(times) >= cfg.iterations:
+                    break
+                if cfg.duration_s is not None and time.perf_counter() >= deadline and len(times) >= 3:
+                    break
+        arr = sorted(times)
+        mean = sum(arr) / len(arr)
+        results.append({
+            "model": label,
+            "provider": cfg.provider,
+            "batch_size": batch,
+            "latency_ms": {
+                "mean": mean,
+                "p50": _percentile(arr, 50),
+                "p90": _percentile(arr, 90),
+                "p99": _percentile(arr, 99),
+            },
+            "throughput_per_s": batch * 1000.0 / mean,
+            "size_mb": file_size_mb(path),
+            "iterations": len(arr),
+        })
+    del session
+    gc.collect()
+    return results
+
+
+def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Time each (label, path, sample shape) in turn; add each row's speed-up over the first model."""
+    results: list[dict[str, Any]] = []
+    for label, path, shape in models:
+        results += time_model(path, shape, cfg, label)
+    first = models[0][0]
+    base = {r["batch_size"]: r["latency_ms"]["mean"] for r in results if r["model"] == first}
+    for r in results:
+        r["speedup"] = base[r["batch_size"]] / r["latency_ms"]["mean"]
+    return results
+
+
+def show_table(results: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"onnxruntime latency ({TIMING_NOTE})")
+    for col in ("model", "provider", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "items/s", "size MB", "speed-up"):
+        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
+    for r in results:
+        lat = r["latency_ms"]
+        table.add_row(
+            r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
+            f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
+            f"{r['speedup']:.2f}x",
+        )
+    console.table(table)
+
+
+class BenchPass(Pass):
+    name = "bench"
+    config_class = BenchConfig
+    produces_model = False
+
+    def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
+        from mlopt.artifacts import load_onnx_file
+
+        path = artifact.require_onnx("bench")
+        models = [(artifact.origin or str(path), Path(path), artifact.sample_shape)]
+        for other in config.compare:
+            extra = load_onnx_file(Path(other))
+            models.append((other, Path(other), extra.sample_shape or artifact.sample_shape))
+        labels = [m[0] for m in models]
+        if len(set(labels)) != len(labels):
+            raise InputError("the same model is named twice in bench")
+        results = bench_models(models, config)
+        show_table(results)
+        first = results[0]
+        metrics = {
+            "latency_ms": first["latency_ms"]["mean"],
+            "batch_size": first["batch_size"],
+            "throughput_per_s": first["throughput_per_s"],
+            "size_mb": first["size_mb"],
+            "provider": config.provider,
+        }
+        return StepResult(
+            artifact=artifact,
+            metrics=metrics,
+            notes=[f"timing: {TIMING_NOTE}"],
+            extra={"bench": {"results": results, "timing": TIMING_NOTE}},
+        )

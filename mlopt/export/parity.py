@@ -1,0 +1,48 @@
+"""Export validation: run PyTorch and onnxruntime on the same inputs and compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlopt.errors import ParityError
+
+
+def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
+    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`.
+
+    Fails when any output differs by more than atol + rtol * max|torch output|.
+    """
+    import numpy as np
+    import torch
+
+    from mlopt.export.runtime import make_session, run_session
+
+    session = make_session(onnx_path, "cpu")
+    module.eval()
+    max_err, max_ref, agree, n = 0.0, 0.0, 0, 0
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start : start + batch_size]
+        with torch.no_grad():
+            ref = module(x).float().numpy()
+        got = run_session(session, x.numpy())
+        if got.shape != ref.shape:
+            raise ParityError(f"onnxruntime output shape {got.shape} differs from PyTorch's {ref.shape}")
+        max_err = max(max_err, float(np.abs(got - ref).max()))
+        max_ref = max(max_ref, float(np.abs(ref).max()))
+        if ref.ndim == 2:
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        n += len(x)
+    tolerance = atol + rtol * max_ref
+    result = {
+        "max_abs_error": max_err,
+        "tolerance": tolerance,
+        "top1_agreement": agree / n if n else None,
+        "parity_samples": n,
+    }
+    if not np.isfinite(max_err) or max_err > tolerance:
+        raise ParityError(
+            f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance {tolerance:.3g} "
+            f"(atol {atol} + rtol {rtol} x max |output| {max_ref:.3g}); top-1 agreement {result['top1_agreement']:.3f}"
+        )
+    return result

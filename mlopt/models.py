@@ -1,0 +1,204 @@
+"""Model specs: how a user names a model, and how mlopt builds the torch module from that name.
+
+Supported specs:
+- ``torchvision:NAME``: any torchvision classification model, built without pretrained weights
+  (nothing is downloaded); pass ``--weights FILE`` for a state dict.
+- ``path/to/file.py:factory``: imports the user's file and calls ``factory()``. This runs the
+  user's own code, as importing any Python module does.
+- ``package.module:factory``: imports an installed module and calls ``factory()``.
+
+A factory that accepts a ``num_classes`` argument receives it. Weights are always read with
+``torch.load(weights_only=True)``: mlopt never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+from mlopt.errors import InputError
+
+_MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224); every dimension must be a positive integer."""
+    if isinstance(text, (list, tuple)):
+        dims = list(text)
+    else:
+        parts = str(text).lower().replace(",", "x").split("x")
+        try:
+            dims = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(f"invalid shape {text!r}: expected integers joined by 'x', e.g. 1x3x224x224") from None
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
+        raise InputError(f"invalid shape {text!r}: every dimension must be a positive integer")
+    return tuple(dims)
+
+
+def format_shape(shape: tuple[int, ...] | list[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'torchvision:resnet18' -> ('torchvision', 'resnet18'); 'a/b.py:make' -> ('a/b.py', 'make')."""
+    if ":" not in spec:
+        raise InputError(
+            f"unrecognised model {spec!r}: expected torchvision:NAME, FILE.py:FACTORY, "
+            "package.module:FACTORY, an mlopt output directory or FILE.onnx"
+        )
+    prefix, _, name = spec.rpartition(":")
+    if not prefix or not name:
+        raise InputError(f"unrecognised model {spec!r}: both sides of ':' must be given")
+    return prefix, name
+
+
+def torchvision_model_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_module(spec: str, num_classes: int | None) -> Any:
+    """Build an untrained torch module from a spec string."""
+    prefix, name = split_spec(spec)
+    if prefix == "torchvision":
+        return _build_torchvision(name, num_classes)
+    if prefix.endswith(".py"):
+        return _call_factory(_import_file(Path(prefix)), name, num_classes, spec)
+    if _MODULE_PATH.match(prefix):
+        try:
+            module = importlib.import_module(prefix)
+        except ModuleNotFoundError as exc:
+            raise InputError(f"cannot import module {prefix!r} for model {spec!r}: {exc}") from exc
+        return _call_factory(module, name, num_classes, spec)
+    raise InputError(f"unrecognised model {spec!r}: unknown prefix {prefix!r}")
+
+
+def _build_torchvision(name: str, num_classes: int | None) -> Any:
+    import torchvision
+
+    names = torchvision_model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise InputError(f"unknown torchvision classification model {name!r}{hint}")
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if name.startswith("inception") or name.startswith("googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = False
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist")
+    module_name = f"mlopt_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot import model file {path}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) -> Any:
+    import torch
+
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        candidates = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(name, candidates, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"{spec!r}: no callable named {name!r}{hint}")
+    kwargs = {}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if num_classes is not None and "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise InputError(f"{spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_state_dict_file(path: Path) -> dict[str, Any]:
+    """Read a state dict without unpickling arbitrary objects."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict ({first})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise InputError(f"weights {path} do not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
+    """Load weights strictly, turning key and shape mismatches into one readable line."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(
+                f"{len(mismatched)} shape mismatch(es), e.g. {k}: model {tuple(own[k].shape)} vs file {tuple(state[k].shape)}"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise InputError(f"weights {source} do not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def count_params(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
+    """Run one dummy sample through the model; return the number of output classes.
+
+    A shape the model rejects becomes an InputError naming the shape.
+    """
+    import torch
+
+    module.eval()
+    x = torch.zeros((1, *sample_shape))
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"the model rejects input of shape {format_shape((1, *sample_shape))}: {first}"
+        ) from exc
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise InputError(f"the model must return logits of shape (batch, classes); it returned {shape}")
+    return int(y.shape[1])

@@ -1,0 +1,91 @@
+"""Reports: JSON first (a versioned schema); Markdown is a rendering of the JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlopt.fsutil import atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+
+
+def write_reports(out_dir: Path, report: dict[str, Any]) -> None:
+    atomic_write_json(Path(out_dir) / "report.json", report)
+    atomic_write_text(Path(out_dir) / "report.md", render_markdown(report))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else str(value)
+    return str(value)
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list)) or isinstance(v, list) and len(v) < 6]
+    if not rows:
+        return []
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    return lines
+
+
+def _bench_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | provider | batch | mean ms | p50 ms | p90 ms | p99 ms | items/s | size MB | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lat = r["latency_ms"]
+        speedup = r.get("speedup")
+        lines.append(
+            f"| {r['model']} | {r['provider']} | {r['batch_size']} | {lat['mean']:.3f} | {lat['p50']:.3f} | "
+            f"{lat['p90']:.3f} | {lat['p99']:.3f} | {r['throughput_per_s']:.1f} | {r['size_mb']:.2f} | "
+            f"{'' if speedup is None else f'{speedup:.2f}x'} |"
+        )
+    return lines
+
+
+def _step_section(step: dict[str, Any], heading: str) -> list[str]:
+    lines = [heading, ""]
+    lines.append(f"Ran in {step['duration_s']:.1f} s.")
+    if step.get("notes"):
+        lines += [""] + [f"- {n}" for n in step["notes"]]
+    lines.append("")
+    lines += _metrics_table(step.get("metrics", {}))
+    if step.get("bench"):
+        lines += ["", *_bench_table(step["bench"]["results"]), "", f"Timing: {step['bench']['timing']}"]
+    lines.append("")
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    if report["kind"] == "step":
+        step = report["step"]
+        lines = [f"# mlopt {step['type']}", ""]
+        lines += _step_section(step, "## Result")
+        lines += ["## Configuration", "", "```json", _json(step["config"]), "```", ""]
+    else:
+        lines = ["# mlopt run", ""]
+        if report.get("recipe_file"):
+            lines += [f"Recipe: `{report['recipe_file']}`", ""]
+        lines += ["| step | type | duration s | key metrics |", "| --- | --- | --- | --- |"]
+        for step in report["steps"]:
+            key = ", ".join(f"{k} {_fmt(v)}" for k, v in step.get("metrics", {}).items() if not isinstance(v, (dict, list)))
+            lines.append(f"| {step['dir']} | {step['type']} | {step['duration_s']:.1f} | {key} |")
+        lines.append("")
+        for step in report["steps"]:
+            lines += _step_section(step, f"## {step['dir']}")
+    env = report.get("environment", {})
+    if env:
+        libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+        lines += ["## Environment", "", f"{env.get('cpu')} ({env.get('cpu_count')} CPUs; ISA: {', '.join(env.get('isa', [])) or 'n/a'}); Python {env.get('python')}; {libs}", ""]
+    return "\n".join(lines)
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2)
