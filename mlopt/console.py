@@ -35,16 +35,18 @@ def _stderr():
 
 def info(message: str) -> None:
     if not _quiet:
-        _stderr().print(message)
+        _stderr().print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """Warnings are shown even with --quiet: they say something the user must know."""
-    _stderr().print(f"[yellow]warning:[/yellow] {message}")
+    _stderr().print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def error(message: str) -> None:
-    _stderr().print(f"[red]error:[/red] {message}", markup=True)
+    from rich.markup import escape
+
+    _stderr().print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
 
 
 def table(rich_table: Any) -> None:

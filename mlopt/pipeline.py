@@ -72,6 +72,8 @@ def run_recipe(
     out=None: nothing is kept (eval and bench without --out).
     Each step is written into a staging directory and renamed into place when it succeeds.
     """
+    from rich.markup import escape
+
     from mlopt import environment, fsutil
     from mlopt.recipe import PASSES
     from mlopt.report import SCHEMA_VERSION, write_reports
@@ -107,7 +109,7 @@ def run_recipe(
                 final_dir = Path(out) if flat else staged_root / name
                 stage = fsutil.staging_dir(final_dir)
             shown_dir = final_dir if out is None or flat else Path(out) / name
-            console.info(f"[bold]{name}[/bold]: {step.type} ({artifact.format} model {artifact.origin or artifact.builder})")
+            console.info(f"[bold]{name}[/bold]: {step.type} ({artifact.format} model {escape(artifact.origin)})")
             started = time.time()
             try:
                 result = pass_.run(artifact, step, StepContext(out_dir=stage, data=data, recipe=recipe))

@@ -36,6 +36,7 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
     tolerance = atol + rtol * max_ref
     result = {
         "max_abs_error": max_err,
+        "max_abs_output": max_ref,
         "tolerance": tolerance,
         "top1_agreement": agree / n if n else None,
         "parity_samples": n,

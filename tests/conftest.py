@@ -1,0 +1,61 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+TOY = TESTS / "toy_models.py"
+sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(autouse=True)
+def _reset_console():
+    from mlopt import console
+
+    console.set_quiet(False)
+    yield
+    console.set_quiet(False)
+
+
+@pytest.fixture
+def tiny_spec() -> str:
+    return f"{TOY}:tiny_cnn"
+
+
+@pytest.fixture
+def npz_file(tmp_path) -> Path:
+    """A separable 4-class problem on 1x8x8 images."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=200)
+    x = rng.normal(0, 0.3, size=(200, 1, 8, 8)).astype(np.float32)
+    for c in range(4):
+        x[y == c] += 0.8 * c  # brightness separates the classes
+    path = tmp_path / "toy.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """A TinyCNN trained for three epochs on digits, saved as an mlopt output directory."""
+    from mlopt.cli.main import app
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("trained") / "model"
+    result = CliRunner().invoke(
+        app, ["train", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--epochs", "3", "--lr", "0.02", "--batch-size", "32", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tmp_path_factory, trained_dir) -> Path:
+    from mlopt.cli.main import app
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    result = CliRunner().invoke(app, ["export", "--model", str(trained_dir), "--data", "digits", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out

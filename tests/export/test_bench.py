@@ -1,0 +1,32 @@
+import pytest
+
+from mlopt.errors import InputError
+from mlopt.export.bench import BenchConfig, bench_models
+from mlopt.export.runtime import available_providers, make_session
+
+
+def test_bench_two_models(exported_dir):
+    path = exported_dir / "model.onnx"
+    cfg = BenchConfig(batch_sizes=[1, 4], warmup=1, iterations=5)
+    results = bench_models([("a", path, (1, 8, 8)), ("b", path, None)], cfg)
+    assert [(r["model"], r["batch_size"]) for r in results] == [("a", 1), ("a", 4), ("b", 1), ("b", 4)]
+    for r in results:
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert r["throughput_per_s"] == pytest.approx(r["batch_size"] * 1000 / lat["mean"])
+        assert r["size_mb"] > 0 and r["iterations"] == 5
+    assert results[0]["speedup"] == 1.0 and results[1]["speedup"] == 1.0
+
+
+def test_duration_budget(exported_dir):
+    cfg = BenchConfig(warmup=0, duration_s=0.05)
+    assert cfg.iterations is None
+    (r,) = bench_models([("a", exported_dir / "model.onnx", (1, 8, 8))], cfg)
+    assert r["iterations"] >= 3
+
+
+def test_unavailable_provider_lists_available(exported_dir):
+    if "cuda" in available_providers():
+        pytest.skip("CUDA provider present")
+    with pytest.raises(InputError, match="provider 'cuda' is not available.*available: cpu"):
+        make_session(exported_dir / "model.onnx", "cuda")

@@ -1,0 +1,54 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mlopt.errors import ParityError, RunError
+from mlopt.export.onnx import export_onnx
+from mlopt.export.parity import compare
+from mlopt.export.runtime import make_session, run_session
+from mlopt.models import build_module
+
+from conftest import TOY
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_has_dynamic_batch_and_matches_torch(tmp_path, exporter):
+    torch.manual_seed(0)
+    module = build_module(f"{TOY}:tiny_cnn", 10).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(module, (1, 8, 8), path, opset=18, exporter=exporter)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == 18
+    session = make_session(path)
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 8, 8)
+        got = run_session(session, x.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(got, module(x).numpy(), atol=1e-4)
+    result = compare(module, path, torch.randn(16, 1, 8, 8), atol=1e-4, rtol=1e-3)
+    assert result["top1_agreement"] == 1.0 and result["max_abs_error"] < 1e-4
+
+
+def test_parity_failure_is_detected(tmp_path):
+    torch.manual_seed(0)
+    module = build_module(f"{TOY}:tiny_cnn", 10).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(module, (1, 8, 8), path, opset=18, exporter="torchscript")
+    with torch.no_grad():
+        module.classifier.bias += 0.5  # torch now disagrees with the exported file
+    with pytest.raises(ParityError, match="max abs error 0.5"):
+        compare(module, path, torch.randn(8, 1, 8, 8), atol=1e-4, rtol=1e-3)
+
+
+def test_export_failure_is_one_line(tmp_path):
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x.flatten(1)
+            return -x.flatten(1)
+
+    with pytest.raises(RunError, match="ONNX export failed") as info:
+        export_onnx(Untraceable(), (4,), tmp_path / "m.onnx", opset=18, exporter="dynamo")
+    assert "\n" not in str(info.value)

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from mlopt.errors import InputError
+from mlopt.recipe import load_recipe, recipe_from_dict, recipe_to_yaml
+
+ROOT = Path(__file__).parent.parent
+
+BASE = {"version": 1, "model": {"spec": "torchvision:resnet18"}, "data": {"source": "digits"}, "steps": [{"type": "train"}]}
+
+
+def test_defaults_are_typed():
+    r = recipe_from_dict(BASE, "t")
+    assert r.steps[0].type == "train" and r.steps[0].epochs == 5
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"steps": [{"type": "train", "epochs": 3, "epoch": 4}]}, r"steps\.0\.train\.epoch: unknown key"),
+        ({"steps": [{"type": "quantize"}]}, "unknown step type; expected one of train, eval, export, bench"),
+        ({"steps": [{"type": "train", "epochs": 0}]}, r"epochs: Input should be greater than 0"),
+        ({"steps": []}, "steps"),
+        ({"version": 2}, "version"),
+        ({"modle": {"spec": "x"}}, "modle: unknown key"),
+    ],
+)
+def test_invalid_recipes(patch, match):
+    with pytest.raises(InputError, match=match):
+        recipe_from_dict({**BASE, **patch}, "r.yaml")
+
+
+def test_env_interpolation(monkeypatch):
+    monkeypatch.setenv("MLOPT_TEST_EPOCHS_SOURCE", "digits")
+    r = recipe_from_dict({**BASE, "data": {"source": "${MLOPT_TEST_EPOCHS_SOURCE}"}}, "t")
+    assert r.data.source == "digits"
+    with pytest.raises(InputError, match="MLOPT_UNSET_VAR is not set"):
+        recipe_from_dict({**BASE, "data": {"source": "${MLOPT_UNSET_VAR}"}}, "t")
+
+
+def test_yaml_errors_name_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmodel: {spec: x\nsteps: []\n")
+    with pytest.raises(InputError, match=r"r\.yaml:\d+:\d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_yaml_roundtrip(tmp_path):
+    r = recipe_from_dict({**BASE, "steps": [{"type": "train", "epochs": 2}, {"type": "bench", "batch_sizes": [1, 8]}]}, "t")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(r))
+    assert load_recipe(path) == r
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    assert load_recipe(path).steps

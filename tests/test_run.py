@@ -1,0 +1,68 @@
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
+
+from conftest import TOY
+
+
+def test_recipe_runs_every_step(tmp_path):
+    recipe = {
+        "version": 1,
+        "model": {"spec": f"{TOY}:tiny_cnn"},
+        "data": {"source": "digits", "batch_size": 32},
+        "steps": [
+            {"type": "train", "epochs": 3, "lr": 0.01},
+            {"type": "eval"},
+            {"type": "export", "exporter": "torchscript"},
+            {"type": "eval"},
+            {"type": "bench", "batch_sizes": [1, 8], "iterations": 5, "warmup": 1},
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert dirs == ["01-train", "02-eval", "03-export", "04-eval", "05-bench"]
+    assert (out / "01-train" / "model.pt").is_file() and (out / "03-export" / "model.onnx").is_file()
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert [s["type"] for s in steps] == ["train", "eval", "export", "eval", "bench"]
+    torch_acc, onnx_acc = steps[1]["metrics"]["accuracy"], steps[3]["metrics"]["accuracy"]
+    assert torch_acc > 0.8 and abs(torch_acc - onnx_acc) <= 1 / 360
+    assert steps[3]["input"]["format"] == "onnx"
+    assert len(steps[4]["bench"]["results"]) == 2
+    md = (out / "report.md").read_text()
+    assert "05-bench" in md and "| cpu |" in md
+
+
+def test_invalid_recipe_does_no_work(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": "torchvision:resnet18"},
+                                    "steps": [{"type": "train", "epoks": 2}]}))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2 and "epoks: unknown key" in result.stderr
+    assert not out.exists()
+
+
+def test_step_needing_data_is_caught_before_work(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": "torchvision:resnet18"},
+                                    "steps": [{"type": "export"}, {"type": "train"}]}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "needs data" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_before_export_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": f"{TOY}:tiny_cnn", "input_shape": "1x1x8x8"},
+                                    "steps": [{"type": "bench"}]}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "add an export step" in result.stderr
+    assert not (tmp_path / "run").exists()
