@@ -101,7 +101,10 @@ def load_artifact(path: str | Path) -> Artifact:
     if path.is_dir():
         meta_path = path / META_FILE
         if not meta_path.is_file():
-            raise InputError(f"{path} is not an mlopt model directory (no {META_FILE})")
+            last = _last_model_of_run(path)
+            if last is None:
+                raise InputError(f"{path} is not an mlopt model directory (no {META_FILE})")
+            return load_artifact(last)
         try:
             meta = json.loads(meta_path.read_text())
             fmt = meta["format"]
@@ -165,6 +168,14 @@ def load_onnx_file(path: Path) -> Artifact:
     return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path))
 
 
+def _last_model_of_run(run_dir: Path) -> Path | None:
+    """The last step directory of a recipe run that holds a model (the run's final model)."""
+    if not (run_dir / "report.json").is_file():
+        return None
+    steps = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / META_FILE).is_file())
+    return steps[-1] if steps else None
+
+
 def looks_like_artifact(spec: str) -> bool:
     p = Path(spec)
-    return spec.endswith(".onnx") or (p.is_dir() and (p / META_FILE).is_file())
+    return spec.endswith(".onnx") or (p.is_dir() and ((p / META_FILE).is_file() or _last_model_of_run(p) is not None))

@@ -84,8 +84,7 @@ def run_recipe(
         if PASSES[step.type].needs_data and recipe.data is None:
             raise InputError(f"step {step.type!r} needs data: give --data (or 'data:' in the recipe)")
 
-    data = _load_data(recipe)
-    artifact = initial_artifact(recipe, data)
+    artifact, data = prepare(recipe)
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
 
@@ -170,17 +169,37 @@ def run_recipe(
     return RunResult(report=report, artifact=artifact, out=out)
 
 
-def _load_data(recipe: "Recipe") -> "Dataset | None":
-    if recipe.data is None:
-        return None
+def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
+    """Load the recipe's model and data and check that they fit each other.
+
+    A saved model remembers its input shape; when the data section leaves image_size and
+    channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
+    feeds a model trained on resized digits the same resized digits.
+    """
+    from mlopt.artifacts import load_artifact, looks_like_artifact
     from mlopt.data import load_data
 
-    return load_data(recipe.data)
+    loaded = None
+    data_cfg = recipe.data
+    if looks_like_artifact(recipe.model.spec):
+        if recipe.model.weights:
+            raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
+        loaded = load_artifact(recipe.model.spec)
+        shape = loaded.sample_shape
+        if data_cfg is not None and shape is not None and len(shape) == 3:
+            fill = {}
+            if data_cfg.channels is None:
+                fill["channels"] = shape[0]
+            if data_cfg.image_size is None and shape[1] == shape[2]:
+                fill["image_size"] = shape[1]
+            data_cfg = data_cfg.model_copy(update=fill)
+    data = load_data(data_cfg) if data_cfg is not None else None
+    return initial_artifact(recipe, data, loaded), data
 
 
-def initial_artifact(recipe: "Recipe", data: "Dataset | None") -> "Artifact":
+def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None" = None) -> "Artifact":
     """Turn the recipe's model section into the first artifact, checking it against the data."""
-    from mlopt.artifacts import Artifact, load_artifact, looks_like_artifact
+    from mlopt.artifacts import Artifact
     from mlopt.data import check_labels
     from mlopt.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
 
@@ -198,10 +217,8 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None") -> "Artifact":
             )
         shape = tuple(data.sample_shape)
 
-    if looks_like_artifact(cfg.spec):
-        if cfg.weights:
-            raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
-        artifact = load_artifact(cfg.spec)
+    if loaded is not None:
+        artifact = loaded
         if shape is not None:
             if artifact.sample_shape is not None and tuple(artifact.sample_shape) != tuple(shape):
                 raise InputError(

@@ -66,3 +66,24 @@ def test_bench_before_export_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "add an export step" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_is_a_model_and_eval_reuses_its_input_shape(tmp_path):
+    """`--model RUN_DIR` means the run's final model; data is resized to what the model was trained on."""
+    recipe = {
+        "version": 1,
+        "model": {"spec": f"{TOY}:tiny_cnn_rgb"},
+        "data": {"source": "digits", "image_size": 12, "channels": 3},
+        "steps": [{"type": "train", "epochs": 1, "lr": 0.02}, {"type": "export", "exporter": "torchscript"}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"]).exit_code == 0
+    trained = json.loads((out / "01-train" / "report.json").read_text())["step"]["metrics"]["accuracy"]
+    for model in (out, out / "01-train"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model), "--data", "digits", "--json"])
+        assert result.exit_code == 0, result.output
+        assert abs(json.loads(result.stdout)["accuracy"] - trained) <= 1 / 360
+    result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", "digits", "--image-size", "8"])
+    assert result.exit_code == 2 and "3x12x12" in result.stderr
