@@ -46,7 +46,7 @@ def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]
     return {"accuracy": correct / seen, "loss": loss_sum / seen, "samples": seen}
 
 
-def evaluate_torch(module: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
+def evaluate_torch(module: Any, data: Dataset, batch_size: int, device: Any = None) -> dict[str, Any]:
     import torch
 
     require_labels(data, "accuracy")
@@ -54,7 +54,7 @@ def evaluate_torch(module: Any, data: Dataset, batch_size: int) -> dict[str, Any
 
     def predict(x: Any) -> Any:
         with torch.no_grad():
-            return module(x)
+            return module(x.to(device) if device is not None else x).float().cpu()
 
     return _score(loader(data.val, batch_size), predict, len(data.val), "evaluate")
 

@@ -41,7 +41,7 @@ class _suppress:
         return True
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
     """Refuse an existing non-empty output directory unless asked to overwrite; check writability.
 
     Called before any work starts so that a long run does not fail at the very end.
@@ -50,7 +50,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+        interrupted = resumable and any((out / name).exists() for name in (".checkpoint", ".checkpoints", "report.json"))
+        hint = "pass --resume to continue the interrupted run or --overwrite to replace it" if interrupted else "pass --overwrite to replace it"
+        raise InputError(f"--out {out} exists and is not empty ({hint})")
     parent = _nearest_existing_parent(out)
     if not parent.is_dir():
         raise InputError(f"cannot create --out {out}: {parent} is not a directory")

@@ -37,6 +37,9 @@ class StepContext:
     out_dir: Path  # the step's own (staging) directory
     data: "Dataset | None"
     recipe: "Recipe"
+    baseline: "Artifact"  # the model before the first compressing step (teacher, gate baseline)
+    checkpoint_dir: Path | None = None  # where a training step keeps its checkpoint
+    resume: bool = False
 
 
 class Pass:
@@ -46,6 +49,8 @@ class Pass:
     config_class: ClassVar[type["BaseModel"]]
     produces_model: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
+    rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
 
     def run(self, artifact: "Artifact", config: Any, ctx: StepContext) -> StepResult:
         raise NotImplementedError
@@ -56,6 +61,7 @@ class RunResult:
     report: dict[str, Any]
     artifact: "Artifact"
     out: Path | None
+    is_main: bool = True  # False on torchrun ranks other than 0, which print nothing
 
 
 def run_recipe(
@@ -64,64 +70,83 @@ def run_recipe(
     overwrite: bool = False,
     flat: bool = False,
     recipe_file: str | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Execute every step of `recipe`.
 
     flat=True (single CLI commands): the step's artifact and report go straight into `out`.
     flat=False (recipes): one `NN-<type>/` directory per step and a combined report in `out`.
     out=None: nothing is kept (eval and bench without --out).
-    Each step is written into a staging directory and renamed into place when it succeeds.
+
+    Each step is written into a staging directory and renamed into place when it succeeds, so a
+    failure never leaves a half-written step. Training steps checkpoint into `out` (flat:
+    `.checkpoint/`; recipes: `.checkpoints/NN-<type>/`); `resume=True` continues from there and,
+    for recipes, skips steps that already completed with the same configuration.
+    Under torchrun every rank runs the steps; only rank 0 writes anything.
     """
     from rich.markup import escape
 
-    from mlopt import environment, fsutil
+    from mlopt import distributed, environment, fsutil
+    from mlopt.artifacts import load_artifact
     from mlopt.recipe import PASSES
     from mlopt.report import SCHEMA_VERSION, write_reports
 
+    dist = distributed.current()
+    if not dist.is_main:
+        console.set_quiet(True)
     if out is not None:
-        fsutil.check_output_dir(out, overwrite)
+        fsutil.check_output_dir(out, overwrite or resume, resumable=not resume)
     for step in recipe.steps:
         if PASSES[step.type].needs_data and recipe.data is None:
             raise InputError(f"step {step.type!r} needs data: give --data (or 'data:' in the recipe)")
 
     artifact, data = prepare(recipe)
+    baseline = None
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
-
-    scratch = None
-    if out is None:
-        import tempfile
-
-        scratch = Path(tempfile.mkdtemp(prefix="mlopt-"))
-    root = scratch
-    staged_root = None
-    if not flat and out is not None:
-        staged_root = fsutil.staging_dir(Path(out))
+    writes = out is not None and dist.is_main  # ranks other than 0 work in a scratch directory
+    root = Path(out) if writes else Path(__import__("tempfile").mkdtemp(prefix="mlopt-"))
+    # Every rank reads checkpoints from the real output directory; only rank 0 writes them.
+    ckpt_root = (Path(out) if out is not None else root) / (".checkpoint" if flat else ".checkpoints")
+    created_root = not root.exists()
     try:
+        if not flat:
+            root.mkdir(parents=True, exist_ok=True)
         for index, step in enumerate(recipe.steps, start=1):
             pass_ = PASSES[step.type]()
             name = f"{index:02d}-{step.type}"
-            if out is None:
-                final_dir = stage = root / name
-                stage.mkdir()
-            else:
-                final_dir = Path(out) if flat else staged_root / name
-                stage = fsutil.staging_dir(final_dir)
-            shown_dir = final_dir if out is None or flat else Path(out) / name
+            config = step.model_dump(mode="json")
+            final_dir = root if flat else root / name
+            if pass_.compresses and baseline is None:
+                baseline = artifact
+            done = _completed_step(final_dir, config) if resume and not flat else None
+            if done is not None:
+                console.info(f"[bold]{name}[/bold]: already completed with this configuration; skipped")
+                if pass_.produces_model:
+                    artifact = load_artifact(final_dir)
+                step_reports.append(done)
+                continue
+            if pass_.rank0_only and not dist.is_main:
+                distributed.barrier()
+                continue
+            stage = fsutil.staging_dir(final_dir) if writes else final_dir
+            stage.mkdir(parents=True, exist_ok=True)
+            ckpt_dir = (ckpt_root if flat else ckpt_root / name) if out is not None else None
             console.info(f"[bold]{name}[/bold]: {step.type} ({artifact.format} model {escape(artifact.origin)})")
             started = time.time()
+            ctx = StepContext(out_dir=stage, data=data, recipe=recipe, baseline=baseline or artifact,
+                              checkpoint_dir=ckpt_dir, resume=resume)
             try:
-                result = pass_.run(artifact, step, StepContext(out_dir=stage, data=data, recipe=recipe))
+                result = pass_.run(artifact, step, ctx)
                 files = []
                 if pass_.produces_model:
-                    main_file = result.artifact.save(stage)
-                    result.artifact.origin = str(shown_dir)
-                    files.append(main_file.name)
+                    files.append(result.artifact.save(stage).name)
+                    result.artifact.origin = str(final_dir)
                 step_report = {
                     "index": index,
                     "dir": name,
                     "type": step.type,
-                    "config": step.model_dump(mode="json"),
+                    "config": config,
                     "input": {"format": artifact.format, "lineage": artifact.lineage},
                     "output": {"format": result.artifact.format, "files": files, "lineage": result.artifact.lineage},
                     "metrics": result.metrics,
@@ -129,12 +154,7 @@ def run_recipe(
                     "duration_s": round(time.time() - started, 3),
                     **result.extra,
                 }
-                write_reports(stage, {
-                    "schema_version": SCHEMA_VERSION,
-                    "kind": "step",
-                    "step": step_report,
-                    "environment": env,
-                })
+                write_reports(stage, {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_report, "environment": env})
                 if stage != final_dir:
                     fsutil.commit_dir(stage, final_dir)
                 if result.artifact.format == "onnx" and pass_.produces_model:
@@ -143,8 +163,14 @@ def run_recipe(
                 if stage != final_dir:
                     fsutil.discard_dir(stage)
                 raise
+            if pass_.rank0_only:
+                distributed.barrier()
+            if not flat and ckpt_dir is not None and writes:
+                fsutil.discard_dir(ckpt_dir)
             step_reports.append(step_report)
             artifact = result.artifact
+        if not flat and ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
+            ckpt_root.rmdir()
         run_report = {
             "schema_version": SCHEMA_VERSION,
             "kind": "run",
@@ -153,20 +179,29 @@ def run_recipe(
             "steps": step_reports,
             "environment": env,
         }
-        if staged_root is not None:
-            write_reports(staged_root, run_report)
-            fsutil.commit_dir(staged_root, Path(out))
-            if artifact.format == "onnx" and artifact.onnx_path is not None:
-                artifact.onnx_path = Path(out) / Path(artifact.onnx_path).relative_to(staged_root)
+        if not flat and writes:
+            write_reports(root, run_report)
     except BaseException:
-        if staged_root is not None:
-            fsutil.discard_dir(staged_root)
+        if writes and not flat and created_root and not any(root.iterdir()):
+            root.rmdir()  # nothing completed: leave no empty run directory behind
         raise
     finally:
-        if scratch is not None:
-            fsutil.discard_dir(scratch)
+        if not writes:
+            fsutil.discard_dir(root)
     report = run_report if not flat else {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_reports[-1], "environment": env}
-    return RunResult(report=report, artifact=artifact, out=out)
+    return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main)
+
+
+def _completed_step(step_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The report of a step that already finished with the same configuration, if any."""
+    import json
+
+    try:
+        report = json.loads((step_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = report.get("step", {})
+    return step if step.get("config") == config else None
 
 
 def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
@@ -230,7 +265,10 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
             check_labels(data, artifact.num_classes)
         return artifact
 
+    import torch
+
     num_classes = cfg.num_classes if cfg.num_classes is not None else (data.num_classes if data else None)
+    torch.manual_seed(cfg.seed)  # a reproducible random initialisation
     module = build_module(cfg.spec, num_classes)
     if cfg.weights:
         apply_state_dict(module, load_state_dict_file(Path(cfg.weights)), cfg.weights)

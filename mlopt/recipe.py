@@ -34,6 +34,7 @@ class ModelConfig(BaseModel):
     num_classes: int | None = Field(None, gt=0, description="defaults to the data's class count")
     weights: str | None = Field(None, description="a state dict file, read with torch.load(weights_only=True)")
     input_shape: str | None = Field(None, description="e.g. 1x3x224x224, where neither model nor data implies one")
+    seed: int = Field(0, description="seed of the random initialisation")
 
 
 class Recipe(BaseModel):

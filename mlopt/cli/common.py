@@ -70,7 +70,9 @@ def save_recipe(recipe: Any, path: Path) -> None:
     console.info(f"wrote {path}")
 
 
-def execute(recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: Path | None = None) -> Any:
+def execute(
+    recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: Path | None = None, resume: bool = False
+) -> Any:
     """Run a one-step recipe through the shared runner (flat layout)."""
     from mlopt.pipeline import run_recipe
 
@@ -78,8 +80,19 @@ def execute(recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: P
     if save is not None:
         save_recipe(recipe, save)
         raise typer.Exit(0)
-    result = run_recipe(recipe, out, overwrite=overwrite, flat=True)
+    result = run_recipe(recipe, out, overwrite=overwrite, flat=True, resume=resume)
     if out is not None:
         console.info(f"wrote {out}")
     return result
+
+
+def relaunch_under_torchrun(nproc: int, save: Path | None) -> None:
+    """--nproc N (N > 1): run this same command line under torchrun and exit with its status."""
+    if nproc == 1 or save is not None:
+        return
+    import sys
+
+    from mlopt import distributed
+
+    raise typer.Exit(distributed.launch(nproc, distributed.strip_nproc(sys.argv[1:])))
 

@@ -32,3 +32,20 @@ SaveRecipe = Annotated[
     typer.Option("--save-recipe", help="Write the recipe this command line is equivalent to, and exit without running."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+# Training options shared by train and distill.
+Epochs = Annotated[int, typer.Option("--epochs", "-e", help="Training epochs.")]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="adamw or sgd.")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="Weight decay.")]
+Schedule = Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")]
+WarmupEpochs = Annotated[float, typer.Option("--warmup-epochs", help="Linear learning-rate warm-up, in epochs.")]
+GradClip = Annotated[Optional[float], typer.Option("--grad-clip", help="Clip the gradient norm to this value.")]
+EarlyStopping = Annotated[
+    Optional[int], typer.Option("--early-stopping", help="Stop after N epochs without better validation accuracy; keep the best.")
+]
+Amp = Annotated[str, typer.Option("--amp", help="Mixed precision: off, bf16 (CPU or CUDA) or fp16 (CUDA).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+CheckpointEvery = Annotated[Optional[int], typer.Option("--checkpoint-every", help="Also checkpoint every N steps.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint.")]
+Nproc = Annotated[int, typer.Option("--nproc", help="Launch N data-parallel processes on this machine (torchrun).")]

@@ -7,27 +7,38 @@ from typing import Annotated, Optional
 import typer
 
 from mlopt.cli import options as o
-from mlopt.cli.common import handle_errors
+from mlopt.cli.common import handle_errors, relaunch_under_torchrun
 
 
 @handle_errors
 def run(
     recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="A YAML recipe.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")] = None,
+    resume: o.Resume = False,
+    nproc: o.Nproc = 1,
     overwrite: o.Overwrite = False,
     quiet: o.Quiet = False,
     json_out: o.Json = False,
 ) -> None:
-    """Run a multi-step YAML recipe: one NN-<type>/ directory per step and a combined report."""
+    """Run a multi-step YAML recipe: one NN-<type>/ directory per step and a combined report.
+
+    With --resume, steps that completed with the same configuration are skipped and an interrupted
+    training step continues from its checkpoint.
+    """
     from mlopt import console
     from mlopt.pipeline import run_recipe
     from mlopt.recipe import load_recipe
 
     console.set_quiet(quiet or json_out)
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file)  # validated before any process is launched
     if out is None:
+        if resume or nproc > 1:
+            from mlopt.errors import InputError
+
+            raise InputError("--resume and --nproc need an explicit --out directory")
         out = Path("runs") / f"{recipe_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_recipe(recipe, out, overwrite=overwrite, flat=False, recipe_file=str(recipe_file))
+    relaunch_under_torchrun(nproc, None)
+    result = run_recipe(recipe, out, overwrite=overwrite, flat=False, recipe_file=str(recipe_file), resume=resume)
     console.info(f"wrote {out} (report: {out / 'report.md'})")
-    if json_out:
+    if json_out and result.is_main:
         console.emit_json(result.report)

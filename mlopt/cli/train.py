@@ -1,11 +1,7 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from mlopt.cli import options as o
-from mlopt.cli.common import build_recipe, execute, handle_errors
+from mlopt.cli.common import build_recipe, execute, handle_errors, relaunch_under_torchrun
 
 
 @handle_errors
@@ -13,31 +9,45 @@ def train(
     model: o.Model,
     data: o.Data,
     out: o.Out,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", help="Training epochs.")] = 5,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-3,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd.")] = "adamw",
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine or constant.")] = "cosine",
+    epochs: o.Epochs = 5,
+    lr: o.Lr = 2e-3,
+    optimizer: o.Optimizer = "adamw",
+    weight_decay: o.WeightDecay = 1e-4,
+    schedule: o.Schedule = "cosine",
+    warmup_epochs: o.WarmupEpochs = 0.0,
+    grad_clip: o.GradClip = None,
+    early_stopping: o.EarlyStopping = None,
+    amp: o.Amp = "off",
+    device: o.Device = "auto",
+    checkpoint_every: o.CheckpointEvery = None,
     batch_size: o.BatchSize = None,
     image_size: o.ImageSize = None,
     channels: o.Channels = None,
     num_classes: o.NumClasses = None,
     weights: o.Weights = None,
     seed: o.Seed = 0,
+    resume: o.Resume = False,
+    nproc: o.Nproc = 1,
     overwrite: o.Overwrite = False,
     quiet: o.Quiet = False,
     json_out: o.Json = False,
     save_recipe: o.SaveRecipe = None,
 ) -> None:
-    """Train a model on labelled data (fp32, one process). Writes model.pt, model.json and a report."""
+    """Train a model on labelled data. Writes model.pt, model.json and a report.
+
+    Mixed precision with --amp, data parallelism with --nproc (or torchrun), checkpoints and --resume.
+    """
+    relaunch_under_torchrun(nproc, save_recipe)
     recipe = build_recipe(
-        {"spec": model, "num_classes": num_classes, "weights": weights},
+        {"spec": model, "num_classes": num_classes, "weights": weights, "seed": seed},
         {"source": data, "image_size": image_size, "channels": channels, "batch_size": batch_size, "seed": seed},
         {"type": "train", "epochs": epochs, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-         "schedule": schedule, "seed": seed},
+         "schedule": schedule, "warmup_epochs": warmup_epochs, "grad_clip": grad_clip,
+         "early_stopping": early_stopping, "amp": amp, "device": device, "checkpoint_every": checkpoint_every,
+         "seed": seed},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
+    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe, resume=resume)
+    if json_out and result.is_main:
         from mlopt import console
 
         console.emit_json(result.report["step"]["metrics"])

@@ -1,18 +1,35 @@
-"""The training loop every training pass runs through (plain fp32, one process, for now)."""
+"""The one training engine behind every pass that trains (train, fine-tune, distill, later QAT).
+
+It owns what must work the same everywhere: mixed precision (bf16 autocast on CPU and CUDA, fp16
+with a gradient scaler on CUDA), data parallelism under torchrun (DistributedDataParallel with a
+DistributedSampler), checkpoints written atomically every N steps and at each epoch end, exact
+resume (model, optimizer, scheduler, scaler, RNG states and the position in the epoch), learning
+rate schedules with warm-up, gradient clipping, early stopping, and the progress bar.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import math
+import os
 import time
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt import console
-from mlopt.data import Dataset, loader, require_labels
+from mlopt import console, distributed
+from mlopt.data import Dataset, require_labels
+from mlopt.errors import InputError
+
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class TrainingConfig(BaseModel):
-    """Optimiser and schedule settings shared by every pass that trains."""
+    """Optimiser, schedule, precision and checkpoint settings shared by every pass that trains."""
 
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(5, gt=0)
@@ -20,74 +37,313 @@ class TrainingConfig(BaseModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
-    schedule: Literal["cosine", "constant"] = "cosine"
-    batch_size: int | None = Field(None, gt=0, description="defaults to the data's batch_size")
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
+    step_epochs: int = Field(30, gt=0, description="step schedule: epochs between decays")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    early_stopping: int | None = Field(
+        None, gt=0, description="stop after this many epochs without a better validation accuracy; keep the best weights"
+    )
+    batch_size: int | None = Field(None, gt=0, description="per-process batch size; defaults to the data's batch_size")
     seed: int = 0
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision: bf16 (CPU, CUDA) or fp16 (CUDA)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int | None = Field(None, gt=0, description="also checkpoint every N optimiser steps")
 
 
-def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int) -> dict[str, Any]:
-    """Train `module` in place on the train split; evaluate on validation after each epoch."""
+@dataclass
+class Objective:
+    """What the engine minimises. The default is cross-entropy on the labels; distillation adds terms.
+
+    `loss(model, x, y)` returns (loss, logits). `modules` are extra trainable modules (for example
+    feature projections) that are optimised, checkpointed and moved to the device with the model.
+    """
+
+    loss: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    modules: list[Any] = field(default_factory=list)
+    to_device: Callable[[Any], None] | None = None
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but CUDA is not available")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _check_precision(amp: str, device: str) -> None:
+    import torch
+
+    if amp == "fp16" and device != "cuda":
+        raise InputError("fp16 mixed precision needs CUDA; on the CPU use --amp bf16")
+    if amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError("this GPU does not support bf16; use --amp fp16")
+
+
+def config_fingerprint(cfg: BaseModel, extra: Any = None) -> str:
+    """A hash of everything that changes the trained result (a resume must match it)."""
+    data = cfg.model_dump(mode="json", exclude={"checkpoint_every", "early_stopping"})
+    return hashlib.sha256(json.dumps([data, extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _lr_factor(cfg: TrainingConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** ((step - warmup) // (cfg.step_epochs * steps_per_epoch))
+        return 1.0
+
+    return factor
+
+
+def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dist: distributed.Dist) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch (torch's DistributedSampler order)."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
+
+
+def fit(
+    module: Any,
+    data: Dataset,
+    cfg: TrainingConfig,
+    batch_size: int,
+    *,
+    objective: Objective | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint_extra: Any = None,
+    label: str = "train",
+) -> dict[str, Any]:
+    """Train `module` in place on the train split; evaluate on validation after each epoch.
+
+    Returns the metrics (final validation accuracy and loss, throughput, precision, history).
+    The module ends on the CPU in eval mode.
+    """
     import torch
     import torch.nn.functional as F
 
     from mlopt.evaluate import evaluate_torch
 
     require_labels(data, "training")
+    objective = objective or Objective()
+    device = resolve_device(cfg.device)
+    _check_precision(cfg.amp, device)
+    dist = distributed.init(device)
+    if device == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+    dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
+
     torch.manual_seed(cfg.seed)
-    params = [p for p in module.parameters() if p.requires_grad]
+    module.to(dev)
+    for extra in objective.modules:
+        extra.to(dev)
+    if objective.to_device:
+        objective.to_device(dev)
+    model = module
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
+
+    params = [p for m in (module, *objective.modules) for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    steps_per_epoch = max(1, -(-len(data.train) // batch_size))
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    n = len(data.train)
+    steps_per_epoch = len(_epoch_batches(n, batch_size, 0, cfg.seed, dist))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
-    history = []
-    seen, train_time = 0, 0.0
-    with console.progress("train", total=total_steps) as bar:
-        for epoch in range(cfg.epochs):
+    def forward_loss(x: Any, y: Any) -> tuple[Any, Any]:
+        with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            if objective.loss is not None:
+                return objective.loss(model, x, y)
+            logits = model(x)
+            return F.cross_entropy(logits.float(), y), logits
+
+    fingerprint = config_fingerprint(cfg, [fingerprint_extra, dist.world_size, batch_size, n])
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "seen": 0, "train_time": 0.0,
+             "best_acc": -1.0, "best_epoch": 0, "stale": 0, "loss_sum": 0.0, "correct": 0, "count": 0}
+    best_weights: dict[str, Any] | None = None
+    if ckpt_path is not None and (resume or distributed.restarted()) and ckpt_path.is_file():
+        ckpt = _load_checkpoint(ckpt_path)
+        if ckpt.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"the checkpoint in {checkpoint_dir} was written with a different configuration; "
+                "rerun with the original settings, or with --overwrite to start again"
+            )
+        module.load_state_dict(ckpt["model"])
+        for extra, sd in zip(objective.modules, ckpt["extra_modules"]):
+            extra.load_state_dict(sd)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        if device == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        state = ckpt["progress"]
+        best_weights = ckpt.get("best_weights")
+        console.info(f"resuming from {ckpt_path} (epoch {state['epoch'] + 1}, batch {state['batch']})")
+
+    def checkpoint() -> None:
+        if ckpt_path is None or not dist.is_main:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(ckpt_path, {
+            "fingerprint": fingerprint,
+            "model": module.state_dict(),
+            "extra_modules": [m.state_dict() for m in objective.modules],
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else None,
+            "progress": state,
+            "best_weights": best_weights,
+        })
+
+    total_steps = cfg.epochs * steps_per_epoch
+    stopped_early = False
+    with console.progress(label, total=total_steps) as bar:
+        bar.advance(state["step"])
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            batches = _epoch_batches(n, batch_size, epoch, cfg.seed, dist)
             module.train()
-            loss_sum, correct, count = 0.0, 0, 0
+            for extra in objective.modules:
+                extra.train()
             started = time.perf_counter()
-            for x, y in loader(data.train, batch_size, shuffle=True, seed=cfg.seed + epoch):
-                logits = module(x)
-                loss = F.cross_entropy(logits, y)
+            ds = data.train
+            for indices in batches[state["batch"] :]:
+                x, y = _collate(ds, indices)
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                loss, logits = forward_loss(x, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                count += len(y)
-                bar.advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_sum / count:.4f}",
-                            acc=f"{correct / count:.3f}")
-            train_time += time.perf_counter() - started
-            seen += count
-            val = _quiet_eval(evaluate_torch, module, data, batch_size)
-            history.append({
+                if not torch.isfinite(loss.detach()):
+                    from mlopt.errors import RunError
+
+                    raise RunError(f"training diverged: the loss became {float(loss)} at step {state['step']} (lower --lr?)")
+                state["loss_sum"] += float(loss.detach()) * len(y)
+                state["correct"] += int((logits.detach().argmax(1) == y).sum())
+                state["count"] += len(y)
+                state["batch"] += 1
+                state["step"] += 1
+                elapsed = state["train_time"] + time.perf_counter() - started
+                bar.advance(
+                    1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{state['loss_sum'] / state['count']:.4f}",
+                    acc=f"{state['correct'] / state['count']:.3f}",
+                    rate=f"{(state['seen'] + state['count']) * dist.world_size / max(elapsed, 1e-9):.0f}/s",
+                )
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batch"] < len(batches):
+                    state["train_time"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    checkpoint()
+            state["train_time"] += time.perf_counter() - started
+            loss_sum, correct, count = distributed.all_reduce_sum(
+                [state["loss_sum"], float(state["correct"]), float(state["count"])], dev
+            )
+            val = _quiet(evaluate_torch, module, data, batch_size, dev)
+            state["seen"] += state["count"]
+            state["history"].append({
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / count,
                 "train_accuracy": correct / count,
                 "val_loss": val["loss"],
                 "val_accuracy": val["accuracy"],
+                "lr": opt.param_groups[0]["lr"],
             })
-    module.eval()
-    last = history[-1]
+            if val["accuracy"] > state["best_acc"]:
+                state.update(best_acc=val["accuracy"], best_epoch=epoch + 1, stale=0)
+                if cfg.early_stopping:
+                    best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
+            else:
+                state["stale"] += 1
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, count=0)
+            if cfg.early_stopping and state["stale"] >= cfg.early_stopping and state["epoch"] < cfg.epochs:
+                stopped_early = True
+                state["epoch"] = cfg.epochs
+            checkpoint()
+    if cfg.early_stopping and best_weights is not None:
+        module.load_state_dict(best_weights)
+    replica_diff = distributed.replica_max_diff(module) if dist.enabled else None
+    module.to("cpu").eval()
+    for extra in objective.modules:
+        extra.to("cpu")
+    final = state["history"][-1]
+    best_epoch = state["best_epoch"] if cfg.early_stopping else final["epoch"]
+    chosen = state["history"][best_epoch - 1]
+    throughput = state["seen"] * dist.world_size / state["train_time"] if state["train_time"] > 0 else None
     return {
-        "accuracy": last["val_accuracy"],
-        "loss": last["val_loss"],
-        "train_loss": last["train_loss"],
-        "epochs": cfg.epochs,
-        "train_samples_per_s": seen / train_time if train_time > 0 else None,
-        "history": history,
+        "accuracy": chosen["val_accuracy"],
+        "loss": chosen["val_loss"],
+        "train_loss": chosen["train_loss"],
+        "epochs": len(state["history"]),
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
+        "precision": cfg.amp if cfg.amp != "off" else "fp32",
+        "device": device,
+        "processes": dist.world_size,
+        "backend": distributed.backend(),
+        "replica_max_abs_diff": replica_diff,
+        "train_samples_per_s": throughput,
+        "history": state["history"],
     }
 
 
-def _quiet_eval(fn: Any, *args: Any) -> dict[str, Any]:
+def _collate(dataset: Any, indices: list[int]) -> tuple[Any, Any]:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(indices)
+        return dataset.tensors[0][idx], dataset.tensors[1][idx]
+    items = [dataset[i] for i in indices]
+    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+
+
+def _quiet(fn: Any, *args: Any) -> dict[str, Any]:
     was = console.is_quiet()
     console.set_quiet(True)
     try:

@@ -23,7 +23,7 @@ class TrainPass(Pass):
     def run(self, artifact: Any, config: TrainConfig, ctx: Any) -> StepResult:
         module = artifact.require_torch("train")
         batch = config.batch_size or ctx.recipe.data.batch_size
-        result = fit(module, ctx.data, config, batch)
+        result = fit(module, ctx.data, config, batch, checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume)
         history = result.pop("history")
         new = artifact.derive("train", module=module)
         result["params"] = new.params()

@@ -1,0 +1,141 @@
+"""torch.distributed as mlopt uses it: one process per rank under torchrun, or a single process.
+
+Under `torchrun` (WORLD_SIZE > 1) the process group is initialised once, with nccl on CUDA and
+gloo on CPU. Only rank 0 writes artifacts, checkpoints and reports; metrics are summed across
+ranks. A single process needs no process group at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from mlopt.errors import InputError
+
+_initialised = False
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(device_type: str) -> Dist:
+    """Join the process group (once) when running under torchrun; return this rank's place."""
+    global _initialised
+    d = current()
+    if d.enabled and not _initialised:
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            td.init_process_group(backend=backend)
+        _initialised = True
+    return d
+
+
+def backend() -> str | None:
+    if not _initialised:
+        return None
+    import torch.distributed as td
+
+    return td.get_backend()
+
+
+def all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    """Sum a few scalars across ranks (a no-op in one process)."""
+    if not _initialised:
+        return values
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    if not _initialised:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def replica_max_diff(module: Any) -> float:
+    """Largest difference between this rank's parameters and rank 0's, over all ranks.
+
+    DistributedDataParallel keeps the parameters of all replicas identical; this checks it instead
+    of assuming it. (Buffers such as batch-norm statistics are rank 0's by DDP's convention.)
+    """
+    import torch
+    import torch.distributed as td
+
+    worst = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
+    for p in module.parameters():
+        ref = p.detach().clone()
+        td.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (p.detach() - ref).abs().max().double())
+    td.all_reduce(worst, op=td.ReduceOp.MAX)
+    return float(worst)
+
+
+def barrier() -> None:
+    if _initialised:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def restarted() -> bool:
+    """True in a worker that torchrun restarted after a failure (elastic --max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this mlopt command under torchrun with `nproc` processes on this machine."""
+    if nproc < 1:
+        raise InputError("--nproc must be at least 1")
+    if current().enabled:
+        raise InputError("--nproc cannot be used inside torchrun; torchrun already started the processes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "mlopt", *argv]
+    if shutil.which(sys.executable) is None:
+        raise InputError(f"cannot find the Python interpreter {sys.executable}")
+    return subprocess.call(cmd)
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """argv without '--nproc N' / '--nproc=N', for the processes torchrun starts."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out

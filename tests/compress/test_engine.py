@@ -1,0 +1,116 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
+from mlopt.compress.engine import TrainingConfig, _lr_factor, fit
+from mlopt.data import DataConfig, load_data
+from mlopt.errors import InputError
+
+from conftest import TOY
+
+TRAIN = ["train", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--batch-size", "32", "--lr", "0.02"]
+
+
+def _mlopt(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "mlopt", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_bf16_autocast_on_cpu():
+    from toy_models import tiny_cnn
+
+    data = load_data(DataConfig(source="digits"))
+    torch.manual_seed(0)
+    m = tiny_cnn()
+    result = fit(m, data, TrainingConfig(epochs=2, lr=0.02, amp="bf16", device="cpu"), 32)
+    assert result["precision"] == "bf16" and result["accuracy"] > 0.7
+    assert all(p.dtype == torch.float32 for p in m.parameters())  # master weights stay fp32
+
+
+def test_fp16_on_cpu_is_an_error():
+    result = CliRunner().invoke(app, [*TRAIN, "--amp", "fp16", "--device", "cpu", "--out", "x"])
+    assert result.exit_code == 2 and "fp16 mixed precision needs CUDA" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "schedule,expect",
+    [("cosine", [0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.0]), ("step", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.1]),
+     ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])],
+)
+def test_schedules_with_warmup(schedule, expect):
+    cfg = TrainingConfig(epochs=2, schedule=schedule, warmup_epochs=1, step_epochs=1, step_gamma=0.1)
+    f = _lr_factor(cfg, steps_per_epoch=4)
+    got = [f(s) for s in (0, 1, 2, 3, 4, 6, 8)]
+    assert got == pytest.approx(expect, abs=1e-6)
+
+
+def test_early_stopping_keeps_best_epoch(tmp_path):
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, [*TRAIN, "--epochs", 12, "--lr", "0.3", "--optimizer", "sgd", "--schedule",
+                                      "constant", "--early-stopping", 1, "--out", out, "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    history = json.loads((out / "report.json").read_text())["step"]["history"]
+    best = max(h["val_accuracy"] for h in history)
+    assert m["accuracy"] == best and m["best_epoch"] == [h["val_accuracy"] for h in history].index(best) + 1
+    if m["stopped_early"]:
+        assert m["epochs"] < 12
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    args = [*TRAIN, "--epochs", 4, "--checkpoint-every", 5, "--quiet"]
+    full = tmp_path / "full"
+    assert CliRunner().invoke(app, [*args, "--out", full]).exit_code == 0
+
+    out = tmp_path / "killed"
+    proc = _mlopt(*args, "--out", out)
+    ckpt = out / ".checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (out / "model.pt").exists()
+
+    refused = CliRunner().invoke(app, [*args, "--out", out])
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    resumed = CliRunner().invoke(app, [*args, "--out", out, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not (out / ".checkpoint").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "m"
+    ckpt_dir = out / ".checkpoint"
+    data = load_data(DataConfig(source="digits"))
+    from toy_models import tiny_cnn
+
+    fit(tiny_cnn(), data, TrainingConfig(epochs=1, lr=0.02), 32, checkpoint_dir=ckpt_dir)
+    with pytest.raises(InputError, match="different configuration"):
+        fit(tiny_cnn(), data, TrainingConfig(epochs=1, lr=0.05), 32, checkpoint_dir=ckpt_dir, resume=True)
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _mlopt(*TRAIN, "--epochs", 2, "--device", "cpu", "--nproc", 2, "--out", out, "--json")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    metrics = json.loads(stdout)
+    assert metrics["processes"] == 2 and metrics["backend"] == "gloo"
+    assert metrics["replica_max_abs_diff"] == 0.0
+    assert metrics["accuracy"] > 0.7
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "report.json", "report.md"]
