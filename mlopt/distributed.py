@@ -24,10 +24,11 @@ class Dist:
     rank: int
     world_size: int
     local_rank: int
+    launched: bool = False  # started by torchrun (even with a single process)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -36,7 +37,8 @@ class Dist:
 
 def current() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    launched = "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), launched)
 
 
 def init(device_type: str) -> Dist:
@@ -117,7 +119,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Re-run this mlopt command under torchrun with `nproc` processes on this machine."""
     if nproc < 1:
         raise InputError("--nproc must be at least 1")
-    if current().enabled:
+    if current().launched:
         raise InputError("--nproc cannot be used inside torchrun; torchrun already started the processes")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "mlopt", *argv]
     if shutil.which(sys.executable) is None:

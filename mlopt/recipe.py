@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mlopt.compress.distill import DistillConfig, DistillPass
 from mlopt.compress.train import TrainConfig, TrainPass
 from mlopt.data import DataConfig
 from mlopt.errors import InputError
@@ -21,9 +22,11 @@ from mlopt.export.bench import BenchConfig, BenchPass
 from mlopt.export.onnx import ExportConfig, ExportPass
 
 #: step type -> pass class. A new pass is added here and to StepConfig.
-PASSES = {p.name: p for p in (TrainPass, EvalPass, ExportPass, BenchPass)}
+PASSES = {p.name: p for p in (TrainPass, DistillPass, EvalPass, ExportPass, BenchPass)}
 
-StepConfig = Annotated[Union[TrainConfig, EvalConfig, ExportConfig, BenchConfig], Field(discriminator="type")]
+StepConfig = Annotated[
+    Union[TrainConfig, DistillConfig, EvalConfig, ExportConfig, BenchConfig], Field(discriminator="type")
+]
 
 
 class ModelConfig(BaseModel):

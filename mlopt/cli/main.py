@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from mlopt.cli.bench import bench
+from mlopt.cli.distill import distill
 from mlopt.cli.evaluate import eval_
 from mlopt.cli.export import export
 from mlopt.cli.run import run
@@ -38,6 +39,7 @@ def _root(
 
 
 app.command("train")(train)
+app.command("distill")(distill)
 app.command("eval")(eval_)
 app.command("export")(export)
 app.command("bench")(bench)

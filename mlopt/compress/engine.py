@@ -56,11 +56,12 @@ class TrainingConfig(BaseModel):
 class Objective:
     """What the engine minimises. The default is cross-entropy on the labels; distillation adds terms.
 
-    `loss(model, x, y)` returns (loss, logits). `modules` are extra trainable modules (for example
+    `loss(model, x, y, indices)` returns (loss, logits); `indices` are the batch's positions in the
+    train split (for cached teacher outputs). `modules` are extra trainable modules (for example
     feature projections) that are optimised, checkpointed and moved to the device with the model.
     """
 
-    loss: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] | None = None
     modules: list[Any] = field(default_factory=list)
     to_device: Callable[[Any], None] | None = None
 
@@ -188,10 +189,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
-    def forward_loss(x: Any, y: Any) -> tuple[Any, Any]:
+    def forward_loss(x: Any, y: Any, indices: list[int]) -> tuple[Any, Any]:
         with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             if objective.loss is not None:
-                return objective.loss(model, x, y)
+                return objective.loss(model, x, y, indices)
             logits = model(x)
             return F.cross_entropy(logits.float(), y), logits
 
@@ -252,7 +253,7 @@ def fit(
             for indices in batches[state["batch"] :]:
                 x, y = _collate(ds, indices)
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                loss, logits = forward_loss(x, y)
+                loss, logits = forward_loss(x, y, indices)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip is not None:
