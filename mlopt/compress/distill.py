@@ -107,7 +107,7 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
     def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
         logits = model(x)
         if "logits" in cache:
-            t_logits = cache["logits"][torch.as_tensor(indices)].to(logits.device)
+            t_logits = cache["logits"][torch.as_tensor(indices, device=cache["logits"].device)]
         else:
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -119,7 +119,12 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
             total = total + cfg.feature_weight * pair.loss()
         return total, logits
 
-    return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=teacher.to)
+    def to_device(dev: Any) -> None:
+        teacher.to(dev)
+        if "logits" in cache:
+            cache["logits"] = cache["logits"].to(dev)
+
+    return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device)
 
 
 def _teacher_logits(teacher: Any, data: Any, batch_size: int) -> Any:

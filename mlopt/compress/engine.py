@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -164,6 +165,7 @@ def fit(
     dist = distributed.init(device)
     if device == "cuda":
         torch.cuda.set_device(dist.local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
 
     torch.manual_seed(cfg.seed)
@@ -188,6 +190,10 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    # With fp16, GradScaler skips the optimiser step when gradients overflow; the scheduler still
+    # steps, which is intended (the schedule follows steps taken), so its warning is noise.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
 
     def forward_loss(x: Any, y: Any, indices: list[int]) -> tuple[Any, Any]:
         with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -240,6 +246,7 @@ def fit(
 
     total_steps = cfg.epochs * steps_per_epoch
     stopped_early = False
+    train_set = _on_device(data.train, dev)
     with console.progress(label, total=total_steps) as bar:
         bar.advance(state["step"])
         while state["epoch"] < cfg.epochs:
@@ -249,10 +256,22 @@ def fit(
             for extra in objective.modules:
                 extra.train()
             started = time.perf_counter()
-            ds = data.train
+            # Running sums stay on the device: reading them forces a GPU sync, so that happens
+            # only every few steps (progress display) and at checkpoints and epoch ends.
+            sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss * samples, correct
+
+            def flush() -> None:
+                loss_sum, correct = sums.tolist()
+                if not math.isfinite(loss_sum):
+                    from mlopt.errors import RunError
+
+                    raise RunError(f"training diverged: the loss became {loss_sum} by step {state['step']} (lower --lr?)")
+                state["loss_sum"] += loss_sum
+                state["correct"] += int(correct)
+                sums.zero_()
+
             for indices in batches[state["batch"] :]:
-                x, y = _collate(ds, indices)
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                x, y = _collate(train_set, indices, dev)
                 loss, logits = forward_loss(x, y, indices)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -262,25 +281,29 @@ def fit(
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                if not torch.isfinite(loss.detach()):
-                    from mlopt.errors import RunError
-
-                    raise RunError(f"training diverged: the loss became {float(loss)} at step {state['step']} (lower --lr?)")
-                state["loss_sum"] += float(loss.detach()) * len(y)
-                state["correct"] += int((logits.detach().argmax(1) == y).sum())
+                with torch.no_grad():
+                    sums[0] += loss.detach().double() * len(y)
+                    sums[1] += (logits.detach().argmax(1) == y).sum()
                 state["count"] += len(y)
                 state["batch"] += 1
                 state["step"] += 1
-                elapsed = state["train_time"] + time.perf_counter() - started
-                bar.advance(
-                    1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{state['loss_sum'] / state['count']:.4f}",
-                    acc=f"{state['correct'] / state['count']:.3f}",
-                    rate=f"{(state['seen'] + state['count']) * dist.world_size / max(elapsed, 1e-9):.0f}/s",
-                )
+                if state["batch"] % _DISPLAY_EVERY == 0 or state["batch"] == len(batches):
+                    flush()
+                    elapsed = state["train_time"] + time.perf_counter() - started
+                    bar.advance(
+                        0, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{state['loss_sum'] / state['count']:.4f}",
+                        acc=f"{state['correct'] / state['count']:.3f}",
+                        rate=f"{(state['seen'] + state['count']) * dist.world_size / max(elapsed, 1e-9):.0f}/s",
+                    )
+                bar.advance(1)
                 if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batch"] < len(batches):
+                    flush()
                     state["train_time"] += time.perf_counter() - started
                     started = time.perf_counter()
                     checkpoint()
+            flush()
+            if device == "cuda":
+                torch.cuda.synchronize(dev)
             state["train_time"] += time.perf_counter() - started
             loss_sum, correct, count = distributed.all_reduce_sum(
                 [state["loss_sum"], float(state["correct"]), float(state["count"])], dev
@@ -333,15 +356,34 @@ def fit(
     }
 
 
-def _collate(dataset: Any, indices: list[int]) -> tuple[Any, Any]:
+_DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
+_DEVICE_DATA_LIMIT = 4 * 1024**3  # in-memory data up to this size is copied to the GPU once
+
+
+def _on_device(dataset: Any, dev: Any) -> Any:
+    """In-memory tensor data small enough is moved to the GPU once, instead of batch by batch."""
+    from torch.utils.data import TensorDataset
+
+    if dev.type != "cuda" or not isinstance(dataset, TensorDataset):
+        return dataset
+    size = sum(t.numel() * t.element_size() for t in dataset.tensors)
+    if size > _DEVICE_DATA_LIMIT:
+        return dataset
+    return TensorDataset(*(t.to(dev) for t in dataset.tensors))
+
+
+def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
     import torch
     from torch.utils.data import TensorDataset
 
     if isinstance(dataset, TensorDataset):
-        idx = torch.as_tensor(indices)
-        return dataset.tensors[0][idx], dataset.tensors[1][idx]
-    items = [dataset[i] for i in indices]
-    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+        x, y = dataset.tensors
+        idx = torch.as_tensor(indices, device=x.device)
+        x, y = x[idx], y[idx]
+    else:
+        items = [dataset[i] for i in indices]
+        x, y = torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
 
 def _quiet(fn: Any, *args: Any) -> dict[str, Any]:
