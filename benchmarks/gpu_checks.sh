@@ -12,3 +12,4 @@ python3 -m pytest -q -p no:cacheprovider tests/compress/test_gpu.py -rs
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 64 --steps 30 --amp fp16
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 64 --steps 30 --amp bf16
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 128 --steps 30 --amp fp16
+python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 256 --steps 12 --amp fp16

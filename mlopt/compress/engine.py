@@ -169,7 +169,10 @@ def fit(
     dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
 
     torch.manual_seed(cfg.seed)
-    module.to(dev)
+    # On CUDA, convolutional networks train faster in NHWC (channels-last) layout, which the tensor
+    # cores use natively; most of all under fp16/bf16. The weights are saved contiguous either way.
+    channels_last = device == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    module.to(dev, memory_format=torch.channels_last) if channels_last else module.to(dev)
     for extra in objective.modules:
         extra.to(dev)
     if objective.to_device:
@@ -272,6 +275,8 @@ def fit(
 
             for indices in batches[state["batch"] :]:
                 x, y = _collate(train_set, indices, dev)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 loss, logits = forward_loss(x, y, indices)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -348,6 +353,7 @@ def fit(
         "stopped_early": stopped_early,
         "precision": cfg.amp if cfg.amp != "off" else "fp32",
         "device": device,
+        "channels_last": channels_last,
         "processes": dist.world_size,
         "backend": distributed.backend(),
         "replica_max_abs_diff": replica_diff,
