@@ -94,7 +94,8 @@ def run_recipe(
     dist = distributed.current()
     if not dist.is_main:
         console.set_quiet(True)
-    if out is not None:
+    resume = resume or distributed.restarted()  # torchrun restarted the workers after a failure
+    if out is not None and dist.is_main:
         fsutil.check_output_dir(out, overwrite or resume, resumable=not resume)
     for step in recipe.steps:
         if PASSES[step.type].needs_data and recipe.data is None:
@@ -109,6 +110,8 @@ def run_recipe(
     # Every rank reads checkpoints from the real output directory; only rank 0 writes them.
     ckpt_root = (Path(out) if out is not None else root) / (".checkpoint" if flat else ".checkpoints")
     created_root = not root.exists()
+    if writes and not flat and overwrite and not resume and root.exists():
+        fsutil.discard_dir(root)  # --overwrite: no step of an earlier run may survive into this one
     try:
         if not flat:
             root.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,33 @@ def test_run_dir_is_a_model_and_eval_reuses_its_input_shape(tmp_path):
         assert abs(json.loads(result.stdout)["accuracy"] - trained) <= 1 / 360
     result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", "digits", "--image-size", "8"])
     assert result.exit_code == 2 and "3x12x12" in result.stderr
+
+
+def test_resume_skips_completed_steps_and_overwrite_clears(tmp_path):
+    recipe = {
+        "version": 1,
+        "model": {"spec": f"{TOY}:tiny_cnn"},
+        "data": {"source": "digits", "batch_size": 32},
+        "steps": [{"type": "train", "epochs": 1, "lr": 0.02}, {"type": "eval"}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"]).exit_code == 0
+    first = (out / "01-train" / "model.pt").stat().st_mtime_ns
+
+    recipe["steps"][1] = {"type": "eval", "batch_size": 16}  # only the second step changes
+    path.write_text(yaml.safe_dump(recipe))
+    refused = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "01-train: already completed" in result.stderr
+    assert (out / "01-train" / "model.pt").stat().st_mtime_ns == first
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][1]["config"]["batch_size"] == 16
+
+    recipe["steps"] = recipe["steps"][:1]
+    path.write_text(yaml.safe_dump(recipe))
+    assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--overwrite", "--quiet"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["01-train", "report.json", "report.md"]
