@@ -20,12 +20,13 @@ from mlopt.errors import InputError
 from mlopt.evaluate import EvalConfig, EvalPass
 from mlopt.export.bench import BenchConfig, BenchPass
 from mlopt.export.onnx import ExportConfig, ExportPass
+from mlopt.quant.ptq import PTQConfig, PTQPass
 
 #: step type -> pass class. A new pass is added here and to StepConfig.
-PASSES = {p.name: p for p in (TrainPass, DistillPass, EvalPass, ExportPass, BenchPass)}
+PASSES = {p.name: p for p in (TrainPass, DistillPass, EvalPass, ExportPass, PTQPass, BenchPass)}
 
 StepConfig = Annotated[
-    Union[TrainConfig, DistillConfig, EvalConfig, ExportConfig, BenchConfig], Field(discriminator="type")
+    Union[TrainConfig, DistillConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig], Field(discriminator="type")
 ]
 
 

@@ -102,32 +102,32 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     return torch.randn((n, *artifact.sample_shape), generator=g), "random normal inputs"
 
 
+def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -> tuple[Any, StepResult]:
+    """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
+    from mlopt.export.parity import compare
+    from mlopt.fsutil import file_size_mb
+
+    if artifact.format == "onnx":
+        raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
+    module = artifact.require_torch("export")
+    if artifact.sample_shape is None:
+        raise InputError("the model's input shape is unknown: give --input-shape")
+    console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")
+    export_onnx(module, tuple(artifact.sample_shape), path, config.opset, config.exporter)
+    inputs, source = parity_inputs(artifact, data, config.parity_samples)
+    parity = compare(module, path, inputs, config.atol, config.rtol)
+    console.info(
+        f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g}), "
+        f"top-1 agreement {parity['top1_agreement']:.4f} on {parity['parity_samples']} inputs"
+    )
+    new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
+    metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
+    return new, StepResult(artifact=new, metrics=metrics, notes=[f"parity checked on {parity['parity_samples']} {source}"])
+
+
 class ExportPass(Pass):
     name = "export"
     config_class = ExportConfig
 
     def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
-        from mlopt.export.parity import compare
-        from mlopt.fsutil import file_size_mb
-
-        if artifact.format == "onnx":
-            raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
-        module = artifact.require_torch("export")
-        if artifact.sample_shape is None:
-            raise InputError("the model's input shape is unknown: give --input-shape")
-        path = Path(ctx.out_dir) / "model.onnx"
-        console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")
-        export_onnx(module, tuple(artifact.sample_shape), path, config.opset, config.exporter)
-        inputs, source = parity_inputs(artifact, ctx.data, config.parity_samples)
-        parity = compare(module, path, inputs, config.atol, config.rtol)
-        console.info(
-            f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g}), "
-            f"top-1 agreement {parity['top1_agreement']:.4f} on {parity['parity_samples']} inputs"
-        )
-        new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
-        metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
-        return StepResult(
-            artifact=new,
-            metrics=metrics,
-            notes=[f"parity checked on {parity['parity_samples']} {source}"],
-        )
+        return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)[1]

@@ -1,0 +1,58 @@
+"""Calibration data for onnxruntime's static quantization, drawn from the train split.
+
+Imported only by quantization passes at run time (it imports onnxruntime).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxruntime.quantization import CalibrationDataReader
+
+from mlopt import console
+from mlopt.errors import InputError
+
+
+def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: int, batch: int = 16) -> list[dict[str, Any]]:
+    """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
+    import numpy as np
+
+    from mlopt.data import loader
+
+    expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
+    sample = list(data.sample_shape)
+    if len(expected) != len(sample) or any(e is not None and e != s for e, s in zip(expected, sample)):
+        raise InputError(
+            f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but the model "
+            f"expects {'x'.join('?' if e is None else str(e) for e in expected)}"
+        )
+    feeds, count = [], 0
+    for items in loader(data.train, batch):
+        x = items[0].numpy()
+        if x.dtype != np.float32:
+            raise InputError(f"calibration data must be float32, got {x.dtype}")
+        take = min(len(x), n - count)
+        feeds.append({input_name: x[:take]})
+        count += take
+        if count >= n:
+            break
+    if count < n:
+        console.warn(f"asked for {n} calibration samples but {data.name!r} has only {count} training samples; using {count}")
+    return feeds
+
+
+class FeedReader(CalibrationDataReader):
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds (re-readable via rewind)."""
+
+    def __init__(self, feeds: list[dict[str, Any]]):
+        self.feeds = feeds
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)

@@ -1,0 +1,412 @@
+"""The `ptq` pass: post-training INT8 quantization with onnxruntime, kept only when it measures faster.
+
+onnxruntime.quantization does the QDQ insertion and calibration. What mlopt adds is the part users
+of every quantization tool miss: each candidate configuration is timed on the real runtime and
+scored on the validation data, and the fastest one within the accuracy budget wins. When none is
+faster than FP32, the FP32 model is handed back with the reason. When the fastest misses the
+budget, the most sensitive nodes (lowest SQNR) are kept in float, one group at a time.
+
+Measured on a 2-core AVX512-VNNI CPU: onnxruntime's own defaults (QDQ, S8S8, per-tensor) fuse only
+9 of resnet18's 20 convolutions and run 3.7x slower than FP32, while U8S8 per-channel QDQ fuses
+all 20; hence U8S8 first, and hence measuring instead of trusting any default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlopt import console
+from mlopt.errors import InputError
+from mlopt.pipeline import Pass, StepResult
+
+
+class PTQConfig(BaseModel):
+    """Quantize to INT8 with onnxruntime; in auto mode, keep the fastest candidate within budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["ptq"] = "ptq"
+    mode: Literal["auto", "static", "dynamic"] = "auto"
+    format: Literal["qdq", "qoperator"] = Field("qdq", description="static/dynamic modes: graph format")
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    per_channel: bool = True
+    calibration: Literal["auto", "minmax", "percentile", "entropy"] = Field(
+        "auto", description="auto: minmax and percentile candidates in auto mode, minmax otherwise"
+    )
+    calibration_samples: int = Field(256, gt=0)
+    reduce_range: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CPUs without VNNI")
+    preprocess: bool = Field(True, description="onnxruntime shape inference and graph fusion before quantizing")
+    max_drop: float = Field(0.01, ge=0, le=1, description="allowed top-1 drop (0.01 = 1 point)")
+    min_cosine: float = Field(0.99, ge=-1, le=1, description="fidelity floor when the data has no labels")
+    fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
+    fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization configuration."""
+
+    method: Literal["static", "dynamic"]
+    format: str = "qdq"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    calibration: str | None = "minmax"
+
+    @property
+    def name(self) -> str:
+        if self.method == "dynamic":
+            return f"dynamic {self.weight_type} {'per-channel' if self.per_channel else 'per-tensor'}"
+        types = f"{'U8' if self.activation_type == 'uint8' else 'S8'}{'S8' if self.weight_type == 'int8' else 'U8'}"
+        return f"{self.format.upper()} {types} {'per-channel' if self.per_channel else 'per-tensor'} {self.calibration}"
+
+
+def candidate_schemes(cfg: PTQConfig, has_conv: bool) -> list[Scheme]:
+    if cfg.mode == "static":
+        calib = "minmax" if cfg.calibration == "auto" else cfg.calibration
+        return [Scheme("static", cfg.format, cfg.activation_type, cfg.weight_type, cfg.per_channel, calib)]
+    if cfg.mode == "dynamic":
+        return [Scheme("dynamic", "qoperator", "uint8", cfg.weight_type, cfg.per_channel, None)]
+    calibs = ["minmax", "percentile"] if cfg.calibration == "auto" else [cfg.calibration]
+    schemes = [Scheme("static", "qdq", "uint8", "int8", True, c) for c in calibs]
+    schemes += [Scheme("static", "qdq", "uint8", "int8", False, calibs[0]),
+                Scheme("static", "qdq", "int8", "int8", True, calibs[0])]
+    if not has_conv:  # MatMul-heavy models (transformers): dynamic quantization is the usual winner
+        schemes += [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
+                    Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
+    return schemes
+
+
+def reduce_range_for(setting: str) -> bool:
+    """U8S8 without VNNI can saturate 16-bit accumulators; onnxruntime advises 7-bit weights there."""
+    from mlopt.environment import cpu_flags
+
+    if setting != "auto":
+        return setting == "on"
+    flags = set(cpu_flags())
+    x86 = bool(flags & {"avx2", "avx512f"})
+    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return x86 and not vnni
+
+
+def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], reduce_range: bool,
+             exclude: list[str] | None = None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from mlopt.errors import RunError
+    from mlopt.quant.calibration import FeedReader
+
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    calibration = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                   "entropy": CalibrationMethod.Entropy}
+    # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
+    sink = io.StringIO() if console.is_quiet() else sys.stderr
+    try:
+        with contextlib.redirect_stdout(sink):
+            if scheme.method == "dynamic":
+                quantize_dynamic(str(src), str(dst), per_channel=scheme.per_channel, reduce_range=reduce_range,
+                                 weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [])
+            else:
+                quantize_static(
+                    str(src), str(dst), FeedReader(feeds),
+                    quant_format=QuantFormat.QDQ if scheme.format == "qdq" else QuantFormat.QOperator,
+                    per_channel=scheme.per_channel, reduce_range=reduce_range,
+                    activation_type=qtype[scheme.activation_type], weight_type=qtype[scheme.weight_type],
+                    calibrate_method=calibration[scheme.calibration or "minmax"], nodes_to_exclude=exclude or [],
+                    extra_options={"CalibMaxIntermediateOutputs": 64},
+                )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first}") from exc
+    finally:
+        # The calibration session can linger in a reference cycle; its idle intra-op threads spin
+        # and slow down the next timing (measured here: 13.4 ms instead of 8 ms at batch 32).
+        gc.collect()
+
+
+class Quality:
+    """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
+
+    def __init__(self, fp32: Path, data: Any, cfg: PTQConfig, batch: int = 64):
+        import numpy as np
+
+        from mlopt.data import loader
+
+        self.cfg = cfg
+        self.labeled = data.labeled
+        self.batches = [(b[0].numpy(), b[1].numpy() if len(b) > 1 else None) for b in loader(data.val, batch)]
+        self.reference = [self._run(fp32, x) for x, _ in self.batches]
+        self.baseline = self.score(fp32)
+        del np
+
+    @staticmethod
+    def _run(path: Path, x: Any) -> Any:
+        from mlopt.export.runtime import make_session, run_session
+
+        session = make_session(path, "cpu")
+        return run_session(session, x)
+
+    def score(self, path: Path) -> dict[str, Any]:
+        import numpy as np
+
+        from mlopt.export.runtime import make_session, run_session
+
+        session = make_session(path, "cpu")
+        correct, n, cosines = 0, 0, []
+        for (x, y), ref in zip(self.batches, getattr(self, "reference", [None] * len(self.batches))):
+            out = run_session(session, x)
+            if y is not None:
+                correct += int((out.reshape(len(x), -1).argmax(1) == y).sum())
+            n += len(x)
+            if ref is not None:
+                a, b = out.reshape(len(x), -1).astype(np.float64), ref.reshape(len(x), -1).astype(np.float64)
+                denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+                cosines.append(np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0))
+        result: dict[str, Any] = {}
+        if self.labeled:
+            result["accuracy"] = correct / n
+        if cosines:
+            c = np.concatenate(cosines)
+            result["cosine_mean"], result["cosine_min"] = float(c.mean()), float(c.min())
+        if self.labeled and hasattr(self, "baseline"):
+            result["accuracy_drop"] = self.baseline["accuracy"] - result["accuracy"]
+        return result
+
+    def within_budget(self, q: dict[str, Any]) -> bool:
+        if self.labeled:
+            return q["accuracy_drop"] <= self.cfg.max_drop + 1e-12
+        return q["cosine_mean"] >= self.cfg.min_cosine
+
+    def budget_text(self) -> str:
+        if self.labeled:
+            return f"top-1 drop <= {100 * self.cfg.max_drop:.2f} points"
+        return f"mean cosine to FP32 >= {self.cfg.min_cosine}"
+
+
+TIMING_ROUNDS = 3
+
+
+def latencies(paths: list[Path], sample_shape: Any, cfg: PTQConfig) -> list[dict[int, float]]:
+    """Median latency per batch size of each model, robust to a noisy shared machine.
+
+    The models are timed in interleaved rounds (one session alive at a time), and each model keeps
+    its best round: a slow spell of the machine then hits every model alike instead of one.
+    """
+    from mlopt.export.bench import BenchConfig, time_model
+
+    per_round = max(3, cfg.iterations // TIMING_ROUNDS)
+    bench = BenchConfig(provider=cfg.provider, batch_sizes=cfg.batch_sizes, warmup=3, iterations=per_round)
+    best: list[dict[int, float]] = [{} for _ in paths]
+    old = console.is_quiet()
+    console.set_quiet(True)
+    try:
+        for _ in range(TIMING_ROUNDS):
+            for i, path in enumerate(paths):
+                for r in time_model(path, sample_shape, bench, path.name):
+                    b, ms = r["batch_size"], r["latency_ms"]["p50"]
+                    best[i][b] = min(best[i].get(b, ms), ms)
+    finally:
+        console.set_quiet(old)
+    return best
+
+
+def _preprocess(src: Path, dst: Path) -> tuple[Path, str | None]:
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return dst, None
+    except Exception as exc:
+        try:
+            quant_pre_process(str(src), str(dst), skip_optimization=True)
+            return dst, f"onnxruntime's graph optimisation failed before quantizing ({type(exc).__name__}); shape inference only"
+        except Exception:
+            return src, f"onnxruntime's pre-processing failed ({type(exc).__name__}); quantized the model as exported"
+
+
+class PTQPass(Pass):
+    name = "ptq"
+    config_class = PTQConfig
+    needs_data = True
+    compresses = True
+
+    def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
+        from mlopt.export.runtime import input_spec, make_session
+        from mlopt.fsutil import file_size_mb
+        from mlopt.quant import graph
+        from mlopt.quant.calibration import calibration_batches
+
+        work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))
+        notes: list[str] = []
+        try:
+            if artifact.format == "torch":
+                from mlopt.export.onnx import ExportConfig, export_checked
+
+                artifact, exported = export_checked(artifact, ctx.data, work / "fp32.onnx", ExportConfig())
+                notes += exported.notes
+            fp32 = Path(artifact.require_onnx("ptq"))
+            model = graph.load(fp32)
+            if graph.quantized_ops(model):
+                raise InputError(f"{artifact.origin} is already quantized ({', '.join(graph.quantized_ops(model))}); give the FP32 model")
+            if not graph.has_float_weights(model):
+                raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
+            has_conv = any(n.op_type == "Conv" for n in model.graph.node)
+            name, shape, _ = input_spec(make_session(fp32, "cpu"))
+            feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples)
+            pre, note = _preprocess(fp32, work / "pre.onnx") if config.preprocess else (fp32, None)
+            if note:
+                console.warn(note)
+                notes.append(note)
+            reduce_range = reduce_range_for(config.reduce_range)
+
+            schemes = candidate_schemes(config, has_conv)
+            paths = [work / f"candidate{i}.onnx" for i in range(len(schemes))]
+            for scheme, path in zip(schemes, paths):
+                console.info(f"quantizing: {scheme.name}")
+                quantize(pre, path, scheme, feeds, reduce_range)
+            console.info(f"timing FP32 and {len(schemes)} candidate(s) on onnxruntime ({config.provider})")
+            fp32_latency, *cand_latency = latencies([fp32, *paths], artifact.sample_shape, config)
+            quality = Quality(fp32, ctx.data, config)
+            fp32_row = {"name": "FP32", "latency_ms": fp32_latency, **quality.baseline, "size_mb": file_size_mb(fp32),
+                        "kernels": graph.kernel_counts(fp32)}
+            console.info(f"FP32: {self._describe(fp32_row)}")
+            rows: list[dict[str, Any]] = []
+            for scheme, path, latency in zip(schemes, paths, cand_latency):
+                row = self._measure(scheme, path, latency, quality, fp32_latency)
+                rows.append(row)
+                console.info(f"{scheme.name}: {self._describe(row)}")
+
+            chosen = self._choose(rows)
+            if chosen is None and config.fallback:
+                chosen = self._fallback(rows, pre, feeds, reduce_range, quality, fp32_latency, artifact, config, work, notes)
+            metrics: dict[str, Any] = {
+                "fp32_latency_ms": fp32_latency,
+                "fp32_size_mb": fp32_row["size_mb"],
+                "reduce_range": reduce_range,
+                "calibration_samples": sum(len(next(iter(f.values()))) for f in feeds),
+                "budget": quality.budget_text(),
+            }
+            if quality.labeled:
+                metrics["fp32_accuracy"] = quality.baseline["accuracy"]
+            extra = {"ptq": {"fp32": fp32_row, "candidates": rows}}
+            if chosen is None:
+                reason = self._no_winner_reason(rows, quality)
+                console.warn(f"kept the FP32 model: {reason}")
+                notes.append(f"kept the FP32 model: {reason}")
+                out = Path(ctx.out_dir) / "model.onnx"
+                shutil.copyfile(fp32, out)
+                new = artifact.derive("ptq", onnx_path=out)
+                metrics.update(quantized=False, chosen="FP32", latency_ms=fp32_latency, size_mb=fp32_row["size_mb"],
+                               **{k: v for k, v in quality.baseline.items()})
+                return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
+
+            out = Path(ctx.out_dir) / "model.onnx"
+            shutil.copyfile(chosen["path"], out)
+            new = artifact.derive("ptq", onnx_path=out)
+            speedups = {b: fp32_latency[b] / chosen["latency_ms"][b] for b in fp32_latency}
+            metrics.update(
+                quantized=True, chosen=chosen["name"], latency_ms=chosen["latency_ms"], speedup=speedups,
+                size_mb=chosen["size_mb"], size_ratio=fp32_row["size_mb"] / chosen["size_mb"],
+                float_nodes=chosen.get("float_nodes", []),
+                **{k: chosen[k] for k in ("accuracy", "accuracy_drop", "cosine_mean", "cosine_min") if k in chosen},
+            )
+            notes.append(
+                f"chose {chosen['name']}: " + ", ".join(f"{s:.2f}x faster at batch {b}" for b, s in speedups.items())
+                + f", {metrics['size_ratio']:.2f}x smaller, within {quality.budget_text()}"
+            )
+            console.info(notes[-1])
+            for row in rows:
+                row.pop("path", None)
+            return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _describe(row: dict[str, Any]) -> str:
+        lat = ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in row["latency_ms"].items())
+        q = f"top-1 {row['accuracy']:.4f}" if "accuracy" in row else f"cosine {row.get('cosine_mean', 1):.4f}"
+        return f"{lat}; {q}; {row['kernels']['integer']} integer / {row['kernels']['float']} float kernels"
+
+    @staticmethod
+    def _measure(scheme: Scheme, path: Path, latency: dict[int, float], quality: Quality,
+                 fp32_latency: dict[int, float], float_nodes: list[str] | None = None) -> dict[str, Any]:
+        from mlopt.fsutil import file_size_mb
+        from mlopt.quant import graph
+
+        q = quality.score(path)
+        return {
+            "name": scheme.name + (f" + {len(float_nodes)} nodes in float" if float_nodes else ""),
+            "scheme": asdict(scheme),
+            "path": path,
+            "latency_ms": latency,
+            "faster_than_fp32": all(latency[b] < fp32_latency[b] for b in latency),
+            "within_budget": quality.within_budget(q),
+            "size_mb": file_size_mb(path),
+            "kernels": graph.kernel_counts(path),
+            "float_nodes": float_nodes or [],
+            **q,
+        }
+
+    @staticmethod
+    def _choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The fastest (geometric mean over batch sizes) of the candidates that are faster and within budget."""
+        ok = [r for r in rows if r["faster_than_fp32"] and r["within_budget"]]
+        return min(ok, key=lambda r: math.prod(r["latency_ms"].values())) if ok else None
+
+    def _fallback(self, rows: list[dict[str, Any]], pre: Path, feeds: Any, reduce_range: bool, quality: Quality,
+                  fp32_latency: dict[int, float], artifact: Any, cfg: PTQConfig, work: Path,
+                  notes: list[str]) -> dict[str, Any] | None:
+        """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
+        from mlopt.quant.sensitivity import node_sqnr
+
+        fast = [r for r in rows if r["faster_than_fp32"] and r["scheme"]["method"] == "static"]
+        if not fast:
+            return None
+        base = min(fast, key=lambda r: math.prod(r["latency_ms"].values()))
+        scheme = Scheme(**base["scheme"])
+        ranking = node_sqnr(pre, base["path"], feeds[:2])
+        if not ranking:
+            return None
+        group = max(1, math.ceil(len(ranking) / 10))
+        console.info(f"{scheme.name} misses the budget ({quality.budget_text()}); keeping sensitive nodes in float")
+        for g in range(1, cfg.fallback_groups + 1):
+            exclude = [r["node"] for r in ranking[: g * group]]
+            path = work / f"fallback{g}.onnx"
+            quantize(pre, path, scheme, feeds, reduce_range, exclude)
+            # Timed beside the FP32 model again, in the same interleaved rounds.
+            fp32_now, latency = latencies([Path(artifact.onnx_path), path], artifact.sample_shape, cfg)
+            fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
+            row = self._measure(scheme, path, latency, quality, fp32_latency, exclude)
+            row["sensitivity"] = ranking[: g * group]
+            rows.append(row)
+            console.info(f"{row['name']}: {self._describe(row)}")
+            if not row["faster_than_fp32"]:
+                break
+            if row["within_budget"]:
+                notes.append(
+                    "kept in float (lowest SQNR first): "
+                    + ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in ranking[: g * group])
+                )
+                return row
+        return None
+
+    @staticmethod
+    def _no_winner_reason(rows: list[dict[str, Any]], quality: Quality) -> str:
+        faster = [r for r in rows if r["faster_than_fp32"]]
+        if not faster:
+            return "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
+        return f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"

@@ -1,0 +1,45 @@
+"""Per-node quantization sensitivity, from onnxruntime's QDQ debugging helpers.
+
+For every activation the QDQ model quantizes, the signal-to-quantization-noise ratio (SQNR, dB)
+between the float tensor and its quantize-dequantize round trip; the lower, the more the node
+suffers. Used to pick the nodes kept in float when an INT8 model misses its accuracy budget.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{"node", "tensor", "sqnr_db"}] for the nodes whose outputs the QDQ model quantizes, worst first."""
+    import math
+
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    from mlopt.quant.calibration import FeedReader
+
+    producers = {out: node.name for node in onnx.load(str(float_path), load_external_data=False).graph.node
+                 for out in node.output}
+    with tempfile.TemporaryDirectory() as tmp:
+        aug_float, aug_qdq = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
+        modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
+        modify_model_output_intermediate_tensors(str(qdq_path), str(aug_qdq))
+        float_acts = collect_activations(str(aug_float), FeedReader(feeds))
+        qdq_acts = collect_activations(str(aug_qdq), FeedReader(feeds))
+    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    rows = []
+    for tensor, err in errors.items():
+        sqnr = err.get("qdq_err")
+        node = producers.get(tensor)
+        if node and sqnr is not None and not math.isnan(sqnr):
+            rows.append({"node": node, "tensor": tensor, "sqnr_db": float(sqnr)})
+    rows.sort(key=lambda r: r["sqnr_db"])
+    return rows
