@@ -36,3 +36,8 @@ def not_a_module():
 
 def broken_factory():
     raise RuntimeError("factory exploded")
+
+
+def wide_cnn_rgb(num_classes: int = 10) -> nn.Module:
+    """Heavy enough convolutions that INT8 pays off on onnxruntime (used by the PTQ tests)."""
+    return TinyCNN(num_classes=num_classes, channels=3, width=64)

@@ -293,6 +293,17 @@ class PTQPass(Pass):
             chosen = self._choose(rows)
             if chosen is None and config.fallback:
                 chosen = self._fallback(rows, pre, feeds, reduce_range, quality, fp32_latency, artifact, config, work, notes)
+            if chosen is None and config.mode != "auto":
+                # The user asked for this exact scheme: hand it back, and say plainly what it costs.
+                chosen = rows[-1] if rows[-1]["within_budget"] else rows[0]
+                for problem in self._problems(chosen, quality):
+                    console.warn(problem)
+                    notes.append(problem)
+            out = Path(ctx.out_dir) / "model.onnx"
+            if chosen is not None:
+                shutil.copyfile(chosen["path"], out)
+            for row in rows:
+                row["path"] = row["path"].name
             metrics: dict[str, Any] = {
                 "fp32_latency_ms": fp32_latency,
                 "fp32_size_mb": fp32_row["size_mb"],
@@ -307,15 +318,12 @@ class PTQPass(Pass):
                 reason = self._no_winner_reason(rows, quality)
                 console.warn(f"kept the FP32 model: {reason}")
                 notes.append(f"kept the FP32 model: {reason}")
-                out = Path(ctx.out_dir) / "model.onnx"
                 shutil.copyfile(fp32, out)
                 new = artifact.derive("ptq", onnx_path=out)
                 metrics.update(quantized=False, chosen="FP32", latency_ms=fp32_latency, size_mb=fp32_row["size_mb"],
                                **{k: v for k, v in quality.baseline.items()})
                 return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
 
-            out = Path(ctx.out_dir) / "model.onnx"
-            shutil.copyfile(chosen["path"], out)
             new = artifact.derive("ptq", onnx_path=out)
             speedups = {b: fp32_latency[b] / chosen["latency_ms"][b] for b in fp32_latency}
             metrics.update(
@@ -329,8 +337,6 @@ class PTQPass(Pass):
                 + f", {metrics['size_ratio']:.2f}x smaller, within {quality.budget_text()}"
             )
             console.info(notes[-1])
-            for row in rows:
-                row.pop("path", None)
             return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -403,6 +409,15 @@ class PTQPass(Pass):
                 )
                 return row
         return None
+
+    @staticmethod
+    def _problems(row: dict[str, Any], quality: Quality) -> list[str]:
+        problems = []
+        if not row["faster_than_fp32"]:
+            problems.append(f"{row['name']} is SLOWER than FP32 on this machine: {row['latency_ms']} ms")
+        if not row["within_budget"]:
+            problems.append(f"{row['name']} misses the quality budget ({quality.budget_text()})")
+        return problems
 
     @staticmethod
     def _no_winner_reason(rows: list[dict[str, Any]], quality: Quality) -> str:

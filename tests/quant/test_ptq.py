@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
+from mlopt.quant.graph import kernel_counts
+
+from conftest import TOY
+
+runner = CliRunner()
+FAST = ["--batch-size", "1", "--batch-size", "8", "--iterations", "9"]
+
+
+def ptq(*args):
+    return runner.invoke(app, ["ptq", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wide") / "m"
+    result = runner.invoke(app, ["train", "--model", f"{TOY}:wide_cnn_rgb", "--data", "digits", "--image-size", "32",
+                                 "--channels", "3", "--epochs", "1", "--lr", "0.01", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
+    out = tmp_path / "q"
+    result = ptq("--model", wide_dir, "--data", "digits", "--out", out, *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)  # onnxruntime's calibration chatter stays off stdout
+    report = json.loads((out / "report.json").read_text())["step"]
+    rows = report["ptq"]["candidates"]
+    assert len(rows) >= 4 and all("latency_ms" in r and "accuracy" in r for r in rows)
+    assert m["quantized"] is True
+    chosen = next(r for r in rows if r["name"] == m["chosen"])
+    assert chosen["faster_than_fp32"] and chosen["within_budget"]
+    for b, ms in m["latency_ms"].items():
+        assert ms < m["fp32_latency_ms"][b]
+    assert m["accuracy_drop"] <= 0.01 and m["size_ratio"] > 3
+    assert chosen["kernels"] == {**chosen["kernels"], "integer": 3, "float": 0}  # every Conv/Gemm fused
+    model = onnx.load(str(out / "model.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["accuracy"])
+    assert "chose" in (out / "report.md").read_text()
+
+
+def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
+    # A tiny 8x8 network: the quantize/dequantize overhead outweighs the INT8 arithmetic.
+    out = tmp_path / "q"
+    result = ptq("--model", exported_dir, "--data", "digits", "--out", out, *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["quantized"] is False and m["chosen"] == "FP32"
+    assert "kept the FP32 model" in result.stderr
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx")).graph.node)
+    rows = json.loads((out / "report.json").read_text())["step"]["ptq"]["candidates"]
+    assert all(not r["faster_than_fp32"] or not r["within_budget"] for r in rows)
+
+
+def test_static_mode_uses_the_requested_scheme(wide_dir, tmp_path):
+    out = tmp_path / "q"
+    result = ptq("--model", wide_dir, "--data", "digits", "--out", out, "--mode", "static", "--calibration",
+                 "percentile", "--per-tensor", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["chosen"].startswith("QDQ U8S8 per-tensor percentile")
+
+
+def test_fallback_keeps_sensitive_nodes_in_float(wide_dir, tmp_path):
+    # No labels: fidelity is the metric; a cosine of exactly 1.0 cannot be met, so every fallback group runs.
+    out = tmp_path / "q"
+    result = ptq("--model", wide_dir, "--data", "random:3x32x32", "--out", out, "--min-cosine", "1.0",
+                 "--calibration", "minmax", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert "accuracy" not in m and m["budget"].startswith("mean cosine")
+    rows = json.loads((out / "report.json").read_text())["step"]["ptq"]["candidates"]
+    fallback = [r for r in rows if "nodes in float" in r["name"]]
+    assert fallback, [r["name"] for r in rows]
+    sens = fallback[-1]["sensitivity"]
+    assert [s["sqnr_db"] for s in sens] == sorted(s["sqnr_db"] for s in sens)
+    assert fallback[-1]["float_nodes"] == [s["node"] for s in sens]
+    assert m["quantized"] is False and "missed the budget" in result.stderr
+
+
+def test_already_quantized_is_refused(wide_dir, tmp_path):
+    first = tmp_path / "q"
+    assert ptq("--model", wide_dir, "--data", "digits", "--out", first, "--mode", "static", *FAST).exit_code == 0
+    result = ptq("--model", first / "model.onnx", "--data", "digits", "--out", tmp_path / "again")
+    assert result.exit_code == 2 and "already quantized" in result.stderr
+    assert not (tmp_path / "again").exists()
+
+
+def test_model_without_float_weights_is_refused(tmp_path):
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 64])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["r"]),
+                               helper.make_node("Flatten", ["r"], ["logits"])], "g", [x], [y])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    result = ptq("--model", path, "--data", "digits", "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "no float Conv/MatMul/Gemm weights" in result.stderr
+
+
+def test_too_few_calibration_samples_warns(exported_dir, tmp_path):
+    result = ptq("--model", exported_dir, "--data", "digits", "--out", tmp_path / "q", "--mode", "static",
+                 "--calibration-samples", 100000, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "only 1437 training samples" in result.stderr
+
+
+def test_kernel_counts_on_fp32(exported_dir):
+    counts = kernel_counts(exported_dir / "model.onnx")
+    assert counts["integer"] == 0 and counts["float"] == 3
