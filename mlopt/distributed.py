@@ -50,7 +50,11 @@ def init(device_type: str) -> Dist:
 
         if not td.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
-            td.init_process_group(backend=backend)
+            # torchrun keeps its store across elastic restarts; without a per-attempt prefix the
+            # restarted ranks read the dead ranks' addresses and fail to connect.
+            store, rank, world = next(td.rendezvous("env://"))
+            store = td.PrefixStore(f"mlopt/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            td.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         _initialised = True
     return d
 

@@ -197,6 +197,8 @@ def fit(
     # With fp16, GradScaler skips the optimiser step when gradients overflow; the scheduler still
     # steps, which is intended (the schedule follows steps taken), so its warning is noise.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+    # oneDNN hands back convolution gradients in its own (equivalent) strides; DDP copes, and says so.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
     def forward_loss(x: Any, y: Any, indices: list[int]) -> tuple[Any, Any]:
         with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

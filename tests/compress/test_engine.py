@@ -114,3 +114,45 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert metrics["replica_max_abs_diff"] == 0.0
     assert metrics["accuracy"] > 0.7
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "report.json", "report.md"]
+
+
+def _children(pid):
+    kids = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(stat))
+    return kids
+
+
+def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
+    """A worker killed under torchrun --max-restarts: the restarted workers resume by themselves."""
+    common = [*TRAIN[1:], "--epochs", 4, "--device", "cpu", "--checkpoint-every", 4]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+    full = tmp_path / "full"
+    subprocess.run([*launch, "-m", "mlopt", "train", *map(str, common), "--out", str(full)], check=True,
+                   capture_output=True, timeout=300)
+
+    out = tmp_path / "restarted"
+    proc = subprocess.Popen([*launch, "--max-restarts=1", "-m", "mlopt", "train", *map(str, common), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = out / ".checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert workers, "no worker processes found"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stderr  # the restarted workers continued; they did not start again
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
