@@ -27,7 +27,7 @@ class Artifact:
     sample_shape: tuple[int, ...] | None  # one sample, without the batch dimension
     num_classes: int | None
     lineage: list[str] = field(default_factory=list)
-    builder: dict[str, Any] | None = None  # torch: {"spec": ..., "num_classes": ...}
+    builder: dict[str, Any] | None = None  # torch: {"spec", "num_classes", "pruned": {module: {attr: value}}}
     module: Any = None  # torch: the live nn.Module
     onnx_path: Path | None = None  # onnx: the file
     origin: str = ""  # what the user named, for messages
@@ -127,13 +127,16 @@ def load_artifact(path: str | Path) -> Artifact:
 
 
 def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
-    from mlopt.models import apply_state_dict, build_module, load_state_dict_file
+    from mlopt.models import apply_recorded_shapes, apply_state_dict, build_module, load_state_dict_file
 
     builder = meta.get("builder") or {}
     if "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
     module = build_module(builder["spec"], builder.get("num_classes"))
-    apply_state_dict(module, load_state_dict_file(path / TORCH_FILE), str(path / TORCH_FILE))
+    state = load_state_dict_file(path / TORCH_FILE)
+    if builder.get("pruned"):
+        apply_recorded_shapes(module, builder["pruned"], state)
+    apply_state_dict(module, state, str(path / TORCH_FILE))
     module.eval()
     shape = meta.get("sample_shape")
     return Artifact(

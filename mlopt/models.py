@@ -202,3 +202,55 @@ def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise InputError(f"the model must return logits of shape (batch, classes); it returned {shape}")
     return int(y.shape[1])
+
+
+def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:
+    """Every submodule's plain size attributes (in_channels, num_features, embed_dim, ...).
+
+    Structured pruning changes some of them; the changed ones are recorded in model.json so that
+    the pruned model reloads from its spec and a state dict, without unpickling a module.
+    """
+    out = {}
+    for name, m in module.named_modules():
+        attrs = {}
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training" or isinstance(v, bool):
+                continue
+            if isinstance(v, int) or (isinstance(v, tuple) and all(isinstance(i, int) for i in v)):
+                attrs[k] = list(v) if isinstance(v, tuple) else v
+        out[name] = attrs
+    return out
+
+
+def changed_attributes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    changed = {}
+    for name, attrs in after.items():
+        diff = {k: v for k, v in attrs.items() if before.get(name, {}).get(k) != v}
+        if diff:
+            changed[name] = diff
+    return changed
+
+
+def apply_recorded_shapes(module: Any, recorded: dict[str, dict[str, Any]], state: dict[str, Any]) -> None:
+    """Give a freshly built module the pruned shapes: attributes from model.json, tensor sizes from the state dict."""
+    import torch
+
+    for name, attrs in (recorded or {}).items():
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"model.json records pruned shapes for {name!r}, which the model does not have") from None
+        for k, v in attrs.items():
+            current = getattr(sub, k, None)
+            setattr(sub, k, tuple(v) if isinstance(current, tuple) or isinstance(v, list) else v)
+    for key, value in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        current = getattr(owner, attr, None)
+        if not isinstance(current, torch.Tensor) or tuple(current.shape) == tuple(value.shape):
+            continue
+        if isinstance(current, torch.nn.Parameter):
+            setattr(owner, attr, torch.nn.Parameter(torch.empty(value.shape, dtype=current.dtype),
+                                                    requires_grad=current.requires_grad))
+        else:
+            owner.register_buffer(attr, torch.empty(value.shape, dtype=current.dtype))

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlopt.compress.distill import DistillConfig, DistillPass
+from mlopt.compress.prune import PruneConfig, PrunePass
 from mlopt.compress.train import TrainConfig, TrainPass
 from mlopt.data import DataConfig
 from mlopt.errors import InputError
@@ -23,10 +24,11 @@ from mlopt.export.onnx import ExportConfig, ExportPass
 from mlopt.quant.ptq import PTQConfig, PTQPass
 
 #: step type -> pass class. A new pass is added here and to StepConfig.
-PASSES = {p.name: p for p in (TrainPass, DistillPass, EvalPass, ExportPass, PTQPass, BenchPass)}
+PASSES = {p.name: p for p in (TrainPass, PrunePass, DistillPass, EvalPass, ExportPass, PTQPass, BenchPass)}
 
 StepConfig = Annotated[
-    Union[TrainConfig, DistillConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig], Field(discriminator="type")
+    Union[TrainConfig, PruneConfig, DistillConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig],
+    Field(discriminator="type"),
 ]
 
 

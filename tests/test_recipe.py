@@ -19,7 +19,7 @@ def test_defaults_are_typed():
     "patch,match",
     [
         ({"steps": [{"type": "train", "epochs": 3, "epoch": 4}]}, r"steps\.0\.train\.epoch: unknown key"),
-        ({"steps": [{"type": "quantize"}]}, "unknown step type; expected one of train, distill, eval, export, ptq, bench"),
+        ({"steps": [{"type": "quantize"}]}, "unknown step type; expected one of train, prune, distill, eval, export, ptq, bench"),
         ({"steps": [{"type": "train", "epochs": 0}]}, r"epochs: Input should be greater than 0"),
         ({"steps": []}, "steps"),
         ({"version": 2}, "version"),

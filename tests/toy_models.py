@@ -41,3 +41,102 @@ def broken_factory():
 def wide_cnn_rgb(num_classes: int = 10) -> nn.Module:
     """Heavy enough convolutions that INT8 pays off on onnxruntime (used by the PTQ tests)."""
     return TinyCNN(num_classes=num_classes, channels=3, width=64)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.b(self.a(x))  # residual add: stem, a and b outputs must keep the same channels
+        return self.head(x.mean((2, 3)))
+
+
+class ConcatSplitNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.left = nn.Conv2d(3, 8, 3, padding=1)
+        self.right = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.after_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.after_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], dim=1)  # concatenation
+        # split; the sizes follow the consumers, so they stay right when pruning changes them
+        a, b = torch.split(torch.relu(self.mix(x)), [self.after_a.in_channels, self.after_b.in_channels], dim=1)
+        x = torch.cat([self.after_a(a), self.after_b(b)], dim=1)
+        return self.head(x.mean((2, 3)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pointwise = nn.Conv2d(32, 32, 1)
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.pointwise(torch.relu(self.depthwise(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class AttentionNet(nn.Module):
+    """Input (batch, tokens, features): an embedding, self-attention and a classifier."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, num_heads=4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+def residual_net(num_classes: int = 10) -> nn.Module:
+    return ResidualNet(num_classes)
+
+
+def concat_split_net(num_classes: int = 10) -> nn.Module:
+    return ConcatSplitNet(num_classes)
+
+
+def grouped_net(num_classes: int = 10) -> nn.Module:
+    return GroupedNet(num_classes)
+
+
+def attention_net(num_classes: int = 10) -> nn.Module:
+    return AttentionNet(num_classes)
+
+
+class Untraceable(nn.Module):
+    """Runs for inference but fails when traced with gradients (as Torch-Pruning traces)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("custom op without autograd support")
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def untraceable(num_classes: int = 10) -> nn.Module:
+    return Untraceable(num_classes)

@@ -10,6 +10,7 @@ from mlopt.cli.bench import bench
 from mlopt.cli.distill import distill
 from mlopt.cli.evaluate import eval_
 from mlopt.cli.export import export
+from mlopt.cli.prune import prune
 from mlopt.cli.ptq import ptq
 from mlopt.cli.run import run
 from mlopt.cli.train import train
@@ -40,6 +41,7 @@ def _root(
 
 
 app.command("train")(train)
+app.command("prune")(prune)
 app.command("distill")(distill)
 app.command("eval")(eval_)
 app.command("export")(export)

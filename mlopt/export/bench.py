@@ -115,6 +115,32 @@ def time_model(
     return results
 
 
+TIMING_ROUNDS = 3
+
+
+def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
+                        iterations: int) -> list[dict[int, float]]:
+    """Median latency (ms) per batch size of each model, for deciding which is faster.
+
+    The models are timed in interleaved rounds, one session alive at a time, and each model keeps
+    its best round: a slow spell of a shared machine then hits every model alike instead of one.
+    """
+    per_round = max(3, iterations // TIMING_ROUNDS)
+    cfg = BenchConfig(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
+    best: list[dict[int, float]] = [{} for _ in paths]
+    old = console.is_quiet()
+    console.set_quiet(True)
+    try:
+        for _ in range(TIMING_ROUNDS):
+            for i, path in enumerate(paths):
+                for r in time_model(Path(path), sample_shape, cfg, Path(path).name):
+                    b, ms = r["batch_size"], r["latency_ms"]["p50"]
+                    best[i][b] = min(best[i].get(b, ms), ms)
+    finally:
+        console.set_quiet(old)
+    return best
+
+
 def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: BenchConfig) -> list[dict[str, Any]]:
     """Time each (label, path, sample shape) in turn; add each row's speed-up over the first model."""
     results: list[dict[str, Any]] = []

@@ -197,31 +197,10 @@ class Quality:
         return f"mean cosine to FP32 >= {self.cfg.min_cosine}"
 
 
-TIMING_ROUNDS = 3
-
-
 def latencies(paths: list[Path], sample_shape: Any, cfg: PTQConfig) -> list[dict[int, float]]:
-    """Median latency per batch size of each model, robust to a noisy shared machine.
+    from mlopt.export.bench import interleaved_latency
 
-    The models are timed in interleaved rounds (one session alive at a time), and each model keeps
-    its best round: a slow spell of the machine then hits every model alike instead of one.
-    """
-    from mlopt.export.bench import BenchConfig, time_model
-
-    per_round = max(3, cfg.iterations // TIMING_ROUNDS)
-    bench = BenchConfig(provider=cfg.provider, batch_sizes=cfg.batch_sizes, warmup=3, iterations=per_round)
-    best: list[dict[int, float]] = [{} for _ in paths]
-    old = console.is_quiet()
-    console.set_quiet(True)
-    try:
-        for _ in range(TIMING_ROUNDS):
-            for i, path in enumerate(paths):
-                for r in time_model(path, sample_shape, bench, path.name):
-                    b, ms = r["batch_size"], r["latency_ms"]["p50"]
-                    best[i][b] = min(best[i].get(b, ms), ms)
-    finally:
-        console.set_quiet(old)
-    return best
+    return interleaved_latency(paths, sample_shape, cfg.provider, cfg.batch_sizes, cfg.iterations)
 
 
 def _preprocess(src: Path, dst: Path) -> tuple[Path, str | None]:

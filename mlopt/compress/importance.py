@@ -1,0 +1,39 @@
+"""How channels are scored for structured pruning: names -> Torch-Pruning importance criteria."""
+
+from __future__ import annotations
+
+from typing import Any
+
+IMPORTANCES = ("l1", "l2", "bn-scale", "taylor", "lamp", "random")
+
+
+def make_importance(name: str) -> Any:
+    import torch_pruning as tp
+
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "bn-scale":
+        return tp.importance.BNScaleImportance()
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if name == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    if name == "random":
+        return tp.importance.RandomImportance()
+    raise ValueError(name)
+
+
+def accumulate_gradients(module: Any, data: Any, batch_size: int, batches: int = 4) -> None:
+    """Taylor importance scores weight x gradient: fill .grad from a few labelled training batches."""
+    import torch.nn.functional as F
+
+    from mlopt.data import loader
+
+    module.zero_grad(set_to_none=True)
+    module.eval()  # batch-norm statistics stay as trained
+    for i, (x, y) in enumerate(loader(data.train, batch_size, shuffle=True)):
+        if i >= batches:
+            break
+        F.cross_entropy(module(x), y).backward()

@@ -1,0 +1,263 @@
+"""The `prune` pass: structured (channel) pruning through Torch-Pruning, unstructured and 2:4 sparsity.
+
+Three ideas in three places, as in Torch-Pruning: what must change together (its dependency graph
+and groups, not re-implemented here), how channels are scored (compress/importance.py), and the
+algorithm (its pruner's step(), driven here with targets, iterative steps and fine-tuning).
+The pruned model reloads from its spec, the recorded pruned shapes and a plain state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlopt import console
+from mlopt.compress.engine import TrainingConfig
+from mlopt.errors import InputError
+from mlopt.pipeline import Pass, StepResult
+
+
+class PruneConfig(BaseModel):
+    """Remove channels (structured) or zero weights (unstructured, 2:4), with optional fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["prune"] = "prune"
+    sparsity: Literal["structured", "unstructured", "2:4"] = "structured"
+    ratio: float | None = Field(None, gt=0, lt=1, description="structured: fraction of channels; unstructured: of weights")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the MACs")
+    target_params: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the parameters")
+    importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
+    global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer")
+    round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
+    ignore: list[str] = Field(default_factory=list, description="module names left untouched (the classifier always is)")
+    steps: int = Field(1, gt=0, description="prune in this many steps, fine-tuning after each")
+    finetune: TrainingConfig = Field(
+        default_factory=lambda: TrainingConfig(epochs=1), description="fine-tuning after each step (needs labelled data)"
+    )
+    finetune_epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step; 0 = none")
+    measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime")
+
+    @model_validator(mode="after")
+    def _targets(self) -> "PruneConfig":
+        given = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
+        if self.sparsity == "structured" and len(given) != 1:
+            raise ValueError("structured pruning needs exactly one of ratio, target_macs, target_params")
+        if self.sparsity == "unstructured" and given != ["ratio"]:
+            raise ValueError("unstructured sparsity needs ratio (the fraction of weights set to zero) and no target")
+        if self.sparsity == "2:4" and given:
+            raise ValueError("2:4 sparsity takes no ratio or target: it zeroes 2 of every 4 weights")
+        return self
+
+
+def _named_modules(module: Any, names: list[str]) -> list[Any]:
+    modules = dict(module.named_modules())
+    found = []
+    for name in names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise InputError(f"--ignore {name!r}: the model has no module of that name{hint}")
+        found.append(modules[name])
+    return found
+
+
+def _classifier_names(module: Any, num_classes: int | None) -> list[str]:
+    """The output layers (Linear or Conv with num_classes outputs, last of its kind) stay untouched."""
+    import torch
+
+    names = [n for n, m in module.named_modules()
+             if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes]
+    return names[-1:] or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
+
+
+def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
+    import torch
+    import torch_pruning as tp
+
+    module.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(module, torch.zeros((1, *sample_shape)))
+    return int(macs), int(params)
+
+
+def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignored: list[Any],
+                steps: int) -> Any:
+    import torch
+    import torch_pruning as tp
+
+    from mlopt.compress.importance import make_importance
+
+    try:
+        return tp.pruner.BasePruner(
+            module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
+            global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
+            iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first}); "
+            "leave the module that fails out with --ignore NAME"
+        ) from exc
+
+
+def _prune_copy(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignore: list[str]) -> Any:
+    trial = copy.deepcopy(module)
+    pruner = make_pruner(trial, sample_shape, cfg, ratio, _named_modules(trial, ignore), 1)
+    pruner.step()
+    return trial
+
+
+def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ignore: list[str]) -> tuple[float, float]:
+    """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params)."""
+    which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
+    base = count_ops(module, sample_shape)[0 if which == "macs" else 1]
+
+    def kept(ratio: float) -> float:
+        ops = count_ops(_prune_copy(module, sample_shape, cfg, ratio, ignore), sample_shape)
+        return ops[0 if which == "macs" else 1] / base
+
+    lo, hi = 0.0, 0.9
+    reachable = kept(hi)
+    if reachable > target:
+        raise InputError(
+            f"target_{which} {target} cannot be reached: pruning 90% of the prunable channels still keeps "
+            f"{reachable:.3f} of the {which} (the ignored layers and the classifier stay whole)"
+        )
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if kept(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi, kept(hi)
+
+
+class PrunePass(Pass):
+    name = "prune"
+    config_class = PruneConfig
+    compresses = True
+
+    def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
+        from mlopt.compress.engine import fit
+        from mlopt.evaluate import evaluate_torch
+        from mlopt.models import changed_attributes, shape_attributes
+
+        module = copy.deepcopy(artifact.require_torch("prune"))
+        shape = tuple(artifact.sample_shape)
+        data = ctx.data
+        labeled = data is not None and data.labeled
+        if config.finetune_epochs and not labeled:
+            raise InputError("fine-tuning after pruning needs labelled data: give --data")
+        if config.importance == "taylor" and not labeled:
+            raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
+        ignore = [*config.ignore]
+        _named_modules(module, ignore)  # unknown names are an error before any work
+        ignore += [n for n in _classifier_names(module, artifact.num_classes) if n not in ignore]
+        batch = config.finetune.batch_size or (ctx.recipe.data.batch_size if ctx.recipe.data else 64)
+        metrics: dict[str, Any] = {"sparsity": config.sparsity}
+        notes: list[str] = []
+
+        before_shapes = shape_attributes(module)
+        metrics["macs_before"], metrics["params_before"] = count_ops(module, shape)
+        if labeled:
+            metrics["accuracy_before"] = evaluate_torch(module, data, batch)["accuracy"]
+        onnx_before = self._export_fp32(module, shape, Path(ctx.out_dir) / ".before.onnx") if config.measure_latency else None
+
+        finetune_cfg = config.finetune.model_copy(update={"epochs": config.finetune_epochs or 1})
+        history: list[dict[str, Any]] = []
+
+        def finetune(step: int) -> None:
+            if not config.finetune_epochs:
+                return
+            ckpt = ctx.checkpoint_dir / f"finetune{step}" if ctx.checkpoint_dir else None
+            result = fit(module, data, finetune_cfg, batch, checkpoint_dir=ckpt, resume=ctx.resume,
+                         label=f"fine-tune {step}/{config.steps}", fingerprint_extra=["prune", step])
+            history.extend({**h, "step": step} for h in result["history"])
+            metrics["accuracy_after_step"] = metrics.get("accuracy_after_step", []) + [result["accuracy"]]
+
+        if config.sparsity == "structured":
+            ratio = config.ratio
+            if ratio is None:
+                ratio, reached = search_ratio(module, shape, config, ignore)
+                notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
+                             f"{'MACs' if config.target_macs else 'parameters'})")
+            metrics["ratio"] = ratio
+            pruner = make_pruner(module, shape, config, ratio, _named_modules(module, ignore), config.steps)
+            for step in range(1, config.steps + 1):
+                if config.importance == "taylor":
+                    from mlopt.compress.importance import accumulate_gradients
+
+                    accumulate_gradients(module, data, batch)
+                pruner.step()
+                module.zero_grad(set_to_none=True)
+                console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
+                finetune(step)
+            pruned = changed_attributes(before_shapes, shape_attributes(module))
+            builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+            metrics["layers"] = self._layer_table(before_shapes, pruned)
+        else:
+            from mlopt.compress import sparsity as sp
+
+            ignored = set(ignore)
+            for step in range(1, config.steps + 1):
+                if config.sparsity == "2:4":
+                    sp.apply_two_four(module, ignored)
+                else:
+                    sp.apply_magnitude(module, sp.cubic_schedule(config.ratio, step, config.steps), ignored,
+                                       config.global_ranking)
+                finetune(step)
+            sp.make_permanent(module)
+            metrics["zero_fraction"] = sp.zero_fraction(module, ignored)
+            builder = artifact.builder
+            notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
+                         "file, not the latency (both measured below)")
+
+        module.eval()
+        metrics["macs_after"], metrics["params_after"] = count_ops(module, shape)
+        metrics["macs_ratio"] = metrics["macs_before"] / metrics["macs_after"]
+        metrics["params_ratio"] = metrics["params_before"] / metrics["params_after"]
+        if labeled:
+            metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
+            metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
+        if onnx_before is not None:
+            self._latency_after(module, shape, ctx, onnx_before, metrics)
+        new = artifact.derive("prune", module=module, builder=builder)
+        metrics["size_mb"] = new.size_mb()
+        console.info(
+            f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
+            + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
+        )
+        return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": history} if history else {})
+
+    @staticmethod
+    def _layer_table(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]]) -> dict[str, str]:
+        rows = {}
+        for name, attrs in pruned.items():
+            for key in ("out_channels", "out_features", "embed_dim"):
+                if key in attrs:
+                    rows[name] = f"{before[name][key]} -> {attrs[key]}"
+        return rows
+
+    def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
+        from mlopt.export.onnx import export_onnx
+
+        export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
+        return path
+
+    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path, metrics: dict[str, Any]) -> None:
+        """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
+        from mlopt.compress.sparsity import gzip_mb
+        from mlopt.export.bench import interleaved_latency
+
+        after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
+        lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
+        metrics["latency_ms_before"], metrics["latency_ms_after"] = lat_before[1], lat_after[1]
+        metrics["latency_speedup"] = lat_before[1] / lat_after[1]
+        metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = gzip_mb(before), gzip_mb(after)
+        before.unlink()
+        after.unlink()

@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mlopt.artifacts import load_artifact
+from mlopt.cli.main import app
+from mlopt.compress.sparsity import two_four_mask
+
+from conftest import TOY
+
+runner = CliRunner()
+
+
+def prune(*args):
+    return runner.invoke(app, ["prune", *map(str, args)])
+
+
+def reload_and_run(out, shape):
+    art = load_artifact(out)  # spec + recorded shapes + weights_only state dict; no pickled module
+    with torch.no_grad():
+        y = art.module(torch.randn(2, *shape))
+    return art, y
+
+
+@pytest.mark.parametrize(
+    "spec,shape",
+    [
+        ("torchvision:resnet18", (3, 32, 32)),
+        ("torchvision:mobilenet_v2", (3, 32, 32)),
+        ("torchvision:mobilenet_v3_small", (3, 32, 32)),
+        ("torchvision:efficientnet_b0", (3, 32, 32)),
+        (f"{TOY}:residual_net", (3, 16, 16)),
+        (f"{TOY}:concat_split_net", (3, 16, 16)),
+        (f"{TOY}:grouped_net", (3, 16, 16)),
+        (f"{TOY}:attention_net", (6, 8)),
+    ],
+    ids=["resnet18", "mobilenet_v2", "mobilenet_v3", "efficientnet", "residual", "concat_split", "grouped_depthwise",
+         "attention"],
+)
+def test_structured_pruning_patterns_reload(spec, shape, tmp_path):
+    out = tmp_path / "p"
+    shape_arg = "1x" + "x".join(map(str, shape))
+    result = prune("--model", spec, "--input-shape", shape_arg, "--num-classes", 10, "--ratio", 0.5, "--no-latency",
+                   "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["params_after"] < m["params_before"] and m["macs_after"] < m["macs_before"]
+    art, y = reload_and_run(out, shape)
+    assert y.shape == (2, 10)
+    assert sum(p.numel() for p in art.module.parameters()) == m["params_after"]
+    for name, mod in art.module.named_modules():  # never a layer pruned to zero channels
+        for attr in ("out_channels", "out_features", "num_features"):
+            if hasattr(mod, attr):
+                assert getattr(mod, attr) > 0, name
+
+
+def test_resnet18_half_channels_cuts_macs(tmp_path):
+    out = tmp_path / "p"
+    result = prune("--model", "torchvision:resnet18", "--input-shape", "1x3x64x64", "--ratio", 0.5, "--importance", "l1",
+                   "--no-latency", "--out", out, "--json")
+    m = json.loads(result.stdout)
+    assert 3.5 < m["macs_ratio"] < 4.0
+    assert m["layers"]["layer1.0.conv1"] == "64 -> 32"
+    assert "fc" not in m["layers"]  # the classifier keeps its outputs
+
+
+def test_finetune_steps_latency_and_flow_into_export(trained_dir, tmp_path):
+    out = tmp_path / "p"
+    result = prune("--model", trained_dir, "--data", "digits", "--ratio", 0.4, "--steps", 2, "--finetune-epochs", 1,
+                   "--lr", 0.01, "--round-to", 4, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert len(m["accuracy_after_step"]) == 2 and m["accuracy"] == pytest.approx(m["accuracy_after_step"][-1])
+    assert m["latency_ms_before"] > 0 and m["latency_ms_after"] > 0 and "latency_speedup" in m
+    art, _ = reload_and_run(out, (1, 8, 8))
+    for mod in art.module.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            assert mod.out_channels % 4 == 0
+    ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["accuracy"])
+    exported = runner.invoke(app, ["export", "--model", str(out), "--data", "digits", "--out", str(tmp_path / "e"),
+                                   "--quiet"])
+    assert exported.exit_code == 0, exported.output
+
+
+def test_target_macs_is_searched(tmp_path):
+    result = prune("--model", f"{TOY}:residual_net", "--input-shape", "1x3x16x16", "--target-macs", 0.5,
+                   "--no-latency", "--out", tmp_path / "p", "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    kept = m["macs_after"] / m["macs_before"]
+    assert 0.35 < kept <= 0.5
+
+
+def test_ignored_layer_keeps_its_channels(tmp_path):
+    result = prune("--model", f"{TOY}:grouped_net", "--input-shape", "1x3x16x16", "--ratio", 0.5, "--ignore", "stem",
+                   "--no-latency", "--out", tmp_path / "p", "--json")
+    assert result.exit_code == 0, result.output
+    assert "stem" not in json.loads(result.stdout)["layers"]
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--ratio", "1.5"], "ratio"),
+        (["--ratio", "0.5", "--target-macs", "0.5"], "exactly one of"),
+        (["--target-macs", "0.0001"], "cannot be reached"),
+        (["--ratio", "0.5", "--ignore", "stm"], "did you mean stem"),
+        (["--ratio", "0.5", "--importance", "taylor"], "needs labelled data"),
+        (["--sparsity", "2:4", "--ratio", "0.5"], "2:4 sparsity takes no ratio"),
+    ],
+)
+def test_bad_prune_input(args, match, tmp_path):
+    out = tmp_path / "p"
+    result = prune("--model", f"{TOY}:grouped_net", "--input-shape", "1x3x16x16", "--no-latency", *args, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert match in result.stderr
+    assert not out.exists()
+
+
+def test_untraceable_model_names_the_way_out(tmp_path):
+    result = prune("--model", f"{TOY}:untraceable", "--input-shape", "1x3x8x8", "--ratio", 0.5, "--no-latency",
+                   "--out", tmp_path / "p")
+    assert result.exit_code == 2, result.output
+    assert "cannot trace the model" in result.stderr and "custom op" in result.stderr and "--ignore" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_unstructured_sparsity_is_honest_about_speed(trained_dir, tmp_path):
+    out = tmp_path / "u"
+    result = prune("--model", trained_dir, "--data", "digits", "--sparsity", "unstructured", "--ratio", 0.7,
+                   "--global", "--steps", 2, "--finetune-epochs", 1, "--lr", 0.005, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["zero_fraction"] == pytest.approx(0.7, abs=0.02)
+    assert m["onnx_gzip_mb_after"] < m["onnx_gzip_mb_before"]
+    assert "latency_ms_after" in m and m["params_after"] == m["params_before"]
+    notes = json.loads((out / "report.json").read_text())["step"]["notes"]
+    assert any("not the latency" in n for n in notes)
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert not any(k.endswith("_orig") or k.endswith("_mask") for k in state)  # masks made permanent
+
+
+def test_two_four_sparsity(tmp_path):
+    out = tmp_path / "s"
+    result = prune("--model", f"{TOY}:grouped_net", "--input-shape", "1x3x16x16", "--sparsity", "2:4", "--no-latency",
+                   "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    art = load_artifact(out)
+    w = art.module.pointwise.weight.detach().reshape(32, -1)
+    groups = w.reshape(32, -1, 4)
+    assert ((groups == 0).sum(-1) >= 2).all()
+    assert (art.module.head.weight != 0).all()  # the classifier is left dense
+
+
+def test_two_four_mask_keeps_largest():
+    w = torch.tensor([[0.1, -3.0, 0.2, 2.0, 5.0, 0.0, -1.0, 0.5]])
+    assert two_four_mask(w).tolist() == [[0, 1, 0, 1, 1, 0, 1, 0]]
