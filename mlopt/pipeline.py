@@ -62,6 +62,7 @@ class RunResult:
     artifact: "Artifact"
     out: Path | None
     is_main: bool = True  # False on torchrun ranks other than 0, which print nothing
+    gates: list[dict[str, Any]] | None = None  # one row per gate, when the recipe has gates
 
 
 def run_recipe(
@@ -100,6 +101,9 @@ def run_recipe(
     for step in recipe.steps:
         if PASSES[step.type].needs_data and recipe.data is None:
             raise InputError(f"step {step.type!r} needs data: give --data (or 'data:' in the recipe)")
+    gates = recipe.gates if recipe.gates is not None and recipe.gates.any() else None
+    if gates is not None and gates.max_accuracy_drop is not None and recipe.data is None:
+        raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
 
     artifact, data = prepare(recipe)
     baseline = None
@@ -174,6 +178,11 @@ def run_recipe(
             artifact = result.artifact
         if not flat and ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
             ckpt_root.rmdir()
+        gate_rows = None
+        if gates is not None and dist.is_main:
+            from mlopt.gates import evaluate_gates
+
+            gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data)
         run_report = {
             "schema_version": SCHEMA_VERSION,
             "kind": "run",
@@ -182,6 +191,9 @@ def run_recipe(
             "steps": step_reports,
             "environment": env,
         }
+        if gate_rows is not None:
+            run_report["gates"] = {"passed": all(r["passed"] for r in gate_rows), "results": gate_rows,
+                                   "baseline": (baseline or artifact).origin}
         if not flat and writes:
             write_reports(root, run_report)
     except BaseException:
@@ -192,7 +204,7 @@ def run_recipe(
         if not writes:
             fsutil.discard_dir(root)
     report = run_report if not flat else {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_reports[-1], "environment": env}
-    return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main)
+    return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main, gates=gate_rows)
 
 
 def _completed_step(step_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from mlopt.errors import InputError
 from mlopt.evaluate import EvalConfig, EvalPass
 from mlopt.export.bench import BenchConfig, BenchPass
 from mlopt.export.onnx import ExportConfig, ExportPass
+from mlopt.gates import GatesConfig
 from mlopt.quant.ptq import PTQConfig, PTQPass
 
 #: step type -> pass class. A new pass is added here and to StepConfig.
@@ -49,6 +50,7 @@ class Recipe(BaseModel):
     model: ModelConfig
     data: DataConfig | None = None
     steps: list[StepConfig] = Field(min_length=1)
+    gates: GatesConfig | None = None
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

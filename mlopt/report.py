@@ -76,6 +76,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             key = ", ".join(f"{k} {_fmt(v)}" for k, v in step.get("metrics", {}).items() if not isinstance(v, (dict, list)))
             lines.append(f"| {step['dir']} | {step['type']} | {step['duration_s']:.1f} | {key} |")
         lines.append("")
+        if report.get("gates"):
+            g = report["gates"]
+            lines += [f"## Gates: {'passed' if g['passed'] else 'FAILED'}", "",
+                      f"Baseline: `{g['baseline']}`", "", "| gate | expected | measured | result |",
+                      "| --- | --- | --- | --- |"]
+            lines += [f"| {r['gate']} | {r['expected']} | {r['measured']} | {'pass' if r['passed'] else '**FAIL**'} |"
+                      for r in g["results"]]
+            lines.append("")
         for step in report["steps"]:
             lines += _step_section(step, f"## {step['dir']}")
     env = report.get("environment", {})

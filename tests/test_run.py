@@ -117,3 +117,65 @@ def test_resume_skips_completed_steps_and_overwrite_clears(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--overwrite", "--quiet"]).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["01-train", "report.json", "report.md"]
+
+
+def _gate_recipe(tmp_path, gates):
+    recipe = {
+        "version": 1,
+        "model": {"spec": f"{TOY}:tiny_cnn"},
+        "data": {"source": "digits", "batch_size": 32},
+        "steps": [{"type": "train", "epochs": 2, "lr": 0.02},
+                  {"type": "prune", "ratio": 0.5, "finetune_epochs": 1, "measure_latency": False,
+                   "finetune": {"lr": 0.01}},
+                  {"type": "export", "exporter": "torchscript"}],
+        "gates": gates,
+    }
+    path = tmp_path / "gated.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_gates_pass_and_fail_with_junit(tmp_path):
+    path = _gate_recipe(tmp_path, {"max_accuracy_drop": 1.0, "max_size_mb": 100, "min_speedup": 0.01,
+                                   "iterations": 6})
+    out, junit = tmp_path / "ok", tmp_path / "ok.xml"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--junit", str(junit), "--quiet"])
+    assert result.exit_code == 0, result.output
+    gates = json.loads((out / "report.json").read_text())["gates"]
+    assert gates["passed"] and {r["gate"] for r in gates["results"]} == {"max_accuracy_drop", "max_size_mb", "min_speedup"}
+    assert gates["baseline"].endswith("01-train")
+    assert 'failures="0"' in junit.read_text()
+
+    path = _gate_recipe(tmp_path, {"max_size_mb": 0.0001, "max_latency_ms": 1000, "iterations": 6})
+    out, junit = tmp_path / "bad", tmp_path / "bad.xml"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--junit", str(junit), "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert "max_size_mb" in result.stderr and "FAIL" in result.stderr  # the table shows even with --quiet
+    assert (out / "03-export" / "model.onnx").is_file()  # artifacts and reports are still written
+    assert "**FAIL**" in (out / "report.md").read_text()
+    xml = junit.read_text()
+    assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.gates" name="max_size_mb">' in xml
+
+
+def test_accuracy_gate_needs_data(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": f"{TOY}:tiny_cnn", "input_shape": "1x1x8x8"},
+                                    "steps": [{"type": "export"}], "gates": {"max_accuracy_drop": 0.01}}))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs labelled data" in result.stderr
+
+
+def test_recipe_validate_and_schema(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"version": 1, "model": {"spec": "torchvision:resnet18"}, "data": {"source": "digits"},
+                                    "steps": [{"type": "train"}], "gates": {"min_speedup": 2}}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(good)])
+    assert result.exit_code == 0 and "valid (1 steps: train)" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"version": 1, "model": {"spec": "x"}, "steps": [{"type": "train"}],
+                                   "gates": {"min_sped": 2}}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(bad)])
+    assert result.exit_code == 2 and "gates.min_sped: unknown key" in result.stderr
+    schema = json.loads(CliRunner().invoke(app, ["recipe", "schema"]).stdout)
+    assert set(schema["properties"]) == {"version", "model", "data", "steps", "gates"}
+    assert "prune" in json.dumps(schema["$defs"]["PruneConfig"])

@@ -12,6 +12,7 @@ from mlopt.cli.evaluate import eval_
 from mlopt.cli.export import export
 from mlopt.cli.prune import prune
 from mlopt.cli.ptq import ptq
+from mlopt.cli.recipe_cmd import recipe_app
 from mlopt.cli.run import run
 from mlopt.cli.train import train
 
@@ -48,6 +49,7 @@ app.command("export")(export)
 app.command("ptq")(ptq)
 app.command("bench")(bench)
 app.command("run")(run)
+app.add_typer(recipe_app, name="recipe")
 
 
 def main() -> None:

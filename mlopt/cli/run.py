@@ -19,6 +19,7 @@ def run(
     overwrite: o.Overwrite = False,
     quiet: o.Quiet = False,
     json_out: o.Json = False,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write the gate results as JUnit XML.")] = None,
 ) -> None:
     """Run a multi-step YAML recipe: one NN-<type>/ directory per step and a combined report.
 
@@ -42,3 +43,14 @@ def run(
     console.info(f"wrote {out} (report: {out / 'report.md'})")
     if json_out and result.is_main:
         console.emit_json(result.report)
+    if result.gates is not None and result.is_main:
+        from mlopt.errors import GateError
+
+        if junit is not None:
+            from mlopt.fsutil import atomic_write_text
+            from mlopt.gates import junit_xml
+
+            atomic_write_text(junit, junit_xml(result.gates, recipe_file.stem))
+        failed = [r["gate"] for r in result.gates if not r["passed"]]
+        if failed:
+            raise GateError(f"gate(s) failed: {', '.join(failed)} (see {out / 'report.md'})")

@@ -1,0 +1,114 @@
+"""CI gates: compare the run's final model with its baseline, measured in the same run.
+
+The baseline is the model before the first compressing step (prune, distill, ptq), or the final
+model itself when the recipe compresses nothing. A failed gate still writes every artifact and
+report, then exits with code 3; `--junit FILE` writes one JUnit test case per gate.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlopt import console
+
+
+class GatesConfig(BaseModel):
+    """Thresholds the final model must meet; any subset."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 drop from the baseline (0.01 = 1 point)")
+    min_speedup: float | None = Field(None, gt=0, description="baseline latency / final latency on onnxruntime")
+    max_size_mb: float | None = Field(None, gt=0, description="size of the final model file")
+    max_latency_ms: float | None = Field(None, gt=0, description="final model latency (median)")
+    batch_size: int = Field(1, gt=0, description="batch size of the latency measurements")
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    iterations: int = Field(30, gt=0)
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms))
+
+
+def _as_onnx(artifact: Any, work: Path, name: str) -> Path:
+    if artifact.format == "onnx":
+        return Path(artifact.onnx_path)
+    from mlopt.export.onnx import export_onnx
+
+    path = work / f"{name}.onnx"
+    export_onnx(artifact.module, tuple(artifact.sample_shape), path, opset=18, exporter="dynamo")
+    return path
+
+
+def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any) -> list[dict[str, Any]]:
+    """Measure what the gates need and return one row per gate: name, expected, measured, passed."""
+    from mlopt.evaluate import evaluate_artifact
+    from mlopt.export.bench import interleaved_latency
+    from mlopt.fsutil import file_size_mb
+
+    rows: list[dict[str, Any]] = []
+    console.info("checking gates against the baseline " + (baseline.origin or "model"))
+    with tempfile.TemporaryDirectory(prefix="mlopt-gates-") as tmp:
+        work = Path(tmp)
+        if gates.max_accuracy_drop is not None:
+            batch = 64
+            base_acc = evaluate_artifact(baseline, data, batch)["accuracy"]
+            final_acc = evaluate_artifact(final, data, batch)["accuracy"]
+            drop = base_acc - final_acc
+            rows.append({"gate": "max_accuracy_drop", "expected": f"<= {gates.max_accuracy_drop}",
+                         "measured": round(drop, 6), "baseline": base_acc, "final": final_acc,
+                         "passed": drop <= gates.max_accuracy_drop + 1e-12})
+        if gates.min_speedup is not None or gates.max_latency_ms is not None:
+            final_onnx = _as_onnx(final, work, "final")
+            paths = [_as_onnx(baseline, work, "baseline"), final_onnx] if gates.min_speedup is not None else [final_onnx]
+            lat = interleaved_latency(paths, final.sample_shape, gates.provider, [gates.batch_size], gates.iterations)
+            final_ms = lat[-1][gates.batch_size]
+            if gates.min_speedup is not None:
+                speedup = lat[0][gates.batch_size] / final_ms
+                rows.append({"gate": "min_speedup", "expected": f">= {gates.min_speedup}", "measured": round(speedup, 3),
+                             "baseline": lat[0][gates.batch_size], "final": final_ms,
+                             "passed": speedup >= gates.min_speedup})
+            if gates.max_latency_ms is not None:
+                rows.append({"gate": "max_latency_ms", "expected": f"<= {gates.max_latency_ms}",
+                             "measured": round(final_ms, 4), "passed": final_ms <= gates.max_latency_ms})
+        if gates.max_size_mb is not None:
+            size = file_size_mb(final.onnx_path) if final.format == "onnx" else final.size_mb()
+            rows.append({"gate": "max_size_mb", "expected": f"<= {gates.max_size_mb}", "measured": round(size, 4),
+                         "passed": size <= gates.max_size_mb})
+    show(rows)
+    return rows
+
+
+def show(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="gates")
+    for col in ("gate", "expected", "measured", "result"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["gate"], r["expected"], str(r["measured"]), "pass" if r["passed"] else "FAIL")
+    if all(r["passed"] for r in rows):
+        console.table(table)
+    else:  # a failure is shown even with --quiet
+        was = console.is_quiet()
+        console.set_quiet(False)
+        console.table(table)
+        console.set_quiet(was)
+
+
+def junit_xml(rows: list[dict[str, Any]], suite: str) -> str:
+    from xml.sax.saxutils import quoteattr
+
+    failures = sum(not r["passed"] for r in rows)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuite name={quoteattr(suite)} tests="{len(rows)}" failures="{failures}" errors="0">']
+    for r in rows:
+        lines.append(f'  <testcase classname="mlopt.gates" name={quoteattr(r["gate"])}>')
+        if not r["passed"]:
+            msg = f"expected {r['expected']}, measured {r['measured']}"
+            lines.append(f"    <failure message={quoteattr(msg)}/>")
+        lines.append("  </testcase>")
+    lines.append("</testsuite>")
+    return "\n".join(lines) + "\n"
