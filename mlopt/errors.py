@@ -38,3 +38,9 @@ class GateError(MloptError):
     """A gate or regression check failed (exit 3)."""
 
     exit_code = EXIT_GATE
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): for one-line error messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -147,7 +147,7 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict ({first})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -194,7 +194,7 @@ def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
         with torch.no_grad():
             y = module(x)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(
             f"the model rejects input of shape {format_shape((1, *sample_shape))}: {first}"
         ) from exc

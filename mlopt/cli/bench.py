@@ -35,10 +35,6 @@ def bench(
         {"type": "bench", "provider": provider, "threads": threads, "batch_sizes": batch_size or [1],
          "warmup": warmup, "iterations": iterations, "duration_s": duration, "compare": paths[1:]},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
-        from mlopt import console
-
-        keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
-        rows = [{k: r[k] for k in keys} for r in result.report["step"]["bench"]["results"]]
-        console.emit_json({"results": rows, "timing": result.report["step"]["bench"]["timing"]})
+    keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out, json_view=lambda step: {
+        "results": [{k: r[k] for k in keys} for r in step["bench"]["results"]], "timing": step["bench"]["timing"]})

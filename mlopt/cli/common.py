@@ -13,7 +13,7 @@ from typing import Any, Callable
 import typer
 
 from mlopt import console
-from mlopt.errors import EXIT_FAILURE, MloptError
+from mlopt.errors import EXIT_FAILURE, MloptError, first_line
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,8 +36,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # an mlopt bug or an unexpected library failure
             if os.environ.get("MLOPT_DEBUG"):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            console.error(f"{type(exc).__name__}: {first} (set MLOPT_DEBUG=1 for the traceback)")
+            console.error(f"{type(exc).__name__}: {first_line(exc)} (set MLOPT_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper
@@ -71,18 +70,27 @@ def save_recipe(recipe: Any, path: Path) -> None:
 
 
 def execute(
-    recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: Path | None = None, resume: bool = False
+    recipe: Any,
+    out: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    save: Path | None = None,
+    resume: bool = False,
+    json_out: bool = False,
+    json_view: Callable[[dict[str, Any]], Any] = lambda step: step["metrics"],
 ) -> Any:
-    """Run a one-step recipe through the shared runner (flat layout)."""
+    """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report)."""
     from mlopt.pipeline import run_recipe
 
-    console.set_quiet(quiet)
+    console.set_quiet(quiet or json_out)
     if save is not None:
         save_recipe(recipe, save)
         raise typer.Exit(0)
     result = run_recipe(recipe, out, overwrite=overwrite, flat=True, resume=resume)
     if out is not None:
         console.info(f"wrote {out}")
+    if json_out and result.is_main:
+        console.emit_json(json_view(result.report["step"]))
     return result
 
 

@@ -57,8 +57,4 @@ def distill(
          "early_stopping": early_stopping, "amp": amp, "device": device, "checkpoint_every": checkpoint_every,
          "seed": seed},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe, resume=resume)
-    if json_out and result.is_main:
-        from mlopt import console
-
-        console.emit_json(result.report["step"]["metrics"])
+    execute(recipe, out, overwrite, quiet, save_recipe, resume=resume, json_out=json_out)

@@ -25,9 +25,5 @@ def eval_(
         {"source": data, "image_size": image_size, "channels": channels, "batch_size": batch_size},
         {"type": "eval"},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
-        from mlopt import console
-
-        m = result.report["step"]["metrics"]
-        console.emit_json({"accuracy": m["accuracy"], "loss": m["loss"], "samples": m["samples"]})
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out,
+            json_view=lambda step: {k: step["metrics"][k] for k in ("accuracy", "loss", "samples")})

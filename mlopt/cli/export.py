@@ -33,8 +33,4 @@ def export(
         {"source": data, "image_size": image_size, "channels": channels},
         {"type": "export", "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
-        from mlopt import console
-
-        console.emit_json(result.report["step"]["metrics"])
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out)

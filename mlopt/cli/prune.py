@@ -48,8 +48,4 @@ def prune(
          "round_to": round_to, "ignore": ignore or [], "steps": steps, "finetune_epochs": finetune_epochs,
          "finetune": {"lr": lr, "amp": amp, "device": device, "seed": seed}, "measure_latency": latency},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
-        from mlopt import console
-
-        console.emit_json(result.report["step"]["metrics"])
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out)

@@ -46,8 +46,4 @@ def ptq(
          "format": quant_format, "reduce_range": reduce_range, "max_drop": max_drop, "min_cosine": min_cosine,
          "fallback": fallback, "provider": provider, "batch_sizes": batch_size or [1, 32], "iterations": iterations},
     )
-    result = execute(recipe, out, overwrite, quiet or json_out, save_recipe)
-    if json_out:
-        from mlopt import console
-
-        console.emit_json(result.report["step"]["metrics"])
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt import console
 from mlopt.compress.engine import TrainingConfig
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 from mlopt.pipeline import Pass, StepResult
 
 
@@ -98,7 +98,7 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ra
             iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(
             f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first}); "
             "leave the module that fails out with --ignore NAME"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt import console
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 from mlopt.pipeline import Pass, StepResult
 
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
@@ -79,7 +79,7 @@ def time_model(
             for _ in range(cfg.warmup):
                 session.run(None, feed)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InputError(f"onnxruntime rejected input of shape {full} for {path}: {first}") from exc
         times: list[float] = []
         total = cfg.iterations

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt import console
-from mlopt.errors import InputError, RunError
+from mlopt.errors import InputError, RunError, first_line
 from mlopt.pipeline import Pass, StepResult
 
 _PROTOBUF_LIMIT = 2 * 1024**3
@@ -56,14 +56,13 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                     dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                 )
     except Exception as exc:
-        text = str(exc).strip()
-        first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        first = first_line(exc)
         hint = " (try exporter: torchscript)" if exporter == "dynamo" else " (try exporter: dynamo)"
         raise RunError(f"ONNX export failed: {type(exc).__name__}: {first[:300]}{hint}") from exc
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise RunError(f"the exported ONNX model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        raise RunError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}") from exc
     produced = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
     if produced.get("", produced.get("ai.onnx")) != opset:
         raise RunError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError, RunError
+from mlopt.errors import InputError, RunError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -47,7 +47,7 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"onnxruntime cannot load {path}: {first}") from exc
     if session.get_providers()[0] != PROVIDERS[provider]:
         raise RunError(
@@ -82,5 +82,5 @@ def run_session(session: Any, x: Any) -> Any:
     try:
         return session.run(None, {name: x.astype(dtype, copy=False)})[0]
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"onnxruntime rejected an input of shape {tuple(x.shape)}: {first}") from exc

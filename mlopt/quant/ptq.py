@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt import console
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 from mlopt.pipeline import Pass, StepResult
 
 
@@ -130,7 +130,7 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                     extra_options={"CalibMaxIntermediateOutputs": 64},
                 )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first}") from exc
     finally:
         # The calibration session can linger in a reference cycle; its idle intra-op threads spin
