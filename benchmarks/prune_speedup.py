@@ -6,7 +6,7 @@ imagenet-shape: `mlopt prune --model torchvision:resnet18 --ratio 0.5 --importan
 1x3x224x224; the pass exports the model before and after and times both on onnxruntime (CPU,
 batch 1) in interleaved rounds.
 digits: resnet18 and mobilenet_v2 trained on digits (3x32x32), then 50% of the channels pruned in
-2 steps with 4 epochs of fine-tuning after each; top-1 before and after on the validation split.
+2 steps with 8 epochs of fine-tuning after each; top-1 before and after on the validation split.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["imagenet-shape", "digits", "all"], default="all")
-    p.add_argument("--finetune-epochs", type=int, default=4, help="per step")
+    p.add_argument("--finetune-epochs", type=int, default=8, help="per step")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.002)
     args = p.parse_args()
