@@ -72,27 +72,88 @@ def _interpolate(value: Any, where: str) -> Any:
     return value
 
 
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    """One line per problem: 'FILE: steps.0.epochs: Input should be greater than 0'."""
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the mapping at `loc` (for suggesting a misspelled key's close names)."""
+    import typing
+
+    def model_in(annotation: Any) -> Any:
+        for arg in [annotation, *typing.get_args(annotation)]:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+        return None
+
+    cls: Any = Recipe
+    items = list(loc)
+    while items:
+        item = items.pop(0)
+        if cls is Recipe and item == "steps":  # steps.<index>.<type>...
+            if len(items) < 2 or items[1] not in PASSES:
+                return []
+            cls, items = PASSES[items[1]].config_class, items[2:]
+            continue
+        field = cls.model_fields.get(item)
+        cls = model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def _yaml_marks(text: str) -> Any:
+    """The composed YAML tree, to map an error's location to a line and column."""
+    import yaml
+
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+
+def _mark(node: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
+    import yaml
+
+    mark = None
+    for item in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(item, str):
+            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == item), None)
+            if match is None:
+                continue  # e.g. the step type pydantic adds to a step's location
+            mark, node = match[0].start_mark, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and item < len(node.value):
+            node = node.value[item]
+            mark = node.start_mark
+    return (mark.line + 1, mark.column + 1) if mark is not None else None
+
+
+def format_validation_error(exc: ValidationError, where: str, tree: Any = None) -> str:
+    """One clause per problem: 'FILE:3:5: steps.0.epoch: unknown key (did you mean epochs?)'."""
+    import difflib
+
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = tuple(err["loc"])
+        shown = ".".join(str(p) for p in loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=2)
+            msg = "unknown key" + (f" (did you mean {' or '.join(close)}?)" if close else "")
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown step type; expected one of {', '.join(PASSES)}"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{where}: " + "; ".join(parts)
+            tag = str((err.get("ctx") or {}).get("tag", ""))
+            close = difflib.get_close_matches(tag, list(PASSES), n=1)
+            msg = f"unknown step type {tag!r}" + (f" (did you mean {close[0]}?)" if close else "") \
+                + f"; expected one of {', '.join(PASSES)}"
+        at = _mark(tree, loc) if tree is not None else None
+        prefix = f"{where}:{at[0]}:{at[1]}" if at else where
+        parts.append(f"{prefix}: {shown}: {msg}" if shown else f"{prefix}: {msg}")
+    return "; ".join(parts)
 
 
-def recipe_from_dict(raw: Any, where: str) -> Recipe:
+def recipe_from_dict(raw: Any, where: str, tree: Any = None) -> Recipe:
     if not isinstance(raw, dict):
         raise InputError(f"{where}: a recipe must be a mapping with version, model, data and steps")
     try:
         return Recipe.model_validate(_interpolate(raw, where))
     except ValidationError as exc:
-        raise InputError(format_validation_error(exc, where)) from None
+        raise InputError(format_validation_error(exc, where, tree)) from None
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -101,13 +162,14 @@ def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe {path} does not exist")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise InputError(f"{path}{at}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    return recipe_from_dict(raw, str(path))
+    return recipe_from_dict(raw, str(path), _yaml_marks(text))
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

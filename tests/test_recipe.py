@@ -18,8 +18,9 @@ def test_defaults_are_typed():
 @pytest.mark.parametrize(
     "patch,match",
     [
-        ({"steps": [{"type": "train", "epochs": 3, "epoch": 4}]}, r"steps\.0\.train\.epoch: unknown key"),
-        ({"steps": [{"type": "quantize"}]}, "unknown step type; expected one of train, prune, distill, eval, export, ptq, bench"),
+        ({"steps": [{"type": "train", "epochs": 3, "epoch": 4}]}, r"steps\.0\.train\.epoch: unknown key \(did you mean epochs"),
+        ({"steps": [{"type": "quantize"}]}, "unknown step type 'quantize'; expected one of train, prune, distill"),
+        ({"steps": [{"type": "prun"}]}, r"unknown step type 'prun' \(did you mean prune\?\)"),
         ({"steps": [{"type": "train", "epochs": 0}]}, r"epochs: Input should be greater than 0"),
         ({"steps": []}, "steps"),
         ({"version": 2}, "version"),
@@ -44,6 +45,17 @@ def test_yaml_errors_name_line(tmp_path):
     path.write_text("version: 1\nmodel: {spec: x\nsteps: []\n")
     with pytest.raises(InputError, match=r"r\.yaml:\d+:\d+: invalid YAML"):
         load_recipe(path)
+
+
+def test_errors_name_file_line_column_and_close_names(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nmodel:\n  spec: torchvision:resnet18\nsteps:\n  - type: train\n    epoch: 3\n"
+                    "gates:\n  min_sped: 2\n")
+    with pytest.raises(InputError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert f"{path}:6:5: steps.0.train.epoch: unknown key (did you mean epochs" in text
+    assert f"{path}:8:3: gates.min_sped: unknown key (did you mean min_speedup?)" in text
 
 
 def test_yaml_roundtrip(tmp_path):
