@@ -97,3 +97,56 @@ def _json(data: Any) -> str:
     import json
 
     return json.dumps(data, indent=2)
+
+
+# Metrics compared between runs: name -> True when higher is better. Regressions are judged on
+# accuracy (absolute tolerance), latency and size (relative tolerance); the rest is shown only.
+COMPARED = {"accuracy": True, "latency_ms": False, "size_mb": False, "loss": False,
+            "train_samples_per_s": True, "max_abs_error": False}
+JUDGED = {"accuracy", "latency_ms", "size_mb"}
+
+
+def load_run_report(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    from mlopt.errors import InputError
+
+    path = Path(run_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except OSError:
+        raise InputError(f"{run_dir} has no report.json (is it an mlopt output directory?)") from None
+    except ValueError as exc:
+        raise InputError(f"{path} is corrupt: {exc}") from None
+    if report.get("kind") == "step":
+        step = report["step"]
+        return {"steps": [{**step, "dir": step.get("dir") or step["type"]}]}
+    return report
+
+
+def compare_runs(old: dict[str, Any], new: dict[str, Any], tolerance: float, accuracy_tolerance: float) -> list[dict[str, Any]]:
+    """Rows of (step, metric, old, new, change, regressed) for the metrics both runs measured."""
+    rows = []
+    old_steps = {s["dir"]: s for s in old.get("steps", [])}
+    for step in new.get("steps", []):
+        before = old_steps.get(step["dir"])
+        if before is None:
+            continue
+        for key, higher in COMPARED.items():
+            a, b = before.get("metrics", {}).get(key), step.get("metrics", {}).get(key)
+            pairs = [(key, a, b)]
+            if isinstance(a, dict) and isinstance(b, dict):  # per batch size
+                pairs = [(f"{key}[batch {k}]", a[k], b[k]) for k in a if k in b]
+            for name, x, y in pairs:
+                if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or isinstance(x, bool):
+                    continue
+                if key == "accuracy":
+                    regressed = y < x - accuracy_tolerance
+                elif key in JUDGED:
+                    regressed = y > x * (1 + tolerance)
+                else:
+                    regressed = False
+                change = (y - x) / abs(x) if x else 0.0
+                rows.append({"step": step["dir"], "metric": name, "old": x, "new": y, "change": change,
+                             "better": (y > x) == higher if y != x else None, "regressed": regressed})
+    return rows

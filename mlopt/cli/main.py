@@ -13,6 +13,7 @@ from mlopt.cli.export import export
 from mlopt.cli.prune import prune
 from mlopt.cli.ptq import ptq
 from mlopt.cli.recipe_cmd import recipe_app
+from mlopt.cli.report_cmd import report_app
 from mlopt.cli.run import run
 from mlopt.cli.train import train
 
@@ -50,6 +51,7 @@ app.command("ptq")(ptq)
 app.command("bench")(bench)
 app.command("run")(run)
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(report_app, name="report")
 
 
 def main() -> None:

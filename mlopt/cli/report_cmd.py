@@ -1,0 +1,49 @@
+"""`mlopt report compare OLD_DIR NEW_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlopt.cli import options as o
+from mlopt.cli.common import handle_errors
+
+report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
+
+
+@report_app.command("compare")
+@handle_errors
+def compare(
+    old: Annotated[Path, typer.Argument(help="The earlier run (an mlopt output directory).")],
+    new: Annotated[Path, typer.Argument(help="The run to check.")],
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Allowed relative increase of latency and size.")] = 0.1,
+    accuracy_tolerance: Annotated[float, typer.Option("--accuracy-tolerance", help="Allowed top-1 drop (0.005 = 0.5 point).")] = 0.005,
+    json_out: o.Json = False,
+) -> None:
+    """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
+    from rich.table import Table
+
+    from mlopt import console
+    from mlopt.errors import GateError
+    from mlopt.report import compare_runs, load_run_report
+
+    rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
+    if json_out:
+        console.emit_json({"rows": rows, "regressed": any(r["regressed"] for r in rows)})
+    else:
+        table = Table(title=f"{old} -> {new}")
+        for col in ("step", "metric", "old", "new", "change", "verdict"):
+            table.add_column(col)
+        for r in rows:
+            verdict = "REGRESSED" if r["regressed"] else ("better" if r["better"] else "" if r["better"] is None else "worse")
+            table.add_row(r["step"], r["metric"], f"{r['old']:.4g}", f"{r['new']:.4g}", f"{100 * r['change']:+.1f}%", verdict)
+        console.table(table)
+    if not rows:
+        from mlopt.errors import InputError
+
+        raise InputError(f"{old} and {new} have no step with metrics in common")
+    regressed = [f"{r['step']} {r['metric']}" for r in rows if r["regressed"]]
+    if regressed:
+        raise GateError(f"{new} regresses: {', '.join(regressed)}")
