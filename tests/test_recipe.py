@@ -66,5 +66,14 @@ def test_yaml_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_validate(path):
-    assert load_recipe(path).steps
+def test_shipped_recipes_validate(path, monkeypatch):
+    monkeypatch.setenv("IMAGES", "/data/images")
+    monkeypatch.setenv("WEIGHTS", "/data/weights.pt")
+    recipe = load_recipe(path)
+    assert recipe.steps and recipe.gates is not None and recipe.gates.any()
+
+
+def test_ci_example_runs_the_documented_commands():
+    workflow = (ROOT / "examples" / "ci" / "mlopt.yml").read_text()
+    assert "mlopt run recipes/quickstart.yaml --out runs/ci --junit runs/gates.xml" in workflow
+    assert "GITHUB_STEP_SUMMARY" in workflow
