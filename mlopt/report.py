@@ -11,8 +11,13 @@ SCHEMA_VERSION = 1
 
 
 def write_reports(out_dir: Path, report: dict[str, Any]) -> None:
+    """report.json, its Markdown rendering, and (for whole runs) the HTML page with plots."""
     atomic_write_json(Path(out_dir) / "report.json", report)
     atomic_write_text(Path(out_dir) / "report.md", render_markdown(report))
+    if report["kind"] == "run":
+        from mlopt.report_html import render_html
+
+        atomic_write_text(Path(out_dir) / "report.html", render_html(report))
 
 
 def _fmt(value: Any) -> str:

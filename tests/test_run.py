@@ -38,6 +38,8 @@ def test_recipe_runs_every_step(tmp_path):
     assert len(steps[4]["bench"]["results"]) == 2
     md = (out / "report.md").read_text()
     assert "05-bench" in md and "| cpu |" in md
+    page = (out / "report.html").read_text()
+    assert "accuracy against latency" in page and "<svg" in page and "<script" not in page
 
 
 def test_invalid_recipe_does_no_work(tmp_path):
@@ -116,7 +118,7 @@ def test_resume_skips_completed_steps_and_overwrite_clears(tmp_path):
     recipe["steps"] = recipe["steps"][:1]
     path.write_text(yaml.safe_dump(recipe))
     assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--overwrite", "--quiet"]).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["01-train", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["01-train", "report.html", "report.json", "report.md"]
 
 
 def _gate_recipe(tmp_path, gates):
@@ -153,6 +155,9 @@ def test_gates_pass_and_fail_with_junit(tmp_path):
     assert "max_size_mb" in result.stderr and "FAIL" in result.stderr  # the table shows even with --quiet
     assert (out / "03-export" / "model.onnx").is_file()  # artifacts and reports are still written
     assert "**FAIL**" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert '<span class="fail">FAIL</span>' in page and page.count("<svg") >= 2  # size and channels-per-layer plots
+    assert "<script" not in page and 'src="http' not in page and "href=\"http" not in page  # self-contained
     xml = junit.read_text()
     assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.gates" name="max_size_mb">' in xml
 
