@@ -6,6 +6,7 @@ and a recipe with one export step are the same code path.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,7 @@ def run_recipe(
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
     writes = out is not None and dist.is_main  # ranks other than 0 work in a scratch directory
-    root = Path(out) if writes else Path(__import__("tempfile").mkdtemp(prefix="mlopt-"))
+    root = Path(out) if writes else Path(tempfile.mkdtemp(prefix="mlopt-"))
     # Every rank reads checkpoints from the real output directory; only rank 0 writes them.
     ckpt_root = (Path(out) if out is not None else root) / (".checkpoint" if flat else ".checkpoints")
     created_root = not root.exists()

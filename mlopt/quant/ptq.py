@@ -309,8 +309,12 @@ class PTQPass(Pass):
                 quantized=True, chosen=chosen["name"], latency_ms=chosen["latency_ms"], speedup=speedups,
                 size_mb=chosen["size_mb"], size_ratio=fp32_row["size_mb"] / chosen["size_mb"],
                 float_nodes=chosen.get("float_nodes", []),
+                left_in_float=chosen["kernels"]["float_ops"],
                 **{k: chosen[k] for k in ("accuracy", "accuracy_drop", "cosine_mean", "cosine_min") if k in chosen},
             )
+            if chosen["kernels"]["float"]:
+                notes.append(f"onnxruntime left {chosen['kernels']['float']} Conv/MatMul/Gemm kernel(s) in float: "
+                             f"{', '.join(chosen['kernels']['float_ops'])}")
             notes.append(
                 f"chose {chosen['name']}: " + ", ".join(f"{s:.2f}x faster at batch {b}" for b, s in speedups.items())
                 + f", {metrics['size_ratio']:.2f}x smaller, within {quality.budget_text()}"
