@@ -23,12 +23,13 @@ from mlopt.export.bench import BenchConfig, BenchPass
 from mlopt.export.onnx import ExportConfig, ExportPass
 from mlopt.gates import GatesConfig
 from mlopt.quant.ptq import PTQConfig, PTQPass
+from mlopt.quant.qat import QATConfig, QATPass
 
 #: step type -> pass class. A new pass is added here and to StepConfig.
-PASSES = {p.name: p for p in (TrainPass, PrunePass, DistillPass, EvalPass, ExportPass, PTQPass, BenchPass)}
+PASSES = {p.name: p for p in (TrainPass, PrunePass, DistillPass, QATPass, EvalPass, ExportPass, PTQPass, BenchPass)}
 
 StepConfig = Annotated[
-    Union[TrainConfig, PruneConfig, DistillConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig],
+    Union[TrainConfig, PruneConfig, DistillConfig, QATConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig],
     Field(discriminator="type"),
 ]
 

@@ -12,6 +12,7 @@ from mlopt.cli.evaluate import eval_
 from mlopt.cli.export import export
 from mlopt.cli.prune import prune
 from mlopt.cli.ptq import ptq
+from mlopt.cli.qat import qat
 from mlopt.cli.recipe_cmd import recipe_app
 from mlopt.cli.report_cmd import report_app
 from mlopt.cli.run import run
@@ -48,6 +49,7 @@ app.command("distill")(distill)
 app.command("eval")(eval_)
 app.command("export")(export)
 app.command("ptq")(ptq)
+app.command("qat")(qat)
 app.command("bench")(bench)
 app.command("run")(run)
 app.add_typer(recipe_app, name="recipe")

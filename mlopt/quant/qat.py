@@ -1,0 +1,278 @@
+"""The `qat` pass: quantization-aware training whose INT8 ONNX onnxruntime fully fuses.
+
+The simulation follows onnxruntime's fastest CPU scheme (QDQ, U8S8, per-channel): weights of every
+Conv and Linear are fake-quantized per output channel, symmetric int8 (scale = max|w| / 127), and
+their input activations per tensor, asymmetric uint8, with ranges from EMA min/max observers that
+start from calibration (min/max over calibration batches) and are frozen after
+`freeze_observers_after` epochs. Batch norm runs with frozen statistics (eval mode) during QAT:
+onnxruntime folds it into the convolution, and per-channel symmetric quantization of a folded
+weight is the same grid as of the unfolded one, up to the positive per-channel factor.
+
+The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
+U8S8 per-channel, min/max calibration): the graph onnxruntime turns into QLinearConv/QGemm
+kernels, so the QAT model runs exactly as fast as the PTQ one. The report checks it: integer and
+float kernel counts after onnxruntime's optimisation, and the top-1 agreement between the torch
+simulation and the onnxruntime INT8 model on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mlopt import console
+from mlopt.compress.engine import TrainingConfig
+from mlopt.errors import InputError
+from mlopt.pipeline import Pass, StepResult
+
+
+class QATConfig(TrainingConfig):
+    """Fine-tune with simulated INT8, then export an INT8 ONNX model onnxruntime fully fuses."""
+
+    type: Literal["qat"] = "qat"
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
+    ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
+    teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
+    calibration_samples: int = Field(256, gt=0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    iterations: int = Field(30, gt=0, description="timed runs per batch size for the report")
+
+
+def weight_fake_quant() -> Any:
+    """A parametrization module: per-output-channel symmetric int8 fake quantization (straight-through).
+
+    Defined inside a function so that importing this file (for the recipe schema) imports no torch.
+    """
+    import torch
+
+    class WeightFakeQuant(torch.nn.Module):
+        def forward(self, w: Any) -> Any:
+            flat = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+            scale = torch.clamp(flat / 127.0, min=1e-12).float()
+            zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+            return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -127, 127).to(w.dtype)
+
+    return WeightFakeQuant()
+
+
+class ActivationObserver:
+    """EMA min/max of one layer's input, and uint8 asymmetric fake quantization with it."""
+
+    def __init__(self, ema: float):
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.ema = ema
+        self.frozen = False
+        self.calibrating = False
+
+    def qparams(self) -> tuple[float, int]:
+        lo, hi = min(self.lo or 0.0, 0.0), max(self.hi or 0.0, 0.0)  # the range always holds zero
+        scale = max((hi - lo) / 255.0, 1e-12)
+        return scale, int(round(-lo / scale))
+
+    def __call__(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        import torch
+
+        x = inputs[0]
+        if self.calibrating or (module.training and not self.frozen):
+            lo, hi = float(x.detach().min()), float(x.detach().max())
+            if self.lo is None or self.calibrating:
+                self.lo = lo if self.lo is None else min(self.lo, lo)
+                self.hi = hi if self.hi is None else max(self.hi, hi)
+            else:
+                self.lo = self.ema * self.lo + (1 - self.ema) * lo
+                self.hi = self.ema * self.hi + (1 - self.ema) * hi
+        if self.lo is None or self.calibrating:
+            return inputs
+        scale, zero = self.qparams()
+        fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
+        return (fq, *inputs[1:])
+
+
+class Simulation:
+    """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights)."""
+
+    def __init__(self, module: Any, ema: float):
+        import torch
+        import torch.nn.utils.parametrize as P
+
+        self.module = module
+        self.layers = [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        if not self.layers:
+            raise InputError("QAT found no Conv2d or Linear layer to simulate")
+        self.observers: dict[str, ActivationObserver] = {}
+        self.handles = []
+        for name, m in self.layers:
+            P.register_parametrization(m, "weight", weight_fake_quant())
+            obs = ActivationObserver(ema)
+            self.observers[name] = obs
+            self.handles.append(m.register_forward_pre_hook(obs))
+
+    def calibrate(self, feeds: list[Any]) -> None:
+        import torch
+
+        for obs in self.observers.values():
+            obs.calibrating = True
+        self.module.eval()
+        with torch.no_grad():
+            for x in feeds:
+                self.module(x)
+        for obs in self.observers.values():
+            obs.calibrating = False
+
+    def freeze(self, frozen: bool = True) -> None:
+        for obs in self.observers.values():
+            obs.frozen = frozen
+
+    def remove(self) -> None:
+        import torch.nn.utils.parametrize as P
+
+        for h in self.handles:
+            h.remove()
+        for _, m in self.layers:
+            P.remove_parametrizations(m, "weight", leave_parametrized=False)
+
+
+def _freeze_batchnorm(module: Any) -> None:
+    """Batch norm keeps its running statistics during QAT (it is folded into the conv at export)."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.train = lambda mode=True, _m=m: _m  # stays in eval mode when the engine calls train()
+
+
+class QATPass(Pass):
+    name = "qat"
+    config_class = QATConfig
+    needs_data = True
+    compresses = True
+
+    def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
+        import torch
+
+        from mlopt.compress.distill import DistillConfig, distillation_objective
+        from mlopt.compress.engine import Objective, fit
+        from mlopt.data import require_labels
+        from mlopt.evaluate import evaluate_torch
+        from mlopt.export.onnx import ExportConfig, export_checked
+        from mlopt.quant import graph
+        from mlopt.quant.calibration import calibration_batches
+        from mlopt.quant.ptq import PTQConfig, Quality, Scheme, latencies, quantize
+
+        if artifact.format != "torch":
+            raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
+        require_labels(ctx.data, "QAT")
+        data = ctx.data
+        batch = config.batch_size or ctx.recipe.data.batch_size
+        fp32_module = copy.deepcopy(artifact.module).eval()
+        module = copy.deepcopy(artifact.module)
+        sim = Simulation(module, config.ema)
+        feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
+                                                         config.calibration_samples)]
+        sim.calibrate([torch.as_tensor(x) for x in feeds])
+        _freeze_batchnorm(module)
+        fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
+        sim_before = evaluate_torch(module, data, batch)["accuracy"]
+        console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
+
+        objective = None
+        if config.teacher:
+            dcfg = DistillConfig(temperature=2.0, alpha=0.5, baseline=False)
+            objective = distillation_objective(copy.deepcopy(fp32_module), module, data, dcfg, batch)
+        steps_per_epoch = math.ceil(len(data.train) / batch)
+        freeze_at = config.freeze_observers_after * steps_per_epoch
+        counter = {"steps": 0}
+        base_loss = objective.loss if objective else None
+
+        def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
+            counter["steps"] += 1
+            sim.freeze(counter["steps"] > freeze_at)
+            if base_loss is not None:
+                return base_loss(model, x, y, idx)
+            logits = model(x)
+            return torch.nn.functional.cross_entropy(logits.float(), y), logits
+
+        obj = Objective(loss=loss, modules=objective.modules if objective else [],
+                        to_device=objective.to_device if objective else None)
+        ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
+        train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
+        result = fit(module, data, train_cfg, batch, objective=obj, checkpoint_dir=ckpt, resume=ctx.resume,
+                     label="qat", fingerprint_extra=["qat"])
+        sim.freeze()
+        sim_acc = evaluate_torch(module, data, batch)["accuracy"]
+        sim_logits = self._logits(module, data, batch)
+        sim.remove()
+        module.eval()
+
+        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
+        try:
+            trained = artifact.derive("qat-train", module=module)
+            exported, _ = export_checked(trained, data, work / "fp32.onnx", ExportConfig())
+            out = Path(ctx.out_dir) / "model.onnx"
+            from onnxruntime.quantization import quant_pre_process
+
+            quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
+            ort_feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
+            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False)
+            kernels = graph.kernel_counts(out)
+            pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
+            quality = Quality(work / "fp32.onnx", data, pcfg)
+            q = quality.score(out)
+            fp32_lat, int8_lat = latencies([work / "fp32.onnx", out], artifact.sample_shape, pcfg)
+            agreement = self._agreement(out, data, batch, sim_logits)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        new = artifact.derive("qat", format="onnx", module=None, onnx_path=out)
+        metrics = {
+            "fp32_accuracy": fp32_acc,
+            "simulated_accuracy_before": sim_before,
+            "simulated_accuracy": sim_acc,
+            "accuracy": q["accuracy"],
+            "accuracy_drop": fp32_acc - q["accuracy"],
+            "simulation_top1_agreement": agreement,
+            "integer_kernels": kernels["integer"],
+            "float_kernels": kernels["float"],
+            "left_in_float": kernels["float_ops"],
+            "fp32_latency_ms": fp32_lat,
+            "latency_ms": int8_lat,
+            "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},
+            "train_samples_per_s": result["train_samples_per_s"],
+            "precision": result["precision"],
+        }
+        notes = [f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels",
+                 f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
+        if kernels["float"]:
+            console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
+        console.info(f"QAT INT8 top-1 {q['accuracy']:.4f} (FP32 {fp32_acc:.4f}); {notes[0]}; {notes[1]}")
+        return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": result["history"]})
+
+    @staticmethod
+    def _logits(module: Any, data: Any, batch: int) -> Any:
+        import torch
+
+        from mlopt.data import loader
+
+        module.eval()
+        with torch.no_grad():
+            return torch.cat([module(x) for x, _ in loader(data.val, batch)]).numpy()
+
+    @staticmethod
+    def _agreement(path: Path, data: Any, batch: int, reference: Any) -> float:
+        import numpy as np
+
+        from mlopt.data import loader
+        from mlopt.export.runtime import make_session, run_session
+
+        session = make_session(path, "cpu")
+        out = np.concatenate([run_session(session, x.numpy()) for x, _ in loader(data.val, batch)])
+        return float((out.argmax(1) == reference.argmax(1)).mean())
