@@ -14,7 +14,7 @@ def qat(
     data: o.Data,
     out: o.Out,
     epochs: o.Epochs = 2,
-    lr: o.Lr = 2e-4,
+    lr: o.Lr = 5e-5,
     optimizer: o.Optimizer = "adamw",
     freeze_observers_after: Annotated[int, typer.Option("--freeze-observers-after", help="Epochs before activation ranges freeze.")] = 1,
     teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Distil from the FP32 model while training.")] = True,

@@ -37,7 +37,7 @@ class QATConfig(TrainingConfig):
 
     type: Literal["qat"] = "qat"
     epochs: int = Field(2, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(5e-5, gt=0)
     freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
@@ -253,6 +253,13 @@ class QATPass(Pass):
                  f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
         if kernels["float"]:
             console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
+        slower = [b for b in fp32_lat if int8_lat[b] >= fp32_lat[b]]
+        if slower:
+            text = (f"the INT8 model is NOT faster than FP32 at batch size {', '.join(map(str, slower))} on this machine "
+                    f"({', '.join(f'{int8_lat[b]:.3f} vs {fp32_lat[b]:.3f} ms' for b in slower)}); it is small enough "
+                    "that quantize/dequantize overhead outweighs the integer arithmetic")
+            console.warn(text)
+            notes.append(text)
         console.info(f"QAT INT8 top-1 {q['accuracy']:.4f} (FP32 {fp32_acc:.4f}); {notes[0]}; {notes[1]}")
         return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": result["history"]})
 
