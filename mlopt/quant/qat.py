@@ -63,38 +63,44 @@ def weight_fake_quant() -> Any:
     return WeightFakeQuant()
 
 
-class ActivationObserver:
-    """EMA min/max of one layer's input, and uint8 asymmetric fake quantization with it."""
+def activation_observer(ema: float) -> Any:
+    """An nn.Module watching one layer's input: EMA min/max (buffers, so checkpoints keep them)
+    and uint8 asymmetric fake quantization with that range. `hook` is the forward pre-hook."""
+    import torch
 
-    def __init__(self, ema: float):
-        self.lo: float | None = None
-        self.hi: float | None = None
-        self.ema = ema
-        self.frozen = False
-        self.calibrating = False
+    class ActivationObserver(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("lo", torch.tensor(float("nan")))
+            self.register_buffer("hi", torch.tensor(float("nan")))
+            self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
+            self.frozen = False
+            self.calibrating = False
 
-    def qparams(self) -> tuple[float, int]:
-        lo, hi = min(self.lo or 0.0, 0.0), max(self.hi or 0.0, 0.0)  # the range always holds zero
-        scale = max((hi - lo) / 255.0, 1e-12)
-        return scale, int(round(-lo / scale))
+        def qparams(self) -> tuple[float, int]:
+            lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)  # the range always holds zero
+            scale = max((hi - lo) / 255.0, 1e-12)
+            return scale, int(round(-lo / scale))
 
-    def __call__(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        import torch
+        def hook(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = inputs[0]
+            if self.calibrating or (module.training and not self.frozen):
+                lo, hi = x.detach().min().to(self.lo), x.detach().max().to(self.hi)
+                with torch.no_grad():
+                    if torch.isnan(self.lo) or self.calibrating:
+                        self.lo.copy_(lo if torch.isnan(self.lo) else torch.minimum(self.lo, lo))
+                        self.hi.copy_(hi if torch.isnan(self.hi) else torch.maximum(self.hi, hi))
+                    else:
+                        self.lo.mul_(ema).add_((1 - ema) * lo)
+                        self.hi.mul_(ema).add_((1 - ema) * hi)
+                    self.updates += 1
+            if self.calibrating or torch.isnan(self.lo):
+                return inputs
+            scale, zero = self.qparams()
+            fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
+            return (fq, *inputs[1:])
 
-        x = inputs[0]
-        if self.calibrating or (module.training and not self.frozen):
-            lo, hi = float(x.detach().min()), float(x.detach().max())
-            if self.lo is None or self.calibrating:
-                self.lo = lo if self.lo is None else min(self.lo, lo)
-                self.hi = hi if self.hi is None else max(self.hi, hi)
-            else:
-                self.lo = self.ema * self.lo + (1 - self.ema) * lo
-                self.hi = self.ema * self.hi + (1 - self.ema) * hi
-        if self.lo is None or self.calibrating:
-            return inputs
-        scale, zero = self.qparams()
-        fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
-        return (fq, *inputs[1:])
+    return ActivationObserver()
 
 
 class Simulation:
@@ -108,13 +114,13 @@ class Simulation:
         self.layers = [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         if not self.layers:
             raise InputError("QAT found no Conv2d or Linear layer to simulate")
-        self.observers: dict[str, ActivationObserver] = {}
+        self.observers: dict[str, Any] = {}
         self.handles = []
         for name, m in self.layers:
             P.register_parametrization(m, "weight", weight_fake_quant())
-            obs = ActivationObserver(ema)
+            obs = activation_observer(ema)
             self.observers[name] = obs
-            self.handles.append(m.register_forward_pre_hook(obs))
+            self.handles.append(m.register_forward_pre_hook(obs.hook))
 
     def calibrate(self, feeds: list[Any]) -> None:
         import torch
@@ -131,6 +137,11 @@ class Simulation:
     def freeze(self, frozen: bool = True) -> None:
         for obs in self.observers.values():
             obs.frozen = frozen
+
+    def freeze_after(self, updates: int) -> None:
+        """Freeze the ranges once they have moved `updates` times (counted in checkpointed buffers)."""
+        for obs in self.observers.values():
+            obs.frozen = int(obs.updates) >= updates
 
     def remove(self) -> None:
         import torch.nn.utils.parametrize as P
@@ -190,19 +201,19 @@ class QATPass(Pass):
             dcfg = DistillConfig(temperature=2.0, alpha=0.5, baseline=False)
             objective = distillation_objective(copy.deepcopy(fp32_module), module, data, dcfg, batch)
         steps_per_epoch = math.ceil(len(data.train) / batch)
-        freeze_at = config.freeze_observers_after * steps_per_epoch
-        counter = {"steps": 0}
+        # calibration counted one update per batch already
+        freeze_at = config.freeze_observers_after * steps_per_epoch + len(feeds)
         base_loss = objective.loss if objective else None
 
         def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
-            counter["steps"] += 1
-            sim.freeze(counter["steps"] > freeze_at)
+            sim.freeze_after(freeze_at)
             if base_loss is not None:
                 return base_loss(model, x, y, idx)
             logits = model(x)
             return torch.nn.functional.cross_entropy(logits.float(), y), logits
 
-        obj = Objective(loss=loss, modules=objective.modules if objective else [],
+        # The observers ride along as extra modules: moved to the device and kept in checkpoints.
+        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.observers.values()],
                         to_device=objective.to_device if objective else None)
         ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
         train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))

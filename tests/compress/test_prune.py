@@ -158,3 +158,17 @@ def test_two_four_sparsity(tmp_path):
 def test_two_four_mask_keeps_largest():
     w = torch.tensor([[0.1, -3.0, 0.2, 2.0, 5.0, 0.0, -1.0, 0.5]])
     assert two_four_mask(w).tolist() == [[0, 1, 0, 1, 1, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn-scale", "taylor", "lamp", "random"])
+@pytest.mark.parametrize("global_ranking", [False, True], ids=["per-layer", "global"])
+def test_every_importance_criterion(importance, global_ranking, trained_dir, tmp_path):
+    out = tmp_path / "p"
+    args = ["--model", trained_dir, "--data", "digits", "--ratio", 0.5, "--importance", importance, "--no-latency",
+            "--out", out, "--json"]
+    result = prune(*args, *(["--global"] if global_ranking else []))
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["params_after"] < m["params_before"]
+    art, y = reload_and_run(out, (1, 8, 8))
+    assert y.shape == (2, 10)
