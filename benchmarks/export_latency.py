@@ -56,7 +56,7 @@ def main() -> None:
             session = make_session(path, "cpu")
             feed = {session.get_inputs()[0].name: x.numpy()}
             ort_ms = time_fn(lambda: session.run(None, feed), args.iterations)
-            del session
+            session = None  # release it before the next model is timed
             print(
                 f"{name:<14}{parity['max_abs_error']:>12.2e}"
                 f"{parity['max_abs_error'] / parity['max_abs_output']:>10.1e}{parity['top1_agreement']:>13.3f}"

@@ -40,7 +40,7 @@ def main() -> None:
             report = run_recipe(recipe, root / "fp32").report
             fp32_acc = report["steps"][0]["metrics"]["accuracy"]
             trained = str(root / "fp32" / "01-train")
-            ptq = run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
+            run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
                 {"type": "ptq", "mode": "static", "calibration": "minmax"}]}, "ptq"), root / "ptq", flat=True)
             qat = run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
                 {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "teacher": not args.no_teacher}]}, "qat"),

@@ -23,6 +23,18 @@ def is_quiet() -> bool:
     return _quiet
 
 
+@contextlib.contextmanager
+def quieted(quiet: bool = True) -> Iterator[None]:
+    """Temporarily silence (or, with quiet=False, un-silence) messages and progress bars."""
+    global _quiet
+    was = _quiet
+    _quiet = quiet
+    try:
+        yield
+    finally:
+        _quiet = was
+
+
 def _stderr():
     from rich.console import Console
 

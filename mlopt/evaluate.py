@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt import console
 from mlopt.data import Dataset, loader, require_labels
+from mlopt.errors import InputError
 from mlopt.pipeline import Pass, StepResult
 
 
@@ -20,7 +21,6 @@ class EvalConfig(BaseModel):
 
 
 def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]:
-    import torch
     import torch.nn.functional as F
 
     correct, loss_sum, seen = 0, 0.0, 0
@@ -28,20 +28,14 @@ def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]
         for x, y in batches:
             logits = predict(x)
             if logits.dim() != 2:
-                from mlopt.errors import InputError
-
                 raise InputError(f"the model returned shape {tuple(logits.shape)}; expected logits (batch, classes)")
             if int(y.max()) >= logits.shape[1]:
-                from mlopt.errors import InputError
-
                 raise InputError(f"label {int(y.max())} is outside the model's {logits.shape[1]} classes")
             loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
             seen += len(y)
             bar.advance(len(y), acc=f"{correct / seen:.4f}")
     if seen == 0:
-        from mlopt.errors import InputError
-
         raise InputError("the validation split is empty")
     return {"accuracy": correct / seen, "loss": loss_sum / seen, "samples": seen}
 
@@ -57,6 +51,15 @@ def evaluate_torch(module: Any, data: Dataset, batch_size: int, device: Any = No
             return module(x.to(device) if device is not None else x).float().cpu()
 
     return _score(loader(data.val, batch_size), predict, len(data.val), "evaluate")
+
+
+def predict_logits(module: Any, dataset: Any, batch_size: int) -> Any:
+    """The module's outputs (eval mode, no gradients) for a whole split, in order, as one tensor."""
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        return torch.cat([module(batch[0]).float() for batch in loader(dataset, batch_size)])
 
 
 def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:

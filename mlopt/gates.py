@@ -92,10 +92,8 @@ def show(rows: list[dict[str, Any]]) -> None:
     if all(r["passed"] for r in rows):
         console.table(table)
     else:  # a failure is shown even with --quiet
-        was = console.is_quiet()
-        console.set_quiet(False)
-        console.table(table)
-        console.set_quiet(was)
+        with console.quieted(False):
+            console.table(table)
 
 
 def junit_xml(rows: list[dict[str, Any]], suite: str) -> str:

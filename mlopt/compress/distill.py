@@ -102,7 +102,9 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
     pairs = [_FeaturePair(teacher, student, *pair.split(":"), sample) for pair in cfg.features]
     cache: dict[str, Any] = {}
     if not pairs:
-        cache["logits"] = _teacher_logits(teacher, data, batch_size)
+        from mlopt.evaluate import predict_logits
+
+        cache["logits"] = predict_logits(teacher, data.train, batch_size)
 
     def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
         logits = model(x)
@@ -125,18 +127,6 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
             cache["logits"] = cache["logits"].to(dev)
 
     return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device)
-
-
-def _teacher_logits(teacher: Any, data: Any, batch_size: int) -> Any:
-    import torch
-
-    from mlopt.data import loader
-
-    outs = []
-    with torch.no_grad():
-        for x, _ in loader(data.train, batch_size):
-            outs.append(teacher(x).float())
-    return torch.cat(outs)
 
 
 def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:

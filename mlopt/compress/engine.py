@@ -315,7 +315,8 @@ def fit(
             loss_sum, correct, count = distributed.all_reduce_sum(
                 [state["loss_sum"], float(state["correct"]), float(state["count"])], dev
             )
-            val = _quiet(evaluate_torch, module, data, batch_size, dev)
+            with console.quieted():
+                val = evaluate_torch(module, data, batch_size, dev)
             state["seen"] += state["count"]
             state["history"].append({
                 "epoch": epoch + 1,
@@ -393,11 +394,3 @@ def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
         x, y = torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
     return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
-
-def _quiet(fn: Any, *args: Any) -> dict[str, Any]:
-    was = console.is_quiet()
-    console.set_quiet(True)
-    try:
-        return fn(*args)
-    finally:
-        console.set_quiet(was)

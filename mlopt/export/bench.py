@@ -128,16 +128,12 @@ def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, bat
     per_round = max(3, iterations // TIMING_ROUNDS)
     cfg = BenchConfig(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
     best: list[dict[int, float]] = [{} for _ in paths]
-    old = console.is_quiet()
-    console.set_quiet(True)
-    try:
+    with console.quieted():
         for _ in range(TIMING_ROUNDS):
             for i, path in enumerate(paths):
                 for r in time_model(Path(path), sample_shape, cfg, Path(path).name):
                     b, ms = r["batch_size"], r["latency_ms"]["p50"]
                     best[i][b] = min(best[i].get(b, ms), ms)
-    finally:
-        console.set_quiet(old)
     return best
 
 

@@ -142,49 +142,42 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, cfg: PTQConfig, batch: int = 64):
-        import numpy as np
-
         from mlopt.data import loader
 
         self.cfg = cfg
         self.labeled = data.labeled
         self.batches = [(b[0].numpy(), b[1].numpy() if len(b) > 1 else None) for b in loader(data.val, batch)]
-        self.reference = [self._run(fp32, x) for x, _ in self.batches]
-        self.baseline = self.score(fp32)
-        del np
+        self.reference = self.outputs(fp32)
+        self.baseline = self.metrics(self.reference)
 
-    @staticmethod
-    def _run(path: Path, x: Any) -> Any:
+    def outputs(self, path: Path) -> list[Any]:
+        """The model's outputs for every validation batch, from one onnxruntime session."""
         from mlopt.export.runtime import make_session, run_session
 
         session = make_session(path, "cpu")
-        return run_session(session, x)
+        return [run_session(session, x) for x, _ in self.batches]
 
-    def score(self, path: Path) -> dict[str, Any]:
+    def metrics(self, outputs: list[Any]) -> dict[str, Any]:
         import numpy as np
 
-        from mlopt.export.runtime import make_session, run_session
-
-        session = make_session(path, "cpu")
         correct, n, cosines = 0, 0, []
-        for (x, y), ref in zip(self.batches, getattr(self, "reference", [None] * len(self.batches))):
-            out = run_session(session, x)
+        for (x, y), out, ref in zip(self.batches, outputs, self.reference):
+            flat, ref_flat = out.reshape(len(x), -1).astype(np.float64), ref.reshape(len(x), -1).astype(np.float64)
             if y is not None:
-                correct += int((out.reshape(len(x), -1).argmax(1) == y).sum())
+                correct += int((flat.argmax(1) == y).sum())
             n += len(x)
-            if ref is not None:
-                a, b = out.reshape(len(x), -1).astype(np.float64), ref.reshape(len(x), -1).astype(np.float64)
-                denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-                cosines.append(np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0))
-        result: dict[str, Any] = {}
+            denom = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1)
+            cosines.append(np.where(denom > 0, (flat * ref_flat).sum(1) / np.maximum(denom, 1e-30), 1.0))
+        c = np.concatenate(cosines)
+        result: dict[str, Any] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
         if self.labeled:
             result["accuracy"] = correct / n
-        if cosines:
-            c = np.concatenate(cosines)
-            result["cosine_mean"], result["cosine_min"] = float(c.mean()), float(c.min())
-        if self.labeled and hasattr(self, "baseline"):
-            result["accuracy_drop"] = self.baseline["accuracy"] - result["accuracy"]
+            baseline = getattr(self, "baseline", result)  # the FP32 model scores itself first
+            result["accuracy_drop"] = baseline["accuracy"] - result["accuracy"]
         return result
+
+    def score(self, path: Path) -> dict[str, Any]:
+        return self.metrics(self.outputs(path))
 
     def within_budget(self, q: dict[str, Any]) -> bool:
         if self.labeled:

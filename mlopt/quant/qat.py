@@ -152,14 +152,10 @@ class Simulation:
             P.remove_parametrizations(m, "weight", leave_parametrized=False)
 
 
-def _freeze_batchnorm(module: Any) -> None:
-    """Batch norm keeps its running statistics during QAT (it is folded into the conv at export)."""
+def batchnorm_layers(module: Any) -> list[Any]:
     import torch
 
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            m.train = lambda mode=True, _m=m: _m  # stays in eval mode when the engine calls train()
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
 class QATPass(Pass):
@@ -174,7 +170,9 @@ class QATPass(Pass):
         from mlopt.compress.distill import DistillConfig, distillation_objective
         from mlopt.compress.engine import Objective, fit
         from mlopt.data import require_labels
-        from mlopt.evaluate import evaluate_torch
+        import numpy as np
+
+        from mlopt.evaluate import evaluate_torch, predict_logits
         from mlopt.export.onnx import ExportConfig, export_checked
         from mlopt.quant import graph
         from mlopt.quant.calibration import calibration_batches
@@ -191,7 +189,9 @@ class QATPass(Pass):
         feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
                                                          config.calibration_samples)]
         sim.calibrate([torch.as_tensor(x) for x in feeds])
-        _freeze_batchnorm(module)
+        # Batch norm keeps its running statistics during QAT (onnxruntime folds it into the conv):
+        # the engine puts the model in training mode each epoch, so the loss puts these back.
+        frozen_bn = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
         sim_before = evaluate_torch(module, data, batch)["accuracy"]
         console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
@@ -206,6 +206,8 @@ class QATPass(Pass):
         base_loss = objective.loss if objective else None
 
         def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
+            for bn in frozen_bn:
+                bn.eval()
             sim.freeze_after(freeze_at)
             if base_loss is not None:
                 return base_loss(model, x, y, idx)
@@ -221,7 +223,7 @@ class QATPass(Pass):
                      label="qat", fingerprint_extra=["qat"])
         sim.freeze()
         sim_acc = evaluate_torch(module, data, batch)["accuracy"]
-        sim_logits = self._logits(module, data, batch)
+        sim_logits = predict_logits(module, data.val, 64).numpy()
         sim.remove()
         module.eval()
 
@@ -237,10 +239,11 @@ class QATPass(Pass):
             quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False)
             kernels = graph.kernel_counts(out)
             pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
-            quality = Quality(work / "fp32.onnx", data, pcfg)
-            q = quality.score(out)
+            quality = Quality(work / "fp32.onnx", data, pcfg)  # batches of 64, as sim_logits
+            int8_outputs = quality.outputs(out)
+            q = quality.metrics(int8_outputs)
             fp32_lat, int8_lat = latencies([work / "fp32.onnx", out], artifact.sample_shape, pcfg)
-            agreement = self._agreement(out, data, batch, sim_logits)
+            agreement = float((np.concatenate(int8_outputs).argmax(1) == sim_logits.argmax(1)).mean())
         finally:
             shutil.rmtree(work, ignore_errors=True)
         new = artifact.derive("qat", format="onnx", module=None, onnx_path=out)
@@ -273,24 +276,3 @@ class QATPass(Pass):
             notes.append(text)
         console.info(f"QAT INT8 top-1 {q['accuracy']:.4f} (FP32 {fp32_acc:.4f}); {notes[0]}; {notes[1]}")
         return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": result["history"]})
-
-    @staticmethod
-    def _logits(module: Any, data: Any, batch: int) -> Any:
-        import torch
-
-        from mlopt.data import loader
-
-        module.eval()
-        with torch.no_grad():
-            return torch.cat([module(x) for x, _ in loader(data.val, batch)]).numpy()
-
-    @staticmethod
-    def _agreement(path: Path, data: Any, batch: int, reference: Any) -> float:
-        import numpy as np
-
-        from mlopt.data import loader
-        from mlopt.export.runtime import make_session, run_session
-
-        session = make_session(path, "cpu")
-        out = np.concatenate([run_session(session, x.numpy()) for x, _ in loader(data.val, batch)])
-        return float((out.argmax(1) == reference.argmax(1)).mean())
