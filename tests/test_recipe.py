@@ -25,6 +25,11 @@ def test_defaults_are_typed():
         ({"steps": []}, "steps"),
         ({"version": 2}, "version"),
         ({"modle": {"spec": "x"}}, "modle: unknown key"),
+        # options a step would not use are errors, not silently dropped
+        ({"steps": [{"type": "prune", "ratio": 0.5, "finetune": {"epochs": 3}}]}, "set finetune_epochs"),
+        ({"steps": [{"type": "ptq", "per_channel": False}]}, "per_channel apply to mode static or dynamic"),
+        ({"steps": [{"type": "ptq", "mode": "dynamic", "calibration": "entropy"}]}, "dynamic quantization has no"),
+        ({"steps": [{"type": "bench", "iterations": 50, "duration_s": 2}]}, "iterations or duration_s, not both"),
     ],
 )
 def test_invalid_recipes(patch, match):

@@ -16,7 +16,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads.")] = None,
     batch_size: Annotated[Optional[List[int]], typer.Option("--batch-size", "-b", help="Batch size; repeat for several.")] = None,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 10,
-    iterations: Annotated[int, typer.Option("--iterations", "-n", help="Timed runs per model and batch size.")] = 100,
+    iterations: Annotated[Optional[int], typer.Option("--iterations", "-n", help="Timed runs per model and batch size (default 100).")] = None,
     duration: Annotated[Optional[float], typer.Option("--duration", help="Seconds per model and batch size (instead of --iterations).")] = None,
     input_shape: o.InputShape = None,
     out: o.OptionalOut = None,

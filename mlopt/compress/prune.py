@@ -50,6 +50,8 @@ class PruneConfig(BaseModel):
             raise ValueError("unstructured sparsity needs ratio (the fraction of weights set to zero) and no target")
         if self.sparsity == "2:4" and given:
             raise ValueError("2:4 sparsity takes no ratio or target: it zeroes 2 of every 4 weights")
+        if "epochs" in self.finetune.model_fields_set:
+            raise ValueError("set finetune_epochs (epochs after each step), not finetune.epochs")
         return self
 
 

@@ -39,6 +39,8 @@ class BenchConfig(BaseModel):
         if any(b <= 0 for b in self.batch_sizes):
             raise ValueError("batch sizes must be positive")
         if self.duration_s is not None:
+            if "iterations" in self.model_fields_set and self.iterations is not None:
+                raise ValueError("give iterations or duration_s, not both")
             self.iterations = None
         return self
 

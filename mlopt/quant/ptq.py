@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt import console
 from mlopt.errors import InputError, first_line
@@ -54,6 +54,16 @@ class PTQConfig(BaseModel):
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size")
+
+    @model_validator(mode="after")
+    def _options_used(self) -> "PTQConfig":
+        """An option the chosen mode would not use is an error, never silently dropped."""
+        scheme = {"format", "activation_type", "per_channel", "weight_type"} & self.model_fields_set
+        if self.mode == "auto" and scheme:
+            raise ValueError(f"{', '.join(sorted(scheme))} apply to mode static or dynamic; mode auto measures its own candidates")
+        if self.mode == "dynamic" and ({"format", "activation_type"} & self.model_fields_set or self.calibration != "auto"):
+            raise ValueError("dynamic quantization has no activation format, type or calibration")
+        return self
 
 
 @dataclass(frozen=True)
