@@ -115,6 +115,7 @@ def load_artifact(path: str | Path) -> Artifact:
         if fmt == "onnx":
             art = load_onnx_file(path / ONNX_FILE)
             art.lineage = list(meta.get("lineage") or [])
+            art.builder = meta.get("builder")
             if meta.get("sample_shape"):
                 art.sample_shape = tuple(meta["sample_shape"])
             if meta.get("num_classes"):

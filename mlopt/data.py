@@ -8,6 +8,8 @@
   resized to ``image_size`` (default 224) and normalised with ImageNet statistics.
 - ``random:SHAPE``: Gaussian inputs of one sample's shape (e.g. ``3x32x32``), no labels:
   for calibration and benchmarking only.
+- ``text:FILE``: one example a line (blank lines skipped), no labels, for ``hf:`` models: the
+  model's tokenizer turns the lines into tokens (see mlopt.hf). Split deterministically.
 
 ``image_size`` and ``channels`` resize and convert any source, so the same model can be fed
 from different data.
@@ -33,13 +35,14 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="digits | npz:FILE | imagefolder:DIR | random:SHAPE")
+    source: str = Field(description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
     image_size: int | None = Field(None, gt=0, description="resize images to this height and width")
     channels: int | None = Field(None, description="convert images to 1 or 3 channels")
     batch_size: int = Field(64, gt=0)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="validation share when the source has no split")
     seed: int = 0
     samples: int = Field(256, gt=0, description="number of samples for random:SHAPE")
+    max_length: int = Field(128, gt=0, description="text: tokens per example at most (longer lines are truncated)")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Dataset:
     val: Any
     sample_shape: tuple[int, ...]
     num_classes: int | None  # None: no labels
+    text: bool = False  # lines of text: tokenized for an hf: model before use (mlopt.hf.tokenize)
 
     @property
     def labeled(self) -> bool:
@@ -75,8 +79,10 @@ def load_data(cfg: DataConfig) -> Dataset:
         return _imagefolder(cfg, Path(arg))
     if kind == "random" and arg:
         return _random(cfg, arg)
+    if kind == "text" and arg:
+        return _text(cfg, Path(arg))
     raise InputError(
-        f"unrecognised data {source!r}: expected digits, npz:FILE, imagefolder:DIR or random:SHAPE"
+        f"unrecognised data {source!r}: expected digits, npz:FILE, imagefolder:DIR, random:SHAPE or text:FILE"
     )
 
 
@@ -253,6 +259,52 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
 
 
+def _text(cfg: DataConfig, path: Path) -> Dataset:
+    import numpy as np
+
+    if cfg.image_size is not None or cfg.channels is not None:
+        raise InputError("image_size and channels apply to images, not to text:FILE")
+    if not path.is_file():
+        raise InputError(f"text file {path} does not exist")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        raise InputError(f"{path} needs at least 2 non-empty lines (one example a line); it has {len(lines)}")
+    order = np.random.default_rng(cfg.seed).permutation(len(lines))
+    n_val = max(1, int(round(len(lines) * cfg.val_fraction)))
+    val = [lines[i] for i in sorted(order[:n_val])]
+    train = [lines[i] for i in sorted(order[n_val:])]
+    return Dataset(name=f"text:{path}", train=train, val=val, sample_shape=(), num_classes=None, text=True)
+
+
+def inputs_of(batch: Any) -> Any:
+    """The model inputs of a loader batch: a tensor, or for tokenized text a dict of tensors."""
+    return batch if isinstance(batch, dict) else batch[0]
+
+
+def labels_of(batch: Any) -> Any:
+    return None if isinstance(batch, dict) or len(batch) < 2 else batch[1]
+
+
+def count(inputs: Any) -> int:
+    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+
+
+def take(inputs: Any, start: int, stop: int) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    return inputs[start:stop]
+
+
+def to_numpy(inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.numpy() for k, v in inputs.items()}
+    return inputs.numpy()
+
+
 def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:
     import torch
     from torch.utils.data import DataLoader
@@ -270,13 +322,15 @@ def check_labels(data: Dataset, num_classes: int) -> None:
 
 
 def first_inputs(data: Dataset, n: int) -> Any:
-    """Up to n real inputs from the validation split, as one tensor."""
+    """Up to n real inputs from the validation split, as one tensor (for text, a dict of tensors)."""
     import torch
 
-    xs, count = [], 0
+    xs, seen = [], 0
     for batch in loader(data.val, batch_size=min(n, 256)):
-        xs.append(batch[0])
-        count += len(batch[0])
-        if count >= n:
+        xs.append(inputs_of(batch))
+        seen += count(xs[-1])
+        if seen >= n:
             break
+    if isinstance(xs[0], dict):
+        return {k: torch.cat([x[k] for x in xs])[:n] for k in xs[0]}
     return torch.cat(xs)[:n]

@@ -35,10 +35,10 @@ class GatesConfig(BaseModel):
 def _as_onnx(artifact: Any, work: Path, name: str) -> Path:
     if artifact.format == "onnx":
         return Path(artifact.onnx_path)
-    from mlopt.export.onnx import export_onnx
+    from mlopt.export.onnx import export_artifact
 
     path = work / f"{name}.onnx"
-    export_onnx(artifact.module, tuple(artifact.sample_shape), path, opset=18, exporter="dynamo")
+    export_artifact(artifact, path)
     return path
 
 

@@ -6,6 +6,7 @@ Supported specs:
 - ``path/to/file.py:factory``: imports the user's file and calls ``factory()``. This runs the
   user's own code, as importing any Python module does.
 - ``package.module:factory``: imports an installed module and calls ``factory()``.
+- ``hf:DIR``: a Hugging Face transformers model saved in a local directory (see mlopt.hf).
 
 A factory that accepts a ``num_classes`` argument receives it. Weights are always read with
 ``torch.load(weights_only=True)``: mlopt never unpickles arbitrary objects.
@@ -50,7 +51,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         raise InputError(
             f"unrecognised model {spec!r}: expected torchvision:NAME, FILE.py:FACTORY, "
-            "package.module:FACTORY, an mlopt output directory or FILE.onnx"
+            "package.module:FACTORY, hf:DIR, an mlopt output directory or FILE.onnx"
         )
     prefix, _, name = spec.rpartition(":")
     if not prefix or not name:
@@ -65,7 +66,11 @@ def torchvision_model_names() -> list[str]:
 
 
 def build_module(spec: str, num_classes: int | None) -> Any:
-    """Build an untrained torch module from a spec string."""
+    """Build an untrained torch module from a spec string (hf: models come with their weights)."""
+    from mlopt import hf
+
+    if hf.is_hf_spec(spec):
+        return hf.build(spec)
     prefix, name = split_spec(spec)
     if prefix == "torchvision":
         return _build_torchvision(name, num_classes)

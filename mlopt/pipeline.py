@@ -52,6 +52,7 @@ class Pass:
     needs_data: ClassVar[bool] = False
     compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
     rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
+    text_ok: ClassVar[bool] = False  # runs on hf: text models (token inputs)
 
     def run(self, artifact: "Artifact", config: Any, ctx: StepContext) -> StepResult:
         raise NotImplementedError
@@ -107,6 +108,13 @@ def run_recipe(
         raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
 
     artifact, data = prepare(recipe)
+    from mlopt.hf import is_text_artifact
+
+    if is_text_artifact(artifact):
+        unsupported = [s.type for s in recipe.steps if not PASSES[s.type].text_ok]
+        if unsupported:
+            supported = ", ".join(sorted(n for n, p in PASSES.items() if p.text_ok))
+            raise InputError(f"step {unsupported[0]!r} does not support hf: text models; these steps do: {supported}")
     baseline = None
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
@@ -227,6 +235,7 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
     feeds a model trained on resized digits the same resized digits.
     """
+    from mlopt import hf
     from mlopt.artifacts import load_artifact, looks_like_artifact
     from mlopt.data import load_data
 
@@ -245,6 +254,15 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
                 fill["image_size"] = shape[1]
             data_cfg = data_cfg.model_copy(update=fill)
     data = load_data(data_cfg) if data_cfg is not None else None
+    text_spec = recipe.model.spec if hf.is_hf_spec(recipe.model.spec) else None
+    if loaded is not None and hf.is_text_artifact(loaded):
+        text_spec = loaded.builder["spec"]
+    if data is not None and data.text != (text_spec is not None):
+        if data.text:
+            raise InputError(f"text data ({data.name}) needs an hf: model, whose tokenizer reads it; {recipe.model.spec} is not one")
+        raise InputError(f"{recipe.model.spec} is a text model: give --data text:FILE (one example a line), not {data.name}")
+    if data is not None and data.text:
+        data = hf.tokenize(data, text_spec, data_cfg.max_length)
     return initial_artifact(recipe, data, loaded), data
 
 
@@ -269,9 +287,13 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
         shape = tuple(data.sample_shape)
 
     if loaded is not None:
+        from mlopt.hf import is_text_artifact
+
         artifact = loaded
         if shape is not None:
-            if artifact.sample_shape is not None and tuple(artifact.sample_shape) != tuple(shape):
+            # A text model's sequence axis is dynamic: it takes the data's length.
+            fixed = artifact.sample_shape is not None and not is_text_artifact(artifact)
+            if fixed and tuple(artifact.sample_shape) != tuple(shape):
                 raise InputError(
                     f"{cfg.spec} takes inputs of shape {'x'.join(map(str, artifact.sample_shape))} per sample, "
                     f"but the data gives {'x'.join(map(str, shape))}"
@@ -283,11 +305,21 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
 
     import torch
 
+    from mlopt import hf
+
     num_classes = cfg.num_classes if cfg.num_classes is not None else (data.num_classes if data else None)
     torch.manual_seed(cfg.seed)  # a reproducible random initialisation
     module = build_module(cfg.spec, num_classes)
     if cfg.weights:
         apply_state_dict(module, load_state_dict_file(Path(cfg.weights)), cfg.weights)
+    if hf.is_hf_spec(cfg.spec):
+        if shape is not None and len(shape) != 1:
+            raise InputError(f"--input-shape {cfg.input_shape} for a text model must be BATCHxSEQUENCE, e.g. 1x128")
+        info = hf.model_info(cfg.spec)
+        classes = (module.model.config.num_labels or None) if info["output"] == "logits" else None
+        return Artifact(format="torch", sample_shape=tuple(shape or (128,)), num_classes=classes,
+                        builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes, "hf": info},
+                        module=module, origin=cfg.spec)
     if shape is None:
         if cfg.spec.startswith("torchvision:"):
             shape = (3, 224, 224)
@@ -308,6 +340,8 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
 
 def _absolute_spec(spec: str) -> str:
     """File specs are stored with an absolute path so the artifact reloads from anywhere."""
+    if spec.startswith("hf:"):
+        return f"hf:{Path(spec[3:]).expanduser().resolve()}"
     prefix, _, name = spec.rpartition(":")
     if prefix.endswith(".py"):
         return f"{Path(prefix).resolve()}:{name}"

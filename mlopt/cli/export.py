@@ -20,6 +20,7 @@ def export(
     rtol: Annotated[float, typer.Option("--rtol", help="Parity: tolerance relative to the largest output.")] = 1e-3,
     image_size: o.ImageSize = None,
     channels: o.Channels = None,
+    max_length: o.MaxLength = None,
     num_classes: o.NumClasses = None,
     weights: o.Weights = None,
     overwrite: o.Overwrite = False,
@@ -30,7 +31,7 @@ def export(
     """Export to ONNX (dynamic batch), check it, and compare onnxruntime with PyTorch on real inputs."""
     recipe = build_recipe(
         {"spec": model, "num_classes": num_classes, "weights": weights, "input_shape": input_shape},
-        {"source": data, "image_size": image_size, "channels": channels},
+        {"source": data, "image_size": image_size, "channels": channels, "max_length": max_length},
         {"type": "export", "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol},
     )
     execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out)

@@ -11,11 +11,13 @@ Model = Annotated[
     str,
     typer.Option(
         "--model", "-m",
-        help="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY (imports your code), an mlopt output DIR, or FILE.onnx.",
+        help="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY (imports your code), hf:DIR (a saved Hugging Face model), an mlopt output DIR, or FILE.onnx.",
     ),
 ]
-Data = Annotated[str, typer.Option("--data", "-d", help="digits, npz:FILE, imagefolder:DIR or random:SHAPE.")]
-OptionalData = Annotated[Optional[str], typer.Option("--data", "-d", help="digits, npz:FILE, imagefolder:DIR or random:SHAPE.")]
+_DATA_HELP = "digits, npz:FILE, imagefolder:DIR, random:SHAPE or text:FILE (one example a line, for hf: models)."
+Data = Annotated[str, typer.Option("--data", "-d", help=_DATA_HELP)]
+OptionalData = Annotated[Optional[str], typer.Option("--data", "-d", help=_DATA_HELP)]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="text:FILE: tokens per example at most (default 128).")]
 ImageSize = Annotated[Optional[int], typer.Option("--image-size", help="Resize images to SIZE x SIZE.")]
 Channels = Annotated[Optional[int], typer.Option("--channels", help="Convert images to 1 or 3 channels.")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default 64).")]

@@ -30,6 +30,7 @@ def ptq(
     input_shape: o.InputShape = None,
     image_size: o.ImageSize = None,
     channels: o.Channels = None,
+    max_length: o.MaxLength = None,
     num_classes: o.NumClasses = None,
     weights: o.Weights = None,
     overwrite: o.Overwrite = False,
@@ -40,7 +41,7 @@ def ptq(
     """Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."""
     recipe = build_recipe(
         {"spec": model, "num_classes": num_classes, "weights": weights, "input_shape": input_shape},
-        {"source": data, "image_size": image_size, "channels": channels},
+        {"source": data, "image_size": image_size, "channels": channels, "max_length": max_length},
         {"type": "ptq", "mode": mode, "calibration": calibration, "calibration_samples": calibration_samples,
          "per_channel": per_channel, "activation_type": activation_type, "weight_type": weight_type,
          "format": quant_format, "reduce_range": reduce_range, "max_drop": max_drop, "min_cosine": min_cosine,

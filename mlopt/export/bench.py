@@ -57,11 +57,11 @@ def time_model(
     """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
     import numpy as np
 
-    from mlopt.export.runtime import input_spec, make_session
+    from mlopt.export.runtime import input_spec, make_session, synthetic_feed
     from mlopt.fsutil import file_size_mb
 
     session = make_session(path, cfg.provider, cfg.threads)
-    name, shape, dtype = input_spec(session)
+    _, shape, _ = input_spec(session)
     if sample_shape is None:
         if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             raise InputError(f"{path} has symbolic input dimensions {shape}: give --input-shape")
@@ -72,11 +72,7 @@ def time_model(
     results = []
     for batch in cfg.batch_sizes:
         full = (batch, *sample_shape)
-        if np.issubdtype(dtype, np.floating):
-            x = rng.standard_normal(full).astype(dtype)
-        else:
-            x = rng.integers(0, 100, size=full).astype(dtype)
-        feed = {name: x}
+        feed = synthetic_feed(session, batch, tuple(sample_shape), rng)
         try:
             for _ in range(cfg.warmup):
                 session.run(None, feed)
@@ -171,6 +167,7 @@ class BenchPass(Pass):
     name = "bench"
     config_class = BenchConfig
     produces_model = False
+    text_ok = True
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
         from mlopt.artifacts import load_onnx_file

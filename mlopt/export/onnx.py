@@ -30,30 +30,39 @@ class ExportConfig(BaseModel):
     parity_samples: int = Field(64, gt=0, description="inputs compared between PyTorch and onnxruntime")
 
 
-def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str) -> None:
-    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure."""
+def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
+                example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None) -> None:
+    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure.
+
+    `example` names the inputs of a multi-input model (token models: input_ids, attention_mask,
+    ...); with `max_sequence` their second axis (the sequence) is dynamic as well.
+    """
     import onnx
     import torch
 
     module.eval()
-    example = (torch.randn((2, *sample_shape)),)
+    example = example or {"input": torch.randn((2, *sample_shape))}
+    names, args = list(example), tuple(example.values())
+    axes = {0: "batch", 1: "sequence"} if max_sequence else {0: "batch"}
     try:
         # The exporters print progress on stdout; keep stdout clean for --json output.
         with contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
             if exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1)
+                dims = {0: torch.export.Dim("batch", min=1)}
+                if max_sequence:
+                    dims[1] = torch.export.Dim("sequence", min=1, max=max_sequence)
                 program = torch.onnx.export(
-                    module, example, None, dynamo=True, opset_version=opset,
-                    input_names=["input"], output_names=["logits"],
-                    dynamic_shapes=({0: batch},), verbose=False, optimize=True,
+                    module, args, None, dynamo=True, opset_version=opset,
+                    input_names=names, output_names=[output],
+                    dynamic_shapes=tuple(dict(dims) for _ in names), verbose=False, optimize=True,
                 )
                 params = sum(p.numel() * p.element_size() for p in module.state_dict().values())
                 program.save(str(path), external_data=params > _PROTOBUF_LIMIT * 0.9)
             else:
                 torch.onnx.export(
-                    module, example, str(path), dynamo=False, opset_version=opset,
-                    input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    module, args, str(path), dynamo=False, opset_version=opset,
+                    input_names=names, output_names=[output],
+                    dynamic_axes={n: axes for n in names} | {output: axes if output == "last_hidden_state" else {0: "batch"}},
                 )
     except Exception as exc:
         first = first_line(exc)
@@ -90,15 +99,34 @@ def _quiet_warnings():
 
 
 def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any, str]:
-    """Real validation inputs when data is given, otherwise seeded Gaussian noise."""
+    """Real validation inputs when data is given, otherwise seeded Gaussian noise (token models: fixed ids)."""
     import torch
+
+    from mlopt import hf
 
     if data is not None:
         from mlopt.data import first_inputs
 
         return first_inputs(data, n), f"{data.name} validation split"
+    if hf.is_text_artifact(artifact):
+        return hf.example_inputs(artifact, n), "fixed token ids"
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, *artifact.sample_shape), generator=g), "random normal inputs"
+
+
+def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None) -> None:
+    """Export a torch artifact to `path` (no parity check): image models and hf: text models alike."""
+    from mlopt import hf
+
+    module = artifact.require_torch("export")
+    if artifact.sample_shape is None:
+        raise InputError("the model's input shape is unknown: give --input-shape")
+    if hf.is_text_artifact(artifact):
+        info = artifact.builder["hf"]
+        example = parity_inputs(artifact, data, 2)[0]
+        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, example, info["output"], info["max_positions"])
+    else:
+        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter)
 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -> tuple[Any, StepResult]:
@@ -108,16 +136,14 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -
 
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
-    module = artifact.require_torch("export")
-    if artifact.sample_shape is None:
-        raise InputError("the model's input shape is unknown: give --input-shape")
     console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")
-    export_onnx(module, tuple(artifact.sample_shape), path, config.opset, config.exporter)
+    export_artifact(artifact, path, config.opset, config.exporter, data)
     inputs, source = parity_inputs(artifact, data, config.parity_samples)
-    parity = compare(module, path, inputs, config.atol, config.rtol)
+    parity = compare(artifact.module, path, inputs, config.atol, config.rtol)
+    agreement = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.4f}"
     console.info(
-        f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g}), "
-        f"top-1 agreement {parity['top1_agreement']:.4f} on {parity['parity_samples']} inputs"
+        f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
+        f"{agreement} on {parity['parity_samples']} inputs"
     )
     new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
     metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
@@ -127,6 +153,7 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -
 class ExportPass(Pass):
     name = "export"
     config_class = ExportConfig
+    text_ok = True
 
     def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
         return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)[1]

@@ -16,34 +16,36 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
     import numpy as np
     import torch
 
+    from mlopt.data import count, take, to_numpy
     from mlopt.export.runtime import make_session, run_session
 
     session = make_session(onnx_path, "cpu")
     module.eval()
     max_err, max_ref, agree, n = 0.0, 0.0, 0, 0
-    for start in range(0, len(inputs), batch_size):
-        x = inputs[start : start + batch_size]
+    for start in range(0, count(inputs), batch_size):
+        x = take(inputs, start, start + batch_size)
         with torch.no_grad():
-            ref = module(x).float().numpy()
-        got = run_session(session, x.numpy())
+            ref = (module(**x) if isinstance(x, dict) else module(x)).float().numpy()
+        got = run_session(session, to_numpy(x))
         if got.shape != ref.shape:
             raise ParityError(f"onnxruntime output shape {got.shape} differs from PyTorch's {ref.shape}")
         max_err = max(max_err, float(np.abs(got - ref).max()))
         max_ref = max(max_ref, float(np.abs(ref).max()))
         if ref.ndim == 2:
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        n += len(x)
+        n += len(ref)
     tolerance = atol + rtol * max_ref
     result = {
         "max_abs_error": max_err,
         "max_abs_output": max_ref,
         "tolerance": tolerance,
-        "top1_agreement": agree / n if n else None,
+        "top1_agreement": agree / n if n and ref.ndim == 2 else None,
         "parity_samples": n,
     }
     if not np.isfinite(max_err) or max_err > tolerance:
         raise ParityError(
             f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance {tolerance:.3g} "
-            f"(atol {atol} + rtol {rtol} x max |output| {max_ref:.3g}); top-1 agreement {result['top1_agreement']:.3f}"
+            f"(atol {atol} + rtol {rtol} x max |output| {max_ref:.3g})"
+            + (f"; top-1 agreement {result['top1_agreement']:.3f}" if result["top1_agreement"] is not None else "")
         )
     return result

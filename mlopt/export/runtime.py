@@ -57,30 +57,75 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
     return session
 
 
-def input_spec(session: Any) -> tuple[str, list[Any], Any]:
-    """Name, shape (ints or symbolic names) and numpy dtype of the session's first input."""
+_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+}
+
+
+def input_specs(session: Any) -> list[tuple[str, list[Any], Any]]:
+    """Name, shape (ints or symbolic names) and numpy dtype of each of the session's inputs."""
     import numpy as np
 
-    meta = session.get_inputs()[0]
-    dtypes = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(uint8)": np.uint8,
-        "tensor(int8)": np.int8,
-    }
-    if meta.type not in dtypes:
-        raise InputError(f"unsupported model input type {meta.type}")
-    return meta.name, list(meta.shape), dtypes[meta.type]
+    specs = []
+    for meta in session.get_inputs():
+        if meta.type not in _DTYPES:
+            raise InputError(f"unsupported model input type {meta.type} ({meta.name})")
+        specs.append((meta.name, list(meta.shape), np.dtype(_DTYPES[meta.type])))
+    return specs
+
+
+def input_spec(session: Any) -> tuple[str, list[Any], Any]:
+    """Name, shape and numpy dtype of the session's first input."""
+    return input_specs(session)[0]
+
+
+def make_feed(session: Any, x: Any) -> dict[str, Any]:
+    """The feed for one batch: a numpy array for a single-input model, or a dict by input name."""
+    specs = input_specs(session)
+    if isinstance(x, dict):
+        missing = [name for name, _, _ in specs if name not in x]
+        if missing:
+            raise InputError(f"the model's input {missing[0]!r} is not in the data (it gives {', '.join(x)})")
+        return {name: x[name].astype(dtype, copy=False) for name, _, dtype in specs}
+    if len(specs) != 1:
+        raise InputError(f"the model takes {len(specs)} inputs ({', '.join(s[0] for s in specs)}); the data gives one")
+    name, _, dtype = specs[0]
+    return {name: x.astype(dtype, copy=False)}
+
+
+def synthetic_feed(session: Any, batch: int, sample_shape: tuple[int, ...], rng: Any) -> dict[str, Any]:
+    """Inputs for timing: Gaussian floats; for token models, token ids, an all-ones mask, zero type ids."""
+    import numpy as np
+
+    feed = {}
+    for name, _, dtype in input_specs(session):
+        full = (batch, *sample_shape)
+        if np.issubdtype(dtype, np.floating):
+            feed[name] = rng.standard_normal(full).astype(dtype)
+        elif "mask" in name:
+            feed[name] = np.ones(full, dtype)
+        elif "type" in name or "position" in name:
+            feed[name] = np.zeros(full, dtype)
+        elif "ids" in name:
+            # Ids below 5 exist in every vocabulary; a transformer's cost does not depend on the tokens.
+            feed[name] = rng.integers(0, 5, size=full).astype(dtype)
+        else:
+            feed[name] = rng.integers(0, 100, size=full).astype(dtype)
+    return feed
 
 
 def run_session(session: Any, x: Any) -> Any:
-    """Run a single-input model on a numpy array; returns the first output."""
-    name, _, dtype = input_spec(session)
+    """Run a model on one batch (numpy array, or dict of arrays by input name); returns the first output."""
+    feed = make_feed(session, x)
     try:
-        return session.run(None, {name: x.astype(dtype, copy=False)})[0]
+        return session.run(None, feed)[0]
     except Exception as exc:
         first = first_line(exc)
-        raise InputError(f"onnxruntime rejected an input of shape {tuple(x.shape)}: {first}") from exc
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
+        raise InputError(f"onnxruntime rejected an input of shape {shapes}: {first}") from exc

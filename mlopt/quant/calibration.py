@@ -17,7 +17,7 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
     import numpy as np
 
-    from mlopt.data import loader
+    from mlopt.data import inputs_of, loader, take, to_numpy
 
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)
@@ -28,12 +28,17 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
         )
     feeds, count = [], 0
     for items in loader(data.train, batch):
-        x = items[0].numpy()
-        if x.dtype != np.float32:
-            raise InputError(f"calibration data must be float32, got {x.dtype}")
-        take = min(len(x), n - count)
-        feeds.append({input_name: x[:take]})
-        count += take
+        x = to_numpy(inputs_of(items))
+        if isinstance(x, dict):  # token models: every input by name
+            size = min(len(x["input_ids"]), n - count)
+            feeds.append(take(x, 0, size))
+            count += size
+        else:
+            if x.dtype != np.float32:
+                raise InputError(f"calibration data must be float32, got {x.dtype}")
+            size = min(len(x), n - count)
+            feeds.append({input_name: x[:size]})
+            count += size
         if count >= n:
             break
     if count < n:

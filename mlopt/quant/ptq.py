@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import logging
 import math
 import shutil
 import sys
@@ -85,12 +86,15 @@ class Scheme:
         return f"{self.format.upper()} {types} {'per-channel' if self.per_channel else 'per-tensor'} {self.calibration}"
 
 
-def candidate_schemes(cfg: PTQConfig, has_conv: bool) -> list[Scheme]:
+def candidate_schemes(cfg: PTQConfig, has_conv: bool, text: bool = False) -> list[Scheme]:
     if cfg.mode == "static":
         calib = "minmax" if cfg.calibration == "auto" else cfg.calibration
         return [Scheme("static", cfg.format, cfg.activation_type, cfg.weight_type, cfg.per_channel, calib)]
     if cfg.mode == "dynamic":
         return [Scheme("dynamic", "qoperator", "uint8", cfg.weight_type, cfg.per_channel, None)]
+    if text:  # transformers on onnxruntime: dynamic quantization of the MatMul weights (static via mode static)
+        return [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
+                Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
     calibs = ["minmax", "percentile"] if cfg.calibration == "auto" else [cfg.calibration]
     schemes = [Scheme("static", "qdq", "uint8", "int8", True, c) for c in calibs]
     schemes += [Scheme("static", "qdq", "uint8", "int8", False, calibs[0]),
@@ -115,21 +119,28 @@ def reduce_range_for(setting: str) -> bool:
 
 def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], reduce_range: bool,
              exclude: list[str] | None = None) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from mlopt.errors import RunError
     from mlopt.quant.calibration import FeedReader
 
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    # Where shape inference leaves a tensor's type open (fused transformer ops), it is float.
+    typed = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     calibration = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                    "entropy": CalibrationMethod.Entropy}
     # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
     sink = io.StringIO() if console.is_quiet() else sys.stderr
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process: mlopt has (or says why not)
     try:
         with contextlib.redirect_stdout(sink):
             if scheme.method == "dynamic":
                 quantize_dynamic(str(src), str(dst), per_channel=scheme.per_channel, reduce_range=reduce_range,
-                                 weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [])
+                                 weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [],
+                                 extra_options=typed)
             else:
                 quantize_static(
                     str(src), str(dst), FeedReader(feeds),
@@ -137,12 +148,13 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                     per_channel=scheme.per_channel, reduce_range=reduce_range,
                     activation_type=qtype[scheme.activation_type], weight_type=qtype[scheme.weight_type],
                     calibrate_method=calibration[scheme.calibration or "minmax"], nodes_to_exclude=exclude or [],
-                    extra_options={"CalibMaxIntermediateOutputs": 64},
+                    extra_options={"CalibMaxIntermediateOutputs": 64, **typed},
                 )
     except Exception as exc:
         first = first_line(exc)
         raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first}") from exc
     finally:
+        root.setLevel(level)
         # The calibration session can linger in a reference cycle; its idle intra-op threads spin
         # and slow down the next timing (measured here: 13.4 ms instead of 8 ms at batch 32).
         gc.collect()
@@ -152,11 +164,14 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, cfg: PTQConfig, batch: int = 64):
-        from mlopt.data import loader
+        from mlopt.data import inputs_of, labels_of, loader, to_numpy
 
         self.cfg = cfg
         self.labeled = data.labeled
-        self.batches = [(b[0].numpy(), b[1].numpy() if len(b) > 1 else None) for b in loader(data.val, batch)]
+        self.batches = []
+        for b in loader(data.val, batch):
+            y = labels_of(b)
+            self.batches.append((to_numpy(inputs_of(b)), None if y is None else y.numpy()))
         self.reference = self.outputs(fp32)
         self.baseline = self.metrics(self.reference)
 
@@ -170,12 +185,16 @@ class Quality:
     def metrics(self, outputs: list[Any]) -> dict[str, Any]:
         import numpy as np
 
+        from mlopt.hf import pooled
+
         correct, n, cosines = 0, 0, []
         for (x, y), out, ref in zip(self.batches, outputs, self.reference):
-            flat, ref_flat = out.reshape(len(x), -1).astype(np.float64), ref.reshape(len(x), -1).astype(np.float64)
+            # Token models are scored on their sentence embeddings (mean over real tokens).
+            flat, ref_flat = (pooled(out, x), pooled(ref, x)) if isinstance(x, dict) else (
+                out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64))
             if y is not None:
                 correct += int((flat.argmax(1) == y).sum())
-            n += len(x)
+            n += len(flat)
             denom = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1)
             cosines.append(np.where(denom > 0, (flat * ref_flat).sum(1) / np.maximum(denom, 1e-30), 1.0))
         c = np.concatenate(cosines)
@@ -225,8 +244,10 @@ class PTQPass(Pass):
     config_class = PTQConfig
     needs_data = True
     compresses = True
+    text_ok = True
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
+        from mlopt import hf
         from mlopt.export.runtime import input_spec, make_session
         from mlopt.fsutil import file_size_mb
         from mlopt.quant import graph
@@ -247,15 +268,24 @@ class PTQPass(Pass):
             if not graph.has_float_weights(model):
                 raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
             has_conv = any(n.op_type == "Conv" for n in model.graph.node)
+            text = hf.is_text_artifact(artifact)
             name, shape, _ = input_spec(make_session(fp32, "cpu"))
-            feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples)
-            pre, note = _preprocess(fp32, work / "pre.onnx") if config.preprocess else (fp32, None)
+            schemes = candidate_schemes(config, has_conv, text)
+            static = any(s.method == "static" for s in schemes)
+            feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples) if static else []
+            fusions: dict[str, int] = {}
+            if not config.preprocess:
+                pre, note = fp32, None
+            elif text:
+                pre, fusions, note = hf.optimize(fp32, work / "pre.onnx", artifact.builder["hf"])
+                console.info("transformer optimizer fusions: " + (", ".join(f"{k} {v}" for k, v in fusions.items()) or "none"))
+            else:
+                pre, note = _preprocess(fp32, work / "pre.onnx")
             if note:
                 console.warn(note)
                 notes.append(note)
             reduce_range = reduce_range_for(config.reduce_range)
 
-            schemes = candidate_schemes(config, has_conv)
             paths = [work / f"candidate{i}.onnx" for i in range(len(schemes))]
             for scheme, path in zip(schemes, paths):
                 console.info(f"quantizing: {scheme.name}")
@@ -293,6 +323,9 @@ class PTQPass(Pass):
                 "calibration_samples": sum(len(next(iter(f.values()))) for f in feeds),
                 "budget": quality.budget_text(),
             }
+            if text:
+                metrics["transformer_fusions"] = fusions
+                metrics["sequence_length"] = artifact.sample_shape[0]
             if quality.labeled:
                 metrics["fp32_accuracy"] = quality.baseline["accuracy"]
             extra = {"ptq": {"fp32": fp32_row, "candidates": rows}}

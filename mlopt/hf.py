@@ -1,0 +1,215 @@
+"""Hugging Face transformers models (``hf:DIR``) and the text they read (``text:FILE``).
+
+Everything is offline: the model and its tokenizer come from a local directory (what
+``save_pretrained`` writes), ``HF_HUB_OFFLINE=1`` is set before transformers is imported and
+every load passes ``local_files_only=True``, so no hub access is ever attempted.
+
+An encoder (``BertModel`` and friends) is wrapped to return ``last_hidden_state``; a sequence
+classifier (``*ForSequenceClassification``) returns ``logits``. Text is tokenized with the model's
+own tokenizer, padded to one length per file (the longest line, at most ``max_length`` tokens),
+and flows through mlopt as a dict of int64 tensors named as the model's inputs.
+
+Needs the ``hf`` extra: ``pip install "mlopt[hf]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mlopt.errors import InputError, first_line
+
+PREFIX = "hf:"
+# The order of the exported model's inputs; a tokenizer that gives no token_type_ids drops it.
+INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def is_hf_spec(spec: str | None) -> bool:
+    return bool(spec) and str(spec).startswith(PREFIX)
+
+
+def is_text_artifact(artifact: Any) -> bool:
+    return is_hf_spec((artifact.builder or {}).get("spec"))
+
+
+def model_dir(spec: str) -> Path:
+    path = Path(spec[len(PREFIX):]).expanduser()
+    if not path.is_dir():
+        raise InputError(
+            f"{spec}: {path} is not a directory; hf: takes a local directory written by save_pretrained "
+            "(mlopt never downloads from the hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise InputError(f"{spec}: {path} has no config.json; it is not a saved Hugging Face model")
+    return path
+
+
+def _transformers() -> Any:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import transformers
+    except ImportError:
+        raise InputError('hf: models need the transformers package: pip install "mlopt[hf]"') from None
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def read_config(spec: str) -> dict[str, Any]:
+    path = model_dir(spec) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def is_classifier(config: dict[str, Any]) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def _text_module_class() -> Any:
+    import torch
+
+    class TextModel(torch.nn.Module):
+        """A transformers model with positional tensor inputs and one tensor output, for ONNX export."""
+
+        def __init__(self, model: Any, output: str):
+            super().__init__()
+            self.model = model
+            self.output = output
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return getattr(self.model(**kwargs), self.output)
+
+    return TextModel
+
+
+def build(spec: str) -> Any:
+    """The torch module of an ``hf:DIR`` spec, with its saved weights."""
+    transformers = _transformers()
+    path = model_dir(spec)
+    config = read_config(spec)
+    auto = transformers.AutoModelForSequenceClassification if is_classifier(config) else transformers.AutoModel
+    try:
+        # Eager attention: the SDPA path's masking does not survive every exporter.
+        model = auto.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+    except Exception as exc:
+        raise InputError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc
+    model.eval()
+    return _text_module_class()(model, "logits" if is_classifier(config) else "last_hidden_state")
+
+
+def tokenizer(spec: str) -> Any:
+    transformers = _transformers()
+    path = model_dir(spec)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
+
+
+def input_names(tok: Any) -> list[str]:
+    given = set(getattr(tok, "model_input_names", None) or ["input_ids", "attention_mask"])
+    return [n for n in INPUT_ORDER if n in given or n != "token_type_ids"]
+
+
+def model_info(spec: str) -> dict[str, Any]:
+    """What later steps need to know about the model, kept in the artifact's builder."""
+    config = read_config(spec)
+    return {
+        "model_type": config.get("model_type"),
+        "num_heads": int(config.get("num_attention_heads") or 0),
+        "hidden_size": int(config.get("hidden_size") or 0),
+        "max_positions": int(config.get("max_position_embeddings") or 512),
+        "output": "logits" if is_classifier(config) else "last_hidden_state",
+        "inputs": input_names(tokenizer(spec)),
+    }
+
+
+class TokenDataset:
+    """Tokenized text: a torch-style map dataset of dicts {input name: int64 tensor (length,)}."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def tokenize(data: Any, spec: str, max_length: int) -> Any:
+    """Turn a text dataset's lines into token tensors with the model's tokenizer.
+
+    Every line of the file is padded to the same length (the longest line, capped at
+    `max_length`), which becomes the sample shape: timing and calibration use that length.
+    """
+    from dataclasses import replace
+
+    tok = tokenizer(spec)
+    names = input_names(tok)
+    limit = min(max_length, model_info(spec)["max_positions"])
+    lengths = [len(ids) for ids in tok(list(data.train) + list(data.val), truncation=True, max_length=limit)["input_ids"]]
+    length = max(lengths)
+
+    def encode(lines: list[str]) -> TokenDataset:
+        enc = tok(lines, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        return TokenDataset({n: enc[n].long() for n in names})
+
+    return replace(data, train=encode(list(data.train)), val=encode(list(data.val)), sample_shape=(length,))
+
+
+def pooled(output: Any, inputs: dict[str, Any]) -> Any:
+    """Mean of the token embeddings over real (unmasked) tokens; other outputs pass unchanged.
+
+    numpy in, numpy out: how the fidelity of an encoder's sentence embeddings is scored.
+    """
+    import numpy as np
+
+    if output.ndim != 3 or "attention_mask" not in inputs:
+        return output.reshape(len(output), -1)
+    mask = np.asarray(inputs["attention_mask"], dtype=np.float64)[..., None]
+    return (output.astype(np.float64) * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+
+
+def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str, int], str | None]:
+    """onnxruntime's transformer graph optimizer (attention, layer-norm and GELU fusions).
+
+    Returns the path to quantize, the fusions it made, and a note when it could not run.
+    """
+    import contextlib
+    import io
+    import logging
+
+    from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
+
+    model_type = info.get("model_type") if info.get("model_type") in MODEL_TYPES else "bert"
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = optimize_model(str(src), model_type=model_type, num_heads=info.get("num_heads", 0),
+                                   hidden_size=info.get("hidden_size", 0))
+            fused = {k: int(v) for k, v in (model.get_fused_operator_statistics() or {}).items() if v}
+            model.save_model_to_file(str(dst))
+        return dst, fused, None
+    except Exception as exc:
+        return src, {}, f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: {first_line(exc)[:120]}); quantized the model as exported"
+    finally:
+        logger.setLevel(level)
+
+
+def example_inputs(artifact: Any, n: int) -> dict[str, Any]:
+    """Fixed token inputs of the artifact's sequence length, for a model exported without data."""
+    import torch
+
+    length = artifact.sample_shape[0]
+    values = {"input_ids": 1, "attention_mask": 1, "token_type_ids": 0}
+    return {name: torch.full((n, length), values[name], dtype=torch.long) for name in artifact.builder["hf"]["inputs"]}

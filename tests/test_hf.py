@@ -1,0 +1,173 @@
+"""hf:DIR models and text:FILE data: export with dynamic axes, dynamic PTQ scored by fidelity, errors.
+
+The models are tiny BERTs built from a config with random weights and a word-level vocabulary
+written here; nothing is downloaded.
+"""
+
+import json
+import random
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
+
+pytest.importorskip("transformers")
+runner = CliRunner()
+WORDS = ("the quick brown fox jumps over lazy dog model data text line example quantize fast runtime "
+         "small encoder token sentence").split()
+
+
+def _save_bert(out, classifier=False):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    (BertForSequenceClassification if classifier else BertModel)(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return _save_bert(tmp_path_factory.mktemp("hf") / "bert")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "lines.txt"
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(60)]
+    path.write_text("\n".join(lines) + "\n\n")  # a trailing blank line is skipped
+    return path
+
+
+def _dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes(bert_dir, text_file, tmp_path):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel
+
+    out = tmp_path / "e"
+    result = runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    for value in model.graph.input:
+        dims = _dims(value)
+        assert len(dims) == 2 and all(isinstance(d, str) for d in dims), dims
+    report = json.loads((out / "report.json").read_text())["step"]
+    assert report["metrics"]["max_abs_error"] < 1e-4
+    assert report["metrics"]["top1_agreement"] is None  # embeddings have no top-1
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["builder"]["hf"]["output"] == "last_hidden_state"
+
+    # Shapes the export never saw: batch 3, 5 tokens, with padding masked out.
+    ids = torch.tensor([[2, 7, 8, 9, 3], [2, 10, 3, 0, 0], [2, 11, 12, 3, 0]])
+    mask = (ids != 0).long()
+    types = torch.zeros_like(ids)
+    ref = AutoModel.from_pretrained(str(bert_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()})[0]
+    assert got.shape == (3, 5, 32)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text_file, tmp_path):
+    from mlopt.quant.graph import kernel_counts
+
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--mode", "dynamic",
+                                 "--out", str(out), "-b", "1", "-b", "4", "-n", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["quantized"] is True and m["chosen"] == "dynamic int8 per-channel"
+    assert "accuracy" not in m  # text has no labels: fidelity only
+    assert 0.99 <= m["cosine_mean"] <= 1.0 and m["cosine_min"] <= m["cosine_mean"]
+    assert m["transformer_fusions"].get("SkipLayerNormalization", 0) > 0
+    assert m["sequence_length"] == max(len(line.split()) for line in text_file.read_text().split("\n")) + 2
+    kernels = kernel_counts(out / "model.onnx")
+    assert kernels["integer"] >= 12  # 2 layers x (q, k, v, output, 2 feed-forward) weight MatMuls
+    assert m["size_ratio"] > 1.5  # the (unquantized) embeddings weigh a lot in a tiny model
+
+    # The quantized model is an ONNX artifact that still knows its tokenizer: bench runs it by its dir.
+    result = runner.invoke(app, ["bench", str(out), "--input-shape", "2x9", "-n", "3", "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["batch_size"] == 1
+
+
+def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file, tmp_path):
+    out = tmp_path / "a"
+    result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
+                                 "-b", "1", "-n", "6", "--quiet"])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    rows = step["ptq"]["candidates"]
+    assert [r["name"] for r in rows] == ["dynamic int8 per-channel", "dynamic int8 per-tensor"]
+    assert all(0 < r["cosine_mean"] <= 1.0 + 1e-9 for r in rows)
+    chosen = step["metrics"]["chosen"]
+    ok = [r for r in rows if r["faster_than_fp32"] and r["within_budget"]]
+    assert (chosen == "FP32") == (not ok)
+
+
+def test_ptq_of_an_exported_text_model_tokenizes_with_the_recorded_model(bert_dir, text_file, tmp_path):
+    exported = tmp_path / "e"
+    assert runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(exported),
+                               "--quiet"]).exit_code == 0
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["ptq", "--model", str(exported), "--data", f"text:{text_file}", "--mode", "dynamic",
+                                 "--max-length", "8", "--out", str(out), "-b", "1", "-n", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sequence_length"] == 8  # truncated to --max-length
+
+
+def test_sequence_classifier_exports_logits(tmp_path, text_file):
+    bert = _save_bert(tmp_path / "cls", classifier=True)
+    out = tmp_path / "e"
+    result = runner.invoke(app, ["export", "--model", f"hf:{bert}", "--data", f"text:{text_file}", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.output[0].name == "logits" and _dims(model.graph.output[0])[1] == 3
+    assert json.loads((out / "model.json").read_text())["num_classes"] == 3
+
+
+@pytest.mark.parametrize("case", ["text-for-image-model", "image-data-for-text-model", "missing-dir", "not-a-model-dir",
+                                  "training-step", "one-line"])
+def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path):
+    from conftest import TOY
+
+    one = tmp_path / "one.txt"
+    one.write_text("only one line\n\n")
+    args = {
+        "text-for-image-model": ["ptq", "--model", f"{TOY}:tiny_cnn", "--data", f"text:{text_file}"],
+        "image-data-for-text-model": ["ptq", "--model", f"hf:{bert_dir}", "--data", "digits"],
+        "missing-dir": ["ptq", "--model", f"hf:{tmp_path / 'nope'}", "--data", f"text:{text_file}"],
+        "not-a-model-dir": ["ptq", "--model", f"hf:{tmp_path}", "--data", f"text:{text_file}"],
+        "training-step": ["train", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}"],
+        "one-line": ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{one}"],
+    }[case]
+    expected = {
+        "text-for-image-model": "needs an hf: model",
+        "image-data-for-text-model": "give --data text:FILE",
+        "missing-dir": "never downloads",
+        "not-a-model-dir": "no config.json",
+        "training-step": "does not support hf: text models",
+        "one-line": "at least 2 non-empty lines",
+    }[case]
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
