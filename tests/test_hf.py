@@ -171,3 +171,20 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
     assert result.exit_code == 2, result.output
     assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists()
+
+
+def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "minilm-dynamic-ptq.yaml"
+    monkeypatch.setenv("MODEL", str(bert_dir))
+    monkeypatch.setenv("TEXT", str(text_file))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert [s["type"] for s in report["steps"]] == ["ptq", "bench"]
+    gates = report["gates"]["results"]
+    assert {g["gate"] for g in gates} == {"min_speedup", "max_size_mb"}
+    assert all(g["measured"] > 0 for g in gates)
+    # A tiny model may well not be 1.5x faster in INT8: then the run fails its gate, exit 3.
+    assert result.exit_code == (0 if all(g["passed"] for g in gates) else 3), result.output

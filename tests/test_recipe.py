@@ -74,6 +74,8 @@ def test_yaml_roundtrip(tmp_path):
 def test_shipped_recipes_validate(path, monkeypatch):
     monkeypatch.setenv("IMAGES", "/data/images")
     monkeypatch.setenv("WEIGHTS", "/data/weights.pt")
+    monkeypatch.setenv("MODEL", "/data/encoder")
+    monkeypatch.setenv("TEXT", "/data/lines.txt")
     recipe = load_recipe(path)
     assert recipe.steps and recipe.gates is not None and recipe.gates.any()
 
