@@ -4,9 +4,11 @@ The simulation follows onnxruntime's fastest CPU scheme (QDQ, U8S8, per-channel)
 Conv and Linear are fake-quantized per output channel, symmetric int8 (scale = max|w| / 127), and
 their input activations per tensor, asymmetric uint8, with ranges from EMA min/max observers that
 start from calibration (min/max over calibration batches) and are frozen after
-`freeze_observers_after` epochs. Batch norm runs with frozen statistics (eval mode) during QAT:
-onnxruntime folds it into the convolution, and per-channel symmetric quantization of a folded
-weight is the same grid as of the unfolded one, up to the positive per-channel factor.
+`freeze_observers_after` epochs. Batch-norm statistics keep updating for `freeze_bn_after` epochs
+(default 0: frozen from the start, eval mode), then freeze: onnxruntime folds batch norm into the
+convolution, and per-channel symmetric quantization of a folded weight is the same grid as of the
+unfolded one, up to the positive per-channel factor. Layers with weights other than Conv2d,
+Linear and batch norm are not simulated; the report lists them.
 
 The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
 U8S8 per-channel, min/max calibration): the graph onnxruntime turns into QLinearConv/QGemm
@@ -39,6 +41,7 @@ class QATConfig(TrainingConfig):
     epochs: int = Field(2, gt=0)
     lr: float = Field(5e-5, gt=0)
     freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
+    freeze_bn_after: int = Field(0, ge=0, description="epochs during which batch-norm statistics still update")
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
     calibration_samples: int = Field(256, gt=0)
@@ -138,11 +141,6 @@ class Simulation:
         for obs in self.observers.values():
             obs.frozen = frozen
 
-    def freeze_after(self, updates: int) -> None:
-        """Freeze the ranges once they have moved `updates` times (counted in checkpointed buffers)."""
-        for obs in self.observers.values():
-            obs.frozen = int(obs.updates) >= updates
-
     def remove(self) -> None:
         import torch.nn.utils.parametrize as P
 
@@ -156,6 +154,27 @@ def batchnorm_layers(module: Any) -> list[Any]:
     import torch
 
     return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def not_simulated(module: Any) -> list[str]:
+    """Layers with their own weights that the simulation does not cover (they train in float)."""
+    import torch
+
+    covered = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm)
+    return [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
+            if not isinstance(m, covered) and any(True for _ in m.parameters(recurse=False))]
+
+
+def step_clock() -> Any:
+    """A module holding the count of training steps taken (a buffer, so checkpoints keep it)."""
+    import torch
+
+    class StepClock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    return StepClock()
 
 
 class QATPass(Pass):
@@ -185,13 +204,15 @@ class QATPass(Pass):
         batch = config.batch_size or ctx.recipe.data.batch_size
         fp32_module = copy.deepcopy(artifact.module).eval()
         module = copy.deepcopy(artifact.module)
+        floating = not_simulated(module)
+        if floating:
+            console.warn(f"QAT simulates Conv2d and Linear layers only; {len(floating)} layer(s) train in float: "
+                         + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
         sim = Simulation(module, config.ema)
         feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
                                                          config.calibration_samples)]
         sim.calibrate([torch.as_tensor(x) for x in feeds])
-        # Batch norm keeps its running statistics during QAT (onnxruntime folds it into the conv):
-        # the engine puts the model in training mode each epoch, so the loss puts these back.
-        frozen_bn = batchnorm_layers(module)
+        bn_layers = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
         sim_before = evaluate_torch(module, data, batch)["accuracy"]
         console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
@@ -200,22 +221,27 @@ class QATPass(Pass):
         if config.teacher:
             dcfg = DistillConfig(temperature=2.0, alpha=0.5, baseline=False)
             objective = distillation_objective(copy.deepcopy(fp32_module), module, data, dcfg, batch)
-        steps_per_epoch = math.ceil(len(data.train) / batch)
-        # calibration counted one update per batch already
-        freeze_at = config.freeze_observers_after * steps_per_epoch + len(feeds)
+        from mlopt import distributed
+
+        steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
+        clock = step_clock()
         base_loss = objective.loss if objective else None
 
         def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
-            for bn in frozen_bn:
-                bn.eval()
-            sim.freeze_after(freeze_at)
+            if model.training:
+                clock.steps += 1
+            epoch = (int(clock.steps) - 1) // steps_per_epoch  # the epoch this step belongs to
+            # The engine puts the model in training mode each epoch; batch norm follows its own schedule.
+            for bn in bn_layers:
+                bn.train(model.training and epoch < config.freeze_bn_after)
+            sim.freeze(epoch >= config.freeze_observers_after)
             if base_loss is not None:
                 return base_loss(model, x, y, idx)
             logits = model(x)
             return torch.nn.functional.cross_entropy(logits.float(), y), logits
 
         # The observers ride along as extra modules: moved to the device and kept in checkpoints.
-        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.observers.values()],
+        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.observers.values(), clock],
                         to_device=objective.to_device if objective else None)
         ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
         train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
@@ -257,6 +283,7 @@ class QATPass(Pass):
             "integer_kernels": kernels["integer"],
             "float_kernels": kernels["float"],
             "left_in_float": kernels["float_ops"],
+            "not_simulated": floating,
             "fp32_latency_ms": fp32_lat,
             "latency_ms": int8_lat,
             "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},

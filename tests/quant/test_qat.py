@@ -51,3 +51,72 @@ def test_simulation_is_removed_and_weights_stay_plain():
     sim.remove()
     assert m.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+QAT = ["qat", "--data", "digits", "--epochs", "2", "--lr", "0.001", "--bench-batch-size", "1", "--batch-size", "32"]
+
+
+@pytest.mark.parametrize("freeze_bn_after", [0, 1])
+def test_batchnorm_statistics_update_until_frozen(trained_dir, tmp_path, monkeypatch, freeze_bn_after):
+    import torch
+
+    from mlopt.quant import qat
+
+    seen = []
+    original = qat.batchnorm_layers
+
+    def spy(module):
+        layers = original(module)
+        seen.append([(bn, bn.running_mean.clone()) for bn in layers])
+        return layers
+
+    monkeypatch.setattr(qat, "batchnorm_layers", spy)
+    result = runner.invoke(app, [*QAT, "--model", str(trained_dir), "--freeze-bn-after", str(freeze_bn_after),
+                                 "--out", str(tmp_path / "q"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (layers,) = seen
+    moved = [not torch.equal(bn.running_mean, before) for bn, before in layers]
+    assert len(moved) == 2 and all(moved) == bool(freeze_bn_after) and any(moved) == bool(freeze_bn_after)
+
+
+def test_layers_the_simulation_does_not_cover_are_listed():
+    from torch import nn
+
+    from mlopt.quant.qat import not_simulated
+
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    assert not_simulated(m) == ["2 (Conv1d)", "3 (LayerNorm)"]
+
+
+def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    args = [*QAT, "--model", str(trained_dir), "--checkpoint-every", "5", "--quiet"]
+    full = tmp_path / "full"
+    assert runner.invoke(app, [*args, "--out", str(full)]).exit_code == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mlopt", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / ".checkpoint" / "qat" / "checkpoint.pt"
+    deadline = time.time() + 180
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "QAT finished before it could be killed"
+    resumed = runner.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+
+    def weights(path):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path / "model.onnx")).graph.initializer}
+
+    a, b = weights(full), weights(out)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
