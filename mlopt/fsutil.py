@@ -94,3 +94,39 @@ def file_size_mb(path: Path) -> float:
     for sibling in path.parent.glob(path.name + ".data"):
         total += sibling.stat().st_size
     return total / 1e6
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_fingerprint(path: Path) -> str | None:
+    """What a step's input at `path` is: a file by its content; a directory by its listing (relative
+    names, sizes and modification times: hashing every image of a dataset would take longer than
+    some steps); None when nothing is there."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            rel = f.relative_to(path)
+            if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+                st = f.stat()
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    return None
+
+
+def digest(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

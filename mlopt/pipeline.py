@@ -84,7 +84,8 @@ def run_recipe(
     Each step is written into a staging directory and renamed into place when it succeeds, so a
     failure never leaves a half-written step. Training steps checkpoint into `out` (flat:
     `.checkpoint/`; recipes: `.checkpoints/NN-<type>/`); `resume=True` continues from there and,
-    for recipes, skips steps that already completed with the same configuration.
+    for recipes, skips steps that already completed with the same configuration and inputs
+    (content hashes of the model, data and files the step reads).
     Under torchrun every rank runs the steps; only rank 0 writes anything.
     """
     from rich.markup import escape
@@ -108,6 +109,9 @@ def run_recipe(
         raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
 
     artifact, data = prepare(recipe)
+    # What each step reads, by content: --resume skips a step only when these are unchanged too.
+    data_fp = _data_fingerprint(recipe)
+    model_fp = _model_fingerprint(recipe)
     from mlopt.hf import is_text_artifact
 
     if is_text_artifact(artifact):
@@ -135,11 +139,13 @@ def run_recipe(
             final_dir = root if flat else root / name
             if pass_.compresses and baseline is None:
                 baseline = artifact
-            done = _completed_step(final_dir, config) if resume and not flat else None
+            inputs_sha256 = fsutil.digest(config, data_fp, model_fp, _config_files(config))
+            done = _completed_step(final_dir, config, inputs_sha256) if resume and not flat else None
             if done is not None:
-                console.info(f"[bold]{name}[/bold]: already completed with this configuration; skipped")
+                console.info(f"[bold]{name}[/bold]: already completed with this configuration and inputs; skipped")
                 if pass_.produces_model:
                     artifact = load_artifact(final_dir)
+                    model_fp = _model_files(final_dir)
                 step_reports.append(done)
                 continue
             if pass_.rank0_only and not dist.is_main:
@@ -163,6 +169,7 @@ def run_recipe(
                     "dir": name,
                     "type": step.type,
                     "config": config,
+                    "inputs_sha256": inputs_sha256,
                     "input": {"format": artifact.format, "lineage": artifact.lineage},
                     "output": {"format": result.artifact.format, "files": files, "lineage": result.artifact.lineage},
                     "metrics": result.metrics,
@@ -175,6 +182,8 @@ def run_recipe(
                     fsutil.commit_dir(stage, final_dir)
                 if result.artifact.format == "onnx" and pass_.produces_model:
                     result.artifact.onnx_path = final_dir / "model.onnx"
+                if pass_.produces_model:
+                    model_fp = _model_files(final_dir)
             except BaseException:
                 if stage != final_dir:
                     fsutil.discard_dir(stage)
@@ -216,8 +225,8 @@ def run_recipe(
     return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main, gates=gate_rows)
 
 
-def _completed_step(step_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The report of a step that already finished with the same configuration, if any."""
+def _completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) -> dict[str, Any] | None:
+    """The report of a step that already finished with the same configuration and inputs, if any."""
     import json
 
     try:
@@ -225,7 +234,64 @@ def _completed_step(step_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     except (OSError, ValueError):
         return None
     step = report.get("step", {})
-    return step if step.get("config") == config else None
+    return step if step.get("config") == config and step.get("inputs_sha256") == inputs_sha256 else None
+
+
+def _model_files(step_dir: Path) -> dict[str, str | None]:
+    """A saved model by the content of its files."""
+    from mlopt.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
+    from mlopt.fsutil import path_fingerprint
+
+    return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
+
+
+def _paths_in(spec: str) -> list[str]:
+    """The files or directories a model or data spec names (FILE.py:factory, npz:FILE, hf:DIR, DIR...)."""
+    candidates = [spec, spec.partition(":")[2], spec.rpartition(":")[0]]
+    return [c for c in candidates if c and Path(c).exists()]
+
+
+def _model_fingerprint(recipe: "Recipe") -> list[Any]:
+    from mlopt.fsutil import path_fingerprint
+
+    m = recipe.model
+    files = _paths_in(m.spec) + ([m.weights] if m.weights else [])
+    return [m.model_dump(mode="json"), {f: path_fingerprint(Path(f)) for f in files}]
+
+
+def _data_fingerprint(recipe: "Recipe") -> list[Any]:
+    from mlopt.fsutil import path_fingerprint
+
+    if recipe.data is None:
+        return []
+    files = _paths_in(recipe.data.source)
+    extra: dict[str, Any] = {f: path_fingerprint(Path(f)) for f in files}
+    if recipe.data.source == "digits":
+        import sklearn
+
+        extra["scikit-learn"] = sklearn.__version__  # the digits ship with it
+    return [recipe.data.model_dump(mode="json"), extra]
+
+
+def _config_files(config: dict[str, Any]) -> dict[str, str | None]:
+    """Files a step's options name (a student's FILE.py, ONNX files to compare), by content."""
+    from mlopt.fsutil import path_fingerprint
+
+    found: dict[str, str | None] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, str):
+            for p in _paths_in(value):
+                found[p] = path_fingerprint(Path(p))
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    visit(config)
+    return found
 
 
 def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:

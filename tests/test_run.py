@@ -209,3 +209,32 @@ def test_report_compare_flags_regressions(tmp_path):
     assert loose.exit_code == 0, loose.output
     missing = CliRunner().invoke(app, ["report", "compare", str(old), str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no report.json" in missing.stderr
+
+
+def test_resume_reruns_steps_whose_inputs_changed(tmp_path, npz_file):
+    import numpy as np
+
+    recipe = {
+        "version": 1,
+        "model": {"spec": f"{TOY}:tiny_cnn"},
+        "data": {"source": f"npz:{npz_file}", "batch_size": 32},
+        "steps": [{"type": "train", "epochs": 1, "lr": 0.02}, {"type": "eval"}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"]).exit_code == 0
+    first = json.loads((out / "report.json").read_text())["steps"]
+
+    same = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--resume"])
+    assert same.exit_code == 0 and same.stderr.count("already completed") == 2, same.output
+
+    with np.load(npz_file) as arrays:  # same file name and options, different content
+        x, y = arrays["x"], arrays["y"]
+    np.savez(npz_file, x=x[::-1].copy(), y=y[::-1].copy())
+    changed = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--resume"])
+    assert changed.exit_code == 0, changed.output
+    assert "already completed" not in changed.stderr
+    second = json.loads((out / "report.json").read_text())["steps"]
+    assert [s["config"] for s in second] == [s["config"] for s in first]
+    assert all(a["inputs_sha256"] != b["inputs_sha256"] for a, b in zip(first, second))
