@@ -118,7 +118,9 @@ def reduce_range_for(setting: str) -> bool:
 
 
 def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], reduce_range: bool,
-             exclude: list[str] | None = None) -> None:
+             exclude: list[str] | None = None, overrides: dict[str, Any] | None = None) -> None:
+    """onnxruntime's quantizer with one scheme; `overrides` (static) fixes the scale and zero point
+    of named tensors (TensorQuantOverrides) instead of calibrating them."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -148,7 +150,8 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                     per_channel=scheme.per_channel, reduce_range=reduce_range,
                     activation_type=qtype[scheme.activation_type], weight_type=qtype[scheme.weight_type],
                     calibrate_method=calibration[scheme.calibration or "minmax"], nodes_to_exclude=exclude or [],
-                    extra_options={"CalibMaxIntermediateOutputs": 64, **typed},
+                    extra_options={"CalibMaxIntermediateOutputs": 64, **typed,
+                                   **({"TensorQuantOverrides": overrides} if overrides else {})},
                 )
     except Exception as exc:
         first = first_line(exc)

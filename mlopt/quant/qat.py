@@ -11,9 +11,12 @@ unfolded one, up to the positive per-channel factor. Layers with weights other t
 Linear and batch norm are not simulated; the report lists them.
 
 The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
-U8S8 per-channel, min/max calibration): the graph onnxruntime turns into QLinearConv/QGemm
-kernels, so the QAT model runs exactly as fast as the PTQ one. The report checks it: integer and
-float kernel counts after onnxruntime's optimisation, and the top-1 agreement between the torch
+U8S8 per-channel): the graph onnxruntime turns into QLinearConv/QGemm kernels, so the QAT model
+runs exactly as fast as the PTQ one. The learned input range of every simulated layer is handed
+to the quantizer as a TensorQuantOverride, so the runtime uses the scales the model trained with;
+tensors the simulation does not cover (residual adds, pooling outputs) are calibrated by
+onnxruntime (min/max). The report checks it: integer and float kernel counts after onnxruntime's
+optimisation, how many ranges were handed over, and the top-1 agreement between the torch
 simulation and the onnxruntime INT8 model on the validation split.
 """
 
@@ -45,6 +48,8 @@ class QATConfig(TrainingConfig):
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
     calibration_samples: int = Field(256, gt=0)
+    export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
+                                "(otherwise it calibrates the trained model afresh)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
     iterations: int = Field(30, gt=0, description="timed runs per batch size for the report")
 
@@ -141,6 +146,21 @@ class Simulation:
         for obs in self.observers.values():
             obs.frozen = frozen
 
+    def execution_order(self, x: Any) -> list[str]:
+        """The simulated layers' names in the order one forward pass calls them."""
+        import torch
+
+        calls: list[str] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, inp, n=name: calls.append(n)) for name, m in self.layers]
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return calls
+
     def remove(self) -> None:
         import torch.nn.utils.parametrize as P
 
@@ -163,6 +183,45 @@ def not_simulated(module: Any) -> list[str]:
     covered = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm)
     return [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
             if not isinstance(m, covered) and any(True for _ in m.parameters(recurse=False))]
+
+
+def range_overrides(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[dict[str, Any], list[str]]:
+    """The learned input ranges as onnxruntime TensorQuantOverrides on the exported FP32 graph.
+
+    No library maps torch modules to ONNX tensors, so this does it by hand: the exporter emits
+    nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph is the k-th layer
+    call, which is checked by weight shape; the override goes on the tensor feeding that node. A
+    tensor feeding several layers gets the union of their ranges. Returns the overrides and the
+    layers that could not be matched (onnxruntime calibrates those).
+    """
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+             and n.input[1] in weights]
+    modules = dict(sim.layers)
+    if len(nodes) != len(order):
+        return {}, order
+    ranges: dict[str, tuple[float, float]] = {}
+    unmatched = []
+    for name, node in zip(order, nodes):
+        shape, w = tuple(modules[name].weight.shape), weights[node.input[1]]
+        obs = sim.observers[name]
+        if w not in (shape, shape[::-1]) or np.isnan(float(obs.lo)):
+            unmatched.append(name)
+            continue
+        lo, hi = float(obs.lo), float(obs.hi)
+        old = ranges.get(node.input[0])
+        ranges[node.input[0]] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+    overrides = {}
+    for tensor, (lo, hi) in ranges.items():
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # as the simulation: the range always holds zero
+        scale = max((hi - lo) / 255.0, 1e-12)
+        overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
+                              "zero_point": np.array(int(round(-lo / scale)), dtype=np.uint8)}]
+    return overrides, unmatched
 
 
 def step_clock() -> Any:
@@ -252,6 +311,7 @@ class QATPass(Pass):
         sim_logits = predict_logits(module, data.val, 64).numpy()
         sim.remove()
         module.eval()
+        order = sim.execution_order(torch.as_tensor(feeds[0][:1]))
 
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
@@ -260,9 +320,15 @@ class QATPass(Pass):
             out = Path(ctx.out_dir) / "model.onnx"
             from onnxruntime.quantization import quant_pre_process
 
+            overrides, unmatched = range_overrides(work / "fp32.onnx", order, sim) if config.export_ranges else ({}, [])
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
+            # Pre-processing keeps the tensor names that feed Conv/Gemm; an override whose tensor it
+            # removed is dropped (onnxruntime calibrates that tensor instead).
+            pre_inputs = {n.input[0] for n in graph.load(work / "pre.onnx").graph.node if n.input}
+            handed = {t: v for t, v in overrides.items() if t in pre_inputs}
             ort_feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
-            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False)
+            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False,
+                     overrides=handed)
             kernels = graph.kernel_counts(out)
             pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
             quality = Quality(work / "fp32.onnx", data, pcfg)  # batches of 64, as sim_logits
@@ -284,6 +350,8 @@ class QATPass(Pass):
             "float_kernels": kernels["float"],
             "left_in_float": kernels["float_ops"],
             "not_simulated": floating,
+            "ranges_handed_to_onnxruntime": len(handed),
+            "layers_calibrated_by_onnxruntime": unmatched,
             "fp32_latency_ms": fp32_lat,
             "latency_ms": int8_lat,
             "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},

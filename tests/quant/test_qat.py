@@ -17,6 +17,7 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     m = json.loads(result.stdout)
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
+    assert m["ranges_handed_to_onnxruntime"] == 3 and m["layers_calibrated_by_onnxruntime"] == []
     assert m["simulation_top1_agreement"] >= 0.95
     assert abs(m["accuracy"] - m["simulated_accuracy"]) <= 0.05
     assert m["accuracy"] > 0.5
@@ -120,3 +121,39 @@ def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
     a, b = weights(full), weights(out)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    from mlopt.export.onnx import export_onnx
+    from mlopt.quant.ptq import Scheme, quantize
+    from mlopt.quant.qat import Simulation, range_overrides
+    from toy_models import tiny_cnn
+
+    torch.manual_seed(0)
+    m = tiny_cnn().eval()
+    sim = Simulation(m, 0.9)
+    x = torch.randn(16, 1, 8, 8)
+    sim.calibrate([x])
+    sim.observers["features.0"].hi.fill_(7.5)  # a range calibration alone would never produce
+    sim.remove()
+    order = sim.execution_order(x[:1])
+    assert order == ["features.0", "features.3", "classifier"]
+    export_onnx(m, (1, 8, 8), tmp_path / "fp32.onnx", 18, "dynamo")
+    overrides, unmatched = range_overrides(tmp_path / "fp32.onnx", order, sim)
+    assert unmatched == [] and len(overrides) == 3 and "input" in overrides
+    lo = min(float(sim.observers["features.0"].lo), 0.0)
+    assert float(overrides["input"][0]["scale"]) == pytest.approx((7.5 - lo) / 255, rel=1e-6)
+
+    quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
+             [{"input": x.numpy()}], False, overrides=overrides)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in overrides:
+            want = overrides[node.input[0]][0]
+            assert np.isclose(inits[node.input[1]], want["scale"]) and inits[node.input[2]] == want["zero_point"]
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] in overrides for n in model.graph.node) == 3
