@@ -140,3 +140,44 @@ class Untraceable(nn.Module):
 
 def untraceable(num_classes: int = 10) -> nn.Module:
     return Untraceable(num_classes)
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention in timm's layout: one qkv Linear, num_heads and head_dim attributes."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, num_classes: int = 10, dim: int = 32, heads: int = 4, depth: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(dim), "attn": HeadAttention(dim, heads), "norm2": nn.LayerNorm(dim),
+                "mlp": nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)),
+            }))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x = x + blk["attn"](blk["norm1"](x))
+            x = x + blk["mlp"](blk["norm2"](x))
+        return self.head(x.mean(dim=1))
+
+
+def tiny_vit(num_classes: int = 10) -> nn.Module:
+    return TinyViT(num_classes)

@@ -17,6 +17,7 @@ def prune(
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of channels (or weights) to remove, in (0, 1).")] = None,
     target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs (searches the ratio).")] = None,
     target_params: Annotated[Optional[float], typer.Option("--target-params", help="Keep this fraction of the parameters.")] = None,
+    head_ratio: Annotated[Optional[float], typer.Option("--head-ratio", help="Fraction of attention heads to remove (blocks with qkv + num_heads).")] = None,
     importance: Annotated[str, typer.Option("--importance", help="l1, l2, bn-scale, taylor, lamp or random.")] = "l1",
     global_ranking: Annotated[bool, typer.Option("--global/--per-layer", help="Rank across layers or within each layer.")] = False,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,
@@ -44,7 +45,7 @@ def prune(
         {"spec": model, "num_classes": num_classes, "weights": weights, "input_shape": input_shape, "seed": seed},
         {"source": data, "image_size": image_size, "channels": channels, "batch_size": batch_size, "seed": seed},
         {"type": "prune", "sparsity": sparsity, "ratio": ratio, "target_macs": target_macs,
-         "target_params": target_params, "importance": importance, "global_ranking": global_ranking,
+         "target_params": target_params, "head_ratio": head_ratio, "importance": importance, "global_ranking": global_ranking,
          "round_to": round_to, "ignore": ignore or [], "steps": steps, "finetune_epochs": finetune_epochs,
          "finetune": {"lr": lr, "amp": amp, "device": device, "seed": seed}, "measure_latency": latency},
     )

@@ -30,6 +30,9 @@ class PruneConfig(BaseModel):
     ratio: float | None = Field(None, gt=0, lt=1, description="structured: fraction of channels; unstructured: of weights")
     target_macs: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the MACs")
     target_params: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the parameters")
+    head_ratio: float | None = Field(
+        None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
+        "and a `num_heads` attribute (timm's ViT layout)")
     importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
     global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer")
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
@@ -44,8 +47,10 @@ class PruneConfig(BaseModel):
     @model_validator(mode="after")
     def _targets(self) -> "PruneConfig":
         given = [n for n in ("ratio", "target_macs", "target_params") if getattr(self, n) is not None]
-        if self.sparsity == "structured" and len(given) != 1:
-            raise ValueError("structured pruning needs exactly one of ratio, target_macs, target_params")
+        if self.sparsity == "structured" and (len(given) > 1 or (not given and self.head_ratio is None)):
+            raise ValueError("structured pruning needs exactly one of ratio, target_macs, target_params (or head_ratio alone)")
+        if self.head_ratio is not None and self.sparsity != "structured":
+            raise ValueError("head_ratio applies to structured pruning")
         if self.sparsity == "unstructured" and given != ["ratio"]:
             raise ValueError("unstructured sparsity needs ratio (the fraction of weights set to zero) and no target")
         if self.sparsity == "2:4" and given:
@@ -86,6 +91,22 @@ def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
     return int(macs), int(params)
 
 
+def attention_blocks(module: Any) -> list[tuple[str, Any]]:
+    """Multi-head attention blocks in timm's layout: a `qkv` Linear and an int `num_heads`."""
+    import torch
+
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(getattr(m, "qkv", None), torch.nn.Linear) and isinstance(getattr(m, "num_heads", None), int)]
+
+
+def sync_heads(module: Any, pruner: Any) -> None:
+    """After a pruning step, tell each attention block its new head count and head size."""
+    for _, m in attention_blocks(module):
+        m.num_heads = int(pruner.num_heads[m.qkv])
+        if isinstance(getattr(m, "head_dim", None), int):
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+
+
 def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignored: list[Any],
                 steps: int) -> Any:
     import torch
@@ -93,11 +114,23 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ra
 
     from mlopt.compress.importance import make_importance
 
+    blocks = attention_blocks(module)
+    if cfg.head_ratio is not None and not blocks:
+        raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and a `num_heads` "
+                         "attribute (timm's ViT layout); nn.MultiheadAttention heads shrink with the width (ratio)")
+    heads: dict[str, Any] = {}
+    if blocks:
+        # Torch-Pruning keeps heads whole: with heads given, it prunes the same dims in every head
+        # (ratio) or whole heads (head_ratio); the qkv layers' own ratio triggers the head step.
+        heads = {"num_heads": {m.qkv: m.num_heads for _, m in blocks}}
+        if cfg.head_ratio is not None:
+            heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=cfg.head_ratio,
+                         pruning_ratio_dict={m.qkv: cfg.head_ratio for _, m in blocks})
     try:
         return tp.pruner.BasePruner(
             module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
             global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
-            iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
+            iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to, **heads,
         )
     except Exception as exc:
         first = first_line(exc)
@@ -111,7 +144,21 @@ def _prune_copy(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ra
     trial = copy.deepcopy(module)
     pruner = make_pruner(trial, sample_shape, cfg, ratio, _named_modules(trial, ignore), 1)
     pruner.step()
+    sync_heads(trial, pruner)
     return trial
+
+
+def _check_forward(module: Any, sample_shape: tuple[int, ...]) -> None:
+    import torch
+
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros((1, *sample_shape)))
+    except Exception as exc:
+        hint = ("; attention blocks must reshape with num_heads and head_dim (or -1), not the input width"
+                if attention_blocks(module) else "")
+        raise InputError(f"the pruned model fails to run ({type(exc).__name__}: {first_line(exc)[:200]}){hint}") from exc
 
 
 def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ignore: list[str]) -> tuple[float, float]:
@@ -184,7 +231,9 @@ class PrunePass(Pass):
 
         if config.sparsity == "structured":
             ratio = config.ratio
-            if ratio is None:
+            if ratio is None and config.head_ratio is not None and config.target_macs is None and config.target_params is None:
+                ratio = 0.0  # heads only
+            elif ratio is None:
                 ratio, reached = search_ratio(module, shape, config, ignore)
                 notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
                              f"{'MACs' if config.target_macs else 'parameters'})")
@@ -196,12 +245,17 @@ class PrunePass(Pass):
 
                     accumulate_gradients(module, data, batch)
                 pruner.step()
+                sync_heads(module, pruner)
+                _check_forward(module, shape)
                 module.zero_grad(set_to_none=True)
                 console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
                 finetune(step)
             pruned = changed_attributes(before_shapes, shape_attributes(module))
             builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
             metrics["layers"] = self._layer_table(before_shapes, pruned)
+            heads = {n: f"{before_shapes[n]['num_heads']} -> {a['num_heads']}" for n, a in pruned.items() if "num_heads" in a}
+            if heads:
+                metrics["heads"] = heads
         else:
             from mlopt.compress import sparsity as sp
 

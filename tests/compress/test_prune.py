@@ -172,3 +172,33 @@ def test_every_importance_criterion(importance, global_ranking, trained_dir, tmp
     assert m["params_after"] < m["params_before"]
     art, y = reload_and_run(out, (1, 8, 8))
     assert y.shape == (2, 10)
+
+
+@pytest.mark.parametrize("extra", [[], ["--ratio", "0.25"]], ids=["heads-only", "heads-and-width"])
+def test_head_pruning_removes_whole_heads_and_reloads(tmp_path, extra):
+    import torch
+
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"{TOY}:tiny_vit", "--data", "digits", "--head-ratio", "0.5",
+                                 *extra, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["heads"] == {"blocks.0.attn": "4 -> 2", "blocks.1.attn": "4 -> 2"}
+    meta = json.loads((out / "model.json").read_text())["builder"]["pruned"]
+    state = torch.load(out / "model.pt", weights_only=True)
+    for i in (0, 1):
+        assert meta[f"blocks.{i}.attn"]["num_heads"] == 2
+        assert state[f"blocks.{i}.attn.qkv.weight"].shape[0] == 3 * 2 * 8  # 2 heads of the original size 8
+    width = state["patch.weight"].shape[0]
+    assert width == 32 if not extra else width < 32
+    assert m["params_ratio"] > 1.0
+    # reloads from spec + recorded shapes + state dict, and exports with parity on real inputs
+    exported = runner.invoke(app, ["export", "--model", str(out), "--data", "digits", "--out", str(tmp_path / "e"), "--quiet"])
+    assert exported.exit_code == 0, exported.output
+
+
+def test_head_ratio_without_attention_blocks_is_an_error(tiny_spec, tmp_path):
+    result = runner.invoke(app, ["prune", "--model", tiny_spec, "--data", "digits", "--head-ratio", "0.5",
+                                 "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "no attention block" in result.stderr
+    assert not (tmp_path / "p").exists()
