@@ -202,3 +202,15 @@ def test_head_ratio_without_attention_blocks_is_an_error(tiny_spec, tmp_path):
                                  "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "no attention block" in result.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_width_pruning_keeps_heads_whole_and_shrinks_each_head(tmp_path):
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"{TOY}:tiny_vit", "--input-shape", "1x1x8x8", "--ratio", "0.25",
+                                 "--no-latency", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    art = load_artifact(out)
+    for blk in art.module.blocks:
+        attn = blk["attn"]
+        assert attn.num_heads == 4 and attn.head_dim == 6 and attn.qkv.out_features == 3 * 4 * 6
+    assert art.module(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
