@@ -161,6 +161,28 @@ class Simulation:
                 h.remove()
         return calls
 
+    def capture_inputs(self, x: Any) -> dict[str, Any]:
+        """Each simulated layer's (fake-quantized) input for one batch, as numpy arrays."""
+        import torch
+
+        seen: dict[str, Any] = {}
+
+        def grab(name: str) -> Any:
+            def hook(mod: Any, inputs: tuple[Any, ...]) -> None:
+                seen.setdefault(name, inputs[0].detach().float().cpu().numpy())
+            return hook
+
+        # Registered after the observers' hooks, so they see the quantized inputs.
+        hooks = [m.register_forward_pre_hook(grab(name)) for name, m in self.layers]
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                self.module(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
     def remove(self) -> None:
         import torch.nn.utils.parametrize as P
 
@@ -185,16 +207,13 @@ def not_simulated(module: Any) -> list[str]:
             if not isinstance(m, covered) and any(True for _ in m.parameters(recurse=False))]
 
 
-def range_overrides(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[dict[str, Any], list[str]]:
-    """The learned input ranges as onnxruntime TensorQuantOverrides on the exported FP32 graph.
+def match_layers(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
+    """Which ONNX tensor feeds each simulated layer: {layer name: tensor name}, and the unmatched layers.
 
     No library maps torch modules to ONNX tensors, so this does it by hand: the exporter emits
     nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph is the k-th layer
-    call, which is checked by weight shape; the override goes on the tensor feeding that node. A
-    tensor feeding several layers gets the union of their ranges. Returns the overrides and the
-    layers that could not be matched (onnxruntime calibrates those).
+    call, which is checked by weight shape.
     """
-    import numpy as np
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -203,25 +222,88 @@ def range_overrides(onnx_path: Path, order: list[str], sim: Simulation) -> tuple
              and n.input[1] in weights]
     modules = dict(sim.layers)
     if len(nodes) != len(order):
-        return {}, order
-    ranges: dict[str, tuple[float, float]] = {}
-    unmatched = []
+        return {}, list(order)
+    matched, unmatched = {}, []
     for name, node in zip(order, nodes):
-        shape, w = tuple(modules[name].weight.shape), weights[node.input[1]]
-        obs = sim.observers[name]
-        if w not in (shape, shape[::-1]) or np.isnan(float(obs.lo)):
+        shape = tuple(modules[name].weight.shape)
+        if weights[node.input[1]] in (shape, shape[::-1]):
+            matched[name] = node.input[0]
+        else:
             unmatched.append(name)
+    return matched, unmatched
+
+
+def range_overrides(sim: Simulation, layer_tensors: dict[str, str]) -> dict[str, Any]:
+    """The learned input ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point).
+
+    A tensor feeding several layers gets the union of their ranges.
+    """
+    import numpy as np
+
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, tensor in layer_tensors.items():
+        obs = sim.observers[name]
+        if np.isnan(float(obs.lo)):
             continue
         lo, hi = float(obs.lo), float(obs.hi)
-        old = ranges.get(node.input[0])
-        ranges[node.input[0]] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+        old = ranges.get(tensor)
+        ranges[tensor] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
     overrides = {}
     for tensor, (lo, hi) in ranges.items():
         lo, hi = min(lo, 0.0), max(hi, 0.0)  # as the simulation: the range always holds zero
         scale = max((hi - lo) / 255.0, 1e-12)
         overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
                               "zero_point": np.array(int(round(-lo / scale)), dtype=np.uint8)}]
-    return overrides, unmatched
+    return overrides
+
+
+def layer_errors(int8_path: Path, layer_tensors: dict[str, str], torch_inputs: dict[str, Any], x: Any) -> list[dict[str, Any]]:
+    """Per layer, the simulated INT8 input in torch against onnxruntime's (the DequantizeLinear output
+    feeding the same layer in the QDQ model, run without graph fusion so the tensor exists).
+
+    Error in units of the runtime's quantization step: 0 means the same grid point everywhere.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(int8_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    by_input: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            by_input.setdefault(i, []).append(node)
+    targets: dict[str, tuple[str, float]] = {}
+    for name, tensor in layer_tensors.items():
+        q = next((n for n in by_input.get(tensor, []) if n.op_type == "QuantizeLinear"), None)
+        dq = next((n for n in by_input.get(q.output[0], []) if n.op_type == "DequantizeLinear"), None) if q else None
+        if dq is not None and q.input[1] in inits:
+            targets[name] = (dq.output[0], float(inits[q.input[1]]))
+    if not targets:
+        return []
+    known = {o.name for o in model.graph.output}
+    for out_name in sorted({t for t, _ in targets.values()} - known):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x})))
+    rows = []
+    for name, (tensor, scale) in targets.items():
+        a, b = np.asarray(torch_inputs[name], dtype=np.float64), values[tensor].astype(np.float64)
+        if a.shape != b.shape:
+            continue
+        diff = np.abs(a - b)
+        noise = float((diff ** 2).sum())
+        rows.append({
+            "layer": name, "onnx_tensor": tensor,
+            "max_error_steps": float(diff.max() / scale), "mean_error_steps": float(diff.mean() / scale),
+            "sqnr_db": None if noise == 0 else float(10 * np.log10(max((a ** 2).sum(), 1e-30) / noise)),  # None: identical
+        })
+    return rows
 
 
 def step_clock() -> Any:
@@ -309,9 +391,13 @@ class QATPass(Pass):
         sim.freeze()
         sim_acc = evaluate_torch(module, data, batch)["accuracy"]
         sim_logits = predict_logits(module, data.val, 64).numpy()
+        from mlopt.data import first_inputs
+
+        probe = first_inputs(data, 64)
+        sim_inputs = sim.capture_inputs(probe)
         sim.remove()
         module.eval()
-        order = sim.execution_order(torch.as_tensor(feeds[0][:1]))
+        order = sim.execution_order(probe[:1])
 
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
@@ -320,16 +406,19 @@ class QATPass(Pass):
             out = Path(ctx.out_dir) / "model.onnx"
             from onnxruntime.quantization import quant_pre_process
 
-            overrides, unmatched = range_overrides(work / "fp32.onnx", order, sim) if config.export_ranges else ({}, [])
+            layer_tensors, unmatched = match_layers(work / "fp32.onnx", order, sim)
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-            # Pre-processing keeps the tensor names that feed Conv/Gemm; an override whose tensor it
-            # removed is dropped (onnxruntime calibrates that tensor instead).
+            # Pre-processing keeps the tensor names that feed Conv/Gemm; a layer whose tensor it
+            # removed is left to onnxruntime's calibration.
             pre_inputs = {n.input[0] for n in graph.load(work / "pre.onnx").graph.node if n.input}
-            handed = {t: v for t, v in overrides.items() if t in pre_inputs}
+            unmatched += [n for n, t in layer_tensors.items() if t not in pre_inputs]
+            layer_tensors = {n: t for n, t in layer_tensors.items() if t in pre_inputs}
+            handed = range_overrides(sim, layer_tensors) if config.export_ranges else {}
             ort_feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
             quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False,
                      overrides=handed)
             kernels = graph.kernel_counts(out)
+            errors = layer_errors(out, layer_tensors, sim_inputs, probe.numpy())
             pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
             quality = Quality(work / "fp32.onnx", data, pcfg)  # batches of 64, as sim_logits
             int8_outputs = quality.outputs(out)
@@ -352,6 +441,7 @@ class QATPass(Pass):
             "not_simulated": floating,
             "ranges_handed_to_onnxruntime": len(handed),
             "layers_calibrated_by_onnxruntime": unmatched,
+            "layer_error": errors,
             "fp32_latency_ms": fp32_lat,
             "latency_ms": int8_lat,
             "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},
@@ -360,6 +450,12 @@ class QATPass(Pass):
         }
         notes = [f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels",
                  f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
+        if errors:
+            worst = max(errors, key=lambda r: r["max_error_steps"])
+            notes.append(f"per-layer inputs, torch simulation against onnxruntime on {len(probe)} validation samples: "
+                         f"largest difference {worst['max_error_steps']:.2f} quantization steps ({worst['layer']})"
+                         + (f", lowest SQNR {min(r['sqnr_db'] for r in errors if r['sqnr_db'] is not None):.1f} dB"
+                            if any(r["sqnr_db"] is not None for r in errors) else ", identical"))
         if kernels["float"]:
             console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
         slower = [b for b in fp32_lat if int8_lat[b] >= fp32_lat[b]]

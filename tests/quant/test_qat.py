@@ -18,6 +18,12 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
     assert m["ranges_handed_to_onnxruntime"] == 3 and m["layers_calibrated_by_onnxruntime"] == []
+    # the same quantized inputs in torch and onnxruntime: the first layer exactly, later ones within
+    # one quantization step (float rounding upstream, and the pooling onnxruntime quantizes)
+    errors = {r["layer"]: r for r in m["layer_error"]}
+    assert list(errors) == ["features.0", "features.3", "classifier"]
+    assert errors["features.0"]["max_error_steps"] == 0 and errors["features.0"]["sqnr_db"] is None
+    assert all(r["max_error_steps"] <= 1.01 and r["mean_error_steps"] < 0.5 for r in errors.values())
     assert m["simulation_top1_agreement"] >= 0.95
     assert abs(m["accuracy"] - m["simulated_accuracy"]) <= 0.05
     assert m["accuracy"] > 0.5
@@ -130,7 +136,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
 
     from mlopt.export.onnx import export_onnx
     from mlopt.quant.ptq import Scheme, quantize
-    from mlopt.quant.qat import Simulation, range_overrides
+    from mlopt.quant.qat import Simulation, match_layers, range_overrides
     from toy_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -143,8 +149,10 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     order = sim.execution_order(x[:1])
     assert order == ["features.0", "features.3", "classifier"]
     export_onnx(m, (1, 8, 8), tmp_path / "fp32.onnx", 18, "dynamo")
-    overrides, unmatched = range_overrides(tmp_path / "fp32.onnx", order, sim)
-    assert unmatched == [] and len(overrides) == 3 and "input" in overrides
+    layer_tensors, unmatched = match_layers(tmp_path / "fp32.onnx", order, sim)
+    assert unmatched == [] and list(layer_tensors) == order and layer_tensors["features.0"] == "input"
+    overrides = range_overrides(sim, layer_tensors)
+    assert len(overrides) == 3 and "input" in overrides
     lo = min(float(sim.observers["features.0"].lo), 0.0)
     assert float(overrides["input"][0]["scale"]) == pytest.approx((7.5 - lo) / 255, rel=1e-6)
 
