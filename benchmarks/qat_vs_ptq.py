@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--qat-lr", type=float, default=5e-5)
     p.add_argument("--no-teacher", action="store_true")
+    p.add_argument("--observer", choices=["ema", "lsq"], default="ema")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing sessions; each model keeps its best")
     args = p.parse_args()
     console.set_quiet(True)
@@ -44,7 +45,8 @@ def main() -> None:
             run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
                 {"type": "ptq", "mode": "static", "calibration": "minmax"}]}, "ptq"), root / "ptq", flat=True)
             qat = run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
-                {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "teacher": not args.no_teacher}]}, "qat"),
+                {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "teacher": not args.no_teacher,
+                 "observer": args.observer}]}, "qat"),
                 root / "qat", flat=True)
             from mlopt.data import DataConfig, load_data
 

@@ -66,6 +66,17 @@ def backend() -> str | None:
     return td.get_backend()
 
 
+def average_grads(params: list[Any]) -> None:
+    """Average the gradients of parameters outside DistributedDataParallel across the ranks."""
+    import torch.distributed as td
+
+    world = td.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            td.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 def all_reduce_sum(values: list[float], device: Any) -> list[float]:
     """Sum a few scalars across ranks (a no-op in one process)."""
     if not _initialised:

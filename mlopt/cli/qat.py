@@ -17,6 +17,7 @@ def qat(
     lr: o.Lr = 5e-5,
     optimizer: o.Optimizer = "adamw",
     freeze_observers_after: Annotated[int, typer.Option("--freeze-observers-after", help="Epochs before activation ranges freeze.")] = 1,
+    observer: Annotated[str, typer.Option("--observer", help="Activation ranges: ema (min/max observers) or lsq (learned scale and zero point).")] = "ema",
     freeze_bn_after: Annotated[int, typer.Option("--freeze-bn-after", help="Epochs during which batch-norm statistics still update (0: frozen).")] = 0,
     teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Distil from the FP32 model while training.")] = True,
     calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Samples for the initial ranges.")] = 256,
@@ -43,7 +44,7 @@ def qat(
         {"spec": model, "num_classes": num_classes, "weights": weights, "seed": seed},
         {"source": data, "image_size": image_size, "channels": channels, "batch_size": batch_size, "seed": seed},
         {"type": "qat", "epochs": epochs, "lr": lr, "optimizer": optimizer, "freeze_observers_after": freeze_observers_after,
-         "freeze_bn_after": freeze_bn_after,
+         "freeze_bn_after": freeze_bn_after, "observer": observer,
          "teacher": teacher, "calibration_samples": calibration_samples, "batch_sizes": batch_sizes or [1, 32],
          "amp": amp, "device": device, "checkpoint_every": checkpoint_every, "seed": seed},
     )

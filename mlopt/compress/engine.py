@@ -184,6 +184,7 @@ def fit(
         model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
 
     params = [p for m in (module, *objective.modules) for p in m.parameters() if p.requires_grad]
+    extra_params = [p for m in objective.modules for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -282,6 +283,8 @@ def fit(
                 loss, logits = forward_loss(x, y, indices)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if dist.enabled and extra_params:
+                    distributed.average_grads(extra_params)  # DDP averages only the wrapped module's
                 if cfg.grad_clip is not None:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -43,6 +43,8 @@ class QATConfig(TrainingConfig):
     type: Literal["qat"] = "qat"
     epochs: int = Field(2, gt=0)
     lr: float = Field(5e-5, gt=0)
+    observer: Literal["ema", "lsq"] = Field(
+        "ema", description="activation ranges: EMA min/max observers, or a scale and zero point learned by gradient (LSQ+)")
     freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
     freeze_bn_after: int = Field(0, ge=0, description="epochs during which batch-norm statistics still update")
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
@@ -71,9 +73,16 @@ def weight_fake_quant() -> Any:
     return WeightFakeQuant()
 
 
-def activation_observer(ema: float) -> Any:
-    """An nn.Module watching one layer's input: EMA min/max (buffers, so checkpoints keep them)
-    and uint8 asymmetric fake quantization with that range. `hook` is the forward pre-hook."""
+def activation_observer(ema: float, learned: bool = False) -> Any:
+    """An nn.Module watching one layer's input and fake-quantizing it to uint8 (asymmetric).
+
+    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential
+    average while training. Learned mode (LSQ+): the scale and zero point are parameters, started
+    from the calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
+    `hook` is the forward pre-hook.
+    """
+    import math
+
     import torch
 
     class ActivationObserver(torch.nn.Module):
@@ -82,17 +91,44 @@ def activation_observer(ema: float) -> Any:
             self.register_buffer("lo", torch.tensor(float("nan")))
             self.register_buffer("hi", torch.tensor(float("nan")))
             self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
+            self.learned = learned
+            if learned:
+                self.scale = torch.nn.Parameter(torch.tensor([1.0]))
+                self.zero_point = torch.nn.Parameter(torch.tensor([0.0]))
             self.frozen = False
             self.calibrating = False
 
         def qparams(self) -> tuple[float, int]:
+            if self.learned:
+                scale, zero = float(self.scale.detach()), float(self.zero_point.detach())
+                return max(scale, 1e-12), min(max(int(round(zero)), 0), 255)
             lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)  # the range always holds zero
             scale = max((hi - lo) / 255.0, 1e-12)
             return scale, int(round(-lo / scale))
 
+        def range(self) -> tuple[float, float]:
+            """The real-valued range the uint8 grid covers."""
+            scale, zero = self.qparams()
+            return -zero * scale, (255 - zero) * scale
+
+        def start_learning(self) -> None:
+            """Learned mode: take the calibrated range as the starting scale and zero point."""
+            if self.learned and not torch.isnan(self.lo):
+                lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+                scale = max((hi - lo) / 255.0, 1e-8)
+                with torch.no_grad():
+                    self.scale.fill_(scale)
+                    self.zero_point.fill_(round(-lo / scale))
+
+        def set_frozen(self, frozen: bool) -> None:
+            self.frozen = frozen
+            if self.learned:
+                self.scale.requires_grad_(not frozen)
+                self.zero_point.requires_grad_(not frozen)
+
         def hook(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
             x = inputs[0]
-            if self.calibrating or (module.training and not self.frozen):
+            if self.calibrating or (module.training and not self.frozen and not self.learned):
                 lo, hi = x.detach().min().to(self.lo), x.detach().max().to(self.hi)
                 with torch.no_grad():
                     if torch.isnan(self.lo) or self.calibrating:
@@ -104,6 +140,14 @@ def activation_observer(ema: float) -> Any:
                     self.updates += 1
             if self.calibrating or torch.isnan(self.lo):
                 return inputs
+            if self.learned:
+                with torch.no_grad():
+                    self.scale.clamp_(min=1e-8)
+                    self.zero_point.clamp_(0, 255)
+                grad_factor = 1.0 / math.sqrt(x[0].numel() * 255)
+                fq = torch._fake_quantize_learnable_per_tensor_affine(
+                    x.float(), self.scale, self.zero_point, 0, 255, grad_factor)
+                return (fq.to(x.dtype), *inputs[1:])
             scale, zero = self.qparams()
             fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
             return (fq, *inputs[1:])
@@ -114,7 +158,7 @@ def activation_observer(ema: float) -> Any:
 class Simulation:
     """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights)."""
 
-    def __init__(self, module: Any, ema: float):
+    def __init__(self, module: Any, ema: float, learned: bool = False):
         import torch
         import torch.nn.utils.parametrize as P
 
@@ -126,7 +170,7 @@ class Simulation:
         self.handles = []
         for name, m in self.layers:
             P.register_parametrization(m, "weight", weight_fake_quant())
-            obs = activation_observer(ema)
+            obs = activation_observer(ema, learned)
             self.observers[name] = obs
             self.handles.append(m.register_forward_pre_hook(obs.hook))
 
@@ -141,10 +185,11 @@ class Simulation:
                 self.module(x)
         for obs in self.observers.values():
             obs.calibrating = False
+            obs.start_learning()
 
     def freeze(self, frozen: bool = True) -> None:
         for obs in self.observers.values():
-            obs.frozen = frozen
+            obs.set_frozen(frozen)
 
     def execution_order(self, x: Any) -> list[str]:
         """The simulated layers' names in the order one forward pass calls them."""
@@ -245,7 +290,7 @@ def range_overrides(sim: Simulation, layer_tensors: dict[str, str]) -> dict[str,
         obs = sim.observers[name]
         if np.isnan(float(obs.lo)):
             continue
-        lo, hi = float(obs.lo), float(obs.hi)
+        lo, hi = obs.range()
         old = ranges.get(tensor)
         ranges[tensor] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
     overrides = {}
@@ -349,7 +394,7 @@ class QATPass(Pass):
         if floating:
             console.warn(f"QAT simulates Conv2d and Linear layers only; {len(floating)} layer(s) train in float: "
                          + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
-        sim = Simulation(module, config.ema)
+        sim = Simulation(module, config.ema, learned=config.observer == "lsq")
         feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
                                                          config.calibration_samples)]
         sim.calibrate([torch.as_tensor(x) for x in feeds])

@@ -165,3 +165,42 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
             want = overrides[node.input[0]][0]
             assert np.isclose(inits[node.input[1]], want["scale"]) and inits[node.input[2]] == want["zero_point"]
     assert sum(n.op_type == "QuantizeLinear" and n.input[0] in overrides for n in model.graph.node) == 3
+
+
+def test_lsq_observers_learn_scale_and_zero_point():
+    import torch
+
+    from mlopt.quant.qat import Simulation
+    from toy_models import tiny_cnn
+
+    torch.manual_seed(0)
+    m = tiny_cnn()
+    sim = Simulation(m, 0.9, learned=True)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    sim.calibrate([x])
+    obs = sim.observers["features.3"]
+    start = obs.qparams()
+    lo, hi = min(float(obs.lo), 0.0), max(float(obs.hi), 0.0)
+    assert start[0] == pytest.approx((hi - lo) / 255, rel=1e-5)  # starts from the calibrated range
+    params = [p for o in sim.observers.values() for p in o.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        assert obs.scale.grad is not None and obs.scale.grad.abs().item() > 0
+        opt.step()
+    assert obs.qparams()[0] != pytest.approx(start[0], rel=1e-4)
+    sim.freeze()
+    assert not obs.scale.requires_grad
+
+
+def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["qat", "--model", str(trained_dir), "--data", "digits", "--epochs", "1", "--lr", "0.001",
+                                 "--observer", "lsq", "--bench-batch-size", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 3
+    assert m["simulation_top1_agreement"] >= 0.95 and m["accuracy"] > 0.5
+    assert all(r["max_error_steps"] <= 1.01 for r in m["layer_error"])
