@@ -59,3 +59,20 @@ def exported_dir(tmp_path_factory, trained_dir) -> Path:
     result = CliRunner().invoke(app, ["export", "--model", str(trained_dir), "--data", "digits", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     return out
+
+
+def kill_once_checkpointed(args, checkpoint: Path, timeout: float = 180) -> None:
+    """Run `mlopt ARGS` in a subprocess and SIGKILL it as soon as `checkpoint` exists."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlopt", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

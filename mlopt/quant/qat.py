@@ -191,12 +191,17 @@ class Simulation:
         for obs in self.observers.values():
             obs.set_frozen(frozen)
 
-    def execution_order(self, x: Any) -> list[str]:
-        """The simulated layers' names in the order one forward pass calls them."""
+    def _forward_recording(self, x: Any, record: Any) -> None:
+        """One eval-mode forward pass of `x`, calling `record(name, input)` as each simulated layer
+        runs (after the observers' hooks, so while simulating it sees the quantized input)."""
         import torch
 
-        calls: list[str] = []
-        hooks = [m.register_forward_pre_hook(lambda mod, inp, n=name: calls.append(n)) for name, m in self.layers]
+        def hook_for(name: str) -> Any:
+            def hook(mod: Any, inputs: tuple[Any, ...]) -> None:  # returns None: leaves the inputs alone
+                record(name, inputs[0])
+            return hook
+
+        hooks = [m.register_forward_pre_hook(hook_for(name)) for name, m in self.layers]
         self.module.eval()
         try:
             with torch.no_grad():
@@ -204,28 +209,17 @@ class Simulation:
         finally:
             for h in hooks:
                 h.remove()
+
+    def execution_order(self, x: Any) -> list[str]:
+        """The simulated layers' names in the order one forward pass calls them."""
+        calls: list[str] = []
+        self._forward_recording(x, lambda name, _: calls.append(name))
         return calls
 
     def capture_inputs(self, x: Any) -> dict[str, Any]:
         """Each simulated layer's (fake-quantized) input for one batch, as numpy arrays."""
-        import torch
-
         seen: dict[str, Any] = {}
-
-        def grab(name: str) -> Any:
-            def hook(mod: Any, inputs: tuple[Any, ...]) -> None:
-                seen.setdefault(name, inputs[0].detach().float().cpu().numpy())
-            return hook
-
-        # Registered after the observers' hooks, so they see the quantized inputs.
-        hooks = [m.register_forward_pre_hook(grab(name)) for name, m in self.layers]
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                self.module(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._forward_recording(x, lambda name, t: seen.setdefault(name, t.detach().float().cpu().numpy()))
         return seen
 
     def remove(self) -> None:

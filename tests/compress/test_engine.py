@@ -14,7 +14,7 @@ from mlopt.compress.engine import TrainingConfig, _lr_factor, fit
 from mlopt.data import DataConfig, load_data
 from mlopt.errors import InputError
 
-from conftest import TOY
+from conftest import TOY, kill_once_checkpointed
 
 TRAIN = ["train", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--batch-size", "32", "--lr", "0.02"]
 
@@ -71,14 +71,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert CliRunner().invoke(app, [*args, "--out", full]).exit_code == 0
 
     out = tmp_path / "killed"
-    proc = _mlopt(*args, "--out", out)
-    ckpt = out / ".checkpoint" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    kill_once_checkpointed([*args, "--out", out], out / ".checkpoint" / "checkpoint.pt", timeout=120)
     assert not (out / "model.pt").exists()
 
     refused = CliRunner().invoke(app, [*args, "--out", out])

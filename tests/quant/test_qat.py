@@ -96,28 +96,16 @@ def test_layers_the_simulation_does_not_cover_are_listed():
 
 
 def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import numpy as np
     from onnx import numpy_helper
+
+    from conftest import kill_once_checkpointed
 
     args = [*QAT, "--model", str(trained_dir), "--checkpoint-every", "5", "--quiet"]
     full = tmp_path / "full"
     assert runner.invoke(app, [*args, "--out", str(full)]).exit_code == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mlopt", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / ".checkpoint" / "qat" / "checkpoint.pt"
-    deadline = time.time() + 180
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "QAT finished before it could be killed"
+    kill_once_checkpointed([*args, "--out", out], out / ".checkpoint" / "qat" / "checkpoint.pt")
     resumed = runner.invoke(app, [*args, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
 
