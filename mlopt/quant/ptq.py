@@ -354,11 +354,14 @@ class PTQPass(Pass):
             if chosen["kernels"]["float"]:
                 notes.append(f"onnxruntime left {chosen['kernels']['float']} Conv/MatMul/Gemm kernel(s) in float: "
                              f"{', '.join(chosen['kernels']['float_ops'])}")
-            notes.append(
-                f"chose {chosen['name']}: " + ", ".join(f"{s:.2f}x faster at batch {b}" for b, s in speedups.items())
-                + f", {metrics['size_ratio']:.2f}x smaller, within {quality.budget_text()}"
-            )
-            console.info(notes[-1])
+            speed = ", ".join(f"{s:.2f}x faster at batch {b}" if s >= 1 else f"{1 / s:.2f}x SLOWER at batch {b}"
+                              for b, s in speedups.items())
+            budget = (f"within {quality.budget_text()}" if chosen["within_budget"]
+                      else f"MISSING the budget ({quality.budget_text()})")
+            notes.append(f"{'chose' if config.mode == 'auto' else 'quantized as asked'} {chosen['name']}: {speed}, "
+                         f"{metrics['size_ratio']:.2f}x smaller, {budget}")
+            metrics["within_budget"] = chosen["within_budget"]
+            (console.info if chosen["within_budget"] and chosen["faster_than_fp32"] else console.warn)(notes[-1])
             return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)

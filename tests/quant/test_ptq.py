@@ -117,3 +117,17 @@ def test_too_few_calibration_samples_warns(exported_dir, tmp_path):
 def test_kernel_counts_on_fp32(exported_dir):
     counts = kernel_counts(exported_dir / "model.onnx")
     assert counts["integer"] == 0 and counts["float"] == 3
+
+
+def test_static_mode_missing_the_budget_says_so(exported_dir, tmp_path):
+    out = tmp_path / "q"
+    # unlabelled data: the budget is fidelity, and no INT8 model reproduces FP32 to a cosine of exactly 1
+    result = ptq("--model", exported_dir, "--data", "random:1x8x8", "--out", out, "--mode", "static",
+                 "--min-cosine", "1.0", "--no-fallback", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["quantized"] is True and m["within_budget"] is False and m["cosine_mean"] < 1.0
+    notes = json.loads((out / "report.json").read_text())["step"]["notes"]
+    said = [n for n in notes if n.startswith("quantized as asked")]
+    assert len(said) == 1 and "MISSING the budget (mean cosine to FP32 >= 1.0)" in said[0]
+    assert "MISSING the budget" in result.stderr
