@@ -29,7 +29,8 @@ def _fmt(value: Any) -> str:
 
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
-    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list)) or isinstance(v, list) and len(v) < 6]
+    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))
+            or isinstance(v, list) and len(v) < 6 and not any(isinstance(i, dict) for i in v)]
     if not rows:
         return []
     lines = ["| metric | value |", "| --- | --- |"]
@@ -53,6 +54,15 @@ def _bench_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _layer_error_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["Per-layer inputs, torch simulation against onnxruntime (in quantization steps):", "",
+             "| layer | max error | mean error | SQNR dB |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        sqnr = "identical" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        lines.append(f"| {r['layer']} | {r['max_error_steps']:.2f} | {r['mean_error_steps']:.3f} | {sqnr} |")
+    return lines
+
+
 def _step_section(step: dict[str, Any], heading: str) -> list[str]:
     lines = [heading, ""]
     lines.append(f"Ran in {step['duration_s']:.1f} s.")
@@ -62,6 +72,8 @@ def _step_section(step: dict[str, Any], heading: str) -> list[str]:
     lines += _metrics_table(step.get("metrics", {}))
     if step.get("bench"):
         lines += ["", *_bench_table(step["bench"]["results"]), "", f"Timing: {step['bench']['timing']}"]
+    if step.get("metrics", {}).get("layer_error"):
+        lines += ["", *_layer_error_table(step["metrics"]["layer_error"])]
     lines.append("")
     return lines
 

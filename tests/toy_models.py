@@ -181,3 +181,46 @@ class TinyViT(nn.Module):
 
 def tiny_vit(num_classes: int = 10) -> nn.Module:
     return TinyViT(num_classes)
+
+
+class BertSelfAttention(nn.Module):
+    """Self-attention in BERT's layout: query, key and value Linears, num_attention_heads and head sizes."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.num_attention_heads = heads
+        self.attention_head_size = dim // heads
+        self.all_head_size = dim
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+
+        def heads(t):
+            return t.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        attn = ((q @ k.transpose(-2, -1)) / self.attention_head_size ** 0.5).softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, n, self.all_head_size)
+
+
+class TinyBertLike(nn.Module):
+    """Patches of an image as tokens through BERT-layout encoder layers."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32, heads: int = 4, depth: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "attention": BertSelfAttention(dim, heads), "output": nn.Linear(dim, dim), "norm": nn.LayerNorm(dim),
+        }) for _ in range(depth))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = layer["norm"](x + layer["output"](layer["attention"](x)))
+        return self.head(x.mean(dim=1))
+
+
+def tiny_bert_like(num_classes: int = 10) -> nn.Module:
+    return TinyBertLike(num_classes)

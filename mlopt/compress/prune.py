@@ -91,20 +91,36 @@ def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def attention_blocks(module: Any) -> list[tuple[str, Any]]:
-    """Multi-head attention blocks in timm's layout: a `qkv` Linear and an int `num_heads`."""
+def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
+    """Multi-head attention blocks whose heads can be pruned: (name, block, its q/k/v Linears, head-count attribute).
+
+    Two layouts: timm's ViT (a `qkv` Linear and `num_heads`, with `head_dim`) and BERT's self-attention
+    (`query`, `key`, `value` Linears and `num_attention_heads`, with `attention_head_size` and `all_head_size`).
+    """
     import torch
 
-    return [(n, m) for n, m in module.named_modules()
-            if isinstance(getattr(m, "qkv", None), torch.nn.Linear) and isinstance(getattr(m, "num_heads", None), int)]
+    def linear(m: Any, name: str) -> bool:
+        return isinstance(getattr(m, name, None), torch.nn.Linear)
+
+    found = []
+    for n, m in module.named_modules():
+        if linear(m, "qkv") and isinstance(getattr(m, "num_heads", None), int):
+            found.append((n, m, [m.qkv], "num_heads"))
+        elif all(linear(m, k) for k in ("query", "key", "value")) and isinstance(getattr(m, "num_attention_heads", None), int):
+            found.append((n, m, [m.query, m.key, m.value], "num_attention_heads"))
+    return found
 
 
 def sync_heads(module: Any, pruner: Any) -> None:
     """After a pruning step, tell each attention block its new head count and head size."""
-    for _, m in attention_blocks(module):
-        m.num_heads = int(pruner.num_heads[m.qkv])
-        if isinstance(getattr(m, "head_dim", None), int):
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    for _, m, layers, attr in attention_blocks(module):
+        heads = int(pruner.num_heads[layers[0]])
+        setattr(m, attr, heads)
+        if attr == "num_heads" and isinstance(getattr(m, "head_dim", None), int):
+            m.head_dim = m.qkv.out_features // (3 * heads)
+        if attr == "num_attention_heads":
+            m.attention_head_size = m.query.out_features // heads
+            m.all_head_size = m.query.out_features
 
 
 def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignored: list[Any],
@@ -116,16 +132,18 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ra
 
     blocks = attention_blocks(module)
     if cfg.head_ratio is not None and not blocks:
-        raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and a `num_heads` "
-                         "attribute (timm's ViT layout); nn.MultiheadAttention heads shrink with the width (ratio)")
+        raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and `num_heads` (timm's "
+                         "ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's); "
+                         "nn.MultiheadAttention heads shrink with the width (ratio)")
     heads: dict[str, Any] = {}
     if blocks:
         # Torch-Pruning keeps heads whole: with heads given, it prunes the same dims in every head
-        # (ratio) or whole heads (head_ratio); the qkv layers' own ratio triggers the head step.
-        heads = {"num_heads": {m.qkv: m.num_heads for _, m in blocks}}
+        # (ratio) or whole heads (head_ratio); the q/k/v layers' own ratio triggers the head step.
+        layers = {layer: getattr(m, attr) for _, m, qkv, attr in blocks for layer in qkv}
+        heads = {"num_heads": layers}
         if cfg.head_ratio is not None:
             heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=cfg.head_ratio,
-                         pruning_ratio_dict={m.qkv: cfg.head_ratio for _, m in blocks})
+                         pruning_ratio_dict={layer: cfg.head_ratio for layer in layers})
     try:
         return tp.pruner.BasePruner(
             module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
@@ -253,7 +271,8 @@ class PrunePass(Pass):
             pruned = changed_attributes(before_shapes, shape_attributes(module))
             builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
             metrics["layers"] = self._layer_table(before_shapes, pruned)
-            heads = {n: f"{before_shapes[n]['num_heads']} -> {a['num_heads']}" for n, a in pruned.items() if "num_heads" in a}
+            heads = {n: f"{before_shapes[n][k]} -> {a[k]}" for n, a in pruned.items()
+                     for k in ("num_heads", "num_attention_heads") if k in a}
             if heads:
                 metrics["heads"] = heads
         else:

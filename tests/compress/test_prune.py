@@ -174,21 +174,31 @@ def test_every_importance_criterion(importance, global_ranking, trained_dir, tmp
     assert y.shape == (2, 10)
 
 
+HEAD_LAYOUTS = {
+    # factory: (block names, head-count attribute, weight holding all heads' queries, rows per head)
+    "tiny_vit": (["blocks.0.attn", "blocks.1.attn"], "num_heads", "attn.qkv.weight", 3 * 8),
+    "tiny_bert_like": (["layers.0.attention", "layers.1.attention"], "num_attention_heads", "attention.query.weight", 8),
+}
+
+
 @pytest.mark.parametrize("extra", [[], ["--ratio", "0.25"]], ids=["heads-only", "heads-and-width"])
-def test_head_pruning_removes_whole_heads_and_reloads(tmp_path, extra):
+@pytest.mark.parametrize("factory", list(HEAD_LAYOUTS))
+def test_head_pruning_removes_whole_heads_and_reloads(tmp_path, extra, factory):
     import torch
 
+    blocks, attr, weight, rows_per_head = HEAD_LAYOUTS[factory]
     out = tmp_path / "p"
-    result = runner.invoke(app, ["prune", "--model", f"{TOY}:tiny_vit", "--data", "digits", "--head-ratio", "0.5",
-                                 *extra, "--out", str(out), "--json"])
+    result = runner.invoke(app, ["prune", "--model", f"{TOY}:{factory}", "--data", "digits", "--head-ratio", "0.5",
+                                 *extra, "--no-latency", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    assert m["heads"] == {"blocks.0.attn": "4 -> 2", "blocks.1.attn": "4 -> 2"}
+    assert m["heads"] == {b: "4 -> 2" for b in blocks}
     meta = json.loads((out / "model.json").read_text())["builder"]["pruned"]
     state = torch.load(out / "model.pt", weights_only=True)
-    for i in (0, 1):
-        assert meta[f"blocks.{i}.attn"]["num_heads"] == 2
-        assert state[f"blocks.{i}.attn.qkv.weight"].shape[0] == 3 * 2 * 8  # 2 heads of the original size 8
+    for b in blocks:
+        assert meta[b][attr] == 2
+        prefix = b.rsplit(".", 1)[0]
+        assert state[f"{prefix}.{weight}"].shape[0] == 2 * rows_per_head  # 2 whole heads of the original size
     width = state["patch.weight"].shape[0]
     assert width == 32 if not extra else width < 32
     assert m["params_ratio"] > 1.0
