@@ -8,7 +8,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${MLOPT_PYTHONPATH:+$MLOPT_PYTHONPATH:}$PWD"
 nvidia-smi -L || true
 python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name()); print('onnxruntime', o.__version__, o.get_available_providers())"
-python3 -m pytest -q -p no:cacheprovider tests/compress/test_gpu.py -rs
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/compress/test_gpu.py tests/quant/test_ptq.py -rs
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 64 --steps 30 --amp fp16
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 64 --steps 30 --amp bf16
 python3 benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 128 --steps 30 --amp fp16

@@ -131,3 +131,22 @@ def test_static_mode_missing_the_budget_says_so(exported_dir, tmp_path):
     said = [n for n in notes if n.startswith("quantized as asked")]
     assert len(said) == 1 and "MISSING the budget (mean cosine to FP32 >= 1.0)" in said[0]
     assert "MISSING the budget" in result.stderr
+
+
+def _ort_cuda() -> bool:
+    from mlopt.export.runtime import available_providers
+
+    return "cuda" in available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ort_cuda(), reason="needs onnxruntime-gpu with a CUDA device (pip install -e '.[gpu]')")
+def test_candidates_are_timed_on_the_cuda_provider(exported_dir, tmp_path):
+    out = tmp_path / "q"
+    result = ptq("--model", exported_dir, "--data", "digits", "--out", out, "--provider", "cuda", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    assert step["config"]["provider"] == "cuda"
+    assert all(r["latency_ms"] for r in step["ptq"]["candidates"])
+    bench = runner.invoke(app, ["bench", str(out), "--provider", "cuda", "-n", "5", "--json"])
+    assert bench.exit_code == 0 and json.loads(bench.stdout)["results"][0]["provider"] == "cuda"
