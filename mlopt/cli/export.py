@@ -18,6 +18,7 @@ def export(
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export) or torchscript.")] = "dynamo",
     atol: Annotated[float, typer.Option("--atol", help="Parity: absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Parity: tolerance relative to the largest output.")] = 1e-3,
+    debug_metadata: Annotated[bool, typer.Option("--debug-metadata", help="Keep the exporter's per-node metadata (stack traces).")] = False,
     image_size: o.ImageSize = None,
     channels: o.Channels = None,
     max_length: o.MaxLength = None,
@@ -32,6 +33,7 @@ def export(
     recipe = build_recipe(
         {"spec": model, "num_classes": num_classes, "weights": weights, "input_shape": input_shape},
         {"source": data, "image_size": image_size, "channels": channels, "max_length": max_length},
-        {"type": "export", "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol},
+        {"type": "export", "opset": opset, "exporter": exporter, "atol": atol, "rtol": rtol,
+         "debug_metadata": debug_metadata},
     )
     execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out)

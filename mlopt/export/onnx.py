@@ -28,14 +28,20 @@ class ExportConfig(BaseModel):
     atol: float = Field(1e-4, ge=0, description="parity: absolute tolerance")
     rtol: float = Field(1e-3, ge=0, description="parity: tolerance relative to the largest output")
     parity_samples: int = Field(64, gt=0, description="inputs compared between PyTorch and onnxruntime")
+    debug_metadata: bool = Field(False, description="keep the exporter's per-node metadata (source stack traces, "
+                                 "module names); dropped by default")
 
 
 def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
-                example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None) -> None:
+                example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None,
+                debug_metadata: bool = False) -> None:
     """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure.
 
     `example` names the inputs of a multi-input model (token models: input_ids, attention_mask,
-    ...); with `max_sequence` their second axis (the sequence) is dynamic as well.
+    ...); with `max_sequence` their second axis (the sequence) is dynamic as well. The dynamo
+    exporter annotates every node with debug metadata (the source stack trace with local file
+    paths, module names); unless `debug_metadata`, it is dropped: onnxruntime never reads it, and
+    it is 3% of an INT8 mobilenet_v2 file.
     """
     import onnx
     import torch
@@ -57,7 +63,11 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                     dynamic_shapes=tuple(dict(dims) for _ in names), verbose=False, optimize=True,
                 )
                 params = sum(p.numel() * p.element_size() for p in module.state_dict().values())
-                program.save(str(path), external_data=params > _PROTOBUF_LIMIT * 0.9)
+                external = params > _PROTOBUF_LIMIT * 0.9
+                if not debug_metadata:
+                    for node in program.model.graph.all_nodes():
+                        node.metadata_props.clear()
+                program.save(str(path), external_data=external)
             else:
                 torch.onnx.export(
                     module, args, str(path), dynamo=False, opset_version=opset,
@@ -114,7 +124,8 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     return torch.randn((n, *artifact.sample_shape), generator=g), "random normal inputs"
 
 
-def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None) -> None:
+def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
+                    debug_metadata: bool = False) -> None:
     """Export a torch artifact to `path` (no parity check): image models and hf: text models alike."""
     from mlopt import hf
 
@@ -124,9 +135,10 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
     if hf.is_text_artifact(artifact):
         info = artifact.builder["hf"]
         example = parity_inputs(artifact, data, 2)[0]
-        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, example, info["output"], info["max_positions"])
+        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, example, info["output"],
+                    info["max_positions"], debug_metadata=debug_metadata)
     else:
-        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter)
+        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata)
 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -> tuple[Any, StepResult]:
@@ -137,7 +149,7 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
     console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")
-    export_artifact(artifact, path, config.opset, config.exporter, data)
+    export_artifact(artifact, path, config.opset, config.exporter, data, config.debug_metadata)
     inputs, source = parity_inputs(artifact, data, config.parity_samples)
     parity = compare(artifact.module, path, inputs, config.atol, config.rtol)
     agreement = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.4f}"

@@ -3,6 +3,9 @@ import onnx
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
 from mlopt.errors import ParityError, RunError
 from mlopt.export.onnx import export_onnx
 from mlopt.export.parity import compare
@@ -52,3 +55,15 @@ def test_export_failure_is_one_line(tmp_path):
     with pytest.raises(RunError, match="ONNX export failed") as info:
         export_onnx(Untraceable(), (4,), tmp_path / "m.onnx", opset=18, exporter="dynamo")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_exporter_debug_metadata_is_dropped_unless_asked(trained_dir, tmp_path, keep):
+    out = tmp_path / "e"
+    args = ["export", "--model", str(trained_dir), "--data", "digits", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args + (["--debug-metadata"] if keep else []))
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out / "model.onnx"))
+    traces = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.stack_trace"]
+    assert bool(traces) == keep
+    assert str(TOY) not in str(model) or keep  # no local source paths in a shipped model
