@@ -120,6 +120,13 @@ def _sensitivity_plot(step: dict[str, Any]) -> str | None:
                   f"{step['dir']}: quantization sensitivity (lowest SQNR kept in float)", "SQNR (dB)")
 
 
+def _simulation_error_plot(step: dict[str, Any]) -> str | None:
+    """QAT: how far each layer's quantized input in onnxruntime is from the torch simulation's."""
+    rows = step.get("metrics", {}).get("layer_error") or []
+    return _bars([r["layer"] for r in rows], [r["max_error_steps"] for r in rows],
+                 f"{step['dir']}: simulation vs onnxruntime, per-layer input", "max error (quantization steps)")
+
+
 def render_html(report: dict[str, Any]) -> str:
     from mlopt.report import render_markdown
 
@@ -134,7 +141,7 @@ def render_html(report: dict[str, Any]) -> str:
               "latency per step (batch 1)", "ms"),
     ]
     for step in steps:
-        plots += [_layer_plot(step), _sensitivity_plot(step)]
+        plots += [_layer_plot(step), _sensitivity_plot(step), _simulation_error_plot(step)]
     gates = report.get("gates")
     env = report.get("environment", {})
     parts = [

@@ -25,6 +25,10 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     assert errors["features.0"]["max_error_steps"] == 0 and errors["features.0"]["sqnr_db"] is None
     assert all(r["max_error_steps"] <= 1.01 and r["mean_error_steps"] < 0.5 for r in errors.values())
     assert "| features.0 | 0.00 | 0.000 | identical |" in (out / "report.md").read_text()
+    from mlopt.report_html import render_html
+
+    page = render_html(json.loads((out / "report.json").read_text()))
+    assert "simulation vs onnxruntime, per-layer input" in page
     assert m["simulation_top1_agreement"] >= 0.95
     assert abs(m["accuracy"] - m["simulated_accuracy"]) <= 0.05
     assert m["accuracy"] > 0.5
