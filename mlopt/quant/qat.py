@@ -50,6 +50,8 @@ class QATConfig(TrainingConfig):
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
     calibration_samples: int = Field(256, gt=0)
+    runtime_points: bool = Field(True, description="also fake-quantize the other tensors onnxruntime quantizes: "
+                                 "pooling inputs and both inputs of residual adds")
     export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
                                 "(otherwise it calibrates the trained model afresh)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
@@ -155,45 +157,132 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
     return ActivationObserver()
 
 
+def quant_point(observer: Any) -> Any:
+    """A module that fake-quantizes what passes through it with `observer` (kept by reference, not
+    as a child, so the traced model's state dict stays the module's own)."""
+    import torch
+
+    class QuantPoint(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._observer = [observer]
+
+        @property
+        def observer(self) -> Any:
+            return self._observer[0]
+
+        def forward(self, x: Any) -> Any:
+            return self.observer.hook(self, (x,))[0]
+
+    return QuantPoint()
+
+
+POOLS_ONNX = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
+
+
 class Simulation:
     """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights)."""
 
-    def __init__(self, module: Any, ema: float, learned: bool = False):
+    def __init__(self, module: Any, ema: float, learned: bool = False, runtime_points: bool = True):
         import torch
         import torch.nn.utils.parametrize as P
 
-        self.module = module
+        self.module = module  # the plain module (exported after remove())
+        self.model = module  # what runs the simulation: the module, or its traced copy with quantized adds
         self.layers = [(n, m) for n, m in module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         if not self.layers:
             raise InputError("QAT found no Conv2d or Linear layer to simulate")
-        self.observers: dict[str, Any] = {}
+        self.observers: dict[str, Any] = {}  # layer name -> the observer of its input
+        self.points: dict[str, Any] = {}  # more tensors onnxruntime quantizes: pooling and residual-add inputs
+        self.pools: list[tuple[str, Any]] = []
+        self.adds = 0
+        self.notes: list[str] = []
         self.handles = []
         for name, m in self.layers:
             P.register_parametrization(m, "weight", weight_fake_quant())
             obs = activation_observer(ema, learned)
             self.observers[name] = obs
             self.handles.append(m.register_forward_pre_hook(obs.hook))
+        if runtime_points:
+            self._pooling_inputs(ema, learned)
+            self._residual_adds(ema, learned)
+
+    def _pooling_inputs(self, ema: float, learned: bool) -> None:
+        """onnxruntime quantizes a pooling node's input (the ReLU before it is folded into that range)."""
+        import torch
+
+        kinds = (torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)
+        for name, m in self.module.named_modules():
+            if isinstance(m, kinds):
+                obs = activation_observer(ema, learned)
+                self.points[f"pool {name}"] = obs
+                self.pools.append((name, m))
+                self.handles.append(m.register_forward_pre_hook(obs.hook))
+
+    def _residual_adds(self, ema: float, learned: bool) -> None:
+        """onnxruntime quantizes both inputs of a tensor + tensor Add (a convolution branch's output
+        among them; the output's range is the next layer's input, already simulated).
+
+        Adds are functions, not modules, so no hook sees them: the module is traced with torch.fx
+        and a fake quantization is put on each input of each add of two tensors (written by hand:
+        no library simulates onnxruntime's QDQ placement). A model fx cannot trace trains without it.
+        """
+        import operator
+
+        import torch
+        import torch.fx as fx
+
+        try:
+            gm = fx.symbolic_trace(self.module)
+        except Exception as exc:
+            self.notes.append(f"residual adds are not simulated: torch.fx cannot trace the model ({type(exc).__name__})")
+            return
+
+        def tensor_add(n: Any) -> bool:
+            is_add = (n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)) or (
+                n.op == "call_method" and n.target in ("add", "add_"))
+            return is_add and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
+
+        adds = [n for n in gm.graph.nodes if tensor_add(n)]
+        for i, node in enumerate(adds):
+            quantized = []
+            for k, arg in enumerate(node.args[:2]):
+                point = quant_point(activation_observer(ema, learned))
+                target = f"mlopt_add{i}_{k}"
+                gm.add_submodule(target, point)
+                self.points[f"add {i} input {k}"] = point.observer
+                with gm.graph.inserting_before(node):
+                    quantized.append(gm.graph.call_module(target, (arg,)))
+            node.args = (*quantized, *node.args[2:])
+        if adds:
+            gm.recompile()
+            self.model = gm
+            self.adds = len(adds)
+
+    def all_observers(self) -> list[Any]:
+        return [*self.observers.values(), *self.points.values()]
 
     def calibrate(self, feeds: list[Any]) -> None:
         import torch
 
-        for obs in self.observers.values():
+        for obs in self.all_observers():
             obs.calibrating = True
-        self.module.eval()
+        self.model.eval()
         with torch.no_grad():
             for x in feeds:
-                self.module(x)
-        for obs in self.observers.values():
+                self.model(x)
+        for obs in self.all_observers():
             obs.calibrating = False
             obs.start_learning()
 
     def freeze(self, frozen: bool = True) -> None:
-        for obs in self.observers.values():
+        for obs in self.all_observers():
             obs.set_frozen(frozen)
 
-    def _forward_recording(self, x: Any, record: Any) -> None:
-        """One eval-mode forward pass of `x`, calling `record(name, input)` as each simulated layer
-        runs (after the observers' hooks, so while simulating it sees the quantized input)."""
+    def _forward_recording(self, model: Any, x: Any, record: Any, modules: list[tuple[str, Any]] | None = None) -> None:
+        """One eval-mode forward pass of `x` through `model`, calling `record(name, input)` as each of
+        `modules` (default: the simulated layers) runs; after the observers' hooks, so while
+        simulating it sees the quantized input."""
         import torch
 
         def hook_for(name: str) -> Any:
@@ -201,25 +290,26 @@ class Simulation:
                 record(name, inputs[0])
             return hook
 
-        hooks = [m.register_forward_pre_hook(hook_for(name)) for name, m in self.layers]
-        self.module.eval()
+        hooks = [m.register_forward_pre_hook(hook_for(name)) for name, m in (modules or self.layers)]
+        model.eval()
         try:
             with torch.no_grad():
-                self.module(x)
+                model(x)
         finally:
             for h in hooks:
                 h.remove()
 
-    def execution_order(self, x: Any) -> list[str]:
-        """The simulated layers' names in the order one forward pass calls them."""
+    def execution_order(self, x: Any, modules: list[tuple[str, Any]] | None = None) -> list[str]:
+        """The names of `modules` (default: the simulated layers) in the order one forward pass of
+        the plain module calls them."""
         calls: list[str] = []
-        self._forward_recording(x, lambda name, _: calls.append(name))
+        self._forward_recording(self.module, x, lambda name, _: calls.append(name), modules)
         return calls
 
     def capture_inputs(self, x: Any) -> dict[str, Any]:
         """Each simulated layer's (fake-quantized) input for one batch, as numpy arrays."""
         seen: dict[str, Any] = {}
-        self._forward_recording(x, lambda name, t: seen.setdefault(name, t.detach().float().cpu().numpy()))
+        self._forward_recording(self.model, x, lambda name, t: seen.setdefault(name, t.detach().float().cpu().numpy()))
         return seen
 
     def remove(self) -> None:
@@ -272,6 +362,30 @@ def match_layers(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[di
     return matched, unmatched
 
 
+def match_points(onnx_path: Path, sim: Simulation, pool_order: list[str]) -> dict[str, str]:
+    """Which ONNX tensor each simulated pooling and add input is: {point name: tensor name}.
+
+    Matched in order, as the layers are: the k-th pooling node of the graph is the k-th pooling
+    module called, the k-th Add of two computed tensors the k-th traced add. Where the counts
+    differ, nothing is matched (onnxruntime calibrates those tensors).
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    found: dict[str, str] = {}
+    pools = [n for n in model.graph.node if n.op_type in POOLS_ONNX]
+    if len(pools) == len(pool_order):
+        found.update({f"pool {name}": node.input[0] for name, node in zip(pool_order, pools)})
+    adds = [n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2
+            and not any(i in constants for i in n.input)]
+    if len(adds) == sim.adds:
+        for i, node in enumerate(adds):
+            found.update({f"add {i} input {k}": node.input[k] for k in (0, 1)})
+    return found
+
+
 def range_overrides(sim: Simulation, layer_tensors: dict[str, str]) -> dict[str, Any]:
     """The learned input ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point).
 
@@ -281,7 +395,7 @@ def range_overrides(sim: Simulation, layer_tensors: dict[str, str]) -> dict[str,
 
     ranges: dict[str, tuple[float, float]] = {}
     for name, tensor in layer_tensors.items():
-        obs = sim.observers[name]
+        obs = sim.observers.get(name) or sim.points[name]
         if np.isnan(float(obs.lo)):
             continue
         lo, hi = obs.range()
@@ -388,19 +502,22 @@ class QATPass(Pass):
         if floating:
             console.warn(f"QAT simulates Conv2d and Linear layers only; {len(floating)} layer(s) train in float: "
                          + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
-        sim = Simulation(module, config.ema, learned=config.observer == "lsq")
+        sim = Simulation(module, config.ema, learned=config.observer == "lsq", runtime_points=config.runtime_points)
+        for note in sim.notes:
+            console.warn(note)
+        model = sim.model  # runs the simulation (the traced copy with quantized adds, where fx traces it)
         feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
                                                          config.calibration_samples)]
         sim.calibrate([torch.as_tensor(x) for x in feeds])
         bn_layers = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
-        sim_before = evaluate_torch(module, data, batch)["accuracy"]
+        sim_before = evaluate_torch(model, data, batch)["accuracy"]
         console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
 
         objective = None
         if config.teacher:
             dcfg = DistillConfig(temperature=2.0, alpha=0.5, baseline=False)
-            objective = distillation_objective(copy.deepcopy(fp32_module), module, data, dcfg, batch)
+            objective = distillation_objective(copy.deepcopy(fp32_module), model, data, dcfg, batch)
         from mlopt import distributed
 
         steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
@@ -421,15 +538,15 @@ class QATPass(Pass):
             return torch.nn.functional.cross_entropy(logits.float(), y), logits
 
         # The observers ride along as extra modules: moved to the device and kept in checkpoints.
-        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.observers.values(), clock],
+        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.all_observers(), clock],
                         to_device=objective.to_device if objective else None)
         ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
         train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
-        result = fit(module, data, train_cfg, batch, objective=obj, checkpoint_dir=ckpt, resume=ctx.resume,
+        result = fit(model, data, train_cfg, batch, objective=obj, checkpoint_dir=ckpt, resume=ctx.resume,
                      label="qat", fingerprint_extra=["qat"])
         sim.freeze()
-        sim_acc = evaluate_torch(module, data, batch)["accuracy"]
-        sim_logits = predict_logits(module, data.val, 64).numpy()
+        sim_acc = evaluate_torch(model, data, batch)["accuracy"]
+        sim_logits = predict_logits(model, data.val, 64).numpy()
         from mlopt.data import first_inputs
 
         probe = first_inputs(data, 64)
@@ -437,6 +554,7 @@ class QATPass(Pass):
         sim.remove()
         module.eval()
         order = sim.execution_order(probe[:1])
+        pool_order = sim.execution_order(probe[:1], sim.pools) if sim.pools else []
 
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
@@ -446,13 +564,15 @@ class QATPass(Pass):
             from onnxruntime.quantization import quant_pre_process
 
             layer_tensors, unmatched = match_layers(work / "fp32.onnx", order, sim)
+            point_tensors = match_points(work / "fp32.onnx", sim, pool_order)
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-            # Pre-processing keeps the tensor names that feed Conv/Gemm; a layer whose tensor it
-            # removed is left to onnxruntime's calibration.
-            pre_inputs = {n.input[0] for n in graph.load(work / "pre.onnx").graph.node if n.input}
+            # Pre-processing keeps the names of the tensors that feed Conv/Gemm, Add and pooling; a
+            # layer whose tensor it removed is left to onnxruntime's calibration.
+            pre_inputs = {i for n in graph.load(work / "pre.onnx").graph.node for i in n.input}
             unmatched += [n for n, t in layer_tensors.items() if t not in pre_inputs]
             layer_tensors = {n: t for n, t in layer_tensors.items() if t in pre_inputs}
-            handed = range_overrides(sim, layer_tensors) if config.export_ranges else {}
+            point_tensors = {n: t for n, t in point_tensors.items() if t in pre_inputs}
+            handed = range_overrides(sim, {**layer_tensors, **point_tensors}) if config.export_ranges else {}
             ort_feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
             quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False,
                      overrides=handed)
@@ -478,6 +598,8 @@ class QATPass(Pass):
             "float_kernels": kernels["float"],
             "left_in_float": kernels["float_ops"],
             "not_simulated": floating,
+            "runtime_points_simulated": len(sim.points),
+            "runtime_points_handed_to_onnxruntime": len(point_tensors),
             "ranges_handed_to_onnxruntime": len(handed),
             "layers_calibrated_by_onnxruntime": unmatched,
             "layer_error": errors,

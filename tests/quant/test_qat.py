@@ -17,7 +17,9 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     m = json.loads(result.stdout)
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
-    assert m["ranges_handed_to_onnxruntime"] == 3 and m["layers_calibrated_by_onnxruntime"] == []
+    # 3 layer inputs and the pooling input (no residual adds in this model)
+    assert m["runtime_points_simulated"] == 1 and m["runtime_points_handed_to_onnxruntime"] == 1
+    assert m["ranges_handed_to_onnxruntime"] == 4 and m["layers_calibrated_by_onnxruntime"] == []
     # the same quantized inputs in torch and onnxruntime: the first layer exactly, later ones within
     # one quantization step (float rounding upstream, and the pooling onnxruntime quantizes)
     errors = {r["layer"]: r for r in m["layer_error"]}
@@ -194,6 +196,33 @@ def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
                                  "--observer", "lsq", "--bench-batch-size", "1", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 3
+    assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 4
     assert m["simulation_top1_agreement"] >= 0.95 and m["accuracy"] > 0.5
     assert all(r["max_error_steps"] <= 1.01 for r in m["layer_error"])
+
+
+def test_residual_adds_and_pooling_are_simulated_and_matched_to_the_onnx_graph(tmp_path):
+    import torch
+
+    from mlopt.export.onnx import export_onnx
+    from mlopt.quant.qat import Simulation, match_points
+    from toy_models import residual_net
+
+    torch.manual_seed(0)
+    m = residual_net().eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        plain = m(x)
+    sim = Simulation(m, 0.9)
+    assert sim.adds >= 1 and sim.model is not m  # traced, with a fake quantization on each add input
+    sim.calibrate([x])
+    with torch.no_grad():
+        simulated = sim.model(x)
+    assert not torch.equal(simulated, plain) and torch.allclose(simulated, plain, atol=0.5)
+    points = [n for n in sim.points if n.startswith("add")]
+    assert len(points) == 2 * sim.adds and all(sim.points[n].qparams()[0] > 0 for n in points)
+    sim.remove()
+    export_onnx(m, (3, 16, 16), tmp_path / "m.onnx", 18, "dynamo")
+    pool_order = sim.execution_order(x[:1], sim.pools) if sim.pools else []
+    tensors = match_points(tmp_path / "m.onnx", sim, pool_order)
+    assert {n for n in tensors if n.startswith("add")} == set(points)
