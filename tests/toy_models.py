@@ -224,3 +224,9 @@ class TinyBertLike(nn.Module):
 
 def tiny_bert_like(num_classes: int = 10) -> nn.Module:
     return TinyBertLike(num_classes)
+
+
+def bn_after_relu(num_classes: int = 10) -> nn.Module:
+    """A batch norm that follows a ReLU, not a convolution: it cannot be folded at export."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, num_classes))

@@ -568,7 +568,11 @@ class QATPass(Pass):
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
             # Pre-processing keeps the names of the tensors that feed Conv/Gemm, Add and pooling; a
             # layer whose tensor it removed is left to onnxruntime's calibration.
-            pre_inputs = {i for n in graph.load(work / "pre.onnx").graph.node for i in n.input}
+            pre_nodes = graph.load(work / "pre.onnx").graph.node
+            pre_inputs = {i for n in pre_nodes for i in n.input}
+            # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
+            # own (quantized) node, which the simulation, holding batch norm in float, does not model.
+            unfolded = [n.name or n.output[0] for n in pre_nodes if n.op_type == "BatchNormalization"]
             unmatched += [n for n, t in layer_tensors.items() if t not in pre_inputs]
             layer_tensors = {n: t for n, t in layer_tensors.items() if t in pre_inputs}
             point_tensors = {n: t for n, t in point_tensors.items() if t in pre_inputs}
@@ -598,6 +602,7 @@ class QATPass(Pass):
             "float_kernels": kernels["float"],
             "left_in_float": kernels["float_ops"],
             "not_simulated": floating,
+            "unfolded_batchnorms": unfolded,
             "runtime_points_simulated": len(sim.points),
             "runtime_points_handed_to_onnxruntime": len(point_tensors),
             "ranges_handed_to_onnxruntime": len(handed),
@@ -619,6 +624,12 @@ class QATPass(Pass):
                             if any(r["sqnr_db"] is not None for r in errors) else ", identical"))
         if kernels["float"]:
             console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
+        if unfolded:
+            text = (f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
+                    f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which the "
+                    "simulation does not model; expect a larger gap between simulated and INT8 accuracy")
+            console.warn(text)
+            notes.append(text)
         slower = [b for b in fp32_lat if int8_lat[b] >= fp32_lat[b]]
         if slower:
             text = (f"the INT8 model is NOT faster than FP32 at batch size {', '.join(map(str, slower))} on this machine "

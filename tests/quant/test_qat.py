@@ -6,6 +6,8 @@ from typer.testing import CliRunner
 
 from mlopt.cli.main import app
 
+from conftest import TOY
+
 runner = CliRunner()
 
 
@@ -17,6 +19,7 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     m = json.loads(result.stdout)
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
+    assert m["unfolded_batchnorms"] == []  # both batch norms follow a convolution and fold into it
     # 3 layer inputs and the pooling input (no residual adds in this model)
     assert m["runtime_points_simulated"] == 1 and m["runtime_points_handed_to_onnxruntime"] == 1
     assert m["ranges_handed_to_onnxruntime"] == 4 and m["layers_calibrated_by_onnxruntime"] == []
@@ -226,3 +229,13 @@ def test_residual_adds_and_pooling_are_simulated_and_matched_to_the_onnx_graph(t
     pool_order = sim.execution_order(x[:1], sim.pools) if sim.pools else []
     tensors = match_points(tmp_path / "m.onnx", sim, pool_order)
     assert {n for n in tensors if n.startswith("add")} == set(points)
+
+
+def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["qat", "--model", f"{TOY}:bn_after_relu", "--data", "digits", "--epochs", "1",
+                                 "--bench-batch-size", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert len(m["unfolded_batchnorms"]) == 1
+    assert "1 batch norm(s) could not be folded" in result.stderr
