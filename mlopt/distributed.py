@@ -99,17 +99,18 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def replica_max_diff(module: Any) -> float:
+def replica_max_diff(*modules: Any) -> float:
     """Largest difference between this rank's parameters and rank 0's, over all ranks.
 
-    DistributedDataParallel keeps the parameters of all replicas identical; this checks it instead
-    of assuming it. (Buffers such as batch-norm statistics are rank 0's by DDP's convention.)
+    DistributedDataParallel keeps the parameters of all replicas identical, and mlopt averages the
+    gradients of trained modules outside it; this checks both instead of assuming them. (Buffers
+    such as batch-norm statistics are rank 0's by DDP's convention.)
     """
     import torch
     import torch.distributed as td
 
-    worst = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
-    for p in module.parameters():
+    worst = torch.zeros((), dtype=torch.float64, device=next(modules[0].parameters()).device)
+    for p in (p for m in modules for p in m.parameters()):
         ref = p.detach().clone()
         td.broadcast(ref, src=0)
         worst = torch.maximum(worst, (p.detach() - ref).abs().max().double())

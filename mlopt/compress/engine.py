@@ -342,7 +342,7 @@ def fit(
             checkpoint()
     if cfg.early_stopping and best_weights is not None:
         module.load_state_dict(best_weights)
-    replica_diff = distributed.replica_max_diff(module) if dist.enabled else None
+    replica_diff = distributed.replica_max_diff(module, *objective.modules) if dist.enabled else None
     module.to("cpu").eval()
     for extra in objective.modules:
         extra.to("cpu")

@@ -612,6 +612,8 @@ class QATPass(Pass):
             "latency_ms": int8_lat,
             "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},
             "train_samples_per_s": result["train_samples_per_s"],
+            "processes": result["processes"],
+            "replica_max_abs_diff": result["replica_max_abs_diff"],
             "precision": result["precision"],
         }
         notes = [f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels",

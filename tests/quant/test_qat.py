@@ -239,3 +239,21 @@ def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
     m = json.loads(result.stdout)
     assert len(m["unfolded_batchnorms"]) == 1
     assert "1 batch norm(s) could not be folded" in result.stderr
+
+
+def test_qat_with_learned_scales_under_two_process_ddp(tmp_path):
+    """torchrun on the CPU (gloo): the traced model with quantized adds trains in DDP, and the LSQ
+    parameters, which live outside the DDP-wrapped module, get their gradients averaged."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    proc = subprocess.run([sys.executable, "-m", "mlopt", "qat", "--model", f"{TOY}:residual_net", "--data", "digits",
+                           "--image-size", "16", "--channels", "3", "--epochs", "1", "--lr", "0.001", "--observer", "lsq",
+                           "--device", "cpu", "--nproc", "2", "--bench-batch-size", "1", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout)
+    assert m["processes"] == 2 and m["replica_max_abs_diff"] == 0
+    assert m["runtime_points_simulated"] == 2 and m["runtime_points_handed_to_onnxruntime"] == 2  # the add's inputs
+    assert m["integer_kernels"] == 4 and m["float_kernels"] == 0
