@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--qat-lr", type=float, default=5e-5)
     p.add_argument("--no-teacher", action="store_true")
     p.add_argument("--observer", choices=["ema", "lsq"], default="ema")
+    p.add_argument("--no-runtime-points", action="store_true",
+                   help="simulate layer inputs only (no pooling or residual-add inputs)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing sessions; each model keeps its best")
     args = p.parse_args()
     console.set_quiet(True)
@@ -46,7 +48,7 @@ def main() -> None:
                 {"type": "ptq", "mode": "static", "calibration": "minmax"}]}, "ptq"), root / "ptq", flat=True)
             qat = run_recipe(recipe_from_dict({"version": 1, "model": {"spec": trained}, "data": data, "steps": [
                 {"type": "qat", "epochs": args.qat_epochs, "lr": args.qat_lr, "teacher": not args.no_teacher,
-                 "observer": args.observer}]}, "qat"),
+                 "observer": args.observer, "runtime_points": not args.no_runtime_points}]}, "qat"),
                 root / "qat", flat=True)
             from mlopt.data import DataConfig, load_data
 
@@ -64,6 +66,9 @@ def main() -> None:
             print(f"{name}: top-1 FP32 {acc[0]:.4f} (torch {fp32_acc:.4f}), PTQ {acc[1]:.4f}, QAT {acc[2]:.4f}; "
                   f"QAT kernels {q['integer_kernels']} integer / {q['float_kernels']} float; "
                   f"simulation agreement {q['simulation_top1_agreement']:.4f}")
+            errors = q["layer_error"]
+            print(f"  per-layer input, simulation vs onnxruntime: mean {sum(r['mean_error_steps'] for r in errors) / len(errors):.3f} "
+                  f"steps, max {max(r['max_error_steps'] for r in errors):.0f} steps (second layer: mean {errors[1]['mean_error_steps']:.3f})")
             for b in (1, 32):
                 print(f"  batch {b}: FP32 {lat[0][b]:.3f} ms, PTQ {lat[1][b]:.3f} ms, QAT {lat[2][b]:.3f} ms "
                       f"(QAT/PTQ {lat[2][b] / lat[1][b]:.3f})")

@@ -114,8 +114,13 @@ def tokenizer(spec: str) -> Any:
 
 
 def input_names(tok: Any) -> list[str]:
-    given = set(getattr(tok, "model_input_names", None) or ["input_ids", "attention_mask"])
-    return [n for n in INPUT_ORDER if n in given or n != "token_type_ids"]
+    """input_ids and attention_mask always; token_type_ids where the tokenizer produces them."""
+    given = set(getattr(tok, "model_input_names", None) or [])
+    return [n for n in INPUT_ORDER if n != "token_type_ids" or n in given]
+
+
+def _max_positions(config: dict[str, Any]) -> int:
+    return int(config.get("max_position_embeddings") or 512)
 
 
 def model_info(spec: str) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def model_info(spec: str) -> dict[str, Any]:
         "model_type": config.get("model_type"),
         "num_heads": int(config.get("num_attention_heads") or 0),
         "hidden_size": int(config.get("hidden_size") or 0),
-        "max_positions": int(config.get("max_position_embeddings") or 512),
+        "max_positions": _max_positions(config),
         "output": "logits" if is_classifier(config) else "last_hidden_state",
         "inputs": input_names(tokenizer(spec)),
     }
@@ -154,7 +159,7 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
 
     tok = tokenizer(spec)
     names = input_names(tok)
-    limit = min(max_length, model_info(spec)["max_positions"])
+    limit = min(max_length, _max_positions(read_config(spec)))
     lengths = [len(ids) for ids in tok(list(data.train) + list(data.val), truncation=True, max_length=limit)["input_ids"]]
     length = max(lengths)
 

@@ -272,10 +272,11 @@ class PTQPass(Pass):
                 raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
             has_conv = any(n.op_type == "Conv" for n in model.graph.node)
             text = hf.is_text_artifact(artifact)
-            name, shape, _ = input_spec(make_session(fp32, "cpu"))
             schemes = candidate_schemes(config, has_conv, text)
-            static = any(s.method == "static" for s in schemes)
-            feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples) if static else []
+            feeds = []
+            if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
+                name, shape, _ = input_spec(make_session(fp32, "cpu"))
+                feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples)
             fusions: dict[str, int] = {}
             if not config.preprocess:
                 pre, note = fp32, None

@@ -75,6 +75,14 @@ def weight_fake_quant() -> Any:
     return WeightFakeQuant()
 
 
+def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Scale and zero point of an asymmetric uint8 grid over [lo, hi], stretched to hold zero
+    (as onnxruntime computes them)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 1e-12)
+    return scale, int(round(-lo / scale))
+
+
 def activation_observer(ema: float, learned: bool = False) -> Any:
     """An nn.Module watching one layer's input and fake-quantizing it to uint8 (asymmetric).
 
@@ -104,9 +112,7 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
             if self.learned:
                 scale, zero = float(self.scale.detach()), float(self.zero_point.detach())
                 return max(scale, 1e-12), min(max(int(round(zero)), 0), 255)
-            lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)  # the range always holds zero
-            scale = max((hi - lo) / 255.0, 1e-12)
-            return scale, int(round(-lo / scale))
+            return uint8_qparams(float(self.lo), float(self.hi))
 
         def range(self) -> tuple[float, float]:
             """The real-valued range the uint8 grid covers."""
@@ -116,11 +122,10 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
         def start_learning(self) -> None:
             """Learned mode: take the calibrated range as the starting scale and zero point."""
             if self.learned and not torch.isnan(self.lo):
-                lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
-                scale = max((hi - lo) / 255.0, 1e-8)
+                scale, zero = uint8_qparams(float(self.lo), float(self.hi))
                 with torch.no_grad():
                     self.scale.fill_(scale)
-                    self.zero_point.fill_(round(-lo / scale))
+                    self.zero_point.fill_(zero)
 
         def set_frozen(self, frozen: bool) -> None:
             self.frozen = frozen
@@ -336,16 +341,13 @@ def not_simulated(module: Any) -> list[str]:
             if not isinstance(m, covered) and any(True for _ in m.parameters(recurse=False))]
 
 
-def match_layers(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
+def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
     """Which ONNX tensor feeds each simulated layer: {layer name: tensor name}, and the unmatched layers.
 
     No library maps torch modules to ONNX tensors, so this does it by hand: the exporter emits
     nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph is the k-th layer
-    call, which is checked by weight shape.
+    call, which is checked by weight shape. `model` is the exported FP32 ONNX model.
     """
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
              and n.input[1] in weights]
@@ -362,16 +364,13 @@ def match_layers(onnx_path: Path, order: list[str], sim: Simulation) -> tuple[di
     return matched, unmatched
 
 
-def match_points(onnx_path: Path, sim: Simulation, pool_order: list[str]) -> dict[str, str]:
+def match_points(model: Any, sim: Simulation, pool_order: list[str]) -> dict[str, str]:
     """Which ONNX tensor each simulated pooling and add input is: {point name: tensor name}.
 
     Matched in order, as the layers are: the k-th pooling node of the graph is the k-th pooling
     module called, the k-th Add of two computed tensors the k-th traced add. Where the counts
     differ, nothing is matched (onnxruntime calibrates those tensors).
     """
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     constants = {i.name for i in model.graph.initializer} | {
         o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     found: dict[str, str] = {}
@@ -403,10 +402,8 @@ def range_overrides(sim: Simulation, layer_tensors: dict[str, str]) -> dict[str,
         ranges[tensor] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
     overrides = {}
     for tensor, (lo, hi) in ranges.items():
-        lo, hi = min(lo, 0.0), max(hi, 0.0)  # as the simulation: the range always holds zero
-        scale = max((hi - lo) / 255.0, 1e-12)
-        overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32),
-                              "zero_point": np.array(int(round(-lo / scale)), dtype=np.uint8)}]
+        scale, zero = uint8_qparams(lo, hi)
+        overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=np.uint8)}]
     return overrides
 
 
@@ -478,13 +475,14 @@ class QATPass(Pass):
     compresses = True
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
+        import numpy as np
         import torch
+        from onnxruntime.quantization import quant_pre_process
 
+        from mlopt import distributed
         from mlopt.compress.distill import DistillConfig, distillation_objective
         from mlopt.compress.engine import Objective, fit
-        from mlopt.data import require_labels
-        import numpy as np
-
+        from mlopt.data import first_inputs, require_labels
         from mlopt.evaluate import evaluate_torch, predict_logits
         from mlopt.export.onnx import ExportConfig, export_checked
         from mlopt.quant import graph
@@ -506,9 +504,9 @@ class QATPass(Pass):
         for note in sim.notes:
             console.warn(note)
         model = sim.model  # runs the simulation (the traced copy with quantized adds, where fx traces it)
-        feeds = [f["input"] for f in calibration_batches(data, "input", ["batch", *artifact.sample_shape],
-                                                         config.calibration_samples)]
-        sim.calibrate([torch.as_tensor(x) for x in feeds])
+        # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
+        feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
+        sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
         bn_layers = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
         sim_before = evaluate_torch(model, data, batch)["accuracy"]
@@ -518,8 +516,6 @@ class QATPass(Pass):
         if config.teacher:
             dcfg = DistillConfig(temperature=2.0, alpha=0.5, baseline=False)
             objective = distillation_objective(copy.deepcopy(fp32_module), model, data, dcfg, batch)
-        from mlopt import distributed
-
         steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
         clock = step_clock()
         base_loss = objective.loss if objective else None
@@ -547,8 +543,6 @@ class QATPass(Pass):
         sim.freeze()
         sim_acc = evaluate_torch(model, data, batch)["accuracy"]
         sim_logits = predict_logits(model, data.val, 64).numpy()
-        from mlopt.data import first_inputs
-
         probe = first_inputs(data, 64)
         sim_inputs = sim.capture_inputs(probe)
         sim.remove()
@@ -559,12 +553,11 @@ class QATPass(Pass):
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
             trained = artifact.derive("qat-train", module=module)
-            exported, _ = export_checked(trained, data, work / "fp32.onnx", ExportConfig())
+            export_checked(trained, data, work / "fp32.onnx", ExportConfig())
             out = Path(ctx.out_dir) / "model.onnx"
-            from onnxruntime.quantization import quant_pre_process
-
-            layer_tensors, unmatched = match_layers(work / "fp32.onnx", order, sim)
-            point_tensors = match_points(work / "fp32.onnx", sim, pool_order)
+            exported = graph.load(work / "fp32.onnx")
+            layer_tensors, unmatched = match_layers(exported, order, sim)
+            point_tensors = match_points(exported, sim, pool_order)
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
             # Pre-processing keeps the names of the tensors that feed Conv/Gemm, Add and pooling; a
             # layer whose tensor it removed is left to onnxruntime's calibration.
@@ -577,8 +570,7 @@ class QATPass(Pass):
             layer_tensors = {n: t for n, t in layer_tensors.items() if t in pre_inputs}
             point_tensors = {n: t for n, t in point_tensors.items() if t in pre_inputs}
             handed = range_overrides(sim, {**layer_tensors, **point_tensors}) if config.export_ranges else {}
-            ort_feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
-            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), ort_feeds, False,
+            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), feeds, False,
                      overrides=handed)
             kernels = graph.kernel_counts(out)
             errors = layer_errors(out, layer_tensors, sim_inputs, probe.numpy())
@@ -626,17 +618,17 @@ class QATPass(Pass):
                             if any(r["sqnr_db"] is not None for r in errors) else ", identical"))
         if kernels["float"]:
             console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
+        warnings = []
         if unfolded:
-            text = (f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
-                    f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which the "
-                    "simulation does not model; expect a larger gap between simulated and INT8 accuracy")
-            console.warn(text)
-            notes.append(text)
+            warnings.append(f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
+                            f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which "
+                            "the simulation does not model; expect a larger gap between simulated and INT8 accuracy")
         slower = [b for b in fp32_lat if int8_lat[b] >= fp32_lat[b]]
         if slower:
-            text = (f"the INT8 model is NOT faster than FP32 at batch size {', '.join(map(str, slower))} on this machine "
-                    f"({', '.join(f'{int8_lat[b]:.3f} vs {fp32_lat[b]:.3f} ms' for b in slower)}); it is small enough "
-                    "that quantize/dequantize overhead outweighs the integer arithmetic")
+            warnings.append(f"the INT8 model is NOT faster than FP32 at batch size {', '.join(map(str, slower))} on this "
+                            f"machine ({', '.join(f'{int8_lat[b]:.3f} vs {fp32_lat[b]:.3f} ms' for b in slower)}); it is "
+                            "small enough that quantize/dequantize overhead outweighs the integer arithmetic")
+        for text in warnings:
             console.warn(text)
             notes.append(text)
         console.info(f"QAT INT8 top-1 {q['accuracy']:.4f} (FP32 {fp32_acc:.4f}); {notes[0]}; {notes[1]}")

@@ -147,7 +147,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     order = sim.execution_order(x[:1])
     assert order == ["features.0", "features.3", "classifier"]
     export_onnx(m, (1, 8, 8), tmp_path / "fp32.onnx", 18, "dynamo")
-    layer_tensors, unmatched = match_layers(tmp_path / "fp32.onnx", order, sim)
+    layer_tensors, unmatched = match_layers(onnx.load(str(tmp_path / "fp32.onnx")), order, sim)
     assert unmatched == [] and list(layer_tensors) == order and layer_tensors["features.0"] == "input"
     overrides = range_overrides(sim, layer_tensors)
     assert len(overrides) == 3 and "input" in overrides
@@ -227,7 +227,7 @@ def test_residual_adds_and_pooling_are_simulated_and_matched_to_the_onnx_graph(t
     sim.remove()
     export_onnx(m, (3, 16, 16), tmp_path / "m.onnx", 18, "dynamo")
     pool_order = sim.execution_order(x[:1], sim.pools) if sim.pools else []
-    tensors = match_points(tmp_path / "m.onnx", sim, pool_order)
+    tensors = match_points(onnx.load(str(tmp_path / "m.onnx")), sim, pool_order)
     assert {n for n in tensors if n.startswith("add")} == set(points)
 
 
