@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--no-teacher", action="store_true")
     p.add_argument("--observer", choices=["ema", "lsq"], default="ema")
     p.add_argument("--no-runtime-points", action="store_true",
-                   help="simulate layer inputs only (no pooling or residual-add inputs)")
+                   help="simulate layer inputs only (not every tensor onnxruntime quantizes)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing sessions; each model keeps its best")
     args = p.parse_args()
     console.set_quiet(True)
@@ -66,9 +66,14 @@ def main() -> None:
             print(f"{name}: top-1 FP32 {acc[0]:.4f} (torch {fp32_acc:.4f}), PTQ {acc[1]:.4f}, QAT {acc[2]:.4f}; "
                   f"QAT kernels {q['integer_kernels']} integer / {q['float_kernels']} float; "
                   f"simulation agreement {q['simulation_top1_agreement']:.4f}")
-            errors = q["layer_error"]
-            print(f"  per-layer input, simulation vs onnxruntime: mean {sum(r['mean_error_steps'] for r in errors) / len(errors):.3f} "
-                  f"steps, max {max(r['max_error_steps'] for r in errors):.0f} steps (second layer: mean {errors[1]['mean_error_steps']:.3f})")
+            errors = q["simulation_error"]
+            print(f"  simulated tensors: {q['simulated_points']}, {q['activation_points']} of the {q['quantized_tensors']} "
+                  f"onnxruntime quantizes; int8 weight codes differing from the simulation's: "
+                  f"{q['weight_codes']['differing']} of {q['weight_codes']['codes']}")
+            print(f"  simulation vs onnxruntime, per tensor: local max {max(r['local_max_error_steps'] for r in errors):.0f} "
+                  f"step(s) on at most {100 * max(r['local_mismatch'] for r in errors):.2f}% of values; end to end mean "
+                  f"{sum(r['mean_error_steps'] for r in errors) / len(errors):.3f} steps, max "
+                  f"{max(r['max_error_steps'] for r in errors):.0f}")
             for b in (1, 32):
                 print(f"  batch {b}: FP32 {lat[0][b]:.3f} ms, PTQ {lat[1][b]:.3f} ms, QAT {lat[2][b]:.3f} ms "
                       f"(QAT/PTQ {lat[2][b] / lat[1][b]:.3f})")

@@ -54,12 +54,15 @@ def _bench_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _layer_error_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["Per-layer inputs, torch simulation against onnxruntime (in quantization steps):", "",
-             "| layer | max error | mean error | SQNR dB |", "| --- | --- | --- | --- |"]
+def _simulation_error_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["Quantized tensors, torch simulation against onnxruntime (in quantization steps; local: computed from "
+             "onnxruntime's own inputs; end to end: the simulation run on its own):", "",
+             "| tensor -> read by | local max | local values off | end-to-end max | end-to-end mean | SQNR dB |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         sqnr = "identical" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
-        lines.append(f"| {r['layer']} | {r['max_error_steps']:.2f} | {r['mean_error_steps']:.3f} | {sqnr} |")
+        lines.append(f"| {r['point']} | {r['local_max_error_steps']:.2f} | {100 * r['local_mismatch']:.2f}% | "
+                     f"{r['max_error_steps']:.2f} | {r['mean_error_steps']:.3f} | {sqnr} |")
     return lines
 
 
@@ -72,8 +75,8 @@ def _step_section(step: dict[str, Any], heading: str) -> list[str]:
     lines += _metrics_table(step.get("metrics", {}))
     if step.get("bench"):
         lines += ["", *_bench_table(step["bench"]["results"]), "", f"Timing: {step['bench']['timing']}"]
-    if step.get("metrics", {}).get("layer_error"):
-        lines += ["", *_layer_error_table(step["metrics"]["layer_error"])]
+    if step.get("metrics", {}).get("simulation_error"):
+        lines += ["", *_simulation_error_table(step["metrics"]["simulation_error"])]
     lines.append("")
     return lines
 

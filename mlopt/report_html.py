@@ -121,10 +121,11 @@ def _sensitivity_plot(step: dict[str, Any]) -> str | None:
 
 
 def _simulation_error_plot(step: dict[str, Any]) -> str | None:
-    """QAT: how far each layer's quantized input in onnxruntime is from the torch simulation's."""
-    rows = step.get("metrics", {}).get("layer_error") or []
-    return _bars([r["layer"] for r in rows], [r["max_error_steps"] for r in rows],
-                 f"{step['dir']}: simulation vs onnxruntime, per-layer input", "max error (quantization steps)")
+    """QAT: how far each quantized tensor in onnxruntime is from the torch simulation's, end to end."""
+    rows = step.get("metrics", {}).get("simulation_error") or []
+    return _bars([r["point"] for r in rows], [r["max_error_steps"] for r in rows],
+                 f"{step['dir']}: simulation vs onnxruntime, per quantized tensor (end to end)",
+                 "max error (quantization steps)")
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -230,3 +230,21 @@ def bn_after_relu(num_classes: int = 10) -> nn.Module:
     """A batch norm that follows a ReLU, not a convolution: it cannot be folded at export."""
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(),
                          nn.Linear(8 * 8 * 8, num_classes))
+
+
+class UntraceableCNN(nn.Module):
+    """torch.fx cannot trace control flow on a tensor's rank; torch.export can."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        if x.dim() == 3:  # one unbatched image
+            x = x.unsqueeze(0)
+        return self.classifier(self.features(x).flatten(1))
+
+
+def untraceable_cnn(num_classes: int = 10) -> nn.Module:
+    return UntraceableCNN(num_classes)

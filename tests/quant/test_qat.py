@@ -20,20 +20,26 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
     assert m["unfolded_batchnorms"] == []  # both batch norms follow a convolution and fold into it
-    # 3 layer inputs and the pooling input (no residual adds in this model)
-    assert m["runtime_points_simulated"] == 1 and m["runtime_points_handed_to_onnxruntime"] == 1
-    assert m["ranges_handed_to_onnxruntime"] == 4 and m["layers_calibrated_by_onnxruntime"] == []
-    # the same quantized inputs in torch and onnxruntime: the first layer exactly, later ones within
-    # one quantization step (float rounding upstream, and the pooling onnxruntime quantizes)
-    errors = {r["layer"]: r for r in m["layer_error"]}
-    assert list(errors) == ["features.0", "features.3", "classifier"]
-    assert errors["features.0"]["max_error_steps"] == 0 and errors["features.0"]["sqnr_db"] is None
+    # every tensor onnxruntime's quantizer picks (the input, both ReLU outputs it folds into the
+    # convolutions, the classifier input and the logits) is simulated and handed over
+    assert m["simulated_points"] == "onnxruntime's quantized tensors"
+    assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"] == 5
+    assert m["tensors_calibrated_by_onnxruntime"] == []
+    # batch norm folded by onnxruntime, unfolded in the simulation: the same int8 weight codes
+    assert m["weight_codes"]["layers"] == 3 and m["weight_codes"]["differing"] <= 2
+    # the same quantized values in torch and onnxruntime: the input exactly, the others within one
+    # quantization step (float rounding at grid boundaries)
+    errors = {r["point"]: r for r in m["simulation_error"]}
+    assert list(errors) == ["x -> features.0", "features.2 -> features.3", "features.5 -> features.6",
+                            "flatten -> classifier", "classifier -> output"]
+    assert errors["x -> features.0"]["max_error_steps"] == 0 and errors["x -> features.0"]["sqnr_db"] is None
     assert all(r["max_error_steps"] <= 1.01 and r["mean_error_steps"] < 0.5 for r in errors.values())
-    assert "| features.0 | 0.00 | 0.000 | identical |" in (out / "report.md").read_text()
+    assert all(r["local_max_error_steps"] <= 1.01 and r["local_mismatch"] < 0.01 for r in errors.values())
+    assert "| x -> features.0 | 0.00 | 0.00% | 0.00 | 0.000 | identical |" in (out / "report.md").read_text()
     from mlopt.report_html import render_html
 
     page = render_html(json.loads((out / "report.json").read_text()))
-    assert "simulation vs onnxruntime, per-layer input" in page
+    assert "simulation vs onnxruntime, per quantized tensor" in page
     assert m["simulation_top1_agreement"] >= 0.95
     assert abs(m["accuracy"] - m["simulated_accuracy"]) <= 0.05
     assert m["accuracy"] > 0.5
@@ -59,9 +65,14 @@ def test_simulation_is_removed_and_weights_stay_plain():
     m = tiny_cnn()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     sim = Simulation(m, 0.9)
+    sim.hook_layer_inputs()
     sim.calibrate([torch.randn(8, 1, 8, 8)])
+    x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
-        simulated = m(torch.randn(4, 1, 8, 8))
+        simulated = m(x)
+    recorded = sim.record(x)
+    assert list(recorded) == ["features.0", "features.3", "classifier"]
+    assert len(set(recorded["features.0"].ravel().tolist())) <= 256  # on a uint8 grid
     assert simulated.shape == (4, 10)
     w = m.classifier.weight  # fake-quantized: at most 255 distinct values per output row
     assert all(len(torch.unique(row)) <= 255 for row in w)
@@ -101,8 +112,9 @@ def test_layers_the_simulation_does_not_cover_are_listed():
 
     from mlopt.quant.qat import not_simulated
 
-    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
-    assert not_simulated(m) == ["2 (Conv1d)", "3 (LayerNorm)"]
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 1),
+                      nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    assert not_simulated(m) == ["3 (ConvTranspose2d)", "4 (LayerNorm)"]
 
 
 def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
@@ -140,18 +152,19 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     torch.manual_seed(0)
     m = tiny_cnn().eval()
     sim = Simulation(m, 0.9)
+    sim.hook_layer_inputs()
     x = torch.randn(16, 1, 8, 8)
     sim.calibrate([x])
-    sim.observers["features.0"].hi.fill_(7.5)  # a range calibration alone would never produce
+    sim.points["features.0"].hi.fill_(7.5)  # a range calibration alone would never produce
     sim.remove()
     order = sim.execution_order(x[:1])
     assert order == ["features.0", "features.3", "classifier"]
     export_onnx(m, (1, 8, 8), tmp_path / "fp32.onnx", 18, "dynamo")
     layer_tensors, unmatched = match_layers(onnx.load(str(tmp_path / "fp32.onnx")), order, sim)
     assert unmatched == [] and list(layer_tensors) == order and layer_tensors["features.0"] == "input"
-    overrides = range_overrides(sim, layer_tensors)
+    overrides = range_overrides(sim, {name: [t] for name, t in layer_tensors.items()})
     assert len(overrides) == 3 and "input" in overrides
-    lo = min(float(sim.observers["features.0"].lo), 0.0)
+    lo = min(float(sim.points["features.0"].lo), 0.0)
     assert float(overrides["input"][0]["scale"]) == pytest.approx((7.5 - lo) / 255, rel=1e-6)
 
     quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
@@ -174,13 +187,14 @@ def test_lsq_observers_learn_scale_and_zero_point():
     torch.manual_seed(0)
     m = tiny_cnn()
     sim = Simulation(m, 0.9, learned=True)
+    sim.hook_layer_inputs()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     sim.calibrate([x])
-    obs = sim.observers["features.3"]
+    obs = sim.points["features.3"]
     start = obs.qparams()
     lo, hi = min(float(obs.lo), 0.0), max(float(obs.hi), 0.0)
     assert start[0] == pytest.approx((hi - lo) / 255, rel=1e-5)  # starts from the calibrated range
-    params = [p for o in sim.observers.values() for p in o.parameters()]
+    params = [p for o in sim.points.values() for p in o.parameters()]
     opt = torch.optim.Adam(params, lr=1e-4)
     m.train()
     for _ in range(3):
@@ -199,36 +213,63 @@ def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
                                  "--observer", "lsq", "--bench-batch-size", "1", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 4
+    assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 5
     assert m["simulation_top1_agreement"] >= 0.95 and m["accuracy"] > 0.5
-    assert all(r["max_error_steps"] <= 1.01 for r in m["layer_error"])
+    assert all(r["local_max_error_steps"] <= 1.01 for r in m["simulation_error"])
 
 
-def test_residual_adds_and_pooling_are_simulated_and_matched_to_the_onnx_graph(tmp_path):
+@pytest.mark.parametrize("factory, expected", [
+    # stem ReLU output (read by the add and a), a's ReLU output, b's output (the add's other input),
+    # the add's output (read by the mean), the head input, the logits; and the input
+    ("residual_net", {"x", "relu", "a.2", "b", "add", "mean", "head"}),
+    # the inputs and outputs of both concatenations and of the split, and the mean and head as above
+    ("concat_split_net", {"x", "relu", "relu_1", "cat", "relu_2", "getitem", "getitem_1", "after_a", "after_b", "cat_1",
+                          "mean", "head"}),
+])
+def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path, factory, expected):
     import torch
 
+    import toy_models
     from mlopt.export.onnx import export_onnx
-    from mlopt.quant.qat import Simulation, match_points
-    from toy_models import residual_net
+    from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
+    from mlopt.quant.ptq import Scheme, quantize
+    from mlopt.quant.qat import Simulation, trace
 
     torch.manual_seed(0)
-    m = residual_net().eval()
+    m = getattr(toy_models, factory)().eval()
     x = torch.randn(8, 3, 16, 16)
+    export_onnx(m, (3, 16, 16), tmp_path / "m.onnx", 18, "dynamo")
+    quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
+             [{"input": x.numpy()}], False)
+    tensors = quantized_tensors(tmp_path / "q.onnx")
+    gm, why = trace(m)
+    assert why is None
+    found = match_by_value(gm, x[:4], onnx_values(tmp_path / "m.onnx", tensors, {"input": x[:4].numpy()}))
+    assert set(found) == set(tensors)  # every one of them has its torch counterpart
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert {str(nodes[v].target) if nodes[v].op == "call_module" else v for v in found.values()} == expected
     with torch.no_grad():
         plain = m(x)
     sim = Simulation(m, 0.9)
-    assert sim.adds >= 1 and sim.model is not m  # traced, with a fake quantization on each add input
+    sim.place(gm, sorted(set(found.values()), key=list(nodes).index))
     sim.calibrate([x])
     with torch.no_grad():
         simulated = sim.model(x)
     assert not torch.equal(simulated, plain) and torch.allclose(simulated, plain, atol=0.5)
-    points = [n for n in sim.points if n.startswith("add")]
-    assert len(points) == 2 * sim.adds and all(sim.points[n].qparams()[0] > 0 for n in points)
-    sim.remove()
-    export_onnx(m, (3, 16, 16), tmp_path / "m.onnx", 18, "dynamo")
-    pool_order = sim.execution_order(x[:1], sim.pools) if sim.pools else []
-    tensors = match_points(onnx.load(str(tmp_path / "m.onnx")), sim, pool_order)
-    assert {n for n in tensors if n.startswith("add")} == set(points)
+    assert len(sim.points) == len(set(found.values())) and all(o.qparams()[0] > 0 for o in sim.points.values())
+
+
+def test_a_model_torch_fx_cannot_trace_is_simulated_at_layer_inputs(tmp_path):
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["qat", "--model", f"{TOY}:untraceable_cnn", "--data", "digits", "--epochs", "1",
+                                 "--bench-batch-size", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["simulated_points"] == "layer inputs" and m["activation_points"] == 2
+    assert "torch.fx cannot trace the model" in result.stderr
+    # the layer inputs are handed over; onnxruntime calibrates the rest, and they are listed
+    assert m["ranges_handed_to_onnxruntime"] == 2 and m["tensors_calibrated_by_onnxruntime"]
+    assert m["integer_kernels"] == 2 and m["float_kernels"] == 0
 
 
 def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
@@ -255,5 +296,5 @@ def test_qat_with_learned_scales_under_two_process_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout)
     assert m["processes"] == 2 and m["replica_max_abs_diff"] == 0
-    assert m["runtime_points_simulated"] == 2 and m["runtime_points_handed_to_onnxruntime"] == 2  # the add's inputs
+    assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"] == 7
     assert m["integer_kernels"] == 4 and m["float_kernels"] == 0
