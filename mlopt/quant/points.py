@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 
-def quantized_tensors(qdq_path: Path) -> list[str]:
-    """The activation tensors onnxruntime's quantizer put a QuantizeLinear on, in graph order."""
+def quantized_tensors(qdq_path: Path) -> dict[str, str]:
+    """The activation tensors onnxruntime's quantizer put a QuantizeLinear on, in graph order, each
+    with the name of its scale: tensors with the same scale share it (the quantizer gives the output
+    of a Reshape, Transpose or other 8-bit pass-through op its input's scale)."""
     import onnx
 
     model = onnx.load(str(qdq_path))
     weights = {i.name for i in model.graph.initializer}
-    found: list[str] = []
+    found: dict[str, str] = {}
     for node in model.graph.node:
         name = node.input[0]
         if node.op_type != "QuantizeLinear" or name in weights:
             continue
         # A quantized graph output: the quantizer renames the tensor that computes it.
-        name = name.removesuffix("_QuantizeLinear_Input")
-        if name not in found:
-            found.append(name)
+        found.setdefault(name.removesuffix("_QuantizeLinear_Input"), node.input[1])
     return found
 
 
@@ -92,7 +92,12 @@ def consumers(node: Any) -> str:
     """What reads an fx node's value, for people: module names, else function or method names."""
     names = []
     for user in node.users:
-        if user.op == "call_module":
+        if user.op == "call_function" and user.target is getattr or user.op == "call_method" and user.target in (
+                "size", "dim"):
+            continue  # reads the shape, not the values
+        if user.meta.get("layer"):  # a Linear split into product and bias (mlopt.quant.qat.split_linear_bias)
+            names.append(user.meta["layer"])
+        elif user.op == "call_module":
             names.append(str(user.target))
         elif user.op == "output":
             names.append("output")

@@ -14,7 +14,12 @@ The simulation follows onnxruntime's fastest CPU scheme (QDQ, U8S8, per-channel)
   (`mlopt.quant.points`). A model torch.fx cannot trace is simulated at its layer inputs only.
   Ranges come from EMA min/max observers that start from calibration and freeze after
   `freeze_observers_after` epochs, or are learned (LSQ+).
-Layers with weights other than Conv, Linear and batch norm keep float weights; the report lists them.
+LayerNorm scales are fake-quantized per tensor (symmetric int8), as onnxruntime quantizes them. A
+Linear layer is split into its product and its bias in the fx graph, as the exporter writes it on
+a 3-D input (MatMul, Add), so transformer encoders get the same treatment: every MatMul with a
+weight, every activation-by-activation attention MatMul, softmax, residual add and LayerNorm
+input is simulated where onnxruntime quantizes it.
+Layers with weights other than Conv, Linear and normalization keep float weights; the report lists them.
 
 The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
 U8S8 per-channel): the graph onnxruntime turns into QLinearConv/QGemm kernels, so the QAT model
@@ -81,6 +86,19 @@ def weight_fake_quant() -> Any:
     return WeightFakeQuant()
 
 
+def norm_scale_fake_quant() -> Any:
+    """A parametrization module: a LayerNorm's scale as onnxruntime quantizes it, per tensor,
+    symmetric int8 (straight-through). Its bias becomes int32 at a far finer step; left in float."""
+    import torch
+
+    class NormScaleFakeQuant(torch.nn.Module):
+        def forward(self, w: Any) -> Any:
+            scale = max(float(w.detach().abs().max()) / 127.0, 1e-12)
+            return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, -127, 127).to(w.dtype)
+
+    return NormScaleFakeQuant()
+
+
 def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
     """Scale and zero point of an asymmetric uint8 grid over [lo, hi], stretched to hold zero
     (as onnxruntime computes them)."""
@@ -113,9 +131,6 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
                 self.zero_point = torch.nn.Parameter(torch.tensor([0.0]))
             self.frozen = False
             self.calibrating = False
-            self.recorded: Any = None  # with `recording`: the last fake-quantized value (numpy)
-            self.recording = False
-            self.replacement: Any = None  # a tensor passed on instead of the fake-quantized one
 
         def qparams(self) -> tuple[float, int]:
             if self.learned:
@@ -166,31 +181,41 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
             else:
                 scale, zero = self.qparams()
                 fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
-            if self.recording:
-                self.recorded = fq.detach().float().cpu().numpy()
-            if self.replacement is not None:
-                fq = self.replacement.to(device=x.device, dtype=x.dtype)
             return (fq, *inputs[1:])
 
     return ActivationObserver()
 
 
 def quant_point(observer: Any) -> Any:
-    """A module that fake-quantizes what passes through it with `observer` (kept by reference, not
-    as a child, so the traced model's state dict stays the module's own)."""
+    """A module that fake-quantizes one tensor with `observer`, which several points may share (as
+    onnxruntime gives a Reshape's output its input's scale). The observer is kept by reference, not
+    as a child, so the traced model's state dict stays the module's own. For the parity check it
+    can record what it produced, or pass another tensor on instead."""
     import torch
 
     class QuantPoint(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self._observer = [observer]
+            self.recording = False
+            self.recorded: Any = None  # with `recording`: the last fake-quantized value (numpy)
+            self.replacement: Any = None  # a tensor passed on instead of the fake-quantized one
 
         @property
         def observer(self) -> Any:
             return self._observer[0]
 
         def forward(self, x: Any) -> Any:
-            return self.observer.hook(self, (x,))[0]
+            fq = self.observer.hook(self, (x,))[0]
+            if self.recording:
+                self.recorded = fq.detach().float().cpu().numpy()
+            if self.replacement is not None:
+                fq = self.replacement.to(device=x.device, dtype=x.dtype)
+            return fq
+
+        def pre_hook(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+            self.train(module.training)
+            return (self(inputs[0]), *inputs[1:])
 
     return QuantPoint()
 
@@ -201,10 +226,12 @@ WEIGHTED = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 class Simulation:
     """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights).
 
-    Weights of every Conv1d/2d/3d and Linear layer are fake-quantized per output channel. Activations
-    are fake-quantized at points, one observer each:
-    - `place(gm, nodes)`: after given nodes of the module's fx graph (the tensors onnxruntime
-      quantizes, found by `mlopt.quant.points`); `self.model` is then that graph module;
+    Weights of every Conv1d/2d/3d and Linear layer are fake-quantized per output channel, LayerNorm
+    scales per tensor. Activations
+    are fake-quantized at points, one per tensor (several may share one observer):
+    - `place(gm, groups)`: after given nodes of the module's fx graph (the tensors onnxruntime
+      quantizes, found by `mlopt.quant.points`; the nodes of a group share a scale); `self.model`
+      is then that graph module;
     - `hook_layer_inputs()`: at the input of each weighted layer, by forward pre-hooks (for models
       torch.fx cannot trace, or when asked for layer inputs only); `self.model` is the module.
     """
@@ -219,7 +246,8 @@ class Simulation:
                        and isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))]
         if not self.layers:
             raise InputError("QAT found no Conv or Linear layer to simulate")
-        self.points: dict[str, Any] = {}  # point name -> its observer
+        self.norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+        self.points: dict[str, Any] = {}  # point name -> its QuantPoint
         self.labels: dict[str, str] = {}  # point name -> what it quantizes, for people
         self.traced = False
         self.handles: list[Any] = []
@@ -231,9 +259,11 @@ class Simulation:
 
         for _, m in self.layers:
             P.register_parametrization(m, "weight", weight_fake_quant())
+        for m in self.norms:
+            P.register_parametrization(m, "weight", norm_scale_fake_quant())
         if not self.traced:
             modules = dict(self.layers)
-            self.handles = [modules[name].register_forward_pre_hook(obs.hook) for name, obs in self.points.items()]
+            self.handles = [modules[name].register_forward_pre_hook(p.pre_hook) for name, p in self.points.items()]
 
     def remove(self) -> None:
         """Back to plain FP32 weights and no hooks (the fx graph's points only run through `self.model`)."""
@@ -242,37 +272,50 @@ class Simulation:
         for h in self.handles:
             h.remove()
         self.handles = []
-        for _, m in self.layers:
+        for m in [m for _, m in self.layers] + self.norms:
             P.remove_parametrizations(m, "weight", leave_parametrized=False)
 
     def hook_layer_inputs(self) -> None:
         for name, _ in self.layers:
-            self.points[name] = activation_observer(self.ema, self.learned)
+            self.points[name] = quant_point(activation_observer(self.ema, self.learned))
             self.labels[name] = f"input of {name}"
         self.remove()
         self.attach()
 
-    def place(self, gm: Any, nodes: list[str]) -> None:
-        """Put a fake quantization after each of `nodes` of `gm`, the fx graph of `self.module`
-        (traced before the weights were parametrized, so it shares the layers)."""
-        from mlopt.quant.points import consumers
-
+    def place(self, gm: Any, groups: list[list[str]]) -> None:
+        """Put a fake quantization after each node named in `groups` of `gm`, the fx graph of
+        `self.module` (traced before the weights were parametrized, so it shares the layers); the
+        nodes of one group share one observer."""
         by_name = {n.name: n for n in gm.graph.nodes}
-        for k, name in enumerate(nodes):
-            node = by_name[name]
-            point = quant_point(activation_observer(self.ema, self.learned))
-            target = f"mlopt_quant{k}"
-            gm.add_submodule(target, point)
-            self.points[name] = point.observer
-            self.labels[name] = f"{node.target if node.op == 'call_module' else name} -> {consumers(node)}"
-            with gm.graph.inserting_after(node):
-                quantized = gm.graph.call_module(target, (node,))
-            node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+        for names in groups:
+            observer = activation_observer(self.ema, self.learned)
+            for name in names:
+                self._place(gm, by_name, name, observer)
         gm.recompile()
         self.model, self.traced = gm, True
 
+    def _place(self, gm: Any, by_name: dict[str, Any], name: str, observer: Any) -> None:
+        from mlopt.quant.points import consumers
+
+        node = by_name[name]
+        point = quant_point(observer)
+        target = f"mlopt_quant{len(self.points)}"
+        gm.add_submodule(target, point)
+        self.points[name] = point
+        producer = node.meta.get("label") or (node.target if node.op == "call_module" else name)
+        self.labels[name] = f"{producer} -> {consumers(node)}"
+        if node.meta.get("bias_add"):  # the product is quantized, so the Add quantizes the bias too
+            add = by_name[node.meta["bias_add"]]
+            with gm.graph.inserting_before(add):
+                bias = gm.graph.call_function(bias_fake_quant, (add.args[1],))
+            add.args = (add.args[0], bias)
+        with gm.graph.inserting_after(node):
+            quantized = gm.graph.call_module(target, (node,))
+        node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+
     def all_observers(self) -> list[Any]:
-        return list(self.points.values())
+        """Each observer once, in the order of the points."""
+        return list({id(p.observer): p.observer for p in self.points.values()}.values())
 
     def calibrate(self, feeds: list[Any]) -> None:
         import torch
@@ -296,17 +339,17 @@ class Simulation:
         `replacements` ({point: tensor}), those points pass the given tensors on instead of their own."""
         import torch
 
-        for name, obs in self.points.items():
-            obs.recording, obs.recorded = True, None
-            obs.replacement = (replacements or {}).get(name)
+        for name, p in self.points.items():
+            p.recording, p.recorded = True, None
+            p.replacement = (replacements or {}).get(name)
         self.model.eval()
         try:
             with torch.no_grad():
                 self.model(x)
-            return {name: obs.recorded for name, obs in self.points.items() if obs.recorded is not None}
+            return {name: p.recorded for name, p in self.points.items() if p.recorded is not None}
         finally:
-            for obs in self.points.values():
-                obs.recording, obs.recorded, obs.replacement = False, None, None
+            for p in self.points.values():
+                p.recording, p.recorded, p.replacement = False, None, None
 
     def execution_order(self, x: Any) -> list[str]:
         """The names of the weighted layers in the order one forward pass of the module calls them."""
@@ -325,13 +368,52 @@ class Simulation:
 
 
 def trace(module: Any) -> tuple[Any, str | None]:
-    """The module's torch.fx graph module, or None and why not."""
+    """The module's torch.fx graph module with each biased Linear split in two, or None and why not."""
     import torch.fx as fx
 
     try:
-        return fx.symbolic_trace(module), None
+        gm = fx.symbolic_trace(module)
     except Exception as exc:
         return None, f"torch.fx cannot trace the model ({type(exc).__name__}: {first_line(exc)})"
+    split_linear_bias(gm)
+    return gm, None
+
+
+def split_linear_bias(gm: Any) -> None:
+    """Each nn.Linear with a bias becomes `F.linear(x, weight) + bias`, as the exporter writes a
+    Linear on a 3-D input (MatMul, then Add): onnxruntime then quantizes the product, the bias and
+    the sum, and the simulation needs a node for each. A Linear on a 2-D input (one Gemm) loses nothing.
+    The nodes are named after the layer, so every trace of the same model names them the same."""
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+            continue
+        if gm.get_submodule(node.target).bias is None or len(node.args) != 1 or node.kwargs:
+            continue
+        stem = str(node.target).replace(".", "_")
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.get_attr(f"{node.target}.weight")
+            bias = gm.graph.get_attr(f"{node.target}.bias")
+            product = gm.graph.create_node("call_function", F.linear, (node.args[0], weight), name=f"{stem}_matmul")
+            total = gm.graph.create_node("call_function", operator.add, (product, bias), name=f"{stem}_biased")
+        product.meta.update(label=f"{node.target} (no bias)", layer=str(node.target), bias_add=total.name)
+        total.meta.update(label=str(node.target), layer=str(node.target))
+        node.replace_all_uses_with(total)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def bias_fake_quant(b: Any) -> Any:
+    """A bias as onnxruntime quantizes the constant input of a quantized Add: per tensor, asymmetric
+    uint8 over its own range (straight-through)."""
+    import torch
+
+    scale, zero = uint8_qparams(float(b.detach().min()), float(b.detach().max()))
+    return torch.fake_quantize_per_tensor_affine(b.float(), scale, zero, 0, 255).to(b.dtype)
 
 
 def batchnorm_layers(module: Any) -> list[Any]:
@@ -344,8 +426,9 @@ def not_simulated(module: Any) -> list[str]:
     """Layers with their own weights whose weights the simulation does not quantize (they train in float)."""
     import torch
 
+    covered = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
     return [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
-            if not (type(m).__name__ in WEIGHTED or isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+            if not (type(m).__name__ in WEIGHTED or isinstance(m, covered))
             and any(True for _ in m.parameters(recurse=False))]
 
 
@@ -403,7 +486,7 @@ def range_overrides(sim: Simulation, tensors: dict[str, list[str]]) -> dict[str,
 
     ranges: dict[str, tuple[float, float]] = {}
     for name, names in tensors.items():
-        obs = sim.points[name]
+        obs = sim.points[name].observer
         if np.isnan(float(obs.lo)):
             continue
         lo, hi = obs.range()
@@ -509,12 +592,13 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
 
 
 def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: Any, feeds: list[Any], x: Any,
-                   work: Path) -> tuple[list[str], list[str], list[str], Any, str | None]:
+                   work: Path) -> tuple[list[str], list[list[str]], list[str], Any, str | None]:
     """Where to fake-quantize activations: the tensors onnxruntime's quantizer picks for this model
     (found by quantizing its FP32 export once), located in the module's fx graph by value.
 
-    Returns the quantized ONNX tensors, the fx nodes to quantize after (graph order), the tensors no
-    node computes, the graph module, and why the simulation falls back to layer inputs (None if not).
+    Returns the quantized ONNX tensors; the fx nodes to quantize after, in groups that share a
+    scale (graph order); the tensors no node computes; the graph module; and why the simulation
+    falls back to layer inputs (None if it does not).
     """
     from onnxruntime.quantization import quant_pre_process
 
@@ -531,13 +615,17 @@ def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: A
     quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
     quantize(work / "pre.onnx", work / "qdq.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
              feeds[:1], False)
-    tensors = quantized_tensors(work / "qdq.onnx")
+    scales = quantized_tensors(work / "qdq.onnx")
+    tensors = list(scales)
     found = match_by_value(gm, x, onnx_values(work / "pre.onnx", tensors, {"input": x.numpy()}))
     if not found:
         return tensors, [], tensors, None, "no tensor onnxruntime quantizes was found in the torch.fx graph"
-    order = [n.name for n in gm.graph.nodes]
-    nodes = sorted(set(found.values()), key=order.index)
-    return tensors, nodes, [t for t in tensors if t not in found], gm, None
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict[str, list[str]] = {}
+    for tensor, node in sorted(found.items(), key=lambda item: order[item[1]]):
+        if not any(node in g for g in groups.values()):
+            groups.setdefault(scales[tensor], []).append(node)
+    return tensors, list(groups.values()), [t for t in tensors if t not in found], gm, None
 
 
 def step_clock() -> Any:
@@ -574,6 +662,10 @@ class QATPass(Pass):
         from mlopt.quant.ptq import PTQConfig, Quality, Scheme, latencies, quantize
 
         if artifact.format != "torch":
+            done = graph.quantized_ops(graph.load(artifact.onnx_path))
+            if done:
+                raise InputError(f"qat trains a PyTorch model; {artifact.origin} is an ONNX model that is already "
+                                 f"quantized ({', '.join(done[:3])}): start from the FP32 PyTorch model it came from")
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
         require_labels(ctx.data, "QAT")
         data = ctx.data
@@ -582,7 +674,7 @@ class QATPass(Pass):
         module = copy.deepcopy(artifact.module)
         floating = not_simulated(module)
         if floating:
-            console.warn(f"QAT quantizes the weights of Conv and Linear layers only; {len(floating)} layer(s) keep float "
+            console.warn(f"QAT quantizes the weights of Conv, Linear and LayerNorm layers only; {len(floating)} layer(s) keep float "
                          "weights while training: "
                          + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
         # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
@@ -590,12 +682,12 @@ class QATPass(Pass):
         probe = first_inputs(data, 64)
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
-            quantized, nodes, unplaced, gm, why = runtime_points(module, fp32_module, config, artifact, feeds, probe[:4], work)
+            quantized, groups, unplaced, gm, why = runtime_points(module, fp32_module, config, artifact, feeds, probe[:4], work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         sim = Simulation(module, config.ema, learned=config.observer == "lsq")
-        if nodes:
-            sim.place(gm, nodes)
+        if groups:
+            sim.place(gm, groups)
         else:
             sim.hook_layer_inputs()
         if why:
@@ -689,6 +781,7 @@ class QATPass(Pass):
             "unfolded_batchnorms": unfolded,
             "simulated_points": "onnxruntime's quantized tensors" if sim.traced else "layer inputs",
             "activation_points": len(sim.points),
+            "activation_ranges": len(sim.all_observers()),
             "quantized_tensors": len(final),
             "ranges_handed_to_onnxruntime": len(handed),
             "tensors_calibrated_by_onnxruntime": calibrated,

@@ -53,7 +53,18 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
 def test_qat_needs_a_torch_model(exported_dir, tmp_path):
     result = runner.invoke(app, ["qat", "--model", str(exported_dir), "--data", "digits", "--out", str(tmp_path / "q")])
     assert result.exit_code == 2 and "qat trains a PyTorch model" in result.stderr
+    assert "already quantized" not in result.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_qat_refuses_an_already_quantized_onnx_model(exported_dir, tmp_path):
+    ptq = runner.invoke(app, ["ptq", "--model", str(exported_dir), "--data", "digits", "--mode", "static",
+                              "--batch-size", "1", "--iterations", "3", "--out", str(tmp_path / "int8"), "--quiet"])
+    assert ptq.exit_code == 0, ptq.output
+    result = runner.invoke(app, ["qat", "--model", str(tmp_path / "int8"), "--data", "digits", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2
+    assert "is an ONNX model that is already quantized (DequantizeLinear" in result.stderr
+    assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1 and not (tmp_path / "q").exists()
 
 
 def test_simulation_is_removed_and_weights_stay_plain():
@@ -113,8 +124,8 @@ def test_layers_the_simulation_does_not_cover_are_listed():
     from mlopt.quant.qat import not_simulated
 
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 1),
-                      nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
-    assert not_simulated(m) == ["3 (ConvTranspose2d)", "4 (LayerNorm)"]
+                      nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2), nn.Embedding(4, 2))
+    assert not_simulated(m) == ["3 (ConvTranspose2d)", "7 (Embedding)"]
 
 
 def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
@@ -155,7 +166,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     sim.hook_layer_inputs()
     x = torch.randn(16, 1, 8, 8)
     sim.calibrate([x])
-    sim.points["features.0"].hi.fill_(7.5)  # a range calibration alone would never produce
+    sim.points["features.0"].observer.hi.fill_(7.5)  # a range calibration alone would never produce
     sim.remove()
     order = sim.execution_order(x[:1])
     assert order == ["features.0", "features.3", "classifier"]
@@ -164,7 +175,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     assert unmatched == [] and list(layer_tensors) == order and layer_tensors["features.0"] == "input"
     overrides = range_overrides(sim, {name: [t] for name, t in layer_tensors.items()})
     assert len(overrides) == 3 and "input" in overrides
-    lo = min(float(sim.points["features.0"].lo), 0.0)
+    lo = min(float(sim.points["features.0"].observer.lo), 0.0)
     assert float(overrides["input"][0]["scale"]) == pytest.approx((7.5 - lo) / 255, rel=1e-6)
 
     quantize(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
@@ -190,11 +201,11 @@ def test_lsq_observers_learn_scale_and_zero_point():
     sim.hook_layer_inputs()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     sim.calibrate([x])
-    obs = sim.points["features.3"]
+    obs = sim.points["features.3"].observer
     start = obs.qparams()
     lo, hi = min(float(obs.lo), 0.0), max(float(obs.hi), 0.0)
     assert start[0] == pytest.approx((hi - lo) / 255, rel=1e-5)  # starts from the calibrated range
-    params = [p for o in sim.points.values() for p in o.parameters()]
+    params = [p for o in sim.all_observers() for p in o.parameters()]
     opt = torch.optim.Adam(params, lr=1e-4)
     m.train()
     for _ in range(3):
@@ -247,39 +258,55 @@ def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path
     found = match_by_value(gm, x[:4], onnx_values(tmp_path / "m.onnx", tensors, {"input": x[:4].numpy()}))
     assert set(found) == set(tensors)  # every one of them has its torch counterpart
     nodes = {n.name: n for n in gm.graph.nodes}
-    assert {str(nodes[v].target) if nodes[v].op == "call_module" else v for v in found.values()} == expected
+    names = {nodes[v].meta.get("label") or (str(nodes[v].target) if nodes[v].op == "call_module" else v)
+             for v in found.values()}
+    assert names == expected
     with torch.no_grad():
         plain = m(x)
     sim = Simulation(m, 0.9)
-    sim.place(gm, sorted(set(found.values()), key=list(nodes).index))
+    sim.place(gm, [[n] for n in sorted(set(found.values()), key=list(nodes).index)])
     sim.calibrate([x])
     with torch.no_grad():
         simulated = sim.model(x)
     assert not torch.equal(simulated, plain) and torch.allclose(simulated, plain, atol=0.5)
-    assert len(sim.points) == len(set(found.values())) and all(o.qparams()[0] > 0 for o in sim.points.values())
+    assert len(sim.points) == len(set(found.values())) and all(p.observer.qparams()[0] > 0 for p in sim.points.values())
+
+
+def qat_one_epoch(tmp_path, factory):
+    result = runner.invoke(app, ["qat", "--model", f"{TOY}:{factory}", "--data", "digits", "--epochs", "1",
+                                 "--bench-batch-size", "1", "--out", str(tmp_path / "q"), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
 
 
 def test_a_model_torch_fx_cannot_trace_is_simulated_at_layer_inputs(tmp_path):
-    out = tmp_path / "q"
-    result = runner.invoke(app, ["qat", "--model", f"{TOY}:untraceable_cnn", "--data", "digits", "--epochs", "1",
-                                 "--bench-batch-size", "1", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    m = json.loads(result.stdout)
+    m, stderr = qat_one_epoch(tmp_path, "untraceable_cnn")
     assert m["simulated_points"] == "layer inputs" and m["activation_points"] == 2
-    assert "torch.fx cannot trace the model" in result.stderr
+    assert "torch.fx cannot trace the model" in stderr
     # the layer inputs are handed over; onnxruntime calibrates the rest, and they are listed
     assert m["ranges_handed_to_onnxruntime"] == 2 and m["tensors_calibrated_by_onnxruntime"]
     assert m["integer_kernels"] == 2 and m["float_kernels"] == 0
 
 
+def test_qat_of_a_transformer_encoder_simulates_its_matmuls_as_onnxruntime_runs_them(tmp_path):
+    m, stderr = qat_one_epoch(tmp_path, "tiny_bert_like")
+    # every weight MatMul, both attention MatMuls of each layer and the patch convolution: integer
+    assert m["integer_kernels"] == 14 and m["float_kernels"] == 0 and m["not_simulated"] == []
+    assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"]
+    assert m["activation_ranges"] < m["activation_points"]  # reshapes and transposes share their input's scale
+    points = {r["point"].split(" -> ")[0]: r for r in m["simulation_error"]}
+    # the product and the sum of each Linear, as onnxruntime quantizes MatMul + Add
+    assert {"layers.0.attention.query (no bias)", "layers.0.attention.query", "softmax"} <= set(points)
+    assert "transpose -> layers.0.attention.query, layers.0.attention.key, layers.0.attention.value, add" in [
+        r["point"] for r in m["simulation_error"]]
+    assert all(r["local_max_error_steps"] <= 1.01 and r["local_mismatch"] < 0.01 for r in m["simulation_error"])
+    assert m["simulation_top1_agreement"] >= 0.95
+
+
 def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
-    out = tmp_path / "q"
-    result = runner.invoke(app, ["qat", "--model", f"{TOY}:bn_after_relu", "--data", "digits", "--epochs", "1",
-                                 "--bench-batch-size", "1", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    m = json.loads(result.stdout)
+    m, stderr = qat_one_epoch(tmp_path, "bn_after_relu")
     assert len(m["unfolded_batchnorms"]) == 1
-    assert "1 batch norm(s) could not be folded" in result.stderr
+    assert "1 batch norm(s) could not be folded" in stderr
 
 
 def test_qat_with_learned_scales_under_two_process_ddp(tmp_path):
