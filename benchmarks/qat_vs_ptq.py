@@ -1,11 +1,13 @@
-"""QAT against PTQ on digits-trained resnet18 and mobilenet_v2, measured in one run.
+"""QAT against PTQ on digits-trained networks, measured in one run.
 
-    python benchmarks/qat_vs_ptq.py
+    python benchmarks/qat_vs_ptq.py [--models resnet18,mobilenet_v2,encoder]
 
-Each network is trained on digits (3x32x32), then quantized twice from the same weights: PTQ
-(static QDQ U8S8 per-channel, min/max) and QAT (2 epochs with the FP32 model as teacher). Top-1
-on the validation split; onnxruntime latency (CPU) of FP32, PTQ and QAT models at batch 1 and
-32 timed in interleaved rounds (`--rounds` sessions of them, each model keeping its best).
+Each network is trained on digits (resnet18 and mobilenet_v2 on 3x32x32, the small transformer
+encoder of benchmarks/encoder.py on the native 1x8x8), then quantized twice from the same
+weights: PTQ (static QDQ U8S8 per-channel, min/max) and QAT (2 epochs with the FP32 model as
+teacher). Top-1 on the validation split; onnxruntime latency (CPU) of FP32, PTQ and QAT models at
+batch 1 and 32 timed in interleaved rounds (`--rounds` sessions of them, each model keeping its
+best); how closely the torch simulation follows onnxruntime, per quantized tensor.
 """
 
 from __future__ import annotations
@@ -31,15 +33,25 @@ def main() -> None:
     p.add_argument("--no-runtime-points", action="store_true",
                    help="simulate layer inputs only (not every tensor onnxruntime quantizes)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing sessions; each model keeps its best")
+    p.add_argument("--models", default="resnet18,mobilenet_v2,encoder",
+                   help="comma-separated: resnet18, mobilenet_v2 (3x32x32 digits), encoder (a small transformer "
+                        "encoder on 1x8x8 digits, benchmarks/encoder.py)")
     args = p.parse_args()
     console.set_quiet(True)
-    data = {"source": "digits", "image_size": 32, "channels": 3, "batch_size": 64}
+    images = {"source": "digits", "image_size": 32, "channels": 3, "batch_size": 64}
+    encoder = f"{Path(__file__).parent / 'encoder.py'}:digits_encoder"
+    networks = {  # name: model spec, data, sample shape, training (epochs, peak learning rate)
+        "resnet18": ("torchvision:resnet18", images, (3, 32, 32), {"epochs": 8}),
+        "mobilenet_v2": ("torchvision:mobilenet_v2", images, (3, 32, 32), {"epochs": 8}),
+        "encoder": (encoder, {"source": "digits", "batch_size": 64}, (1, 8, 8), {"epochs": 30}),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("resnet18", "mobilenet_v2"):
+        for name in args.models.split(","):
+            spec, data, shape, training = networks[name]
             root = Path(tmp) / name
             recipe = recipe_from_dict({
-                "version": 1, "model": {"spec": f"torchvision:{name}"}, "data": data,
-                "steps": [{"type": "train", "epochs": 8}, {"type": "export"}],
+                "version": 1, "model": {"spec": spec}, "data": data,
+                "steps": [{"type": "train", **training}, {"type": "export"}],
             }, "train")
             report = run_recipe(recipe, root / "fp32").report
             fp32_acc = report["steps"][0]["metrics"]["accuracy"]
@@ -59,7 +71,7 @@ def main() -> None:
             # graph structure, so any gap between them is the shared machine's noise.
             lat = [{1: float("inf"), 32: float("inf")} for _ in paths]
             for _ in range(args.rounds):
-                for best, now in zip(lat, interleaved_latency(paths, (3, 32, 32), "cpu", [1, 32], 90)):
+                for best, now in zip(lat, interleaved_latency(paths, shape, "cpu", [1, 32], 90)):
                     for b in best:
                         best[b] = min(best[b], now[b])
             q = qat.report["step"]["metrics"]

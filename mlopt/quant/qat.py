@@ -376,7 +376,41 @@ def trace(module: Any) -> tuple[Any, str | None]:
     except Exception as exc:
         return None, f"torch.fx cannot trace the model ({type(exc).__name__}: {first_line(exc)})"
     split_linear_bias(gm)
+    split_gelu(gm)
     return gm, None
+
+
+def split_gelu(gm: Any) -> None:
+    """Each exact GELU (nn.GELU or F.gelu) becomes the five operations the exporter writes for it,
+    x * (0.5 * (erf(x / sqrt 2) + 1)): onnxruntime quantizes the intermediate tensors of that chain
+    (the inputs of its Add and Muls), so the simulation needs a node for each."""
+    import operator
+
+    import torch
+    import torch.nn.functional as F
+
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.GELU):
+            exact = gm.get_submodule(node.target).approximate == "none"
+        elif node.op == "call_function" and node.target is F.gelu:
+            exact = node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1
+        else:
+            continue
+        if not exact or not node.args:
+            continue
+        x, label = node.args[0], str(node.target) if node.op == "call_module" else node.name
+        with gm.graph.inserting_before(node):
+            scaled = gm.graph.call_function(operator.truediv, (x, 2 ** 0.5))
+            erf = gm.graph.call_function(torch.erf, (scaled,))
+            plus = gm.graph.call_function(operator.add, (erf, 1.0))
+            half = gm.graph.call_function(operator.mul, (0.5, plus))
+            out = gm.graph.call_function(operator.mul, (x, half))
+        for part, name in ((erf, "erf"), (plus, "erf + 1"), (half, "(erf + 1) / 2")):
+            part.meta.update(label=f"{label}: {name}", layer=label)
+        out.meta.update(label=label, layer=label)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def split_linear_bias(gm: Any) -> None:
@@ -562,32 +596,43 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
     onnxruntime folds batch norm into the convolution before quantizing it; the simulation
     quantizes the unfolded weight. Symmetric per-channel quantization makes the two the same codes
     (negated in a channel whose batch-norm factor is negative); this counts where they are not
-    (float rounding at a tie). Layers are found by weight name (`<layer>.weight_quantized`).
+    (float rounding at a tie). A layer's weight is found by name (`<layer>.weight_quantized`), or,
+    where the exporter renamed it (a Linear's transposed weight before a MatMul), as the int8
+    weight of the same shape whose codes agree best.
     """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in onnx.load(str(int8_path)).graph.initializer}
+    model = onnx.load(str(int8_path))
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    pool = {i.name: numpy_helper.to_array(i).astype(np.int64) for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and i.name in dequantized}
     layers = codes = differing = 0
     for name, m in sim.layers:
-        init = inits.get(f"{name}.weight_quantized")
         w = m.weight.detach().float().cpu().numpy()
-        if init is None:
-            continue
-        ort = numpy_helper.to_array(init).astype(np.int64)
-        if ort.shape != w.shape:
-            ort = ort.T if ort.T.shape == w.shape else None
-        if ort is None:
-            continue
         flat = w.reshape(w.shape[0], -1)
         scale = np.maximum(np.abs(flat).max(1, keepdims=True) / 127.0, 1e-12).astype(np.float32)
         ours = np.clip(np.round(flat / scale), -127, 127).astype(np.int64)
-        theirs = ort.reshape(ort.shape[0], -1)
-        sign = np.where((theirs == ours).sum(1) >= (theirs == -ours).sum(1), 1, -1)[:, None]
+
+        def off(theirs: Any) -> int:
+            theirs = theirs.reshape(theirs.shape[0], -1)
+            sign = np.where((theirs == ours).sum(1) >= (theirs == -ours).sum(1), 1, -1)[:, None]
+            return int((theirs != sign * ours).sum())
+
+        named = f"{name}.weight_quantized"
+        if named in pool and pool[named].shape == w.shape:
+            best, count = named, off(pool[named])
+        else:
+            shaped = {k: v.T for k, v in pool.items() if w.ndim == 2 and v.shape == w.shape[::-1]}
+            scored = sorted((off(v), k) for k, v in shaped.items())
+            if not scored or scored[0][0] > 0.01 * ours.size:
+                continue
+            count, best = scored[0]
+        pool.pop(best)
         layers += 1
         codes += ours.size
-        differing += int((theirs != sign * ours).sum())
+        differing += count
     return {"layers": layers, "codes": codes, "differing": differing}
 
 
