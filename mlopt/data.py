@@ -63,7 +63,9 @@ class Dataset:
 
 def require_labels(data: Dataset, why: str) -> None:
     if not data.labeled:
-        raise InputError(f"{why} needs labelled data; {data.name!r} has no labels (random data is for calibration and benchmarking)")
+        hint = {"random": " (random data is for calibration and benchmarking)",
+                "text": " (text:FILE is one unlabelled example a line)"}.get(data.name.split(":")[0], "")
+        raise InputError(f"{why} needs labelled data; {data.name!r} has no labels{hint}")
 
 
 def load_data(cfg: DataConfig) -> Dataset:
