@@ -70,7 +70,7 @@ def test_qat_refuses_an_already_quantized_onnx_model(exported_dir, tmp_path):
 def test_simulation_is_removed_and_weights_stay_plain():
     import torch
 
-    from mlopt.quant.qat import Simulation
+    from mlopt.quant.simulation import Simulation
     from toy_models import tiny_cnn
 
     m = tiny_cnn()
@@ -121,7 +121,7 @@ def test_batchnorm_statistics_update_until_frozen(trained_dir, tmp_path, monkeyp
 def test_layers_the_simulation_does_not_cover_are_listed():
     from torch import nn
 
-    from mlopt.quant.qat import not_simulated
+    from mlopt.quant.simulation import not_simulated
 
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 1),
                       nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2), nn.Embedding(4, 2))
@@ -157,7 +157,8 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
 
     from mlopt.export.onnx import export_onnx
     from mlopt.quant.ptq import Scheme, quantize
-    from mlopt.quant.qat import Simulation, match_layers, range_overrides
+    from mlopt.quant.qat import match_layers, range_overrides
+    from mlopt.quant.simulation import Simulation
     from toy_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -192,7 +193,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
 def test_lsq_observers_learn_scale_and_zero_point():
     import torch
 
-    from mlopt.quant.qat import Simulation
+    from mlopt.quant.simulation import Simulation
     from toy_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -244,7 +245,7 @@ def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path
     from mlopt.export.onnx import export_onnx
     from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
     from mlopt.quant.ptq import Scheme, quantize
-    from mlopt.quant.qat import Simulation, trace
+    from mlopt.quant.simulation import Simulation, trace
 
     torch.manual_seed(0)
     m = getattr(toy_models, factory)().eval()
