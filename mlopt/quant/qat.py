@@ -24,6 +24,7 @@ import copy
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,25 +81,24 @@ def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[st
     return matched, unmatched
 
 
-def point_tensors(sim: Simulation, pre_path: Path, tensors: list[str], x: Any) -> dict[str, list[str]]:
+def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any) -> dict[str, list[str]]:
     """The ONNX tensors (of the pre-processed FP32 model at `pre_path`) each simulation point stands for.
 
-    Traced simulations: matched by value again, on the trained model (`tensors` are the ones
-    onnxruntime quantized before training; export and pre-processing name them the same way).
-    Layer-input hooks: matched by execution order and weight shape.
+    Traced simulations: the tensors found before training (export and pre-processing of the trained
+    model name them the same way), where the trained graph has them. Layer-input hooks: matched by
+    execution order and weight shape.
     """
     from mlopt.quant import graph
-    from mlopt.quant.points import match_by_value, onnx_values
 
+    model = graph.load(pre_path)
+    if not sim.traced:
+        layer_tensors, _ = match_layers(model, sim.execution_order(x[:1]), sim)
+        return {name: [t] for name, t in layer_tensors.items()}
+    present = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
     found: dict[str, list[str]] = {}
-    if sim.traced:
-        gm, _ = trace(sim.module)
-        for tensor, node in match_by_value(gm, x, onnx_values(pre_path, tensors, {"input": x.numpy()})).items():
-            if node in sim.points:
-                found.setdefault(node, []).append(tensor)
-    else:
-        layer_tensors, _ = match_layers(graph.load(pre_path), sim.execution_order(x[:1]), sim)
-        found = {name: [t] for name, t in layer_tensors.items()}
+    for tensor, node in points.nodes.items():
+        if tensor in present and node in sim.points:
+            found.setdefault(node, []).append(tensor)
     return found
 
 
@@ -227,41 +227,58 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
     return {"layers": layers, "codes": codes, "differing": differing}
 
 
-def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: Any, feeds: list[Any], x: Any,
-                   work: Path) -> tuple[list[str], list[list[str]], list[str], Any, str | None]:
-    """Where to fake-quantize activations: the tensors onnxruntime's quantizer picks for this model
-    (found by quantizing its FP32 export once), located in the module's fx graph by value.
+def runtime_scheme() -> Any:
+    """onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max."""
+    from mlopt.quant.ptq import Scheme
 
-    Returns the quantized ONNX tensors; the fx nodes to quantize after, in groups that share a
-    scale (graph order); the tensors no node computes; the graph module; and why the simulation
-    falls back to layer inputs (None if it does not).
-    """
+    return Scheme("static", "qdq", "uint8", "int8", True, "minmax")
+
+
+@dataclass
+class RuntimePoints:
+    """Where onnxruntime quantizes this model's activations, and where those tensors are in its fx graph."""
+
+    tensors: dict[str, str] = field(default_factory=dict)  # quantized ONNX tensor -> the name of its scale
+    nodes: dict[str, str] = field(default_factory=dict)  # quantized ONNX tensor -> the fx node computing it
+    groups: list[list[str]] = field(default_factory=list)  # fx nodes sharing a scale, in graph order
+    gm: Any = None  # the fx graph module the nodes belong to
+    why: str | None = None  # why the simulation falls back to layer inputs
+
+    @property
+    def unplaced(self) -> list[str]:
+        """Quantized tensors no fx node computes (onnxruntime calibrates them)."""
+        return [t for t in self.tensors if t not in self.nodes]
+
+
+def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: Any, feeds: list[Any], x: Any,
+                   work: Path) -> RuntimePoints:
+    """The tensors onnxruntime's quantizer picks for this model (found by quantizing its FP32 export
+    once), located in the module's fx graph by value; empty when asked for layer inputs only or when
+    torch.fx cannot trace the model (then `why` says so)."""
     from onnxruntime.quantization import quant_pre_process
 
     from mlopt.export.onnx import export_onnx
     from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
-    from mlopt.quant.ptq import Scheme, quantize
+    from mlopt.quant.ptq import quantize
 
     if not config.runtime_points:
-        return [], [], [], None, None
+        return RuntimePoints()
     gm, why = trace(module)
     if gm is None:
-        return [], [], [], None, why
+        return RuntimePoints(why=why)
     export_onnx(fp32_module, tuple(artifact.sample_shape), work / "fp32.onnx", 18, "dynamo")
     quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-    quantize(work / "pre.onnx", work / "qdq.onnx", Scheme("static", "qdq", "uint8", "int8", True, "minmax"),
-             feeds[:1], False)
+    quantize(work / "pre.onnx", work / "qdq.onnx", runtime_scheme(), feeds[:1], False)
     scales = quantized_tensors(work / "qdq.onnx")
-    tensors = list(scales)
-    found = match_by_value(gm, x, onnx_values(work / "pre.onnx", tensors, {"input": x.numpy()}))
+    found = match_by_value(gm, x, onnx_values(work / "pre.onnx", list(scales), {"input": x.numpy()}))
     if not found:
-        return tensors, [], tensors, None, "no tensor onnxruntime quantizes was found in the torch.fx graph"
+        return RuntimePoints(scales, why="no tensor onnxruntime quantizes was found in the torch.fx graph")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     groups: dict[str, list[str]] = {}
     for tensor, node in sorted(found.items(), key=lambda item: order[item[1]]):
         if not any(node in g for g in groups.values()):
             groups.setdefault(scales[tensor], []).append(node)
-    return tensors, list(groups.values()), [t for t in tensors if t not in found], gm, None
+    return RuntimePoints(scales, found, list(groups.values()), gm)
 
 
 def step_clock() -> Any:
@@ -295,7 +312,7 @@ class QATPass(Pass):
         from mlopt.export.onnx import ExportConfig, export_checked
         from mlopt.quant import graph, points
         from mlopt.quant.calibration import calibration_batches
-        from mlopt.quant.ptq import PTQConfig, Quality, Scheme, latencies, quantize
+        from mlopt.quant.ptq import PTQConfig, Quality, latencies, quantize
 
         if artifact.format != "torch":
             done = graph.quantized_ops(graph.load(artifact.onnx_path))
@@ -318,16 +335,17 @@ class QATPass(Pass):
         probe = first_inputs(data, 64)
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
-            quantized, groups, unplaced, gm, why = runtime_points(module, fp32_module, config, artifact, feeds, probe[:4], work)
+            found = runtime_points(module, fp32_module, config, artifact, feeds, probe[:4], work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         sim = Simulation(module, config.ema, learned=config.observer == "lsq")
-        if groups:
-            sim.place(gm, groups)
+        if found.groups:
+            sim.place(found.gm, found.groups)
         else:
             sim.hook_layer_inputs()
-        if why:
-            console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {why}")
+        if found.why:
+            console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {found.why}")
+        unplaced = found.unplaced
         if unplaced:
             console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
                          f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
@@ -378,15 +396,14 @@ class QATPass(Pass):
             export_checked(trained, data, work / "fp32.onnx", ExportConfig())
             out = Path(ctx.out_dir) / "model.onnx"
             quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-            tensors = point_tensors(sim, work / "pre.onnx", quantized, probe)
+            tensors = point_tensors(sim, work / "pre.onnx", found, probe)
             pre_nodes = graph.load(work / "pre.onnx").graph.node
             # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
             # own node with quantized scale and bias, which the simulation, holding batch norm in
             # float, does not model.
             unfolded = [n.name or n.output[0] for n in pre_nodes if n.op_type == "BatchNormalization"]
             handed = range_overrides(sim, tensors) if config.export_ranges else {}
-            quantize(work / "pre.onnx", out, Scheme("static", "qdq", "uint8", "int8", True, "minmax"), feeds, False,
-                     overrides=handed)
+            quantize(work / "pre.onnx", out, runtime_scheme(), feeds, False, overrides=handed)
             final = set(points.quantized_tensors(out))
             calibrated = sorted(final - set(handed))
             kernels = graph.kernel_counts(out)
