@@ -22,8 +22,10 @@ from typing import Any
 from mlopt.errors import InputError, first_line
 
 
-def weight_fake_quant() -> Any:
-    """A parametrization module: per-output-channel symmetric int8 fake quantization (straight-through).
+def weight_fake_quant(per_channel: bool = True) -> Any:
+    """A parametrization module: symmetric int8 fake quantization (straight-through), per output
+    channel (Conv and Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes
+    them; their bias becomes int32 at a far finer step and stays float).
 
     Defined inside a function so that importing this file (for the recipe schema) imports no torch.
     """
@@ -31,25 +33,15 @@ def weight_fake_quant() -> Any:
 
     class WeightFakeQuant(torch.nn.Module):
         def forward(self, w: Any) -> Any:
+            if not per_channel:
+                scale = max(float(w.detach().abs().max()) / 127.0, 1e-12)
+                return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, -127, 127).to(w.dtype)
             flat = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
             scale = torch.clamp(flat / 127.0, min=1e-12).float()
             zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
             return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -127, 127).to(w.dtype)
 
     return WeightFakeQuant()
-
-
-def norm_scale_fake_quant() -> Any:
-    """A parametrization module: a LayerNorm's scale as onnxruntime quantizes it, per tensor,
-    symmetric int8 (straight-through). Its bias becomes int32 at a far finer step; left in float."""
-    import torch
-
-    class NormScaleFakeQuant(torch.nn.Module):
-        def forward(self, w: Any) -> Any:
-            scale = max(float(w.detach().abs().max()) / 127.0, 1e-12)
-            return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, -127, 127).to(w.dtype)
-
-    return NormScaleFakeQuant()
 
 
 def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -66,7 +58,7 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
     EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential
     average while training. Learned mode (LSQ+): the scale and zero point are parameters, started
     from the calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
-    `hook` is the forward pre-hook.
+    `quantize` observes and fake-quantizes one tensor.
     """
     import math
 
@@ -110,9 +102,8 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
                 self.scale.requires_grad_(not frozen)
                 self.zero_point.requires_grad_(not frozen)
 
-        def hook(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = inputs[0]
-            if self.calibrating or (module.training and not self.frozen and not self.learned):
+        def quantize(self, x: Any, training: bool) -> Any:
+            if self.calibrating or (training and not self.frozen and not self.learned):
                 lo, hi = x.detach().min().to(self.lo), x.detach().max().to(self.hi)
                 with torch.no_grad():
                     if torch.isnan(self.lo) or self.calibrating:
@@ -123,7 +114,7 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
                         self.hi.mul_(ema).add_((1 - ema) * hi)
                     self.updates += 1
             if self.calibrating or torch.isnan(self.lo):
-                return inputs
+                return x
             if self.learned:
                 with torch.no_grad():
                     self.scale.clamp_(min=1e-8)
@@ -134,7 +125,7 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
             else:
                 scale, zero = self.qparams()
                 fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
-            return (fq, *inputs[1:])
+            return fq
 
     return ActivationObserver()
 
@@ -159,7 +150,7 @@ def quant_point(observer: Any) -> Any:
             return self._observer[0]
 
         def forward(self, x: Any) -> Any:
-            fq = self.observer.hook(self, (x,))[0]
+            fq = self.observer.quantize(x, self.training)
             if self.recording:
                 self.recorded = fq.detach().float().cpu().numpy()
             if self.replacement is not None:
@@ -173,7 +164,13 @@ def quant_point(observer: Any) -> Any:
     return QuantPoint()
 
 
-WEIGHTED = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+def is_weighted(m: Any) -> bool:
+    """A layer whose weight is fake-quantized per output channel: Conv1d/2d/3d or Linear (exactly those
+    types: transposed convolutions keep their channels on another axis)."""
+    import torch
+
+    return type(m).__name__ in ("Conv1d", "Conv2d", "Conv3d", "Linear") and isinstance(
+        m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
 
 
 class Simulation:
@@ -195,8 +192,7 @@ class Simulation:
         self.module = module  # the plain module (exported after remove())
         self.model = module  # what runs the simulation
         self.ema, self.learned = ema, learned
-        self.layers = [(n, m) for n, m in module.named_modules() if type(m).__name__ in WEIGHTED
-                       and isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))]
+        self.layers = [(n, m) for n, m in module.named_modules() if is_weighted(m)]
         if not self.layers:
             raise InputError("QAT found no Conv or Linear layer to simulate")
         self.norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
@@ -213,7 +209,7 @@ class Simulation:
         for _, m in self.layers:
             P.register_parametrization(m, "weight", weight_fake_quant())
         for m in self.norms:
-            P.register_parametrization(m, "weight", norm_scale_fake_quant())
+            P.register_parametrization(m, "weight", weight_fake_quant(per_channel=False))
         if not self.traced:
             modules = dict(self.layers)
             self.handles = [modules[name].register_forward_pre_hook(p.pre_hook) for name, p in self.points.items()]
@@ -415,5 +411,5 @@ def not_simulated(module: Any) -> list[str]:
 
     covered = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
     return [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
-            if not (type(m).__name__ in WEIGHTED or isinstance(m, covered))
+            if not (is_weighted(m) or isinstance(m, covered))
             and any(True for _ in m.parameters(recurse=False))]
