@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlopt import console
+from mlopt import console, hf
 from mlopt.errors import InputError
 
 if TYPE_CHECKING:
@@ -112,9 +112,7 @@ def run_recipe(
     # What each step reads, by content: --resume skips a step only when these are unchanged too.
     data_fp = _data_fingerprint(recipe)
     model_fp = _model_fingerprint(recipe)
-    from mlopt.hf import is_text_artifact
-
-    if is_text_artifact(artifact):
+    if hf.is_text_artifact(artifact):
         unsupported = [s.type for s in recipe.steps if not PASSES[s.type].text_ok]
         if unsupported:
             supported = ", ".join(sorted(n for n, p in PASSES.items() if p.text_ok))
@@ -252,29 +250,26 @@ def _paths_in(spec: str) -> list[str]:
 
 
 def _model_fingerprint(recipe: "Recipe") -> list[Any]:
-    from mlopt.fsutil import path_fingerprint
-
-    m = recipe.model
-    files = _paths_in(m.spec) + ([m.weights] if m.weights else [])
-    return [m.model_dump(mode="json"), {f: path_fingerprint(Path(f)) for f in files}]
+    """The recipe's model settings, and the files they name (FILE.py:factory, hf:DIR, weights) by content."""
+    m = recipe.model.model_dump(mode="json")
+    return [m, _config_files(m)]
 
 
 def _data_fingerprint(recipe: "Recipe") -> list[Any]:
-    from mlopt.fsutil import path_fingerprint
-
+    """The recipe's data settings, and the files they name (npz:FILE, imagefolder:DIR, text:FILE) by content."""
     if recipe.data is None:
         return []
-    files = _paths_in(recipe.data.source)
-    extra: dict[str, Any] = {f: path_fingerprint(Path(f)) for f in files}
+    d = recipe.data.model_dump(mode="json")
+    extra: dict[str, Any] = _config_files(d)
     if recipe.data.source == "digits":
         import sklearn
 
         extra["scikit-learn"] = sklearn.__version__  # the digits ship with it
-    return [recipe.data.model_dump(mode="json"), extra]
+    return [d, extra]
 
 
 def _config_files(config: dict[str, Any]) -> dict[str, str | None]:
-    """Files a step's options name (a student's FILE.py, ONNX files to compare), by content."""
+    """Files that settings name (a model's FILE.py, a student's, ONNX files to compare), by content."""
     from mlopt.fsutil import path_fingerprint
 
     found: dict[str, str | None] = {}
@@ -301,7 +296,6 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
     feeds a model trained on resized digits the same resized digits.
     """
-    from mlopt import hf
     from mlopt.artifacts import load_artifact, looks_like_artifact
     from mlopt.data import load_data
 
@@ -353,12 +347,10 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
         shape = tuple(data.sample_shape)
 
     if loaded is not None:
-        from mlopt.hf import is_text_artifact
-
         artifact = loaded
         if shape is not None:
             # A text model's sequence axis is dynamic: it takes the data's length.
-            fixed = artifact.sample_shape is not None and not is_text_artifact(artifact)
+            fixed = artifact.sample_shape is not None and not hf.is_text_artifact(artifact)
             if fixed and tuple(artifact.sample_shape) != tuple(shape):
                 raise InputError(
                     f"{cfg.spec} takes inputs of shape {'x'.join(map(str, artifact.sample_shape))} per sample, "
@@ -370,8 +362,6 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
         return artifact
 
     import torch
-
-    from mlopt import hf
 
     num_classes = cfg.num_classes if cfg.num_classes is not None else (data.num_classes if data else None)
     torch.manual_seed(cfg.seed)  # a reproducible random initialisation
@@ -406,8 +396,8 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
 
 def _absolute_spec(spec: str) -> str:
     """File specs are stored with an absolute path so the artifact reloads from anywhere."""
-    if spec.startswith("hf:"):
-        return f"hf:{Path(spec[3:]).expanduser().resolve()}"
+    if hf.is_hf_spec(spec):
+        return f"{hf.PREFIX}{Path(spec[len(hf.PREFIX):]).expanduser().resolve()}"
     prefix, _, name = spec.rpartition(":")
     if prefix.endswith(".py"):
         return f"{Path(prefix).resolve()}:{name}"

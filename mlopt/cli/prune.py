@@ -17,7 +17,7 @@ def prune(
     ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of channels (or weights) to remove, in (0, 1).")] = None,
     target_macs: Annotated[Optional[float], typer.Option("--target-macs", help="Keep this fraction of the MACs (searches the ratio).")] = None,
     target_params: Annotated[Optional[float], typer.Option("--target-params", help="Keep this fraction of the parameters.")] = None,
-    head_ratio: Annotated[Optional[float], typer.Option("--head-ratio", help="Fraction of attention heads to remove (blocks with qkv + num_heads).")] = None,
+    head_ratio: Annotated[Optional[float], typer.Option("--head-ratio", help="Fraction of attention heads to remove (timm qkv + num_heads, or BERT query/key/value + num_attention_heads blocks).")] = None,
     importance: Annotated[str, typer.Option("--importance", help="l1, l2, bn-scale, taylor, lamp or random.")] = "l1",
     global_ranking: Annotated[bool, typer.Option("--global/--per-layer", help="Rank across layers or within each layer.")] = False,
     round_to: Annotated[Optional[int], typer.Option("--round-to", help="Keep channel counts multiples of N.")] = None,

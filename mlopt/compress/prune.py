@@ -32,7 +32,7 @@ class PruneConfig(BaseModel):
     target_params: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the parameters")
     head_ratio: float | None = Field(
         None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
-        "and a `num_heads` attribute (timm's ViT layout)")
+        "and `num_heads` (timm's ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's)")
     importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
     global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer")
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
@@ -249,8 +249,8 @@ class PrunePass(Pass):
 
         if config.sparsity == "structured":
             ratio = config.ratio
-            if ratio is None and config.head_ratio is not None and config.target_macs is None and config.target_params is None:
-                ratio = 0.0  # heads only
+            if ratio is None and config.target_macs is None and config.target_params is None:
+                ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
             elif ratio is None:
                 ratio, reached = search_ratio(module, shape, config, ignore)
                 notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "

@@ -17,7 +17,7 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
     import numpy as np
 
-    from mlopt.data import inputs_of, loader, take, to_numpy
+    from mlopt.data import count, inputs_of, loader, take, to_numpy
 
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)
@@ -26,23 +26,19 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
             f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but the model "
             f"expects {'x'.join('?' if e is None else str(e) for e in expected)}"
         )
-    feeds, count = [], 0
+    feeds, seen = [], 0
     for items in loader(data.train, batch):
         x = to_numpy(inputs_of(items))
-        if isinstance(x, dict):  # token models: every input by name
-            size = min(len(x["input_ids"]), n - count)
-            feeds.append(take(x, 0, size))
-            count += size
-        else:
-            if x.dtype != np.float32:
-                raise InputError(f"calibration data must be float32, got {x.dtype}")
-            size = min(len(x), n - count)
-            feeds.append({input_name: x[:size]})
-            count += size
-        if count >= n:
+        if not isinstance(x, dict) and x.dtype != np.float32:
+            raise InputError(f"calibration data must be float32, got {x.dtype}")
+        size = min(count(x), n - seen)
+        # token models feed every input by name; image models their one input
+        feeds.append(take(x, 0, size) if isinstance(x, dict) else {input_name: x[:size]})
+        seen += size
+        if seen >= n:
             break
-    if count < n:
-        console.warn(f"asked for {n} calibration samples but {data.name!r} has only {count} training samples; using {count}")
+    if seen < n:
+        console.warn(f"asked for {n} calibration samples but {data.name!r} has only {seen} training samples; using {seen}")
     return feeds
 
 
