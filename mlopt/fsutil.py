@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError
-
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
@@ -32,55 +30,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def check_output_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
-    """Refuse an existing non-empty output directory unless asked to overwrite; check writability.
-
-    Called before any work starts so that a long run does not fail at the very end.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        interrupted = resumable and any((out / name).exists() for name in (".checkpoint", ".checkpoints", "report.json"))
-        hint = "pass --resume to continue the interrupted run or --overwrite to replace it" if interrupted else "pass --overwrite to replace it"
-        raise InputError(f"--out {out} exists and is not empty ({hint})")
-    parent = _nearest_existing_parent(out)
-    if not parent.is_dir():
-        raise InputError(f"cannot create --out {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to {parent}: permission denied")
-
-
-def _nearest_existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate
-    return Path("/")
-
-
-def staging_dir(final: Path) -> Path:
-    """A fresh empty directory beside `final` (same filesystem, so the rename is atomic)."""
-    final = Path(final).absolute()
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    except OSError as exc:
-        raise InputError(f"cannot write to {final.parent}: {exc.strerror or exc}") from exc
-
-
-def commit_dir(staged: Path, final: Path) -> None:
-    """Move a finished staging directory into place, replacing whatever was at `final`."""
-    final = Path(final)
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(dir=final.absolute().parent, prefix=f".{final.name}.", suffix=".old"))
-        os.replace(final, trash / final.name)
-        os.replace(staged, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staged, final)
 
 
 def discard_dir(staged: Path) -> None:

@@ -96,6 +96,9 @@ def show(rows: list[dict[str, Any]]) -> None:
             console.table(table)
 
 
+JUNIT_CLASSNAME = "mlopt.gates"
+
+
 def junit_xml(rows: list[dict[str, Any]], suite: str) -> str:
     from xml.sax.saxutils import quoteattr
 
@@ -103,7 +106,7 @@ def junit_xml(rows: list[dict[str, Any]], suite: str) -> str:
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              f'<testsuite name={quoteattr(suite)} tests="{len(rows)}" failures="{failures}" errors="0">']
     for r in rows:
-        lines.append(f'  <testcase classname="mlopt.gates" name={quoteattr(r["gate"])}>')
+        lines.append(f'  <testcase classname="{JUNIT_CLASSNAME}" name={quoteattr(r["gate"])}>')
         if not r["passed"]:
             msg = f"expected {r['expected']}, measured {r['measured']}"
             lines.append(f"    <failure message={quoteattr(msg)}/>")

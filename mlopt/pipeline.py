@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlopt import console, hf
 from mlopt.errors import InputError
+from mlopt.outdir import OutputDir
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -99,8 +100,9 @@ def run_recipe(
     if not dist.is_main:
         console.set_quiet(True)
     resume = resume or distributed.restarted()  # torchrun restarted the workers after a failure
-    if out is not None and dist.is_main:
-        fsutil.check_output_dir(out, overwrite or resume, resumable=not resume)
+    output = OutputDir(out) if out is not None and dist.is_main else None
+    if output is not None:
+        output.check(overwrite or resume, resume)
     for step in recipe.steps:
         if PASSES[step.type].needs_data and recipe.data is None:
             raise InputError(f"step {step.type!r} needs data: give --data (or 'data:' in the recipe)")
@@ -120,16 +122,17 @@ def run_recipe(
     baseline = None
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
-    writes = out is not None and dist.is_main  # ranks other than 0 work in a scratch directory
+    writes = output is not None  # ranks other than 0 work in a scratch directory
     root = Path(out) if writes else Path(tempfile.mkdtemp(prefix="mlopt-"))
     # Every rank reads checkpoints from the real output directory; only rank 0 writes them.
-    ckpt_root = (Path(out) if out is not None else root) / (".checkpoint" if flat else ".checkpoints")
-    created_root = not root.exists()
-    if writes and not flat and overwrite and not resume and root.exists():
-        fsutil.discard_dir(root)  # --overwrite: no step of an earlier run may survive into this one
+    ckpt_name = ".checkpoint" if flat else ".checkpoints"
+    ckpt_root = (Path(out) if out is not None else root) / ckpt_name
+    if output is not None:
+        output.open(overwrite or resume, resume)
+        if not flat and overwrite and not resume:
+            output.clear()  # --overwrite: no step of an earlier run may survive into this one
+        output.claim_tree(ckpt_name)
     try:
-        if not flat:
-            root.mkdir(parents=True, exist_ok=True)
         for index, step in enumerate(recipe.steps, start=1):
             pass_ = PASSES[step.type]()
             name = f"{index:02d}-{step.type}"
@@ -149,7 +152,7 @@ def run_recipe(
             if pass_.rank0_only and not dist.is_main:
                 distributed.barrier()
                 continue
-            stage = fsutil.staging_dir(final_dir) if writes else final_dir
+            stage = output.staging(name) if output is not None else final_dir
             stage.mkdir(parents=True, exist_ok=True)
             ckpt_dir = (ckpt_root if flat else ckpt_root / name) if out is not None else None
             console.info(f"[bold]{name}[/bold]: {step.type} ({artifact.format} model {escape(artifact.origin)})")
@@ -176,24 +179,24 @@ def run_recipe(
                     **result.extra,
                 }
                 write_reports(stage, {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_report, "environment": env})
-                if stage != final_dir:
-                    fsutil.commit_dir(stage, final_dir)
+                if output is not None:
+                    output.commit(stage, "" if flat else name)
                 if result.artifact.format == "onnx" and pass_.produces_model:
                     result.artifact.onnx_path = final_dir / "model.onnx"
                 if pass_.produces_model:
                     model_fp = _model_files(final_dir)
             except BaseException:
-                if stage != final_dir:
-                    fsutil.discard_dir(stage)
+                if output is not None:
+                    output.remove_tree(stage.name)
                 raise
             if pass_.rank0_only:
                 distributed.barrier()
-            if not flat and ckpt_dir is not None and writes:
-                fsutil.discard_dir(ckpt_dir)
+            if output is not None and ckpt_dir is not None:
+                output.remove_tree(ckpt_dir.relative_to(root).as_posix())
             step_reports.append(step_report)
             artifact = result.artifact
-        if not flat and ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
-            ckpt_root.rmdir()
+        if output is not None and not (ckpt_root.is_dir() and any(ckpt_root.iterdir())):
+            output.remove_tree(ckpt_name)
         gate_rows = None
         if gates is not None and dist.is_main:
             from mlopt.gates import evaluate_gates
@@ -210,14 +213,13 @@ def run_recipe(
         if gate_rows is not None:
             run_report["gates"] = {"passed": all(r["passed"] for r in gate_rows), "results": gate_rows,
                                    "baseline": (baseline or artifact).origin}
-        if not flat and writes:
-            write_reports(root, run_report)
-    except BaseException:
-        if writes and not flat and created_root and not any(root.iterdir()):
-            root.rmdir()  # nothing completed: leave no empty run directory behind
-        raise
+        if not flat and output is not None:
+            for name in write_reports(root, run_report):
+                output.record(name)
     finally:
-        if not writes:
+        if output is not None:
+            output.close()  # a folder this run created and completed nothing in is removed again
+        else:
             fsutil.discard_dir(root)
     report = run_report if not flat else {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_reports[-1], "environment": env}
     return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main, gates=gate_rows)

@@ -118,7 +118,7 @@ def test_resume_skips_completed_steps_and_overwrite_clears(tmp_path):
     recipe["steps"] = recipe["steps"][:1]
     path.write_text(yaml.safe_dump(recipe))
     assert CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--overwrite", "--quiet"]).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["01-train", "report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "01-train", "report.html", "report.json", "report.md"]
 
 
 def _gate_recipe(tmp_path, gates):

@@ -56,10 +56,13 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
 
 
-def save_recipe(recipe: Any, path: Path) -> None:
+def save_recipe(recipe: Any, path: Path, overwrite: bool = False) -> None:
+    """Write the recipe; an existing file is replaced only with --overwrite."""
     from mlopt.fsutil import atomic_write_text
+    from mlopt.outdir import check_replaceable_file
     from mlopt.recipe import recipe_to_yaml
 
+    check_replaceable_file(path, lambda text: False, overwrite, "--save-recipe")
     try:
         atomic_write_text(path, recipe_to_yaml(recipe))
     except OSError as exc:
@@ -84,7 +87,7 @@ def execute(
 
     console.set_quiet(quiet or json_out)
     if save is not None:
-        save_recipe(recipe, save)
+        save_recipe(recipe, save, overwrite)
         raise typer.Exit(0)
     result = run_recipe(recipe, out, overwrite=overwrite, flat=True, resume=resume)
     if out is not None:

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
+from mlopt.outdir import MARKER
 
 from conftest import TOY
 
@@ -34,7 +35,7 @@ def test_subcommand_help(cmd):
 
 
 def test_train_writes_artifact_and_report(trained_dir):
-    assert {p.name for p in trained_dir.iterdir()} == {"model.pt", "model.json", "report.json", "report.md"}
+    assert {p.name for p in trained_dir.iterdir()} == {"model.pt", "model.json", "report.json", "report.md", MARKER}
     meta = json.loads((trained_dir / "model.json").read_text())
     assert meta["format"] == "torch" and meta["sample_shape"] == [1, 8, 8] and meta["lineage"] == ["train"]
     report = json.loads((trained_dir / "report.json").read_text())
@@ -148,9 +149,12 @@ def test_existing_out_is_refused_unless_overwrite(tmp_path, trained_dir):
     result = invoke(*args)
     assert result.exit_code == 2 and "--overwrite" in _error_line(result)
     assert (out / "keep.txt").read_text() == "precious"
-    result = invoke(*args, "--overwrite")
-    assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    result = invoke(*args, "--overwrite")  # --overwrite replaces only what mlopt wrote: still refused
+    assert result.exit_code == 2 and "'keep.txt'" in _error_line(result)
+    assert (out / "keep.txt").read_text() == "precious" and not (out / "model.onnx").exists()
+    (out / "keep.txt").unlink()
+    assert invoke(*args).exit_code == 0 and (out / "model.onnx").is_file()
+    assert invoke(*args, "--overwrite").exit_code == 0
 
 
 def test_failed_step_leaves_nothing(tmp_path):

@@ -106,7 +106,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert metrics["processes"] == 2 and metrics["backend"] == "gloo"
     assert metrics["replica_max_abs_diff"] == 0.0
     assert metrics["accuracy"] > 0.7
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.pt", "report.json", "report.md"]
 
 
 def _children(pid):

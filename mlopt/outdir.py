@@ -1,0 +1,338 @@
+"""The --out directory: mlopt writes there only what it records, and removes only what it recorded.
+
+The contract (README, "Output directories"):
+
+- mlopt records every file and folder it writes into `--out` in a marker file there
+  (`.mlopt-output.json`). Training checkpoints and staging folders are recorded as whole trees
+  before they are created.
+- `--overwrite` and `--resume` work only on a folder whose every entry is recorded. A folder that
+  holds anything else (a file or folder of the user's, a symbolic link, the output of a run that
+  kept no record) is refused with exit 2 and one line naming one such entry; nothing is removed.
+  `--overwrite` removes the recorded entries only, never follows a symbolic link, and never touches
+  a path outside `--out`.
+- One run at a time: a run holds an exclusive lock on the folder (flock on the directory itself,
+  released by the kernel when the process ends, however it ends). A second run on the same --out is
+  refused with exit 2 while the first runs; once the first has finished, the second sees a
+  non-empty folder and is refused, or with --overwrite replaces the first run's output whole.
+- `--out` may be a symbolic link to a directory: mlopt writes into that directory and never replaces
+  the link. A link to nothing is refused.
+
+The marker is read defensively: entries that are absolute, hold `..`, or are not strings are
+ignored (so a hand-edited marker cannot make mlopt remove anything outside the folder), and removal
+walks the real tree without following links, so a recorded name that has become a symbolic link is
+unlinked, never followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from mlopt.errors import InputError
+
+MARKER = ".mlopt-output.json"
+MARKER_VERSION = 1
+
+
+def _valid_rel(entry: object) -> bool:
+    if not isinstance(entry, str) or not entry:
+        return False
+    p = PurePosixPath(entry)
+    return not p.is_absolute() and ".." not in p.parts and "." not in p.parts and entry == str(p)
+
+
+class OutputDir:
+    """An --out folder as mlopt sees it: what it recorded writing there, under an exclusive lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.created = False  # this run made the folder (and removes it again if it writes nothing)
+        self._fd: int | None = None
+        self._entries: set[str] = set()  # files and folders mlopt wrote (relative POSIX paths)
+        self._trees: set[str] = set()  # folders whose whole content is mlopt's (checkpoints, staging)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read_marker(self) -> bool:
+        """Load the marker; False when there is none (or it is unreadable: then nothing is recorded)."""
+        self._entries, self._trees = set(), set()
+        try:
+            raw = json.loads((self.path / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(raw, dict) or raw.get("mlopt_output") != MARKER_VERSION:
+            return False
+        for key, target in (("entries", self._entries), ("trees", self._trees)):
+            values = raw.get(key)
+            if isinstance(values, list):
+                target.update(v for v in values if _valid_rel(v))
+        return True
+
+    def owns(self, rel: str) -> bool:
+        if rel == MARKER or rel in self._entries:
+            return True
+        return any(rel == t or rel.startswith(t + "/") for t in self._trees)
+
+    def _walk(self, rel_dir: str = "") -> Iterator[tuple[str, os.DirEntry]]:
+        """Every entry below the folder (sorted, parents first), never descending into a link."""
+        top = self.path / rel_dir if rel_dir else self.path
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            yield rel, e
+            if e.is_dir(follow_symlinks=False):
+                yield from self._walk(rel)
+
+    def first_foreign(self) -> str | None:
+        """The first entry mlopt did not record writing (a folder before what it holds), or None.
+
+        A symbolic link counts as foreign unless it lies inside a recorded tree: mlopt writes none."""
+        for rel, e in self._walk():
+            if not self.owns(rel) or (e.is_symlink() and not self._in_tree(rel)):
+                return rel
+        return None
+
+    def _in_tree(self, rel: str) -> bool:
+        return any(rel.startswith(t + "/") for t in self._trees)
+
+    # -- checks before any work ------------------------------------------------------------------
+
+    def check(self, replace: bool, resume: bool = False) -> None:
+        """Refuse what this run may not write into, before any work starts.
+
+        replace: --overwrite or --resume was given (an earlier mlopt output may be there).
+        """
+        out = self.path
+        if out.is_symlink() and not out.exists():
+            raise InputError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        if out.is_dir():
+            self._check_contents(replace, resume)
+        parent = _nearest_existing_parent(out)
+        if not parent.is_dir():
+            raise InputError(f"cannot create --out {out}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write to {parent}: permission denied")
+
+    def _check_contents(self, replace: bool, resume: bool) -> None:
+        out = self.path
+        try:
+            empty = not any(out.iterdir())
+        except OSError as exc:
+            raise InputError(f"cannot read --out {out}: {exc.strerror or exc}") from None
+        if empty:
+            return
+        marked = self._read_marker()
+        foreign = self.first_foreign()
+        if foreign is not None:
+            what = "a symbolic link" if (out / foreign).is_symlink() else (
+                "a folder" if (out / foreign).is_dir() else "a file")
+            whose = "that no mlopt run recorded writing" if marked else "and no record of an mlopt run"
+            raise InputError(
+                f"--out {out} holds {what} {foreign!r} {whose}; --overwrite replaces only mlopt's own output: "
+                "choose a new or empty folder, or move that entry away"
+            )
+        if not replace:
+            interrupted = any(self.owns(n) and (out / n).exists() for n in (".checkpoint", ".checkpoints", "report.json"))
+            hint = ("pass --resume to continue the interrupted run or --overwrite to replace it"
+                    if interrupted and not resume else "pass --overwrite to replace it")
+            raise InputError(f"--out {out} exists and is not empty ({hint})")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def open(self, replace: bool, resume: bool = False) -> "OutputDir":
+        """Create the folder if needed, take its lock, check it again under the lock, write the marker."""
+        out = self.path
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.mkdir()
+            self.created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise InputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+        try:
+            self._lock()
+            self._check_contents(replace, resume)  # another run may have written here since the check
+            self._read_marker()
+            for stale in sorted(t for t in self._trees if t.endswith(".partial")):
+                self.remove(stale)  # a step a killed run left half-written: nobody else holds the lock
+            self._write_marker()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: runs are not serialised
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(
+                f"--out {self.path} is being written by another mlopt run; wait for it to finish or choose another folder"
+            ) from None
+        self._fd = fd
+
+    def _write_marker(self) -> None:
+        from mlopt.fsutil import atomic_write_json
+
+        atomic_write_json(self.path / MARKER, {"mlopt_output": MARKER_VERSION, "entries": sorted(self._entries),
+                                               "trees": sorted(self._trees)})
+
+    def claim_tree(self, rel: str) -> Path:
+        """Record a folder as wholly mlopt's before it is created (checkpoints); return its path."""
+        if rel not in self._trees:
+            self._trees.add(rel)
+            self._write_marker()
+        return self.path / rel
+
+    def staging(self, name: str) -> Path:
+        """A fresh, recorded, empty folder inside --out to write a step into before it is committed."""
+        rel = f".{name or 'out'}.{next(tempfile._get_candidate_names())}.partial"  # noqa: SLF001
+        self.claim_tree(rel)
+        path = self.path / rel
+        path.mkdir()
+        return path
+
+    def commit(self, staged: Path, rel: str) -> None:
+        """Move a finished staging folder into place as `rel` ('' = the folder itself, a flat output).
+
+        A step folder replaces the recorded one of the same name; a flat output is moved in file by
+        file, then what the earlier output recorded and this one does not write is removed.
+        """
+        staged_rel = staged.name
+        if rel:
+            if (self.path / rel).exists() or (self.path / rel).is_symlink():
+                self.remove(rel)
+            os.replace(staged, self.path / rel)
+            names = [rel]
+        else:
+            names = sorted(p.name for p in staged.iterdir())
+            for name in names:
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    self.remove(name)
+                os.replace(staged / name, target)  # replaces a file (or a link: never what it points to)
+            staged.rmdir()
+            for old in sorted({e.split("/")[0] for e in self._entries} - set(names)):
+                self.remove(old)  # what the earlier output recorded and this one does not write
+        self._trees.discard(staged_rel)
+        self._entries.update(names)
+        self._entries.update(sub for name in names for sub, _ in self._walk(name))
+        self._write_marker()
+
+    def record(self, rel: str) -> None:
+        """Record a file written straight into the folder (reports)."""
+        if rel not in self._entries:
+            self._entries.add(rel)
+            self._write_marker()
+
+    def remove(self, rel: str) -> None:
+        """Remove a recorded entry (a file, or a folder and what it recorded inside); links are unlinked,
+        never followed; anything unrecorded inside is left where it is."""
+        path = self.path / rel
+        if not self.owns(rel):
+            return
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            if rel in self._trees or any(rel.startswith(t + "/") for t in self._trees):
+                _rmtree_no_follow(path)
+            else:
+                for sub, e in sorted(self._walk(rel), key=lambda x: -x[0].count("/")):
+                    if not self.owns(sub):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        try:
+                            os.rmdir(self.path / sub)
+                        except OSError:
+                            pass  # something unrecorded inside: left there
+                    else:
+                        (self.path / sub).unlink(missing_ok=True)
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        self._forget(rel)
+
+    def _forget(self, rel: str) -> None:
+        self._entries = {e for e in self._entries if e != rel and not e.startswith(rel + "/")}
+        self._trees = {t for t in self._trees if t != rel and not t.startswith(rel + "/")}
+
+    def remove_tree(self, rel: str) -> None:
+        """Remove a recorded tree (a finished step's checkpoints) and forget it."""
+        if (self.path / rel).exists() or (self.path / rel).is_symlink():
+            self.remove(rel)
+        else:
+            self._forget(rel)
+        self._write_marker()
+
+    def clear(self) -> None:
+        """--overwrite of a recipe run: remove everything an earlier run recorded."""
+        for name in sorted({e.split("/")[0] for e in self._entries | self._trees}):
+            if name != MARKER:
+                self.remove(name)
+        self._entries, self._trees = set(), set()
+        self._write_marker()
+
+    def close(self) -> None:
+        """Release the lock; a folder this run created and wrote nothing into is removed again, and a
+        marker with nothing recorded is not left in a folder of the user's."""
+        try:
+            if not self._entries and not any((self.path / t).exists() for t in self._trees):
+                only_marker = [p.name for p in self.path.iterdir()] in ([], [MARKER])
+                if only_marker:
+                    (self.path / MARKER).unlink(missing_ok=True)
+                    if self.created:
+                        self.path.rmdir()
+        except OSError:
+            pass
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _rmtree_no_follow(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside the tree
+
+
+def _nearest_existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def check_replaceable_file(path: Path, written_by_mlopt: Callable[[str], bool], overwrite: bool, what: str) -> None:
+    """A single file mlopt is asked to write (--save-recipe, --junit): an existing one is replaced only
+    when it is mlopt's own kind of file (or --overwrite says so); never a folder or a link's target."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InputError(f"{what} {path} exists and is not a plain file; choose another path")
+    if not path.exists() or overwrite:
+        return
+    try:
+        ours = written_by_mlopt(path.read_text(encoding="utf-8", errors="replace")[:65536])
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not ours:
+        raise InputError(f"{what} {path} exists and mlopt did not write it; choose another path")
