@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlopt.errors import InputError
+from mlopt.errors import InputError, storage_error
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -66,16 +66,22 @@ class Artifact:
         from mlopt.fsutil import atomic_write_json
 
         out_dir = Path(out_dir)
-        if self.format == "torch":
-            target = out_dir / TORCH_FILE
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            torch.save(state, target)
-        else:
-            target = out_dir / ONNX_FILE
-            assert self.onnx_path is not None
-            if Path(self.onnx_path).resolve() != target.resolve():
-                shutil.copyfile(self.onnx_path, target)
-        atomic_write_json(out_dir / META_FILE, self.metadata())
+        target = out_dir / (TORCH_FILE if self.format == "torch" else ONNX_FILE)
+        try:
+            if self.format == "torch":
+                state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+                with open(target, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC)
+                    torch.save(state, f)
+            else:
+                assert self.onnx_path is not None
+                if Path(self.onnx_path).resolve() != target.resolve():
+                    shutil.copyfile(self.onnx_path, target)
+            atomic_write_json(out_dir / META_FILE, self.metadata())
+        except Exception as exc:
+            full = storage_error(exc, target)
+            if full is None:
+                raise
+            raise full from exc
         return target
 
     def size_mb(self) -> float | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,18 +146,23 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
     import numpy as np
 
     if not path.is_file():
-        raise InputError(f"data file {path} does not exist")
+        raise InputError(f"data file {path} is a directory, not an .npz file" if path.is_dir()
+                         else f"data file {path} does not exist")
+    _check_npz(path)
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"cannot read {path} as .npz: {exc}") from exc
+        raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
     with arrays:
         names = set(arrays.files)
         if not {"x", "y"} <= names:
             raise InputError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(names)}")
-        x, y = arrays["x"], arrays["y"]
-        x_val = arrays["x_val"] if "x_val" in names else None
-        y_val = arrays["y_val"] if "y_val" in names else None
+        try:
+            x, y = arrays["x"], arrays["y"]
+            x_val = arrays["x_val"] if "x_val" in names else None
+            y_val = arrays["y_val"] if "y_val" in names else None
+        except Exception as exc:  # a damaged archive: bad CRC, truncated data
+            raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     for label, xs, ys in (("x/y", x, y), ("x_val/y_val", x_val, y_val)):
         if xs is None:
             continue
@@ -176,6 +181,64 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
     return _tensor_split(cfg, f"npz:{path}", x.astype(np.float32), y.astype(np.int64),
                          None if x_val is None else x_val.astype(np.float32),
                          None if y_val is None else y_val.astype(np.int64))
+
+
+def _check_npz(path: Path) -> None:
+    """Read only the arrays' headers: refuse pickled objects and arrays larger than memory before loading any."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"cannot read {path} as .npz: not a zip archive of .npy arrays ({first_line(exc)})") from None
+    total = 0
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            try:
+                with archive.open(info) as f:
+                    version = npy.read_magic(f)
+                    read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                    shape, _, dtype = read_header(f, max_header_size=10_000)
+            except Exception as exc:
+                raise InputError(f"cannot read {path} as .npz: array {name!r} has no valid .npy header ({first_line(exc)})") from None
+            if dtype.hasobject:
+                raise InputError(
+                    f"{path}: array {name!r} holds pickled Python objects; mlopt reads plain numeric arrays only "
+                    "(save them with a numeric dtype, e.g. x.astype('float32'))"
+                )
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise InputError(
+                    f"{path}: array {name!r} declares shape {tuple(shape)} ({_gb(nbytes)}) but the archive holds "
+                    f"{_gb(info.file_size)} for it (truncated or forged)"
+                )
+            total += nbytes
+    available = _available_memory()
+    if available is not None and total > available:
+        raise InputError(f"{path}: its arrays need {_gb(total)} once unpacked, more than the {_gb(available)} of memory available")
+
+
+def _gb(nbytes: int) -> str:
+    """1234567 -> '1.23 MB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _available_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class _ImageFiles:

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,18 @@ def torchvision_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+#: module -> the spec it was built from, so that probe_output can name what the model was built for.
+_BUILT_FROM: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
+    module = _build(spec, num_classes)
+    _BUILT_FROM[module] = spec
+    return module
+
+
+def _build(spec: str, num_classes: int | None) -> Any:
     from mlopt import hf
 
     if hf.is_hf_spec(spec):
@@ -186,23 +197,79 @@ def count_params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def documented_image_size(spec: str | None) -> int | None:
+    """The image size a torchvision model was built for: the crop size of its default weights' transforms."""
+    if not spec or not spec.startswith("torchvision:"):
+        return None
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(spec.partition(":")[2])
+        transforms = weights.DEFAULT.transforms
+    except (ValueError, KeyError, AttributeError):
+        return None
+    size = getattr(transforms, "keywords", {}).get("crop_size")
+    return int(size) if isinstance(size, int) else None
+
+
+def _channel_fix(conv: tuple[str, Any] | None, data_channels: int) -> str | None:
+    """'its first convolution (conv1) takes 3 channels but the data has 1: give --channels 3 ...'."""
+    if conv is None or conv[1].in_channels == data_channels:
+        return None
+    name, wanted = conv[0], conv[1].in_channels
+    text = f"its first convolution ({name}) takes {wanted} channel{'s' if wanted != 1 else ''} but the data has {data_channels}"
+    how = {(1, 3): "repeats the grey channel", (3, 1): "averages the colour channels"}.get((data_channels, wanted))
+    if how:
+        text += f": give --channels {wanted} (in a recipe, data.channels: {wanted}), which {how}"
+    return text
+
+
 def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
     """Run one dummy sample through the model; return the number of output classes.
 
-    A shape the model rejects becomes an InputError naming the shape.
+    A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
+    the fix: the channels the model's first convolution takes (the first one the input reaches, found
+    with hooks, so any model whose first layer is a convolution is covered) and, for torchvision
+    models, the image size they were built for.
     """
     import torch
 
     module.eval()
     x = torch.zeros((1, *sample_shape))
+    convs = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    reached: list[tuple[str, Any]] = []
+
+    def hook(name: str, args: tuple[Any, ...]) -> None:
+        if not reached:
+            shape = tuple(getattr(args[0], "shape", ())) if args else ()
+            reached.append((name, shape))
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: hook(n, args)) for n, m in convs]
     try:
         with torch.no_grad():
             y = module(x)
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(
-            f"the model rejects input of shape {format_shape((1, *sample_shape))}: {first}"
-        ) from exc
+        parts = []
+        if len(sample_shape) >= 2:
+            layers = dict(convs)
+            if reached:  # the data reached a convolution with its channels unchanged: that one decides
+                name, shape = reached[0]
+                first = (name, layers[name]) if len(shape) >= 2 and shape[1] == sample_shape[0] else None
+            else:  # it failed before any convolution ran (a size check, say): the first one declared
+                first = convs[0] if convs else None
+            parts.append(_channel_fix(first, sample_shape[0]))
+            spec = _BUILT_FROM.get(module)
+            size = documented_image_size(spec)
+            if size is not None and len(sample_shape) == 3 and tuple(sample_shape[1:]) != (size, size):
+                parts.append(f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})")
+        if parts[:1] == [None]:  # no channel fix to offer: what the model said comes first
+            parts[0] = first_line(exc)
+        parts = [p for p in parts if p] or [first_line(exc)]
+        message = f"the model rejects input of shape {format_shape((1, *sample_shape))}: {'; '.join(parts)}"
+        raise InputError(message) from exc
+    finally:
+        for h in handles:
+            h.remove()
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise InputError(f"the model must return logits of shape (batch, classes); it returned {shape}")
