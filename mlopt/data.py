@@ -253,17 +253,23 @@ class _ImageFiles:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Any:
+        import warnings
+
         import torch
         from PIL import Image
         from torchvision.transforms.functional import normalize, pil_to_tensor, resize
 
         path, label = self.items[i]
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                t = pil_to_tensor(img).float() / 255.0
+            # Past PIL's warning size (89 Mpx) an image is refused, not decoded: it is far larger than any
+            # image_size, and a small file declaring it is a decompression bomb.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    t = pil_to_tensor(img).float() / 255.0
         except Exception as exc:
-            raise InputError(f"cannot read image {path}: {exc}") from exc
+            raise InputError(f"cannot read image {path}: {first_line(exc)}") from None
         t = resize(t, [self.size, self.size], antialias=True)
         mean = IMAGENET_MEAN if self.channels == 3 else (sum(IMAGENET_MEAN) / 3,)
         std = IMAGENET_STD if self.channels == 3 else (sum(IMAGENET_STD) / 3,)
@@ -324,17 +330,42 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
 
 
+#: No tokenizer's token spans more characters than this (BERT's WordPiece gives up on longer words), so
+#: a line cut at max_length times it keeps every token the tokenizer would keep.
+CHARS_PER_TOKEN = 100
+
+
+def _read_lines(path: Path, limit: int) -> list[str]:
+    """The file's lines, each cut at `limit` characters as it is read: one enormous line (a file of one
+    30 MB line took two minutes and 4 GB to tokenize) costs no more than a normal one."""
+    import codecs
+
+    lines = []
+    with open(path, "rb") as f:
+        while True:
+            raw = f.readline(4 * limit)  # a UTF-8 character is at most 4 bytes
+            if not raw:
+                break
+            cut = len(raw) == 4 * limit and not raw.endswith(b"\n")
+            rest = raw if cut else b""
+            while rest and not rest.endswith(b"\n"):  # skip the rest of a line longer than the limit
+                rest = f.readline(1 << 20)
+            try:  # a cut line may end inside a character: the incremental decoder keeps that tail back
+                text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path} is not UTF-8 text ({exc.reason} on line {len(lines) + 1})") from None
+            lines.append(text.rstrip("\r\n")[:limit])
+    return lines
+
+
 def _text(cfg: DataConfig, path: Path) -> Dataset:
     import numpy as np
 
     if cfg.image_size is not None or cfg.channels is not None:
         raise InputError("image_size and channels apply to images, not to text:FILE")
     if not path.is_file():
-        raise InputError(f"text file {path} does not exist")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise InputError(f"text file {path} is a directory" if path.is_dir() else f"text file {path} does not exist")
+    lines = [line.strip() for line in _read_lines(path, cfg.max_length * CHARS_PER_TOKEN)]
     lines = [line for line in lines if line]
     if len(lines) < 2:
         raise InputError(f"{path} needs at least 2 non-empty lines (one example a line); it has {len(lines)}")

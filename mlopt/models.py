@@ -40,7 +40,24 @@ def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
             raise InputError(f"invalid shape {text!r}: expected integers joined by 'x', e.g. 1x3x224x224") from None
     if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
         raise InputError(f"invalid shape {text!r}: every dimension must be a positive integer")
+    check_shape_size(dims, f"shape {text!r}")
     return tuple(dims)
+
+
+#: The most values one shape (a sample, or a batch given with --input-shape) may hold: 1 GiB of float32.
+MAX_SHAPE_VALUES = 1 << 28
+
+
+def check_shape_size(dims: Any, what: str) -> None:
+    """Refuse absurd dimensions before anything is allocated for them."""
+    import math
+
+    total = math.prod(int(d) for d in dims)
+    if total > MAX_SHAPE_VALUES:
+        raise InputError(
+            f"{what} holds {total:,} values ({format_shape(list(dims))}); mlopt takes at most {MAX_SHAPE_VALUES:,} "
+            "(1 GiB of float32) per shape"
+        )
 
 
 def format_shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -153,18 +170,35 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
     return model
 
 
+def pickled_objects_error(what: str, exc: BaseException) -> InputError:
+    """torch.load(weights_only=True) refused a pickle: say so, without its advice to turn the check off."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    names = f" (it names {named.group(1)})" if named else ""
+    return InputError(
+        f"{what} hold pickled Python objects{names}, not only tensors; mlopt reads plain state dicts "
+        "(torch.load with weights_only=True) and never runs code from a weights file"
+    )
+
+
 def load_state_dict_file(path: Path) -> dict[str, Any]:
     """Read a state dict without unpickling arbitrary objects."""
     import torch
 
+    import pickle
+    import warnings
+
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"weights file {path} does not exist")
+        raise InputError(f"weights file {path} is a directory" if path.is_dir() else f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols on its way to refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickled_objects_error(f"weights {path}", exc) from None
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict ({first})") from exc
+        detail = "" if isinstance(exc, KeyError) else f" ({first_line(exc).split('. ')[0]})"  # KeyError: a bare opcode
+        raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict{detail}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
@@ -312,8 +346,12 @@ def apply_recorded_shapes(module: Any, recorded: dict[str, dict[str, Any]], stat
             sub = module.get_submodule(name)
         except AttributeError:
             raise InputError(f"model.json records pruned shapes for {name!r}, which the model does not have") from None
-        for k, v in attrs.items():
-            current = getattr(sub, k, None)
+        for k, v in (attrs.items() if isinstance(attrs, dict) else ()):
+            current = vars(sub).get(k)
+            sized = isinstance(current, (int, tuple)) and not isinstance(current, bool) and not k.startswith("_")
+            plain = isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v))
+            if not (sized and plain):  # only the size attributes shape_attributes records, never methods or hooks
+                raise InputError(f"model.json records {k}={v!r:.60} for {name!r}, which is not one of its size attributes")
             setattr(sub, k, tuple(v) if isinstance(current, tuple) or isinstance(v, list) else v)
     for key, value in state.items():
         owner_name, _, attr = key.rpartition(".")
