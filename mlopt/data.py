@@ -183,6 +183,9 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
                          None if y_val is None else y_val.astype(np.int64))
 
 
+NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
+
+
 def _check_npz(path: Path) -> None:
     """Read only the arrays' headers: refuse pickled objects and arrays larger than memory before loading any."""
     import zipfile
@@ -198,6 +201,8 @@ def _check_npz(path: Path) -> None:
     with archive:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
+            if name not in NPZ_ARRAYS:
+                continue  # never read
             try:
                 with archive.open(info) as f:
                     version = npy.read_magic(f)

@@ -72,8 +72,8 @@ def storage_error(exc: BaseException, path: object = None) -> InputError | None:
         if isinstance(current, OSError) and current.errno is not None:
             name = errno.errorcode.get(current.errno, "")
             if name in _STORAGE_REASONS:
-                where = current.filename or path
-                return InputError(f"cannot write {where}: {_STORAGE_REASONS[name]}" if where
-                                  else f"cannot write the output: {_STORAGE_REASONS[name]}")
+                verb = "access" if name in ("EACCES", "EPERM") else "write"  # the two a read can meet too
+                where = current.filename or path or "the output"
+                return InputError(f"cannot {verb} {where}: {_STORAGE_REASONS[name]}")
         current = current.__cause__ or current.__context__
     return None

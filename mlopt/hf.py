@@ -115,11 +115,9 @@ def build(spec: str) -> Any:
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                      attn_implementation="eager")
     except Exception as exc:
-        import pickle
+        from mlopt.models import pickled_objects_error, refused_pickle
 
-        if isinstance(exc, pickle.UnpicklingError):  # a pytorch_model.bin that is more than tensors
-            from mlopt.models import pickled_objects_error
-
+        if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
             raise pickled_objects_error(f"the weights in {path}", exc) from None
         raise InputError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc
     model.eval()

@@ -173,19 +173,25 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
 def pickled_objects_error(what: str, exc: BaseException) -> InputError:
     """torch.load(weights_only=True) refused a pickle: say so, without its advice to turn the check off."""
     named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    names = f" (it names {named.group(1)})" if named else ""
+    names = f", naming {named.group(1)}" if named else ""
     return InputError(
-        f"{what} hold pickled Python objects{names}, not only tensors; mlopt reads plain state dicts "
-        "(torch.load with weights_only=True) and never runs code from a weights file"
+        f"cannot read {what}: they hold pickled Python objects{names}, not only tensors; mlopt reads plain "
+        "state dicts (torch.load with weights_only=True) and never runs code from a weights file"
     )
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) found objects it does not load (not merely a damaged file)."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc) and "GLOBAL" in str(exc)
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
     """Read a state dict without unpickling arbitrary objects."""
-    import torch
-
-    import pickle
     import warnings
+
+    import torch
 
     path = Path(path)
     if not path.is_file():
@@ -194,10 +200,11 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about unusual pickle protocols on its way to refusing them
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise pickled_objects_error(f"weights {path}", exc) from None
     except Exception as exc:
-        detail = "" if isinstance(exc, KeyError) else f" ({first_line(exc).split('. ')[0]})"  # KeyError: a bare opcode
+        if refused_pickle(exc):
+            raise pickled_objects_error(f"weights {path}", exc) from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))  # garbage, or a pickle of plain Python data
+        detail = f" ({operand.group(0)})" if operand else "" if isinstance(exc, KeyError) else f" ({first_line(exc).split('. ')[0]})"
         raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict{detail}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
