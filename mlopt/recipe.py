@@ -206,12 +206,17 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, Any]:
     """The recipe's data and its composed node tree (for line numbers), refusing alias bombs and deep nesting."""
     import yaml
 
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events come without recursion, unlike nodes
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise InputError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is a few levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
     loader = yaml.SafeLoader(text)
     try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise InputError(f"{where}: nested too deeply; a recipe is a few levels deep") from None
+        node = loader.get_single_node()
         if node is None:
             return None, None
         _expanded_size(node, where)

@@ -85,7 +85,7 @@ def case_recipe_directory(d):
 
 
 def case_recipe_deep_nesting(d):
-    return _recipe("version: 1\nmodel: " + "[" * 3000 + "]" * 3000 + "\n")(d), "nested too deeply"
+    return _recipe("version: 1\nmodel: " + "[" * 3000 + "]" * 3000 + "\n")(d), "nested more than 32 levels"
 
 
 def case_recipe_nested_past_limit(d):
@@ -343,6 +343,13 @@ def case_model_json_absurd_shape(d):
 def case_model_json_sets_a_method(d):  # the pruned shapes may set size attributes only
     meta = {"builder": {"spec": "torchvision:resnet18", "pruned": {"conv1": {"forward": 3}}}}
     return _model_folder(d, meta), "records forward=3 for 'conv1', which is not one of its size attributes"
+
+
+def case_model_folder_weights_link_elsewhere(d):  # a model.pt that is a link to some other file of the user's
+    args = _model_folder(d, {"builder": {"spec": "torchvision:resnet18"}})
+    (d / "model" / "model.pt").unlink()
+    (d / "model" / "model.pt").symlink_to("/etc/passwd")
+    return args, "model.pt: not a valid PyTorch state dict"
 
 
 def case_channels_differ_from_first_conv(d):
