@@ -204,7 +204,12 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
         if refused_pickle(exc):
             raise pickled_objects_error(f"weights {path}", exc) from None
         operand = re.search(r"Unsupported operand \d+", str(exc))  # garbage, or a pickle of plain Python data
-        detail = f" ({operand.group(0)})" if operand else "" if isinstance(exc, KeyError) else f" ({first_line(exc).split('. ')[0]})"
+        if operand:
+            detail = f" ({operand.group(0)})"
+        elif isinstance(exc, KeyError):  # torch's legacy reader met an unknown magic number: says nothing more
+            detail = ""
+        else:
+            detail = f" ({first_line(exc).split('. ')[0]})"
         raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict{detail}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -290,22 +295,19 @@ def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
         with torch.no_grad():
             y = module(x)
     except Exception as exc:
-        parts = []
+        channels = size_hint = None
         if len(sample_shape) >= 2:
-            layers = dict(convs)
             if reached:  # the data reached a convolution with its channels unchanged: that one decides
                 name, shape = reached[0]
-                first = (name, layers[name]) if len(shape) >= 2 and shape[1] == sample_shape[0] else None
+                first = (name, dict(convs)[name]) if len(shape) >= 2 and shape[1] == sample_shape[0] else None
             else:  # it failed before any convolution ran (a size check, say): the first one declared
                 first = convs[0] if convs else None
-            parts.append(_channel_fix(first, sample_shape[0]))
+            channels = _channel_fix(first, sample_shape[0])
             spec = _BUILT_FROM.get(module)
             size = documented_image_size(spec)
             if size is not None and len(sample_shape) == 3 and tuple(sample_shape[1:]) != (size, size):
-                parts.append(f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})")
-        if parts[:1] == [None]:  # no channel fix to offer: what the model said comes first
-            parts[0] = first_line(exc)
-        parts = [p for p in parts if p] or [first_line(exc)]
+                size_hint = f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})"
+        parts = [channels or first_line(exc)] + ([size_hint] if size_hint else [])  # the fix, else what the model said
         message = f"the model rejects input of shape {format_shape((1, *sample_shape))}: {'; '.join(parts)}"
         raise InputError(message) from exc
     finally:
