@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line, storage_error
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -50,7 +50,7 @@ class Artifact:
         return self.onnx_path
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "mlopt_model_version": META_VERSION,
             "format": self.format,
             "builder": self.builder,
@@ -58,6 +58,10 @@ class Artifact:
             "num_classes": self.num_classes,
             "lineage": self.lineage,
         }
+        signature = _sign(self.builder)
+        if signature is not None:
+            meta["builder_signature"] = signature
+        return meta
 
     def save(self, out_dir: Path) -> Path:
         """Write the artifact into out_dir (a staging directory); return the main file."""
@@ -66,16 +70,22 @@ class Artifact:
         from mlopt.fsutil import atomic_write_json
 
         out_dir = Path(out_dir)
-        if self.format == "torch":
-            target = out_dir / TORCH_FILE
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            torch.save(state, target)
-        else:
-            target = out_dir / ONNX_FILE
-            assert self.onnx_path is not None
-            if Path(self.onnx_path).resolve() != target.resolve():
-                shutil.copyfile(self.onnx_path, target)
-        atomic_write_json(out_dir / META_FILE, self.metadata())
+        target = out_dir / (TORCH_FILE if self.format == "torch" else ONNX_FILE)
+        try:
+            if self.format == "torch":
+                state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+                with open(target, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC)
+                    torch.save(state, f)
+            else:
+                assert self.onnx_path is not None
+                if Path(self.onnx_path).resolve() != target.resolve():
+                    shutil.copyfile(self.onnx_path, target)
+            atomic_write_json(out_dir / META_FILE, self.metadata())
+        except Exception as exc:
+            full = storage_error(exc, target)
+            if full is None:
+                raise
+            raise full from exc
         return target
 
     def size_mb(self) -> float | None:
@@ -105,11 +115,8 @@ def load_artifact(path: str | Path) -> Artifact:
             if last is None:
                 raise InputError(f"{path} is not an mlopt model directory (no {META_FILE})")
             return load_artifact(last)
-        try:
-            meta = json.loads(meta_path.read_text())
-            fmt = meta["format"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{meta_path} is corrupt: {exc}") from exc
+        meta = _read_meta(meta_path)
+        fmt = meta["format"]
         if fmt == "torch":
             return _load_torch_dir(path, meta)
         if fmt == "onnx":
@@ -127,12 +134,123 @@ def load_artifact(path: str | Path) -> Artifact:
     raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is neither an mlopt directory nor an .onnx file")
 
 
+#: A key of this user's, kept outside every model folder: mlopt signs the builder of each model.json it
+#: writes with it, so that a folder it wrote may rebuild a model by running the user's code, and a
+#: folder handed over by someone else may not.
+KEY_ENV = "MLOPT_KEY_FILE"
+
+
+def _key_file() -> Path:
+    import os
+
+    if os.environ.get(KEY_ENV):
+        return Path(os.environ[KEY_ENV])
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "mlopt" / "provenance.key"
+
+
+def _key(create: bool) -> bytes | None:
+    """This user's signing key; created (readable by the user only) on first use. None where it cannot be."""
+    import os
+    import secrets
+    import tempfile
+
+    path = _key_file()
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key.")  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # atomic, and the first of two racing processes wins
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _sign(builder: dict[str, Any] | None, create: bool = True) -> str | None:
+    import hashlib
+    import hmac
+
+    if builder is None:
+        return None
+    key = _key(create)
+    if key is None:
+        return None
+    return hmac.new(key, json.dumps(builder, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def runs_code(spec: str) -> bool:
+    """Whether building the model from `spec` imports code (FILE.py:FACTORY, package.module:FACTORY)."""
+    return not (spec.startswith("torchvision:") or spec.startswith("hf:"))
+
+
+def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
+    """A model.json may name code to run only when mlopt wrote it for this user (its builder signed with
+    the user's key): a folder handed over by someone else must not make mlopt import a file or module."""
+    import hmac
+
+    spec = builder["spec"]
+    if not isinstance(spec, str):
+        raise InputError(f"{path / META_FILE} is corrupt: the builder spec is not a string")
+    if not runs_code(spec):
+        return
+    expected = _sign(builder, create=False)
+    if expected is None or not isinstance(signature, str) or not hmac.compare_digest(expected, signature):
+        raise InputError(
+            f"{path / META_FILE} rebuilds the model by running code ({spec}) and was not written by mlopt for "
+            f"this user; mlopt runs code a model folder names only in folders it wrote itself. If you trust "
+            f"that code, name it yourself: --model {spec} --weights {path / TORCH_FILE}"
+        )
+
+
+MAX_META_BYTES = 16 << 20  # the largest model.json mlopt writes (pruned shapes of a big model) is far smaller
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    """model.json, checked field by field: a corrupt or forged one is refused with one line."""
+    from mlopt.models import check_shape_size
+
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise InputError(f"{meta_path} is corrupt: larger than {MAX_META_BYTES >> 20} MiB")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise InputError(f"{meta_path} is corrupt: {first_line(exc)}") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise InputError(f"{meta_path} is corrupt: not an mlopt model description (no format)")
+    shape = meta.get("sample_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise InputError(f"{meta_path} is corrupt: sample_shape must be a list of positive integers, not {shape!r:.80}")
+        check_shape_size(shape, f"{meta_path}: sample_shape")
+    classes = meta.get("num_classes")
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes <= 0):
+        raise InputError(f"{meta_path} is corrupt: num_classes must be a positive integer, not {classes!r:.80}")
+    lineage = meta.get("lineage") or []
+    if not isinstance(lineage, list) or not all(isinstance(step, str) for step in lineage):
+        raise InputError(f"{meta_path} is corrupt: lineage must be a list of step names")
+    return meta
+
+
 def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     from mlopt.models import apply_recorded_shapes, apply_state_dict, build_module, load_state_dict_file
 
     builder = meta.get("builder") or {}
-    if "spec" not in builder:
+    if not isinstance(builder, dict) or "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
+    _check_builder(path, builder, meta.get("builder_signature"))
     module = build_module(builder["spec"], builder.get("num_classes"))
     state = load_state_dict_file(path / TORCH_FILE)
     if builder.get("pruned"):
@@ -163,13 +281,55 @@ def load_onnx_file(path: Path) -> Artifact:
         raise InputError(f"{path} is not a valid ONNX file ({type(exc).__name__})") from exc
     if not model.graph.input or not model.graph.output:
         raise InputError(f"{path} is not a valid ONNX model (no graph inputs or outputs)")
+    _check_external_data(model, path)
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
+    if not inputs:
+        raise InputError(f"{path} is not a valid ONNX model (every graph input is an initializer)")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if any(d is not None and d < 0 for d in dims):
+        raise InputError(f"{path}: input {inputs[0].name!r} declares a negative dimension {dims}")
     sample_shape = tuple(dims[1:]) if dims[1:] and all(d for d in dims[1:]) else None
+    if sample_shape is not None:
+        from mlopt.models import check_shape_size
+
+        check_shape_size(sample_shape, f"{path}: input {inputs[0].name!r}")
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] else None
     return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path))
+
+
+def _tensors(graph: Any) -> Any:
+    """Every tensor stored in a graph: initializers and constant attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _check_external_data(model: Any, path: Path) -> None:
+    """External data must be files inside the model's own folder: a location that climbs out of it
+    (``../../etc/passwd``), an absolute one or a symlink leading elsewhere is refused before any load."""
+    import onnx
+
+    folder = path.parent.resolve()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            link = f" (a link to {target})" if (folder / location).is_symlink() else ""
+            raise InputError(
+                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}{link}, outside the model's folder; "
+                "mlopt reads external data only from files beside the model"
+            )
+        if not target.is_file():
+            raise InputError(f"{path}: tensor {tensor.name!r} keeps its data in {location}, which does not exist")
 
 
 def _last_model_of_run(run_dir: Path) -> Path | None:

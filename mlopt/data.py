@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,18 +146,23 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
     import numpy as np
 
     if not path.is_file():
-        raise InputError(f"data file {path} does not exist")
+        raise InputError(f"data file {path} is a directory, not an .npz file" if path.is_dir()
+                         else f"data file {path} does not exist")
+    _check_npz(path)
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"cannot read {path} as .npz: {exc}") from exc
+        raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from exc
     with arrays:
         names = set(arrays.files)
         if not {"x", "y"} <= names:
             raise InputError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(names)}")
-        x, y = arrays["x"], arrays["y"]
-        x_val = arrays["x_val"] if "x_val" in names else None
-        y_val = arrays["y_val"] if "y_val" in names else None
+        try:
+            x, y = arrays["x"], arrays["y"]
+            x_val = arrays["x_val"] if "x_val" in names else None
+            y_val = arrays["y_val"] if "y_val" in names else None
+        except Exception as exc:  # a damaged archive: bad CRC, truncated data
+            raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     for label, xs, ys in (("x/y", x, y), ("x_val/y_val", x_val, y_val)):
         if xs is None:
             continue
@@ -178,6 +183,69 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
                          None if y_val is None else y_val.astype(np.int64))
 
 
+NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
+
+
+def _check_npz(path: Path) -> None:
+    """Read only the arrays' headers: refuse pickled objects and arrays larger than memory before loading any."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npy
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(f"cannot read {path} as .npz: not a zip archive of .npy arrays ({first_line(exc)})") from None
+    total = 0
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name not in NPZ_ARRAYS:
+                continue  # never read
+            try:
+                with archive.open(info) as f:
+                    version = npy.read_magic(f)
+                    read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+                    shape, _, dtype = read_header(f, max_header_size=10_000)
+            except Exception as exc:
+                raise InputError(f"cannot read {path} as .npz: array {name!r} has no valid .npy header ({first_line(exc)})") from None
+            if dtype.hasobject:
+                raise InputError(
+                    f"{path}: array {name!r} holds pickled Python objects; mlopt reads plain numeric arrays only "
+                    "(save them with a numeric dtype, e.g. x.astype('float32'))"
+                )
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise InputError(
+                    f"{path}: array {name!r} declares shape {tuple(shape)} ({_gb(nbytes)}) but the archive holds "
+                    f"{_gb(info.file_size)} for it (truncated or forged)"
+                )
+            total += nbytes
+    available = _available_memory()
+    if available is not None and total > available:
+        raise InputError(f"{path}: its arrays need {_gb(total)} once unpacked, more than the {_gb(available)} of memory available")
+
+
+def _gb(nbytes: int) -> str:
+    """1234567 -> '1.23 MB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _available_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class _ImageFiles:
     """A lazily loaded list of (image path, label); a torch-style map dataset."""
 
@@ -190,17 +258,23 @@ class _ImageFiles:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Any:
+        import warnings
+
         import torch
         from PIL import Image
         from torchvision.transforms.functional import normalize, pil_to_tensor, resize
 
         path, label = self.items[i]
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
-                t = pil_to_tensor(img).float() / 255.0
+            # Past PIL's warning size (89 Mpx) an image is refused, not decoded: it is far larger than any
+            # image_size, and a small file declaring it is a decompression bomb.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img = img.convert("L" if self.channels == 1 else "RGB")
+                    t = pil_to_tensor(img).float() / 255.0
         except Exception as exc:
-            raise InputError(f"cannot read image {path}: {exc}") from exc
+            raise InputError(f"cannot read image {path}: {first_line(exc)}") from None
         t = resize(t, [self.size, self.size], antialias=True)
         mean = IMAGENET_MEAN if self.channels == 3 else (sum(IMAGENET_MEAN) / 3,)
         std = IMAGENET_STD if self.channels == 3 else (sum(IMAGENET_STD) / 3,)
@@ -261,17 +335,42 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
 
 
+#: No tokenizer's token spans more characters than this (BERT's WordPiece gives up on longer words), so
+#: a line cut at max_length times it keeps every token the tokenizer would keep.
+CHARS_PER_TOKEN = 100
+
+
+def _read_lines(path: Path, limit: int) -> list[str]:
+    """The file's lines, each cut at `limit` characters as it is read: one enormous line (a file of one
+    30 MB line took two minutes and 4 GB to tokenize) costs no more than a normal one."""
+    import codecs
+
+    lines = []
+    with open(path, "rb") as f:
+        while True:
+            raw = f.readline(4 * limit)  # a UTF-8 character is at most 4 bytes
+            if not raw:
+                break
+            cut = len(raw) == 4 * limit and not raw.endswith(b"\n")
+            rest = raw if cut else b""
+            while rest and not rest.endswith(b"\n"):  # skip the rest of a line longer than the limit
+                rest = f.readline(1 << 20)
+            try:  # a cut line may end inside a character: the incremental decoder keeps that tail back
+                text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path} is not UTF-8 text ({exc.reason} on line {len(lines) + 1})") from None
+            lines.append(text.rstrip("\r\n")[:limit])
+    return lines
+
+
 def _text(cfg: DataConfig, path: Path) -> Dataset:
     import numpy as np
 
     if cfg.image_size is not None or cfg.channels is not None:
         raise InputError("image_size and channels apply to images, not to text:FILE")
     if not path.is_file():
-        raise InputError(f"text file {path} does not exist")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise InputError(f"text file {path} is a directory" if path.is_dir() else f"text file {path} does not exist")
+    lines = [line.strip() for line in _read_lines(path, cfg.max_length * CHARS_PER_TOKEN)]
     lines = [line for line in lines if line]
     if len(lines) < 2:
         raise InputError(f"{path} needs at least 2 non-empty lines (one example a line); it has {len(lines)}")

@@ -44,3 +44,36 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name): for one-line error messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: Why a write failed, for the errors that are about the place written to, not about mlopt.
+_STORAGE_REASONS = {
+    "ENOSPC": "no space left on the device",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "the file system is read-only",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EFBIG": "the file is larger than the file system or a limit allows",
+}
+
+
+def storage_error(exc: BaseException, path: object = None) -> InputError | None:
+    """A write that failed for lack of space, quota or permission, as one line naming the path (exit 2).
+
+    Looks through the exceptions that caused `exc` too (exporters wrap the OSError they hit).
+    None when no such OSError is involved.
+    """
+    import errno
+
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            name = errno.errorcode.get(current.errno, "")
+            if name in _STORAGE_REASONS:
+                verb = "access" if name in ("EACCES", "EPERM") else "write"  # the two a read can meet too
+                where = current.filename or path or "the output"
+                return InputError(f"cannot {verb} {where}: {_STORAGE_REASONS[name]}")
+        current = current.__cause__ or current.__context__
+    return None

@@ -43,7 +43,26 @@ def model_dir(spec: str) -> Path:
         )
     if not (path / "config.json").is_file():
         raise InputError(f"{spec}: {path} has no config.json; it is not a saved Hugging Face model")
+    for name in ("config.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            auto_map = _read_json(path / name).get("auto_map")
+            if auto_map:
+                code = next(iter(auto_map.values())) if isinstance(auto_map, dict) else auto_map
+                raise InputError(
+                    f"{spec}: {name} names code shipped with the model (auto_map: {code}); mlopt loads only "
+                    "architectures transformers implements and never runs code from a model folder"
+                )
     return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise InputError(f"{path} is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _transformers() -> Any:
@@ -58,11 +77,7 @@ def _transformers() -> Any:
 
 
 def read_config(spec: str) -> dict[str, Any]:
-    path = model_dir(spec) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    return _read_json(model_dir(spec) / "config.json")
 
 
 def is_classifier(config: dict[str, Any]) -> bool:
@@ -91,24 +106,29 @@ def _text_module_class() -> Any:
 
 def build(spec: str) -> Any:
     """The torch module of an ``hf:DIR`` spec, with its saved weights."""
+    path = model_dir(spec)  # refuses a folder that names its own code before transformers is imported
     transformers = _transformers()
-    path = model_dir(spec)
     config = read_config(spec)
     auto = transformers.AutoModelForSequenceClassification if is_classifier(config) else transformers.AutoModel
     try:
         # Eager attention: the SDPA path's masking does not survive every exporter.
-        model = auto.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
+        model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
+                                     attn_implementation="eager")
     except Exception as exc:
+        from mlopt.models import pickled_objects_error, refused_pickle
+
+        if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
+            raise pickled_objects_error(f"the weights in {path}", exc) from None
         raise InputError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc
     model.eval()
     return _text_module_class()(model, "logits" if is_classifier(config) else "last_hidden_state")
 
 
 def tokenizer(spec: str) -> Any:
-    transformers = _transformers()
     path = model_dir(spec)
+    transformers = _transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
 

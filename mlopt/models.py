@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,24 @@ def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
             raise InputError(f"invalid shape {text!r}: expected integers joined by 'x', e.g. 1x3x224x224") from None
     if not dims or any(not isinstance(d, int) or d <= 0 for d in dims):
         raise InputError(f"invalid shape {text!r}: every dimension must be a positive integer")
+    check_shape_size(dims, f"shape {text!r}")
     return tuple(dims)
+
+
+#: The most values one shape (a sample, or a batch given with --input-shape) may hold: 1 GiB of float32.
+MAX_SHAPE_VALUES = 1 << 28
+
+
+def check_shape_size(dims: Any, what: str) -> None:
+    """Refuse absurd dimensions before anything is allocated for them."""
+    import math
+
+    total = math.prod(int(d) for d in dims)
+    if total > MAX_SHAPE_VALUES:
+        raise InputError(
+            f"{what} holds {total:,} values ({format_shape(list(dims))}); mlopt takes at most {MAX_SHAPE_VALUES:,} "
+            "(1 GiB of float32) per shape"
+        )
 
 
 def format_shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -65,8 +83,18 @@ def torchvision_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+#: module -> the spec it was built from, so that probe_output can name what the model was built for.
+_BUILT_FROM: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
+    module = _build(spec, num_classes)
+    _BUILT_FROM[module] = spec
+    return module
+
+
+def _build(spec: str, num_classes: int | None) -> Any:
     from mlopt import hf
 
     if hf.is_hf_spec(spec):
@@ -142,18 +170,47 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
     return model
 
 
+def pickled_objects_error(what: str, exc: BaseException) -> InputError:
+    """torch.load(weights_only=True) refused a pickle: say so, without its advice to turn the check off."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    names = f", naming {named.group(1)}" if named else ""
+    return InputError(
+        f"cannot read {what}: they hold pickled Python objects{names}, not only tensors; mlopt reads plain "
+        "state dicts (torch.load with weights_only=True) and never runs code from a weights file"
+    )
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) found objects it does not load (not merely a damaged file)."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc) and "GLOBAL" in str(exc)
+
+
 def load_state_dict_file(path: Path) -> dict[str, Any]:
     """Read a state dict without unpickling arbitrary objects."""
+    import warnings
+
     import torch
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"weights file {path} does not exist")
+        raise InputError(f"weights file {path} is a directory" if path.is_dir() else f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols on its way to refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict ({first})") from exc
+        if refused_pickle(exc):
+            raise pickled_objects_error(f"weights {path}", exc) from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))  # garbage, or a pickle of plain Python data
+        if operand:
+            detail = f" ({operand.group(0)})"
+        elif isinstance(exc, KeyError):  # torch's legacy reader met an unknown magic number: says nothing more
+            detail = ""
+        else:
+            detail = f" ({first_line(exc).split('. ')[0]})"
+        raise InputError(f"cannot read weights {path}: not a valid PyTorch state dict{detail}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
@@ -186,23 +243,76 @@ def count_params(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def documented_image_size(spec: str | None) -> int | None:
+    """The image size a torchvision model was built for: the crop size of its default weights' transforms."""
+    if not spec or not spec.startswith("torchvision:"):
+        return None
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(spec.partition(":")[2])
+        transforms = weights.DEFAULT.transforms
+    except (ValueError, KeyError, AttributeError):
+        return None
+    size = getattr(transforms, "keywords", {}).get("crop_size")
+    return int(size) if isinstance(size, int) else None
+
+
+def _channel_fix(conv: tuple[str, Any] | None, data_channels: int) -> str | None:
+    """'its first convolution (conv1) takes 3 channels but the data has 1: give --channels 3 ...'."""
+    if conv is None or conv[1].in_channels == data_channels:
+        return None
+    name, wanted = conv[0], conv[1].in_channels
+    text = f"its first convolution ({name}) takes {wanted} channel{'s' if wanted != 1 else ''} but the data has {data_channels}"
+    how = {(1, 3): "repeats the grey channel", (3, 1): "averages the colour channels"}.get((data_channels, wanted))
+    if how:
+        text += f": give --channels {wanted} (in a recipe, data.channels: {wanted}), which {how}"
+    return text
+
+
 def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
     """Run one dummy sample through the model; return the number of output classes.
 
-    A shape the model rejects becomes an InputError naming the shape.
+    A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
+    the fix: the channels the model's first convolution takes (the first one the input reaches, found
+    with hooks, so any model whose first layer is a convolution is covered) and, for torchvision
+    models, the image size they were built for.
     """
     import torch
 
     module.eval()
     x = torch.zeros((1, *sample_shape))
+    convs = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    reached: list[tuple[str, Any]] = []
+
+    def hook(name: str, args: tuple[Any, ...]) -> None:
+        if not reached:
+            shape = tuple(getattr(args[0], "shape", ())) if args else ()
+            reached.append((name, shape))
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: hook(n, args)) for n, m in convs]
     try:
         with torch.no_grad():
             y = module(x)
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(
-            f"the model rejects input of shape {format_shape((1, *sample_shape))}: {first}"
-        ) from exc
+        channels = size_hint = None
+        if len(sample_shape) >= 2:
+            if reached:  # the data reached a convolution with its channels unchanged: that one decides
+                name, shape = reached[0]
+                first = (name, dict(convs)[name]) if len(shape) >= 2 and shape[1] == sample_shape[0] else None
+            else:  # it failed before any convolution ran (a size check, say): the first one declared
+                first = convs[0] if convs else None
+            channels = _channel_fix(first, sample_shape[0])
+            spec = _BUILT_FROM.get(module)
+            size = documented_image_size(spec)
+            if size is not None and len(sample_shape) == 3 and tuple(sample_shape[1:]) != (size, size):
+                size_hint = f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})"
+        parts = [channels or first_line(exc)] + ([size_hint] if size_hint else [])  # the fix, else what the model said
+        message = f"the model rejects input of shape {format_shape((1, *sample_shape))}: {'; '.join(parts)}"
+        raise InputError(message) from exc
+    finally:
+        for h in handles:
+            h.remove()
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise InputError(f"the model must return logits of shape (batch, classes); it returned {shape}")
@@ -245,8 +355,12 @@ def apply_recorded_shapes(module: Any, recorded: dict[str, dict[str, Any]], stat
             sub = module.get_submodule(name)
         except AttributeError:
             raise InputError(f"model.json records pruned shapes for {name!r}, which the model does not have") from None
-        for k, v in attrs.items():
-            current = getattr(sub, k, None)
+        for k, v in (attrs.items() if isinstance(attrs, dict) else ()):
+            current = vars(sub).get(k)
+            sized = isinstance(current, (int, tuple)) and not isinstance(current, bool) and not k.startswith("_")
+            plain = isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v))
+            if not (sized and plain):  # only the size attributes shape_attributes records, never methods or hooks
+                raise InputError(f"model.json records {k}={v!r:.60} for {name!r}, which is not one of its size attributes")
             setattr(sub, k, tuple(v) if isinstance(current, tuple) or isinstance(v, list) else v)
     for key, value in state.items():
         owner_name, _, attr = key.rpartition(".")

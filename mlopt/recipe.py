@@ -17,7 +17,7 @@ from mlopt.compress.distill import DistillConfig, DistillPass
 from mlopt.compress.prune import PruneConfig, PrunePass
 from mlopt.compress.train import TrainConfig, TrainPass
 from mlopt.data import DataConfig
-from mlopt.errors import InputError
+from mlopt.errors import InputError, first_line
 from mlopt.evaluate import EvalConfig, EvalPass
 from mlopt.export.bench import BenchConfig, BenchPass
 from mlopt.export.onnx import ExportConfig, ExportPass
@@ -99,16 +99,6 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(cls.model_fields)
 
 
-def _yaml_marks(text: str) -> Any:
-    """The composed YAML tree, to map an error's location to a line and column."""
-    import yaml
-
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-
-
 def _mark(node: Any, loc: tuple[Any, ...]) -> tuple[int, int] | None:
     import yaml
 
@@ -157,20 +147,97 @@ def recipe_from_dict(raw: Any, where: str, tree: Any = None) -> Recipe:
         raise InputError(format_validation_error(exc, where, tree)) from None
 
 
+#: A recipe is a few hundred lines at most; these bounds refuse hostile files before any work.
+MAX_RECIPE_BYTES = 1 << 20
+#: Values a recipe may expand to, anchors and aliases counted at every use (an alias bomb of nine
+#: levels of ten aliases expands to 10^9 values from 90 written ones).
+MAX_RECIPE_VALUES = 10_000
+MAX_RECIPE_DEPTH = 32
+
+
+def _expanded_size(node: Any, where: str) -> int:
+    """How many values `node` stands for once every alias is expanded (shared nodes counted once each use)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(n: Any, depth: int) -> int:
+        if depth > MAX_RECIPE_DEPTH:
+            raise InputError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is a few levels deep")
+        if id(n) in sizes:
+            return sizes[id(n)]
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
+        if total > MAX_RECIPE_VALUES:
+            raise InputError(
+                f"{where}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (*name); "
+                "a recipe may reuse anchors, but not multiply them (alias bomb?)"
+            )
+        sizes[id(n)] = total
+        return total
+
+    return size(node, 0)
+
+
+def _read_recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise InputError(f"recipe {path} is a directory, not a YAML file")
+    if not path.is_file():
+        raise InputError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise InputError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"recipe {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); a recipe is a YAML file"
+        ) from None
+
+
+def _parse_yaml(text: str, where: str) -> tuple[Any, Any]:
+    """The recipe's data and its composed node tree (for line numbers), refusing alias bombs and deep nesting."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events come without recursion, unlike nodes
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise InputError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is a few levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _expanded_size(node, where)
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: Path) -> Recipe:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"recipe {path} does not exist")
-    text = path.read_text()
+    text = _read_recipe_text(path)
     try:
-        raw = yaml.safe_load(text)
+        raw, tree = _parse_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise InputError(f"{path}{at}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    return recipe_from_dict(raw, str(path), _yaml_marks(text))
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise InputError(f"{path}{at}: invalid YAML: {problem}") from None
+    return recipe_from_dict(raw, str(path), tree)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import typer
 
 from mlopt import console
-from mlopt.errors import EXIT_FAILURE, MloptError, first_line
+from mlopt.errors import EXIT_FAILURE, MloptError, first_line, storage_error
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -36,6 +36,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # an mlopt bug or an unexpected library failure
             if os.environ.get("MLOPT_DEBUG"):
                 raise
+            full = storage_error(exc)  # a full disk or a read-only place, wherever it was written
+            if full is not None:
+                console.error(str(full))
+                raise typer.Exit(full.exit_code) from None
             console.error(f"{type(exc).__name__}: {first_line(exc)} (set MLOPT_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
 

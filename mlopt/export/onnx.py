@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt import console
-from mlopt.errors import InputError, RunError, first_line
+from mlopt.errors import InputError, RunError, first_line, storage_error
 from mlopt.pipeline import Pass, StepResult
 
 _PROTOBUF_LIMIT = 2 * 1024**3
@@ -75,6 +75,9 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                     dynamic_axes={n: axes for n in names} | {output: axes if output == "last_hidden_state" else {0: "batch"}},
                 )
     except Exception as exc:
+        full = storage_error(exc, path)
+        if full is not None:  # the disk, not the exporter: suggesting the other exporter would mislead
+            raise full from exc
         first = first_line(exc)
         hint = " (try exporter: torchscript)" if exporter == "dynamo" else " (try exporter: dynamo)"
         raise RunError(f"ONNX export failed: {type(exc).__name__}: {first[:300]}{hint}") from exc
