@@ -109,16 +109,15 @@ def run_recipe(
     gates = recipe.gates if recipe.gates is not None and recipe.gates.any() else None
     if gates is not None and gates.max_accuracy_drop is not None and recipe.data is None:
         raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
+    # Before loading (tokenizing a large text file takes a while); again after, for saved text models.
+    text_data = recipe.data is not None and recipe.data.source.startswith("text:")
+    _check_text_steps(recipe, hf.is_hf_spec(recipe.model.spec) or text_data)
 
     artifact, data = prepare(recipe)
     # What each step reads, by content: --resume skips a step only when these are unchanged too.
     data_fp = _data_fingerprint(recipe)
     model_fp = _model_fingerprint(recipe)
-    if hf.is_text_artifact(artifact):
-        unsupported = [s.type for s in recipe.steps if not PASSES[s.type].text_ok]
-        if unsupported:
-            supported = ", ".join(sorted(n for n, p in PASSES.items() if p.text_ok))
-            raise InputError(f"step {unsupported[0]!r} does not support hf: text models; these steps do: {supported}")
+    _check_text_steps(recipe, hf.is_text_artifact(artifact))
     baseline = None
     env = environment.describe()
     step_reports: list[dict[str, Any]] = []
@@ -223,6 +222,15 @@ def run_recipe(
             fsutil.discard_dir(root)
     report = run_report if not flat else {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_reports[-1], "environment": env}
     return RunResult(report=report, artifact=artifact, out=out, is_main=dist.is_main, gates=gate_rows)
+
+
+def _check_text_steps(recipe: "Recipe", text: bool) -> None:
+    from mlopt.recipe import PASSES
+
+    unsupported = [s.type for s in recipe.steps if not PASSES[s.type].text_ok] if text else []
+    if unsupported:
+        supported = ", ".join(sorted(n for n, p in PASSES.items() if p.text_ok))
+        raise InputError(f"step {unsupported[0]!r} does not support hf: text models; these steps do: {supported}")
 
 
 def _completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) -> dict[str, Any] | None:

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,11 @@ import pytest
 TESTS = Path(__file__).parent
 TOY = TESTS / "toy_models.py"
 sys.path.insert(0, str(TESTS))
+
+# The key mlopt signs its model folders with lives outside the user's home during tests (subprocesses
+# inherit it).
+if "MLOPT_KEY_FILE" not in os.environ:
+    os.environ["MLOPT_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="mlopt-tests-")) / "provenance.key")
 
 
 @pytest.fixture(autouse=True)

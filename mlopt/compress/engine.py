@@ -123,8 +123,15 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC) with its path
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
