@@ -194,11 +194,17 @@ def run_recipe(
             artifact = result.artifact
         if not flat and ckpt_root.is_dir() and not any(ckpt_root.iterdir()):
             ckpt_root.rmdir()
+        comparison = None  # every model of the chain measured alike; the gates read it (mlopt/chain.py)
+        if not flat and dist.is_main:
+            from mlopt import chain
+
+            if chain.wanted(recipe):
+                comparison = chain.compare(recipe, root, step_reports, baseline or artifact, data)
         gate_rows = None
         if gates is not None and dist.is_main:
             from mlopt.gates import evaluate_gates
 
-            gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data)
+            gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data, comparison)
         run_report = {
             "schema_version": SCHEMA_VERSION,
             "kind": "run",
@@ -207,6 +213,8 @@ def run_recipe(
             "steps": step_reports,
             "environment": env,
         }
+        if comparison is not None:
+            run_report["chain"] = comparison
         if gate_rows is not None:
             run_report["gates"] = {"passed": all(r["passed"] for r in gate_rows), "results": gate_rows,
                                    "baseline": (baseline or artifact).origin}
