@@ -114,9 +114,12 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     model (`fallback`) when that is the baseline or no step made a model. The baseline is the model
     before the first compressing step, or the final model when nothing compresses.
     """
+    import time
+
     from mlopt.artifacts import load_artifact
     from mlopt.recipe import PASSES
 
+    started = time.time()
     members: list[tuple[str, Any]] = []
     baseline_label = None
     for step in steps:
@@ -153,6 +156,7 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "models": rows,
     }
     judge(comparison)
+    comparison["duration_s"] = round(time.time() - started, 3)
     show(comparison)
     if not comparison["final_is_best"]:
         console.warn(comparison["verdict"])
@@ -171,14 +175,21 @@ def judge(comparison: dict[str, Any]) -> None:
     eligible = [r for r in rows if r["eligible"]]
     fastest = min(r["geomean_ms"] for r in eligible)
     best = [r for r in eligible if r["geomean_ms"] <= fastest * (1 + comparison["tie"])][-1]
+    sizes = comparison["batch_sizes"]
+    fastest_at = {b: min(eligible, key=lambda r: r["latency_ms"][str(b)]) for b in sizes}
     for r in rows:
         r["best"] = r is best
+        r["fastest_at"] = [b for b in sizes if r["eligible"] and r["latency_ms"][str(b)]
+                           <= fastest_at[b]["latency_ms"][str(b)] * (1 + comparison["tie"])]
     comparison["best"] = best["step"]
     comparison["final_is_best"] = best is final
     if best is final:
         comparison["verdict"] = f"the final model ({final['step']}) is the best of its chain"
+        # Best over all batch sizes, yet one model may still beat it at one of them: say so.
+        comparison["verdict"] += "".join(
+            f"; at batch {b}, {fastest_at[b]['step']} is faster ({final['latency_ms'][str(b)]:.3f} against "
+            f"{fastest_at[b]['latency_ms'][str(b)]:.3f} ms)" for b in sizes if b not in final["fastest_at"])
         return
-    sizes = comparison["batch_sizes"]
     ratios = ", ".join(f"{final['latency_ms'][str(b)] / best['latency_ms'][str(b)]:.2f}x at batch {b}" for b in sizes)
     why = f"{best['step']} is faster (final/{best['step']} latency: {ratios})"
     if not final["eligible"]:
@@ -201,6 +212,7 @@ def show(comparison: dict[str, Any]) -> None:
     for r in comparison["models"]:
         marks = [m for m, on in (("baseline", r["step"] == comparison["baseline"]), ("final", r["step"] == comparison["final"]),
                                  ("BEST", r["best"]), ("outside accuracy tolerance", not r["eligible"])) if on]
+        marks += [f"fastest at batch {b}" for b in r["fastest_at"] if len(sizes) > 1]
         table.add_row(escape(r["step"]), "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
                       *(f"{r['latency_ms'][str(b)]:.3f}" for b in sizes),
                       *(f"{r['speedup'][str(b)]:.2f}x" for b in sizes), f"{r['size_mb']:.2f}", ", ".join(marks))

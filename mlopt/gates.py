@@ -41,8 +41,11 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
     that passes no comparison).
     """
     from mlopt.chain import measure
+    from mlopt.data import require_labels
     from mlopt.fsutil import file_size_mb
 
+    if gates.max_accuracy_drop is not None:
+        require_labels(data, "the max_accuracy_drop gate")
     console.info("checking gates against the baseline " + (baseline.origin or "model"))
     if comparison is not None:
         rows = {r["step"]: r for r in comparison["models"]}

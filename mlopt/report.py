@@ -78,10 +78,10 @@ STEP_TIMING_NOTE = ("Timings in this step are its own measurement (its own metho
 
 def _chain_section(chain: dict[str, Any]) -> list[str]:
     sizes = chain["batch_sizes"]
-    verdict = chain["verdict"] if chain["final_is_best"] else f"**Warning: {chain['verdict']}.**"
+    verdict = f"{chain['verdict']}." if chain["final_is_best"] else f"**Warning: {chain['verdict']}.**"
     lines = ["## Chain: every model measured alike", "", verdict[0].upper() + verdict[1:], "",
              f"Latency: {chain['method']}; {chain['provider']}, {chain['iterations']} iterations per model and batch "
-             f"size. Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. Accuracy tolerance "
+             f"size ({chain['duration_s']:.1f} s in all). Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. Accuracy tolerance "
              f"{chain['accuracy_tolerance']} from {chain['accuracy_tolerance_from']}. Rule: {chain['rule']}.", "",
              "| step | top-1 | " + " | ".join(f"batch {b} ms" for b in sizes) + " | "
              + " | ".join(f"speed-up b{b}" for b in sizes) + " | size MB | |",
@@ -89,6 +89,7 @@ def _chain_section(chain: dict[str, Any]) -> list[str]:
     for r in chain["models"]:
         marks = [m for m, on in (("baseline", r["step"] == chain["baseline"]), ("final", r["step"] == chain["final"]),
                                  ("**best**", r["best"]), ("outside accuracy tolerance", not r["eligible"])) if on]
+        marks += [f"fastest at batch {b}" for b in r["fastest_at"] if len(sizes) > 1]
         top1 = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         lines.append(f"| {r['step']} | {top1} | "
                      + " | ".join(f"{r['latency_ms'][str(b)]:.3f}" for b in sizes) + " | "

@@ -34,6 +34,7 @@ def test_best_is_fastest_by_geometric_mean_within_the_accuracy_tolerance():
                      _row("03-distill", 0.945, b1=0.6, b32=4.0), _row("04-qat", 0.93, b1=0.1, b32=1.0)])
     judge(c)
     assert c["best"] == "03-distill" and not c["final_is_best"]
+    assert [r["fastest_at"] for r in c["models"]] == [[], [1], [32], []]
     assert [r["eligible"] for r in c["models"]] == [True, True, True, False]
     assert c["models"][2]["speedup"] == {"1": pytest.approx(1 / 0.6), "32": pytest.approx(2.5)}
     assert "NOT the best" in c["verdict"] and "top-1 0.9300 is more than 0.01 below" in c["verdict"]
@@ -48,6 +49,15 @@ def test_models_within_the_tie_count_as_equal_and_the_latest_is_named():
     judge(c)
     assert c["best"] == "02-prune" and not c["final_is_best"]
     assert "(final/02-prune latency: 1.20x at batch 1)" in c["verdict"]
+
+
+def test_a_best_final_model_beaten_at_one_batch_size_is_told_so():
+    c = _comparison([_row("01-train", 0.95, b1=1.0, b32=10.0), _row("02-prune", 0.95, b1=0.5, b32=8.0),
+                     _row("03-qat", 0.95, b1=0.6, b32=3.0)])
+    judge(c)
+    assert c["best"] == "03-qat" and c["final_is_best"]
+    assert c["verdict"] == ("the final model (03-qat) is the best of its chain; at batch 1, 02-prune is faster "
+                            "(0.600 against 0.500 ms)")
 
 
 def test_without_labels_the_fastest_wins():
@@ -103,6 +113,23 @@ def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_
     assert f"| {chain['best']} |" in md and "**best**" in md
     page = (out / "report.html").read_text()
     assert f"best model {chain['best']}" in page and "every model timed alike" in page
+
+
+def test_a_recipe_that_times_nothing_skips_the_comparison(tmp_path):
+    recipe = {"version": 1, "model": {"spec": f"{TOY}:tiny_cnn"}, "data": {"source": "digits", "batch_size": 32},
+              "steps": [{"type": "train", "epochs": 1, "lr": 0.02},
+                        {"type": "prune", "ratio": 0.5, "finetune_epochs": 1, "measure_latency": False,
+                         "finetune": {"lr": 0.01}}],
+              "gates": {"max_accuracy_drop": 1.0}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "chain" not in report and "## Chain" not in (out / "report.md").read_text()
+    gate = report["gates"]["results"][0]
+    assert gate["gate"] == "max_accuracy_drop" and 0 < gate["final"] <= 1 and 0 < gate["baseline"] <= 1
 
 
 def test_step_timings_are_labelled_and_kept_out_of_the_run_summary():
