@@ -6,9 +6,9 @@ figures cannot be set side by side. At the end of a recipe run this module measu
 of the chain the same way:
 
 - latency: each model as an ONNX file (torch models are exported to a temporary file) on
-  onnxruntime, in interleaved rounds with one session alive at a time, each model keeping its
-  best round's median (`interleaved_latency`), at the recipe's batch sizes: those of its bench
-  steps and the gates' `batch_size`;
+  onnxruntime, in ROUNDS interleaved rounds with one session alive at a time, each model keeping
+  its best round's median (`interleaved_latency`), at the recipe's batch sizes: those of its bench
+  steps and the gates' `batch_size`; each round runs a third of the gates' `iterations`;
 - accuracy: top-1 of that same ONNX file on the validation split, by onnxruntime, batch 64.
 
 The best model is the fastest one whose accuracy is within the tolerance of the baseline's (the
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from mlopt.recipe import Recipe
 
 TIE = 0.05  # relative geometric-mean latency difference treated as noise
+ROUNDS = 9  # interleaved rounds: more chances than the gates' default three for each model to meet a quiet spell
 DEFAULT_ACCURACY_TOLERANCE = 0.01  # top-1 drop from the baseline allowed when the recipe has no accuracy gate
 ACCURACY_BATCH = 64
 METHOD = ("onnxruntime, interleaved rounds with one session alive at a time, each model keeping its best "
@@ -51,14 +52,21 @@ def wanted(recipe: "Recipe") -> bool:
 
 
 def settings(recipe: "Recipe") -> dict[str, Any]:
-    """Provider, batch sizes and iterations: the gates' (or their defaults), plus the bench steps' batch sizes."""
+    """Provider, batch sizes, rounds and runs per round: the gates' (or their defaults), plus the bench steps' batch sizes."""
     from mlopt.gates import GatesConfig
 
     gates = recipe.gates or GatesConfig()
     benches = [s for s in recipe.steps if s.type == "bench"]
     provider = gates.provider if recipe.gates is not None or not benches else benches[-1].provider
     sizes = sorted({gates.batch_size, *(b for s in benches for b in s.batch_sizes)})
-    return {"provider": provider, "batch_sizes": sizes, "iterations": gates.iterations}
+    return {"provider": provider, "batch_sizes": sizes, "rounds": ROUNDS, "per_round": runs_per_round(gates.iterations)}
+
+
+def runs_per_round(iterations: int) -> int:
+    """Timed runs per round for the gates' `iterations`: as many as in one of the gates' former three rounds."""
+    from mlopt.export.bench import TIMING_ROUNDS
+
+    return max(3, iterations // TIMING_ROUNDS)
 
 
 def as_onnx(artifact: "Artifact", work: Path, name: str) -> Path:
@@ -73,7 +81,7 @@ def as_onnx(artifact: "Artifact", work: Path, name: str) -> Path:
 
 
 def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provider: str,
-            batch_sizes: list[int], iterations: int) -> list[dict[str, Any]]:
+            batch_sizes: list[int], per_round: int, rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """One row per (label, model): accuracy, latency per batch size and size, all measured alike.
 
     With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
@@ -98,7 +106,7 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
             console.info(f"timing {len(paths)} model(s) of the chain at batch size(s) "
                          f"{', '.join(map(str, batch_sizes))} ({provider}, interleaved rounds)")
             sample_shape = members[-1][1].sample_shape
-            latencies = interleaved_latency(paths, sample_shape, provider, batch_sizes, iterations)
+            latencies = interleaved_latency(paths, sample_shape, provider, batch_sizes, per_round * rounds, rounds)
             for row, lat in zip(rows, latencies):
                 row["latency_ms"] = {str(b): lat[b] for b in batch_sizes}
                 row["geomean_ms"] = math.exp(sum(math.log(lat[b]) for b in batch_sizes) / len(batch_sizes))
@@ -132,7 +140,7 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     final_label = members[-1][0]
     baseline_label = baseline_label or final_label
     cfg = settings(recipe)
-    rows = measure(members, data, cfg["provider"], cfg["batch_sizes"], cfg["iterations"])
+    rows = measure(members, data, cfg["provider"], cfg["batch_sizes"], cfg["per_round"], cfg["rounds"])
     gates = recipe.gates
     if gates is not None and gates.max_accuracy_drop is not None:
         tolerance, source = gates.max_accuracy_drop, "the max_accuracy_drop gate"
@@ -142,7 +150,8 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "method": METHOD,
         "provider": cfg["provider"],
         "batch_sizes": cfg["batch_sizes"],
-        "iterations": cfg["iterations"],
+        "rounds": cfg["rounds"],
+        "iterations_per_round": cfg["per_round"],
         "accuracy_method": None if rows[0]["accuracy"] is None else
         f"top-1 on the validation split, onnxruntime on the same ONNX files, batch {ACCURACY_BATCH}",
         "accuracy_tolerance": tolerance,

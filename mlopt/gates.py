@@ -40,7 +40,7 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
     same function, on the baseline and the final model only (so is any latency gate of a caller
     that passes no comparison).
     """
-    from mlopt.chain import measure
+    from mlopt.chain import measure, runs_per_round
     from mlopt.data import require_labels
     from mlopt.fsutil import file_size_mb
 
@@ -54,7 +54,7 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
         timed = gates.min_speedup is not None or gates.max_latency_ms is not None
         if timed or gates.max_accuracy_drop is not None:
             base, last = measure([("baseline", baseline), ("final", final)], data, gates.provider,
-                                 [gates.batch_size] if timed else [], gates.iterations)
+                                 [gates.batch_size] if timed else [], runs_per_round(gates.iterations))
     out: list[dict[str, Any]] = []
     if gates.max_accuracy_drop is not None:
         drop = base["accuracy"] - last["accuracy"]

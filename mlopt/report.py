@@ -80,9 +80,11 @@ def _chain_section(chain: dict[str, Any]) -> list[str]:
     sizes = chain["batch_sizes"]
     verdict = f"{chain['verdict']}." if chain["final_is_best"] else f"**Warning: {chain['verdict']}.**"
     lines = ["## Chain: every model measured alike", "", verdict[0].upper() + verdict[1:], "",
-             f"Latency: {chain['method']}; {chain['provider']}, {chain['iterations']} iterations per model and batch "
-             f"size ({chain['duration_s']:.1f} s in all). Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. Accuracy tolerance "
-             f"{chain['accuracy_tolerance']} from {chain['accuracy_tolerance_from']}. Rule: {chain['rule']}.", "",
+             f"Latency: {chain['method']}; {chain['provider']}, {chain['rounds']} rounds of "
+             f"{chain['iterations_per_round']} runs per model and batch size ({chain['duration_s']:.1f} s in all, "
+             f"exports included). Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. "
+             f"Accuracy tolerance {chain['accuracy_tolerance']} from {chain['accuracy_tolerance_from']}. "
+             f"Rule: {chain['rule']}.", "",
              "| step | top-1 | " + " | ".join(f"batch {b} ms" for b in sizes) + " | "
              + " | ".join(f"speed-up b{b}" for b in sizes) + " | size MB | |",
              "| --- " * (4 + 2 * len(sizes)) + "|"]

@@ -111,6 +111,8 @@ def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_
     md = (out / "report.md").read_text()
     assert "## Chain: every model measured alike" in md and "**Warning: the final model (03-distill) is NOT" in md
     assert f"| {chain['best']} |" in md and "**best**" in md
+    assert "9 rounds of 3 runs per model and batch size" in md
+    assert "Accuracy: top-1 on the validation split, onnxruntime on the same ONNX files" in md
     page = (out / "report.html").read_text()
     assert f"best model {chain['best']}" in page and "every model timed alike" in page
 
