@@ -7,8 +7,6 @@ report, then exits with code 3; `--junit FILE` writes one JUnit test case per ga
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,53 +30,53 @@ class GatesConfig(BaseModel):
         return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms))
 
 
-def _as_onnx(artifact: Any, work: Path, name: str) -> Path:
-    if artifact.format == "onnx":
-        return Path(artifact.onnx_path)
-    from mlopt.export.onnx import export_artifact
+def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
+                   comparison: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per gate (name, expected, measured, passed), from the chain comparison's figures.
 
-    path = work / f"{name}.onnx"
-    export_artifact(artifact, path)
-    return path
-
-
-def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any) -> list[dict[str, Any]]:
-    """Measure what the gates need and return one row per gate: name, expected, measured, passed."""
-    from mlopt.evaluate import evaluate_artifact
-    from mlopt.export.bench import interleaved_latency
+    The run's chain comparison (mlopt/chain.py) has measured the baseline and the final model; the
+    gates read its figures, so the gates and the chain table can never disagree. A recipe without
+    a latency gate or bench step has no comparison: its accuracy gate is measured here, by the
+    same function, on the baseline and the final model only (so is any latency gate of a caller
+    that passes no comparison).
+    """
+    from mlopt.chain import measure, runs_per_round
+    from mlopt.data import require_labels
     from mlopt.fsutil import file_size_mb
 
-    rows: list[dict[str, Any]] = []
+    if gates.max_accuracy_drop is not None:
+        require_labels(data, "the max_accuracy_drop gate")
     console.info("checking gates against the baseline " + (baseline.origin or "model"))
-    with tempfile.TemporaryDirectory(prefix="mlopt-gates-") as tmp:
-        work = Path(tmp)
-        if gates.max_accuracy_drop is not None:
-            batch = 64
-            base_acc = evaluate_artifact(baseline, data, batch)["accuracy"]
-            final_acc = evaluate_artifact(final, data, batch)["accuracy"]
-            drop = base_acc - final_acc
-            rows.append({"gate": "max_accuracy_drop", "expected": f"<= {gates.max_accuracy_drop}",
-                         "measured": round(drop, 6), "baseline": base_acc, "final": final_acc,
-                         "passed": drop <= gates.max_accuracy_drop + 1e-12})
-        if gates.min_speedup is not None or gates.max_latency_ms is not None:
-            final_onnx = _as_onnx(final, work, "final")
-            paths = [_as_onnx(baseline, work, "baseline"), final_onnx] if gates.min_speedup is not None else [final_onnx]
-            lat = interleaved_latency(paths, final.sample_shape, gates.provider, [gates.batch_size], gates.iterations)
-            final_ms = lat[-1][gates.batch_size]
-            if gates.min_speedup is not None:
-                speedup = lat[0][gates.batch_size] / final_ms
-                rows.append({"gate": "min_speedup", "expected": f">= {gates.min_speedup}", "measured": round(speedup, 3),
-                             "baseline": lat[0][gates.batch_size], "final": final_ms,
-                             "passed": speedup >= gates.min_speedup})
-            if gates.max_latency_ms is not None:
-                rows.append({"gate": "max_latency_ms", "expected": f"<= {gates.max_latency_ms}",
-                             "measured": round(final_ms, 4), "passed": final_ms <= gates.max_latency_ms})
-        if gates.max_size_mb is not None:
-            size = file_size_mb(final.onnx_path) if final.format == "onnx" else final.size_mb()
-            rows.append({"gate": "max_size_mb", "expected": f"<= {gates.max_size_mb}", "measured": round(size, 4),
-                         "passed": size <= gates.max_size_mb})
-    show(rows)
-    return rows
+    if comparison is not None:
+        rows = {r["step"]: r for r in comparison["models"]}
+        base, last = rows[comparison["baseline"]], rows[comparison["final"]]
+    else:
+        timed = gates.min_speedup is not None or gates.max_latency_ms is not None
+        if timed or gates.max_accuracy_drop is not None:
+            base, last = measure([("baseline", baseline), ("final", final)], data, gates.provider,
+                                 [gates.batch_size] if timed else [], runs_per_round(gates.iterations))
+    out: list[dict[str, Any]] = []
+    if gates.max_accuracy_drop is not None:
+        drop = base["accuracy"] - last["accuracy"]
+        out.append({"gate": "max_accuracy_drop", "expected": f"<= {gates.max_accuracy_drop}",
+                    "measured": round(drop, 6), "baseline": base["accuracy"], "final": last["accuracy"],
+                    "passed": drop <= gates.max_accuracy_drop + 1e-12})
+    batch = str(gates.batch_size)
+    if gates.min_speedup is not None:
+        speedup = base["latency_ms"][batch] / last["latency_ms"][batch]
+        out.append({"gate": "min_speedup", "expected": f">= {gates.min_speedup}", "measured": round(speedup, 3),
+                    "baseline": base["latency_ms"][batch], "final": last["latency_ms"][batch],
+                    "passed": speedup >= gates.min_speedup})
+    if gates.max_latency_ms is not None:
+        final_ms = last["latency_ms"][batch]
+        out.append({"gate": "max_latency_ms", "expected": f"<= {gates.max_latency_ms}",
+                    "measured": round(final_ms, 4), "passed": final_ms <= gates.max_latency_ms})
+    if gates.max_size_mb is not None:
+        size = file_size_mb(final.onnx_path) if final.format == "onnx" else final.size_mb()
+        out.append({"gate": "max_size_mb", "expected": f"<= {gates.max_size_mb}", "measured": round(size, 4),
+                    "passed": size <= gates.max_size_mb})
+    show(out)
+    return out
 
 
 def show(rows: list[dict[str, Any]]) -> None:

@@ -196,11 +196,17 @@ def run_recipe(
             artifact = result.artifact
         if output is not None and not (ckpt_root.is_dir() and any(ckpt_root.iterdir())):
             output.remove_tree(ckpt_name)
+        comparison = None  # every model of the chain measured alike; the gates read it (mlopt/chain.py)
+        if not flat and dist.is_main:
+            from mlopt import chain
+
+            if chain.wanted(recipe):
+                comparison = chain.compare(recipe, root, step_reports, baseline or artifact, data)
         gate_rows = None
         if gates is not None and dist.is_main:
             from mlopt.gates import evaluate_gates
 
-            gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data)
+            gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data, comparison)
         run_report = {
             "schema_version": SCHEMA_VERSION,
             "kind": "run",
@@ -209,6 +215,8 @@ def run_recipe(
             "steps": step_reports,
             "environment": env,
         }
+        if comparison is not None:
+            run_report["chain"] = comparison
         if gate_rows is not None:
             run_report["gates"] = {"passed": all(r["passed"] for r in gate_rows), "results": gate_rows,
                                    "baseline": (baseline or artifact).origin}

@@ -69,9 +69,46 @@ def _simulation_error_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def is_timing(key: str) -> bool:
+    """Metrics that a step timed itself (latencies, speed-ups, throughputs)."""
+    return any(word in key for word in ("latency", "speedup", "throughput"))
+
+
+STEP_TIMING_NOTE = ("Timings in this step are its own measurement (its own method, iterations and moment of a shared "
+                    "machine): compare them with each other, not with another step's. The run report's chain table "
+                    "times every model of a recipe alike.")
+
+
+def _chain_section(chain: dict[str, Any]) -> list[str]:
+    sizes = chain["batch_sizes"]
+    verdict = f"{chain['verdict']}." if chain["final_is_best"] else f"**Warning: {chain['verdict']}.**"
+    lines = ["## Chain: every model measured alike", "", verdict[0].upper() + verdict[1:], "",
+             f"Latency: {chain['method']}; {chain['provider']}, {chain['rounds']} rounds of "
+             f"{chain['iterations_per_round']} runs per model and batch size ({chain['duration_s']:.1f} s in all, "
+             f"exports included). Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. "
+             f"Accuracy tolerance {chain['accuracy_tolerance']} from {chain['accuracy_tolerance_from']}. "
+             f"Rule: {chain['rule']}.", "",
+             "| step | top-1 | " + " | ".join(f"batch {b} ms" for b in sizes) + " | "
+             + " | ".join(f"speed-up b{b}" for b in sizes) + " | size MB | |",
+             "| --- " * (4 + 2 * len(sizes)) + "|"]
+    for r in chain["models"]:
+        marks = [m for m, on in (("baseline", r["step"] == chain["baseline"]), ("final", r["step"] == chain["final"]),
+                                 ("**best**", r["best"]), ("outside accuracy tolerance", not r["eligible"])) if on]
+        marks += [f"fastest at batch {b}" for b in r["fastest_at"] if len(sizes) > 1]
+        top1 = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(f"| {r['step']} | {top1} | "
+                     + " | ".join(f"{r['latency_ms'][str(b)]:.3f}" for b in sizes) + " | "
+                     + " | ".join(f"{r['speedup'][str(b)]:.2f}x" for b in sizes)
+                     + f" | {r['size_mb']:.2f} | {', '.join(marks)} |")
+    lines.append("")
+    return lines
+
+
 def _step_section(step: dict[str, Any], heading: str) -> list[str]:
     lines = [heading, ""]
     lines.append(f"Ran in {step['duration_s']:.1f} s.")
+    if step.get("bench") or any(is_timing(k) for k in step.get("metrics", {})):
+        lines += ["", STEP_TIMING_NOTE]
     if step.get("notes"):
         lines += [""] + [f"- {n}" for n in step["notes"]]
     lines.append("")
@@ -94,9 +131,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines = ["# mlopt run", ""]
         if report.get("recipe_file"):
             lines += [f"Recipe: `{report['recipe_file']}`", ""]
-        lines += ["| step | type | duration s | key metrics |", "| --- | --- | --- | --- |"]
+        if report.get("chain"):
+            lines += _chain_section(report["chain"])
+        # Each step's own timings are left out here: they are not comparable (the chain table is).
+        lines += ["| step | type | duration s | key metrics (timings: in each step's section) |",
+                  "| --- | --- | --- | --- |"]
         for step in report["steps"]:
-            key = ", ".join(f"{k} {_fmt(v)}" for k, v in step.get("metrics", {}).items() if not isinstance(v, (dict, list)))
+            key = ", ".join(f"{k} {_fmt(v)}" for k, v in step.get("metrics", {}).items()
+                            if not isinstance(v, (dict, list)) and not is_timing(k))
             lines.append(f"| {step['dir']} | {step['type']} | {step['duration_s']:.1f} | {key} |")
         lines.append("")
         if report.get("gates"):

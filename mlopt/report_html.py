@@ -11,29 +11,32 @@ import json
 from typing import Any
 
 
-def _step_points(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """(step, accuracy, batch-1 latency, size) for every step that measured them.
+def _step_points(report: dict[str, Any]) -> tuple[list[dict[str, Any]], int | None]:
+    """(step, accuracy, latency, size) per model, and the batch size of the latencies.
 
-    A step that makes no new model (eval, bench) measures the model of the step before it, so an
-    accuracy carries over to it until a step produces another model.
+    Latencies come only from the chain comparison, which measured every model alike (at its
+    smallest batch size here); each step's own timings are not comparable, so a run without a
+    chain comparison plots no latency. Without a chain, a step that makes no new model (eval)
+    measures the model of the step before it, so an accuracy carries over to it until a step
+    produces another model.
     """
+    chain = report.get("chain")
+    if chain:
+        batch = min(chain["batch_sizes"])
+        points = []
+        for r in chain["models"]:
+            marks = [m for m, on in (("final", r["step"] == chain["final"]), ("best", r["best"])) if on]
+            points.append({"step": r["step"] + (f" ({', '.join(marks)})" if marks else ""), "accuracy": r["accuracy"],
+                           "latency": r["latency_ms"][str(batch)], "size": r["size_mb"]})
+        return points, batch
     points, accuracy = [], None
     for step in report.get("steps", []):
         m = step.get("metrics", {})
         if step.get("output", {}).get("files"):
             accuracy = None
         accuracy = m.get("accuracy", accuracy)
-        latency = m.get("latency_ms_after", m.get("latency_ms"))
-        if isinstance(latency, dict):
-            latency = latency.get("1", next(iter(latency.values()), None))
-        if "latency_ms_before" in m and "accuracy_before" in m:  # pruning measured the model before it too
-            points.append({"step": f"{step['dir']} (before)", "accuracy": m["accuracy_before"],
-                           "latency": m["latency_ms_before"], "size": None})
-        if step.get("type") == "bench":
-            latency = next((r["latency_ms"]["p50"] for r in step.get("bench", {}).get("results", [])
-                            if r["batch_size"] == 1), latency)
-        points.append({"step": step["dir"], "accuracy": accuracy, "latency": latency, "size": m.get("size_mb")})
-    return points
+        points.append({"step": step["dir"], "accuracy": accuracy, "latency": None, "size": m.get("size_mb")})
+    return points, None
 
 
 def _svg(fig: Any) -> str:
@@ -46,7 +49,7 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]
 
 
-def _pareto_plot(points: list[dict[str, Any]]) -> str | None:
+def _pareto_plot(points: list[dict[str, Any]], batch: int | None) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +68,7 @@ def _pareto_plot(points: list[dict[str, Any]]) -> str | None:
     ax.plot([p["latency"] for p in front], [p["accuracy"] for p in front], color="#dd8452", label="Pareto front")
     for p in pts:
         ax.annotate(p["step"], (p["latency"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("latency, batch 1 (ms)")
+    ax.set_xlabel(f"latency, batch {batch} (ms; every model timed alike)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_title("accuracy against latency")
     ax.legend()
@@ -133,13 +136,13 @@ def render_html(report: dict[str, Any]) -> str:
 
     steps = report.get("steps") or ([report["step"]] if "step" in report else [])
     run = {**report, "steps": steps}
-    points = _step_points(run)
+    points, batch = _step_points(run)
     plots = [
-        _pareto_plot(points),
+        _pareto_plot(points, batch),
         _bars([p["step"] for p in points if p["size"]], [p["size"] for p in points if p["size"]],
               "model size per step", "MB"),
         _bars([p["step"] for p in points if p["latency"]], [p["latency"] for p in points if p["latency"]],
-              "latency per step (batch 1)", "ms"),
+              f"latency per model, batch {batch} (every model timed alike)", "ms"),
     ]
     for step in steps:
         plots += [_layer_plot(step), _sensitivity_plot(step), _simulation_error_plot(step)]
@@ -163,6 +166,11 @@ def render_html(report: dict[str, Any]) -> str:
             parts.append(f"<tr><td>{html.escape(r['gate'])}</td><td>{html.escape(str(r['expected']))}</td>"
                          f"<td>{html.escape(str(r['measured']))}</td><td>{verdict}</td></tr>")
         parts.append("</table>")
+    chain = report.get("chain")
+    if chain:  # the table itself is in the report below
+        cls = "pass" if chain["final_is_best"] else "fail"
+        parts.append(f'<h2>Chain: <span class="{cls}">best model {html.escape(chain["best"])}</span></h2>'
+                     f'<p class="{cls}">{html.escape(chain["verdict"])}</p>')
     parts.append("<h2>Plots</h2>")
     parts += [f"<figure>{svg}</figure>" for svg in plots if svg]
     parts.append("<h2>Environment</h2><table>")
