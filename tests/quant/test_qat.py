@@ -137,6 +137,20 @@ def test_training_that_makes_the_int8_model_worse_hands_back_the_starting_point(
     assert any("handed back the calibrated starting point" in n for n in notes)
 
 
+@pytest.mark.parametrize("flags, changed", [([], {}), (["--keep-int8", "--lr", "0.001"], {"keep_int8": True, "lr": 0.001})])
+def test_mlopt_qat_uses_the_config_defaults_unless_told(tmp_path, flags, changed):
+    import yaml
+
+    from mlopt.quant.qat import QATConfig
+
+    path = tmp_path / "r.yaml"
+    result = runner.invoke(app, ["qat", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--out", str(tmp_path / "q"),
+                                 *flags, "--save-recipe", str(path)])
+    assert result.exit_code == 0, result.output
+    (step,) = yaml.safe_load(path.read_text())["steps"]
+    assert QATConfig(**step) == QATConfig(**changed)
+
+
 def test_the_int8_rule_is_faster_at_every_batch_size():
     from mlopt.quant.ptq import not_faster_at
 
@@ -162,7 +176,7 @@ def timed_as(monkeypatch, int8_ms):
 @pytest.mark.parametrize("int8_ms, flags, quantized", [
     (1.5, [], False),  # INT8 slower: the FP32 model QAT started from comes back
     (1.5, ["--keep-int8"], True),  # unless INT8 is asked for
-    (0.5, [], True),  # INT8 faster: kept
+    pytest.param(0.5, [], True, marks=pytest.mark.slow),  # INT8 faster: kept
 ])
 def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monkeypatch, int8_ms, flags, quantized):
     calls = timed_as(monkeypatch, int8_ms)
