@@ -17,9 +17,9 @@ counts after onnxruntime's optimisation, per tensor the torch simulation against
 (local and end-to-end error, in quantization steps), the int8 weight codes that differ, and the
 top-1 agreement between the two on the validation split.
 
-Never worse without saying so. QAT starts from the calibrated simulation (observers calibrated,
-before any training); that starting point is exported and quantized exactly as the trained model
-is, and both INT8 models are scored on the validation split on onnxruntime. The trained one is
+Never worse without saying so. QAT starts from PTQ's static min/max model: onnxruntime calibrates
+the FP32 model on the calibration batches, and the observers start from its ranges. That starting
+point and the trained model are both scored on the validation split on onnxruntime. The trained one is
 handed back unless the starting point scores strictly higher (a tie keeps the trained model), so
 QAT is never below its own start. Then, as PTQ's auto mode does (`mlopt.quant.ptq.not_faster_at`,
 the one rule both use), the INT8 model is timed against the FP32 model QAT started from, in
@@ -301,11 +301,33 @@ def export_fp32(artifact: Any, module: Any, data: Any, work: Path, tag: str) -> 
     return fp32, pre
 
 
+def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, tuple[float, float]]:
+    """The range onnxruntime's uint8 grid covers at the tensors each simulation point stands for, in
+    the QDQ model at `int8_path`: {point: (lo, hi)}, the union where a point stands for several."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mlopt.quant.points import quantized_tensors
+
+    model = onnx.load(str(int8_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zeros = {n.input[1]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    grid = {}
+    for tensor, scale_name in quantized_tensors(int8_path).items():
+        scale, zero = float(inits[scale_name]), int(inits[zeros[scale_name]])
+        grid[tensor] = (-zero * scale, (255 - zero) * scale)
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, names in tensors.items():
+        spans = [grid[t] for t in names if t in grid]
+        if spans:
+            ranges[name] = (min(lo for lo, _ in spans), max(hi for _, hi in spans))
+    return ranges
+
+
 def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe: Any, feeds: list[Any],
                          config: QATConfig, dst: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The pre-processed FP32 model quantized by onnxruntime (static QDQ U8S8 per-channel) with the
-    simulation's current ranges handed over: (tensors each point stands for, the ranges handed over).
-    The same for the calibrated starting point and the trained model, so the two compare fairly."""
+    simulation's current ranges handed over: (tensors each point stands for, the ranges handed over)."""
     from mlopt.quant.ptq import quantize
 
     tensors = point_tensors(sim, pre, found, probe)
@@ -361,7 +383,7 @@ class QATPass(Pass):
         from mlopt.evaluate import evaluate_torch, predict_logits
         from mlopt.quant import graph, points
         from mlopt.quant.calibration import calibration_batches
-        from mlopt.quant.ptq import INT8_RULE, PTQConfig, Quality, latencies, not_faster_at
+        from mlopt.quant.ptq import INT8_RULE, PTQConfig, Quality, latencies, not_faster_at, quantize
 
         data = ctx.data
         batch = config.batch_size or ctx.recipe.data.batch_size
@@ -392,9 +414,12 @@ class QATPass(Pass):
                          f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
         model = sim.model  # runs the simulation (the traced graph with its quantization points, or the hooked module)
         sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
-        # The starting point: the calibrated ranges before any training, exported as the trained model will be.
+        # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
+        # same batches, and the observers start from its ranges where it quantizes the same tensors
+        # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
         start_int8 = work / "start-int8.onnx"
-        quantize_with_ranges(sim, start_pre, found, probe, feeds, config, start_int8)
+        quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
+        sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
         bn_layers = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
         sim_before = evaluate_torch(model, data, batch)["accuracy"]

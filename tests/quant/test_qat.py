@@ -135,6 +135,22 @@ def test_training_that_makes_the_int8_model_worse_hands_back_the_starting_point(
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["start_accuracy"])
     notes = json.loads((out / "report.json").read_text())["step"]["notes"]
     assert any("handed back the calibrated starting point" in n for n in notes)
+    # the starting point is PTQ's static min/max model: the same scales, so QAT is never below that PTQ
+    ptq = runner.invoke(app, ["ptq", "--model", str(trained_dir), "--data", "digits", "--mode", "static",
+                              "--calibration", "minmax", "--iterations", "3", "--out", str(tmp_path / "ptq"), "--json"])
+    assert ptq.exit_code == 0, ptq.output
+    assert activation_scales(out / "model.onnx") == activation_scales(tmp_path / "ptq" / "model.onnx")
+    assert json.loads(ptq.stdout)["accuracy"] == pytest.approx(m["start_accuracy"])
+
+
+def activation_scales(path):
+    """{tensor: (scale, zero point)} of every activation QuantizeLinear of a QDQ model."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
 @pytest.mark.parametrize("flags, changed", [([], {}), (["--keep-int8", "--lr", "0.001"], {"keep_int8": True, "lr": 0.001})])
