@@ -16,6 +16,15 @@ calibrated by onnxruntime (min/max) and listed. The report checks it: integer an
 counts after onnxruntime's optimisation, per tensor the torch simulation against onnxruntime
 (local and end-to-end error, in quantization steps), the int8 weight codes that differ, and the
 top-1 agreement between the two on the validation split.
+
+Never worse without saying so. QAT starts from PTQ's static min/max model: onnxruntime calibrates
+the FP32 model on the calibration batches, and the observers start from its ranges. That starting
+point and the trained model are both scored on the validation split on onnxruntime. The trained one is
+handed back unless the starting point scores strictly higher (a tie keeps the trained model), so
+QAT is never below its own start. Then, as PTQ's auto mode does (`mlopt.quant.ptq.not_faster_at`,
+the one rule both use), the INT8 model is timed against the FP32 model QAT started from, in
+interleaved rounds at `batch_sizes`; unless it is faster at every one of them, the FP32 model is
+handed back (`keep_int8` forces INT8). The metrics and notes say which model came back and why.
 """
 
 from __future__ import annotations
@@ -54,8 +63,13 @@ class QATConfig(TrainingConfig):
                                  "picks (found in the torch.fx graph); false: at Conv/Linear inputs only")
     export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
                                 "(otherwise it calibrates the trained model afresh)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    iterations: int = Field(30, gt=0, description="timed runs per batch size for the report")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,
+                                   description="batch sizes at which INT8 and FP32 are timed against each other")
+    iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
+    keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
+                            "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
+                            "faster at every batch size in batch_sizes, timed in interleaved rounds, one session alive "
+                            "at a time, each model keeping its best round; a tie counts as not faster)")
 
 
 def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
@@ -250,14 +264,10 @@ class RuntimePoints:
         return [t for t in self.tensors if t not in self.nodes]
 
 
-def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: Any, feeds: list[Any], x: Any,
-                   work: Path) -> RuntimePoints:
-    """The tensors onnxruntime's quantizer picks for this model (found by quantizing its FP32 export
-    once), located in the module's fx graph by value; empty when asked for layer inputs only or when
-    torch.fx cannot trace the model (then `why` says so)."""
-    from onnxruntime.quantization import quant_pre_process
-
-    from mlopt.export.onnx import export_onnx
+def runtime_points(module: Any, config: QATConfig, pre: Path, feeds: list[Any], x: Any, work: Path) -> RuntimePoints:
+    """The tensors onnxruntime's quantizer picks for this model (found by quantizing its pre-processed
+    FP32 export `pre` once), located in the module's fx graph by value; empty when asked for layer
+    inputs only or when torch.fx cannot trace the model (then `why` says so)."""
     from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
     from mlopt.quant.ptq import quantize
 
@@ -266,11 +276,9 @@ def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: A
     gm, why = trace(module)
     if gm is None:
         return RuntimePoints(why=why)
-    export_onnx(fp32_module, tuple(artifact.sample_shape), work / "fp32.onnx", 18, "dynamo")
-    quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-    quantize(work / "pre.onnx", work / "qdq.onnx", runtime_scheme(), feeds[:1], False)
+    quantize(pre, work / "qdq.onnx", runtime_scheme(), feeds[:1], False)
     scales = quantized_tensors(work / "qdq.onnx")
-    found = match_by_value(gm, x, onnx_values(work / "pre.onnx", list(scales), {"input": x.numpy()}))
+    found = match_by_value(gm, x, onnx_values(pre, list(scales), {"input": x.numpy()}))
     if not found:
         return RuntimePoints(scales, why="no tensor onnxruntime quantizes was found in the torch.fx graph")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -279,6 +287,53 @@ def runtime_points(module: Any, fp32_module: Any, config: QATConfig, artifact: A
         if not any(node in g for g in groups.values()):
             groups.setdefault(scales[tensor], []).append(node)
     return RuntimePoints(scales, found, list(groups.values()), gm)
+
+
+def export_fp32(artifact: Any, module: Any, data: Any, work: Path, tag: str) -> tuple[Path, Path]:
+    """`module` exported to ONNX (parity checked) and pre-processed by onnxruntime: (FP32 file, pre-processed file)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    from mlopt.export.onnx import ExportConfig, export_checked
+
+    fp32, pre = work / f"{tag}-fp32.onnx", work / f"{tag}-pre.onnx"
+    export_checked(artifact.derive(f"qat-{tag}", module=module), data, fp32, ExportConfig())
+    quant_pre_process(str(fp32), str(pre))
+    return fp32, pre
+
+
+def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, tuple[float, float]]:
+    """The range onnxruntime's uint8 grid covers at the tensors each simulation point stands for, in
+    the QDQ model at `int8_path`: {point: (lo, hi)}, the union where a point stands for several."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mlopt.quant.points import quantized_tensors
+
+    model = onnx.load(str(int8_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zeros = {n.input[1]: n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    grid = {}
+    for tensor, scale_name in quantized_tensors(int8_path).items():
+        scale, zero = float(inits[scale_name]), int(inits[zeros[scale_name]])
+        grid[tensor] = (-zero * scale, (255 - zero) * scale)
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, names in tensors.items():
+        spans = [grid[t] for t in names if t in grid]
+        if spans:
+            ranges[name] = (min(lo for lo, _ in spans), max(hi for _, hi in spans))
+    return ranges
+
+
+def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe: Any, feeds: list[Any],
+                         config: QATConfig, dst: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The pre-processed FP32 model quantized by onnxruntime (static QDQ U8S8 per-channel) with the
+    simulation's current ranges handed over: (tensors each point stands for, the ranges handed over)."""
+    from mlopt.quant.ptq import quantize
+
+    tensors = point_tensors(sim, pre, found, probe)
+    handed = range_overrides(sim, tensors) if config.export_ranges else {}
+    quantize(pre, dst, runtime_scheme(), feeds, False, overrides=handed)
+    return tensors, handed
 
 
 def step_clock() -> Any:
@@ -300,27 +355,36 @@ class QATPass(Pass):
     compresses = True
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
-        import numpy as np
-        import torch
-        from onnxruntime.quantization import quant_pre_process
-
-        from mlopt import distributed
-        from mlopt.compress.distill import DistillConfig, distillation_objective
-        from mlopt.compress.engine import Objective, fit
-        from mlopt.data import first_inputs, require_labels
-        from mlopt.evaluate import evaluate_torch, predict_logits
-        from mlopt.export.onnx import ExportConfig, export_checked
-        from mlopt.quant import graph, points
-        from mlopt.quant.calibration import calibration_batches
-        from mlopt.quant.ptq import PTQConfig, Quality, latencies, quantize
-
         if artifact.format != "torch":
+            from mlopt.quant import graph
+
             done = graph.quantized_ops(graph.load(artifact.onnx_path))
             if done:
                 raise InputError(f"qat trains a PyTorch model; {artifact.origin} is an ONNX model that is already "
                                  f"quantized ({', '.join(done[:3])}): start from the FP32 PyTorch model it came from")
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
+        from mlopt.data import require_labels
+
         require_labels(ctx.data, "QAT")
+        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
+        try:
+            return self._run(artifact, config, ctx, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _run(self, artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepResult:
+        import numpy as np
+        import torch
+
+        from mlopt import distributed
+        from mlopt.compress.distill import DistillConfig, distillation_objective
+        from mlopt.compress.engine import Objective, fit
+        from mlopt.data import first_inputs
+        from mlopt.evaluate import evaluate_torch, predict_logits
+        from mlopt.quant import graph, points
+        from mlopt.quant.calibration import calibration_batches
+        from mlopt.quant.ptq import INT8_RULE, PTQConfig, Quality, latencies, not_faster_at, quantize
+
         data = ctx.data
         batch = config.batch_size or ctx.recipe.data.batch_size
         fp32_module = copy.deepcopy(artifact.module).eval()
@@ -333,11 +397,10 @@ class QATPass(Pass):
         # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
         feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
         probe = first_inputs(data, 64)
-        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
-        try:
-            found = runtime_points(module, fp32_module, config, artifact, feeds, probe[:4], work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        # The FP32 model QAT starts from, as onnxruntime runs it: where it quantizes, the starting
+        # point's INT8 model, and the FP32 model handed back when INT8 is not faster.
+        start_fp32, start_pre = export_fp32(artifact, fp32_module, data, work, "start")
+        found = runtime_points(module, config, start_pre, feeds, probe[:4], work)
         sim = Simulation(module, config.ema, learned=config.observer == "lsq")
         if found.groups:
             sim.place(found.gm, found.groups)
@@ -351,6 +414,12 @@ class QATPass(Pass):
                          f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
         model = sim.model  # runs the simulation (the traced graph with its quantization points, or the hooked module)
         sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
+        # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
+        # same batches, and the observers start from its ranges where it quantizes the same tensors
+        # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
+        start_int8 = work / "start-int8.onnx"
+        quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
+        sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
         bn_layers = batchnorm_layers(module)
         fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
         sim_before = evaluate_torch(model, data, batch)["accuracy"]
@@ -390,42 +459,48 @@ class QATPass(Pass):
         sim.remove()
         module.eval()
 
-        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
-        try:
-            trained = artifact.derive("qat-train", module=module)
-            export_checked(trained, data, work / "fp32.onnx", ExportConfig())
-            out = Path(ctx.out_dir) / "model.onnx"
-            quant_pre_process(str(work / "fp32.onnx"), str(work / "pre.onnx"))
-            tensors = point_tensors(sim, work / "pre.onnx", found, probe)
-            pre_nodes = graph.load(work / "pre.onnx").graph.node
-            # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
-            # own node with quantized scale and bias, which the simulation, holding batch norm in
-            # float, does not model.
-            unfolded = [n.name or n.output[0] for n in pre_nodes if n.op_type == "BatchNormalization"]
-            handed = range_overrides(sim, tensors) if config.export_ranges else {}
-            quantize(work / "pre.onnx", out, runtime_scheme(), feeds, False, overrides=handed)
-            final = set(points.quantized_tensors(out))
-            calibrated = sorted(final - set(handed))
-            kernels = graph.kernel_counts(out)
-            sim.attach()
-            errors = simulation_errors(sim, out, tensors, probe)
-            sim.remove()
-            grid = weight_grid(sim, out)
-            pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
-            quality = Quality(work / "fp32.onnx", data, pcfg)  # batches of 64, as sim_logits
-            int8_outputs = quality.outputs(out)
-            q = quality.metrics(int8_outputs)
-            fp32_lat, int8_lat = latencies([work / "fp32.onnx", out], artifact.sample_shape, pcfg)
-            agreement = float((np.concatenate(int8_outputs).argmax(1) == sim_logits.argmax(1)).mean())
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        _, pre = export_fp32(artifact, module, data, work, "trained")
+        trained_int8 = work / "trained-int8.onnx"
+        # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
+        # own node with quantized scale and bias, which the simulation, holding batch norm in
+        # float, does not model.
+        unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
+        tensors, handed = quantize_with_ranges(sim, pre, found, probe, feeds, config, trained_int8)
+        final = set(points.quantized_tensors(trained_int8))
+        calibrated = sorted(final - set(handed))
+        kernels = graph.kernel_counts(trained_int8)
+        sim.attach()
+        errors = simulation_errors(sim, trained_int8, tensors, probe)
+        sim.remove()
+        grid = weight_grid(sim, trained_int8)
+        pcfg = PTQConfig(batch_sizes=config.batch_sizes, iterations=config.iterations)
+        quality = Quality(start_fp32, data, pcfg)  # onnxruntime, batches of 64, as sim_logits
+        trained_outputs = quality.outputs(trained_int8)
+        trained_acc = quality.metrics(trained_outputs)["accuracy"]
+        start_acc = quality.score(start_int8)["accuracy"]
+        agreement = float((np.concatenate(trained_outputs).argmax(1) == sim_logits.argmax(1)).mean())
+        # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
+        chosen = "trained" if trained_acc >= start_acc else "start"
+        int8 = trained_int8 if chosen == "trained" else start_int8
+        fp32_lat, int8_lat = latencies([start_fp32, int8], artifact.sample_shape, pcfg)
+        slower = not_faster_at(int8_lat, fp32_lat)
+        quantized = config.keep_int8 or not slower
+        out = Path(ctx.out_dir) / "model.onnx"
+        shutil.copyfile(int8 if quantized else start_fp32, out)
         new = artifact.derive("qat", format="onnx", module=None, onnx_path=out)
+        int8_acc = trained_acc if chosen == "trained" else start_acc
+        accuracy = int8_acc if quantized else quality.baseline["accuracy"]
         metrics = {
+            "quantized": quantized,
+            "chosen": chosen,
+            "start_accuracy": start_acc,
+            "trained_accuracy": trained_acc,
             "fp32_accuracy": fp32_acc,
+            "fp32_onnx_accuracy": quality.baseline["accuracy"],
             "simulated_accuracy_before": sim_before,
             "simulated_accuracy": sim_acc,
-            "accuracy": q["accuracy"],
-            "accuracy_drop": fp32_acc - q["accuracy"],
+            "accuracy": accuracy,
+            "accuracy_drop": fp32_acc - accuracy,
             "simulation_top1_agreement": agreement,
             "integer_kernels": kernels["integer"],
             "float_kernels": kernels["float"],
@@ -441,15 +516,36 @@ class QATPass(Pass):
             "simulation_error": errors,
             "weight_codes": grid,
             "fp32_latency_ms": fp32_lat,
-            "latency_ms": int8_lat,
+            "int8_latency_ms": int8_lat,
+            "latency_ms": int8_lat if quantized else fp32_lat,
             "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},
             "train_samples_per_s": result["train_samples_per_s"],
             "processes": result["processes"],
             "replica_max_abs_diff": result["replica_max_abs_diff"],
             "precision": result["precision"],
         }
-        notes = [f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels",
+        if chosen == "trained":
+            picked = (f"kept the trained model: INT8 top-1 {trained_acc:.4f} after QAT against {start_acc:.4f} at its "
+                      "calibrated starting point (onnxruntime, validation split; a tie keeps the trained model)")
+        else:
+            picked = (f"handed back the calibrated starting point: QAT training LOWERED INT8 top-1 to {trained_acc:.4f} "
+                      f"from {start_acc:.4f} before training (onnxruntime, validation split)")
+        timing = ", ".join(f"batch {b}: INT8 {int8_lat[b]:.3f} ms, FP32 {fp32_lat[b]:.3f} ms" for b in fp32_lat)
+        if not slower:
+            precision = f"INT8 is faster than the FP32 model QAT started from ({timing})"
+        elif config.keep_int8:
+            precision = (f"kept INT8 as asked (keep_int8) although it is NOT faster than the FP32 model QAT started from "
+                         f"at batch size {', '.join(map(str, slower))} ({timing})")
+        else:
+            precision = (f"handed back the FP32 model QAT started from (top-1 {quality.baseline['accuracy']:.4f}): the "
+                         f"INT8 model (top-1 {int8_acc:.4f}) is NOT faster at batch size {', '.join(map(str, slower))} "
+                         f"({timing}; {INT8_RULE}); --keep-int8 forces INT8")
+        notes = [picked, precision,
+                 f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels "
+                 "in the trained INT8 model",
                  f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
+        (console.info if chosen == "trained" else console.warn)(picked)
+        (console.info if not slower else console.warn)(precision)
         if errors:
             worst = max(errors, key=lambda r: r["local_max_error_steps"])
             deepest = max(errors, key=lambda r: r["max_error_steps"])
@@ -463,18 +559,12 @@ class QATPass(Pass):
                          f"{grid['codes'] - grid['differing']} of {grid['codes']} codes in {grid['layers']} layers")
         if kernels["float"]:
             console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
-        warnings = []
         if unfolded:
-            warnings.append(f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
-                            f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which "
-                            "the simulation does not model; expect a larger gap between simulated and INT8 accuracy")
-        slower = [b for b in fp32_lat if int8_lat[b] >= fp32_lat[b]]
-        if slower:
-            warnings.append(f"the INT8 model is NOT faster than FP32 at batch size {', '.join(map(str, slower))} on this "
-                            f"machine ({', '.join(f'{int8_lat[b]:.3f} vs {fp32_lat[b]:.3f} ms' for b in slower)}); it is "
-                            "small enough that quantize/dequantize overhead outweighs the integer arithmetic")
-        for text in warnings:
+            text = (f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
+                    f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which "
+                    "the simulation does not model; expect a larger gap between simulated and INT8 accuracy")
             console.warn(text)
             notes.append(text)
-        console.info(f"QAT INT8 top-1 {q['accuracy']:.4f} (FP32 {fp32_acc:.4f}); {notes[0]}; {notes[1]}")
+        console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 {fp32_acc:.4f}); "
+                     f"{notes[2]}; {notes[3]}")
         return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": result["history"]})

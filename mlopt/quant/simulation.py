@@ -279,6 +279,17 @@ class Simulation:
             obs.calibrating = False
             obs.start_learning()
 
+    def set_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
+        """Start the named points' observers from given (lo, hi) ranges instead of their own calibration."""
+        import torch
+
+        for name, (lo, hi) in ranges.items():
+            obs = self.points[name].observer
+            with torch.no_grad():
+                obs.lo.fill_(lo)
+                obs.hi.fill_(hi)
+            obs.start_learning()
+
     def freeze(self, frozen: bool = True) -> None:
         for obs in self.all_observers():
             obs.set_frozen(frozen)

@@ -14,9 +14,11 @@ runner = CliRunner()
 def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     out = tmp_path / "q"
     result = runner.invoke(app, ["qat", "--model", str(trained_dir), "--data", "digits", "--epochs", "1",
-                                 "--lr", "0.001", "--bench-batch-size", "1", "--out", str(out), "--json"])
+                                 "--lr", "0.001", "--bench-batch-size", "1", "--keep-int8", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
+    assert m["quantized"] is True and m["chosen"] in ("start", "trained")
+    assert m["accuracy"] == max(m["start_accuracy"], m["trained_accuracy"])
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
     assert m["unfolded_batchnorms"] == []  # both batch norms follow a convolution and fold into it
@@ -118,6 +120,105 @@ def test_batchnorm_statistics_update_until_frozen(trained_dir, tmp_path, monkeyp
     assert len(moved) == 2 and all(moved) == bool(freeze_bn_after) and any(moved) == bool(freeze_bn_after)
 
 
+def test_training_that_makes_the_int8_model_worse_hands_back_the_starting_point(trained_dir, tmp_path):
+    """A learning rate that wrecks the weights: QAT hands back its calibrated starting point, and says so."""
+    out = tmp_path / "q"
+    result = runner.invoke(app, [*QAT, "--model", str(trained_dir), "--lr", "3", "--keep-int8", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["trained_accuracy"] < m["start_accuracy"] - 0.2  # training did make it worse
+    assert m["chosen"] == "start" and m["quantized"] is True
+    assert m["accuracy"] == m["start_accuracy"] > 0.8  # the calibrated start: about the FP32 model's top-1
+    assert "QAT training LOWERED INT8 top-1" in result.stderr
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx")).graph.node)
+    ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["start_accuracy"])
+    notes = json.loads((out / "report.json").read_text())["step"]["notes"]
+    assert any("handed back the calibrated starting point" in n for n in notes)
+    # the starting point is PTQ's static min/max model: the same scales, so QAT is never below that PTQ
+    ptq = runner.invoke(app, ["ptq", "--model", str(trained_dir), "--data", "digits", "--mode", "static",
+                              "--calibration", "minmax", "--iterations", "3", "--out", str(tmp_path / "ptq"), "--json"])
+    assert ptq.exit_code == 0, ptq.output
+    assert activation_scales(out / "model.onnx") == activation_scales(tmp_path / "ptq" / "model.onnx")
+    assert json.loads(ptq.stdout)["accuracy"] == pytest.approx(m["start_accuracy"])
+
+
+def activation_scales(path):
+    """{tensor: (scale, zero point)} of every activation QuantizeLinear of a QDQ model."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+@pytest.mark.parametrize("flags, changed", [([], {}), (["--keep-int8", "--lr", "0.001"], {"keep_int8": True, "lr": 0.001})])
+def test_mlopt_qat_uses_the_config_defaults_unless_told(tmp_path, flags, changed):
+    import yaml
+
+    from mlopt.quant.qat import QATConfig
+
+    path = tmp_path / "r.yaml"
+    result = runner.invoke(app, ["qat", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--out", str(tmp_path / "q"),
+                                 *flags, "--save-recipe", str(path)])
+    assert result.exit_code == 0, result.output
+    (step,) = yaml.safe_load(path.read_text())["steps"]
+    assert QATConfig(**step) == QATConfig(**changed)
+
+
+def test_the_int8_rule_is_faster_at_every_batch_size():
+    from mlopt.quant.ptq import not_faster_at
+
+    assert not_faster_at({1: 0.9, 32: 5.0}, {1: 1.0, 32: 6.0}) == []
+    assert not_faster_at({1: 1.1, 32: 5.0}, {1: 1.0, 32: 6.0}) == [1]
+    assert not_faster_at({1: 1.0, 32: 6.0}, {1: 1.0, 32: 6.5}) == [1]  # a tie is not faster
+
+
+def timed_as(monkeypatch, int8_ms):
+    """Make the interleaved timing deterministic: FP32 1 ms at every batch size, INT8 `int8_ms`."""
+    from mlopt.quant import ptq
+
+    calls = []
+
+    def fake(paths, sample_shape, cfg):
+        calls.append([p.name for p in paths])
+        return [{b: 1.0 for b in cfg.batch_sizes}, {b: int8_ms for b in cfg.batch_sizes}]
+
+    monkeypatch.setattr(ptq, "latencies", fake)
+    return calls
+
+
+@pytest.mark.parametrize("int8_ms, flags, quantized", [
+    (1.5, [], False),  # INT8 slower: the FP32 model QAT started from comes back
+    (1.5, ["--keep-int8"], True),  # unless INT8 is asked for
+    pytest.param(0.5, [], True, marks=pytest.mark.slow),  # INT8 faster: kept
+])
+def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monkeypatch, int8_ms, flags, quantized):
+    calls = timed_as(monkeypatch, int8_ms)
+    out = tmp_path / "q"
+    result = runner.invoke(app, [*QAT, "--model", str(trained_dir), *flags, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    # one timing, of the FP32 model QAT started from against the INT8 model it picked
+    assert calls == [["start-fp32.onnx", f"{m['chosen']}-int8.onnx"]]
+    assert m["quantized"] is quantized
+    int8 = max(m["start_accuracy"], m["trained_accuracy"])
+    assert m["accuracy"] == (int8 if quantized else m["fp32_onnx_accuracy"])
+    assert m["latency_ms"] == {"1": int8_ms if quantized else 1.0}
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ("QuantizeLinear" in ops) is quantized
+    notes = " ".join(json.loads((out / "report.json").read_text())["step"]["notes"])
+    if int8_ms > 1:
+        assert ("kept INT8 as asked" in notes) is quantized
+        assert ("handed back the FP32 model QAT started from" in notes) is not quantized
+        assert "NOT faster" in result.stderr
+    else:
+        assert "INT8 is faster than the FP32 model QAT started from" in notes
+    ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
+    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["accuracy"])
+
+
 def test_layers_the_simulation_does_not_cover_are_listed():
     from torch import nn
 
@@ -134,7 +235,7 @@ def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
 
     from conftest import kill_once_checkpointed
 
-    args = [*QAT, "--model", str(trained_dir), "--checkpoint-every", "5", "--quiet"]
+    args = [*QAT, "--model", str(trained_dir), "--checkpoint-every", "5", "--keep-int8", "--quiet"]
     full = tmp_path / "full"
     assert runner.invoke(app, [*args, "--out", str(full)]).exit_code == 0
     out = tmp_path / "killed"
