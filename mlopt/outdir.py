@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
@@ -202,7 +202,10 @@ class OutputDir:
 
     def staging(self, name: str) -> Path:
         """A fresh, recorded, empty folder inside --out to write a step into before it is committed."""
-        rel = f".{name or 'out'}.{next(tempfile._get_candidate_names())}.partial"  # noqa: SLF001
+        while True:
+            rel = f".{name or 'out'}.{secrets.token_hex(4)}.partial"
+            if not (self.path / rel).exists():
+                break
         self.claim_tree(rel)
         path = self.path / rel
         path.mkdir()
