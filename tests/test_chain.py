@@ -78,6 +78,7 @@ def test_the_comparison_runs_only_when_the_recipe_times_something(steps, gates, 
     assert wanted(recipe) is expected
 
 
+@pytest.mark.slow
 def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_path):
     # The last step distils into a fresh, four times wider student: slower than the pruned model.
     recipe = {
@@ -117,6 +118,7 @@ def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_
     assert f"best model {chain['best']}" in page and "every model timed alike" in page
 
 
+@pytest.mark.slow
 def test_a_recipe_that_times_nothing_skips_the_comparison(tmp_path):
     recipe = {"version": 1, "model": {"spec": f"{TOY}:tiny_cnn"}, "data": {"source": "digits", "batch_size": 32},
               "steps": [{"type": "train", "epochs": 1, "lr": 0.02},

@@ -53,6 +53,7 @@ def _dims(value_info):
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+@pytest.mark.slow
 def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes(bert_dir, text_file, tmp_path):
     import onnxruntime as ort
     import torch
@@ -85,6 +86,7 @@ def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes
     assert np.abs(got - want).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text_file, tmp_path):
     from mlopt.quant.graph import kernel_counts
 
@@ -108,6 +110,7 @@ def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text
     assert json.loads(result.stdout)["results"][0]["batch_size"] == 1
 
 
+@pytest.mark.slow
 def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file, tmp_path):
     out = tmp_path / "a"
     result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
@@ -122,6 +125,7 @@ def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file,
     assert (chosen == "FP32") == (not ok)
 
 
+@pytest.mark.slow
 def test_ptq_of_an_exported_text_model_tokenizes_with_the_recorded_model(bert_dir, text_file, tmp_path):
     exported = tmp_path / "e"
     assert runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(exported),
@@ -133,6 +137,7 @@ def test_ptq_of_an_exported_text_model_tokenizes_with_the_recorded_model(bert_di
     assert json.loads(result.stdout)["sequence_length"] == 8  # truncated to --max-length
 
 
+@pytest.mark.slow
 def test_sequence_classifier_exports_logits(tmp_path, text_file):
     bert = _save_bert(tmp_path / "cls", classifier=True)
     out = tmp_path / "e"
@@ -173,6 +178,7 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tmp_path, monkeypatch):
     from pathlib import Path
 

@@ -92,6 +92,7 @@ def test_overwrite_of_a_file_inside_a_step_folder_is_refused(tmp_path, recipe):
     assert (out / "01-export" / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_recipe_overwrite_replaces_its_own_run_and_keeps_nothing_old(tmp_path, recipe):
     out = tmp_path / "run"
     assert invoke("run", recipe, "--out", out, "--quiet").exit_code == 0

@@ -21,6 +21,7 @@ def _browser():
 
 
 @pytest.mark.skipif(_browser() is None, reason="no headless Chromium (.ci/run installs chromium-headless-shell)")
+@pytest.mark.slow
 def test_html_report_renders_with_plots(tmp_path):
     from PIL import Image
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -8,6 +9,7 @@ from mlopt.cli.main import app
 from conftest import TOY
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_step(tmp_path):
     recipe = {
         "version": 1,
@@ -137,6 +139,7 @@ def _gate_recipe(tmp_path, gates):
     return path
 
 
+@pytest.mark.slow
 def test_gates_pass_and_fail_with_junit(tmp_path):
     path = _gate_recipe(tmp_path, {"max_accuracy_drop": 1.0, "max_size_mb": 100, "min_speedup": 0.01,
                                    "iterations": 6})

@@ -65,6 +65,7 @@ def test_early_stopping_keeps_best_epoch(tmp_path):
         assert m["epochs"] < 12
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     args = [*TRAIN, "--epochs", 4, "--checkpoint-every", 5, "--quiet"]
     full = tmp_path / "full"
@@ -97,6 +98,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         fit(tiny_cnn(), data, TrainingConfig(epochs=1, lr=0.05), 32, checkpoint_dir=ckpt_dir, resume=True)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     proc = _mlopt(*TRAIN, "--epochs", 2, "--device", "cpu", "--nproc", 2, "--out", out, "--json")
@@ -123,6 +125,7 @@ def _children(pid):
     return kids
 
 
+@pytest.mark.slow
 def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
     """A worker killed under torchrun --max-restarts: the restarted workers resume by themselves."""
     common = [*TRAIN[1:], "--epochs", 4, "--device", "cpu", "--checkpoint-every", 4]

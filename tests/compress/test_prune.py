@@ -39,6 +39,7 @@ def reload_and_run(out, shape):
     ids=["resnet18", "mobilenet_v2", "mobilenet_v3", "efficientnet", "residual", "concat_split", "grouped_depthwise",
          "attention"],
 )
+@pytest.mark.slow
 def test_structured_pruning_patterns_reload(spec, shape, tmp_path):
     out = tmp_path / "p"
     shape_arg = "1x" + "x".join(map(str, shape))
@@ -66,6 +67,7 @@ def test_resnet18_half_channels_cuts_macs(tmp_path):
     assert "fc" not in m["layers"]  # the classifier keeps its outputs
 
 
+@pytest.mark.slow
 def test_finetune_steps_latency_and_flow_into_export(trained_dir, tmp_path):
     out = tmp_path / "p"
     result = prune("--model", trained_dir, "--data", "digits", "--ratio", 0.4, "--steps", 2, "--finetune-epochs", 1,
@@ -128,6 +130,7 @@ def test_untraceable_model_names_the_way_out(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_unstructured_sparsity_is_honest_about_speed(trained_dir, tmp_path):
     out = tmp_path / "u"
     result = prune("--model", trained_dir, "--data", "digits", "--sparsity", "unstructured", "--ratio", 0.7,
@@ -183,6 +186,7 @@ HEAD_LAYOUTS = {
 
 @pytest.mark.parametrize("extra", [[], ["--ratio", "0.25"]], ids=["heads-only", "heads-and-width"])
 @pytest.mark.parametrize("factory", list(HEAD_LAYOUTS))
+@pytest.mark.slow
 def test_head_pruning_removes_whole_heads_and_reloads(tmp_path, extra, factory):
     import torch
 
@@ -207,6 +211,7 @@ def test_head_pruning_removes_whole_heads_and_reloads(tmp_path, extra, factory):
     assert exported.exit_code == 0, exported.output
 
 
+@pytest.mark.slow
 def test_head_ratio_without_attention_blocks_is_an_error(tiny_spec, tmp_path):
     result = runner.invoke(app, ["prune", "--model", tiny_spec, "--data", "digits", "--head-ratio", "0.5",
                                  "--out", str(tmp_path / "p")])

@@ -58,6 +58,7 @@ def test_export_failure_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.slow
 def test_exporter_debug_metadata_is_dropped_unless_asked(trained_dir, tmp_path, keep):
     out = tmp_path / "e"
     args = ["export", "--model", str(trained_dir), "--data", "digits", "--out", str(out), "--quiet"]

@@ -27,6 +27,7 @@ def wide_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
     out = tmp_path / "q"
     result = ptq("--model", wide_dir, "--data", "digits", "--out", out, *FAST, "--json")
@@ -49,6 +50,7 @@ def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
     assert "chose" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
     # A tiny 8x8 network: the quantize/dequantize overhead outweighs the INT8 arithmetic.
     out = tmp_path / "q"
@@ -62,6 +64,7 @@ def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
     assert all(not r["faster_than_fp32"] or not r["within_budget"] for r in rows)
 
 
+@pytest.mark.slow
 def test_static_mode_uses_the_requested_scheme(wide_dir, tmp_path):
     out = tmp_path / "q"
     result = ptq("--model", wide_dir, "--data", "digits", "--out", out, "--mode", "static", "--calibration",
@@ -71,6 +74,7 @@ def test_static_mode_uses_the_requested_scheme(wide_dir, tmp_path):
     assert m["chosen"].startswith("QDQ U8S8 per-tensor percentile")
 
 
+@pytest.mark.slow
 def test_fallback_keeps_sensitive_nodes_in_float(wide_dir, tmp_path):
     # No labels: fidelity is the metric; a cosine of exactly 1.0 cannot be met, so every fallback group runs.
     out = tmp_path / "q"
@@ -88,6 +92,7 @@ def test_fallback_keeps_sensitive_nodes_in_float(wide_dir, tmp_path):
     assert m["quantized"] is False and "missed the budget" in result.stderr
 
 
+@pytest.mark.slow
 def test_already_quantized_is_refused(wide_dir, tmp_path):
     first = tmp_path / "q"
     assert ptq("--model", wide_dir, "--data", "digits", "--out", first, "--mode", "static", *FAST).exit_code == 0
@@ -107,6 +112,7 @@ def test_model_without_float_weights_is_refused(tmp_path):
     assert result.exit_code == 2 and "no float Conv/MatMul/Gemm weights" in result.stderr
 
 
+@pytest.mark.slow
 def test_too_few_calibration_samples_warns(exported_dir, tmp_path):
     result = ptq("--model", exported_dir, "--data", "digits", "--out", tmp_path / "q", "--mode", "static",
                  "--calibration-samples", 100000, *FAST)
@@ -119,6 +125,7 @@ def test_kernel_counts_on_fp32(exported_dir):
     assert counts["integer"] == 0 and counts["float"] == 3
 
 
+@pytest.mark.slow
 def test_static_mode_missing_the_budget_says_so(exported_dir, tmp_path):
     out = tmp_path / "q"
     # unlabelled data: the budget is fidelity, and no INT8 model reproduces FP32 to a cosine of exactly 1

@@ -11,6 +11,7 @@ from conftest import TOY
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     out = tmp_path / "q"
     result = runner.invoke(app, ["qat", "--model", str(trained_dir), "--data", "digits", "--epochs", "1",
@@ -59,6 +60,7 @@ def test_qat_needs_a_torch_model(exported_dir, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_qat_refuses_an_already_quantized_onnx_model(exported_dir, tmp_path):
     ptq = runner.invoke(app, ["ptq", "--model", str(exported_dir), "--data", "digits", "--mode", "static",
                               "--batch-size", "1", "--iterations", "3", "--out", str(tmp_path / "int8"), "--quiet"])
@@ -98,6 +100,7 @@ QAT = ["qat", "--data", "digits", "--epochs", "2", "--lr", "0.001", "--bench-bat
 
 
 @pytest.mark.parametrize("freeze_bn_after", [0, 1])
+@pytest.mark.slow
 def test_batchnorm_statistics_update_until_frozen(trained_dir, tmp_path, monkeypatch, freeze_bn_after):
     import torch
 
@@ -120,6 +123,7 @@ def test_batchnorm_statistics_update_until_frozen(trained_dir, tmp_path, monkeyp
     assert len(moved) == 2 and all(moved) == bool(freeze_bn_after) and any(moved) == bool(freeze_bn_after)
 
 
+@pytest.mark.slow
 def test_training_that_makes_the_int8_model_worse_hands_back_the_starting_point(trained_dir, tmp_path):
     """A learning rate that wrecks the weights: QAT hands back its calibrated starting point, and says so."""
     out = tmp_path / "q"
@@ -194,6 +198,7 @@ def timed_as(monkeypatch, int8_ms):
     (1.5, ["--keep-int8"], True),  # unless INT8 is asked for
     pytest.param(0.5, [], True, marks=pytest.mark.slow),  # INT8 faster: kept
 ])
+@pytest.mark.slow
 def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monkeypatch, int8_ms, flags, quantized):
     calls = timed_as(monkeypatch, int8_ms)
     out = tmp_path / "q"
@@ -229,6 +234,7 @@ def test_layers_the_simulation_does_not_cover_are_listed():
     assert not_simulated(m) == ["3 (ConvTranspose2d)", "7 (Embedding)"]
 
 
+@pytest.mark.slow
 def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
     import numpy as np
     from onnx import numpy_helper
@@ -251,6 +257,7 @@ def test_killed_qat_resumes_to_the_same_int8_model(trained_dir, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     import numpy as np
     import torch
@@ -320,6 +327,7 @@ def test_lsq_observers_learn_scale_and_zero_point():
     assert not obs.scale.requires_grad
 
 
+@pytest.mark.slow
 def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
     out = tmp_path / "q"
     result = runner.invoke(app, ["qat", "--model", str(trained_dir), "--data", "digits", "--epochs", "1", "--lr", "0.001",
@@ -339,6 +347,7 @@ def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
     ("concat_split_net", {"x", "relu", "relu_1", "cat", "relu_2", "getitem", "getitem_1", "after_a", "after_b", "cat_1",
                           "mean", "head"}),
 ])
+@pytest.mark.slow
 def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path, factory, expected):
     import torch
 
@@ -381,6 +390,7 @@ def qat_one_epoch(tmp_path, factory):
     return json.loads(result.stdout), result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_torch_fx_cannot_trace_is_simulated_at_layer_inputs(tmp_path):
     m, stderr = qat_one_epoch(tmp_path, "untraceable_cnn")
     assert m["simulated_points"] == "layer inputs" and m["activation_points"] == 2
@@ -390,6 +400,7 @@ def test_a_model_torch_fx_cannot_trace_is_simulated_at_layer_inputs(tmp_path):
     assert m["integer_kernels"] == 2 and m["float_kernels"] == 0
 
 
+@pytest.mark.slow
 def test_qat_of_a_transformer_encoder_simulates_its_matmuls_as_onnxruntime_runs_them(tmp_path):
     m, stderr = qat_one_epoch(tmp_path, "tiny_bert_like")
     # every weight MatMul, both attention MatMuls of each layer and the patch convolution: integer
@@ -407,12 +418,14 @@ def test_qat_of_a_transformer_encoder_simulates_its_matmuls_as_onnxruntime_runs_
     assert m["weight_codes"]["layers"] == 10 and m["weight_codes"]["differing"] <= 2
 
 
+@pytest.mark.slow
 def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
     m, stderr = qat_one_epoch(tmp_path, "bn_after_relu")
     assert len(m["unfolded_batchnorms"]) == 1
     assert "1 batch norm(s) could not be folded" in stderr
 
 
+@pytest.mark.slow
 def test_qat_with_learned_scales_under_two_process_ddp(tmp_path):
     """torchrun on the CPU (gloo): the traced model with quantized adds trains in DDP, and the LSQ
     parameters, which live outside the DDP-wrapped module, get their gradients averaged."""
