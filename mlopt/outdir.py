@@ -185,6 +185,13 @@ class OutputDir:
             raise InputError(
                 f"--out {self.path} is being written by another mlopt run; wait for it to finish or choose another folder"
             ) from None
+        except OSError as exc:  # a file system without locks (some network and FUSE mounts): carry on unlocked
+            os.close(fd)
+            from mlopt import console
+
+            console.warn(f"cannot lock --out {self.path} ({exc.strerror or exc}): two runs on it at once would "
+                         "not be refused")
+            return
         self._fd = fd
 
     def _write_marker(self) -> None:

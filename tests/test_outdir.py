@@ -250,3 +250,17 @@ def test_junit_file_of_the_users_is_refused_before_any_work(tmp_path, recipe):
     assert invoke("run", recipe, "--out", tmp_path / "run", "--junit", junit, "--quiet").exit_code == 0
     assert invoke("run", recipe, "--out", tmp_path / "run", "--junit", junit, "--overwrite", "--quiet").exit_code == 0
     assert 'classname="mlopt.gates"' in junit.read_text()  # mlopt's own report is replaced on the next run
+
+
+def test_a_file_system_without_locks_still_writes_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    result = export(out)
+    assert result.exit_code == 0 and "cannot lock --out" in result.stderr
+    assert (out / "model.onnx").is_file() and (out / MARKER).is_file()
