@@ -25,12 +25,13 @@ unlinked, never followed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from mlopt.errors import InputError
 
@@ -73,9 +74,7 @@ class OutputDir:
         return True
 
     def owns(self, rel: str) -> bool:
-        if rel == MARKER or rel in self._entries:
-            return True
-        return any(rel == t or rel.startswith(t + "/") for t in self._trees)
+        return rel == MARKER or rel in self._entries or _under(rel, self._trees)
 
     def _walk(self, rel_dir: str = "") -> Iterator[tuple[str, os.DirEntry]]:
         """Every entry below the folder (sorted, parents first), never descending into a link."""
@@ -101,7 +100,7 @@ class OutputDir:
         return None
 
     def _in_tree(self, rel: str) -> bool:
-        return any(rel.startswith(t + "/") for t in self._trees)
+        return _under(rel, self._trees, inclusive=False)
 
     # -- checks before any work ------------------------------------------------------------------
 
@@ -259,36 +258,25 @@ class OutputDir:
             return
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
+        elif path.is_dir() and _under(rel, self._trees):
+            shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside the tree
         elif path.is_dir():
-            if rel in self._trees or any(rel.startswith(t + "/") for t in self._trees):
-                _rmtree_no_follow(path)
-            else:
-                for sub, e in sorted(self._walk(rel), key=lambda x: -x[0].count("/")):
-                    if not self.owns(sub):
-                        continue
-                    if e.is_dir(follow_symlinks=False):
-                        try:
-                            os.rmdir(self.path / sub)
-                        except OSError:
-                            pass  # something unrecorded inside: left there
-                    else:
-                        (self.path / sub).unlink(missing_ok=True)
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
-        self._forget(rel)
-
-    def _forget(self, rel: str) -> None:
-        self._entries = {e for e in self._entries if e != rel and not e.startswith(rel + "/")}
-        self._trees = {t for t in self._trees if t != rel and not t.startswith(rel + "/")}
+            for sub, e in sorted(self._walk(rel), key=lambda x: -x[0].count("/")):  # deepest first
+                if not self.owns(sub):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(OSError):  # something unrecorded inside: left there
+                        os.rmdir(self.path / sub)
+                else:
+                    (self.path / sub).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        self._entries = {e for e in self._entries if not _under(e, [rel])}
+        self._trees = {t for t in self._trees if not _under(t, [rel])}
 
     def remove_tree(self, rel: str) -> None:
-        """Remove a recorded tree (a finished step's checkpoints) and forget it."""
-        if (self.path / rel).exists() or (self.path / rel).is_symlink():
-            self.remove(rel)
-        else:
-            self._forget(rel)
+        """Remove a recorded tree (a finished step's checkpoints, a failed step's staging) and forget it."""
+        self.remove(rel)
         self._write_marker()
 
     def clear(self) -> None:
@@ -317,11 +305,9 @@ class OutputDir:
                 self._fd = None
 
 
-def _rmtree_no_follow(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links inside the tree
+def _under(rel: str, roots: Any, inclusive: bool = True) -> bool:
+    """Whether `rel` lies inside one of the relative folders `roots` (or is one, when inclusive)."""
+    return any((inclusive and rel == r) or rel.startswith(r + "/") for r in roots)
 
 
 def _nearest_existing_parent(path: Path) -> Path:
