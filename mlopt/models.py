@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import inspect
 import re
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +82,8 @@ def torchvision_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-#: module -> the spec it was built from, so that probe_output can name what the model was built for.
-_BUILT_FROM: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
-
-
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
-    module = _build(spec, num_classes)
-    _BUILT_FROM[module] = spec
-    return module
-
-
-def _build(spec: str, num_classes: int | None) -> Any:
     from mlopt import hf
 
     if hf.is_hf_spec(spec):
@@ -270,7 +259,7 @@ def _channel_fix(conv: tuple[str, Any] | None, data_channels: int) -> str | None
     return text
 
 
-def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
+def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> int:
     """Run one dummy sample through the model; return the number of output classes.
 
     A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
@@ -303,7 +292,6 @@ def probe_output(module: Any, sample_shape: tuple[int, ...]) -> int:
             else:  # it failed before any convolution ran (a size check, say): the first one declared
                 first = convs[0] if convs else None
             channels = _channel_fix(first, sample_shape[0])
-            spec = _BUILT_FROM.get(module)
             size = documented_image_size(spec)
             if size is not None and len(sample_shape) == 3 and tuple(sample_shape[1:]) != (size, size):
                 size_hint = f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})"

@@ -399,7 +399,7 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
             shape = (3, 224, 224)
         else:
             raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
-    classes = probe_output(module, tuple(shape))
+    classes = probe_output(module, tuple(shape), cfg.spec)
     if data is not None:
         check_labels(data, classes)
     return Artifact(

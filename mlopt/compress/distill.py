@@ -173,7 +173,7 @@ class DistillPass(Pass):
             student = copy.deepcopy(artifact.require_torch("distill"))
             new = artifact.derive("distill", module=student)
         shape = tuple(ctx.data.sample_shape)
-        t_classes, s_classes = probe_output(teacher, shape), probe_output(student, shape)
+        t_classes, s_classes = probe_output(teacher, shape), probe_output(student, shape, config.student)
         if t_classes != s_classes:
             raise InputError(f"the teacher has {t_classes} classes and the student {s_classes}")
         check_labels(ctx.data, s_classes)
