@@ -238,10 +238,19 @@ def _gb(nbytes: int) -> str:
 
 
 def _available_memory() -> int | None:
+    """Memory the system can give without swapping: MemAvailable (free memory counts the page cache as
+    used, and would refuse ordinary files on a machine that has read a lot), else the physical total."""
     import os
 
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
 
