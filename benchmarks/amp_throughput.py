@@ -3,7 +3,7 @@
     python benchmarks/amp_throughput.py                                   # CPU: bf16 vs fp32, resnet18, batch 16
     python benchmarks/amp_throughput.py --device cuda --model resnet50 --batch-size 64 --amp fp16
 
-Both precisions run through mlopt's training engine (`mlopt.compress.engine.fit`) on the same
+Both precisions run through mlopt's training engine (`mlopt.compress.lib.engine.fit`) on the same
 synthetic labelled batches, one after the other, each after an untimed warm-up; the engine
 reports training samples per second (evaluation excluded).
 """
@@ -17,10 +17,10 @@ def main() -> None:
     import torch
     from torch.utils.data import TensorDataset
 
-    from mlopt import console
-    from mlopt.compress.engine import TrainingConfig, fit
-    from mlopt.data import Dataset
-    from mlopt.models import build_module
+    from mlopt.core import console
+    from mlopt.compress.lib.engine import TrainingConfig, fit
+    from mlopt.runtime.data import Dataset
+    from mlopt.runtime.models import build_module
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet18")

@@ -20,9 +20,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    from mlopt import console
-    from mlopt.pipeline import run_recipe
-    from mlopt.recipe import recipe_from_dict
+    from mlopt.core import console
+    from mlopt.run.runner import run_recipe
+    from mlopt.run.recipe import recipe_from_dict
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

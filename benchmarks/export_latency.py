@@ -31,10 +31,10 @@ def time_fn(fn, iterations: int, warmup: int = 5) -> float:
 def main() -> None:
     import torch
 
-    from mlopt.export.onnx import export_onnx
-    from mlopt.export.parity import compare
-    from mlopt.export.runtime import make_session
-    from mlopt.models import build_module
+    from mlopt.export.lib.onnx import export_onnx
+    from mlopt.export.lib.parity import compare
+    from mlopt.export.lib.session import make_session
+    from mlopt.runtime.models import build_module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 
 def run_ptq(model: str, data: dict, out: Path, batch_sizes: list[int], min_cosine: float = 0.99) -> dict:
-    from mlopt.pipeline import run_recipe
-    from mlopt.recipe import recipe_from_dict
+    from mlopt.run.runner import run_recipe
+    from mlopt.run.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({
         "version": 1, "model": {"spec": model}, "data": data,
@@ -45,7 +45,7 @@ def show(name: str, step: dict) -> None:
 
 
 def main() -> None:
-    from mlopt import console
+    from mlopt.core import console
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["imagenet-shape", "digits", "all"], default="all")
@@ -59,8 +59,8 @@ def main() -> None:
                                Path(tmp) / f"{name}-224", [1], min_cosine=0.9)
                 show(f"{name} 1x3x224x224", step)
         if args.part in ("digits", "all"):
-            from mlopt.pipeline import run_recipe
-            from mlopt.recipe import recipe_from_dict
+            from mlopt.run.runner import run_recipe
+            from mlopt.run.recipe import recipe_from_dict
 
             data = {"source": "digits", "image_size": 32, "channels": 3, "batch_size": 64}
             for name in args.models:

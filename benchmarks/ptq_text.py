@@ -67,9 +67,9 @@ def packaged_minilm(cache: Path) -> Path:
 def main() -> None:
     from ptq_speedup import show
 
-    from mlopt import console
-    from mlopt.pipeline import run_recipe
-    from mlopt.recipe import recipe_from_dict
+    from mlopt.core import console
+    from mlopt.run.runner import run_recipe
+    from mlopt.run.recipe import recipe_from_dict
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, help="a saved Hugging Face encoder (default: the packaged MiniLM)")

@@ -27,12 +27,12 @@ def at(by_batch: dict, b: int) -> float:
 
 
 def main() -> None:
-    from mlopt import console
-    from mlopt.data import DataConfig, load_data
-    from mlopt.evaluate import evaluate_onnx
+    from mlopt.core import console
+    from mlopt.runtime.data import DataConfig, load_data
+    from mlopt.runtime.evaluation import evaluate_onnx
     from mlopt.export.bench import interleaved_latency
-    from mlopt.pipeline import run_recipe
-    from mlopt.recipe import recipe_from_dict
+    from mlopt.run.runner import run_recipe
+    from mlopt.run.recipe import recipe_from_dict
 
     import argparse
 

@@ -18,7 +18,7 @@ if "MLOPT_KEY_FILE" not in os.environ:
 
 @pytest.fixture(autouse=True)
 def _reset_console():
-    from mlopt import console
+    from mlopt.core import console
 
     console.set_quiet(False)
     yield

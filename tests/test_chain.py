@@ -6,9 +6,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mlopt.chain import judge, wanted
+from mlopt.run.chain import judge, wanted
 from mlopt.cli.main import app
-from mlopt.recipe import Recipe
+from mlopt.run.recipe import Recipe
 
 from conftest import TOY
 
@@ -137,7 +137,7 @@ def test_a_recipe_that_times_nothing_skips_the_comparison(tmp_path):
 
 
 def test_step_timings_are_labelled_and_kept_out_of_the_run_summary():
-    from mlopt.report import STEP_TIMING_NOTE, render_markdown
+    from mlopt.report.markdown import STEP_TIMING_NOTE, render_markdown
 
     step = {"dir": "02-prune", "type": "prune", "duration_s": 1.0, "notes": [],
             "metrics": {"accuracy": 0.9, "latency_ms_after": 0.25, "latency_speedup": 1.7}}

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mlopt.data import DataConfig, load_data
-from mlopt.errors import InputError
+from mlopt.runtime.data import DataConfig, load_data
+from mlopt.core.errors import InputError
 
 
 def test_digits_split_is_deterministic_and_stratified():

@@ -1,4 +1,4 @@
-from mlopt.fsutil import atomic_write_text
+from mlopt.core.fsutil import atomic_write_text
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
@@ -15,8 +15,8 @@ def test_a_full_disk_is_reported_with_the_file_and_leaves_nothing(tmp_path, monk
     import pytest
     import torch
 
-    from mlopt.compress.engine import _save_checkpoint
-    from mlopt.errors import storage_error
+    from mlopt.compress.lib.engine import _save_checkpoint
+    from mlopt.core.errors import storage_error
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -88,7 +88,7 @@ def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes
 
 @pytest.mark.slow
 def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text_file, tmp_path):
-    from mlopt.quant.graph import kernel_counts
+    from mlopt.quant.lib.graph import kernel_counts
 
     out = tmp_path / "q"
     result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--mode", "dynamic",

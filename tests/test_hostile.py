@@ -389,7 +389,7 @@ def test_hostile_input_is_refused_in_one_line(case, tmp_path, monkeypatch):
 
 
 def test_npz_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch):
-    from mlopt import data
+    from mlopt.runtime import data
 
     np.savez_compressed(tmp_path / "zeros.npz", x=np.zeros((1000, 1, 32, 32), np.float32), y=np.zeros(1000, np.int64))
     monkeypatch.setattr(data, "_available_memory", lambda: 1_000_000)  # 4 MB of zeros in a 20 kB file
@@ -400,7 +400,7 @@ def test_npz_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch)
 
 
 def test_enormous_text_line_is_cut_before_tokenizing(tmp_path):
-    from mlopt.data import CHARS_PER_TOKEN, DataConfig, load_data
+    from mlopt.runtime.data import CHARS_PER_TOKEN, DataConfig, load_data
 
     path = tmp_path / "t.txt"
     path.write_bytes(b"first line\n" + "é".encode() * 5_000_000 + b"\nlast line")
@@ -459,7 +459,7 @@ def test_full_disk_names_the_file_and_leaves_nothing(args, code, written, tmp_pa
 
 
 def test_full_disk_while_writing_the_report(tmp_path, monkeypatch):
-    from mlopt import report
+    from mlopt.report import markdown as report
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -525,8 +525,8 @@ def test_channel_mismatch_names_the_fix(spec, expected, tmp_path):
 def test_channel_hint_leaves_other_models_alone():
     import torch
 
-    from mlopt.errors import InputError
-    from mlopt.models import probe_output
+    from mlopt.core.errors import InputError
+    from mlopt.runtime.models import probe_output
 
     with pytest.raises(InputError) as linear:  # no convolution: what the model said, nothing more
         probe_output(torch.nn.Linear(64, 10), (1, 8, 8))

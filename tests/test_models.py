@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mlopt.errors import InputError
-from mlopt.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
+from mlopt.core.errors import InputError
+from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
 
 from conftest import TOY
 

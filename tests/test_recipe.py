@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mlopt.errors import InputError
-from mlopt.recipe import load_recipe, recipe_from_dict, recipe_to_yaml
+from mlopt.core.errors import InputError
+from mlopt.run.recipe import load_recipe, recipe_from_dict, recipe_to_yaml
 
 ROOT = Path(__file__).parent.parent
 

@@ -162,7 +162,7 @@ def test_gates_pass_and_fail_with_junit(tmp_path):
     assert '<span class="fail">FAIL</span>' in page and page.count("<svg") >= 2  # size and channels-per-layer plots
     assert "<script" not in page and 'src="http' not in page and "href=\"http" not in page  # self-contained
     xml = junit.read_text()
-    assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.gates" name="max_size_mb">' in xml
+    assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.run.gates" name="max_size_mb">' in xml
 
 
 def test_accuracy_gate_needs_data(tmp_path):

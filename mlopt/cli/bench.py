@@ -26,7 +26,7 @@ def bench(
     save_recipe: o.SaveRecipe = None,
 ) -> None:
     """onnxruntime latency and throughput of one or more ONNX models, side by side."""
-    from mlopt.artifacts import ONNX_FILE
+    from mlopt.runtime.artifacts import ONNX_FILE
 
     paths = [str(p / ONNX_FILE) if p.is_dir() else str(p) for p in models]
     recipe = build_recipe(

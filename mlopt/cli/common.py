@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import typer
 
-from mlopt import console
-from mlopt.errors import EXIT_FAILURE, MloptError, first_line, storage_error
+from mlopt.core import console
+from mlopt.core.errors import EXIT_FAILURE, MloptError, first_line, storage_error
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,7 +48,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[str, Any]) -> Any:
     """A one-step recipe from command-line values (None means: not given, use the default)."""
-    from mlopt.recipe import recipe_from_dict
+    from mlopt.run.recipe import recipe_from_dict
 
     raw: dict[str, Any] = {"version": 1, "model": _given(model), "steps": [_given(step)]}
     if data is not None and data.get("source") is not None:
@@ -62,15 +62,15 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
 
 def save_recipe(recipe: Any, path: Path, overwrite: bool = False) -> None:
     """Write the recipe; an existing file is replaced only with --overwrite."""
-    from mlopt.fsutil import atomic_write_text
-    from mlopt.outdir import check_replaceable_file
-    from mlopt.recipe import recipe_to_yaml
+    from mlopt.core.fsutil import atomic_write_text
+    from mlopt.run.outdir import check_replaceable_file
+    from mlopt.run.recipe import recipe_to_yaml
 
     check_replaceable_file(path, lambda text: False, overwrite, "--save-recipe")
     try:
         atomic_write_text(path, recipe_to_yaml(recipe))
     except OSError as exc:
-        from mlopt.errors import InputError
+        from mlopt.core.errors import InputError
 
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     console.info(f"wrote {path}")
@@ -87,7 +87,7 @@ def execute(
     json_view: Callable[[dict[str, Any]], Any] = lambda step: step["metrics"],
 ) -> Any:
     """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report)."""
-    from mlopt.pipeline import run_recipe
+    from mlopt.run.runner import run_recipe
 
     console.set_quiet(quiet or json_out)
     if save is not None:
@@ -107,7 +107,7 @@ def relaunch_under_torchrun(nproc: int, save: Path | None) -> None:
         return
     import sys
 
-    from mlopt import distributed
+    from mlopt.runtime import distributed
 
     raise typer.Exit(distributed.launch(nproc, distributed.strip_nproc(sys.argv[1:])))
 

@@ -25,9 +25,9 @@ def compare(
     """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
     from rich.table import Table
 
-    from mlopt import console
-    from mlopt.errors import GateError
-    from mlopt.report import compare_runs, load_run_report
+    from mlopt.core import console
+    from mlopt.core.errors import GateError
+    from mlopt.report.markdown import compare_runs, load_run_report
 
     rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
     if json_out:
@@ -41,7 +41,7 @@ def compare(
             table.add_row(r["step"], r["metric"], f"{r['old']:.4g}", f"{r['new']:.4g}", f"{100 * r['change']:+.1f}%", verdict)
         console.table(table)
     if not rows:
-        from mlopt.errors import InputError
+        from mlopt.core.errors import InputError
 
         raise InputError(f"{old} and {new} have no step with metrics in common")
     regressed = [f"{r['step']} {r['metric']}" for r in rows if r["regressed"]]

@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from mlopt import console
-from mlopt.compress.engine import Objective, TrainingConfig, fit
-from mlopt.errors import InputError
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.compress.lib.engine import Objective, TrainingConfig, fit
+from mlopt.core.errors import InputError
+from mlopt.run.runner import Pass, StepResult
 
 
 class DistillConfig(TrainingConfig):
@@ -102,7 +102,7 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
     pairs = [_FeaturePair(teacher, student, *pair.split(":"), sample) for pair in cfg.features]
     cache: dict[str, Any] = {}
     if not pairs:
-        from mlopt.evaluate import predict_logits
+        from mlopt.runtime.evaluation import predict_logits
 
         cache["logits"] = predict_logits(teacher, data.train, batch_size)
 
@@ -132,8 +132,8 @@ def distillation_objective(teacher: Any, student: Any, data: Any, cfg: DistillCo
 def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:
     """The teacher module: the one named in the config, else the model before compression."""
     if config.teacher:
-        from mlopt.artifacts import load_artifact, looks_like_artifact
-        from mlopt.models import build_module
+        from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
+        from mlopt.runtime.models import build_module
 
         if looks_like_artifact(config.teacher):
             teacher = load_artifact(config.teacher)
@@ -159,8 +159,8 @@ class DistillPass(Pass):
     def run(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         import torch
 
-        from mlopt.data import check_labels
-        from mlopt.models import build_module, count_params, probe_output
+        from mlopt.runtime.data import check_labels
+        from mlopt.runtime.models import build_module, count_params, probe_output
 
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
@@ -182,7 +182,7 @@ class DistillPass(Pass):
         batch = config.batch_size or ctx.recipe.data.batch_size
         initial = copy.deepcopy(student)
 
-        from mlopt.evaluate import evaluate_torch
+        from mlopt.runtime.evaluation import evaluate_torch
 
         teacher_metrics = evaluate_torch(teacher, ctx.data, batch)
         objective = distillation_objective(teacher, student, ctx.data, config, batch)

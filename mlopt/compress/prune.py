@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt import console
-from mlopt.compress.engine import TrainingConfig
-from mlopt.errors import InputError, first_line
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.compress.lib.engine import TrainingConfig
+from mlopt.core.errors import InputError, first_line
+from mlopt.run.runner import Pass, StepResult
 
 
 class PruneConfig(BaseModel):
@@ -128,7 +128,7 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ra
     import torch
     import torch_pruning as tp
 
-    from mlopt.compress.importance import make_importance
+    from mlopt.compress.lib.importance import make_importance
 
     blocks = attention_blocks(module)
     if cfg.head_ratio is not None and not blocks:
@@ -210,9 +210,9 @@ class PrunePass(Pass):
     compresses = True
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
-        from mlopt.compress.engine import fit
-        from mlopt.evaluate import evaluate_torch
-        from mlopt.models import changed_attributes, shape_attributes
+        from mlopt.compress.lib.engine import fit
+        from mlopt.runtime.evaluation import evaluate_torch
+        from mlopt.runtime.models import changed_attributes, shape_attributes
 
         module = copy.deepcopy(artifact.require_torch("prune"))
         shape = tuple(artifact.sample_shape)
@@ -259,7 +259,7 @@ class PrunePass(Pass):
             pruner = make_pruner(module, shape, config, ratio, _named_modules(module, ignore), config.steps)
             for step in range(1, config.steps + 1):
                 if config.importance == "taylor":
-                    from mlopt.compress.importance import accumulate_gradients
+                    from mlopt.compress.lib.importance import accumulate_gradients
 
                     accumulate_gradients(module, data, batch)
                 pruner.step()
@@ -276,7 +276,7 @@ class PrunePass(Pass):
             if heads:
                 metrics["heads"] = heads
         else:
-            from mlopt.compress import sparsity as sp
+            from mlopt.compress.lib import sparsity as sp
 
             ignored = set(ignore)
             for step in range(1, config.steps + 1):
@@ -319,14 +319,14 @@ class PrunePass(Pass):
         return rows
 
     def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
-        from mlopt.export.onnx import export_onnx
+        from mlopt.export.lib.onnx import export_onnx
 
         export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
         return path
 
     def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path, metrics: dict[str, Any]) -> None:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
-        from mlopt.compress.sparsity import gzip_mb
+        from mlopt.compress.lib.sparsity import gzip_mb
         from mlopt.export.bench import interleaved_latency
 
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")

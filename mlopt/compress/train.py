@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mlopt import console
-from mlopt.compress.engine import TrainingConfig, fit
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.run.runner import Pass, StepResult
 
 
 class TrainConfig(TrainingConfig):

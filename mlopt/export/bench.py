@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt import console
-from mlopt.errors import InputError, first_line
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.core.errors import InputError, first_line
+from mlopt.run.runner import Pass, StepResult
 
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
 
@@ -57,8 +57,8 @@ def time_model(
     """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
     import numpy as np
 
-    from mlopt.export.runtime import input_spec, make_session, synthetic_feed
-    from mlopt.fsutil import file_size_mb
+    from mlopt.export.lib.session import input_spec, make_session, synthetic_feed
+    from mlopt.core.fsutil import file_size_mb
 
     session = make_session(path, cfg.provider, cfg.threads)
     _, shape, _ = input_spec(session)
@@ -172,7 +172,7 @@ class BenchPass(Pass):
     text_ok = True
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
-        from mlopt.artifacts import load_onnx_file
+        from mlopt.runtime.artifacts import load_onnx_file
 
         path = artifact.require_onnx("bench")
         models = [(artifact.origin or str(path), Path(path), artifact.sample_shape)]

@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt import console
-from mlopt.errors import InputError, first_line
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.core.errors import InputError, first_line
+from mlopt.run.runner import Pass, StepResult
 
 
 class PTQConfig(BaseModel):
@@ -107,7 +107,7 @@ def candidate_schemes(cfg: PTQConfig, has_conv: bool, text: bool = False) -> lis
 
 def reduce_range_for(setting: str) -> bool:
     """U8S8 without VNNI can saturate 16-bit accumulators; onnxruntime advises 7-bit weights there."""
-    from mlopt.environment import cpu_flags
+    from mlopt.runtime.environment import cpu_flags
 
     if setting != "auto":
         return setting == "on"
@@ -124,8 +124,8 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from mlopt.errors import RunError
-    from mlopt.quant.calibration import FeedReader
+    from mlopt.core.errors import RunError
+    from mlopt.quant.lib.calibration import FeedReader
 
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     # Where shape inference leaves a tensor's type open (fused transformer ops), it is float.
@@ -167,7 +167,7 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, cfg: PTQConfig, batch: int = 64):
-        from mlopt.data import inputs_of, labels_of, loader, to_numpy
+        from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
 
         self.cfg = cfg
         self.labeled = data.labeled
@@ -180,7 +180,7 @@ class Quality:
 
     def outputs(self, path: Path) -> list[Any]:
         """The model's outputs for every validation batch, from one onnxruntime session."""
-        from mlopt.export.runtime import make_session, run_session
+        from mlopt.export.lib.session import make_session, run_session
 
         session = make_session(path, "cpu")
         return [run_session(session, x) for x, _ in self.batches]
@@ -188,7 +188,7 @@ class Quality:
     def metrics(self, outputs: list[Any]) -> dict[str, Any]:
         import numpy as np
 
-        from mlopt.hf import pooled
+        from mlopt.runtime.hf import pooled
 
         correct, n, cosines = 0, 0, []
         for (x, y), out, ref in zip(self.batches, outputs, self.reference):
@@ -265,17 +265,17 @@ class PTQPass(Pass):
     text_ok = True
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
-        from mlopt import hf
-        from mlopt.export.runtime import input_spec, make_session
-        from mlopt.fsutil import file_size_mb
-        from mlopt.quant import graph
-        from mlopt.quant.calibration import calibration_batches
+        from mlopt.runtime import hf
+        from mlopt.export.lib.session import input_spec, make_session
+        from mlopt.core.fsutil import file_size_mb
+        from mlopt.quant.lib import graph
+        from mlopt.quant.lib.calibration import calibration_batches
 
         work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))
         notes: list[str] = []
         try:
             if artifact.format == "torch":
-                from mlopt.export.onnx import ExportConfig, export_checked
+                from mlopt.export.lib.onnx import ExportConfig, export_checked
 
                 artifact, exported = export_checked(artifact, ctx.data, work / "fp32.onnx", ExportConfig())
                 notes += exported.notes
@@ -391,8 +391,8 @@ class PTQPass(Pass):
     @staticmethod
     def _measure(scheme: Scheme, path: Path, latency: dict[int, float], quality: Quality,
                  fp32_latency: dict[int, float], float_nodes: list[str] | None = None) -> dict[str, Any]:
-        from mlopt.fsutil import file_size_mb
-        from mlopt.quant import graph
+        from mlopt.core.fsutil import file_size_mb
+        from mlopt.quant.lib import graph
 
         q = quality.score(path)
         return {
@@ -418,7 +418,7 @@ class PTQPass(Pass):
                   fp32_latency: dict[int, float], artifact: Any, cfg: PTQConfig, work: Path,
                   notes: list[str]) -> dict[str, Any] | None:
         """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
-        from mlopt.quant.sensitivity import node_sqnr
+        from mlopt.quant.lib.sensitivity import node_sqnr
 
         fast = [r for r in rows if r["faster_than_fp32"] and r["scheme"]["method"] == "static"]
         if not fast:

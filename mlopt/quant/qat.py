@@ -1,9 +1,9 @@
 """The `qat` pass: quantization-aware training whose INT8 ONNX onnxruntime fully fuses.
 
-The simulation (`mlopt.quant.simulation`) follows onnxruntime's fastest CPU scheme (QDQ, U8S8,
+The simulation (`mlopt.quant.lib.simulation`) follows onnxruntime's fastest CPU scheme (QDQ, U8S8,
 per-channel) at exactly the tensors onnxruntime's quantizer picks for this model: before training
 the FP32 export is quantized once, and each quantized tensor is located in the module's torch.fx
-graph by value (`mlopt.quant.points`). A model torch.fx cannot trace is simulated at its layer
+graph by value (`mlopt.quant.lib.points`). A model torch.fx cannot trace is simulated at its layer
 inputs only. Observers freeze after `freeze_observers_after` epochs and batch-norm statistics after
 `freeze_bn_after` (default 0: frozen from the start). Layers with weights other than Conv, Linear
 and normalization keep float weights; the report lists them.
@@ -39,11 +39,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from mlopt import console
-from mlopt.compress.engine import TrainingConfig
-from mlopt.errors import InputError
-from mlopt.pipeline import Pass, StepResult
-from mlopt.quant.simulation import Simulation, batchnorm_layers, not_simulated, trace, uint8_qparams
+from mlopt.core import console
+from mlopt.compress.lib.engine import TrainingConfig
+from mlopt.core.errors import InputError
+from mlopt.run.runner import Pass, StepResult
+from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated, trace, uint8_qparams
 
 
 class QATConfig(TrainingConfig):
@@ -102,7 +102,7 @@ def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any
     model name them the same way), where the trained graph has them. Layer-input hooks: matched by
     execution order and weight shape.
     """
-    from mlopt.quant import graph
+    from mlopt.quant.lib import graph
 
     model = graph.load(pre_path)
     if not sim.traced:
@@ -156,7 +156,7 @@ def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[
     import torch
     from onnx import numpy_helper
 
-    from mlopt.quant.points import onnx_values
+    from mlopt.quant.lib.points import onnx_values
 
     model = onnx.load(str(int8_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -268,7 +268,7 @@ def runtime_points(module: Any, config: QATConfig, pre: Path, feeds: list[Any], 
     """The tensors onnxruntime's quantizer picks for this model (found by quantizing its pre-processed
     FP32 export `pre` once), located in the module's fx graph by value; empty when asked for layer
     inputs only or when torch.fx cannot trace the model (then `why` says so)."""
-    from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
+    from mlopt.quant.lib.points import match_by_value, onnx_values, quantized_tensors
     from mlopt.quant.ptq import quantize
 
     if not config.runtime_points:
@@ -293,7 +293,7 @@ def export_fp32(artifact: Any, module: Any, data: Any, work: Path, tag: str) -> 
     """`module` exported to ONNX (parity checked) and pre-processed by onnxruntime: (FP32 file, pre-processed file)."""
     from onnxruntime.quantization import quant_pre_process
 
-    from mlopt.export.onnx import ExportConfig, export_checked
+    from mlopt.export.lib.onnx import ExportConfig, export_checked
 
     fp32, pre = work / f"{tag}-fp32.onnx", work / f"{tag}-pre.onnx"
     export_checked(artifact.derive(f"qat-{tag}", module=module), data, fp32, ExportConfig())
@@ -307,7 +307,7 @@ def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, 
     import onnx
     from onnx import numpy_helper
 
-    from mlopt.quant.points import quantized_tensors
+    from mlopt.quant.lib.points import quantized_tensors
 
     model = onnx.load(str(int8_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -356,14 +356,14 @@ class QATPass(Pass):
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
         if artifact.format != "torch":
-            from mlopt.quant import graph
+            from mlopt.quant.lib import graph
 
             done = graph.quantized_ops(graph.load(artifact.onnx_path))
             if done:
                 raise InputError(f"qat trains a PyTorch model; {artifact.origin} is an ONNX model that is already "
                                  f"quantized ({', '.join(done[:3])}): start from the FP32 PyTorch model it came from")
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
-        from mlopt.data import require_labels
+        from mlopt.runtime.data import require_labels
 
         require_labels(ctx.data, "QAT")
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
@@ -376,13 +376,13 @@ class QATPass(Pass):
         import numpy as np
         import torch
 
-        from mlopt import distributed
+        from mlopt.runtime import distributed
         from mlopt.compress.distill import DistillConfig, distillation_objective
-        from mlopt.compress.engine import Objective, fit
-        from mlopt.data import first_inputs
-        from mlopt.evaluate import evaluate_torch, predict_logits
-        from mlopt.quant import graph, points
-        from mlopt.quant.calibration import calibration_batches
+        from mlopt.compress.lib.engine import Objective, fit
+        from mlopt.runtime.data import first_inputs
+        from mlopt.runtime.evaluation import evaluate_torch, predict_logits
+        from mlopt.quant.lib import graph, points
+        from mlopt.quant.lib.calibration import calibration_batches
         from mlopt.quant.ptq import INT8_RULE, PTQConfig, Quality, latencies, not_faster_at, quantize
 
         data = ctx.data

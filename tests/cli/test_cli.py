@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
-from mlopt.outdir import MARKER
+from mlopt.run.outdir import MARKER
 
 from conftest import TOY
 
@@ -90,7 +90,7 @@ def test_export_without_data_uses_input_shape(tmp_path):
 
 
 def test_save_recipe_writes_equivalent_recipe(tmp_path):
-    from mlopt.recipe import load_recipe
+    from mlopt.run.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     result = invoke("train", "--model", "torchvision:resnet18", "--data", "digits", "--epochs", 3,

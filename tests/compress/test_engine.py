@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
-from mlopt.compress.engine import TrainingConfig, _lr_factor, fit
-from mlopt.data import DataConfig, load_data
-from mlopt.errors import InputError
+from mlopt.compress.lib.engine import TrainingConfig, _lr_factor, fit
+from mlopt.runtime.data import DataConfig, load_data
+from mlopt.core.errors import InputError
 
 from conftest import TOY, kill_once_checkpointed
 

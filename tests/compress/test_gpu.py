@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from mlopt.compress.engine import TrainingConfig, fit
-from mlopt.data import DataConfig, load_data
+from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.runtime.data import DataConfig, load_data
 
 from conftest import TOY
 
@@ -43,7 +43,7 @@ def test_one_gpu_nccl_run(tmp_path):
 
 def test_cuda_execution_provider(exported_dir):
     from mlopt.export.bench import BenchConfig, bench_models
-    from mlopt.export.runtime import available_providers
+    from mlopt.export.lib.session import available_providers
 
     if "cuda" not in available_providers():
         pytest.skip("onnxruntime-gpu is not installed")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mlopt.artifacts import load_artifact
+from mlopt.runtime.artifacts import load_artifact
 from mlopt.cli.main import app
-from mlopt.compress.sparsity import two_four_mask
+from mlopt.compress.lib.sparsity import two_four_mask
 
 from conftest import TOY
 

@@ -1,8 +1,8 @@
 import pytest
 
-from mlopt.errors import InputError
+from mlopt.core.errors import InputError
 from mlopt.export.bench import BenchConfig, bench_models
-from mlopt.export.runtime import available_providers, make_session
+from mlopt.export.lib.session import available_providers, make_session
 
 
 def test_bench_two_models(exported_dir):

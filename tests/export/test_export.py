@@ -6,11 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
-from mlopt.errors import ParityError, RunError
-from mlopt.export.onnx import export_onnx
-from mlopt.export.parity import compare
-from mlopt.export.runtime import make_session, run_session
-from mlopt.models import build_module
+from mlopt.core.errors import ParityError, RunError
+from mlopt.export.lib.onnx import export_onnx
+from mlopt.export.lib.parity import compare
+from mlopt.export.lib.session import make_session, run_session
+from mlopt.runtime.models import build_module
 
 from conftest import TOY
 

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
-from mlopt.quant.graph import kernel_counts
+from mlopt.quant.lib.graph import kernel_counts
 
 from conftest import TOY
 
@@ -141,7 +141,7 @@ def test_static_mode_missing_the_budget_says_so(exported_dir, tmp_path):
 
 
 def _ort_cuda() -> bool:
-    from mlopt.export.runtime import available_providers
+    from mlopt.export.lib.session import available_providers
 
     return "cuda" in available_providers()
 

@@ -39,7 +39,7 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     assert all(r["max_error_steps"] <= 1.01 and r["mean_error_steps"] < 0.5 for r in errors.values())
     assert all(r["local_max_error_steps"] <= 1.01 and r["local_mismatch"] < 0.01 for r in errors.values())
     assert "| x -> features.0 | 0.00 | 0.00% | 0.00 | 0.000 | identical |" in (out / "report.md").read_text()
-    from mlopt.report_html import render_html
+    from mlopt.report.html import render_html
 
     page = render_html(json.loads((out / "report.json").read_text()))
     assert "simulation vs onnxruntime, per quantized tensor" in page
@@ -74,7 +74,7 @@ def test_qat_refuses_an_already_quantized_onnx_model(exported_dir, tmp_path):
 def test_simulation_is_removed_and_weights_stay_plain():
     import torch
 
-    from mlopt.quant.simulation import Simulation
+    from mlopt.quant.lib.simulation import Simulation
     from toy_models import tiny_cnn
 
     m = tiny_cnn()
@@ -227,7 +227,7 @@ def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monk
 def test_layers_the_simulation_does_not_cover_are_listed():
     from torch import nn
 
-    from mlopt.quant.simulation import not_simulated
+    from mlopt.quant.lib.simulation import not_simulated
 
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 1),
                       nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2), nn.Embedding(4, 2))
@@ -263,10 +263,10 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     import torch
     from onnx import numpy_helper
 
-    from mlopt.export.onnx import export_onnx
+    from mlopt.export.lib.onnx import export_onnx
     from mlopt.quant.ptq import Scheme, quantize
     from mlopt.quant.qat import match_layers, range_overrides
-    from mlopt.quant.simulation import Simulation
+    from mlopt.quant.lib.simulation import Simulation
     from toy_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
 def test_lsq_observers_learn_scale_and_zero_point():
     import torch
 
-    from mlopt.quant.simulation import Simulation
+    from mlopt.quant.lib.simulation import Simulation
     from toy_models import tiny_cnn
 
     torch.manual_seed(0)
@@ -352,10 +352,10 @@ def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path
     import torch
 
     import toy_models
-    from mlopt.export.onnx import export_onnx
-    from mlopt.quant.points import match_by_value, onnx_values, quantized_tensors
+    from mlopt.export.lib.onnx import export_onnx
+    from mlopt.quant.lib.points import match_by_value, onnx_values, quantized_tensors
     from mlopt.quant.ptq import Scheme, quantize
-    from mlopt.quant.simulation import Simulation, trace
+    from mlopt.quant.lib.simulation import Simulation, trace
 
     torch.manual_seed(0)
     m = getattr(toy_models, factory)().eval()

@@ -6,7 +6,7 @@
   quantization of the folded weight w * g is the same grid as of w for any per-channel factor g;
 - LayerNorm scales: per tensor, symmetric int8, as onnxruntime quantizes them;
 - activations: per tensor, asymmetric uint8, at points: after given nodes of the module's
-  torch.fx graph (the tensors onnxruntime quantizes, found by `mlopt.quant.points`), or at the
+  torch.fx graph (the tensors onnxruntime quantizes, found by `mlopt.quant.lib.points`), or at the
   input of each weighted layer by forward pre-hooks (models torch.fx cannot trace). Ranges come
   from EMA min/max observers that start from calibration, or are learned (LSQ+);
 - where the exporter writes one module as several operations whose intermediates onnxruntime
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlopt.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line
 
 
 def weight_fake_quant(per_channel: bool = True) -> Any:
@@ -180,7 +180,7 @@ class Simulation:
     scales per tensor. Activations
     are fake-quantized at points, one per tensor (several may share one observer):
     - `place(gm, groups)`: after given nodes of the module's fx graph (the tensors onnxruntime
-      quantizes, found by `mlopt.quant.points`; the nodes of a group share a scale); `self.model`
+      quantizes, found by `mlopt.quant.lib.points`; the nodes of a group share a scale); `self.model`
       is then that graph module;
     - `hook_layer_inputs()`: at the input of each weighted layer, by forward pre-hooks (for models
       torch.fx cannot trace, or when asked for layer inputs only); `self.model` is the module.
@@ -244,7 +244,7 @@ class Simulation:
         self.model, self.traced = gm, True
 
     def _place(self, gm: Any, by_name: dict[str, Any], name: str, observer: Any) -> None:
-        from mlopt.quant.points import consumers
+        from mlopt.quant.lib.points import consumers
 
         node = by_name[name]
         point = quant_point(observer)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from mlopt.errors import InputError
+from mlopt.core.errors import InputError
 
 _initialised = False
 

@@ -29,12 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlopt import console
+from mlopt.core import console
 
 if TYPE_CHECKING:
-    from mlopt.artifacts import Artifact
-    from mlopt.data import Dataset
-    from mlopt.recipe import Recipe
+    from mlopt.runtime.artifacts import Artifact
+    from mlopt.runtime.data import Dataset
+    from mlopt.run.recipe import Recipe
 
 TIE = 0.05  # relative geometric-mean latency difference treated as noise
 ROUNDS = 9  # interleaved rounds: more chances than the gates' default three for each model to meet a quiet spell
@@ -53,7 +53,7 @@ def wanted(recipe: "Recipe") -> bool:
 
 def settings(recipe: "Recipe") -> dict[str, Any]:
     """Provider, batch sizes, rounds and runs per round: the gates' (or their defaults), plus the bench steps' batch sizes."""
-    from mlopt.gates import GatesConfig
+    from mlopt.run.gates import GatesConfig
 
     gates = recipe.gates or GatesConfig()
     benches = [s for s in recipe.steps if s.type == "bench"]
@@ -73,7 +73,7 @@ def as_onnx(artifact: "Artifact", work: Path, name: str) -> Path:
     """The artifact's ONNX file; a torch model is exported into `work` first."""
     if artifact.format == "onnx":
         return Path(artifact.onnx_path)
-    from mlopt.export.onnx import export_artifact
+    from mlopt.export.lib.onnx import export_artifact
 
     path = work / f"{name}.onnx"
     export_artifact(artifact, path)
@@ -86,9 +86,9 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
 
     With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
     """
-    from mlopt.evaluate import evaluate_onnx
+    from mlopt.runtime.evaluation import evaluate_onnx
     from mlopt.export.bench import interleaved_latency
-    from mlopt.fsutil import file_size_mb
+    from mlopt.core.fsutil import file_size_mb
 
     labeled = data is not None and data.labeled
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
@@ -124,8 +124,8 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     """
     import time
 
-    from mlopt.artifacts import load_artifact
-    from mlopt.recipe import PASSES
+    from mlopt.runtime.artifacts import load_artifact
+    from mlopt.run.recipe import PASSES
 
     started = time.time()
     members: list[tuple[str, Any]] = []

@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlopt import console, hf
-from mlopt.errors import InputError
-from mlopt.outdir import OutputDir
+from mlopt.core import console
+
+from mlopt.runtime import hf
+from mlopt.core.errors import InputError
+from mlopt.run.outdir import OutputDir
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from mlopt.artifacts import Artifact
-    from mlopt.data import Dataset
-    from mlopt.recipe import Recipe
+    from mlopt.runtime.artifacts import Artifact
+    from mlopt.runtime.data import Dataset
+    from mlopt.run.recipe import Recipe
 
 
 @dataclass
@@ -91,10 +93,12 @@ def run_recipe(
     """
     from rich.markup import escape
 
-    from mlopt import distributed, environment, fsutil
-    from mlopt.artifacts import load_artifact
-    from mlopt.recipe import PASSES
-    from mlopt.report import SCHEMA_VERSION, write_reports
+    from mlopt.runtime import distributed, environment
+
+    from mlopt.core import fsutil
+    from mlopt.runtime.artifacts import load_artifact
+    from mlopt.run.recipe import PASSES
+    from mlopt.report.markdown import SCHEMA_VERSION, write_reports
 
     dist = distributed.current()
     if not dist.is_main:
@@ -196,15 +200,15 @@ def run_recipe(
             artifact = result.artifact
         if output is not None and not (ckpt_root.is_dir() and any(ckpt_root.iterdir())):
             output.remove_tree(ckpt_name)
-        comparison = None  # every model of the chain measured alike; the gates read it (mlopt/chain.py)
+        comparison = None  # every model of the chain measured alike; the gates read it (mlopt/run/chain.py)
         if not flat and dist.is_main:
-            from mlopt import chain
+            from mlopt.run import chain
 
             if chain.wanted(recipe):
                 comparison = chain.compare(recipe, root, step_reports, baseline or artifact, data)
         gate_rows = None
         if gates is not None and dist.is_main:
-            from mlopt.gates import evaluate_gates
+            from mlopt.run.gates import evaluate_gates
 
             gate_rows = evaluate_gates(gates, baseline or artifact, artifact, data, comparison)
         run_report = {
@@ -233,7 +237,7 @@ def run_recipe(
 
 
 def _check_text_steps(recipe: "Recipe", text: bool) -> None:
-    from mlopt.recipe import PASSES
+    from mlopt.run.recipe import PASSES
 
     unsupported = [s.type for s in recipe.steps if not PASSES[s.type].text_ok] if text else []
     if unsupported:
@@ -255,8 +259,8 @@ def _completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) 
 
 def _model_files(step_dir: Path) -> dict[str, str | None]:
     """A saved model by the content of its files."""
-    from mlopt.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
-    from mlopt.fsutil import path_fingerprint
+    from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
+    from mlopt.core.fsutil import path_fingerprint
 
     return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
 
@@ -288,7 +292,7 @@ def _data_fingerprint(recipe: "Recipe") -> list[Any]:
 
 def _config_files(config: dict[str, Any]) -> dict[str, str | None]:
     """Files that settings name (a model's FILE.py, a student's, ONNX files to compare), by content."""
-    from mlopt.fsutil import path_fingerprint
+    from mlopt.core.fsutil import path_fingerprint
 
     found: dict[str, str | None] = {}
 
@@ -314,8 +318,8 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
     feeds a model trained on resized digits the same resized digits.
     """
-    from mlopt.artifacts import load_artifact, looks_like_artifact
-    from mlopt.data import load_data
+    from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
+    from mlopt.runtime.data import load_data
 
     loaded = None
     data_cfg = recipe.data
@@ -346,9 +350,9 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
 
 def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None" = None) -> "Artifact":
     """Turn the recipe's model section into the first artifact, checking it against the data."""
-    from mlopt.artifacts import Artifact
-    from mlopt.data import check_labels
-    from mlopt.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
+    from mlopt.runtime.artifacts import Artifact
+    from mlopt.runtime.data import check_labels
+    from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
 
     cfg = recipe.model
     shape = None

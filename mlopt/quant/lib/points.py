@@ -95,7 +95,7 @@ def consumers(node: Any) -> str:
         if user.op == "call_function" and user.target is getattr or user.op == "call_method" and user.target in (
                 "size", "dim"):
             continue  # reads the shape, not the values
-        if user.meta.get("layer"):  # a Linear split into product and bias (mlopt.quant.simulation.split_linear_bias)
+        if user.meta.get("layer"):  # a Linear split into product and bias (mlopt.quant.lib.simulation.split_linear_bias)
             names.append(user.meta["layer"])
         elif user.op == "call_module":
             names.append(str(user.target))

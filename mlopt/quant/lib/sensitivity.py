@@ -24,7 +24,7 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
         modify_model_output_intermediate_tensors,
     )
 
-    from mlopt.quant.calibration import FeedReader
+    from mlopt.quant.lib.calibration import FeedReader
 
     producers = {out: node.name for node in onnx.load(str(float_path), load_external_data=False).graph.node
                  for out in node.output}

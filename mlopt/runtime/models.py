@@ -6,7 +6,7 @@ Supported specs:
 - ``path/to/file.py:factory``: imports the user's file and calls ``factory()``. This runs the
   user's own code, as importing any Python module does.
 - ``package.module:factory``: imports an installed module and calls ``factory()``.
-- ``hf:DIR``: a Hugging Face transformers model saved in a local directory (see mlopt.hf).
+- ``hf:DIR``: a Hugging Face transformers model saved in a local directory (see mlopt.runtime.hf).
 
 A factory that accepts a ``num_classes`` argument receives it. Weights are always read with
 ``torch.load(weights_only=True)``: mlopt never unpickles arbitrary objects.
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -84,7 +84,7 @@ def torchvision_model_names() -> list[str]:
 
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
-    from mlopt import hf
+    from mlopt.runtime import hf
 
     if hf.is_hf_spec(spec):
         return hf.build(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.fsutil import atomic_write_json, atomic_write_text
+from mlopt.core.fsutil import atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -17,7 +17,7 @@ def write_reports(out_dir: Path, report: dict[str, Any]) -> list[str]:
     atomic_write_text(Path(out_dir) / "report.md", render_markdown(report))
     if report["kind"] != "run":
         return ["report.json", "report.md"]
-    from mlopt.report_html import render_html
+    from mlopt.report.html import render_html
 
     atomic_write_text(Path(out_dir) / "report.html", render_html(report))
     return ["report.json", "report.md", "report.html"]
@@ -174,7 +174,7 @@ JUDGED = {"accuracy", "latency_ms", "size_mb"}
 def load_run_report(run_dir: Path) -> dict[str, Any]:
     import json
 
-    from mlopt.errors import InputError
+    from mlopt.core.errors import InputError
 
     path = Path(run_dir) / "report.json"
     try:

@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlopt.compress.distill import DistillConfig, DistillPass
 from mlopt.compress.prune import PruneConfig, PrunePass
 from mlopt.compress.train import TrainConfig, TrainPass
-from mlopt.data import DataConfig
-from mlopt.errors import InputError, first_line
-from mlopt.evaluate import EvalConfig, EvalPass
+from mlopt.runtime.data import DataConfig
+from mlopt.core.errors import InputError, first_line
+from mlopt.runtime.evaluation import EvalConfig, EvalPass
 from mlopt.export.bench import BenchConfig, BenchPass
-from mlopt.export.onnx import ExportConfig, ExportPass
-from mlopt.gates import GatesConfig
+from mlopt.export.lib.onnx import ExportConfig, ExportPass
+from mlopt.run.gates import GatesConfig
 from mlopt.quant.ptq import PTQConfig, PTQPass
 from mlopt.quant.qat import QATConfig, QATPass
 

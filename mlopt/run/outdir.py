@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
-from mlopt.errors import InputError
+from mlopt.core.errors import InputError
 
 MARKER = ".mlopt-output.json"
 MARKER_VERSION = 1
@@ -186,7 +186,7 @@ class OutputDir:
             ) from None
         except OSError as exc:  # a file system without locks (some network and FUSE mounts): carry on unlocked
             os.close(fd)
-            from mlopt import console
+            from mlopt.core import console
 
             console.warn(f"cannot lock --out {self.path} ({exc.strerror or exc}): two runs on it at once would "
                          "not be refused")
@@ -194,7 +194,7 @@ class OutputDir:
         self._fd = fd
 
     def _write_marker(self) -> None:
-        from mlopt.fsutil import atomic_write_json
+        from mlopt.core.fsutil import atomic_write_json
 
         atomic_write_json(self.path / MARKER, {"mlopt_output": MARKER_VERSION, "entries": sorted(self._entries),
                                                "trees": sorted(self._trees)})

@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt import console
-from mlopt.data import Dataset, loader, require_labels
-from mlopt.errors import InputError
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.runtime.data import Dataset, loader, require_labels
+from mlopt.core.errors import InputError
+from mlopt.run.runner import Pass, StepResult
 
 
 class EvalConfig(BaseModel):
@@ -65,7 +65,7 @@ def predict_logits(module: Any, dataset: Any, batch_size: int) -> Any:
 def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
     import torch
 
-    from mlopt.export.runtime import make_session, run_session
+    from mlopt.export.lib.session import make_session, run_session
 
     require_labels(data, "accuracy")
     session = make_session(path, "cpu")

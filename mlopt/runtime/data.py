@@ -9,7 +9,7 @@
 - ``random:SHAPE``: Gaussian inputs of one sample's shape (e.g. ``3x32x32``), no labels:
   for calibration and benchmarking only.
 - ``text:FILE``: one example a line (blank lines skipped), no labels, for ``hf:`` models: the
-  model's tokenizer turns the lines into tokens (see mlopt.hf). Split deterministically.
+  model's tokenizer turns the lines into tokens (see mlopt.runtime.hf). Split deterministically.
 
 ``image_size`` and ``channels`` resize and convert any source, so the same model can be fed
 from different data.
@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +54,7 @@ class Dataset:
     val: Any
     sample_shape: tuple[int, ...]
     num_classes: int | None  # None: no labels
-    text: bool = False  # lines of text: tokenized for an hf: model before use (mlopt.hf.tokenize)
+    text: bool = False  # lines of text: tokenized for an hf: model before use (mlopt.runtime.hf.tokenize)
 
     @property
     def labeled(self) -> bool:
@@ -335,7 +335,7 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     import torch
     from torch.utils.data import TensorDataset
 
-    from mlopt.models import parse_shape
+    from mlopt.runtime.models import parse_shape
 
     shape = parse_shape(shape_text)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt import console
-from mlopt.errors import InputError, RunError, first_line, storage_error
-from mlopt.pipeline import Pass, StepResult
+from mlopt.core import console
+from mlopt.core.errors import InputError, RunError, first_line, storage_error
+from mlopt.run.runner import Pass, StepResult
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -115,10 +115,10 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     """Real validation inputs when data is given, otherwise seeded Gaussian noise (token models: fixed ids)."""
     import torch
 
-    from mlopt import hf
+    from mlopt.runtime import hf
 
     if data is not None:
-        from mlopt.data import first_inputs
+        from mlopt.runtime.data import first_inputs
 
         return first_inputs(data, n), f"{data.name} validation split"
     if hf.is_text_artifact(artifact):
@@ -130,7 +130,7 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
 def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
                     debug_metadata: bool = False) -> None:
     """Export a torch artifact to `path` (no parity check): image models and hf: text models alike."""
-    from mlopt import hf
+    from mlopt.runtime import hf
 
     module = artifact.require_torch("export")
     if artifact.sample_shape is None:
@@ -146,8 +146,8 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -> tuple[Any, StepResult]:
     """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
-    from mlopt.export.parity import compare
-    from mlopt.fsutil import file_size_mb
+    from mlopt.export.lib.parity import compare
+    from mlopt.core.fsutil import file_size_mb
 
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")

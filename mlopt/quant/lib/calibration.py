@@ -9,15 +9,15 @@ from typing import Any
 
 from onnxruntime.quantization import CalibrationDataReader
 
-from mlopt import console
-from mlopt.errors import InputError
+from mlopt.core import console
+from mlopt.core.errors import InputError
 
 
 def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: int, batch: int = 16) -> list[dict[str, Any]]:
     """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
     import numpy as np
 
-    from mlopt.data import count, inputs_of, loader, take, to_numpy
+    from mlopt.runtime.data import count, inputs_of, loader, take, to_numpy
 
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)

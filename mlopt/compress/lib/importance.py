@@ -29,7 +29,7 @@ def accumulate_gradients(module: Any, data: Any, batch_size: int, batches: int =
     """Taylor importance scores weight x gradient: fill .grad from a few labelled training batches."""
     import torch.nn.functional as F
 
-    from mlopt.data import loader
+    from mlopt.runtime.data import loader
 
     module.zero_grad(set_to_none=True)
     module.eval()  # batch-norm statistics stay as trained

@@ -22,9 +22,11 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt import console, distributed
-from mlopt.data import Dataset, require_labels
-from mlopt.errors import InputError
+from mlopt.core import console
+
+from mlopt.runtime import distributed
+from mlopt.runtime.data import Dataset, require_labels
+from mlopt.core.errors import InputError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -163,7 +165,7 @@ def fit(
     import torch
     import torch.nn.functional as F
 
-    from mlopt.evaluate import evaluate_torch
+    from mlopt.runtime.evaluation import evaluate_torch
 
     require_labels(data, "training")
     objective = objective or Objective()
@@ -276,7 +278,7 @@ def fit(
             def flush() -> None:
                 loss_sum, correct = sums.tolist()
                 if not math.isfinite(loss_sum):
-                    from mlopt.errors import RunError
+                    from mlopt.core.errors import RunError
 
                     raise RunError(f"training diverged: the loss became {loss_sum} by step {state['step']} (lower --lr?)")
                 state["loss_sum"] += loss_sum

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlopt import console
+from mlopt.core import console
 
 
 class GatesConfig(BaseModel):
@@ -34,15 +34,15 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
                    comparison: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per gate (name, expected, measured, passed), from the chain comparison's figures.
 
-    The run's chain comparison (mlopt/chain.py) has measured the baseline and the final model; the
+    The run's chain comparison (mlopt/run/chain.py) has measured the baseline and the final model; the
     gates read its figures, so the gates and the chain table can never disagree. A recipe without
     a latency gate or bench step has no comparison: its accuracy gate is measured here, by the
     same function, on the baseline and the final model only (so is any latency gate of a caller
     that passes no comparison).
     """
-    from mlopt.chain import measure, runs_per_round
-    from mlopt.data import require_labels
-    from mlopt.fsutil import file_size_mb
+    from mlopt.run.chain import measure, runs_per_round
+    from mlopt.runtime.data import require_labels
+    from mlopt.core.fsutil import file_size_mb
 
     if gates.max_accuracy_drop is not None:
         require_labels(data, "the max_accuracy_drop gate")
@@ -94,7 +94,7 @@ def show(rows: list[dict[str, Any]]) -> None:
             console.table(table)
 
 
-JUNIT_CLASSNAME = "mlopt.gates"
+JUNIT_CLASSNAME = "mlopt.run.gates"
 
 
 def junit_xml(rows: list[dict[str, Any]], suite: str) -> str:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line
 
 PREFIX = "hf:"
 # The order of the exported model's inputs; a tokenizer that gives no token_type_ids drops it.
@@ -115,7 +115,7 @@ def build(spec: str) -> Any:
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                      attn_implementation="eager")
     except Exception as exc:
-        from mlopt.models import pickled_objects_error, refused_pickle
+        from mlopt.runtime.models import pickled_objects_error, refused_pickle
 
         if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
             raise pickled_objects_error(f"the weights in {path}", exc) from None

@@ -132,7 +132,7 @@ def _simulation_error_plot(step: dict[str, Any]) -> str | None:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    from mlopt.report import render_markdown
+    from mlopt.report.markdown import render_markdown
 
     steps = report.get("steps") or ([report["step"]] if "step" in report else [])
     run = {**report, "steps": steps}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import ParityError
+from mlopt.core.errors import ParityError
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
@@ -16,8 +16,8 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
     import numpy as np
     import torch
 
-    from mlopt.data import count, take, to_numpy
-    from mlopt.export.runtime import make_session, run_session
+    from mlopt.runtime.data import count, take, to_numpy
+    from mlopt.export.lib.session import make_session, run_session
 
     session = make_session(onnx_path, "cpu")
     module.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import InputError, RunError, first_line
+from mlopt.core.errors import InputError, RunError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
