@@ -33,7 +33,7 @@ def main() -> None:
 
     from mlopt.export.lib.onnx import export_onnx
     from mlopt.export.lib.parity import compare
-    from mlopt.export.lib.session import make_session
+    from mlopt.runtime.session import make_session
     from mlopt.runtime.models import build_module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

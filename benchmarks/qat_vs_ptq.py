@@ -30,7 +30,7 @@ def main() -> None:
     from mlopt.core import console
     from mlopt.runtime.data import DataConfig, load_data
     from mlopt.runtime.evaluation import evaluate_onnx
-    from mlopt.export.bench import interleaved_latency
+    from mlopt.export.lib.timing import interleaved_latency
     from mlopt.run.runner import run_recipe
     from mlopt.run.recipe import recipe_from_dict
 

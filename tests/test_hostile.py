@@ -459,7 +459,7 @@ def test_full_disk_names_the_file_and_leaves_nothing(args, code, written, tmp_pa
 
 
 def test_full_disk_while_writing_the_report(tmp_path, monkeypatch):
-    from mlopt.report import markdown as report
+    from mlopt.report import files as report
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")

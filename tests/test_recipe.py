@@ -19,7 +19,7 @@ def test_defaults_are_typed():
     "patch,match",
     [
         ({"steps": [{"type": "train", "epochs": 3, "epoch": 4}]}, r"steps\.0\.train\.epoch: unknown key \(did you mean epochs"),
-        ({"steps": [{"type": "quantize"}]}, "unknown step type 'quantize'; expected one of train, prune, distill, qat"),
+        ({"steps": [{"type": "quantize"}]}, "unknown step type 'quantize'; expected one of bench, distill, eval, export, prune, ptq, qat, train"),
         ({"steps": [{"type": "prun"}]}, r"unknown step type 'prun' \(did you mean prune\?\)"),
         ({"steps": [{"type": "train", "epochs": 0}]}, r"epochs: Input should be greater than 0"),
         ({"steps": []}, "steps"),

@@ -1,15 +1,13 @@
-"""The `prune` pass: structured (channel) pruning through Torch-Pruning, unstructured and 2:4 sparsity.
+"""The `prune` step: structured (channel) pruning through Torch-Pruning, unstructured and 2:4 sparsity.
 
-Three ideas in three places, as in Torch-Pruning: what must change together (its dependency graph
-and groups, not re-implemented here), how channels are scored (compress/importance.py), and the
-algorithm (its pruner's step(), driven here with targets, iterative steps and fine-tuning).
-The pruned model reloads from its spec, the recorded pruned shapes and a plain state dict.
+The pruning library is mlopt.compress.lib.pruning (groups, targets) and .importance (scores); this
+step drives it with targets, iterative steps and fine-tuning. The pruned model reloads from its
+spec, the recorded pruned shapes and a plain state dict.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig
-from mlopt.core.errors import InputError, first_line
-from mlopt.run.runner import Pass, StepResult
+from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
+                                        search_ratio, sync_heads)
+from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.errors import InputError
 
 
 class PruneConfig(BaseModel):
@@ -60,150 +60,6 @@ class PruneConfig(BaseModel):
         return self
 
 
-def _named_modules(module: Any, names: list[str]) -> list[Any]:
-    modules = dict(module.named_modules())
-    found = []
-    for name in names:
-        if name not in modules:
-            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise InputError(f"--ignore {name!r}: the model has no module of that name{hint}")
-        found.append(modules[name])
-    return found
-
-
-def _classifier_names(module: Any, num_classes: int | None) -> list[str]:
-    """The output layers (Linear or Conv with num_classes outputs, last of its kind) stay untouched."""
-    import torch
-
-    names = [n for n, m in module.named_modules()
-             if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes]
-    return names[-1:] or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
-
-
-def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
-    import torch
-    import torch_pruning as tp
-
-    module.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(module, torch.zeros((1, *sample_shape)))
-    return int(macs), int(params)
-
-
-def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
-    """Multi-head attention blocks whose heads can be pruned: (name, block, its q/k/v Linears, head-count attribute).
-
-    Two layouts: timm's ViT (a `qkv` Linear and `num_heads`, with `head_dim`) and BERT's self-attention
-    (`query`, `key`, `value` Linears and `num_attention_heads`, with `attention_head_size` and `all_head_size`).
-    """
-    import torch
-
-    def linear(m: Any, name: str) -> bool:
-        return isinstance(getattr(m, name, None), torch.nn.Linear)
-
-    found = []
-    for n, m in module.named_modules():
-        if linear(m, "qkv") and isinstance(getattr(m, "num_heads", None), int):
-            found.append((n, m, [m.qkv], "num_heads"))
-        elif all(linear(m, k) for k in ("query", "key", "value")) and isinstance(getattr(m, "num_attention_heads", None), int):
-            found.append((n, m, [m.query, m.key, m.value], "num_attention_heads"))
-    return found
-
-
-def sync_heads(module: Any, pruner: Any) -> None:
-    """After a pruning step, tell each attention block its new head count and head size."""
-    for _, m, layers, attr in attention_blocks(module):
-        heads = int(pruner.num_heads[layers[0]])
-        setattr(m, attr, heads)
-        if attr == "num_heads" and isinstance(getattr(m, "head_dim", None), int):
-            m.head_dim = m.qkv.out_features // (3 * heads)
-        if attr == "num_attention_heads":
-            m.attention_head_size = m.query.out_features // heads
-            m.all_head_size = m.query.out_features
-
-
-def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignored: list[Any],
-                steps: int) -> Any:
-    import torch
-    import torch_pruning as tp
-
-    from mlopt.compress.lib.importance import make_importance
-
-    blocks = attention_blocks(module)
-    if cfg.head_ratio is not None and not blocks:
-        raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and `num_heads` (timm's "
-                         "ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's); "
-                         "nn.MultiheadAttention heads shrink with the width (ratio)")
-    heads: dict[str, Any] = {}
-    if blocks:
-        # Torch-Pruning keeps heads whole: with heads given, it prunes the same dims in every head
-        # (ratio) or whole heads (head_ratio); the q/k/v layers' own ratio triggers the head step.
-        layers = {layer: getattr(m, attr) for _, m, qkv, attr in blocks for layer in qkv}
-        heads = {"num_heads": layers}
-        if cfg.head_ratio is not None:
-            heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=cfg.head_ratio,
-                         pruning_ratio_dict={layer: cfg.head_ratio for layer in layers})
-    try:
-        return tp.pruner.BasePruner(
-            module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
-            global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
-            iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to, **heads,
-        )
-    except Exception as exc:
-        first = first_line(exc)
-        raise InputError(
-            f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first}); "
-            "leave the module that fails out with --ignore NAME"
-        ) from exc
-
-
-def _prune_copy(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ratio: float, ignore: list[str]) -> Any:
-    trial = copy.deepcopy(module)
-    pruner = make_pruner(trial, sample_shape, cfg, ratio, _named_modules(trial, ignore), 1)
-    pruner.step()
-    sync_heads(trial, pruner)
-    return trial
-
-
-def _check_forward(module: Any, sample_shape: tuple[int, ...]) -> None:
-    import torch
-
-    module.eval()
-    try:
-        with torch.no_grad():
-            module(torch.zeros((1, *sample_shape)))
-    except Exception as exc:
-        hint = ("; attention blocks must reshape with num_heads and head_dim (or -1), not the input width"
-                if attention_blocks(module) else "")
-        raise InputError(f"the pruned model fails to run ({type(exc).__name__}: {first_line(exc)[:200]}){hint}") from exc
-
-
-def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: PruneConfig, ignore: list[str]) -> tuple[float, float]:
-    """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params)."""
-    which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
-    base = count_ops(module, sample_shape)[0 if which == "macs" else 1]
-
-    def kept(ratio: float) -> float:
-        ops = count_ops(_prune_copy(module, sample_shape, cfg, ratio, ignore), sample_shape)
-        return ops[0 if which == "macs" else 1] / base
-
-    lo, hi = 0.0, 0.9
-    reachable = kept(hi)
-    if reachable > target:
-        raise InputError(
-            f"target_{which} {target} cannot be reached: pruning 90% of the prunable channels still keeps "
-            f"{reachable:.3f} of the {which} (the ignored layers and the classifier stay whole)"
-        )
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        if kept(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    return hi, kept(hi)
-
-
 class PrunePass(Pass):
     name = "prune"
     config_class = PruneConfig
@@ -223,9 +79,9 @@ class PrunePass(Pass):
         if config.importance == "taylor" and not labeled:
             raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
         ignore = [*config.ignore]
-        _named_modules(module, ignore)  # unknown names are an error before any work
-        ignore += [n for n in _classifier_names(module, artifact.num_classes) if n not in ignore]
-        batch = config.finetune.batch_size or (ctx.recipe.data.batch_size if ctx.recipe.data else 64)
+        named_modules(module, ignore)  # unknown names are an error before any work
+        ignore += [n for n in classifier_names(module, artifact.num_classes) if n not in ignore]
+        batch = config.finetune.batch_size or ctx.batch_size
         metrics: dict[str, Any] = {"sparsity": config.sparsity}
         notes: list[str] = []
 
@@ -256,7 +112,7 @@ class PrunePass(Pass):
                 notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
                              f"{'MACs' if config.target_macs else 'parameters'})")
             metrics["ratio"] = ratio
-            pruner = make_pruner(module, shape, config, ratio, _named_modules(module, ignore), config.steps)
+            pruner = make_pruner(module, shape, config, ratio, named_modules(module, ignore), config.steps)
             for step in range(1, config.steps + 1):
                 if config.importance == "taylor":
                     from mlopt.compress.lib.importance import accumulate_gradients
@@ -264,7 +120,7 @@ class PrunePass(Pass):
                     accumulate_gradients(module, data, batch)
                 pruner.step()
                 sync_heads(module, pruner)
-                _check_forward(module, shape)
+                check_forward(module, shape)
                 module.zero_grad(set_to_none=True)
                 console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
                 finetune(step)
@@ -307,7 +163,7 @@ class PrunePass(Pass):
             f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
             + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
         )
-        return StepResult(artifact=new, metrics=metrics, notes=notes, extra={"history": history} if history else {})
+        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history} if history else {})
 
     @staticmethod
     def _layer_table(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -327,7 +183,7 @@ class PrunePass(Pass):
     def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path, metrics: dict[str, Any]) -> None:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
         from mlopt.compress.lib.sparsity import gzip_mb
-        from mlopt.export.bench import interleaved_latency
+        from mlopt.export.lib.timing import interleaved_latency
 
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig, fit
-from mlopt.run.runner import Pass, StepResult
+from mlopt.core.contracts import Pass, StepResult
 
 
 class TrainConfig(TrainingConfig):
@@ -22,11 +22,11 @@ class TrainPass(Pass):
 
     def run(self, artifact: Any, config: TrainConfig, ctx: Any) -> StepResult:
         module = artifact.require_torch("train")
-        batch = config.batch_size or ctx.recipe.data.batch_size
+        batch = config.batch_size or ctx.batch_size
         result = fit(module, ctx.data, config, batch, checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume)
         history = result.pop("history")
         new = artifact.derive("train", module=module)
         result["params"] = new.params()
         result["size_mb"] = new.size_mb()
         console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
-        return StepResult(artifact=new, metrics=result, extra={"history": history})
+        return StepResult(artifact=new, metrics=result, sections={"history": history})

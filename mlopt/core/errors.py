@@ -6,6 +6,8 @@ Exit codes (documented in the README and relied on by CI users):
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT = 2
@@ -77,3 +79,20 @@ def storage_error(exc: BaseException, path: object = None) -> InputError | None:
                 return InputError(f"cannot {verb} {where}: {_STORAGE_REASONS[name]}")
         current = current.__cause__ or current.__context__
     return None
+
+
+def pickled_objects_error(what: str, exc: BaseException) -> InputError:
+    """torch.load(weights_only=True) refused a pickle: say so, without its advice to turn the check off."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    names = f", naming {named.group(1)}" if named else ""
+    return InputError(
+        f"cannot read {what}: they hold pickled Python objects{names}, not only tensors; mlopt reads plain "
+        "state dicts (torch.load with weights_only=True) and never runs code from a weights file"
+    )
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """torch.load(weights_only=True) found objects it does not load (not merely a damaged file)."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc) and "GLOBAL" in str(exc)

@@ -1,25 +1,15 @@
-"""The `bench` pass: onnxruntime latency and throughput, models side by side.
-
-Models are timed one after another with a single session alive at a time. Two live sessions
-interfere: idle intra-op threads of one spin and steal the cores of the other, which made an
-INT8 model look 40% slower than it is when timed alternately. Every report says how it timed.
-"""
+"""The `bench` step: onnxruntime latency and throughput, models side by side (mlopt.export.lib.timing)."""
 
 from __future__ import annotations
 
-import gc
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt.core import console
-from mlopt.core.errors import InputError, first_line
-from mlopt.run.runner import Pass, StepResult
-
-TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
-
+from mlopt.core.contracts import Pass, StepResult, names_file
+from mlopt.core.errors import InputError
+from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
 
 class BenchConfig(BaseModel):
     """Time the current ONNX model (and any others named in `compare`) on onnxruntime."""
@@ -32,7 +22,7 @@ class BenchConfig(BaseModel):
     warmup: int = Field(10, ge=0, description="untimed runs before timing")
     iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size")
     duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations")
-    compare: list[str] = Field(default_factory=list, description="more ONNX files timed after the current model")
+    compare: list[str] = Field(default_factory=list, json_schema_extra=names_file(), description="more ONNX files timed after the current model")
 
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
@@ -43,126 +33,6 @@ class BenchConfig(BaseModel):
                 raise ValueError("give iterations or duration_s, not both")
             self.iterations = None
         return self
-
-
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(sorted_ms, q))
-
-
-def time_model(
-    path: Path, sample_shape: tuple[int, ...] | None, cfg: BenchConfig, label: str
-) -> list[dict[str, Any]]:
-    """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
-    import numpy as np
-
-    from mlopt.export.lib.session import input_spec, make_session, synthetic_feed
-    from mlopt.core.fsutil import file_size_mb
-
-    session = make_session(path, cfg.provider, cfg.threads)
-    _, shape, _ = input_spec(session)
-    if sample_shape is None:
-        if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-            raise InputError(f"{path} has symbolic input dimensions {shape}: give --input-shape")
-        sample_shape = tuple(shape[1:])
-    if isinstance(shape[0], int) and shape[0] > 0 and any(b != shape[0] for b in cfg.batch_sizes):
-        raise InputError(f"{path} has a fixed batch size of {shape[0]}; it cannot run batch sizes {cfg.batch_sizes}")
-    rng = np.random.default_rng(0)
-    results = []
-    for batch in cfg.batch_sizes:
-        full = (batch, *sample_shape)
-        feed = synthetic_feed(session, batch, tuple(sample_shape), rng)
-        try:
-            for _ in range(cfg.warmup):
-                session.run(None, feed)
-        except Exception as exc:
-            first = first_line(exc)
-            raise InputError(f"onnxruntime rejected input of shape {full} for {path}: {first}") from exc
-        times: list[float] = []
-        total = cfg.iterations
-        with console.progress(f"bench {label} batch {batch}", total=total) as bar:
-            deadline = time.perf_counter() + (cfg.duration_s or 0)
-            while True:
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                times.append((time.perf_counter() - t0) * 1000)
-                bar.advance(1)
-                if cfg.iterations is not None and len(times) >= cfg.iterations:
-                    break
-                if cfg.duration_s is not None and time.perf_counter() >= deadline and len(times) >= 3:
-                    break
-        arr = sorted(times)
-        mean = sum(arr) / len(arr)
-        results.append({
-            "model": label,
-            "provider": cfg.provider,
-            "batch_size": batch,
-            "latency_ms": {
-                "mean": mean,
-                "p50": _percentile(arr, 50),
-                "p90": _percentile(arr, 90),
-                "p99": _percentile(arr, 99),
-            },
-            "throughput_per_s": batch * 1000.0 / mean,
-            "size_mb": file_size_mb(path),
-            "iterations": len(arr),
-        })
-    del session
-    gc.collect()
-    return results
-
-
-TIMING_ROUNDS = 3
-
-
-def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
-                        iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, float]]:
-    """Median latency (ms) per batch size of each model, for deciding which is faster.
-
-    The models are timed in interleaved rounds, one session alive at a time, and each model keeps
-    its best round: a slow spell of a shared machine then hits every model alike instead of one.
-    `iterations` are shared out among the rounds; more rounds give each model more chances of a
-    quiet spell on a busy machine.
-    """
-    per_round = max(3, iterations // rounds)
-    cfg = BenchConfig(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
-    best: list[dict[int, float]] = [{} for _ in paths]
-    with console.quieted():
-        for _ in range(rounds):
-            for i, path in enumerate(paths):
-                for r in time_model(Path(path), sample_shape, cfg, Path(path).name):
-                    b, ms = r["batch_size"], r["latency_ms"]["p50"]
-                    best[i][b] = min(best[i].get(b, ms), ms)
-    return best
-
-
-def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Time each (label, path, sample shape) in turn; add each row's speed-up over the first model."""
-    results: list[dict[str, Any]] = []
-    for label, path, shape in models:
-        results += time_model(path, shape, cfg, label)
-    first = models[0][0]
-    base = {r["batch_size"]: r["latency_ms"]["mean"] for r in results if r["model"] == first}
-    for r in results:
-        r["speedup"] = base[r["batch_size"]] / r["latency_ms"]["mean"]
-    return results
-
-
-def show_table(results: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"onnxruntime latency ({TIMING_NOTE})")
-    for col in ("model", "provider", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "items/s", "size MB", "speed-up"):
-        table.add_column(col, justify="left" if col in ("model", "provider") else "right")
-    for r in results:
-        lat = r["latency_ms"]
-        table.add_row(
-            r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
-            f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
-            f"{r['speedup']:.2f}x",
-        )
-    console.table(table)
 
 
 class BenchPass(Pass):
@@ -196,5 +66,5 @@ class BenchPass(Pass):
             artifact=artifact,
             metrics=metrics,
             notes=[f"timing: {TIMING_NOTE}"],
-            extra={"bench": {"results": results, "timing": TIMING_NOTE}},
+            sections={"bench": {"results": results, "timing": TIMING_NOTE}},
         )

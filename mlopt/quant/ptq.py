@@ -1,4 +1,4 @@
-"""The `ptq` pass: post-training INT8 quantization with onnxruntime, kept only when it measures faster.
+"""The `ptq` step: post-training INT8 quantization with onnxruntime, kept only when it measures faster.
 
 onnxruntime.quantization does the QDQ insertion and calibration. What mlopt adds is the part users
 of every quantization tool miss: each candidate configuration is timed on the real runtime and
@@ -13,23 +13,20 @@ all 20; hence U8S8 first, and hence measuring instead of trusting any default.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
-import logging
 import math
 import shutil
-import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, first_line
-from mlopt.run.runner import Pass, StepResult
+from mlopt.core.errors import InputError
+from mlopt.core.contracts import Pass, StepResult
+from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, latencies, not_faster_at, preprocess,
+                                      quantize, reduce_range_for)
 
 
 class PTQConfig(BaseModel):
@@ -67,196 +64,6 @@ class PTQConfig(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """One quantization configuration."""
-
-    method: Literal["static", "dynamic"]
-    format: str = "qdq"
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
-    per_channel: bool = True
-    calibration: str | None = "minmax"
-
-    @property
-    def name(self) -> str:
-        if self.method == "dynamic":
-            return f"dynamic {self.weight_type} {'per-channel' if self.per_channel else 'per-tensor'}"
-        types = f"{'U8' if self.activation_type == 'uint8' else 'S8'}{'S8' if self.weight_type == 'int8' else 'U8'}"
-        return f"{self.format.upper()} {types} {'per-channel' if self.per_channel else 'per-tensor'} {self.calibration}"
-
-
-def candidate_schemes(cfg: PTQConfig, has_conv: bool, text: bool = False) -> list[Scheme]:
-    if cfg.mode == "static":
-        calib = "minmax" if cfg.calibration == "auto" else cfg.calibration
-        return [Scheme("static", cfg.format, cfg.activation_type, cfg.weight_type, cfg.per_channel, calib)]
-    if cfg.mode == "dynamic":
-        return [Scheme("dynamic", "qoperator", "uint8", cfg.weight_type, cfg.per_channel, None)]
-    if text:  # transformers on onnxruntime: dynamic quantization of the MatMul weights (static via mode static)
-        return [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
-                Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
-    calibs = ["minmax", "percentile"] if cfg.calibration == "auto" else [cfg.calibration]
-    schemes = [Scheme("static", "qdq", "uint8", "int8", True, c) for c in calibs]
-    schemes += [Scheme("static", "qdq", "uint8", "int8", False, calibs[0]),
-                Scheme("static", "qdq", "int8", "int8", True, calibs[0])]
-    if not has_conv:  # MatMul-heavy models (transformers): dynamic quantization is the usual winner
-        schemes += [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
-                    Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
-    return schemes
-
-
-def reduce_range_for(setting: str) -> bool:
-    """U8S8 without VNNI can saturate 16-bit accumulators; onnxruntime advises 7-bit weights there."""
-    from mlopt.runtime.environment import cpu_flags
-
-    if setting != "auto":
-        return setting == "on"
-    flags = set(cpu_flags())
-    x86 = bool(flags & {"avx2", "avx512f"})
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    return x86 and not vnni
-
-
-def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], reduce_range: bool,
-             exclude: list[str] | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """onnxruntime's quantizer with one scheme; `overrides` (static) fixes the scale and zero point
-    of named tensors (TensorQuantOverrides) instead of calibrating them."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    from mlopt.core.errors import RunError
-    from mlopt.quant.lib.calibration import FeedReader
-
-    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    # Where shape inference leaves a tensor's type open (fused transformer ops), it is float.
-    typed = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    calibration = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                   "entropy": CalibrationMethod.Entropy}
-    # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
-    sink = io.StringIO() if console.is_quiet() else sys.stderr
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process: mlopt has (or says why not)
-    try:
-        with contextlib.redirect_stdout(sink):
-            if scheme.method == "dynamic":
-                quantize_dynamic(str(src), str(dst), per_channel=scheme.per_channel, reduce_range=reduce_range,
-                                 weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [],
-                                 extra_options=typed)
-            else:
-                quantize_static(
-                    str(src), str(dst), FeedReader(feeds),
-                    quant_format=QuantFormat.QDQ if scheme.format == "qdq" else QuantFormat.QOperator,
-                    per_channel=scheme.per_channel, reduce_range=reduce_range,
-                    activation_type=qtype[scheme.activation_type], weight_type=qtype[scheme.weight_type],
-                    calibrate_method=calibration[scheme.calibration or "minmax"], nodes_to_exclude=exclude or [],
-                    extra_options={"CalibMaxIntermediateOutputs": 64, **typed,
-                                   **({"TensorQuantOverrides": overrides} if overrides else {})},
-                )
-    except Exception as exc:
-        first = first_line(exc)
-        raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first}") from exc
-    finally:
-        root.setLevel(level)
-        # The calibration session can linger in a reference cycle; its idle intra-op threads spin
-        # and slow down the next timing (measured here: 13.4 ms instead of 8 ms at batch 32).
-        gc.collect()
-
-
-class Quality:
-    """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
-
-    def __init__(self, fp32: Path, data: Any, cfg: PTQConfig, batch: int = 64):
-        from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
-
-        self.cfg = cfg
-        self.labeled = data.labeled
-        self.batches = []
-        for b in loader(data.val, batch):
-            y = labels_of(b)
-            self.batches.append((to_numpy(inputs_of(b)), None if y is None else y.numpy()))
-        self.reference = self.outputs(fp32)
-        self.baseline = self.metrics(self.reference)
-
-    def outputs(self, path: Path) -> list[Any]:
-        """The model's outputs for every validation batch, from one onnxruntime session."""
-        from mlopt.export.lib.session import make_session, run_session
-
-        session = make_session(path, "cpu")
-        return [run_session(session, x) for x, _ in self.batches]
-
-    def metrics(self, outputs: list[Any]) -> dict[str, Any]:
-        import numpy as np
-
-        from mlopt.runtime.hf import pooled
-
-        correct, n, cosines = 0, 0, []
-        for (x, y), out, ref in zip(self.batches, outputs, self.reference):
-            # Token models are scored on their sentence embeddings (mean over real tokens).
-            flat, ref_flat = (pooled(out, x), pooled(ref, x)) if isinstance(x, dict) else (
-                out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64))
-            if y is not None:
-                correct += int((flat.argmax(1) == y).sum())
-            n += len(flat)
-            denom = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1)
-            cosines.append(np.where(denom > 0, (flat * ref_flat).sum(1) / np.maximum(denom, 1e-30), 1.0))
-        c = np.concatenate(cosines)
-        result: dict[str, Any] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
-        if self.labeled:
-            result["accuracy"] = correct / n
-            baseline = getattr(self, "baseline", result)  # the FP32 model scores itself first
-            result["accuracy_drop"] = baseline["accuracy"] - result["accuracy"]
-        return result
-
-    def score(self, path: Path) -> dict[str, Any]:
-        return self.metrics(self.outputs(path))
-
-    def within_budget(self, q: dict[str, Any]) -> bool:
-        if self.labeled:
-            return q["accuracy_drop"] <= self.cfg.max_drop + 1e-12
-        return q["cosine_mean"] >= self.cfg.min_cosine
-
-    def budget_text(self) -> str:
-        if self.labeled:
-            return f"top-1 drop <= {100 * self.cfg.max_drop:.2f} points"
-        return f"mean cosine to FP32 >= {self.cfg.min_cosine}"
-
-
-def latencies(paths: list[Path], sample_shape: Any, cfg: PTQConfig) -> list[dict[int, float]]:
-    from mlopt.export.bench import interleaved_latency
-
-    return interleaved_latency(paths, sample_shape, cfg.provider, cfg.batch_sizes, cfg.iterations)
-
-
-INT8_RULE = ("INT8 is kept only when it is faster than FP32 at every batch size timed (interleaved rounds, one "
-             "session alive at a time, each model keeping its best round); a tie counts as not faster")
-
-
-def not_faster_at(int8_latency: dict[int, float], fp32_latency: dict[int, float]) -> list[int]:
-    """The batch sizes at which a quantized model is not faster than FP32; empty: it is faster at all.
-
-    The one rule by which PTQ's auto mode and QAT decide between INT8 and FP32 (`INT8_RULE`): the
-    INT8 model must be strictly faster at every batch size timed, from latencies measured by
-    `latencies` (interleaved rounds, best round per model, which a noisy shared machine does not
-    tip one way).
-    """
-    return [b for b in int8_latency if int8_latency[b] >= fp32_latency[b]]
-
-
-def _preprocess(src: Path, dst: Path) -> tuple[Path, str | None]:
-    from onnxruntime.quantization import quant_pre_process
-
-    try:
-        quant_pre_process(str(src), str(dst))
-        return dst, None
-    except Exception as exc:
-        try:
-            quant_pre_process(str(src), str(dst), skip_optimization=True)
-            return dst, f"onnxruntime's graph optimisation failed before quantizing ({type(exc).__name__}); shape inference only"
-        except Exception:
-            return src, f"onnxruntime's pre-processing failed ({type(exc).__name__}); quantized the model as exported"
-
-
 class PTQPass(Pass):
     name = "ptq"
     config_class = PTQConfig
@@ -266,7 +73,7 @@ class PTQPass(Pass):
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
         from mlopt.runtime import hf
-        from mlopt.export.lib.session import input_spec, make_session
+        from mlopt.runtime.session import input_spec, make_session
         from mlopt.core.fsutil import file_size_mb
         from mlopt.quant.lib import graph
         from mlopt.quant.lib.calibration import calibration_batches
@@ -275,9 +82,9 @@ class PTQPass(Pass):
         notes: list[str] = []
         try:
             if artifact.format == "torch":
-                from mlopt.export.lib.onnx import ExportConfig, export_checked
+                from mlopt.export.lib.onnx import ExportOptions, export_checked
 
-                artifact, exported = export_checked(artifact, ctx.data, work / "fp32.onnx", ExportConfig())
+                artifact, exported = export_checked(artifact, ctx.data, work / "fp32.onnx", ExportOptions())
                 notes += exported.notes
             fp32 = Path(artifact.require_onnx("ptq"))
             model = graph.load(fp32)
@@ -299,7 +106,7 @@ class PTQPass(Pass):
                 pre, fusions, note = hf.optimize(fp32, work / "pre.onnx", artifact.builder["hf"])
                 console.info("transformer optimizer fusions: " + (", ".join(f"{k} {v}" for k, v in fusions.items()) or "none"))
             else:
-                pre, note = _preprocess(fp32, work / "pre.onnx")
+                pre, note = preprocess(fp32, work / "pre.onnx")
             if note:
                 console.warn(note)
                 notes.append(note)
@@ -310,8 +117,8 @@ class PTQPass(Pass):
                 console.info(f"quantizing: {scheme.name}")
                 quantize(pre, path, scheme, feeds, reduce_range)
             console.info(f"timing FP32 and {len(schemes)} candidate(s) on onnxruntime ({config.provider})")
-            fp32_latency, *cand_latency = latencies([fp32, *paths], artifact.sample_shape, config)
-            quality = Quality(fp32, ctx.data, config)
+            fp32_latency, *cand_latency = latencies([fp32, *paths], artifact.sample_shape, config.provider, config.batch_sizes, config.iterations)
+            quality = Quality(fp32, ctx.data, config.max_drop, config.min_cosine)
             fp32_row = {"name": "FP32", "latency_ms": fp32_latency, **quality.baseline, "size_mb": file_size_mb(fp32),
                         "kernels": graph.kernel_counts(fp32)}
             console.info(f"FP32: {self._describe(fp32_row)}")
@@ -356,7 +163,7 @@ class PTQPass(Pass):
                 new = artifact.derive("ptq", onnx_path=out)
                 metrics.update(quantized=False, chosen="FP32", latency_ms=fp32_latency, size_mb=fp32_row["size_mb"],
                                **{k: v for k, v in quality.baseline.items()})
-                return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
+                return StepResult(artifact=new, metrics=metrics, notes=notes, sections=extra)
 
             new = artifact.derive("ptq", onnx_path=out)
             speedups = {b: fp32_latency[b] / chosen["latency_ms"][b] for b in fp32_latency}
@@ -378,7 +185,7 @@ class PTQPass(Pass):
                          f"{metrics['size_ratio']:.2f}x smaller, {budget}")
             metrics["within_budget"] = chosen["within_budget"]
             (console.info if chosen["within_budget"] and chosen["faster_than_fp32"] else console.warn)(notes[-1])
-            return StepResult(artifact=new, metrics=metrics, notes=notes, extra=extra)
+            return StepResult(artifact=new, metrics=metrics, notes=notes, sections=extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -435,7 +242,7 @@ class PTQPass(Pass):
             path = work / f"fallback{g}.onnx"
             quantize(pre, path, scheme, feeds, reduce_range, exclude)
             # Timed beside the FP32 model again, in the same interleaved rounds.
-            fp32_now, latency = latencies([Path(artifact.onnx_path), path], artifact.sample_shape, cfg)
+            fp32_now, latency = latencies([Path(artifact.onnx_path), path], artifact.sample_shape, cfg.provider, cfg.batch_sizes, cfg.iterations)
             fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
             row = self._measure(scheme, path, latency, quality, fp32_latency, exclude)
             row["sensitivity"] = ranking[: g * group]

@@ -53,7 +53,7 @@ def wanted(recipe: "Recipe") -> bool:
 
 def settings(recipe: "Recipe") -> dict[str, Any]:
     """Provider, batch sizes, rounds and runs per round: the gates' (or their defaults), plus the bench steps' batch sizes."""
-    from mlopt.run.gates import GatesConfig
+    from mlopt.run.recipe import GatesConfig
 
     gates = recipe.gates or GatesConfig()
     benches = [s for s in recipe.steps if s.type == "bench"]
@@ -64,7 +64,7 @@ def settings(recipe: "Recipe") -> dict[str, Any]:
 
 def runs_per_round(iterations: int) -> int:
     """Timed runs per round for the gates' `iterations`: as many as in one of the gates' former three rounds."""
-    from mlopt.export.bench import TIMING_ROUNDS
+    from mlopt.export.lib.timing import TIMING_ROUNDS
 
     return max(3, iterations // TIMING_ROUNDS)
 
@@ -87,7 +87,7 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
     With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
     """
     from mlopt.runtime.evaluation import evaluate_onnx
-    from mlopt.export.bench import interleaved_latency
+    from mlopt.export.lib.timing import interleaved_latency
     from mlopt.core.fsutil import file_size_mb
 
     labeled = data is not None and data.labeled
@@ -125,7 +125,7 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     import time
 
     from mlopt.runtime.artifacts import load_artifact
-    from mlopt.run.recipe import PASSES
+    from mlopt.core.contracts import PASSES
 
     started = time.time()
     members: list[tuple[str, Any]] = []

@@ -7,27 +7,12 @@ report, then exits with code 3; `--junit FILE` writes one JUnit test case per ga
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any
 
 from mlopt.core import console
 
-
-class GatesConfig(BaseModel):
-    """Thresholds the final model must meet; any subset."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 drop from the baseline (0.01 = 1 point)")
-    min_speedup: float | None = Field(None, gt=0, description="baseline latency / final latency on onnxruntime")
-    max_size_mb: float | None = Field(None, gt=0, description="size of the final model file")
-    max_latency_ms: float | None = Field(None, gt=0, description="final model latency (median)")
-    batch_size: int = Field(1, gt=0, description="batch size of the latency measurements")
-    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    iterations: int = Field(30, gt=0)
-
-    def any(self) -> bool:
-        return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms))
+if TYPE_CHECKING:
+    from mlopt.run.recipe import GatesConfig
 
 
 def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,

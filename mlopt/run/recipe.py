@@ -13,34 +13,63 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mlopt.compress.distill import DistillConfig, DistillPass
-from mlopt.compress.prune import PruneConfig, PrunePass
-from mlopt.compress.train import TrainConfig, TrainPass
-from mlopt.runtime.data import DataConfig
+from mlopt.core.contracts import PASSES, names_file, on_register
 from mlopt.core.errors import InputError, first_line
-from mlopt.runtime.evaluation import EvalConfig, EvalPass
-from mlopt.export.bench import BenchConfig, BenchPass
-from mlopt.export.lib.onnx import ExportConfig, ExportPass
-from mlopt.run.gates import GatesConfig
-from mlopt.quant.ptq import PTQConfig, PTQPass
-from mlopt.quant.qat import QATConfig, QATPass
+from mlopt.runtime.data import DataConfig
 
-#: step type -> pass class. A new pass is added here and to StepConfig.
-PASSES = {p.name: p for p in (TrainPass, PrunePass, DistillPass, QATPass, EvalPass, ExportPass, PTQPass, BenchPass)}
+#: Packages whose modules define the built-in step types (one module per step type).
+PASS_HOMES = ("mlopt.compress", "mlopt.quant", "mlopt.export")
+#: Environment variable naming more modules that define step types (comma separated).
+PASSES_ENV = "MLOPT_PASSES"
 
-StepConfig = Annotated[
-    Union[TrainConfig, PruneConfig, DistillConfig, QATConfig, EvalConfig, ExportConfig, PTQConfig, BenchConfig],
-    Field(discriminator="type"),
-]
+
+def import_passes() -> None:
+    """Import every module that defines a step type: the homes' top-level modules, and MLOPT_PASSES."""
+    import importlib
+    import pkgutil
+
+    names = [f"{home}.{m.name}" for home in PASS_HOMES
+             for m in pkgutil.iter_modules(importlib.import_module(home).__path__) if not m.ispkg]
+    names += [n.strip() for n in os.environ.get(PASSES_ENV, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise InputError(f"{PASSES_ENV}: cannot import {name}: {first_line(exc)}") from None
+
+
+def _step_union() -> Any:
+    configs = tuple(p.config_class for p in PASSES.values())
+    return Annotated[Union[configs], Field(discriminator="type")]
+
+
+import_passes()
+StepConfig = _step_union()
+
+
+class GatesConfig(BaseModel):
+    """Thresholds the final model must meet; any subset."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 drop from the baseline (0.01 = 1 point)")
+    min_speedup: float | None = Field(None, gt=0, description="baseline latency / final latency on onnxruntime")
+    max_size_mb: float | None = Field(None, gt=0, description="size of the final model file")
+    max_latency_ms: float | None = Field(None, gt=0, description="final model latency (median)")
+    batch_size: int = Field(1, gt=0, description="batch size of the latency measurements")
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    iterations: int = Field(30, gt=0)
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms))
 
 
 class ModelConfig(BaseModel):
     """The model a run starts from."""
 
     model_config = ConfigDict(extra="forbid")
-    spec: str = Field(description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
+    spec: str = Field(json_schema_extra=names_file(), description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
     num_classes: int | None = Field(None, gt=0, description="defaults to the data's class count")
-    weights: str | None = Field(None, description="a state dict file, read with torch.load(weights_only=True)")
+    weights: str | None = Field(None, json_schema_extra=names_file(), description="a state dict file, read with torch.load(weights_only=True)")
     input_shape: str | None = Field(None, description="e.g. 1x3x224x224, where neither model nor data implies one")
     seed: int = Field(0, description="seed of the random initialisation")
 
@@ -52,6 +81,16 @@ class Recipe(BaseModel):
     data: DataConfig | None = None
     steps: list[StepConfig] = Field(min_length=1)
     gates: GatesConfig | None = None
+
+
+def _add_step_type(_: Any) -> None:
+    """A pass defined after this module loaded (a plugin, a test) joins the recipe's step union."""
+    global StepConfig
+    StepConfig = _step_union()
+    Recipe.model_rebuild(force=True)
+
+
+on_register(_add_step_type)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -131,7 +170,7 @@ def format_validation_error(exc: ValidationError, where: str, tree: Any = None) 
             tag = str((err.get("ctx") or {}).get("tag", ""))
             close = difflib.get_close_matches(tag, list(PASSES), n=1)
             msg = f"unknown step type {tag!r}" + (f" (did you mean {close[0]}?)" if close else "") \
-                + f"; expected one of {', '.join(PASSES)}"
+                + f"; expected one of {', '.join(sorted(PASSES))}"
         at = _mark(tree, loc) if tree is not None else None
         prefix = f"{where}:{at[0]}:{at[1]}" if at else where
         parts.append(f"{prefix}: {shown}: {msg}" if shown else f"{prefix}: {msg}")

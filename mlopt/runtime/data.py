@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +36,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
+    source: str = Field(json_schema_extra=names_file(), description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
     image_size: int | None = Field(None, gt=0, description="resize images to this height and width")
     channels: int | None = Field(None, description="convert images to 1 or 3 channels")
     batch_size: int = Field(64, gt=0)

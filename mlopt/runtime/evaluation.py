@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from mlopt.core import console
 from mlopt.runtime.data import Dataset, loader, require_labels
 from mlopt.core.errors import InputError
-from mlopt.run.runner import Pass, StepResult
-
-
-class EvalConfig(BaseModel):
-    """Measure top-1 accuracy and cross-entropy loss on the validation split."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["eval"] = "eval"
-    batch_size: int | None = Field(None, gt=0, description="defaults to the data's batch_size")
 
 
 def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]:
@@ -65,7 +54,7 @@ def predict_logits(module: Any, dataset: Any, batch_size: int) -> Any:
 def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
     import torch
 
-    from mlopt.export.lib.session import make_session, run_session
+    from mlopt.runtime.session import make_session, run_session
 
     require_labels(data, "accuracy")
     session = make_session(path, "cpu")
@@ -80,16 +69,3 @@ def evaluate_artifact(artifact: Any, data: Dataset, batch_size: int) -> dict[str
     if artifact.format == "onnx":
         return evaluate_onnx(artifact.onnx_path, data, batch_size)
     return evaluate_torch(artifact.module, data, batch_size)
-
-
-class EvalPass(Pass):
-    name = "eval"
-    config_class = EvalConfig
-    produces_model = False
-    needs_data = True
-
-    def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
-        batch = config.batch_size or ctx.recipe.data.batch_size
-        metrics = evaluate_artifact(artifact, ctx.data, batch)
-        console.info(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['samples']} samples)")
-        return StepResult(artifact=artifact, metrics=metrics)

@@ -115,7 +115,7 @@ def build(spec: str) -> Any:
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                      attn_implementation="eager")
     except Exception as exc:
-        from mlopt.runtime.models import pickled_objects_error, refused_pickle
+        from mlopt.core.errors import pickled_objects_error, refused_pickle
 
         if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
             raise pickled_objects_error(f"the weights in {path}", exc) from None

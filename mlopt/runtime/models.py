@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mlopt.core.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -157,23 +157,6 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def pickled_objects_error(what: str, exc: BaseException) -> InputError:
-    """torch.load(weights_only=True) refused a pickle: say so, without its advice to turn the check off."""
-    named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    names = f", naming {named.group(1)}" if named else ""
-    return InputError(
-        f"cannot read {what}: they hold pickled Python objects{names}, not only tensors; mlopt reads plain "
-        "state dicts (torch.load with weights_only=True) and never runs code from a weights file"
-    )
-
-
-def refused_pickle(exc: BaseException) -> bool:
-    """torch.load(weights_only=True) found objects it does not load (not merely a damaged file)."""
-    import pickle
-
-    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc) and "GLOBAL" in str(exc)
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:

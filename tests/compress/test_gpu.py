@@ -42,8 +42,9 @@ def test_one_gpu_nccl_run(tmp_path):
 
 
 def test_cuda_execution_provider(exported_dir):
-    from mlopt.export.bench import BenchConfig, bench_models
-    from mlopt.export.lib.session import available_providers
+    from mlopt.export.bench import BenchConfig
+    from mlopt.export.lib.timing import bench_models
+    from mlopt.runtime.session import available_providers
 
     if "cuda" not in available_providers():
         pytest.skip("onnxruntime-gpu is not installed")

@@ -1,8 +1,9 @@
 import pytest
 
 from mlopt.core.errors import InputError
-from mlopt.export.bench import BenchConfig, bench_models
-from mlopt.export.lib.session import available_providers, make_session
+from mlopt.export.bench import BenchConfig
+from mlopt.export.lib.timing import bench_models
+from mlopt.runtime.session import available_providers, make_session
 
 
 def test_bench_two_models(exported_dir):

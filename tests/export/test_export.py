@@ -9,7 +9,7 @@ from mlopt.cli.main import app
 from mlopt.core.errors import ParityError, RunError
 from mlopt.export.lib.onnx import export_onnx
 from mlopt.export.lib.parity import compare
-from mlopt.export.lib.session import make_session, run_session
+from mlopt.runtime.session import make_session, run_session
 from mlopt.runtime.models import build_module
 
 from conftest import TOY

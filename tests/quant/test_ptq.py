@@ -141,7 +141,7 @@ def test_static_mode_missing_the_budget_says_so(exported_dir, tmp_path):
 
 
 def _ort_cuda() -> bool:
-    from mlopt.export.lib.session import available_providers
+    from mlopt.runtime.session import available_providers
 
     return "cuda" in available_providers()
 

@@ -172,7 +172,7 @@ def test_mlopt_qat_uses_the_config_defaults_unless_told(tmp_path, flags, changed
 
 
 def test_the_int8_rule_is_faster_at_every_batch_size():
-    from mlopt.quant.ptq import not_faster_at
+    from mlopt.quant.lib.quantize import not_faster_at
 
     assert not_faster_at({1: 0.9, 32: 5.0}, {1: 1.0, 32: 6.0}) == []
     assert not_faster_at({1: 1.1, 32: 5.0}, {1: 1.0, 32: 6.0}) == [1]
@@ -264,8 +264,8 @@ def test_learned_ranges_become_the_scales_of_the_int8_model(tmp_path):
     from onnx import numpy_helper
 
     from mlopt.export.lib.onnx import export_onnx
-    from mlopt.quant.ptq import Scheme, quantize
-    from mlopt.quant.qat import match_layers, range_overrides
+    from mlopt.quant.lib.quantize import Scheme, quantize
+    from mlopt.quant.lib.alignment import match_layers, range_overrides
     from mlopt.quant.lib.simulation import Simulation
     from toy_models import tiny_cnn
 
@@ -354,7 +354,7 @@ def test_the_tensors_onnxruntime_quantizes_are_found_in_the_torch_graph(tmp_path
     import toy_models
     from mlopt.export.lib.onnx import export_onnx
     from mlopt.quant.lib.points import match_by_value, onnx_values, quantized_tensors
-    from mlopt.quant.ptq import Scheme, quantize
+    from mlopt.quant.lib.quantize import Scheme, quantize
     from mlopt.quant.lib.simulation import Simulation, trace
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The `export` pass: torch model -> ONNX (dynamic batch axis), checked, then validated on onnxruntime."""
+"""torch model -> ONNX (dynamic batch axis), checked, then validated on onnxruntime against PyTorch."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line, storage_error
-from mlopt.run.runner import Pass, StepResult
+from mlopt.core.contracts import StepResult
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-class ExportConfig(BaseModel):
-    """Export to ONNX and check that onnxruntime reproduces PyTorch's outputs."""
+class ExportOptions(BaseModel):
+    """How a model is exported and checked (the `export` step's settings; other steps use the defaults)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["export"] = "export"
     opset: int = Field(18, ge=17, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one"
@@ -144,7 +143,7 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
         export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata)
 
 
-def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -> tuple[Any, StepResult]:
+def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> tuple[Any, StepResult]:
     """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
     from mlopt.export.lib.parity import compare
     from mlopt.core.fsutil import file_size_mb
@@ -163,12 +162,3 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportConfig) -
     new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
     metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
     return new, StepResult(artifact=new, metrics=metrics, notes=[f"parity checked on {parity['parity_samples']} {source}"])
-
-
-class ExportPass(Pass):
-    name = "export"
-    config_class = ExportConfig
-    text_ok = True
-
-    def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
-        return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)[1]

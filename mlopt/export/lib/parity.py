@@ -17,7 +17,7 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
     import torch
 
     from mlopt.runtime.data import count, take, to_numpy
-    from mlopt.export.lib.session import make_session, run_session
+    from mlopt.runtime.session import make_session, run_session
 
     session = make_session(onnx_path, "cpu")
     module.eval()

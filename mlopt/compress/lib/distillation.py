@@ -1,0 +1,102 @@
+"""Knowledge distillation objectives for the training engine.
+
+Logit distillation (Hinton et al.): KL divergence between temperature-softened teacher and student
+distributions, mixed with the hard-label loss by `alpha`. Feature distillation: mean squared error
+between named intermediate outputs, through a learned 1x1 convolution or linear projection when
+the widths differ. The teacher runs in eval mode without gradients; with logit distillation only,
+its outputs are computed once and cached (mlopt's data is not augmented, so they do not change).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from mlopt.compress.lib.engine import Objective
+from mlopt.core.errors import InputError
+
+
+def _named(module: Any, name: str, role: str) -> Any:
+    modules = dict(module.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"the {role} has no layer named {name!r}{hint}")
+    return modules[name]
+
+
+class _FeaturePair:
+    """Captures one teacher and one student layer output and projects the student's to the teacher's width."""
+
+    def __init__(self, teacher: Any, student: Any, t_name: str, s_name: str, sample: Any):
+        import torch
+        from torch import nn
+
+        self.t_out: Any = None
+        self.s_out: Any = None
+        _named(teacher, t_name, "teacher").register_forward_hook(lambda m, i, o: setattr(self, "t_out", o))
+        _named(student, s_name, "student").register_forward_hook(lambda m, i, o: setattr(self, "s_out", o))
+        with torch.no_grad():
+            was_t, was_s = teacher.training, student.training
+            teacher.eval(), student.eval()
+            teacher(sample), student(sample)
+            teacher.train(was_t), student.train(was_s)
+        t, s = self.t_out, self.s_out
+        if not isinstance(t, torch.Tensor) or not isinstance(s, torch.Tensor) or t.dim() != s.dim():
+            raise InputError(f"feature pair {t_name}:{s_name}: outputs are not tensors of the same rank")
+        if t.dim() == 4:
+            self.proj = nn.Identity() if t.shape[1] == s.shape[1] else nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False)
+        elif t.dim() == 2:
+            self.proj = nn.Identity() if t.shape[1] == s.shape[1] else nn.Linear(s.shape[1], t.shape[1], bias=False)
+        else:
+            raise InputError(f"feature pair {t_name}:{s_name}: only (N, C, H, W) and (N, D) outputs are supported")
+        self.name = f"{t_name}:{s_name}"
+
+    def loss(self) -> Any:
+        import torch.nn.functional as F
+
+        s = self.proj(self.s_out.float())
+        t = self.t_out.float().detach()
+        if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        return F.mse_loss(s, t)
+
+
+def distillation_objective(teacher: Any, student: Any, data: Any, batch_size: int, temperature: float, alpha: float,
+                           features: list[str] | tuple[str, ...] = (), feature_weight: float = 1.0) -> Objective:
+    """The loss of a student learning from `teacher` (logits, plus TEACHER_LAYER:STUDENT_LAYER `features`)."""
+    import torch
+    import torch.nn.functional as F
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    sample = data.train[0][0].unsqueeze(0)
+    pairs = [_FeaturePair(teacher, student, *pair.split(":"), sample) for pair in features]
+    cache: dict[str, Any] = {}
+    if not pairs:
+        from mlopt.runtime.evaluation import predict_logits
+
+        cache["logits"] = predict_logits(teacher, data.train, batch_size)
+
+    def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+        logits = model(x)
+        if "logits" in cache:
+            t_logits = cache["logits"][torch.as_tensor(indices, device=cache["logits"].device)]
+        else:
+            with torch.no_grad():
+                t_logits = teacher(x)
+        T = temperature
+        kd = F.kl_div(F.log_softmax(logits.float() / T, 1), F.log_softmax(t_logits.float() / T, 1),
+                      reduction="batchmean", log_target=True) * T * T
+        total = alpha * kd + (1 - alpha) * F.cross_entropy(logits.float(), y)
+        for pair in pairs:
+            total = total + feature_weight * pair.loss()
+        return total, logits
+
+    def to_device(dev: Any) -> None:
+        teacher.to(dev)
+        if "logits" in cache:
+            cache["logits"] = cache["logits"].to(dev)
+
+    return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device)

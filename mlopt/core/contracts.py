@@ -1,0 +1,90 @@
+"""The contracts every part of mlopt relies on: a pass, what it may read, what it hands back.
+
+This module imports no torch, onnx or pass: the runner, the command line and the Python API
+depend on it, and a pass depends on nothing else of the runner. A pass is registered when its
+class is defined (`Pass.__init_subclass__`), so a new step type is one new module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+#: step type -> pass class, filled as pass classes are defined.
+PASSES: dict[str, type["Pass"]] = {}
+#: called with each newly registered pass (the recipe model adds its config to the step union).
+_listeners: list[Callable[[type["Pass"]], None]] = []
+
+#: `json_schema_extra` key of a config field that names a file or folder the step reads.
+FILE_FIELD = "mlopt_file"
+
+
+def names_file(**extra: Any) -> dict[str, Any]:
+    """`Field(json_schema_extra=names_file())`: resume hashes this field's file by content."""
+    return {FILE_FIELD: True, **extra}
+
+
+def file_fields(config_class: type["BaseModel"]) -> list[str]:
+    """The fields of a config class marked with `names_file()`."""
+    return [name for name, f in config_class.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(FILE_FIELD)]
+
+
+@dataclass
+class StepResult:
+    """What a pass hands back: the (possibly new) model, what it measured, and report sections."""
+
+    artifact: Any  # mlopt.runtime.artifacts.Artifact
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # plain statements of what was done and why
+    sections: dict[str, Any] = field(default_factory=dict)  # structured report sections, by name
+
+
+@dataclass
+class StepContext:
+    """Everything a pass may read besides its model and its config."""
+
+    out_dir: Path  # the step's own (staging) directory
+    data: Any  # mlopt.runtime.data.Dataset or None
+    batch_size: int  # the data's batch size, where the step's config sets none
+    baseline: Any  # the model before the first compressing step (teacher, gate baseline)
+    checkpoint_dir: Path | None = None  # where a training step keeps its checkpoint
+    resume: bool = False
+
+
+class Pass:
+    """One step type: a typed config (`config_class`, whose `type` field names the step) and `run`.
+
+    Defining a subclass with a `name` registers it; the recipe, the command line (`cli_help`) and
+    the reports find it there.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type["BaseModel"]]
+    cli_help: ClassVar[str] = ""  # the command's help; the config's docstring when empty
+    produces_model: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = False
+    compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
+    rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
+    text_ok: ClassVar[bool] = False  # runs on hf: text models (token inputs)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an abstract helper class
+        if cls.name in PASSES and PASSES[cls.name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"step type {cls.name!r} is already defined by {PASSES[cls.name].__module__}")
+        PASSES[cls.name] = cls
+        for listener in _listeners:
+            listener(cls)
+
+    def run(self, artifact: Any, config: Any, ctx: StepContext) -> StepResult:
+        raise NotImplementedError
+
+
+def on_register(listener: Callable[[type[Pass]], None]) -> None:
+    _listeners.append(listener)

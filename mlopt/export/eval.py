@@ -1,0 +1,32 @@
+"""The `eval` step: top-1 accuracy and loss on the validation split, on torch or onnxruntime."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlopt.core import console
+from mlopt.core.contracts import Pass, StepResult
+from mlopt.runtime.evaluation import evaluate_artifact
+
+
+class EvalConfig(BaseModel):
+    """Measure top-1 accuracy and cross-entropy loss on the validation split."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["eval"] = "eval"
+    batch_size: int | None = Field(None, gt=0, description="defaults to the data's batch_size")
+
+
+class EvalPass(Pass):
+    name = "eval"
+    config_class = EvalConfig
+    produces_model = False
+    needs_data = True
+
+    def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
+        batch = config.batch_size or ctx.batch_size
+        metrics = evaluate_artifact(artifact, ctx.data, batch)
+        console.info(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['samples']} samples)")
+        return StepResult(artifact=artifact, metrics=metrics)

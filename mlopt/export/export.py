@@ -1,0 +1,24 @@
+"""The `export` step: torch model -> ONNX (dynamic batch axis), checked, then validated on onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from mlopt.core.contracts import Pass, StepResult
+from mlopt.export.lib.onnx import ExportOptions, export_checked
+
+
+class ExportConfig(ExportOptions):
+    """Export to ONNX and check that onnxruntime reproduces PyTorch's outputs."""
+
+    type: Literal["export"] = "export"
+
+
+class ExportPass(Pass):
+    name = "export"
+    config_class = ExportConfig
+    text_ok = True
+
+    def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
+        return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)[1]

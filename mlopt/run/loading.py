@@ -1,0 +1,129 @@
+"""The recipe's model and data, loaded and checked against each other: the run's first artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlopt.core.errors import InputError
+from mlopt.runtime import hf
+
+if TYPE_CHECKING:
+    from mlopt.run.recipe import Recipe
+    from mlopt.runtime.artifacts import Artifact
+    from mlopt.runtime.data import Dataset
+
+
+def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
+    """Load the recipe's model and data and check that they fit each other.
+
+    A saved model remembers its input shape; when the data section leaves image_size and
+    channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
+    feeds a model trained on resized digits the same resized digits.
+    """
+    from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
+    from mlopt.runtime.data import load_data
+
+    loaded = None
+    data_cfg = recipe.data
+    if looks_like_artifact(recipe.model.spec):
+        if recipe.model.weights:
+            raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
+        loaded = load_artifact(recipe.model.spec)
+        shape = loaded.sample_shape
+        if data_cfg is not None and shape is not None and len(shape) == 3:
+            fill = {}
+            if data_cfg.channels is None:
+                fill["channels"] = shape[0]
+            if data_cfg.image_size is None and shape[1] == shape[2]:
+                fill["image_size"] = shape[1]
+            data_cfg = data_cfg.model_copy(update=fill)
+    data = load_data(data_cfg) if data_cfg is not None else None
+    text_spec = recipe.model.spec if hf.is_hf_spec(recipe.model.spec) else None
+    if loaded is not None and hf.is_text_artifact(loaded):
+        text_spec = loaded.builder["spec"]
+    if data is not None and data.text != (text_spec is not None):
+        if data.text:
+            raise InputError(f"text data ({data.name}) needs an hf: model, whose tokenizer reads it; {recipe.model.spec} is not one")
+        raise InputError(f"{recipe.model.spec} is a text model: give --data text:FILE (one example a line), not {data.name}")
+    if data is not None and data.text:
+        data = hf.tokenize(data, text_spec, data_cfg.max_length)
+    return initial_artifact(recipe, data, loaded), data
+
+
+def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None" = None) -> "Artifact":
+    """Turn the recipe's model section into the first artifact, checking it against the data."""
+    from mlopt.runtime.artifacts import Artifact
+    from mlopt.runtime.data import check_labels
+    from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
+
+    cfg = recipe.model
+    shape = None
+    if cfg.input_shape is not None:
+        full = parse_shape(cfg.input_shape)
+        if len(full) < 2:
+            raise InputError(f"--input-shape {cfg.input_shape} must include the batch dimension, e.g. 1x3x224x224")
+        shape = full[1:]
+    if data is not None:
+        if shape is not None and tuple(shape) != tuple(data.sample_shape):
+            raise InputError(
+                f"--input-shape {cfg.input_shape} disagrees with the data's samples ({'x'.join(map(str, data.sample_shape))})"
+            )
+        shape = tuple(data.sample_shape)
+
+    if loaded is not None:
+        artifact = loaded
+        if shape is not None:
+            # A text model's sequence axis is dynamic: it takes the data's length.
+            fixed = artifact.sample_shape is not None and not hf.is_text_artifact(artifact)
+            if fixed and tuple(artifact.sample_shape) != tuple(shape):
+                raise InputError(
+                    f"{cfg.spec} takes inputs of shape {'x'.join(map(str, artifact.sample_shape))} per sample, "
+                    f"but the data gives {'x'.join(map(str, shape))}"
+                )
+            artifact.sample_shape = tuple(shape)
+        if artifact.num_classes is not None and data is not None:
+            check_labels(data, artifact.num_classes)
+        return artifact
+
+    import torch
+
+    num_classes = cfg.num_classes if cfg.num_classes is not None else (data.num_classes if data else None)
+    torch.manual_seed(cfg.seed)  # a reproducible random initialisation
+    module = build_module(cfg.spec, num_classes)
+    if cfg.weights:
+        apply_state_dict(module, load_state_dict_file(Path(cfg.weights)), cfg.weights)
+    if hf.is_hf_spec(cfg.spec):
+        if shape is not None and len(shape) != 1:
+            raise InputError(f"--input-shape {cfg.input_shape} for a text model must be BATCHxSEQUENCE, e.g. 1x128")
+        info = hf.model_info(cfg.spec)
+        classes = (module.model.config.num_labels or None) if info["output"] == "logits" else None
+        return Artifact(format="torch", sample_shape=tuple(shape or (128,)), num_classes=classes,
+                        builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes, "hf": info},
+                        module=module, origin=cfg.spec)
+    if shape is None:
+        if cfg.spec.startswith("torchvision:"):
+            shape = (3, 224, 224)
+        else:
+            raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
+    classes = probe_output(module, tuple(shape), cfg.spec)
+    if data is not None:
+        check_labels(data, classes)
+    return Artifact(
+        format="torch",
+        sample_shape=tuple(shape),
+        num_classes=classes,
+        builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes},
+        module=module,
+        origin=cfg.spec,
+    )
+
+
+def _absolute_spec(spec: str) -> str:
+    """File specs are stored with an absolute path so the artifact reloads from anywhere."""
+    if hf.is_hf_spec(spec):
+        return f"{hf.PREFIX}{Path(spec[len(hf.PREFIX):]).expanduser().resolve()}"
+    prefix, _, name = spec.rpartition(":")
+    if prefix.endswith(".py"):
+        return f"{Path(prefix).resolve()}:{name}"
+    return spec

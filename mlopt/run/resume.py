@@ -1,0 +1,81 @@
+"""What a step reads, by content: `--resume` skips a step only when its config and inputs are unchanged.
+
+The files a step reads are those named by config fields marked `names_file()` (mlopt.core.contracts)
+in the step's, the model's and the data's settings, and the model the previous step handed over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlopt.core.contracts import file_fields
+from mlopt.core.fsutil import digest, path_fingerprint
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from mlopt.run.recipe import Recipe
+
+
+def completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) -> dict[str, Any] | None:
+    """The report of a step that already finished with the same configuration and inputs, if any."""
+    try:
+        report = json.loads((step_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = report.get("step", {}) if isinstance(report, dict) else {}
+    return step if step.get("config") == config and step.get("inputs_sha256") == inputs_sha256 else None
+
+
+def model_files(step_dir: Path) -> dict[str, str | None]:
+    """A saved model by the content of its files."""
+    from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
+
+    return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
+
+
+def _paths_in(spec: str) -> list[str]:
+    """The files or directories a spec names (FILE.py:factory, npz:FILE, hf:DIR, DIR, FILE.onnx)."""
+    candidates = [spec, spec.partition(":")[2], spec.rpartition(":")[0]]
+    return [c for c in candidates if c and Path(c).exists()]
+
+
+def named_files(config: "BaseModel") -> dict[str, str | None]:
+    """The files the config's `names_file()` fields name, by content (nested settings included)."""
+    from pydantic import BaseModel
+
+    found: dict[str, str | None] = {}
+    marked = set(file_fields(type(config)))
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            found.update(named_files(value))
+        elif name in marked:
+            for v in value if isinstance(value, list) else [value]:
+                for p in _paths_in(v) if isinstance(v, str) else []:
+                    found[p] = path_fingerprint(Path(p))
+    return found
+
+
+def model_fingerprint(recipe: "Recipe") -> list[Any]:
+    """The recipe's model settings, and the files they name (FILE.py:factory, hf:DIR, weights) by content."""
+    return [recipe.model.model_dump(mode="json"), named_files(recipe.model)]
+
+
+def data_fingerprint(recipe: "Recipe") -> list[Any]:
+    """The recipe's data settings, and the files they name (npz:FILE, imagefolder:DIR, text:FILE) by content."""
+    if recipe.data is None:
+        return []
+    extra: dict[str, Any] = named_files(recipe.data)
+    if recipe.data.source == "digits":
+        import sklearn
+
+        extra["scikit-learn"] = sklearn.__version__  # the digits ship with it
+    return [recipe.data.model_dump(mode="json"), extra]
+
+
+def step_digest(step: "BaseModel", data_fp: list[Any], model_fp: Any) -> str:
+    """The content hash of everything a step reads: its config, the data, the model before it, its files."""
+    return digest(step.model_dump(mode="json"), data_fp, model_fp, named_files(step))
