@@ -39,9 +39,10 @@ class StepResult:
     """What a pass hands back: the (possibly new) model, what it measured, and report sections."""
 
     artifact: Any  # mlopt.runtime.artifacts.Artifact
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> number, text or flag
     notes: list[str] = field(default_factory=list)  # plain statements of what was done and why
-    sections: dict[str, Any] = field(default_factory=dict)  # structured report sections, by name
+    latency: list[Any] = field(default_factory=list)  # mlopt.core.sections.Latency, one per model and batch size
+    sections: Any = field(default_factory=list)  # mlopt.core.sections.Table / Bars / Scatter, in order
 
 
 @dataclass

@@ -221,6 +221,11 @@ def _step_report(run: Run, index: int, name: str, step: Any, inputs_sha256: str,
         "metrics": result.metrics,
         "notes": result.notes,
     }
+    report["latency"] = [lat.model_dump(mode="json") for lat in result.latency]
+    if isinstance(result.sections, list):
+        report["sections"] = [s.model_dump(mode="json") for s in result.sections]
+        return report
+    # Interim: passes not yet converted to typed sections hand back a dict of named sections.
     clash = set(result.sections) & (set(report) | {"duration_s"})
     if clash:
         raise RuntimeError(f"step {step.type!r} returned report sections named like the runner's keys: {sorted(clash)}")

@@ -1,0 +1,72 @@
+"""What a step reports besides its scalar metrics: latencies and generic report sections.
+
+A pass describes what it measured with these types; the report renders them (Markdown tables,
+HTML tables and plots) without knowing which pass made them, so a new step type needs no report
+code. They are pydantic models: report.json validates against them (`mlopt report schema`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Cell = Union[str, int, float, bool, None]
+
+
+class Latency(BaseModel):
+    """One model's latency at one batch size, and how it was measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(gt=0)
+    p50_ms: float
+    mean_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    method: str = Field(description="how it was timed (sequential runs, interleaved rounds, ...)")
+    model: str | None = Field(None, description="which model, where a step times several")
+
+
+class Table(BaseModel):
+    """Rows of values under named columns."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["table"] = "table"
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    note: str | None = None
+
+
+class Bars(BaseModel):
+    """One or more series of values over named items (drawn as horizontal bars, so long names stay legible)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bars"] = "bars"
+    title: str
+    labels: list[str]
+    series: dict[str, list[float | None]] = Field(description="series name -> one value per label")
+    unit: str = ""
+    note: str | None = None
+
+
+class Point(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str
+    x: float
+    y: float
+
+
+class Scatter(BaseModel):
+    """Labelled points, e.g. accuracy against latency."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["scatter"] = "scatter"
+    title: str
+    xlabel: str
+    ylabel: str
+    points: list[Point]
+    note: str | None = None
+
+
+Section = Annotated[Union[Table, Bars, Scatter], Field(discriminator="kind")]
