@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -26,7 +26,7 @@ from mlopt.core import console
 
 from mlopt.runtime import distributed
 from mlopt.runtime.data import Dataset, require_labels
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, RunError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -145,6 +145,48 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
 
 
+@dataclass
+class Progress:
+    """Where training stands; checkpoints store it as a dict under "progress" (these fields are its keys)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seen: int = 0
+    train_time: float = 0.0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+
+@dataclass
+class _Run:
+    """What one call of `fit` trains with: the placed model, its optimiser and the progress so far."""
+
+    cfg: TrainingConfig
+    objective: Objective
+    module: Any
+    model: Any  # the module, or its DistributedDataParallel wrapper
+    device: str
+    dev: Any
+    dist: distributed.Dist
+    channels_last: bool
+    opt: Any = None
+    sched: Any = None
+    scaler: Any = None
+    params: list[Any] = field(default_factory=list)
+    extra_params: list[Any] = field(default_factory=list)
+    ckpt_path: Path | None = None
+    fingerprint: str = ""
+    progress: Progress = field(default_factory=Progress)
+    best_weights: dict[str, Any] | None = None
+    stopped_early: bool = False
+
+
 def fit(
     module: Any,
     data: Dataset,
@@ -162,13 +204,29 @@ def fit(
     Returns the metrics (final validation accuracy and loss, throughput, precision, history).
     The module ends on the CPU in eval mode.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from mlopt.runtime.evaluation import evaluate_torch
-
     require_labels(data, "training")
-    objective = objective or Objective()
+    run = _place(module, objective or Objective(), cfg)
+    n = len(data.train)
+    steps_per_epoch = len(_epoch_batches(n, batch_size, 0, cfg.seed, run.dist))
+    _make_optimiser(run, steps_per_epoch)
+    run.fingerprint = config_fingerprint(cfg, [fingerprint_extra, run.dist.world_size, batch_size, n])
+    run.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    if run.ckpt_path is not None and (resume or distributed.restarted()) and run.ckpt_path.is_file():
+        _resume(run)
+    train_set = _on_device(data.train, run.dev)
+    with console.progress(label, total=cfg.epochs * steps_per_epoch) as bar:
+        bar.advance(run.progress.step)
+        while run.progress.epoch < cfg.epochs:
+            _train_epoch(run, train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
+            _end_epoch(run, data, batch_size)
+            _checkpoint(run)
+    return _finish(run)
+
+
+def _place(module: Any, objective: Objective, cfg: TrainingConfig) -> _Run:
+    """Seed, pick the device, move the module and the objective's modules there, wrap for DDP."""
+    import torch
+
     device = resolve_device(cfg.device)
     _check_precision(cfg.amp, device)
     dist = distributed.init(device)
@@ -176,7 +234,6 @@ def fit(
         torch.cuda.set_device(dist.local_rank)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
-
     torch.manual_seed(cfg.seed)
     # On CUDA, convolutional networks train faster in NHWC (channels-last) layout, which the tensor
     # cores use natively; most of all under fp16/bf16. The weights are saved contiguous either way.
@@ -191,189 +248,208 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
+    return _Run(cfg, objective, module, model, device, dev, dist, channels_last)
 
-    params = [p for m in (module, *objective.modules) for p in m.parameters() if p.requires_grad]
-    extra_params = [p for m in objective.modules for p in m.parameters() if p.requires_grad]
+
+def _make_optimiser(run: _Run, steps_per_epoch: int) -> None:
+    import torch
+
+    cfg = run.cfg
+    run.params = [p for m in (run.module, *run.objective.modules) for p in m.parameters() if p.requires_grad]
+    run.extra_params = [p for m in run.objective.modules for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    n = len(data.train)
-    steps_per_epoch = len(_epoch_batches(n, batch_size, 0, cfg.seed, dist))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
+        run.opt = torch.optim.SGD(run.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  nesterov=True)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _lr_factor(cfg, steps_per_epoch))
+    run.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     # With fp16, GradScaler skips the optimiser step when gradients overflow; the scheduler still
     # steps, which is intended (the schedule follows steps taken), so its warning is noise.
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
     # oneDNN hands back convolution gradients in its own (equivalent) strides; DDP copes, and says so.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
-    def forward_loss(x: Any, y: Any, indices: list[int]) -> tuple[Any, Any]:
-        with torch.autocast(device_type=device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if objective.loss is not None:
-                return objective.loss(model, x, y, indices)
-            logits = model(x)
-            return F.cross_entropy(logits.float(), y), logits
 
-    fingerprint = config_fingerprint(cfg, [fingerprint_extra, dist.world_size, batch_size, n])
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
-    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "seen": 0, "train_time": 0.0,
-             "best_acc": -1.0, "best_epoch": 0, "stale": 0, "loss_sum": 0.0, "correct": 0, "count": 0}
-    best_weights: dict[str, Any] | None = None
-    if ckpt_path is not None and (resume or distributed.restarted()) and ckpt_path.is_file():
-        ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("fingerprint") != fingerprint:
-            raise InputError(
-                f"the checkpoint in {checkpoint_dir} was written with a different configuration; "
-                "rerun with the original settings, or with --overwrite to start again"
+def _resume(run: _Run) -> None:
+    import torch
+
+    ckpt = _load_checkpoint(run.ckpt_path)
+    if ckpt.get("fingerprint") != run.fingerprint:
+        raise InputError(
+            f"the checkpoint in {run.ckpt_path.parent} was written with a different configuration; "
+            "rerun with the original settings, or with --overwrite to start again"
+        )
+    run.module.load_state_dict(ckpt["model"])
+    for extra, sd in zip(run.objective.modules, ckpt["extra_modules"]):
+        extra.load_state_dict(sd)
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    if run.device == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    run.progress = Progress(**ckpt["progress"])
+    run.best_weights = ckpt.get("best_weights")
+    console.info(f"resuming from {run.ckpt_path} (epoch {run.progress.epoch + 1}, batch {run.progress.batch})")
+
+
+def _checkpoint(run: _Run) -> None:
+    import torch
+
+    if run.ckpt_path is None or not run.dist.is_main:
+        return
+    run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(run.ckpt_path, {
+        "fingerprint": run.fingerprint,
+        "model": run.module.state_dict(),
+        "extra_modules": [m.state_dict() for m in run.objective.modules],
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None,
+        "progress": asdict(run.progress),
+        "best_weights": run.best_weights,
+    })
+
+
+def _train_epoch(run: _Run, train_set: Any, batches: list[list[int]], bar: Any) -> None:
+    """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
+    import torch
+
+    cfg, state = run.cfg, run.progress
+    run.module.train()
+    for extra in run.objective.modules:
+        extra.train()
+    started = time.perf_counter()
+    # Running sums stay on the device: reading them forces a GPU sync, so that happens
+    # only every few steps (progress display) and at checkpoints and epoch ends.
+    sums = torch.zeros(2, dtype=torch.float64, device=run.dev)  # loss * samples, correct
+    for indices in batches[state.batch :]:
+        x, y = _collate(train_set, indices, run.dev)
+        if run.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _train_step(run, x, y, indices, sums)
+        state.count += len(y)
+        state.batch += 1
+        state.step += 1
+        if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
+            _flush(state, sums)
+            elapsed = state.train_time + time.perf_counter() - started
+            bar.advance(
+                0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
+                acc=f"{state.correct / state.count:.3f}",
+                rate=f"{(state.seen + state.count) * run.dist.world_size / max(elapsed, 1e-9):.0f}/s",
             )
-        module.load_state_dict(ckpt["model"])
-        for extra, sd in zip(objective.modules, ckpt["extra_modules"]):
-            extra.load_state_dict(sd)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        if device == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
-        state = ckpt["progress"]
-        best_weights = ckpt.get("best_weights")
-        console.info(f"resuming from {ckpt_path} (epoch {state['epoch'] + 1}, batch {state['batch']})")
-
-    def checkpoint() -> None:
-        if ckpt_path is None or not dist.is_main:
-            return
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint,
-            "model": module.state_dict(),
-            "extra_modules": [m.state_dict() for m in objective.modules],
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else None,
-            "progress": state,
-            "best_weights": best_weights,
-        })
-
-    total_steps = cfg.epochs * steps_per_epoch
-    stopped_early = False
-    train_set = _on_device(data.train, dev)
-    with console.progress(label, total=total_steps) as bar:
-        bar.advance(state["step"])
-        while state["epoch"] < cfg.epochs:
-            epoch = state["epoch"]
-            batches = _epoch_batches(n, batch_size, epoch, cfg.seed, dist)
-            module.train()
-            for extra in objective.modules:
-                extra.train()
+        bar.advance(1)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
+            _flush(state, sums)
+            state.train_time += time.perf_counter() - started
             started = time.perf_counter()
-            # Running sums stay on the device: reading them forces a GPU sync, so that happens
-            # only every few steps (progress display) and at checkpoints and epoch ends.
-            sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss * samples, correct
+            _checkpoint(run)
+    _flush(state, sums)
+    if run.device == "cuda":
+        torch.cuda.synchronize(run.dev)
+    state.train_time += time.perf_counter() - started
 
-            def flush() -> None:
-                loss_sum, correct = sums.tolist()
-                if not math.isfinite(loss_sum):
-                    from mlopt.core.errors import RunError
 
-                    raise RunError(f"training diverged: the loss became {loss_sum} by step {state['step']} (lower --lr?)")
-                state["loss_sum"] += loss_sum
-                state["correct"] += int(correct)
-                sums.zero_()
+def _train_step(run: _Run, x: Any, y: Any, indices: list[int], sums: Any) -> None:
+    """One optimiser step; adds the batch's summed loss and correct count to `sums` (on the device)."""
+    import torch
+    import torch.nn.functional as F
 
-            for indices in batches[state["batch"] :]:
-                x, y = _collate(train_set, indices, dev)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                loss, logits = forward_loss(x, y, indices)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if dist.enabled and extra_params:
-                    distributed.average_grads(extra_params)  # DDP averages only the wrapped module's
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                with torch.no_grad():
-                    sums[0] += loss.detach().double() * len(y)
-                    sums[1] += (logits.detach().argmax(1) == y).sum()
-                state["count"] += len(y)
-                state["batch"] += 1
-                state["step"] += 1
-                if state["batch"] % _DISPLAY_EVERY == 0 or state["batch"] == len(batches):
-                    flush()
-                    elapsed = state["train_time"] + time.perf_counter() - started
-                    bar.advance(
-                        0, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{state['loss_sum'] / state['count']:.4f}",
-                        acc=f"{state['correct'] / state['count']:.3f}",
-                        rate=f"{(state['seen'] + state['count']) * dist.world_size / max(elapsed, 1e-9):.0f}/s",
-                    )
-                bar.advance(1)
-                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["batch"] < len(batches):
-                    flush()
-                    state["train_time"] += time.perf_counter() - started
-                    started = time.perf_counter()
-                    checkpoint()
-            flush()
-            if device == "cuda":
-                torch.cuda.synchronize(dev)
-            state["train_time"] += time.perf_counter() - started
-            loss_sum, correct, count = distributed.all_reduce_sum(
-                [state["loss_sum"], float(state["correct"]), float(state["count"])], dev
-            )
-            with console.quieted():
-                val = evaluate_torch(module, data, batch_size, dev)
-            state["seen"] += state["count"]
-            state["history"].append({
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / count,
-                "train_accuracy": correct / count,
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "lr": opt.param_groups[0]["lr"],
-            })
-            if val["accuracy"] > state["best_acc"]:
-                state.update(best_acc=val["accuracy"], best_epoch=epoch + 1, stale=0)
-                if cfg.early_stopping:
-                    best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
-            else:
-                state["stale"] += 1
-            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, count=0)
-            if cfg.early_stopping and state["stale"] >= cfg.early_stopping and state["epoch"] < cfg.epochs:
-                stopped_early = True
-                state["epoch"] = cfg.epochs
-            checkpoint()
-    if cfg.early_stopping and best_weights is not None:
-        module.load_state_dict(best_weights)
-    replica_diff = distributed.replica_max_diff(module, *objective.modules) if dist.enabled else None
-    module.to("cpu").eval()
-    for extra in objective.modules:
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.amp)
+    with torch.autocast(device_type=run.device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        if run.objective.loss is not None:
+            loss, logits = run.objective.loss(run.model, x, y, indices)
+        else:
+            logits = run.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.dist.enabled and run.extra_params:
+        distributed.average_grads(run.extra_params)  # DDP averages only the wrapped module's
+    if run.cfg.grad_clip is not None:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    with torch.no_grad():
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (logits.detach().argmax(1) == y).sum()
+
+
+def _flush(state: Progress, sums: Any) -> None:
+    """Move the device-side running sums into the progress (a GPU sync); a non-finite loss stops training."""
+    loss_sum, correct = sums.tolist()
+    if not math.isfinite(loss_sum):
+        raise RunError(f"training diverged: the loss became {loss_sum} by step {state.step} (lower --lr?)")
+    state.loss_sum += loss_sum
+    state.correct += int(correct)
+    sums.zero_()
+
+
+def _end_epoch(run: _Run, data: Dataset, batch_size: int) -> None:
+    """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
+    from mlopt.runtime.evaluation import evaluate_torch
+
+    cfg, state = run.cfg, run.progress
+    loss_sum, correct, count = distributed.all_reduce_sum(
+        [state.loss_sum, float(state.correct), float(state.count)], run.dev
+    )
+    with console.quieted():
+        val = evaluate_torch(run.module, data, batch_size, run.dev)
+    state.seen += state.count
+    state.epoch += 1
+    state.history.append({
+        "epoch": state.epoch,
+        "train_loss": loss_sum / count,
+        "train_accuracy": correct / count,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": run.opt.param_groups[0]["lr"],
+    })
+    if val["accuracy"] > state.best_acc:
+        state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
+        if cfg.early_stopping:
+            run.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in run.module.state_dict().items()})
+    else:
+        state.stale += 1
+    state.batch, state.loss_sum, state.correct, state.count = 0, 0.0, 0, 0
+    if cfg.early_stopping and state.stale >= cfg.early_stopping and state.epoch < cfg.epochs:
+        run.stopped_early = True
+        state.epoch = cfg.epochs
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Restore the best weights (early stopping), move everything to the CPU and gather the metrics."""
+    cfg, state = run.cfg, run.progress
+    if cfg.early_stopping and run.best_weights is not None:
+        run.module.load_state_dict(run.best_weights)
+    replica_diff = distributed.replica_max_diff(run.module, *run.objective.modules) if run.dist.enabled else None
+    run.module.to("cpu").eval()
+    for extra in run.objective.modules:
         extra.to("cpu")
-    final = state["history"][-1]
-    best_epoch = state["best_epoch"] if cfg.early_stopping else final["epoch"]
-    chosen = state["history"][best_epoch - 1]
-    throughput = state["seen"] * dist.world_size / state["train_time"] if state["train_time"] > 0 else None
+    best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
+    chosen = state.history[best_epoch - 1]
+    throughput = state.seen * run.dist.world_size / state.train_time if state.train_time > 0 else None
     return {
         "accuracy": chosen["val_accuracy"],
         "loss": chosen["val_loss"],
         "train_loss": chosen["train_loss"],
-        "epochs": len(state["history"]),
+        "epochs": len(state.history),
         "best_epoch": best_epoch,
-        "stopped_early": stopped_early,
+        "stopped_early": run.stopped_early,
         "precision": cfg.amp if cfg.amp != "off" else "fp32",
-        "device": device,
-        "channels_last": channels_last,
-        "processes": dist.world_size,
+        "device": run.device,
+        "channels_last": run.channels_last,
+        "processes": run.dist.world_size,
         "backend": distributed.backend(),
         "replica_max_abs_diff": replica_diff,
         "train_samples_per_s": throughput,
-        "history": state["history"],
+        "history": state.history,
     }
 
 
