@@ -68,7 +68,6 @@ class PrunePass(Pass):
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
         from mlopt.compress.lib.engine import fit
         from mlopt.runtime.evaluation import evaluate_torch
-        from mlopt.runtime.models import changed_attributes, shape_attributes
 
         module = copy.deepcopy(artifact.require_torch("prune"))
         shape = tuple(artifact.sample_shape)
@@ -85,7 +84,6 @@ class PrunePass(Pass):
         metrics: dict[str, Any] = {"sparsity": config.sparsity}
         notes: list[str] = []
 
-        before_shapes = shape_attributes(module)
         metrics["macs_before"], metrics["params_before"] = count_ops(module, shape)
         if labeled:
             metrics["accuracy_before"] = evaluate_torch(module, data, batch)["accuracy"]
@@ -104,49 +102,10 @@ class PrunePass(Pass):
             metrics["accuracy_after_step"] = metrics.get("accuracy_after_step", []) + [result["accuracy"]]
 
         if config.sparsity == "structured":
-            ratio = config.ratio
-            if ratio is None and config.target_macs is None and config.target_params is None:
-                ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
-            elif ratio is None:
-                ratio, reached = search_ratio(module, shape, config, ignore)
-                notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
-                             f"{'MACs' if config.target_macs else 'parameters'})")
-            metrics["ratio"] = ratio
-            pruner = make_pruner(module, shape, config, ratio, named_modules(module, ignore), config.steps)
-            for step in range(1, config.steps + 1):
-                if config.importance == "taylor":
-                    from mlopt.compress.lib.importance import accumulate_gradients
-
-                    accumulate_gradients(module, data, batch)
-                pruner.step()
-                sync_heads(module, pruner)
-                check_forward(module, shape)
-                module.zero_grad(set_to_none=True)
-                console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
-                finetune(step)
-            pruned = changed_attributes(before_shapes, shape_attributes(module))
-            builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
-            metrics["layers"] = self._layer_table(before_shapes, pruned)
-            heads = {n: f"{before_shapes[n][k]} -> {a[k]}" for n, a in pruned.items()
-                     for k in ("num_heads", "num_attention_heads") if k in a}
-            if heads:
-                metrics["heads"] = heads
+            builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, finetune)
         else:
-            from mlopt.compress.lib import sparsity as sp
-
-            ignored = set(ignore)
-            for step in range(1, config.steps + 1):
-                if config.sparsity == "2:4":
-                    sp.apply_two_four(module, ignored)
-                else:
-                    sp.apply_magnitude(module, sp.cubic_schedule(config.ratio, step, config.steps), ignored,
-                                       config.global_ranking)
-                finetune(step)
-            sp.make_permanent(module)
-            metrics["zero_fraction"] = sp.zero_fraction(module, ignored)
+            self._sparsify(module, config, set(ignore), metrics, notes, finetune)
             builder = artifact.builder
-            notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
-                         "file, not the latency (both measured below)")
 
         module.eval()
         metrics["macs_after"], metrics["params_after"] = count_ops(module, shape)
@@ -164,6 +123,59 @@ class PrunePass(Pass):
             + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
         )
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history} if history else {})
+
+    def _structured(self, module: Any, artifact: Any, config: PruneConfig, ignore: list[str], batch: int, ctx: Any,
+                    metrics: dict[str, Any], notes: list[str], finetune: Any) -> dict[str, Any]:
+        """Remove channels (and heads) in `config.steps` steps; returns the builder with the pruned shapes."""
+        from mlopt.runtime.models import changed_attributes, shape_attributes
+
+        shape = tuple(artifact.sample_shape)
+        before_shapes = shape_attributes(module)
+        ratio = config.ratio
+        if ratio is None and config.target_macs is None and config.target_params is None:
+            ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
+        elif ratio is None:
+            ratio, reached = search_ratio(module, shape, config, ignore)
+            notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
+                         f"{'MACs' if config.target_macs else 'parameters'})")
+        metrics["ratio"] = ratio
+        pruner = make_pruner(module, shape, config, ratio, named_modules(module, ignore), config.steps)
+        for step in range(1, config.steps + 1):
+            if config.importance == "taylor":
+                from mlopt.compress.lib.importance import accumulate_gradients
+
+                accumulate_gradients(module, ctx.data, batch)
+            pruner.step()
+            sync_heads(module, pruner)
+            check_forward(module, shape)
+            module.zero_grad(set_to_none=True)
+            console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
+            finetune(step)
+        pruned = changed_attributes(before_shapes, shape_attributes(module))
+        metrics["layers"] = self._layer_table(before_shapes, pruned)
+        heads = {n: f"{before_shapes[n][k]} -> {a[k]}" for n, a in pruned.items()
+                 for k in ("num_heads", "num_attention_heads") if k in a}
+        if heads:
+            metrics["heads"] = heads
+        return {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+
+    @staticmethod
+    def _sparsify(module: Any, config: PruneConfig, ignored: set[str], metrics: dict[str, Any], notes: list[str],
+                  finetune: Any) -> None:
+        """Zero weights (magnitude on a cubic schedule, or 2:4) in `config.steps` steps, then make it permanent."""
+        from mlopt.compress.lib import sparsity as sp
+
+        for step in range(1, config.steps + 1):
+            if config.sparsity == "2:4":
+                sp.apply_two_four(module, ignored)
+            else:
+                sp.apply_magnitude(module, sp.cubic_schedule(config.ratio, step, config.steps), ignored,
+                                   config.global_ranking)
+            finetune(step)
+        sp.make_permanent(module)
+        metrics["zero_fraction"] = sp.zero_fraction(module, ignored)
+        notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
+                     "file, not the latency (both measured below)")
 
     @staticmethod
     def _layer_table(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -87,13 +87,16 @@ def test_finetune_steps_latency_and_flow_into_export(trained_dir, tmp_path):
     assert exported.exit_code == 0, exported.output
 
 
-def test_target_macs_is_searched(tmp_path):
-    result = prune("--model", f"{TOY}:residual_net", "--input-shape", "1x3x16x16", "--target-macs", 0.5,
+@pytest.mark.parametrize("target,key,word", [("--target-macs", "macs", "MACs"), ("--target-params", "params", "parameters")])
+def test_target_is_searched(target, key, word, tmp_path):
+    result = prune("--model", f"{TOY}:residual_net", "--input-shape", "1x3x16x16", target, 0.5,
                    "--no-latency", "--out", tmp_path / "p", "--json")
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    kept = m["macs_after"] / m["macs_before"]
+    kept = m[f"{key}_after"] / m[f"{key}_before"]
     assert 0.35 < kept <= 0.5
+    notes = json.loads((tmp_path / "p" / "report.json").read_text())["step"]["notes"]
+    assert any(f"of the {word})" in n and f"keeps {kept:.3f}" in n for n in notes), notes
 
 
 def test_ignored_layer_keeps_its_channels(tmp_path):
