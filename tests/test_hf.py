@@ -182,15 +182,19 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
 def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tmp_path, monkeypatch):
     from pathlib import Path
 
+    from mlopt.export.lib import timing
+
     recipe = Path(__file__).parents[1] / "recipes" / "minilm-dynamic-ptq.yaml"
     monkeypatch.setenv("MODEL", str(bert_dir))
     monkeypatch.setenv("TEXT", str(text_file))
+    # Every model times the same (1 ms): INT8 is then not the 1.5x faster the recipe's gate asks for.
+    monkeypatch.setattr(timing, "interleaved_latency",
+                        lambda paths, shape, provider, batch_sizes, *_: [{b: 1.0 for b in batch_sizes} for _ in paths])
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--quiet"])
+    assert result.exit_code == 3, result.output  # a failed gate, after every report was written
     report = json.loads((out / "report.json").read_text())
     assert [s["type"] for s in report["steps"]] == ["ptq", "bench"]
-    gates = report["gates"]["results"]
-    assert {g["gate"] for g in gates} == {"min_speedup", "max_size_mb"}
-    assert all(g["measured"] > 0 for g in gates)
-    # A tiny model may well not be 1.5x faster in INT8: then the run fails its gate, exit 3.
-    assert result.exit_code == (0 if all(g["passed"] for g in gates) else 3), result.output
+    gates = {g["gate"]: g for g in report["gates"]["results"]}
+    assert gates["min_speedup"]["measured"] == 1.0 and gates["min_speedup"]["passed"] is False
+    assert 0 < gates["max_size_mb"]["measured"] <= 30 and gates["max_size_mb"]["passed"] is True

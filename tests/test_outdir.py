@@ -195,10 +195,9 @@ def test_a_users_folder_named_like_a_checkpoint_is_not_mlopts(tmp_path):
 def test_failed_step_leaves_the_users_empty_folder_as_it_was(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
-    result = invoke("export", "--model", f"{TOY}:tiny_cnn", "--input-shape", "1x1x8x8", "--out", out,
-                    "--atol", 0, "--rtol", 0, "--exporter", "torchscript")
-    if result.exit_code == 0:
-        pytest.skip("onnxruntime matched PyTorch bit for bit")
+    result = invoke("export", "--model", f"{TOY}:export_drift", "--input-shape", "1x1x8x8", "--out", out,
+                    "--atol", 1e-4, "--rtol", 0, "--exporter", "torchscript", "--quiet")  # off by 1e-3: fails
+    assert result.exit_code == 1 and "disagrees with PyTorch" in one_line(result)
     assert out.is_dir() and list(out.iterdir()) == []
 
 
