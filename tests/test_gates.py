@@ -1,0 +1,79 @@
+"""Gates: one row per gate from the chain comparison's figures, and their JUnit XML."""
+
+import xml.etree.ElementTree as ET
+from types import SimpleNamespace
+
+import pytest
+
+from mlopt.run.gates import JUNIT_CLASSNAME, evaluate_gates, junit_xml
+from mlopt.run.recipe import GatesConfig
+from mlopt.runtime.artifacts import Artifact
+
+LABELED = SimpleNamespace(labeled=True, name="digits")
+
+
+def _comparison(base_acc, final_acc, base_ms, final_ms):
+    return {"baseline": "00-model", "final": "02-ptq", "models": [
+        {"step": "00-model", "accuracy": base_acc, "latency_ms": {"1": base_ms, "8": 99.0}},
+        {"step": "01-export", "accuracy": 0.0, "latency_ms": {"1": 1000.0, "8": 1000.0}},  # not compared
+        {"step": "02-ptq", "accuracy": final_acc, "latency_ms": {"1": final_ms, "8": 99.0}},
+    ]}
+
+
+@pytest.fixture
+def final(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\0" * 500_000)  # only its size is read: 0.5 MB
+    return Artifact(format="onnx", sample_shape=(1, 8, 8), num_classes=10, onnx_path=path, origin="final")
+
+
+def test_every_gate_is_one_row_read_from_the_comparison(final):
+    gates = GatesConfig(max_accuracy_drop=0.01, min_speedup=2.0, max_latency_ms=1.5, max_size_mb=0.5)
+    rows = evaluate_gates(gates, Artifact("torch", None, None, origin="base"), final, LABELED,
+                          _comparison(0.9, 0.89, 3.0, 1.5))
+    assert [r["gate"] for r in rows] == ["max_accuracy_drop", "min_speedup", "max_latency_ms", "max_size_mb"]
+    by = {r["gate"]: r for r in rows}
+    # every threshold met exactly: each passes (<= and >=)
+    assert by["max_accuracy_drop"]["measured"] == pytest.approx(0.01) and by["max_accuracy_drop"]["passed"]
+    assert by["min_speedup"] == {"gate": "min_speedup", "expected": ">= 2.0", "measured": 2.0, "baseline": 3.0,
+                                 "final": 1.5, "passed": True}
+    assert by["max_latency_ms"]["measured"] == 1.5 and by["max_latency_ms"]["passed"]
+    assert by["max_size_mb"]["measured"] == 0.5 and by["max_size_mb"]["passed"]
+
+
+def test_gates_fail_past_their_thresholds(final):
+    gates = GatesConfig(max_accuracy_drop=0.01, min_speedup=2.0, max_latency_ms=1.5, max_size_mb=0.4)
+    rows = evaluate_gates(gates, Artifact("torch", None, None), final, LABELED, _comparison(0.9, 0.85, 3.0, 2.0))
+    assert {r["gate"]: r["passed"] for r in rows} == {"max_accuracy_drop": False, "min_speedup": False,
+                                                      "max_latency_ms": False, "max_size_mb": False}
+    assert {r["gate"]: r["measured"] for r in rows} == {"max_accuracy_drop": 0.05, "min_speedup": 1.5,
+                                                        "max_latency_ms": 2.0, "max_size_mb": 0.5}
+
+
+def test_latency_gates_read_their_batch_size(final):
+    rows = evaluate_gates(GatesConfig(min_speedup=1.0, batch_size=8), Artifact("torch", None, None), final, None,
+                          _comparison(None, None, 3.0, 1.0))
+    assert rows[0]["measured"] == 1.0 and rows[0]["baseline"] == rows[0]["final"] == 99.0
+
+
+def test_accuracy_gate_needs_labels(final):
+    from mlopt.core.errors import InputError
+
+    unlabeled = SimpleNamespace(labeled=False, name="random:1x8x8")
+    with pytest.raises(InputError, match="max_accuracy_drop gate needs labelled data"):
+        evaluate_gates(GatesConfig(max_accuracy_drop=0.01), Artifact("torch", None, None), final, unlabeled,
+                       _comparison(0.9, 0.9, 1.0, 1.0))
+
+
+def test_junit_escapes_names_and_messages():
+    nasty = "a<b & c>\"d'e"
+    rows = [{"gate": nasty, "expected": "<= 1 & \"x\"", "measured": "'<'", "passed": False},
+            {"gate": "max_size_mb", "expected": "<= 30", "measured": 2.5, "passed": True}]
+    text = junit_xml(rows, suite=f"recipe {nasty}")
+    root = ET.fromstring(text.encode())  # well-formed despite the markup characters
+    assert root.tag == "testsuite" and root.get("name") == f"recipe {nasty}"
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("2", "1", "0")
+    failed, passed = root.findall("testcase")
+    assert failed.get("name") == nasty and failed.get("classname") == JUNIT_CLASSNAME
+    assert failed.find("failure").get("message") == "expected <= 1 & \"x\", measured '<'"
+    assert passed.get("name") == "max_size_mb" and passed.find("failure") is None
