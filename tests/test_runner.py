@@ -1,0 +1,101 @@
+"""The runner (plan, execute_step, finish) and what --resume hashes (mlopt/run/resume.py)."""
+
+import json
+
+import pytest
+
+from mlopt.core.errors import InputError, RunError
+from mlopt.export.bench import BenchConfig
+from mlopt.export.export import ExportConfig, ExportPass
+from mlopt.run import resume
+from mlopt.run.outdir import MARKER
+from mlopt.run.recipe import recipe_from_dict
+from mlopt.run.runner import plan, run_recipe
+
+from conftest import TOY
+
+
+def _recipe(steps, data=None):
+    raw = {"version": 1, "model": {"spec": f"{TOY}:tiny_cnn", "input_shape": "1x1x8x8"}, "steps": steps}
+    if data:
+        raw["data"] = data
+    return recipe_from_dict(raw, "test")
+
+
+def test_resume_digest_ignores_folders_named_like_unmarked_values(tmp_path, monkeypatch):
+    # The reported bug: a folder named `export/` in the working directory changed the hash of {type: export}.
+    monkeypatch.chdir(tmp_path)
+    step = ExportConfig(exporter="torchscript")
+    before = resume.step_digest(step, [], [])
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "notes.txt").write_text("mine")
+    (tmp_path / "torchscript").write_text("mine too")
+    assert resume.named_files(step) == {}
+    assert resume.step_digest(step, [], []) == before
+
+
+def test_resume_digest_follows_the_files_of_marked_fields(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.onnx").write_bytes(b"one")
+    step = BenchConfig(compare=["other.onnx"])
+    before = resume.step_digest(step, [], [])
+    assert list(resume.named_files(step)) == ["other.onnx"]
+    (tmp_path / "other.onnx").write_bytes(b"two")  # same name, other content
+    assert resume.step_digest(step, [], []) != before
+    assert resume.step_digest(step, ["data"], []) != resume.step_digest(step, [], [])  # and the inputs
+    assert resume.step_digest(step, [], ["model"]) != resume.step_digest(step, [], [])
+
+
+def test_a_completed_step_counts_only_with_identical_config_and_inputs(tmp_path):
+    step = {"config": {"type": "eval"}, "inputs_sha256": "abc", "metrics": {"accuracy": 0.5}}
+    (tmp_path / "report.json").write_text(json.dumps({"kind": "step", "step": step}))
+    assert resume.completed_step(tmp_path, {"type": "eval"}, "abc") == step
+    assert resume.completed_step(tmp_path, {"type": "eval", "batch_size": 8}, "abc") is None
+    assert resume.completed_step(tmp_path, {"type": "eval"}, "abd") is None
+    assert resume.completed_step(tmp_path / "missing", {"type": "eval"}, "abc") is None
+    (tmp_path / "report.json").write_text("{half written")
+    assert resume.completed_step(tmp_path, {"type": "eval"}, "abc") is None
+
+
+def test_plan_refuses_a_step_without_its_data_before_writing(tmp_path):
+    with pytest.raises(InputError, match="step 'train' needs data"):
+        plan(_recipe([{"type": "train"}]), tmp_path / "out", overwrite=False, flat=False, resume=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_failed_step_leaves_no_staging_and_resume_skips_the_steps_done(tmp_path, monkeypatch):
+    from mlopt.export.eval import EvalPass
+
+    calls = []
+
+    def counted(cls, fail_once=False):
+        real = cls.run
+
+        def run(self, artifact, config, ctx):
+            calls.append(config.type)
+            if fail_once and calls.count(config.type) == 1:
+                (ctx.out_dir / "half.json").write_text("{")
+                raise RunError("the disk is on fire")
+            return real(self, artifact, config, ctx)
+
+        monkeypatch.setattr(cls, "run", run)
+
+    counted(ExportPass)
+    counted(EvalPass, fail_once=True)
+    steps = [{"type": "export", "exporter": "torchscript", "opset": 18}, {"type": "eval"}]
+    recipe = _recipe(steps, data={"source": "digits"})
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="on fire"):
+        run_recipe(recipe, out)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "01-export"]  # no staging folder of 02, no report
+    first = json.loads((out / "01-export" / "report.json").read_text())["step"]
+
+    result = run_recipe(recipe, out, resume=True)
+    assert calls == ["export", "eval", "eval"]  # the completed export was not run again
+    assert result.report["steps"][0] == first and result.report["steps"][1]["metrics"]["accuracy"] >= 0
+    names = {p.name for p in out.iterdir()}
+    assert {"01-export", "02-eval", "report.json"} <= names and not any(n.endswith(".partial") for n in names)
+    steps[0]["opset"] = 17
+    run_recipe(_recipe(steps, data={"source": "digits"}), out, resume=True)
+    assert calls == ["export", "eval", "eval", "export", "eval"]  # a changed step runs again, and every step after it
