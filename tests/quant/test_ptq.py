@@ -157,3 +157,21 @@ def test_candidates_are_timed_on_the_cuda_provider(exported_dir, tmp_path):
     assert all(r["latency_ms"] for r in step["ptq"]["candidates"])
     bench = runner.invoke(app, ["bench", str(out), "--provider", "cuda", "-n", "5", "--json"])
     assert bench.exit_code == 0 and json.loads(bench.stdout)["results"][0]["provider"] == "cuda"
+
+
+@pytest.mark.parametrize("fmt,name,kept,gone", [("qoperator", "QOPERATOR U8S8 per-channel minmax", "QLinearConv", "Conv"),
+                                                ("qdq", "QDQ U8S8 per-channel minmax", "Conv", "QLinearConv")])
+def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, exported_dir, tmp_path, monkeypatch):
+    from mlopt.quant import ptq as ptq_step
+
+    # INT8 timed twice as fast as FP32, so the quantized model is the one handed back
+    monkeypatch.setattr(ptq_step, "latencies", lambda paths, shape, provider, batch_sizes, iterations: [
+        {b: 2.0 if i == 0 else 1.0 for b in batch_sizes} for i in range(len(paths))])
+    out = tmp_path / "q"
+    result = ptq("--model", exported_dir, "--data", "digits", "--out", out, "--mode", "static", "--format", fmt,
+                 *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["quantized"] is True and m["chosen"] == name
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert kept in ops and gone not in ops, ops
