@@ -99,3 +99,30 @@ def test_failed_step_leaves_no_staging_and_resume_skips_the_steps_done(tmp_path,
     steps[0]["opset"] = 17
     run_recipe(_recipe(steps, data={"source": "digits"}), out, resume=True)
     assert calls == ["export", "eval", "eval", "export", "eval"]  # a changed step runs again, and every step after it
+
+
+@pytest.mark.slow
+def test_two_process_recipe_trains_then_exports(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = {"version": 1, "model": {"spec": f"{TOY}:tiny_cnn"}, "data": {"source": "digits", "batch_size": 32},
+              "steps": [{"type": "train", "epochs": 2, "lr": 0.02, "device": "cpu"},
+                        {"type": "export", "exporter": "torchscript"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mlopt", "run", str(path), "--out", str(out), "--nproc", "2", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    train, export = report["steps"]
+    assert (train["type"], export["type"]) == ("train", "export")
+    assert train["metrics"]["processes"] == 2 and train["metrics"]["backend"] == "gloo"
+    assert train["metrics"]["replica_max_abs_diff"] == 0.0 and train["metrics"]["accuracy"] > 0.7
+    assert export["input"]["lineage"] == ["train"] and export["metrics"]["top1_agreement"] == 1.0
+    assert (out / "01-train" / "model.pt").is_file() and (out / "02-export" / "model.onnx").is_file()
+    assert not any(p.name.startswith(".") and p.name != MARKER for p in out.iterdir())  # no staging, no checkpoints
+    assert json.loads(proc.stdout)["steps"][1]["type"] == "export"  # one JSON document, from rank 0 only
