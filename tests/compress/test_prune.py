@@ -77,9 +77,8 @@ def test_finetune_steps_latency_and_flow_into_export(trained_dir, tmp_path):
     assert len(m["accuracy_after_step"]) == 2 and m["accuracy"] == pytest.approx(m["accuracy_after_step"][-1])
     assert m["latency_ms_before"] > 0 and m["latency_ms_after"] > 0 and "latency_speedup" in m
     art, _ = reload_and_run(out, (1, 8, 8))
-    for mod in art.module.modules():
-        if isinstance(mod, torch.nn.Conv2d):
-            assert mod.out_channels % 4 == 0
+    channels = [mod.out_channels for mod in art.module.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert channels and all(c % 4 == 0 for c in channels), channels
     ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["accuracy"])
     exported = runner.invoke(app, ["export", "--model", str(out), "--data", "digits", "--out", str(tmp_path / "e"),
