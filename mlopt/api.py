@@ -16,6 +16,7 @@ refused with a message; the result keeps the live module. Errors raise mlopt.cor
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -48,31 +49,41 @@ def run(recipe: "Recipe | dict[str, Any] | str | Path", out: str | Path | None =
     return run_recipe(recipe, _path(out), overwrite=overwrite, flat=False, recipe_file=recipe_file, resume=resume)
 
 
-def step(type: str, model: Any, example_input: Any = None, *, data: "str | dict[str, Any] | None" = None,
+def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | dict[str, Any] | None" = None,
          out: str | Path | None = None, overwrite: bool = False, **config: Any) -> RunResult:
-    """Run one step of `type` on `model`, as the step's command does; `mlopt.<type>(...)` calls this.
+    """Run one step of type `step_type` on `model`, as its command does; `mlopt.<step type>(...)` calls this.
 
     example_input: a tensor (or a shape) whose first axis is the batch; it gives the input shape.
     data: a data source ("digits", "npz:FILE", ...) or a mapping of the data settings (source, batch_size, ...).
-    out: the folder for the new model and report.json / report.md. None: a step that makes a model
-    writes into a new temporary folder (`result.out`, left for the caller to delete); others keep nothing.
+    out: the folder for the new model and report.json / report.md. None: nothing is kept on disk, except
+    an ONNX model a step makes, which is left in a new temporary folder (`result.out`) for the caller.
     """
-    if type not in PASSES:
-        raise InputError(f"unknown step type {type!r}; expected one of {', '.join(sorted(PASSES))}")
+    if step_type not in PASSES:
+        raise InputError(f"unknown step type {step_type!r}; expected one of {', '.join(sorted(PASSES))}")
     shape = None if example_input is None else tuple(int(d) for d in getattr(example_input, "shape", example_input))
     module = _is_module(model)
     if module and shape is None:
-        raise InputError(f"mlopt.{type}: give example_input (a tensor with a batch axis) for a torch module")
-    raw: dict[str, Any] = {"version": 1, "model": {"spec": _spec(model, module)}, "steps": [{"type": type, **config}]}
+        raise InputError(f"mlopt.{step_type}: give example_input (a tensor with a batch axis) for a torch module")
+    raw: dict[str, Any] = {"version": 1, "model": {"spec": _spec(model, module)},
+                           "steps": [{"type": step_type, **config}]}
     if shape is not None and not module:
         raw["model"]["input_shape"] = "x".join(map(str, shape))
     if data is not None:
         raw["data"] = {"source": data} if isinstance(data, str) else data
-    recipe = recipe_from_dict(raw, f"mlopt.{type}()")
-    if out is None and PASSES[type].produces_model:
-        out = Path(tempfile.mkdtemp(prefix=f"mlopt-{type}-")) / "out"
+    recipe = recipe_from_dict(raw, f"mlopt.{step_type}()")
     ready = _module_artifact(model, shape) if module else None
-    return run_recipe(recipe, _path(out), overwrite=overwrite, flat=True, model=ready)
+    if out is not None or not PASSES[step_type].produces_model:
+        return run_recipe(recipe, _path(out), overwrite=overwrite, flat=True, model=ready)
+    scratch = Path(tempfile.mkdtemp(prefix=f"mlopt-{step_type}-"))
+    try:
+        result = run_recipe(recipe, scratch / "out", flat=True, model=ready)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if result.artifact.format == "torch":  # the module is in the result: nothing to keep on disk
+        shutil.rmtree(scratch, ignore_errors=True)
+        result.out = None
+    return result
 
 
 def _is_module(model: Any) -> bool:
@@ -111,15 +122,16 @@ def _path(out: str | Path | None) -> Path | None:
     return None if out is None else Path(out)
 
 
-def _step_function(type: str) -> Callable[..., RunResult]:
+def _step_function(step_type: str) -> Callable[..., RunResult]:
     def function(model: Any, example_input: Any = None, **kwargs: Any) -> RunResult:
-        return step(type, model, example_input, **kwargs)
+        return step(step_type, model, example_input, **kwargs)
 
-    config = PASSES[type].config_class
-    function.__name__ = function.__qualname__ = type
-    function.__doc__ = (f"{PASSES[type].cli_help or config.__doc__ or type}\n\nmlopt.{type}(model, example_input, "
-                        f"data=None, out=None, overwrite=False, **config): config keys are the fields of "
-                        f"{config.__name__} ({', '.join(f for f in config.model_fields if f != 'type')}); see mlopt.api.step.")
+    config = PASSES[step_type].config_class
+    function.__name__ = function.__qualname__ = step_type
+    fields = ", ".join(f for f in config.model_fields if f != "type")
+    function.__doc__ = (f"{PASSES[step_type].cli_help or config.__doc__ or step_type}\n\nmlopt.{step_type}(model, "
+                        f"example_input, data=None, out=None, overwrite=False, **config): the config keys are the "
+                        f"fields of {config.__name__} ({fields}); see mlopt.api.step.")
     return function
 
 

@@ -27,7 +27,8 @@ class Artifact:
     sample_shape: tuple[int, ...] | None  # one sample, without the batch dimension
     num_classes: int | None
     lineage: list[str] = field(default_factory=list)
-    builder: dict[str, Any] | None = None  # torch: {"spec", "num_classes", "pruned": {module: {attr: value}}}; spec None: a module from Python
+    builder: dict[str, Any] | None = None  # torch: {"spec", "num_classes", "pruned": {module: {attr: value}}}
+    # (spec None: a module handed to the Python API, which mlopt cannot rebuild)
     module: Any = None  # torch: the live nn.Module
     onnx_path: Path | None = None  # onnx: the file
     origin: str = ""  # what the user named, for messages
