@@ -160,20 +160,10 @@ class QATState:
     agreement: float = 0.0
     fp32_latency: dict[int, float] = field(default_factory=dict)
     int8_latency: dict[int, float] = field(default_factory=dict)
-    slower: list[int] = field(default_factory=list)
-    quantized: bool = True
-
-    @property
-    def int8(self) -> Path:
-        return self.trained_int8 if self.chosen == "trained" else self.start_int8
-
-    @property
-    def int8_acc(self) -> float:
-        return self.trained_acc if self.chosen == "trained" else self.start_acc
-
-    @property
-    def accuracy(self) -> float:
-        return self.int8_acc if self.quantized else self.quality.baseline["accuracy"]
+    slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
+    quantized: bool = True  # INT8 handed back (else the FP32 model QAT started from)
+    int8_acc: float = 0.0  # of the INT8 model chosen (trained or starting point)
+    accuracy: float = 0.0  # of the model handed back
 
 
 def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState:
@@ -303,17 +293,24 @@ def _decide(st: QATState, config: QATConfig) -> None:
     st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
-    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
+    st.int8_acc = st.trained_acc if st.chosen == "trained" else st.start_acc
+    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, _int8(st)], st.artifact.sample_shape, "cpu",
                                                  config.batch_sizes, config.iterations)
     st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
     st.quantized = config.keep_int8 or not st.slower
+    st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
+
+
+def _int8(st: QATState) -> Path:
+    """The INT8 model chosen: the trained one, or the calibrated starting point."""
+    return st.trained_int8 if st.chosen == "trained" else st.start_int8
 
 
 def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
     """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
     from mlopt.compress.lib.engine import history_table
 
-    shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
+    shutil.copyfile(_int8(st) if st.quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {
         "quantized": st.quantized, "chosen": st.chosen,
