@@ -110,16 +110,13 @@ class QATPass(Pass):
         require_labels(ctx.data, "QAT")
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
-            return self._run(artifact, config, ctx, work)
+            state = _prepare(artifact, config, ctx, work)
+            fitted = _train(state, config, ctx)
+            _export_trained(state, config)
+            _decide(state, config)
+            return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    def _run(self, artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepResult:
-        state = _prepare(artifact, config, ctx, work)
-        fitted = _train(state, config, ctx)
-        _export_trained(state, config)
-        _decide(state, config)
-        return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
 
 
 @dataclass
@@ -162,7 +159,8 @@ class QATState:
     int8_latency: dict[int, float] = field(default_factory=dict)
     slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
     quantized: bool = True  # INT8 handed back (else the FP32 model QAT started from)
-    int8_acc: float = 0.0  # of the INT8 model chosen (trained or starting point)
+    int8: Path | None = None  # the INT8 model chosen: the trained one or the calibrated starting point
+    int8_acc: float = 0.0  # its top-1
     accuracy: float = 0.0  # of the model handed back
 
 
@@ -293,24 +291,18 @@ def _decide(st: QATState, config: QATConfig) -> None:
     st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
-    st.int8_acc = st.trained_acc if st.chosen == "trained" else st.start_acc
-    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, _int8(st)], st.artifact.sample_shape, "cpu",
+    st.int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
+    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
                                                  config.batch_sizes, config.iterations)
     st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
     st.quantized = config.keep_int8 or not st.slower
     st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
 
-
-def _int8(st: QATState) -> Path:
-    """The INT8 model chosen: the trained one, or the calibrated starting point."""
-    return st.trained_int8 if st.chosen == "trained" else st.start_int8
-
-
 def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
     """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
     from mlopt.compress.lib.engine import history_table
 
-    shutil.copyfile(_int8(st) if st.quantized else st.start_fp32, out)
+    shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {
         "quantized": st.quantized, "chosen": st.chosen,
