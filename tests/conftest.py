@@ -83,3 +83,19 @@ def kill_once_checkpointed(args, checkpoint: Path, timeout: float = 180) -> None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def section(step: dict, title: str) -> dict:
+    """The section of a step report (report.json's `step`) with this title."""
+    return next(s for s in step["sections"] if s["title"] == title)
+
+
+def table_rows(step: dict, title: str) -> list[dict]:
+    """A table section's rows as {column: value}."""
+    table = section(step, title)
+    return [dict(zip(table["columns"], row)) for row in table["rows"]]
+
+
+def latency_of(step: dict, model: str) -> dict[int, float]:
+    """{batch size: p50 ms} of one model among a step report's latencies."""
+    return {lat["batch_size"]: lat["p50_ms"] for lat in step["latency"] if lat["model"] == model}
