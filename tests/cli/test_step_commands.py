@@ -119,6 +119,28 @@ def test_builtin_commands_keep_their_flags(command, flags):
         assert flag in result.output, flag
 
 
+@pytest.mark.parametrize("args,step,data", [
+    (["ptq", "--data", "digits", "--mode", "static", "--format", "qoperator", "--per-tensor", "-b", 1, "-b", 8, "-n", 5],
+     {"type": "ptq", "mode": "static", "format": "qoperator", "per_channel": False, "batch_sizes": [1, 8], "iterations": 5},
+     {"source": "digits"}),
+    (["qat", "--data", "digits", "--bench-batch-size", 4, "--keep-int8", "--no-teacher", "-e", 3, "-b", 16, "--seed", 2],
+     {"type": "qat", "batch_sizes": [4], "keep_int8": True, "teacher": False, "epochs": 3, "seed": 2},
+     {"source": "digits", "batch_size": 16, "seed": 2}),
+])
+def test_flags_fill_their_config_fields(tmp_path, args, step, data):
+    saved = _saved(tmp_path, *args, "--model", f"{TOY}:tiny_cnn", "--out", tmp_path / "o")
+    assert saved["steps"] == [step] and saved["data"] == data
+
+
+def test_distill_student_is_the_model(tmp_path):
+    saved = _saved(tmp_path, "distill", "--student", f"{TOY}:tiny_cnn", "--teacher", "t", "--data", "digits",
+                   "--feature", "a:b", "--no-baseline", "--out", tmp_path / "o")
+    assert saved["model"] == {"spec": f"{TOY}:tiny_cnn"}
+    assert saved["steps"] == [{"type": "distill", "teacher": "t", "features": ["a:b"], "baseline": False}]
+    missing = invoke("distill", "--student", f"{TOY}:tiny_cnn", "--data", "digits", "--out", tmp_path / "o")
+    assert missing.exit_code == 2 and "--teacher" in missing.output
+
+
 def test_prune_options_fill_the_nested_finetune_config(tmp_path):
     saved = _saved(tmp_path, "prune", "--model", f"{TOY}:tiny_cnn", "--out", tmp_path / "p", "--ratio", 0.5,
                    "--lr", 0.01, "--amp", "bf16", "--seed", 3, "--per-layer", "--no-latency", "--ignore", "conv1")
