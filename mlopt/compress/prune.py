@@ -17,7 +17,7 @@ from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig
 from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
                                         search_ratio, sync_heads)
-from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 
 
@@ -34,15 +34,18 @@ class PruneConfig(BaseModel):
         None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
         "and `num_heads` (timm's ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's)")
     importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
-    global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer")
+    global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer",
+                                 json_schema_extra=cli(flag="--global/--per-layer"))
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
     ignore: list[str] = Field(default_factory=list, description="module names left untouched (the classifier always is)")
     steps: int = Field(1, gt=0, description="prune in this many steps, fine-tuning after each")
     finetune: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="fine-tuning after each step (needs labelled data)"
+        default_factory=TrainingConfig, description="fine-tuning after each step (needs labelled data)",
+        json_schema_extra=cli(omit=("epochs",)),
     )
     finetune_epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step; 0 = none")
-    measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime")
+    measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime",
+                                  json_schema_extra=cli(flag="--latency/--no-latency"))
 
     @model_validator(mode="after")
     def _targets(self) -> "PruneConfig":
@@ -64,6 +67,7 @@ class PrunePass(Pass):
     name = "prune"
     config_class = PruneConfig
     compresses = True
+    cli_help = "Prune channels with Torch-Pruning (or sparsify weights); the result reloads from its directory."
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
         from mlopt.compress.lib.engine import fit

@@ -19,6 +19,11 @@ class TrainPass(Pass):
     name = "train"
     config_class = TrainConfig
     needs_data = True
+    trains = True
+    cli_help = """Train a model on labelled data. Writes model.pt, model.json and a report.
+
+    Mixed precision with --amp, data parallelism with --nproc (or torchrun), checkpoints and --resume.
+    """
 
     def run(self, artifact: Any, config: TrainConfig, ctx: Any) -> StepResult:
         module = artifact.require_torch("train")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt.core.contracts import Pass, StepResult, names_file
+from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
 from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
 
@@ -18,10 +18,13 @@ class BenchConfig(BaseModel):
     type: Literal["bench"] = "bench"
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
     warmup: int = Field(10, ge=0, description="untimed runs before timing")
-    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size")
-    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations")
+    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
+                                  json_schema_extra=cli(short="-n"))
+    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations",
+                                      json_schema_extra=cli(flag="--duration"))
     compare: list[str] = Field(default_factory=list, json_schema_extra=names_file(), description="more ONNX files timed after the current model")
 
     @model_validator(mode="after")
@@ -40,6 +43,21 @@ class BenchPass(Pass):
     config_class = BenchConfig
     produces_model = False
     text_ok = True
+    cli_help = "onnxruntime latency and throughput of one or more ONNX models, side by side."
+    cli_models_help = "ONNX files (or mlopt output directories); the first is the baseline."
+
+    @classmethod
+    def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
+        from mlopt.runtime.artifacts import ONNX_FILE
+
+        paths = [str(Path(p) / ONNX_FILE) if Path(p).is_dir() else p for p in [*models, *step.get("compare", [])]]
+        step["compare"] = paths[1:]
+        return paths[0]
+
+    @classmethod
+    def cli_json(cls, step: dict[str, Any]) -> Any:
+        keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
+        return {"results": [{k: r[k] for k in keys} for r in step["bench"]["results"]], "timing": step["bench"]["timing"]}
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
         from mlopt.runtime.artifacts import load_onnx_file

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
-from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.sections import Bars, Table
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latencies, latency_entries,
                                       not_faster_at, preprocess, quantize, reduce_range_for, speedups)
@@ -35,24 +35,27 @@ class PTQConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["ptq"] = "ptq"
-    mode: Literal["auto", "static", "dynamic"] = "auto"
+    mode: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto: measure candidates, keep the fastest within budget")
     format: Literal["qdq", "qoperator"] = Field("qdq", description="static/dynamic modes: graph format")
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
-    per_channel: bool = True
+    per_channel: bool = Field(True, description="weight scales per channel or per tensor (static/dynamic modes)",
+                              json_schema_extra=cli(flag="--per-channel/--per-tensor"))
     calibration: Literal["auto", "minmax", "percentile", "entropy"] = Field(
         "auto", description="auto: minmax and percentile candidates in auto mode, minmax otherwise"
     )
-    calibration_samples: int = Field(256, gt=0)
+    calibration_samples: int = Field(256, gt=0, description="training samples used to calibrate")
     reduce_range: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CPUs without VNNI")
-    preprocess: bool = Field(True, description="onnxruntime shape inference and graph fusion before quantizing")
+    preprocess: bool = Field(True, description="shape inference and graph fusion by onnxruntime before quantizing")
     max_drop: float = Field(0.01, ge=0, le=1, description="allowed top-1 drop (0.01 = 1 point)")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="fidelity floor when the data has no labels")
     fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
     fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
+    iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size", json_schema_extra=cli(short="-n"))
 
     @model_validator(mode="after")
     def _options_used(self) -> "PTQConfig":
@@ -106,6 +109,7 @@ class PTQPass(Pass):
     needs_data = True
     compresses = True
     text_ok = True
+    cli_help = "Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
         work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))

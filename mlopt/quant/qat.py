@@ -42,7 +42,7 @@ from pydantic import Field
 from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig
 from mlopt.core.errors import InputError
-from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.sections import Table
 from mlopt.quant.lib.alignment import (RuntimePoints, export_fp32, point_tensors, quantize_with_ranges, runtime_points,
                                        runtime_ranges, runtime_scheme, simulation_error_sections, simulation_errors,
@@ -56,21 +56,22 @@ class QATConfig(TrainingConfig):
     """Fine-tune with simulated INT8, then export an INT8 ONNX model onnxruntime fully fuses."""
 
     type: Literal["qat"] = "qat"
-    epochs: int = Field(2, gt=0)
-    lr: float = Field(5e-5, gt=0)
+    epochs: int = Field(2, gt=0, description="training epochs", json_schema_extra=cli(short="-e"))
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
     observer: Literal["ema", "lsq"] = Field(
         "ema", description="activation ranges: EMA min/max observers, or a scale and zero point learned by gradient (LSQ+)")
     freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
     freeze_bn_after: int = Field(0, ge=0, description="epochs during which batch-norm statistics still update")
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
-    calibration_samples: int = Field(256, gt=0)
+    calibration_samples: int = Field(256, gt=0, description="samples for the initial ranges")
     runtime_points: bool = Field(True, description="fake-quantize activations at every tensor onnxruntime's quantizer "
                                  "picks (found in the torch.fx graph); false: at Conv/Linear inputs only")
     export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
                                 "(otherwise it calibrates the trained model afresh)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,
-                                   description="batch sizes at which INT8 and FP32 are timed against each other")
+                                   description="batch sizes at which INT8 and FP32 are timed against each other",
+                                   json_schema_extra=cli(flag="--bench-batch-size"))
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
     keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
                             "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
@@ -95,6 +96,12 @@ class QATPass(Pass):
     config_class = QATConfig
     needs_data = True
     compresses = True
+    trains = True
+    cli_help = """Quantization-aware training; writes an INT8 ONNX model that onnxruntime fully fuses.
+
+    Hands back the better (validation top-1) of the trained model and its calibrated starting point,
+    and the FP32 model it started from where INT8 is not faster (unless --keep-int8).
+    """
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
         if artifact.format != "torch":
