@@ -35,6 +35,5 @@ def bench(
         {"type": "bench", "provider": provider, "threads": threads, "batch_sizes": batch_size or [1],
          "warmup": warmup, "iterations": iterations, "duration_s": duration, "compare": paths[1:]},
     )
-    keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
-    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out, json_view=lambda step: {
-        "results": [{k: r[k] for k in keys} for r in step["bench"]["results"]], "timing": step["bench"]["timing"]})
+    execute(recipe, out, overwrite, quiet, save_recipe, json_out=json_out,
+            json_view=lambda step: {"latency": step["latency"], "table": step["sections"][0]})

@@ -1,4 +1,4 @@
-"""`mlopt report compare OLD_DIR NEW_DIR`."""
+"""`mlopt report compare OLD_DIR NEW_DIR` and `mlopt report schema`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ from mlopt.cli import options as o
 from mlopt.cli.common import handle_errors
 
 report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
+
+
+@report_app.command("schema")
+@handle_errors
+def schema() -> None:
+    """Print the JSON schema that every report.json (step or run) follows."""
+    from mlopt.core import console
+    from mlopt.report.schema import json_schema
+
+    console.emit_json(json_schema())
 
 
 @report_app.command("compare")

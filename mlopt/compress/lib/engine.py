@@ -27,6 +27,7 @@ from mlopt.core import console
 from mlopt.runtime import distributed
 from mlopt.runtime.data import Dataset, require_labels
 from mlopt.core.errors import InputError
+from mlopt.core.sections import Table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -375,6 +376,12 @@ def fit(
         "train_samples_per_s": throughput,
         "history": state["history"],
     }
+
+
+def history_table(history: list[dict[str, Any]], title: str = "training history") -> Table:
+    """`fit`'s per-epoch figures (and any a caller added to them) as a report section."""
+    columns = list(dict.fromkeys(k for h in history for k in h))
+    return Table(title=title, columns=columns, rows=[[h.get(c) for c in columns] for h in history])
 
 
 _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
