@@ -72,6 +72,7 @@ def test_markdown_renders_every_section_kind_as_a_table():
     assert "| /x/a | 1 | 2 |" in md and "| /x/b | 1 | 1.5 |" in md and "timing: sequential runs" in md
 
 
+@pytest.mark.slow  # matplotlib
 def test_html_plots_bars_and_scatters_and_tabulates_many_names():
     from mlopt.core.sections import Bars, Scatter, Table
 
@@ -79,11 +80,18 @@ def test_html_plots_bars_and_scatters_and_tabulates_many_names():
     assert render_section(Scatter(**SCATTER)).startswith("<figure><svg")
     table = render_section(Table(**TABLE))
     assert "<th>epoch</th><th>loss</th>" in table and "<td>2</td><td>0.25</td>" in table
+    def height(svg):
+        return float(re.search(r'<svg[^>]* height="([0-9.]+)pt"', svg).group(1))
+
+    labels = [f"layer{i}" for i in range(MAX_PLOTTED_LABELS)]
+    tall = render_section(Bars(title="t", labels=labels, series={"x": list(range(len(labels)))}))
+    assert height(tall) / len(labels) >= 12  # a row of at least 12 pt per 8 pt label: none overlap
     names = [f"block{i}.conv" for i in range(MAX_PLOTTED_LABELS + 1)]
     many = render_section(Bars(title="t", labels=names, series={"after": list(range(len(names)))}))
     assert "<svg" not in many and all(f"<td>{n}</td>" in many for n in names)
 
 
+@pytest.mark.slow  # matplotlib
 def test_html_summary_first_from_the_chain_else_from_the_steps():
     page = render_html(parse(_run({("a", 1): 2.0}, {"01-train": {1: 2.0, 8: 9.0}, "02-prune": {1: 1.0, 8: 3.0}})))
     assert page.index("<h2>Summary</h2>") < page.index("Chain:") < page.index("<h2>01-train</h2>")

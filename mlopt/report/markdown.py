@@ -50,6 +50,19 @@ def _table(table: Table, heading: str = "###") -> list[str]:
     return lines + [""]
 
 
+def rich_table(table: Table) -> Any:
+    """A table for the terminal (console.table)."""
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=escape(table.title))
+    for column in table.columns:
+        out.add_column(escape(column))
+    for row in table.rows:
+        out.add_row(*(escape(fmt(v)) for v in row))
+    return out
+
+
 def chain_table(chain: Chain) -> Table:
     sizes = chain.batch_sizes
     rows = []
