@@ -162,7 +162,8 @@ def test_gates_pass_and_fail_with_junit(tmp_path):
     assert (out / "03-export" / "model.onnx").is_file()  # artifacts and reports are still written
     assert "**FAIL**" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    assert '<span class="fail">FAIL</span>' in page and page.count("<svg") >= 2  # size and channels-per-layer plots
+    assert '<span class="fail">FAILED</span>' in page and "<td>max_size_mb</td><td>&lt;= 0.0001</td>" in page
+    assert page.count("<svg") >= 2  # the chain's latencies and the channels per layer
     assert "<script" not in page and 'src="http' not in page and "href=\"http" not in page  # self-contained
     xml = junit.read_text()
     assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.run.gates" name="max_size_mb">' in xml
