@@ -40,7 +40,7 @@ class PruneConfig(BaseModel):
     ignore: list[str] = Field(default_factory=list, description="module names left untouched (the classifier always is)")
     steps: int = Field(1, gt=0, description="prune in this many steps, fine-tuning after each")
     finetune: TrainingConfig = Field(
-        default_factory=lambda: TrainingConfig(epochs=1), description="fine-tuning after each step (needs labelled data)"
+        default_factory=TrainingConfig, description="fine-tuning after each step (needs labelled data)"
     )
     finetune_epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step; 0 = none")
     measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime")
