@@ -102,8 +102,9 @@ def render_markdown(report: StepReportFile | RunReport) -> str:
         if report.recipe_file:
             lines += [f"Recipe: `{report.recipe_file}`", ""]
         if report.chain:
-            verdict = report.chain.verdict if report.chain.final_is_best else f"**Warning: {report.chain.verdict}.**"
-            lines += [verdict[0].upper() + verdict[1:], "", *_table(chain_table(report.chain), "##")]
+            chain = chain_table(report.chain)
+            verdict = f"{report.chain.verdict}." if report.chain.final_is_best else f"**Warning: {report.chain.verdict}.**"
+            lines += _table(chain.model_copy(update={"note": f"{verdict[0].upper()}{verdict[1:]}\n\n{chain.note}"}), "##")
         # Each step's own timings are left out here: they are not comparable (the chain table is).
         rows = [[s.dir, s.type, round(s.duration_s, 1),
                  ", ".join(f"{k} {fmt(v)}" for k, v in s.metrics.items() if not is_timing(k))] for s in report.steps]
