@@ -93,7 +93,9 @@ def test_html_plots_bars_and_scatters_and_tabulates_many_names():
 
 @pytest.mark.slow  # matplotlib
 def test_html_summary_first_from_the_chain_else_from_the_steps():
-    page = render_html(parse(_run({("a", 1): 2.0}, {"01-train": {1: 2.0, 8: 9.0}, "02-prune": {1: 1.0, 8: 3.0}})))
+    fresh = _run({("a", 1): 2.0}, {"01-train": {1: 2.0, 8: 9.0}, "02-prune": {1: 1.0, 8: 3.0}})  # int batch keys
+    page = render_html(parse(fresh))
+    assert page == render_html(parse(json.dumps(fresh)))  # as a resumed run reads it back: the same page
     assert page.index("<h2>Summary</h2>") < page.index("Chain:") < page.index("<h2>01-train</h2>")
     summary = page[page.index("<h2>Summary</h2>"):page.index("Chain:")]
     assert "<th>batch 1 ms</th><th>batch 8 ms</th>" in summary

@@ -12,9 +12,8 @@ import io
 from typing import Any
 
 from mlopt.core.sections import Bars, Point, Scatter, Table
-from mlopt.report.markdown import chain_table, fmt, metrics_table
-from mlopt.report.schema import (Chain, RunReport, StepReport, StepReportFile, as_table, latency_table,
-                                 step_latency)
+from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency
+from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile
 
 MAX_PLOTTED_LABELS = 40  # more names than this: a table (bars would be too thin to read)
 QUALITY = ("accuracy", "top1_agreement", "cosine_mean")  # the first a step has is its "top-1 or fidelity"
@@ -62,7 +61,7 @@ def _svg(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
     return "<figure>" + text[text.index("<svg"):] + "</figure>"
@@ -72,6 +71,7 @@ def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "mlopt"  # ids from the content: the same report draws the same page
     import matplotlib.pyplot as plt
 
     return plt

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlopt.core.sections import Table
-from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile, as_table, latency_table, parse
+from mlopt.core.sections import Bars, Latency, Scatter, Table
+from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile, parse
 
 
 def fmt(value: Any) -> str:
@@ -26,6 +26,39 @@ def is_timing(key: str) -> bool:
 STEP_TIMING_NOTE = ("Timings in this step are its own measurement (its own method, iterations and moment of a shared "
                     "machine): compare them with each other, not with another step's. The run report's chain table "
                     "times every model of a recipe alike.")
+
+
+def as_table(section: Table | Bars | Scatter) -> Table:
+    """Any section as rows and columns (Markdown shows every section this way, HTML the long ones)."""
+    if isinstance(section, Table):
+        return section
+    if isinstance(section, Bars):
+        rows = [[label, *(values[i] for values in section.series.values())] for i, label in enumerate(section.labels)]
+        unit = f" ({section.unit})" if section.unit else ""
+        return Table(title=section.title, columns=["", *(f"{s}{unit}" for s in section.series)], rows=rows,
+                     note=section.note)
+    return Table(title=section.title, columns=["", section.xlabel, section.ylabel],
+                 rows=[[p.label, p.x, p.y] for p in section.points], note=section.note)
+
+
+def latency_table(latency: list[Latency]) -> Table | None:
+    if not latency:
+        return None
+    named = any(lat.model for lat in latency)
+    methods = list(dict.fromkeys(lat.method for lat in latency))
+    rows = [[*([lat.model] if named else []), lat.batch_size, lat.p50_ms, lat.mean_ms, lat.p90_ms, lat.p99_ms,
+             *([lat.method] if len(methods) > 1 else [])] for lat in latency]
+    return Table(title="latency", columns=[*(["model"] if named else []), "batch", "p50 ms", "mean ms", "p90 ms",
+                                           "p99 ms", *(["method"] if len(methods) > 1 else [])],
+                 rows=rows, note=f"timing: {methods[0]}" if len(methods) == 1 else None)
+
+
+def step_latency(step: StepReport) -> dict[int, float]:
+    """p50 per batch size of the step's first timed model (the step's own measurement)."""
+    if not step.latency:
+        return {}
+    first = step.latency[0].model
+    return {lat.batch_size: lat.p50_ms for lat in step.latency if lat.model == first}
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table | None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from mlopt.core.errors import RunError
-from mlopt.core.sections import Bars, Latency, Scatter, Section, Table
+from mlopt.core.sections import Latency, Section
 
 SCHEMA_VERSION = 2
 Scalar = Union[bool, int, float, str, None]
@@ -134,36 +134,3 @@ def parse(report: Any) -> StepReportFile | RunReport:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         raise RunError(f"the report does not fit the report schema (version {SCHEMA_VERSION}): {problems}") from None
-
-
-def as_table(section: Table | Bars | Scatter) -> Table:
-    """Any section as rows and columns (Markdown shows every section this way, HTML the long ones)."""
-    if isinstance(section, Table):
-        return section
-    if isinstance(section, Bars):
-        rows = [[label, *(values[i] for values in section.series.values())] for i, label in enumerate(section.labels)]
-        unit = f" ({section.unit})" if section.unit else ""
-        return Table(title=section.title, columns=["", *(f"{s}{unit}" for s in section.series)], rows=rows,
-                     note=section.note)
-    return Table(title=section.title, columns=["", section.xlabel, section.ylabel],
-                 rows=[[p.label, p.x, p.y] for p in section.points], note=section.note)
-
-
-def latency_table(latency: list[Latency]) -> Table | None:
-    if not latency:
-        return None
-    named = any(lat.model for lat in latency)
-    methods = list(dict.fromkeys(lat.method for lat in latency))
-    rows = [[*([lat.model] if named else []), lat.batch_size, lat.p50_ms, lat.mean_ms, lat.p90_ms, lat.p99_ms,
-             *([lat.method] if len(methods) > 1 else [])] for lat in latency]
-    return Table(title="latency", columns=[*(["model"] if named else []), "batch", "p50 ms", "mean ms", "p90 ms",
-                                           "p99 ms", *(["method"] if len(methods) > 1 else [])],
-                 rows=rows, note=f"timing: {methods[0]}" if len(methods) == 1 else None)
-
-
-def step_latency(step: StepReport) -> dict[int, float]:
-    """p50 per batch size of the step's first timed model (the step's own measurement)."""
-    if not step.latency:
-        return {}
-    first = step.latency[0].model
-    return {lat.batch_size: lat.p50_ms for lat in step.latency if lat.model == first}
