@@ -82,7 +82,6 @@ def test_toy_step_runs_in_a_recipe_and_reports_its_metric_and_section(toy_run):
             assert torch.allclose(after, 2 * before if "running_mean" not in name else before), name
 
 
-@pytest.mark.xfail(strict=True, reason="report.md renders typed sections once the report renderers are merged")
 def test_toy_section_is_rendered_in_report_md(toy_run):
     md = (toy_run / "report.md").read_text()
     assert "toy_scale: sum of |w| per parameter" in md and "classifier.weight" in md

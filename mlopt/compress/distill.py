@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from mlopt.compress.lib.distillation import distillation_objective
-from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
@@ -131,4 +131,4 @@ class DistillPass(Pass):
             )
         console.info(notes[-1])
         metrics["size_mb"] = new.size_mb()
-        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history})
+        return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])

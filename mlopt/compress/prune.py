@@ -14,11 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig
+from mlopt.compress.lib.engine import TrainingConfig, history_table
 from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
                                         search_ratio, sync_heads)
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
+from mlopt.core.sections import Bars, Latency
 
 
 class PruneConfig(BaseModel):
@@ -97,6 +98,9 @@ class PrunePass(Pass):
 
         finetune_cfg = config.finetune.model_copy(update={"epochs": config.finetune_epochs or 1})
         history: list[dict[str, Any]] = []
+        after_step: list[float] = []
+        sections: list[Any] = []
+        latency: list[Latency] = []
 
         def finetune(step: int) -> None:
             if not config.finetune_epochs:
@@ -104,8 +108,8 @@ class PrunePass(Pass):
             ckpt = ctx.checkpoint_dir / f"finetune{step}" if ctx.checkpoint_dir else None
             result = fit(module, data, finetune_cfg, batch, checkpoint_dir=ckpt, resume=ctx.resume,
                          label=f"fine-tune {step}/{config.steps}", fingerprint_extra=["prune", step])
-            history.extend({**h, "step": step} for h in result["history"])
-            metrics["accuracy_after_step"] = metrics.get("accuracy_after_step", []) + [result["accuracy"]]
+            history.extend({"prune step": step, **h} for h in result["history"])
+            after_step.append(result["accuracy"])
 
         if config.sparsity == "structured":
             ratio = config.ratio
@@ -130,11 +134,10 @@ class PrunePass(Pass):
                 finetune(step)
             pruned = changed_attributes(before_shapes, shape_attributes(module))
             builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
-            metrics["layers"] = self._layer_table(before_shapes, pruned)
-            heads = {n: f"{before_shapes[n][k]} -> {a[k]}" for n, a in pruned.items()
-                     for k in ("num_heads", "num_attention_heads") if k in a}
-            if heads:
-                metrics["heads"] = heads
+            sections += [bars for bars in (
+                _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
+                _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
+                if bars.labels]
         else:
             from mlopt.compress.lib import sparsity as sp
 
@@ -160,23 +163,19 @@ class PrunePass(Pass):
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
         if onnx_before is not None:
-            self._latency_after(module, shape, ctx, onnx_before, metrics)
+            latency = self._latency_after(module, shape, ctx, onnx_before, metrics)
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(
             f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
             + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
         )
-        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history} if history else {})
-
-    @staticmethod
-    def _layer_table(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]]) -> dict[str, str]:
-        rows = {}
-        for name, attrs in pruned.items():
-            for key in ("out_channels", "out_features", "embed_dim"):
-                if key in attrs:
-                    rows[name] = f"{before[name][key]} -> {attrs[key]}"
-        return rows
+        if after_step:
+            sections.append(Bars(title="top-1 after each prune step", labels=[f"step {i + 1}" for i in range(len(after_step))],
+                                 series={"top-1": after_step}))
+        if history:
+            sections.append(history_table(history, "fine-tuning history"))
+        return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 
     def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
         from mlopt.export.lib.onnx import export_onnx
@@ -184,15 +183,26 @@ class PrunePass(Pass):
         export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
         return path
 
-    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path, metrics: dict[str, Any]) -> None:
+    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path,
+                       metrics: dict[str, Any]) -> list[Latency]:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
         from mlopt.compress.lib.sparsity import gzip_mb
         from mlopt.export.lib.timing import interleaved_latency
 
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
-        metrics["latency_ms_before"], metrics["latency_ms_after"] = lat_before[1], lat_after[1]
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]
         metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = gzip_mb(before), gzip_mb(after)
         before.unlink()
         after.unlink()
+        method = "onnxruntime FP32 on the CPU, before and after in interleaved rounds, best round's median"
+        return [Latency(batch_size=1, p50_ms=lat[1], method=method, model=name)
+                for name, lat in (("before", lat_before), ("after", lat_after))]
+
+
+def _before_after(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]], keys: tuple[str, ...],
+                  title: str) -> Bars:
+    """What pruning changed of `keys` (channels, heads), per layer, before and after."""
+    changed = [(name, key) for name, attrs in pruned.items() for key in keys if key in attrs]
+    return Bars(title=title, labels=[name for name, _ in changed],
+                series={"before": [before[n][k] for n, k in changed], "after": [pruned[n][k] for n, k in changed]})

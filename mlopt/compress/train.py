@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core.contracts import Pass, StepResult
 
 
@@ -34,4 +34,4 @@ class TrainPass(Pass):
         result["params"] = new.params()
         result["size_mb"] = new.size_mb()
         console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
-        return StepResult(artifact=new, metrics=result, sections={"history": history})
+        return StepResult(artifact=new, metrics=result, sections=[history_table(history)])

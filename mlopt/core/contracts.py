@@ -55,7 +55,7 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # name -> number, text or flag
     notes: list[str] = field(default_factory=list)  # plain statements of what was done and why
     latency: list[Any] = field(default_factory=list)  # mlopt.core.sections.Latency, one per model and batch size
-    sections: Any = field(default_factory=list)  # mlopt.core.sections.Table / Bars / Scatter, in order
+    sections: list[Any] = field(default_factory=list)  # mlopt.core.sections.Table / Bars / Scatter, in order
 
 
 @dataclass

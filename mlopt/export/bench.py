@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
+from mlopt.core.sections import Latency, Table
 from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
 
 class BenchConfig(BaseModel):
@@ -56,8 +57,14 @@ class BenchPass(Pass):
 
     @classmethod
     def cli_json(cls, step: dict[str, Any]) -> Any:
-        keys = ("model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup")
-        return {"results": [{k: r[k] for k in keys} for r in step["bench"]["results"]], "timing": step["bench"]["timing"]}
+        """`bench --json`: one result per model and batch size, with its latency percentiles (ms)."""
+        latency = {(lat["model"], lat["batch_size"]): lat for lat in step["latency"]}
+        table = step["sections"][0]
+        results = []
+        for row in (dict(zip(table["columns"], r)) for r in table["rows"]):
+            lat = latency[row["model"], row["batch_size"]]
+            results.append({**row, "latency_ms": {k: lat[f"{k}_ms"] for k in ("mean", "p50", "p90", "p99")}})
+        return {"results": results, "timing": next(iter(latency.values()))["method"]}
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
         from mlopt.runtime.artifacts import load_onnx_file
@@ -73,16 +80,11 @@ class BenchPass(Pass):
         results = bench_models(models, config)
         show_table(results)
         first = results[0]
-        metrics = {
-            "latency_ms": first["latency_ms"]["mean"],
-            "batch_size": first["batch_size"],
-            "throughput_per_s": first["throughput_per_s"],
-            "size_mb": first["size_mb"],
-            "provider": config.provider,
-        }
-        return StepResult(
-            artifact=artifact,
-            metrics=metrics,
-            notes=[f"timing: {TIMING_NOTE}"],
-            sections={"bench": {"results": results, "timing": TIMING_NOTE}},
-        )
+        metrics = {"throughput_per_s": first["throughput_per_s"], "size_mb": first["size_mb"], "provider": config.provider}
+        latency = [Latency(batch_size=r["batch_size"], p50_ms=r["latency_ms"]["p50"], mean_ms=r["latency_ms"]["mean"],
+                           p90_ms=r["latency_ms"]["p90"], p99_ms=r["latency_ms"]["p99"], method=TIMING_NOTE,
+                           model=r["model"]) for r in results]
+        columns = ["model", "provider", "batch_size", "throughput_per_s", "size_mb", "speedup"]
+        table = Table(title="throughput and speed-up (mean latency against the first model's)", columns=columns,
+                      rows=[[r[c] for c in columns] for r in results])
+        return StepResult(artifact=artifact, metrics=metrics, latency=latency, sections=[table])

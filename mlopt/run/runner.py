@@ -19,7 +19,7 @@ from mlopt.core.contracts import PASSES, StepContext
 from mlopt.core.errors import InputError
 from mlopt.run import resume as resuming
 from mlopt.run.outdir import OutputDir
-from mlopt.report.markdown import SCHEMA_VERSION
+from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.runtime import distributed, hf
 
 if TYPE_CHECKING:
@@ -234,14 +234,8 @@ def _step_report(run: Run, index: int, name: str, step: Any, inputs_sha256: str,
         "notes": result.notes,
     }
     report["latency"] = [lat.model_dump(mode="json") for lat in result.latency]
-    if isinstance(result.sections, list):
-        report["sections"] = [s.model_dump(mode="json") for s in result.sections]
-        return report
-    # Interim: passes not yet converted to typed sections hand back a dict of named sections.
-    clash = set(result.sections) & (set(report) | {"duration_s"})
-    if clash:
-        raise RuntimeError(f"step {step.type!r} returned report sections named like the runner's keys: {sorted(clash)}")
-    return {**report, **result.sections}
+    report["sections"] = [s.model_dump(mode="json") for s in result.sections]
+    return report
 
 
 def _write_step(run: Run, stage: Path, step_report: dict[str, Any], name: str) -> None:

@@ -40,7 +40,8 @@ def test_train_writes_artifact_and_report(trained_dir):
     assert meta["format"] == "torch" and meta["sample_shape"] == [1, 8, 8] and meta["lineage"] == ["train"]
     report = json.loads((trained_dir / "report.json").read_text())
     assert report["step"]["type"] == "train" and report["step"]["metrics"]["accuracy"] > 0.8
-    assert len(report["step"]["history"]) == 3
+    history = report["step"]["sections"][0]
+    assert history["title"] == "training history" and [row[0] for row in history["rows"]] == [1, 2, 3]
     assert not [p for p in trained_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
@@ -71,11 +72,11 @@ def test_bench_json_contract(exported_dir, tmp_path):
                     "--warmup", 1, "--json", "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert len(data["results"]) == 4
-    for row in data["results"]:
-        assert {"model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb"} <= set(row)
-        assert set(row["latency_ms"]) == {"mean", "p50", "p90", "p99"}
-    assert "sequential" in data["timing"]
+    assert [(lat["model"], lat["batch_size"]) for lat in data["latency"]] == [
+        (str(onnx_path), 1), (str(onnx_path), 2), (str(copy), 1), (str(copy), 2)]
+    for lat in data["latency"]:
+        assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and "sequential" in lat["method"]
+    assert data["table"]["columns"][:3] == ["model", "provider", "batch_size"] and len(data["table"]["rows"]) == 4
     md = (tmp_path / "b" / "report.md").read_text()
     assert md.count("| cpu | 1 |") == 2 and md.count("| cpu | 2 |") == 2
 

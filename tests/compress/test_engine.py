@@ -58,7 +58,8 @@ def test_early_stopping_keeps_best_epoch(tmp_path):
                                       "constant", "--early-stopping", 1, "--out", out, "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    history = json.loads((out / "report.json").read_text())["step"]["history"]
+    table = json.loads((out / "report.json").read_text())["step"]["sections"][0]
+    history = [dict(zip(table["columns"], row)) for row in table["rows"]]
     best = max(h["val_accuracy"] for h in history)
     assert m["accuracy"] == best and m["best_epoch"] == [h["val_accuracy"] for h in history].index(best) + 1
     if m["stopped_early"]:
