@@ -72,11 +72,14 @@ def test_bench_json_contract(exported_dir, tmp_path):
                     "--warmup", 1, "--json", "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [(lat["model"], lat["batch_size"]) for lat in data["latency"]] == [
+    results = data["results"]
+    assert [(r["model"], r["batch_size"]) for r in results] == [
         (str(onnx_path), 1), (str(onnx_path), 2), (str(copy), 1), (str(copy), 2)]
-    for lat in data["latency"]:
-        assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and "sequential" in lat["method"]
-    assert data["table"]["columns"][:3] == ["model", "provider", "batch_size"] and len(data["table"]["rows"]) == 4
+    for r in results:
+        assert set(r) == {"model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup"}
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["mean"] > 0 and r["provider"] == "cpu"
+    assert results[0]["speedup"] == 1.0 and "sequential" in data["timing"]
     md = (tmp_path / "b" / "report.md").read_text()
     assert md.count("| cpu | 1 |") == 2 and md.count("| cpu | 2 |") == 2
 
