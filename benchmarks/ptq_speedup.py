@@ -29,19 +29,21 @@ def run_ptq(model: str, data: dict, out: Path, batch_sizes: list[int], min_cosin
 
 def show(name: str, step: dict) -> None:
     m = step["metrics"]
-    fp32 = step["ptq"]["fp32"]
-    chosen = next((r for r in step["ptq"]["candidates"] if r["name"] == m["chosen"]), fp32)
-    lat = "  ".join(
-        f"batch {b}: FP32 {fp32['latency_ms'][b]:.2f} ms, INT8 {chosen['latency_ms'][b]:.2f} ms "
-        f"({fp32['latency_ms'][b] / chosen['latency_ms'][b]:.2f}x)" for b in fp32["latency_ms"]
+    lat: dict[str, dict[int, float]] = {}
+    for r in step["latency"]:
+        lat.setdefault(r["model"], {})[r["batch_size"]] = r["p50_ms"]
+    fp32, chosen = lat["FP32"], lat[m["chosen"]]
+    lat_text = "  ".join(
+        f"batch {b}: FP32 {fp32[b]:.2f} ms, INT8 {chosen[b]:.2f} ms ({fp32[b] / chosen[b]:.2f}x)" for b in fp32
     )
     quality = (f"top-1 FP32 {m['fp32_accuracy']:.4f} INT8 {m['accuracy']:.4f} (drop {100 * m['accuracy_drop']:+.2f} pt)"
                if "fp32_accuracy" in m else f"cosine to FP32 {m.get('cosine_mean', 1):.4f}")
     size = f"size {m['fp32_size_mb']:.1f} -> {m['size_mb']:.1f} MB ({m['fp32_size_mb'] / m['size_mb']:.2f}x)"
-    print(f"{name}: {m['chosen']}\n  {lat}\n  {quality}; {size}")
-    for r in step["ptq"]["candidates"]:
-        print(f"    candidate {r['name']}: " + ", ".join(f"b{b} {ms:.2f} ms" for b, ms in r["latency_ms"].items())
-              + f", {r['kernels']['integer']} int / {r['kernels']['float']} float kernels")
+    print(f"{name}: {m['chosen']}\n  {lat_text}\n  {quality}; {size}")
+    table = next(s for s in step["sections"] if s["title"] == "PTQ candidates")
+    for r in [dict(zip(table["columns"], row)) for row in table["rows"][1:]]:
+        print(f"    candidate {r['model']}: " + ", ".join(f"b{b} {ms:.2f} ms" for b, ms in lat[r["model"]].items())
+              + f", {r['integer kernels']} int / {r['float kernels']} float kernels")
 
 
 def main() -> None:

@@ -102,7 +102,8 @@ def main() -> None:
         step = run_recipe(recipe, Path(tmp) / "out", flat=True).report["step"]
         m = step["metrics"]
         print(f"model {model_dir.name}, {len(lines)} lines of text, padded to {m['sequence_length']} tokens; "
-              f"transformer optimizer fusions: {m['transformer_fusions']}")
+              "transformer optimizer fusions: "
+              + str(next(s["rows"] for s in step["sections"] if s["title"] == "transformer optimizer fusions")))
         show(f"{model_dir.name} (hf:)", step)
         if m["quantized"]:
             print(f"  cosine to FP32 (mean-pooled sentence embeddings): mean {m['cosine_mean']:.4f}, min {m['cosine_min']:.4f}"

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 
-def at(by_batch: dict, b: int) -> float:
-    """A per-batch-size figure of a report (keys are strings once the report went through JSON)."""
-    return by_batch[b] if b in by_batch else by_batch[str(b)]
+def step_latency(step: dict, model: str, b: int) -> float:
+    """A step report's median latency of one of its models at batch size b."""
+    return next(r["p50_ms"] for r in step["latency"] if r["model"] == model and r["batch_size"] == b)
 
 
 def main() -> None:
@@ -94,7 +94,8 @@ def main() -> None:
                     for best, now in zip(lat, interleaved_latency(paths, shape, "cpu", [1, 32], 90)):
                         for b in best:
                             best[b] = min(best[b], now[b])
-                q = qat.report["step"]["metrics"]
+                step = qat.report["step"]
+                q = step["metrics"]
                 int8_acc = max(q["start_accuracy"], q["trained_accuracy"])
                 outcome.setdefault(name, []).append((seed, acc[1], int8_acc, acc[2]))
                 print(f"{name} seed {seed}: top-1 FP32 {acc[0]:.4f} (torch {fp32_acc:.4f}), PTQ {acc[1]:.4f}, "
@@ -102,18 +103,19 @@ def main() -> None:
                       f"{q['trained_accuracy']:.4f}), QAT handed back {'INT8' if q['quantized'] else 'FP32'} {acc[2]:.4f}; "
                       f"QAT kernels {q['integer_kernels']} integer / {q['float_kernels']} float; "
                       f"simulation agreement {q['simulation_top1_agreement']:.4f}")
-                errors = q["simulation_error"]
+                table = next(s for s in step["sections"] if s["title"] == "simulation vs onnxruntime, per quantized tensor")
+                errors = [dict(zip(table["columns"], r)) for r in table["rows"]]
                 print(f"  simulated tensors: {q['simulated_points']}, {q['activation_points']} of the {q['quantized_tensors']} "
                       f"onnxruntime quantizes; int8 weight codes differing from the simulation's: "
-                      f"{q['weight_codes']['differing']} of {q['weight_codes']['codes']}")
-                print(f"  simulation vs onnxruntime, per tensor: local max {max(r['local_max_error_steps'] for r in errors):.0f} "
-                      f"step(s) on at most {100 * max(r['local_mismatch'] for r in errors):.2f}% of values; end to end mean "
-                      f"{sum(r['mean_error_steps'] for r in errors) / len(errors):.3f} steps, max "
-                      f"{max(r['max_error_steps'] for r in errors):.0f}")
+                      f"{q['weight_codes_differing']} of {q['weight_codes']}")
+                print(f"  simulation vs onnxruntime, per tensor: local max {max(r['local max steps'] for r in errors):.0f} "
+                      f"step(s) on at most {max(r['local values off %'] for r in errors):.2f}% of values; end to end mean "
+                      f"{sum(r['end-to-end mean steps'] for r in errors) / len(errors):.3f} steps, max "
+                      f"{max(r['end-to-end max steps'] for r in errors):.0f}")
                 for b in (1, 32):
                     print(f"  batch {b}: FP32 {lat[0][b]:.3f} ms, PTQ {lat[1][b]:.3f} ms, QAT {lat[2][b]:.3f} ms "
                           f"(QAT/PTQ {lat[2][b] / lat[1][b]:.3f}; the QAT step's own timing: INT8 "
-                          f"{at(q['int8_latency_ms'], b):.3f} ms, FP32 {at(q['fp32_latency_ms'], b):.3f} ms)", flush=True)
+                          f"{step_latency(step, 'INT8', b):.3f} ms, FP32 {step_latency(step, 'FP32', b):.3f} ms)", flush=True)
     for name, rows in outcome.items():
         int8_ok = all(qi >= ptq for _, ptq, qi, _ in rows)
         back_ok = all(qb >= ptq for _, ptq, _, qb in rows)

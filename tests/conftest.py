@@ -25,6 +25,18 @@ def _reset_console():
     console.set_quiet(False)
 
 
+@pytest.fixture(autouse=True)
+def _reports_fit_the_schema(request):
+    """After each test, every report.json under its tmp_path validates against the report schema."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None:
+        from mlopt.report.schema import parse
+
+        for path in tmp.rglob("report.json"):
+            parse(path.read_text())
+
+
 @pytest.fixture
 def tiny_spec() -> str:
     return f"{TOY}:tiny_cnn"
@@ -83,3 +95,36 @@ def kill_once_checkpointed(args, checkpoint: Path, timeout: float = 180) -> None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def section(step: dict, title: str) -> dict:
+    """The section of a step report (report.json's `step`) with this title."""
+    return next(s for s in step["sections"] if s["title"] == title)
+
+
+def table_rows(step: dict, title: str) -> list[dict]:
+    """A table section's rows as {column: value}."""
+    table = section(step, title)
+    return [dict(zip(table["columns"], row)) for row in table["rows"]]
+
+
+def latency_of(step: dict, model: str) -> dict[int, float]:
+    """{batch size: p50 ms} of one model among a step report's latencies."""
+    return {lat["batch_size"]: lat["p50_ms"] for lat in step["latency"] if lat["model"] == model}
+
+
+ENVIRONMENT = {"python": "3.12.0", "platform": "Linux", "cpu": "test cpu", "cpu_count": 2, "isa": ["avx2"],
+               "libraries": {"mlopt": "0"}}
+
+
+def step_report(dir="01-train", type="train", **fields):
+    """A step report as the runner writes it (report.json's `step`), with `fields` replaced."""
+    index = int(dir.split("-")[0])
+    return {"index": index, "dir": dir, "type": type, "config": {"type": type}, "inputs_sha256": "0" * 64,
+            "input": {"format": "torch", "lineage": []}, "output": {"format": "torch", "lineage": [type], "files": []},
+            "metrics": {}, "notes": [], "latency": [], "sections": [], "duration_s": 1.0, **fields}
+
+
+def run_report(steps, **fields):
+    return {"schema_version": 2, "kind": "run", "recipe_file": None, "recipe": {}, "steps": steps,
+            "environment": ENVIRONMENT, **fields}

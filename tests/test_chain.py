@@ -138,16 +138,19 @@ def test_a_recipe_that_times_nothing_skips_the_comparison(tmp_path):
 
 def test_step_timings_are_labelled_and_kept_out_of_the_run_summary():
     from mlopt.report.markdown import STEP_TIMING_NOTE, render_markdown
+    from mlopt.report.schema import parse
 
-    step = {"dir": "02-prune", "type": "prune", "duration_s": 1.0, "notes": [],
-            "metrics": {"accuracy": 0.9, "latency_ms_after": 0.25, "latency_speedup": 1.7}}
-    run = {"kind": "run", "steps": [step, {"dir": "03-eval", "type": "eval", "duration_s": 1.0,
-                                           "metrics": {"accuracy": 0.9}}]}
-    md = render_markdown(run)
+    from conftest import ENVIRONMENT, run_report, step_report
+
+    step = step_report("02-prune", "prune", metrics={"accuracy": 0.9, "latency_speedup": 1.7},
+                       latency=[{"batch_size": 1, "p50_ms": 0.25, "method": "m", "model": "after"}])
+    md = render_markdown(parse(run_report([step, step_report("03-eval", "eval", metrics={"accuracy": 0.9})])))
     summary = md.split("## 02-prune")[0]
     assert "accuracy 0.9" in summary and "latency" not in summary.split("| step |")[1]
     assert md.count(STEP_TIMING_NOTE) == 1  # the prune step's section; the eval step timed nothing
-    assert STEP_TIMING_NOTE in render_markdown({"kind": "step", "step": step | {"config": {}}})
+    assert "| after | 1 | 0.25 |" in md
+    single = {"schema_version": 2, "kind": "step", "step": step, "environment": ENVIRONMENT}
+    assert STEP_TIMING_NOTE in render_markdown(parse(single))
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from mlopt.cli.main import app
 
+from conftest import table_rows
+
 pytest.importorskip("transformers")
 runner = CliRunner()
 WORDS = ("the quick brown fox jumps over lazy dog model data text line example quantize fast runtime "
@@ -98,7 +100,9 @@ def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text
     assert m["quantized"] is True and m["chosen"] == "dynamic int8 per-channel"
     assert "accuracy" not in m  # text has no labels: fidelity only
     assert 0.99 <= m["cosine_mean"] <= 1.0 and m["cosine_min"] <= m["cosine_mean"]
-    assert m["transformer_fusions"].get("SkipLayerNormalization", 0) > 0
+    fusions = {r["fusion"]: r["count"] for r in table_rows(json.loads((out / "report.json").read_text())["step"],
+                                                          "transformer optimizer fusions")}
+    assert fusions.get("SkipLayerNormalization", 0) > 0
     assert m["sequence_length"] == max(len(line.split()) for line in text_file.read_text().split("\n")) + 2
     kernels = kernel_counts(out / "model.onnx")
     assert kernels["integer"] >= 12  # 2 layers x (q, k, v, output, 2 feed-forward) weight MatMuls
@@ -117,11 +121,11 @@ def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file,
                                  "-b", "1", "-n", "6", "--quiet"])
     assert result.exit_code == 0, result.output
     step = json.loads((out / "report.json").read_text())["step"]
-    rows = step["ptq"]["candidates"]
-    assert [r["name"] for r in rows] == ["dynamic int8 per-channel", "dynamic int8 per-tensor"]
-    assert all(0 < r["cosine_mean"] <= 1.0 + 1e-9 for r in rows)
+    rows = table_rows(step, "PTQ candidates")
+    assert [r["model"] for r in rows] == ["FP32", "dynamic int8 per-channel", "dynamic int8 per-tensor"]
+    assert all(0 < r["cosine mean"] <= 1.0 + 1e-9 for r in rows)
     chosen = step["metrics"]["chosen"]
-    ok = [r for r in rows if r["faster_than_fp32"] and r["within_budget"]]
+    ok = [r for r in rows if r["faster than FP32"] and r["within budget"]]
     assert (chosen == "FP32") == (not ok)
 
 

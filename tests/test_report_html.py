@@ -47,7 +47,16 @@ def test_html_report_renders_with_plots(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Uncaught" not in proc.stderr and "CONSOLE" not in proc.stderr  # no script errors, no console output
     dom = subprocess.run([*cmd[:-2], "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<svg") >= 3 and "Gates:" in dom
+    assert dom.count("<svg") >= 3 and "Gates:" in dom and "<pre>" not in dom
+    # First the summary: one row per model of the chain, its latency at each batch size and speed-up.
+    assert dom.index("<h2>Summary</h2>") < dom.index("Gates:") < dom.index("<h2>01-train</h2>")
+    summary = dom[dom.index("<h2>Summary</h2>"):dom.index("Gates:")]
+    assert "<th>batch 1 ms</th>" in summary and "<th>speed-up b1</th>" in summary
+    assert all(f"<td>{step}</td>" in summary for step in ("01-train", "02-prune", "03-export"))
+    # Then each step's sections: tables as real tables, the pruned channels as a plot.
+    assert "<h3>training history</h3>" in dom and "<h3>fine-tuning history</h3>" in dom
+    prune = dom[dom.index("<h2>02-prune</h2>"):dom.index("<h2>03-export</h2>")]
+    assert "<svg" in prune and "<th>prune step</th>" in prune
     assert re.search(r"best model 0[123]-(train|prune|export)<", dom) and "Chain: every model measured alike" in dom
     img = Image.open(shot).convert("L")
     assert img.size == (1000, 2400)

@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from mlopt.cli.bench import bench
-from mlopt.cli.distill import distill
-from mlopt.cli.evaluate import eval_
-from mlopt.cli.export import export
-from mlopt.cli.prune import prune
-from mlopt.cli.ptq import ptq
-from mlopt.cli.qat import qat
+from mlopt.cli.common import handle_errors
 from mlopt.cli.recipe_cmd import recipe_app
 from mlopt.cli.report_cmd import report_app
 from mlopt.cli.run import run
-from mlopt.cli.train import train
+
+
+class _Commands(TyperGroup):
+    """The commands, with one per registered step type made from its config (mlopt.cli.steps).
+
+    The step commands are made when a command line is read, not when this module is imported:
+    importing the steps' config classes imports pydantic.
+    """
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        from mlopt.cli.steps import step_types
+
+        return [*handle_errors(step_types)(), *super().list_commands(ctx)]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        command = super().get_command(ctx, name)
+        if command is None:
+            from mlopt.cli.steps import click_command, step_types
+
+            step = handle_errors(step_types)().get(name)
+            command = click_command(step) if step is not None else None
+        return command
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="mlopt",
     help="Make PyTorch models smaller and faster, and measure what it produced on onnxruntime.",
     no_args_is_help=True,
@@ -43,14 +61,6 @@ def _root(
     """Exit codes: 0 success, 1 runtime failure, 2 invalid input or config, 3 a gate failed."""
 
 
-app.command("train")(train)
-app.command("prune")(prune)
-app.command("distill")(distill)
-app.command("eval")(eval_)
-app.command("export")(export)
-app.command("ptq")(ptq)
-app.command("qat")(qat)
-app.command("bench")(bench)
 app.command("run")(run)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(report_app, name="report")

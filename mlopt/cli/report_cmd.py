@@ -1,4 +1,4 @@
-"""`mlopt report compare OLD_DIR NEW_DIR`."""
+"""`mlopt report compare OLD_DIR NEW_DIR` and `mlopt report schema`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ from mlopt.cli.common import handle_errors
 report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
 
 
+@report_app.command("schema")
+@handle_errors
+def schema() -> None:
+    """Print the JSON schema that every report.json (step or run) follows."""
+    from mlopt.core import console
+    from mlopt.report.schema import json_schema
+
+    console.emit_json(json_schema())
+
+
 @report_app.command("compare")
 @handle_errors
 def compare(
@@ -23,23 +33,19 @@ def compare(
     json_out: o.Json = False,
 ) -> None:
     """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
-    from rich.table import Table
-
     from mlopt.core import console
     from mlopt.core.errors import GateError
-    from mlopt.report.markdown import compare_runs, load_run_report
+    from mlopt.core.sections import Table
+    from mlopt.report.markdown import compare_runs, load_run_report, rich_table
 
     rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
     if json_out:
         console.emit_json({"rows": rows, "regressed": any(r["regressed"] for r in rows)})
     else:
-        table = Table(title=f"{old} -> {new}")
-        for col in ("step", "metric", "old", "new", "change", "verdict"):
-            table.add_column(col)
-        for r in rows:
-            verdict = "REGRESSED" if r["regressed"] else ("better" if r["better"] else "" if r["better"] is None else "worse")
-            table.add_row(r["step"], r["metric"], f"{r['old']:.4g}", f"{r['new']:.4g}", f"{100 * r['change']:+.1f}%", verdict)
-        console.table(table)
+        verdicts = {True: "better", False: "worse", None: ""}
+        console.table(rich_table(Table(title=f"{old} -> {new}", columns=["step", "metric", "old", "new", "change", "verdict"],
+                                       rows=[[r["step"], r["metric"], r["old"], r["new"], f"{100 * r['change']:+.1f}%",
+                                              "REGRESSED" if r["regressed"] else verdicts[r["better"]]] for r in rows])))
     if not rows:
         from mlopt.core.errors import InputError
 

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from mlopt.compress.lib.distillation import distillation_objective
-from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core import console
-from mlopt.core.contracts import Pass, StepResult, names_file
+from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
 
 
@@ -24,12 +24,13 @@ class DistillConfig(TrainingConfig):
     """Train the student to match the teacher (plus the labels)."""
 
     type: Literal["distill"] = "distill"
-    teacher: str | None = Field(None, json_schema_extra=names_file(), description="teacher model (mlopt DIR or spec); default: the model before compression")
+    teacher: str | None = Field(None, json_schema_extra=names_file(**cli(required=True)), description="teacher model (mlopt DIR or spec); default: the model before compression")
     student: str | None = Field(None, json_schema_extra=names_file(), description="student spec built fresh; default: the current model")
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, description="softmax temperature")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation loss; 1 - alpha on the labels")
-    features: list[str] = Field(default_factory=list, description="teacher.layer:student.layer pairs for feature distillation")
-    feature_weight: float = Field(1.0, ge=0)
+    features: list[str] = Field(default_factory=list, description="teacher.layer:student.layer pairs for feature distillation",
+                                json_schema_extra=cli(flag="--feature"))
+    feature_weight: float = Field(1.0, ge=0, description="weight of the feature losses")
     baseline: bool = Field(True, description="also train the student without distillation, for comparison")
 
     @field_validator("features")
@@ -67,6 +68,12 @@ class DistillPass(Pass):
     config_class = DistillConfig
     needs_data = True
     compresses = True
+    trains = True
+    cli_model_option = ("--student",)
+    cli_help = """Knowledge distillation: train the student to match the teacher's logits (and named features).
+
+    The report compares the student with the same student trained without distillation.
+    """
 
     def run(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         import torch
@@ -124,4 +131,4 @@ class DistillPass(Pass):
             )
         console.info(notes[-1])
         metrics["size_mb"] = new.size_mb()
-        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history})
+        return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])

@@ -14,11 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig
+from mlopt.compress.lib.engine import TrainingConfig, history_table
 from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
                                         search_ratio, sync_heads)
-from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
+from mlopt.core.sections import Bars, Latency
 
 
 class PruneConfig(BaseModel):
@@ -34,15 +35,18 @@ class PruneConfig(BaseModel):
         None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
         "and `num_heads` (timm's ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's)")
     importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
-    global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer")
+    global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer",
+                                 json_schema_extra=cli(flag="--global/--per-layer"))
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
     ignore: list[str] = Field(default_factory=list, description="module names left untouched (the classifier always is)")
     steps: int = Field(1, gt=0, description="prune in this many steps, fine-tuning after each")
     finetune: TrainingConfig = Field(
-        default_factory=lambda: TrainingConfig(epochs=1), description="fine-tuning after each step (needs labelled data)"
+        default_factory=TrainingConfig, description="fine-tuning after each step (needs labelled data)",
+        json_schema_extra=cli(omit=("epochs",)),
     )
     finetune_epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step; 0 = none")
-    measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime")
+    measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime",
+                                  json_schema_extra=cli(flag="--latency/--no-latency"))
 
     @model_validator(mode="after")
     def _targets(self) -> "PruneConfig":
@@ -64,6 +68,7 @@ class PrunePass(Pass):
     name = "prune"
     config_class = PruneConfig
     compresses = True
+    cli_help = "Prune channels with Torch-Pruning (or sparsify weights); the result reloads from its directory."
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
         from mlopt.compress.lib.engine import fit
@@ -91,6 +96,9 @@ class PrunePass(Pass):
 
         finetune_cfg = config.finetune.model_copy(update={"epochs": config.finetune_epochs or 1})
         history: list[dict[str, Any]] = []
+        after_step: list[float] = []
+        sections: list[Any] = []
+        latency: list[Latency] = []
 
         def finetune(step: int) -> None:
             if not config.finetune_epochs:
@@ -98,11 +106,11 @@ class PrunePass(Pass):
             ckpt = ctx.checkpoint_dir / f"finetune{step}" if ctx.checkpoint_dir else None
             result = fit(module, data, finetune_cfg, batch, checkpoint_dir=ckpt, resume=ctx.resume,
                          label=f"fine-tune {step}/{config.steps}", fingerprint_extra=["prune", step])
-            history.extend({**h, "step": step} for h in result["history"])
-            metrics["accuracy_after_step"] = metrics.get("accuracy_after_step", []) + [result["accuracy"]]
+            history.extend({"prune step": step, **h} for h in result["history"])
+            after_step.append(result["accuracy"])
 
         if config.sparsity == "structured":
-            builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, finetune)
+            builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, sections, finetune)
         else:
             self._sparsify(module, config, set(ignore), metrics, notes, finetune)
             builder = artifact.builder
@@ -115,17 +123,22 @@ class PrunePass(Pass):
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
         if onnx_before is not None:
-            self._latency_after(module, shape, ctx, onnx_before, metrics)
+            latency = self._latency_after(module, shape, ctx, onnx_before, metrics)
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(
             f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
             + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
         )
-        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": history} if history else {})
+        if after_step:
+            sections.append(Bars(title="top-1 after each prune step", labels=[f"step {i + 1}" for i in range(len(after_step))],
+                                 series={"top-1": after_step}))
+        if history:
+            sections.append(history_table(history, "fine-tuning history"))
+        return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 
     def _structured(self, module: Any, artifact: Any, config: PruneConfig, ignore: list[str], batch: int, ctx: Any,
-                    metrics: dict[str, Any], notes: list[str], finetune: Any) -> dict[str, Any]:
+                    metrics: dict[str, Any], notes: list[str], sections: list[Any], finetune: Any) -> dict[str, Any]:
         """Remove channels (and heads) in `config.steps` steps; returns the builder with the pruned shapes."""
         from mlopt.runtime.models import changed_attributes, shape_attributes
 
@@ -152,11 +165,10 @@ class PrunePass(Pass):
             console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
             finetune(step)
         pruned = changed_attributes(before_shapes, shape_attributes(module))
-        metrics["layers"] = self._layer_table(before_shapes, pruned)
-        heads = {n: f"{before_shapes[n][k]} -> {a[k]}" for n, a in pruned.items()
-                 for k in ("num_heads", "num_attention_heads") if k in a}
-        if heads:
-            metrics["heads"] = heads
+        sections += [bars for bars in (
+            _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
+            _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
+            if bars.labels]
         return {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
 
     @staticmethod
@@ -177,30 +189,32 @@ class PrunePass(Pass):
         notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
                      "file, not the latency (both measured below)")
 
-    @staticmethod
-    def _layer_table(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]]) -> dict[str, str]:
-        rows = {}
-        for name, attrs in pruned.items():
-            for key in ("out_channels", "out_features", "embed_dim"):
-                if key in attrs:
-                    rows[name] = f"{before[name][key]} -> {attrs[key]}"
-        return rows
-
     def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
         from mlopt.export.lib.onnx import export_onnx
 
         export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
         return path
 
-    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path, metrics: dict[str, Any]) -> None:
+    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path,
+                       metrics: dict[str, Any]) -> list[Latency]:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
         from mlopt.compress.lib.sparsity import gzip_mb
         from mlopt.export.lib.timing import interleaved_latency
 
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
-        metrics["latency_ms_before"], metrics["latency_ms_after"] = lat_before[1], lat_after[1]
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]
         metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = gzip_mb(before), gzip_mb(after)
         before.unlink()
         after.unlink()
+        method = "onnxruntime FP32 on the CPU, before and after in interleaved rounds, best round's median"
+        return [Latency(batch_size=1, p50_ms=lat[1], method=method, model=name)
+                for name, lat in (("before", lat_before), ("after", lat_after))]
+
+
+def _before_after(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]], keys: tuple[str, ...],
+                  title: str) -> Bars:
+    """What pruning changed of `keys` (channels, heads), per layer, before and after."""
+    changed = [(name, key) for name, attrs in pruned.items() for key in keys if key in attrs]
+    return Bars(title=title, labels=[name for name, _ in changed],
+                series={"before": [before[n][k] for n, k in changed], "after": [pruned[n][k] for n, k in changed]})

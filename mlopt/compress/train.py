@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig, fit
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core.contracts import Pass, StepResult
 
 
@@ -19,6 +19,11 @@ class TrainPass(Pass):
     name = "train"
     config_class = TrainConfig
     needs_data = True
+    trains = True
+    cli_help = """Train a model on labelled data. Writes model.pt, model.json and a report.
+
+    Mixed precision with --amp, data parallelism with --nproc (or torchrun), checkpoints and --resume.
+    """
 
     def run(self, artifact: Any, config: TrainConfig, ctx: Any) -> StepResult:
         module = artifact.require_torch("train")
@@ -29,4 +34,4 @@ class TrainPass(Pass):
         result["params"] = new.params()
         result["size_mb"] = new.size_mb()
         console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
-        return StepResult(artifact=new, metrics=result, sections={"history": history})
+        return StepResult(artifact=new, metrics=result, sections=[history_table(history)])

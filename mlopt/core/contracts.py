@@ -28,6 +28,19 @@ def names_file(**extra: Any) -> dict[str, Any]:
     return {FILE_FIELD: True, **extra}
 
 
+#: `json_schema_extra` key of a config field's command-line settings.
+CLI_FIELD = "mlopt_cli"
+
+
+def cli(flag: str = "", short: str = "", *, required: bool = False, hidden: bool = False,
+        omit: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`Field(json_schema_extra=cli(...))`: the field's option where `--field-name` is not it: flag
+    ("--per-channel/--per-tensor" names both sides of a bool), short ("-e"), required (though the
+    config has a default), hidden (from --help); on a nested config, omit: its fields with no option."""
+    settings = {"flag": flag, "short": short, "required": required, "hidden": hidden, "omit": list(omit)}
+    return {CLI_FIELD: {k: v for k, v in settings.items() if v}}
+
+
 def file_fields(config_class: type["BaseModel"]) -> list[str]:
     """The fields of a config class marked with `names_file()`."""
     return [name for name, f in config_class.model_fields.items()
@@ -42,7 +55,7 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # name -> number, text or flag
     notes: list[str] = field(default_factory=list)  # plain statements of what was done and why
     latency: list[Any] = field(default_factory=list)  # mlopt.core.sections.Latency, one per model and batch size
-    sections: Any = field(default_factory=list)  # mlopt.core.sections.Table / Bars / Scatter, in order
+    sections: list[Any] = field(default_factory=list)  # mlopt.core.sections.Table / Bars / Scatter, in order
 
 
 @dataclass
@@ -67,11 +80,14 @@ class Pass:
     name: ClassVar[str]
     config_class: ClassVar[type["BaseModel"]]
     cli_help: ClassVar[str] = ""  # the command's help; the config's docstring when empty
+    cli_model_option: ClassVar[tuple[str, ...]] = ("--model", "-m")  # the option naming the model
+    cli_models_help: ClassVar[str] = ""  # set: the models are positional arguments instead (see cli_models)
     produces_model: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
     compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
     rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
     text_ok: ClassVar[bool] = False  # runs on hf: text models (token inputs)
+    trains: ClassVar[bool] = False  # checkpoints as it trains: the command takes --resume and --nproc
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -85,6 +101,16 @@ class Pass:
 
     def run(self, artifact: Any, config: Any, ctx: StepContext) -> StepResult:
         raise NotImplementedError
+
+    @classmethod
+    def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
+        """With `cli_models_help`: the model spec from the positional arguments (may set step fields)."""
+        raise NotImplementedError
+
+    @classmethod
+    def cli_json(cls, step: dict[str, Any]) -> Any:
+        """What the command prints with --json, from the step's report."""
+        return step["metrics"]
 
 
 def on_register(listener: Callable[[type[Pass]], None]) -> None:

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlopt.core.contracts import Pass, StepResult, names_file
+from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
+from mlopt.core.sections import Latency, Table
 from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
 
 class BenchConfig(BaseModel):
@@ -18,10 +19,13 @@ class BenchConfig(BaseModel):
     type: Literal["bench"] = "bench"
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
     warmup: int = Field(10, ge=0, description="untimed runs before timing")
-    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size")
-    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations")
+    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
+                                  json_schema_extra=cli(short="-n"))
+    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations",
+                                      json_schema_extra=cli(flag="--duration"))
     compare: list[str] = Field(default_factory=list, json_schema_extra=names_file(), description="more ONNX files timed after the current model")
 
     @model_validator(mode="after")
@@ -40,6 +44,27 @@ class BenchPass(Pass):
     config_class = BenchConfig
     produces_model = False
     text_ok = True
+    cli_help = "onnxruntime latency and throughput of one or more ONNX models, side by side."
+    cli_models_help = "ONNX files (or mlopt output directories); the first is the baseline."
+
+    @classmethod
+    def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
+        from mlopt.runtime.artifacts import ONNX_FILE
+
+        paths = [str(Path(p) / ONNX_FILE) if Path(p).is_dir() else p for p in [*models, *step.get("compare", [])]]
+        step["compare"] = paths[1:]
+        return paths[0]
+
+    @classmethod
+    def cli_json(cls, step: dict[str, Any]) -> Any:
+        """`bench --json`: one result per model and batch size, with its latency percentiles (ms)."""
+        latency = {(lat["model"], lat["batch_size"]): lat for lat in step["latency"]}
+        table = step["sections"][0]
+        results = []
+        for row in (dict(zip(table["columns"], r)) for r in table["rows"]):
+            lat = latency[row["model"], row["batch_size"]]
+            results.append({**row, "latency_ms": {k: lat[f"{k}_ms"] for k in ("mean", "p50", "p90", "p99")}})
+        return {"results": results, "timing": next(iter(latency.values()))["method"]}
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
         from mlopt.runtime.artifacts import load_onnx_file
@@ -55,16 +80,11 @@ class BenchPass(Pass):
         results = bench_models(models, config)
         show_table(results)
         first = results[0]
-        metrics = {
-            "latency_ms": first["latency_ms"]["mean"],
-            "batch_size": first["batch_size"],
-            "throughput_per_s": first["throughput_per_s"],
-            "size_mb": first["size_mb"],
-            "provider": config.provider,
-        }
-        return StepResult(
-            artifact=artifact,
-            metrics=metrics,
-            notes=[f"timing: {TIMING_NOTE}"],
-            sections={"bench": {"results": results, "timing": TIMING_NOTE}},
-        )
+        metrics = {"throughput_per_s": first["throughput_per_s"], "size_mb": first["size_mb"], "provider": config.provider}
+        latency = [Latency(batch_size=r["batch_size"], p50_ms=r["latency_ms"]["p50"], mean_ms=r["latency_ms"]["mean"],
+                           p90_ms=r["latency_ms"]["p90"], p99_ms=r["latency_ms"]["p99"], method=TIMING_NOTE,
+                           model=r["model"]) for r in results]
+        columns = ["model", "provider", "batch_size", "throughput_per_s", "size_mb", "speedup"]
+        table = Table(title="throughput and speed-up (mean latency against the first model's)", columns=columns,
+                      rows=[[r[c] for c in columns] for r in results])
+        return StepResult(artifact=artifact, metrics=metrics, latency=latency, sections=[table])

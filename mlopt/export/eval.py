@@ -24,6 +24,11 @@ class EvalPass(Pass):
     config_class = EvalConfig
     produces_model = False
     needs_data = True
+    cli_help = "Top-1 accuracy and loss on the validation split, for a torch model, an mlopt DIR or FILE.onnx."
+
+    @classmethod
+    def cli_json(cls, step: dict[str, Any]) -> Any:
+        return {k: step["metrics"][k] for k in ("accuracy", "loss", "samples")}
 
     def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
         batch = config.batch_size or ctx.batch_size

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
-from mlopt.core.contracts import Pass, StepResult
-from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, latencies, not_faster_at, preprocess,
-                                      quantize, reduce_range_for)
+from mlopt.core.contracts import Pass, StepResult, cli
+from mlopt.core.sections import Bars, Table
+from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latencies, latency_entries,
+                                      not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 
 
 class PTQConfig(BaseModel):
@@ -34,24 +35,27 @@ class PTQConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["ptq"] = "ptq"
-    mode: Literal["auto", "static", "dynamic"] = "auto"
+    mode: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="auto: measure candidates, keep the fastest within budget")
     format: Literal["qdq", "qoperator"] = Field("qdq", description="static/dynamic modes: graph format")
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
-    per_channel: bool = True
+    per_channel: bool = Field(True, description="weight scales per channel or per tensor (static/dynamic modes)",
+                              json_schema_extra=cli(flag="--per-channel/--per-tensor"))
     calibration: Literal["auto", "minmax", "percentile", "entropy"] = Field(
         "auto", description="auto: minmax and percentile candidates in auto mode, minmax otherwise"
     )
-    calibration_samples: int = Field(256, gt=0)
+    calibration_samples: int = Field(256, gt=0, description="training samples used to calibrate")
     reduce_range: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CPUs without VNNI")
-    preprocess: bool = Field(True, description="onnxruntime shape inference and graph fusion before quantizing")
+    preprocess: bool = Field(True, description="shape inference and graph fusion by onnxruntime before quantizing")
     max_drop: float = Field(0.01, ge=0, le=1, description="allowed top-1 drop (0.01 = 1 point)")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="fidelity floor when the data has no labels")
     fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
     fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
+    iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size", json_schema_extra=cli(short="-n"))
 
     @model_validator(mode="after")
     def _options_used(self) -> "PTQConfig":
@@ -64,212 +68,270 @@ class PTQConfig(BaseModel):
         return self
 
 
+@dataclass
+class Candidate:
+    """One measured model (FP32 or a quantized candidate): its file, speed, quality and kernels."""
+
+    name: str
+    scheme: Scheme | None
+    path: Path
+    latency: dict[int, float]  # batch size -> median ms, from interleaved rounds
+    quality: dict[str, Any]  # accuracy, accuracy_drop (labelled data), cosine_mean, cosine_min
+    size_mb: float
+    kernels: dict[str, Any]  # graph.kernel_counts
+    faster_than_fp32: bool | None = None  # None: the FP32 model itself
+    within_budget: bool | None = None
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # nodes kept in float, lowest SQNR first
+
+
+@dataclass
+class Plan:
+    """What the phases of a PTQ run share: the FP32 model, its prepared form, the calibration data, the results."""
+
+    artifact: Any
+    fp32: Path
+    pre: Path
+    schemes: list[Scheme]
+    feeds: list[dict[str, Any]]
+    reduce_range: bool
+    text: bool
+    work: Path
+    notes: list[str]
+    fusions: dict[str, int] = field(default_factory=dict)
+    quality: Quality | None = None
+    fp32_row: Candidate | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+
+
 class PTQPass(Pass):
     name = "ptq"
     config_class = PTQConfig
     needs_data = True
     compresses = True
     text_ok = True
+    cli_help = "Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
-        from mlopt.runtime import hf
-        from mlopt.runtime.session import input_spec, make_session
-        from mlopt.core.fsutil import file_size_mb
-        from mlopt.quant.lib import graph
-        from mlopt.quant.lib.calibration import calibration_batches
-
         work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))
-        notes: list[str] = []
         try:
-            if artifact.format == "torch":
-                from mlopt.export.lib.onnx import ExportOptions, export_checked
-
-                artifact, exported = export_checked(artifact, ctx.data, work / "fp32.onnx", ExportOptions())
-                notes += exported.notes
-            fp32 = Path(artifact.require_onnx("ptq"))
-            model = graph.load(fp32)
-            if graph.quantized_ops(model):
-                raise InputError(f"{artifact.origin} is already quantized ({', '.join(graph.quantized_ops(model))}); give the FP32 model")
-            if not graph.has_float_weights(model):
-                raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
-            has_conv = any(n.op_type == "Conv" for n in model.graph.node)
-            text = hf.is_text_artifact(artifact)
-            schemes = candidate_schemes(config, has_conv, text)
-            feeds = []
-            if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
-                name, shape, _ = input_spec(make_session(fp32, "cpu"))
-                feeds = calibration_batches(ctx.data, name, shape, config.calibration_samples)
-            fusions: dict[str, int] = {}
-            if not config.preprocess:
-                pre, note = fp32, None
-            elif text:
-                pre, fusions, note = hf.optimize(fp32, work / "pre.onnx", artifact.builder["hf"])
-                console.info("transformer optimizer fusions: " + (", ".join(f"{k} {v}" for k, v in fusions.items()) or "none"))
-            else:
-                pre, note = preprocess(fp32, work / "pre.onnx")
-            if note:
-                console.warn(note)
-                notes.append(note)
-            reduce_range = reduce_range_for(config.reduce_range)
-
-            paths = [work / f"candidate{i}.onnx" for i in range(len(schemes))]
-            for scheme, path in zip(schemes, paths):
-                console.info(f"quantizing: {scheme.name}")
-                quantize(pre, path, scheme, feeds, reduce_range)
-            console.info(f"timing FP32 and {len(schemes)} candidate(s) on onnxruntime ({config.provider})")
-            fp32_latency, *cand_latency = latencies([fp32, *paths], artifact.sample_shape, config.provider, config.batch_sizes, config.iterations)
-            quality = Quality(fp32, ctx.data, config.max_drop, config.min_cosine)
-            fp32_row = {"name": "FP32", "latency_ms": fp32_latency, **quality.baseline, "size_mb": file_size_mb(fp32),
-                        "kernels": graph.kernel_counts(fp32)}
-            console.info(f"FP32: {self._describe(fp32_row)}")
-            rows: list[dict[str, Any]] = []
-            for scheme, path, latency in zip(schemes, paths, cand_latency):
-                row = self._measure(scheme, path, latency, quality, fp32_latency)
-                rows.append(row)
-                console.info(f"{scheme.name}: {self._describe(row)}")
-
-            chosen = self._choose(rows)
-            if chosen is None and config.fallback:
-                chosen = self._fallback(rows, pre, feeds, reduce_range, quality, fp32_latency, artifact, config, work, notes)
-            if chosen is None and config.mode != "auto":
-                # The user asked for this exact scheme: hand it back, and say plainly what it costs.
-                chosen = rows[-1] if rows[-1]["within_budget"] else rows[0]
-                for problem in self._problems(chosen, quality):
-                    console.warn(problem)
-                    notes.append(problem)
-            out = Path(ctx.out_dir) / "model.onnx"
-            if chosen is not None:
-                shutil.copyfile(chosen["path"], out)
-            for row in rows:
-                row["path"] = row["path"].name
-            metrics: dict[str, Any] = {
-                "fp32_latency_ms": fp32_latency,
-                "fp32_size_mb": fp32_row["size_mb"],
-                "reduce_range": reduce_range,
-                "calibration_samples": sum(len(next(iter(f.values()))) for f in feeds),
-                "budget": quality.budget_text(),
-            }
-            if text:
-                metrics["transformer_fusions"] = fusions
-                metrics["sequence_length"] = artifact.sample_shape[0]
-            if quality.labeled:
-                metrics["fp32_accuracy"] = quality.baseline["accuracy"]
-            extra = {"ptq": {"fp32": fp32_row, "candidates": rows}}
-            if chosen is None:
-                reason = self._no_winner_reason(rows, quality)
-                console.warn(f"kept the FP32 model: {reason}")
-                notes.append(f"kept the FP32 model: {reason}")
-                shutil.copyfile(fp32, out)
-                new = artifact.derive("ptq", onnx_path=out)
-                metrics.update(quantized=False, chosen="FP32", latency_ms=fp32_latency, size_mb=fp32_row["size_mb"],
-                               **{k: v for k, v in quality.baseline.items()})
-                return StepResult(artifact=new, metrics=metrics, notes=notes, sections=extra)
-
-            new = artifact.derive("ptq", onnx_path=out)
-            speedups = {b: fp32_latency[b] / chosen["latency_ms"][b] for b in fp32_latency}
-            metrics.update(
-                quantized=True, chosen=chosen["name"], latency_ms=chosen["latency_ms"], speedup=speedups,
-                size_mb=chosen["size_mb"], size_ratio=fp32_row["size_mb"] / chosen["size_mb"],
-                float_nodes=chosen.get("float_nodes", []),
-                left_in_float=chosen["kernels"]["float_ops"],
-                **{k: chosen[k] for k in ("accuracy", "accuracy_drop", "cosine_mean", "cosine_min") if k in chosen},
-            )
-            if chosen["kernels"]["float"]:
-                notes.append(f"onnxruntime left {chosen['kernels']['float']} Conv/MatMul/Gemm kernel(s) in float: "
-                             f"{', '.join(chosen['kernels']['float_ops'])}")
-            speed = ", ".join(f"{s:.2f}x faster at batch {b}" if s >= 1 else f"{1 / s:.2f}x SLOWER at batch {b}"
-                              for b, s in speedups.items())
-            budget = (f"within {quality.budget_text()}" if chosen["within_budget"]
-                      else f"MISSING the budget ({quality.budget_text()})")
-            notes.append(f"{'chose' if config.mode == 'auto' else 'quantized as asked'} {chosen['name']}: {speed}, "
-                         f"{metrics['size_ratio']:.2f}x smaller, {budget}")
-            metrics["within_budget"] = chosen["within_budget"]
-            (console.info if chosen["within_budget"] and chosen["faster_than_fp32"] else console.warn)(notes[-1])
-            return StepResult(artifact=new, metrics=metrics, notes=notes, sections=extra)
+            plan = _plan(artifact, config, ctx.data, work)
+            _measure(plan, config, ctx.data)
+            chosen = _choose_model(plan, config)
+            return _finish(plan, chosen, config, Path(ctx.out_dir) / "model.onnx")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @staticmethod
-    def _describe(row: dict[str, Any]) -> str:
-        lat = ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in row["latency_ms"].items())
-        q = f"top-1 {row['accuracy']:.4f}" if "accuracy" in row else f"cosine {row.get('cosine_mean', 1):.4f}"
-        return f"{lat}; {q}; {row['kernels']['integer']} integer / {row['kernels']['float']} float kernels"
 
-    @staticmethod
-    def _measure(scheme: Scheme, path: Path, latency: dict[int, float], quality: Quality,
-                 fp32_latency: dict[int, float], float_nodes: list[str] | None = None) -> dict[str, Any]:
-        from mlopt.core.fsutil import file_size_mb
-        from mlopt.quant.lib import graph
+def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
+    """The FP32 ONNX model (exported if need be) checked, pre-processed, and the candidate schemes with their calibration data."""
+    from mlopt.runtime import hf
+    from mlopt.runtime.session import input_spec, make_session
+    from mlopt.quant.lib import graph
+    from mlopt.quant.lib.calibration import calibration_batches
 
-        q = quality.score(path)
-        return {
-            "name": scheme.name + (f" + {len(float_nodes)} nodes in float" if float_nodes else ""),
-            "scheme": asdict(scheme),
-            "path": path,
-            "latency_ms": latency,
-            "faster_than_fp32": not not_faster_at(latency, fp32_latency),
-            "within_budget": quality.within_budget(q),
-            "size_mb": file_size_mb(path),
-            "kernels": graph.kernel_counts(path),
-            "float_nodes": float_nodes or [],
-            **q,
-        }
+    notes: list[str] = []
+    if artifact.format == "torch":
+        from mlopt.export.lib.onnx import ExportOptions, export_checked
 
-    @staticmethod
-    def _choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """The fastest (geometric mean over batch sizes) of the candidates that are faster and within budget."""
-        ok = [r for r in rows if r["faster_than_fp32"] and r["within_budget"]]
-        return min(ok, key=lambda r: math.prod(r["latency_ms"].values())) if ok else None
+        artifact, exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
+        notes += exported.notes
+    fp32 = Path(artifact.require_onnx("ptq"))
+    model = graph.load(fp32)
+    if graph.quantized_ops(model):
+        raise InputError(f"{artifact.origin} is already quantized ({', '.join(graph.quantized_ops(model))}); give the FP32 model")
+    if not graph.has_float_weights(model):
+        raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
+    text = hf.is_text_artifact(artifact)
+    schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
+    feeds = []
+    if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
+        name, shape, _ = input_spec(make_session(fp32, "cpu"))
+        feeds = calibration_batches(data, name, shape, config.calibration_samples)
+    fusions: dict[str, int] = {}
+    if not config.preprocess:
+        pre, note = fp32, None
+    elif text:
+        pre, fusions, note = hf.optimize(fp32, work / "pre.onnx", artifact.builder["hf"])
+        console.info("transformer optimizer fusions: " + (", ".join(f"{k} {v}" for k, v in fusions.items()) or "none"))
+    else:
+        pre, note = preprocess(fp32, work / "pre.onnx")
+    if note:
+        console.warn(note)
+        notes.append(note)
+    return Plan(artifact, fp32, pre, schemes, feeds, reduce_range_for(config.reduce_range), text, work, notes, fusions)
 
-    def _fallback(self, rows: list[dict[str, Any]], pre: Path, feeds: Any, reduce_range: bool, quality: Quality,
-                  fp32_latency: dict[int, float], artifact: Any, cfg: PTQConfig, work: Path,
-                  notes: list[str]) -> dict[str, Any] | None:
-        """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
-        from mlopt.quant.lib.sensitivity import node_sqnr
 
-        fast = [r for r in rows if r["faster_than_fp32"] and r["scheme"]["method"] == "static"]
-        if not fast:
-            return None
-        base = min(fast, key=lambda r: math.prod(r["latency_ms"].values()))
-        scheme = Scheme(**base["scheme"])
-        ranking = node_sqnr(pre, base["path"], feeds[:2])
-        if not ranking:
-            return None
-        group = max(1, math.ceil(len(ranking) / 10))
-        console.info(f"{scheme.name} misses the budget ({quality.budget_text()}); keeping sensitive nodes in float")
-        for g in range(1, cfg.fallback_groups + 1):
-            exclude = [r["node"] for r in ranking[: g * group]]
-            path = work / f"fallback{g}.onnx"
-            quantize(pre, path, scheme, feeds, reduce_range, exclude)
-            # Timed beside the FP32 model again, in the same interleaved rounds.
-            fp32_now, latency = latencies([Path(artifact.onnx_path), path], artifact.sample_shape, cfg.provider, cfg.batch_sizes, cfg.iterations)
-            fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
-            row = self._measure(scheme, path, latency, quality, fp32_latency, exclude)
-            row["sensitivity"] = ranking[: g * group]
-            rows.append(row)
-            console.info(f"{row['name']}: {self._describe(row)}")
-            if not row["faster_than_fp32"]:
-                break
-            if row["within_budget"]:
-                notes.append(
-                    "kept in float (lowest SQNR first): "
-                    + ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in ranking[: g * group])
-                )
-                return row
+def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
+    """Quantize every candidate scheme, time them beside FP32 in interleaved rounds, score them all."""
+    from mlopt.core.fsutil import file_size_mb
+    from mlopt.quant.lib import graph
+
+    paths = [plan.work / f"candidate{i}.onnx" for i in range(len(plan.schemes))]
+    for scheme, path in zip(plan.schemes, paths):
+        console.info(f"quantizing: {scheme.name}")
+        quantize(plan.pre, path, scheme, plan.feeds, plan.reduce_range)
+    console.info(f"timing FP32 and {len(plan.schemes)} candidate(s) on onnxruntime ({config.provider})")
+    fp32_latency, *timed = latencies([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
+                                     config.batch_sizes, config.iterations)
+    plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
+    plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
+                              graph.kernel_counts(plan.fp32))
+    console.info(f"FP32: {_describe(plan.fp32_row)}")
+    for scheme, path, latency in zip(plan.schemes, paths, timed):
+        row = _score(plan, scheme, path, latency, fp32_latency)
+        plan.candidates.append(row)
+        console.info(f"{scheme.name}: {_describe(row)}")
+
+
+def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
+           sensitivity: list[dict[str, Any]] | None = None) -> Candidate:
+    from mlopt.core.fsutil import file_size_mb
+    from mlopt.quant.lib import graph
+
+    q = plan.quality.score(path)
+    name = scheme.name + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
+    return Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
+                     faster_than_fp32=not not_faster_at(latency, fp32_latency),
+                     within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+
+
+def _describe(row: Candidate) -> str:
+    q = row.quality
+    quality = f"top-1 {q['accuracy']:.4f}" if "accuracy" in q else f"cosine {q.get('cosine_mean', 1):.4f}"
+    return (f"{describe_latency(row.latency)}; {quality}; {row.kernels['integer']} integer / "
+            f"{row.kernels['float']} float kernels")
+
+
+def _fastest(rows: list[Candidate]) -> Candidate:
+    """The lowest geometric mean latency over the batch sizes."""
+    return min(rows, key=lambda r: math.prod(r.latency.values()))
+
+
+def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
+    """The fastest candidate that is faster and within budget; else a fallback; else, in static or dynamic
+    mode, the scheme asked for; else None (FP32 goes back)."""
+    ok = [r for r in plan.candidates if r.faster_than_fp32 and r.within_budget]
+    chosen = _fastest(ok) if ok else None
+    if chosen is None and config.fallback:
+        chosen = _fallback(plan, config)
+    if chosen is None and config.mode != "auto":
+        # The user asked for this exact scheme: hand it back, and say plainly what it costs.
+        rows = plan.candidates
+        chosen = rows[-1] if rows[-1].within_budget else rows[0]
+        for problem in _problems(chosen, plan.quality):
+            console.warn(problem)
+            plan.notes.append(problem)
+    return chosen
+
+
+def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
+    """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
+    from mlopt.quant.lib.sensitivity import node_sqnr
+
+    fast = [r for r in plan.candidates if r.faster_than_fp32 and r.scheme.method == "static"]
+    if not fast:
         return None
+    base = _fastest(fast)
+    ranking = node_sqnr(plan.pre, base.path, plan.feeds[:2])
+    if not ranking:
+        return None
+    group = max(1, math.ceil(len(ranking) / 10))
+    quality = plan.quality
+    console.info(f"{base.scheme.name} misses the budget ({quality.budget_text()}); keeping sensitive nodes in float")
+    fp32_latency = plan.fp32_row.latency
+    for g in range(1, min(cfg.fallback_groups, math.ceil(len(ranking) / group)) + 1):
+        kept = ranking[: g * group]
+        path = plan.work / f"fallback{g}.onnx"
+        quantize(plan.pre, path, base.scheme, plan.feeds, plan.reduce_range, [r["node"] for r in kept])
+        # Timed beside the FP32 model again, in the same interleaved rounds.
+        fp32_now, latency = latencies([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape, cfg.provider,
+                                      cfg.batch_sizes, cfg.iterations)
+        fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
+        row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
+        plan.candidates.append(row)
+        console.info(f"{row.name}: {_describe(row)}")
+        if not row.faster_than_fp32:
+            break
+        if row.within_budget:
+            plan.notes.append("kept in float (lowest SQNR first): "
+                              + ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in kept))
+            return row
+    return None
 
-    @staticmethod
-    def _problems(row: dict[str, Any], quality: Quality) -> list[str]:
-        problems = []
-        if not row["faster_than_fp32"]:
-            problems.append(f"{row['name']} is SLOWER than FP32 on this machine: {row['latency_ms']} ms")
-        if not row["within_budget"]:
-            problems.append(f"{row['name']} misses the quality budget ({quality.budget_text()})")
-        return problems
 
-    @staticmethod
-    def _no_winner_reason(rows: list[dict[str, Any]], quality: Quality) -> str:
-        faster = [r for r in rows if r["faster_than_fp32"]]
-        if not faster:
-            return "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
-        return f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
+def _problems(row: Candidate, quality: Quality) -> list[str]:
+    problems = []
+    if not row.faster_than_fp32:
+        problems.append(f"{row.name} is SLOWER than FP32 on this machine: {describe_latency(row.latency)}")
+    if not row.within_budget:
+        problems.append(f"{row.name} misses the quality budget ({quality.budget_text()})")
+    return problems
+
+
+def _no_winner_reason(rows: list[Candidate], quality: Quality) -> str:
+    if not any(r.faster_than_fp32 for r in rows):
+        return "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
+    return f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
+
+
+def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) -> StepResult:
+    """Hand back the chosen model (or FP32), with its metrics, notes, latencies and the candidates table."""
+    quality, fp32 = plan.quality, plan.fp32_row
+    shutil.copyfile(chosen.path if chosen else plan.fp32, out)
+    metrics: dict[str, Any] = {
+        "fp32_size_mb": fp32.size_mb,
+        "reduce_range": plan.reduce_range,
+        "calibration_samples": sum(len(next(iter(f.values()))) for f in plan.feeds),
+        "budget": quality.budget_text(),
+    }
+    if plan.text:
+        metrics["sequence_length"] = plan.artifact.sample_shape[0]
+    if quality.labeled:
+        metrics["fp32_accuracy"] = quality.baseline["accuracy"]
+    latency = [entry for row in [fp32, *plan.candidates] for entry in latency_entries(row.latency, row.name, config.provider)]
+    result = StepResult(artifact=plan.artifact.derive("ptq", onnx_path=out), metrics=metrics, notes=plan.notes,
+                        latency=latency, sections=_sections(plan))
+    if chosen is None:
+        reason = _no_winner_reason(plan.candidates, quality)
+        console.warn(f"kept the FP32 model: {reason}")
+        plan.notes.append(f"kept the FP32 model: {reason}")
+        metrics.update(quantized=False, chosen="FP32", size_mb=fp32.size_mb, **quality.baseline)
+        return result
+    speedup = speedups(fp32.latency, chosen.latency)
+    metrics.update(
+        quantized=True, chosen=chosen.name, **speedup, size_mb=chosen.size_mb, size_ratio=fp32.size_mb / chosen.size_mb,
+        float_nodes=len(chosen.sensitivity), integer_kernels=chosen.kernels["integer"],
+        float_kernels=chosen.kernels["float"], **chosen.quality, within_budget=chosen.within_budget,
+    )
+    if chosen.kernels["float"]:
+        plan.notes.append(f"onnxruntime left {chosen.kernels['float']} Conv/MatMul/Gemm kernel(s) in float: "
+                          f"{', '.join(chosen.kernels['float_ops'])}")
+    speed = ", ".join(f"{s:.2f}x faster at batch {b}" if s >= 1 else f"{1 / s:.2f}x SLOWER at batch {b}"
+                      for b, s in zip(fp32.latency, speedup.values()))
+    budget = f"within {quality.budget_text()}" if chosen.within_budget else f"MISSING the budget ({quality.budget_text()})"
+    plan.notes.append(f"{'chose' if config.mode == 'auto' else 'quantized as asked'} {chosen.name}: {speed}, "
+                      f"{metrics['size_ratio']:.2f}x smaller, {budget}")
+    (console.info if chosen.within_budget and chosen.faster_than_fp32 else console.warn)(plan.notes[-1])
+    return result
+
+
+def _sections(plan: Plan) -> list[Any]:
+    """The candidates table, the sensitivity of the nodes kept in float, and the transformer fusions."""
+    sizes = list(plan.fp32_row.latency)
+    rows = [[r.name, r.faster_than_fp32, r.within_budget, *(r.latency[b] for b in sizes), r.quality.get("accuracy"),
+             r.quality.get("accuracy_drop"), r.quality["cosine_mean"], r.quality["cosine_min"], r.size_mb,
+             r.kernels["integer"], r.kernels["float"], len(r.sensitivity)] for r in [plan.fp32_row, *plan.candidates]]
+    sections: list[Any] = [Table(
+        title="PTQ candidates", rows=rows,
+        columns=["model", "faster than FP32", "within budget", *(f"batch {b} ms" for b in sizes), "top-1",
+                 "top-1 drop", "cosine mean", "cosine min", "size MB", "integer kernels", "float kernels",
+                 "nodes in float"],
+        note=f"latency: median of the best of interleaved rounds; budget: {plan.quality.budget_text()}")]
+    sens = next((r.sensitivity for r in reversed(plan.candidates) if r.sensitivity), None)
+    if sens:
+        sections.append(Bars(title="quantization sensitivity (lowest SQNR kept in float)", labels=[s["node"] for s in sens],
+                             series={"SQNR": [s["sqnr_db"] for s in sens]}, unit="dB"))
+    if plan.text:
+        sections.append(Table(title="transformer optimizer fusions", columns=["fusion", "count"],
+                              rows=[[k, v] for k, v in plan.fusions.items()]))
+    return sections

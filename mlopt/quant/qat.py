@@ -33,6 +33,7 @@ import copy
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,9 +42,13 @@ from pydantic import Field
 from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig
 from mlopt.core.errors import InputError
-from mlopt.core.contracts import Pass, StepResult
-from mlopt.quant.lib.alignment import (export_fp32, point_tensors, quantize_with_ranges, runtime_points, runtime_ranges,
-                                       runtime_scheme, simulation_errors, weight_grid)
+from mlopt.core.contracts import Pass, StepResult, cli
+from mlopt.core.sections import Table
+from mlopt.quant.lib.alignment import (RuntimePoints, export_fp32, point_tensors, quantize_with_ranges, runtime_points,
+                                       runtime_ranges, runtime_scheme, simulation_error_sections, simulation_errors,
+                                       weight_grid)
+from mlopt.quant.lib.quantize import (INT8_RULE, Quality, latencies, latency_entries, not_faster_at, quantize,
+                                      speedups)
 from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated
 
 
@@ -51,21 +56,22 @@ class QATConfig(TrainingConfig):
     """Fine-tune with simulated INT8, then export an INT8 ONNX model onnxruntime fully fuses."""
 
     type: Literal["qat"] = "qat"
-    epochs: int = Field(2, gt=0)
-    lr: float = Field(5e-5, gt=0)
+    epochs: int = Field(2, gt=0, description="training epochs", json_schema_extra=cli(short="-e"))
+    lr: float = Field(5e-5, gt=0, description="peak learning rate")
     observer: Literal["ema", "lsq"] = Field(
         "ema", description="activation ranges: EMA min/max observers, or a scale and zero point learned by gradient (LSQ+)")
     freeze_observers_after: int = Field(1, ge=0, description="epochs after which activation ranges stop moving")
     freeze_bn_after: int = Field(0, ge=0, description="epochs during which batch-norm statistics still update")
     ema: float = Field(0.9, gt=0, lt=1, description="observer momentum")
     teacher: bool = Field(True, description="distil from the FP32 model while training (logits, T=2, alpha=0.5)")
-    calibration_samples: int = Field(256, gt=0)
+    calibration_samples: int = Field(256, gt=0, description="samples for the initial ranges")
     runtime_points: bool = Field(True, description="fake-quantize activations at every tensor onnxruntime's quantizer "
                                  "picks (found in the torch.fx graph); false: at Conv/Linear inputs only")
     export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
                                 "(otherwise it calibrates the trained model afresh)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,
-                                   description="batch sizes at which INT8 and FP32 are timed against each other")
+                                   description="batch sizes at which INT8 and FP32 are timed against each other",
+                                   json_schema_extra=cli(flag="--bench-batch-size"))
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
     keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
                             "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
@@ -90,6 +96,12 @@ class QATPass(Pass):
     config_class = QATConfig
     needs_data = True
     compresses = True
+    trains = True
+    cli_help = """Quantization-aware training; writes an INT8 ONNX model that onnxruntime fully fuses.
+
+    Hands back the better (validation top-1) of the trained model and its calibrated starting point,
+    and the FP32 model it started from where INT8 is not faster (unless --keep-int8).
+    """
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
         if artifact.format != "torch":
@@ -105,201 +117,277 @@ class QATPass(Pass):
         require_labels(ctx.data, "QAT")
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
         try:
-            return self._run(artifact, config, ctx, work)
+            state = _prepare(artifact, config, ctx, work)
+            fitted = _train(state, config, ctx)
+            _export_trained(state, config)
+            _decide(state, config)
+            return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _run(self, artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepResult:
-        import numpy as np
-        import torch
 
-        from mlopt.runtime import distributed
-        from mlopt.compress.lib.distillation import distillation_objective
-        from mlopt.compress.lib.engine import Objective, fit
-        from mlopt.runtime.data import first_inputs
-        from mlopt.runtime.evaluation import evaluate_torch, predict_logits
-        from mlopt.quant.lib import graph, points
-        from mlopt.quant.lib.calibration import calibration_batches
-        from mlopt.quant.lib.quantize import INT8_RULE, Quality, latencies, not_faster_at, quantize
+@dataclass
+class QATState:
+    """What the phases of a QAT run share. `_prepare` fills the first block, `_train` the simulated
+    accuracy, `_export_trained` the trained INT8 model and its checks, `_decide` the model handed back."""
 
-        data = ctx.data
-        batch = config.batch_size or ctx.batch_size
-        fp32_module = copy.deepcopy(artifact.module).eval()
-        module = copy.deepcopy(artifact.module)
-        floating = not_simulated(module)
-        if floating:
-            console.warn(f"QAT quantizes the weights of Conv, Linear and LayerNorm layers only; {len(floating)} layer(s) keep float "
-                         "weights while training: "
-                         + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
-        # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
-        feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
-        probe = first_inputs(data, 64)
-        # The FP32 model QAT starts from, as onnxruntime runs it: where it quantizes, the starting
-        # point's INT8 model, and the FP32 model handed back when INT8 is not faster.
-        start_fp32, start_pre = export_fp32(artifact, fp32_module, data, work, "start")
-        found = runtime_points(module, config.runtime_points, start_pre, feeds, probe[:4], work)
-        sim = Simulation(module, config.ema, learned=config.observer == "lsq")
-        if found.groups:
-            sim.place(found.gm, found.groups)
-        else:
-            sim.hook_layer_inputs()
-        if found.why:
-            console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {found.why}")
-        unplaced = found.unplaced
-        if unplaced:
-            console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
-                         f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
-        model = sim.model  # runs the simulation (the traced graph with its quantization points, or the hooked module)
-        sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
-        # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
-        # same batches, and the observers start from its ranges where it quantizes the same tensors
-        # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
-        start_int8 = work / "start-int8.onnx"
-        quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
-        sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
-        bn_layers = batchnorm_layers(module)
-        fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
-        sim_before = evaluate_torch(model, data, batch)["accuracy"]
-        console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
+    artifact: Any
+    data: Any
+    batch: int
+    work: Path
+    fp32_module: Any  # the FP32 module QAT starts from (teacher, reference)
+    module: Any  # the copy that trains, with the simulation in it
+    sim: Simulation
+    found: RuntimePoints
+    feeds: list[dict[str, Any]]  # calibration batches (torch ranges and onnxruntime's)
+    probe: Any  # a few validation inputs for locating and comparing tensors
+    start_fp32: Path  # the FP32 model as exported before training
+    start_int8: Path  # PTQ's static min/max model of it: QAT's starting point
+    floating: list[str]  # layers whose weights the simulation does not quantize
+    fp32_acc: float
+    sim_before: float
+    sim_acc: float = 0.0
+    sim_logits: Any = None
+    trained_int8: Path | None = None
+    unfolded: list[str] = field(default_factory=list)  # batch norms onnxruntime cannot fold
+    handed: dict[str, Any] = field(default_factory=dict)  # ranges handed to onnxruntime's quantizer
+    quantized_tensors: int = 0
+    calibrated: list[str] = field(default_factory=list)  # quantized tensors onnxruntime calibrated itself
+    kernels: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    grid: dict[str, int] = field(default_factory=dict)
+    # set by _decide
+    quality: Quality | None = None
+    chosen: str = "trained"
+    trained_acc: float = 0.0
+    start_acc: float = 0.0
+    agreement: float = 0.0
+    fp32_latency: dict[int, float] = field(default_factory=dict)
+    int8_latency: dict[int, float] = field(default_factory=dict)
+    slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
+    quantized: bool = True  # INT8 handed back (else the FP32 model QAT started from)
+    int8: Path | None = None  # the INT8 model chosen: the trained one or the calibrated starting point
+    int8_acc: float = 0.0  # its top-1
+    accuracy: float = 0.0  # of the model handed back
 
-        objective = None
-        if config.teacher:
-            objective = distillation_objective(copy.deepcopy(fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
-        steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
-        clock = step_clock()
-        base_loss = objective.loss if objective else None
 
-        def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
-            if model.training:
-                clock.steps += 1
-            epoch = (int(clock.steps) - 1) // steps_per_epoch  # the epoch this step belongs to
-            # The engine puts the model in training mode each epoch; batch norm follows its own schedule.
-            for bn in bn_layers:
-                bn.train(model.training and epoch < config.freeze_bn_after)
-            sim.freeze(epoch >= config.freeze_observers_after)
-            if base_loss is not None:
-                return base_loss(model, x, y, idx)
-            logits = model(x)
-            return torch.nn.functional.cross_entropy(logits.float(), y), logits
+def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState:
+    """The simulation placed where onnxruntime quantizes, its ranges started from PTQ's static min/max model."""
+    import torch
 
-        # The observers ride along as extra modules: moved to the device and kept in checkpoints.
-        obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.all_observers(), clock],
-                        to_device=objective.to_device if objective else None)
-        ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
-        train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
-        result = fit(model, data, train_cfg, batch, objective=obj, checkpoint_dir=ckpt, resume=ctx.resume,
-                     label="qat", fingerprint_extra=["qat"])
-        sim.freeze()
-        sim_acc = evaluate_torch(model, data, batch)["accuracy"]
-        sim_logits = predict_logits(model, data.val, 64).numpy()
-        sim.remove()
-        module.eval()
+    from mlopt.runtime.data import first_inputs
+    from mlopt.runtime.evaluation import evaluate_torch
+    from mlopt.quant.lib.calibration import calibration_batches
 
-        _, pre = export_fp32(artifact, module, data, work, "trained")
-        trained_int8 = work / "trained-int8.onnx"
-        # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
-        # own node with quantized scale and bias, which the simulation, holding batch norm in
-        # float, does not model.
-        unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
-        tensors, handed = quantize_with_ranges(sim, pre, found, probe, feeds, config.export_ranges, trained_int8)
-        final = set(points.quantized_tensors(trained_int8))
-        calibrated = sorted(final - set(handed))
-        kernels = graph.kernel_counts(trained_int8)
-        sim.attach()
-        errors = simulation_errors(sim, trained_int8, tensors, probe)
-        sim.remove()
-        grid = weight_grid(sim, trained_int8)
-        quality = Quality(start_fp32, data)  # onnxruntime, batches of 64, as sim_logits
-        trained_outputs = quality.outputs(trained_int8)
-        trained_acc = quality.metrics(trained_outputs)["accuracy"]
-        start_acc = quality.score(start_int8)["accuracy"]
-        agreement = float((np.concatenate(trained_outputs).argmax(1) == sim_logits.argmax(1)).mean())
-        # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
-        chosen = "trained" if trained_acc >= start_acc else "start"
-        int8 = trained_int8 if chosen == "trained" else start_int8
-        fp32_lat, int8_lat = latencies([start_fp32, int8], artifact.sample_shape, "cpu", config.batch_sizes, config.iterations)
-        slower = not_faster_at(int8_lat, fp32_lat)
-        quantized = config.keep_int8 or not slower
-        out = Path(ctx.out_dir) / "model.onnx"
-        shutil.copyfile(int8 if quantized else start_fp32, out)
-        new = artifact.derive("qat", format="onnx", module=None, onnx_path=out)
-        int8_acc = trained_acc if chosen == "trained" else start_acc
-        accuracy = int8_acc if quantized else quality.baseline["accuracy"]
-        metrics = {
-            "quantized": quantized,
-            "chosen": chosen,
-            "start_accuracy": start_acc,
-            "trained_accuracy": trained_acc,
-            "fp32_accuracy": fp32_acc,
-            "fp32_onnx_accuracy": quality.baseline["accuracy"],
-            "simulated_accuracy_before": sim_before,
-            "simulated_accuracy": sim_acc,
-            "accuracy": accuracy,
-            "accuracy_drop": fp32_acc - accuracy,
-            "simulation_top1_agreement": agreement,
-            "integer_kernels": kernels["integer"],
-            "float_kernels": kernels["float"],
-            "left_in_float": kernels["float_ops"],
-            "not_simulated": floating,
-            "unfolded_batchnorms": unfolded,
-            "simulated_points": "onnxruntime's quantized tensors" if sim.traced else "layer inputs",
-            "activation_points": len(sim.points),
-            "activation_ranges": len(sim.all_observers()),
-            "quantized_tensors": len(final),
-            "ranges_handed_to_onnxruntime": len(handed),
-            "tensors_calibrated_by_onnxruntime": calibrated,
-            "simulation_error": errors,
-            "weight_codes": grid,
-            "fp32_latency_ms": fp32_lat,
-            "int8_latency_ms": int8_lat,
-            "latency_ms": int8_lat if quantized else fp32_lat,
-            "speedup": {b: fp32_lat[b] / int8_lat[b] for b in fp32_lat},
-            "train_samples_per_s": result["train_samples_per_s"],
-            "processes": result["processes"],
-            "replica_max_abs_diff": result["replica_max_abs_diff"],
-            "precision": result["precision"],
-        }
-        if chosen == "trained":
-            picked = (f"kept the trained model: INT8 top-1 {trained_acc:.4f} after QAT against {start_acc:.4f} at its "
-                      "calibrated starting point (onnxruntime, validation split; a tie keeps the trained model)")
-        else:
-            picked = (f"handed back the calibrated starting point: QAT training LOWERED INT8 top-1 to {trained_acc:.4f} "
-                      f"from {start_acc:.4f} before training (onnxruntime, validation split)")
-        timing = ", ".join(f"batch {b}: INT8 {int8_lat[b]:.3f} ms, FP32 {fp32_lat[b]:.3f} ms" for b in fp32_lat)
-        if not slower:
-            precision = f"INT8 is faster than the FP32 model QAT started from ({timing})"
-        elif config.keep_int8:
-            precision = (f"kept INT8 as asked (keep_int8) although it is NOT faster than the FP32 model QAT started from "
-                         f"at batch size {', '.join(map(str, slower))} ({timing})")
-        else:
-            precision = (f"handed back the FP32 model QAT started from (top-1 {quality.baseline['accuracy']:.4f}): the "
-                         f"INT8 model (top-1 {int8_acc:.4f}) is NOT faster at batch size {', '.join(map(str, slower))} "
-                         f"({timing}; {INT8_RULE}); --keep-int8 forces INT8")
-        notes = [picked, precision,
-                 f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels "
-                 "in the trained INT8 model",
-                 f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
-        (console.info if chosen == "trained" else console.warn)(picked)
-        (console.info if not slower else console.warn)(precision)
-        if errors:
-            worst = max(errors, key=lambda r: r["local_max_error_steps"])
-            deepest = max(errors, key=lambda r: r["max_error_steps"])
-            notes.append(f"{len(errors)} quantized tensors, torch simulation against onnxruntime on {len(probe)} validation "
-                         f"samples: each computed from onnxruntime's own inputs, at most {worst['local_max_error_steps']:.0f} "
-                         f"quantization step(s) apart ({100 * max(r['local_mismatch'] for r in errors):.2f}% of values at "
-                         f"most); run end to end, at most {deepest['max_error_steps']:.0f} steps ({deepest['point']}), as "
-                         "one-step differences grow through the layers after them")
-        if grid["codes"]:
-            notes.append(f"int8 weights (batch norm folded by onnxruntime) equal the simulation's on "
-                         f"{grid['codes'] - grid['differing']} of {grid['codes']} codes in {grid['layers']} layers")
-        if kernels["float"]:
-            console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
-        if unfolded:
-            text = (f"{len(unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(unfolded[:3])}"
-                    f"{' ...' if len(unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which "
-                    "the simulation does not model; expect a larger gap between simulated and INT8 accuracy")
-            console.warn(text)
-            notes.append(text)
-        console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 {fp32_acc:.4f}); "
-                     f"{notes[2]}; {notes[3]}")
-        return StepResult(artifact=new, metrics=metrics, notes=notes, sections={"history": result["history"]})
+    data, batch = ctx.data, config.batch_size or ctx.batch_size
+    fp32_module = copy.deepcopy(artifact.module).eval()
+    module = copy.deepcopy(artifact.module)
+    floating = not_simulated(module)
+    if floating:
+        console.warn(f"QAT quantizes the weights of Conv, Linear and LayerNorm layers only; {len(floating)} layer(s) keep "
+                     "float weights while training: " + ", ".join(floating[:5]) + (" ..." if len(floating) > 5 else ""))
+    # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
+    feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
+    probe = first_inputs(data, 64)
+    # The FP32 model QAT starts from, as onnxruntime runs it: where it quantizes, the starting
+    # point's INT8 model, and the FP32 model handed back when INT8 is not faster.
+    start_fp32, start_pre = export_fp32(artifact, fp32_module, data, work, "start")
+    found = runtime_points(module, config.runtime_points, start_pre, feeds, probe[:4], work)
+    sim = Simulation(module, config.ema, learned=config.observer == "lsq")
+    if found.groups:
+        sim.place(found.gm, found.groups)
+    else:
+        sim.hook_layer_inputs()
+    if found.why:
+        console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {found.why}")
+    unplaced = found.unplaced
+    if unplaced:
+        console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
+                     f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
+    sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
+    # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
+    # same batches, and the observers start from its ranges where it quantizes the same tensors
+    # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
+    start_int8 = work / "start-int8.onnx"
+    quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
+    sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
+    fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
+    # sim.model runs the simulation (the traced graph with its quantization points, or the hooked module)
+    sim_before = evaluate_torch(sim.model, data, batch)["accuracy"]
+    console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
+    return QATState(artifact, data, batch, work, fp32_module, module, sim, found, feeds, probe, start_fp32, start_int8,
+                    floating, fp32_acc, sim_before)
+
+
+def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
+    """Fine-tune the simulated model (distilling from FP32 unless told not to); returns `fit`'s result."""
+    import torch
+
+    from mlopt.runtime import distributed
+    from mlopt.compress.lib.distillation import distillation_objective
+    from mlopt.compress.lib.engine import Objective, fit
+    from mlopt.runtime.evaluation import evaluate_torch, predict_logits
+
+    model, data, batch, sim = st.sim.model, st.data, st.batch, st.sim
+    objective = None
+    if config.teacher:
+        objective = distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
+    steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
+    clock = step_clock()
+    bn_layers = batchnorm_layers(st.module)
+    base_loss = objective.loss if objective else None
+
+    def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
+        if model.training:
+            clock.steps += 1
+        epoch = (int(clock.steps) - 1) // steps_per_epoch  # the epoch this step belongs to
+        # The engine puts the model in training mode each epoch; batch norm follows its own schedule.
+        for bn in bn_layers:
+            bn.train(model.training and epoch < config.freeze_bn_after)
+        sim.freeze(epoch >= config.freeze_observers_after)
+        if base_loss is not None:
+            return base_loss(model, x, y, idx)
+        logits = model(x)
+        return torch.nn.functional.cross_entropy(logits.float(), y), logits
+
+    # The observers ride along as extra modules: moved to the device and kept in checkpoints.
+    obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.all_observers(), clock],
+                    to_device=objective.to_device if objective else None)
+    ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
+    train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
+    result = fit(model, data, train_cfg, batch, objective=obj, checkpoint_dir=ckpt, resume=ctx.resume,
+                 label="qat", fingerprint_extra=["qat"])
+    sim.freeze()
+    st.sim_acc = evaluate_torch(model, data, batch)["accuracy"]
+    st.sim_logits = predict_logits(model, data.val, 64).numpy()
+    sim.remove()
+    st.module.eval()
+    return result
+
+
+def _export_trained(st: QATState, config: QATConfig) -> None:
+    """The trained model exported and quantized by onnxruntime with the learned ranges, and checked against the simulation."""
+    from mlopt.quant.lib import graph, points
+
+    _, pre = export_fp32(st.artifact, st.module, st.data, st.work, "trained")
+    st.trained_int8 = st.work / "trained-int8.onnx"
+    # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
+    # own node with quantized scale and bias, which the simulation, holding batch norm in
+    # float, does not model.
+    st.unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
+    tensors, st.handed = quantize_with_ranges(st.sim, pre, st.found, st.probe, st.feeds, config.export_ranges,
+                                              st.trained_int8)
+    final = set(points.quantized_tensors(st.trained_int8))
+    st.quantized_tensors = len(final)
+    st.calibrated = sorted(final - set(st.handed))
+    st.kernels = graph.kernel_counts(st.trained_int8)
+    st.sim.attach()
+    st.errors = simulation_errors(st.sim, st.trained_int8, tensors, st.probe)
+    st.sim.remove()
+    st.grid = weight_grid(st.sim, st.trained_int8)
+
+
+def _decide(st: QATState, config: QATConfig) -> None:
+    """Trained or starting point (the better INT8 top-1 on onnxruntime), then INT8 or FP32 (faster at every batch size)."""
+    import numpy as np
+
+    st.quality = Quality(st.start_fp32, st.data)  # onnxruntime, batches of 64, as sim_logits
+    trained_outputs = st.quality.outputs(st.trained_int8)
+    st.trained_acc = st.quality.metrics(trained_outputs)["accuracy"]
+    st.start_acc = st.quality.score(st.start_int8)["accuracy"]
+    st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
+    # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
+    st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
+    st.int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
+    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
+                                                 config.batch_sizes, config.iterations)
+    st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
+    st.quantized = config.keep_int8 or not st.slower
+    st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
+
+def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
+    """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
+    from mlopt.compress.lib.engine import history_table
+
+    shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
+    new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
+    metrics = {
+        "quantized": st.quantized, "chosen": st.chosen,
+        "start_accuracy": st.start_acc, "trained_accuracy": st.trained_acc,
+        "fp32_accuracy": st.fp32_acc, "fp32_onnx_accuracy": st.quality.baseline["accuracy"],
+        "simulated_accuracy_before": st.sim_before, "simulated_accuracy": st.sim_acc,
+        "accuracy": st.accuracy, "accuracy_drop": st.fp32_acc - st.accuracy,
+        "simulation_top1_agreement": st.agreement,
+        "integer_kernels": st.kernels["integer"], "float_kernels": st.kernels["float"],
+        "not_simulated": len(st.floating), "unfolded_batchnorms": len(st.unfolded),
+        "simulated_points": "onnxruntime's quantized tensors" if st.sim.traced else "layer inputs",
+        "activation_points": len(st.sim.points), "activation_ranges": len(st.sim.all_observers()),
+        "quantized_tensors": st.quantized_tensors, "ranges_handed_to_onnxruntime": len(st.handed),
+        "tensors_calibrated_by_onnxruntime": len(st.calibrated),
+        "weight_layers": st.grid["layers"], "weight_codes": st.grid["codes"], "weight_codes_differing": st.grid["differing"],
+        **speedups(st.fp32_latency, st.int8_latency),
+        **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
+    }
+    latency = latency_entries(st.fp32_latency, "FP32", "cpu") + latency_entries(st.int8_latency, "INT8", "cpu")
+    sections = [*simulation_error_sections(st.errors), *_left_out_table(st), history_table(fitted["history"])]
+    notes = _notes(st, config)
+    console.info(f"QAT: handed back {'INT8' if st.quantized else 'FP32'}, top-1 {st.accuracy:.4f} (FP32 "
+                 f"{st.fp32_acc:.4f}); {notes[2]}; {notes[3]}")
+    return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
+
+
+def _left_out_table(st: QATState) -> list[Table]:
+    """What runs in float, or outside the simulation, by name (the metrics count them)."""
+    rows = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
+            + [["layer with float weights in the simulation", name] for name in st.floating]
+            + [["batch norm not folded into a convolution", name] for name in st.unfolded]
+            + [["tensor calibrated by onnxruntime", name] for name in st.calibrated])
+    return [Table(title="left in float or outside the simulation", columns=["what", "name"], rows=rows)] if rows else []
+
+
+def _notes(st: QATState, config: QATConfig) -> list[str]:
+    """Which model came back and why, and how well the simulation matches onnxruntime (also on the console)."""
+    if st.chosen == "trained":
+        picked = (f"kept the trained model: INT8 top-1 {st.trained_acc:.4f} after QAT against {st.start_acc:.4f} at its "
+                  "calibrated starting point (onnxruntime, validation split; a tie keeps the trained model)")
+    else:
+        picked = (f"handed back the calibrated starting point: QAT training LOWERED INT8 top-1 to {st.trained_acc:.4f} "
+                  f"from {st.start_acc:.4f} before training (onnxruntime, validation split)")
+    timing = ", ".join(f"batch {b}: INT8 {st.int8_latency[b]:.3f} ms, FP32 {ms:.3f} ms" for b, ms in st.fp32_latency.items())
+    slower = ", ".join(map(str, st.slower))
+    if not st.slower:
+        precision = f"INT8 is faster than the FP32 model QAT started from ({timing})"
+    elif config.keep_int8:
+        precision = (f"kept INT8 as asked (keep_int8) although it is NOT faster than the FP32 model QAT started from "
+                     f"at batch size {slower} ({timing})")
+    else:
+        precision = (f"handed back the FP32 model QAT started from (top-1 {st.quality.baseline['accuracy']:.4f}): the "
+                     f"INT8 model (top-1 {st.int8_acc:.4f}) is NOT faster at batch size {slower} "
+                     f"({timing}; {INT8_RULE}); --keep-int8 forces INT8")
+    kernels, errors, grid = st.kernels, st.errors, st.grid
+    notes = [picked, precision,
+             f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels "
+             "in the trained INT8 model",
+             f"torch simulation and onnxruntime INT8 agree on {100 * st.agreement:.2f}% of validation top-1 predictions"]
+    (console.info if st.chosen == "trained" else console.warn)(picked)
+    (console.info if not st.slower else console.warn)(precision)
+    if errors:
+        worst = max(errors, key=lambda r: r["local_max_error_steps"])
+        deepest = max(errors, key=lambda r: r["max_error_steps"])
+        notes.append(f"{len(errors)} quantized tensors, torch simulation against onnxruntime on {len(st.probe)} validation "
+                     f"samples: each computed from onnxruntime's own inputs, at most {worst['local_max_error_steps']:.0f} "
+                     f"quantization step(s) apart ({100 * max(r['local_mismatch'] for r in errors):.2f}% of values at "
+                     f"most); run end to end, at most {deepest['max_error_steps']:.0f} steps ({deepest['point']}), as "
+                     "one-step differences grow through the layers after them")
+    if grid["codes"]:
+        notes.append(f"int8 weights (batch norm folded by onnxruntime) equal the simulation's on "
+                     f"{grid['codes'] - grid['differing']} of {grid['codes']} codes in {grid['layers']} layers")
+    if kernels["float"]:
+        console.warn(f"onnxruntime left {kernels['float']} kernel(s) in float: {', '.join(kernels['float_ops'])}")
+    if st.unfolded:
+        text = (f"{len(st.unfolded)} batch norm(s) could not be folded into a convolution ({', '.join(st.unfolded[:3])}"
+                f"{' ...' if len(st.unfolded) > 3 else ''}): onnxruntime quantizes them as separate nodes, which "
+                "the simulation does not model; expect a larger gap between simulated and INT8 accuracy")
+        console.warn(text)
+        notes.append(text)
+    return notes

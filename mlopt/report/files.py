@@ -8,14 +8,16 @@ from typing import Any
 from mlopt.core.fsutil import atomic_write_json, atomic_write_text
 from mlopt.report.html import render_html
 from mlopt.report.markdown import render_markdown
+from mlopt.report.schema import parse
 
 
 def write_reports(out_dir: Path, report: dict[str, Any]) -> list[str]:
-    """report.json, its Markdown rendering, and (for whole runs) the HTML page with plots; returns
-    the names written."""
+    """report.json (checked against the report schema first), its Markdown rendering, and (for whole
+    runs) the HTML page with plots; returns the names written."""
+    typed = parse(report)
     atomic_write_json(Path(out_dir) / "report.json", report)
-    atomic_write_text(Path(out_dir) / "report.md", render_markdown(report))
+    atomic_write_text(Path(out_dir) / "report.md", render_markdown(typed))
     if report["kind"] != "run":
         return ["report.json", "report.md"]
-    atomic_write_text(Path(out_dir) / "report.html", render_html(report))
+    atomic_write_text(Path(out_dir) / "report.html", render_html(typed))
     return ["report.json", "report.md", "report.html"]

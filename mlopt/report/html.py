@@ -1,183 +1,163 @@
 """report.html: one self-contained page rendered from report.json, with plots as inline SVG.
 
 No script and no network: matplotlib draws each plot to SVG text that is embedded in the page.
+First a summary (one row per model), then the gates and the chain, then each step's tables and
+plots, drawn from the generic sections (mlopt/core/sections.py) whatever step made them.
 """
 
 from __future__ import annotations
 
 import html
 import io
-import json
 from typing import Any
 
+from mlopt.core.sections import Bars, Point, Scatter, Table
+from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency
+from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile
 
-def _step_points(report: dict[str, Any]) -> tuple[list[dict[str, Any]], int | None]:
-    """(step, accuracy, latency, size) per model, and the batch size of the latencies.
+MAX_PLOTTED_LABELS = 40  # more names than this: a table (bars would be too thin to read)
+QUALITY = ("accuracy", "top1_agreement", "cosine_mean")  # the first a step has is its "top-1 or fidelity"
 
-    Latencies come only from the chain comparison, which measured every model alike (at its
-    smallest batch size here); each step's own timings are not comparable, so a run without a
-    chain comparison plots no latency. Without a chain, a step that makes no new model (eval)
-    measures the model of the step before it, so an accuracy carries over to it until a step
-    produces another model.
-    """
-    chain = report.get("chain")
-    if chain:
-        batch = min(chain["batch_sizes"])
-        points = []
-        for r in chain["models"]:
-            marks = [m for m, on in (("final", r["step"] == chain["final"]), ("best", r["best"])) if on]
-            points.append({"step": r["step"] + (f" ({', '.join(marks)})" if marks else ""), "accuracy": r["accuracy"],
-                           "latency": r["latency_ms"][str(batch)], "size": r["size_mb"]})
-        return points, batch
-    points, accuracy = [], None
-    for step in report.get("steps", []):
-        m = step.get("metrics", {})
-        if step.get("output", {}).get("files"):
-            accuracy = None
-        accuracy = m.get("accuracy", accuracy)
-        points.append({"step": step["dir"], "accuracy": accuracy, "latency": None, "size": m.get("size_mb")})
-    return points, None
+
+def _esc(value: Any) -> str:
+    return html.escape(fmt(value))
+
+
+def html_table(table: Table, heading: str = "h3") -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+    note = f"<p>{_esc(table.note)}</p>" if table.note else ""
+    return f"<{heading}>{_esc(table.title)}</{heading}>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+def summary_table(report: RunReport | StepReportFile) -> Table:
+    """One row per model: format, size, latency per batch size, top-1 (or fidelity), speed-up on the baseline.
+
+    From the chain comparison where the run has one (every model measured alike), else each step's own figures."""
+    chain = report.chain if isinstance(report, RunReport) else None
+    if chain is not None:
+        sizes = chain.batch_sizes
+        rows = [[r.step, r.format, r.size_mb, *(r.latency_ms[b] for b in sizes), r.accuracy,
+                 *(f"{r.speedup[b]:.2f}x" for b in sizes)] for r in chain.models]
+        return Table(title="Summary", rows=rows, note="Every model measured alike (the chain comparison below).",
+                     columns=["step", "format", "size MB", *(f"batch {b} ms" for b in sizes), "top-1",
+                              *(f"speed-up b{b}" for b in sizes)])
+    steps = [report.step] if isinstance(report, StepReportFile) else report.steps
+    sizes = sorted({b for s in steps for b in step_latency(s)})
+    rows = []
+    for s in steps:
+        lat = step_latency(s)
+        quality = next((f"{k} {fmt(s.metrics[k])}" for k in QUALITY if s.metrics.get(k) is not None), None)
+        speedup = next((s.metrics[k] for k in ("speedup", "latency_speedup") if k in s.metrics), None)
+        rows.append([s.dir, s.output.format, s.metrics.get("size_mb"), *(lat.get(b) for b in sizes), quality,
+                     None if speedup is None else f"{fmt(speedup)}x"])
+    return Table(title="Summary", rows=rows, note="Each step's own figures (their timings are not comparable "
+                 "across steps: a bench step or a latency gate times every model alike).",
+                 columns=["step", "format", "size MB", *(f"batch {b} p50 ms" for b in sizes), "top-1 or fidelity",
+                          "speed-up"])
 
 
 def _svg(fig: Any) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return "<figure>" + text[text.index("<svg"):] + "</figure>"
 
 
-def _pareto_plot(points: list[dict[str, Any]], batch: int | None) -> str | None:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "mlopt"  # ids from the content: the same report draws the same page
     import matplotlib.pyplot as plt
 
-    pts = [p for p in points if p["accuracy"] is not None and p["latency"] is not None]
-    if not pts:
-        return None
-    front, best = [], -1.0
-    for p in sorted(pts, key=lambda p: p["latency"]):
-        if p["accuracy"] > best:
-            front.append(p)
-            best = p["accuracy"]
+    return plt
+
+
+def bars_svg(bars: Bars) -> str:
+    """Horizontal bars, one row per label, the figure as tall as the labels need (so none overlap)."""
+    plt = _pyplot()
+    n, k = len(bars.labels), max(1, len(bars.series))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.22 * n * min(k, 2)))
+    height = 0.8 / k
+    for i, (name, values) in enumerate(bars.series.items()):
+        ax.barh([j + i * height for j in range(n)], [v or 0 for v in values], height=height, label=name)
+    ax.set_yticks([j + (k - 1) * height / 2 for j in range(n)], bars.labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(bars.unit)
+    ax.set_title(bars.title)
+    if len(bars.series) > 1:
+        ax.legend()
+    return _svg(fig)
+
+
+def scatter_svg(scatter: Scatter) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([p["latency"] for p in pts], [p["accuracy"] for p in pts], color="#4c72b0")
-    ax.plot([p["latency"] for p in front], [p["accuracy"] for p in front], color="#dd8452", label="Pareto front")
-    for p in pts:
-        ax.annotate(p["step"], (p["latency"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"latency, batch {batch} (ms; every model timed alike)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title("accuracy against latency")
-    ax.legend()
+    ax.scatter([p.x for p in scatter.points], [p.y for p in scatter.points], color="#4c72b0")
+    for p in scatter.points:
+        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(scatter.xlabel)
+    ax.set_ylabel(scatter.ylabel)
+    ax.set_title(scatter.title)
     return _svg(fig)
 
 
-def _bars(labels: list[str], values: list[float], title: str, ylabel: str) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not labels:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(labels, values, color="#55a868")
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-    return _svg(fig)
+def render_section(section: Table | Bars | Scatter) -> str:
+    if isinstance(section, Bars) and 0 < len(section.labels) <= MAX_PLOTTED_LABELS:
+        return bars_svg(section)
+    if isinstance(section, Scatter) and section.points:
+        return scatter_svg(section)
+    return html_table(as_table(section))
 
 
-def _layer_plot(step: dict[str, Any]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = step.get("metrics", {}).get("layers") or {}
-    if not layers:
-        return None
-    names = list(layers)
-    before = [int(v.split("->")[0]) for v in layers.values()]
-    after = [int(v.split("->")[1]) for v in layers.values()]
-    fig, ax = plt.subplots(figsize=(7, 3))
-    x = range(len(names))
-    ax.bar(x, before, color="#c7c7c7", label="before")
-    ax.bar(x, after, color="#4c72b0", label="after")
-    ax.set_xticks(list(x), names, rotation=90, fontsize=7)
-    ax.set_ylabel("output channels")
-    ax.set_title(f"{step['dir']}: channels per layer")
-    ax.legend()
-    return _svg(fig)
+def chain_plots(chain: Chain) -> list[Table | Bars | Scatter]:
+    """The chain as sections: accuracy against latency, and latency per model at each batch size."""
+    batch = min(chain.batch_sizes)
+    points = [Point(label=r.step + (" (best)" if r.best else ""), x=r.latency_ms[batch], y=r.accuracy)
+              for r in chain.models if r.accuracy is not None]
+    scatter = Scatter(title="accuracy against latency", xlabel=f"latency, batch {batch} (ms; every model timed alike)",
+                      ylabel="top-1 accuracy", points=points)
+    bars = Bars(title="latency per model (every model timed alike)", labels=[r.step for r in chain.models], unit="ms",
+                series={f"batch {b}": [r.latency_ms[b] for r in chain.models] for b in chain.batch_sizes})
+    return [scatter, bars] if points else [bars]
 
 
-def _sensitivity_plot(step: dict[str, Any]) -> str | None:
-    rows = [r for r in step.get("ptq", {}).get("candidates", []) if r.get("sensitivity")]
-    if not rows:
-        return None
-    sens = rows[-1]["sensitivity"]
-    return _bars([s["node"] for s in sens], [s["sqnr_db"] for s in sens],
-                  f"{step['dir']}: quantization sensitivity (lowest SQNR kept in float)", "SQNR (dB)")
+def _step_html(step: StepReport) -> list[str]:
+    parts = [f"<h2>{_esc(step.dir)}</h2><p>{_esc(step.type)}, ran in {step.duration_s:.1f} s.</p>"]
+    if step.notes:
+        parts.append("<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in step.notes) + "</ul>")
+    parts += [html_table(t) for t in (metrics_table(step.metrics), latency_table(step.latency)) if t is not None]
+    return parts + [render_section(s) for s in step.sections]
 
 
-def _simulation_error_plot(step: dict[str, Any]) -> str | None:
-    """QAT: how far each quantized tensor in onnxruntime is from the torch simulation's, end to end."""
-    rows = step.get("metrics", {}).get("simulation_error") or []
-    return _bars([r["point"] for r in rows], [r["max_error_steps"] for r in rows],
-                 f"{step['dir']}: simulation vs onnxruntime, per quantized tensor (end to end)",
-                 "max error (quantization steps)")
+STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+         ".fail{color:#b00;font-weight:bold}.pass{color:#070}figure{margin:1em 0}")
 
 
-def render_html(report: dict[str, Any]) -> str:
-    from mlopt.report.markdown import render_markdown
-
-    steps = report.get("steps") or ([report["step"]] if "step" in report else [])
-    run = {**report, "steps": steps}
-    points, batch = _step_points(run)
-    plots = [
-        _pareto_plot(points, batch),
-        _bars([p["step"] for p in points if p["size"]], [p["size"] for p in points if p["size"]],
-              "model size per step", "MB"),
-        _bars([p["step"] for p in points if p["latency"]], [p["latency"] for p in points if p["latency"]],
-              f"latency per model, batch {batch} (every model timed alike)", "ms"),
-    ]
-    for step in steps:
-        plots += [_layer_plot(step), _sensitivity_plot(step), _simulation_error_plot(step)]
-    gates = report.get("gates")
-    env = report.get("environment", {})
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>mlopt report</title>',
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-        ".fail{color:#b00;font-weight:bold}.pass{color:#070}pre{background:#f6f6f6;padding:1em;overflow:auto}"
-        "figure{margin:1em 0}</style></head><body>",
-        "<h1>mlopt report</h1>",
-    ]
-    if gates:
-        cls = "pass" if gates["passed"] else "fail"
-        parts.append(f'<h2>Gates: <span class="{cls}">{"passed" if gates["passed"] else "FAILED"}</span></h2>')
-        parts.append("<table><tr><th>gate</th><th>expected</th><th>measured</th><th>result</th></tr>")
-        for r in gates["results"]:
-            verdict = '<span class="pass">pass</span>' if r["passed"] else '<span class="fail">FAIL</span>'
-            parts.append(f"<tr><td>{html.escape(r['gate'])}</td><td>{html.escape(str(r['expected']))}</td>"
-                         f"<td>{html.escape(str(r['measured']))}</td><td>{verdict}</td></tr>")
-        parts.append("</table>")
-    chain = report.get("chain")
-    if chain:  # the table itself is in the report below
-        cls = "pass" if chain["final_is_best"] else "fail"
-        parts.append(f'<h2>Chain: <span class="{cls}">best model {html.escape(chain["best"])}</span></h2>'
-                     f'<p class="{cls}">{html.escape(chain["verdict"])}</p>')
-    parts.append("<h2>Plots</h2>")
-    parts += [f"<figure>{svg}</figure>" for svg in plots if svg]
-    parts.append("<h2>Environment</h2><table>")
-    for key in ("cpu", "cpu_count", "isa", "python", "platform", "libraries"):
-        value = env.get(key)
-        parts.append(f"<tr><th>{key}</th><td>{html.escape(json.dumps(value) if not isinstance(value, str) else value)}</td></tr>")
-    parts.append("</table>")
-    parts.append("<h2>Report</h2><pre>" + html.escape(render_markdown(report)) + "</pre>")
-    parts.append("</body></html>")
+def render_html(report: RunReport | StepReportFile) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>mlopt report</title>',
+             f"<style>{STYLE}</style></head><body>", "<h1>mlopt report</h1>", html_table(summary_table(report), "h2")]
+    run = report if isinstance(report, RunReport) else None
+    if run is not None and run.gates is not None:
+        g = run.gates
+        cls = "pass" if g.passed else "fail"
+        parts.append(f'<h2>Gates: <span class="{cls}">{"passed" if g.passed else "FAILED"}</span></h2>')
+        rows = [[r.gate, r.expected, r.measured, "pass" if r.passed else "FAIL"] for r in g.results]
+        parts.append(html_table(Table(title=f"baseline {g.baseline}", rows=rows,
+                                      columns=["gate", "expected", "measured", "result"]), "h3"))
+    if run is not None and run.chain is not None:
+        cls = "pass" if run.chain.final_is_best else "fail"
+        parts.append(f'<h2>Chain: <span class="{cls}">best model {_esc(run.chain.best)}</span></h2>'
+                     f'<p class="{cls}">{_esc(run.chain.verdict)}</p>')
+        parts.append(html_table(chain_table(run.chain)))
+        parts += [render_section(s) for s in chain_plots(run.chain)]
+    for step in run.steps if run is not None else [report.step]:
+        parts += _step_html(step)
+    rows = [[key, str(value)] for key, value in report.environment.model_dump().items()]
+    parts += [html_table(Table(title="Environment", columns=["", ""], rows=rows), "h2"), "</body></html>"]
     return "\n".join(parts) + "\n"

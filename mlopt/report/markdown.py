@@ -1,58 +1,21 @@
-"""Reports: JSON first (a versioned schema); Markdown is a rendering of the JSON."""
+"""Reports: JSON first (mlopt/report/schema.py); Markdown is a rendering of it, and compare reads it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from mlopt.core.sections import Bars, Latency, Scatter, Table
+from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile, parse
 
-SCHEMA_VERSION = 1
 
-
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else str(value)
     return str(value)
-
-
-def _metrics_table(metrics: dict[str, Any]) -> list[str]:
-    rows = [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))
-            or isinstance(v, list) and len(v) < 6 and not any(isinstance(i, dict) for i in v)]
-    if not rows:
-        return []
-    lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
-    return lines
-
-
-def _bench_table(results: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| model | provider | batch | mean ms | p50 ms | p90 ms | p99 ms | items/s | size MB | speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        lat = r["latency_ms"]
-        speedup = r.get("speedup")
-        lines.append(
-            f"| {r['model']} | {r['provider']} | {r['batch_size']} | {lat['mean']:.3f} | {lat['p50']:.3f} | "
-            f"{lat['p90']:.3f} | {lat['p99']:.3f} | {r['throughput_per_s']:.1f} | {r['size_mb']:.2f} | "
-            f"{'' if speedup is None else f'{speedup:.2f}x'} |"
-        )
-    return lines
-
-
-def _simulation_error_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["Quantized tensors, torch simulation against onnxruntime (in quantization steps; local: computed from "
-             "onnxruntime's own inputs; end to end: the simulation run on its own):", "",
-             "| tensor -> read by | local max | local values off | end-to-end max | end-to-end mean | SQNR dB |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        sqnr = "identical" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
-        lines.append(f"| {r['point']} | {r['local_max_error_steps']:.2f} | {100 * r['local_mismatch']:.2f}% | "
-                     f"{r['max_error_steps']:.2f} | {r['mean_error_steps']:.3f} | {sqnr} |")
-    return lines
 
 
 def is_timing(key: str) -> bool:
@@ -65,139 +28,194 @@ STEP_TIMING_NOTE = ("Timings in this step are its own measurement (its own metho
                     "times every model of a recipe alike.")
 
 
-def _chain_section(chain: dict[str, Any]) -> list[str]:
-    sizes = chain["batch_sizes"]
-    verdict = f"{chain['verdict']}." if chain["final_is_best"] else f"**Warning: {chain['verdict']}.**"
-    lines = ["## Chain: every model measured alike", "", verdict[0].upper() + verdict[1:], "",
-             f"Latency: {chain['method']}; {chain['provider']}, {chain['rounds']} rounds of "
-             f"{chain['iterations_per_round']} runs per model and batch size ({chain['duration_s']:.1f} s in all, "
-             f"exports included). Accuracy: {chain['accuracy_method'] or 'not measured (no labelled data)'}. "
-             f"Accuracy tolerance {chain['accuracy_tolerance']} from {chain['accuracy_tolerance_from']}. "
-             f"Rule: {chain['rule']}.", "",
-             "| step | top-1 | " + " | ".join(f"batch {b} ms" for b in sizes) + " | "
-             + " | ".join(f"speed-up b{b}" for b in sizes) + " | size MB | |",
-             "| --- " * (4 + 2 * len(sizes)) + "|"]
-    for r in chain["models"]:
-        marks = [m for m, on in (("baseline", r["step"] == chain["baseline"]), ("final", r["step"] == chain["final"]),
-                                 ("**best**", r["best"]), ("outside accuracy tolerance", not r["eligible"])) if on]
-        marks += [f"fastest at batch {b}" for b in r["fastest_at"] if len(sizes) > 1]
-        top1 = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-        lines.append(f"| {r['step']} | {top1} | "
-                     + " | ".join(f"{r['latency_ms'][str(b)]:.3f}" for b in sizes) + " | "
-                     + " | ".join(f"{r['speedup'][str(b)]:.2f}x" for b in sizes)
-                     + f" | {r['size_mb']:.2f} | {', '.join(marks)} |")
-    lines.append("")
+def as_table(section: Table | Bars | Scatter) -> Table:
+    """Any section as rows and columns (Markdown shows every section this way, HTML the long ones)."""
+    if isinstance(section, Table):
+        return section
+    if isinstance(section, Bars):
+        rows = [[label, *(values[i] for values in section.series.values())] for i, label in enumerate(section.labels)]
+        unit = f" ({section.unit})" if section.unit else ""
+        return Table(title=section.title, columns=["", *(f"{s}{unit}" for s in section.series)], rows=rows,
+                     note=section.note)
+    return Table(title=section.title, columns=["", section.xlabel, section.ylabel],
+                 rows=[[p.label, p.x, p.y] for p in section.points], note=section.note)
+
+
+def latency_table(latency: list[Latency]) -> Table | None:
+    if not latency:
+        return None
+    named = any(lat.model for lat in latency)
+    methods = list(dict.fromkeys(lat.method for lat in latency))
+    rows = [[*([lat.model] if named else []), lat.batch_size, lat.p50_ms, lat.mean_ms, lat.p90_ms, lat.p99_ms,
+             *([lat.method] if len(methods) > 1 else [])] for lat in latency]
+    return Table(title="latency", columns=[*(["model"] if named else []), "batch", "p50 ms", "mean ms", "p90 ms",
+                                           "p99 ms", *(["method"] if len(methods) > 1 else [])],
+                 rows=rows, note=f"timing: {methods[0]}" if len(methods) == 1 else None)
+
+
+def step_latency(step: StepReport) -> dict[int, float]:
+    """p50 per batch size of the step's first timed model (the step's own measurement)."""
+    if not step.latency:
+        return {}
+    first = step.latency[0].model
+    return {lat.batch_size: lat.p50_ms for lat in step.latency if lat.model == first}
+
+
+def metrics_table(metrics: dict[str, Any]) -> Table | None:
+    return Table(title="metrics", columns=["metric", "value"], rows=[[k, v] for k, v in metrics.items()]) if metrics else None
+
+
+def step_tables(step: StepReport) -> list[Table]:
+    """Everything a step measured, as tables: its metrics, its latencies and each of its sections."""
+    tables = [metrics_table(step.metrics), latency_table(step.latency), *(as_table(s) for s in step.sections)]
+    return [t for t in tables if t is not None]
+
+
+def _table(table: Table, heading: str = "###") -> list[str]:
+    def cell(value: Any) -> str:
+        return fmt(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"{heading} {table.title}", ""]
+    if table.note:
+        lines += [table.note, ""]
+    lines += ["| " + " | ".join(map(cell, table.columns)) + " |", "|" + " --- |" * len(table.columns)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in table.rows]
+    return lines + [""]
+
+
+def rich_table(table: Table) -> Any:
+    """A table for the terminal (console.table)."""
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=escape(table.title))
+    for column in table.columns:
+        out.add_column(escape(column))
+    for row in table.rows:
+        out.add_row(*(escape(fmt(v)) for v in row))
+    return out
+
+
+def chain_table(chain: Chain) -> Table:
+    sizes = chain.batch_sizes
+    rows = []
+    for r in chain.models:
+        marks = [m for m, on in (("baseline", r.step == chain.baseline), ("final", r.step == chain.final),
+                                 ("**best**", r.best), ("outside accuracy tolerance", not r.eligible)) if on]
+        marks += [f"fastest at batch {b}" for b in r.fastest_at if len(sizes) > 1]
+        rows.append([r.step, "n/a" if r.accuracy is None else f"{r.accuracy:.4f}",
+                     *(f"{r.latency_ms[b]:.3f}" for b in sizes), *(f"{r.speedup[b]:.2f}x" for b in sizes),
+                     f"{r.size_mb:.2f}", ", ".join(marks)])
+    note = (f"Latency: {chain.method}; {chain.provider}, {chain.rounds} rounds of {chain.iterations_per_round} runs per "
+            f"model and batch size ({chain.duration_s:.1f} s in all, exports included). Accuracy: "
+            f"{chain.accuracy_method or 'not measured (no labelled data)'}. Accuracy tolerance "
+            f"{chain.accuracy_tolerance} from {chain.accuracy_tolerance_from}. Rule: {chain.rule}.")
+    return Table(title="Chain: every model measured alike", note=note, rows=rows,
+                 columns=["step", "top-1", *(f"batch {b} ms" for b in sizes), *(f"speed-up b{b}" for b in sizes),
+                          "size MB", ""])
+
+
+def _step_section(step: StepReport, heading: str) -> list[str]:
+    lines = [heading, "", f"Ran in {step.duration_s:.1f} s.", ""]
+    if step.latency or any(is_timing(k) for k in step.metrics):
+        lines += [STEP_TIMING_NOTE, ""]
+    if step.notes:
+        lines += [f"- {n}" for n in step.notes] + [""]
+    for table in step_tables(step):
+        lines += _table(table)
     return lines
 
 
-def _step_section(step: dict[str, Any], heading: str) -> list[str]:
-    lines = [heading, ""]
-    lines.append(f"Ran in {step['duration_s']:.1f} s.")
-    if step.get("bench") or any(is_timing(k) for k in step.get("metrics", {})):
-        lines += ["", STEP_TIMING_NOTE]
-    if step.get("notes"):
-        lines += [""] + [f"- {n}" for n in step["notes"]]
-    lines.append("")
-    lines += _metrics_table(step.get("metrics", {}))
-    if step.get("bench"):
-        lines += ["", *_bench_table(step["bench"]["results"]), "", f"Timing: {step['bench']['timing']}"]
-    if step.get("metrics", {}).get("simulation_error"):
-        lines += ["", *_simulation_error_table(step["metrics"]["simulation_error"])]
-    lines.append("")
-    return lines
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    if report["kind"] == "step":
-        step = report["step"]
-        lines = [f"# mlopt {step['type']}", ""]
-        lines += _step_section(step, "## Result")
-        lines += ["## Configuration", "", "```json", _json(step["config"]), "```", ""]
+def render_markdown(report: StepReportFile | RunReport) -> str:
+    if isinstance(report, StepReportFile):
+        lines = [f"# mlopt {report.step.type}", "", *_step_section(report.step, "## Result"),
+                 "## Configuration", "", "```json", json.dumps(report.step.config, indent=2), "```", ""]
     else:
         lines = ["# mlopt run", ""]
-        if report.get("recipe_file"):
-            lines += [f"Recipe: `{report['recipe_file']}`", ""]
-        if report.get("chain"):
-            lines += _chain_section(report["chain"])
+        if report.recipe_file:
+            lines += [f"Recipe: `{report.recipe_file}`", ""]
+        if report.chain:
+            chain = chain_table(report.chain)
+            verdict = f"{report.chain.verdict}." if report.chain.final_is_best else f"**Warning: {report.chain.verdict}.**"
+            lines += _table(chain.model_copy(update={"note": f"{verdict[0].upper()}{verdict[1:]}\n\n{chain.note}"}), "##")
         # Each step's own timings are left out here: they are not comparable (the chain table is).
-        lines += ["| step | type | duration s | key metrics (timings: in each step's section) |",
-                  "| --- | --- | --- | --- |"]
-        for step in report["steps"]:
-            key = ", ".join(f"{k} {_fmt(v)}" for k, v in step.get("metrics", {}).items()
-                            if not isinstance(v, (dict, list)) and not is_timing(k))
-            lines.append(f"| {step['dir']} | {step['type']} | {step['duration_s']:.1f} | {key} |")
-        lines.append("")
-        if report.get("gates"):
-            g = report["gates"]
-            lines += [f"## Gates: {'passed' if g['passed'] else 'FAILED'}", "",
-                      f"Baseline: `{g['baseline']}`", "", "| gate | expected | measured | result |",
-                      "| --- | --- | --- | --- |"]
-            lines += [f"| {r['gate']} | {r['expected']} | {r['measured']} | {'pass' if r['passed'] else '**FAIL**'} |"
-                      for r in g["results"]]
-            lines.append("")
-        for step in report["steps"]:
-            lines += _step_section(step, f"## {step['dir']}")
-    env = report.get("environment", {})
-    if env:
-        libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
-        lines += ["## Environment", "", f"{env.get('cpu')} ({env.get('cpu_count')} CPUs; ISA: {', '.join(env.get('isa', [])) or 'n/a'}); Python {env.get('python')}; {libs}", ""]
+        rows = [[s.dir, s.type, round(s.duration_s, 1),
+                 ", ".join(f"{k} {fmt(v)}" for k, v in s.metrics.items() if not is_timing(k))] for s in report.steps]
+        lines += _table(Table(title="Steps", columns=["step", "type", "duration s", "key metrics (timings: in each "
+                                                      "step's section)"], rows=rows), "##")
+        if report.gates:
+            g = report.gates
+            rows = [[r.gate, r.expected, r.measured, "pass" if r.passed else "**FAIL**"] for r in g.results]
+            lines += _table(Table(title=f"Gates: {'passed' if g.passed else 'FAILED'}", note=f"Baseline: `{g.baseline}`",
+                                  columns=["gate", "expected", "measured", "result"], rows=rows), "##")
+        for step in report.steps:
+            lines += _step_section(step, f"## {step.dir}")
+    env = report.environment
+    libs = ", ".join(f"{k} {v}" for k, v in env.libraries.items())
+    lines += ["## Environment", "", f"{env.cpu} ({env.cpu_count} CPUs; ISA: {', '.join(env.isa) or 'n/a'}); "
+              f"Python {env.python}; {libs}", ""]
     return "\n".join(lines)
-
-
-def _json(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=2)
 
 
 # Metrics compared between runs: name -> True when higher is better. Regressions are judged on
 # accuracy (absolute tolerance), latency and size (relative tolerance); the rest is shown only.
-COMPARED = {"accuracy": True, "latency_ms": False, "size_mb": False, "loss": False,
-            "train_samples_per_s": True, "max_abs_error": False}
-JUDGED = {"accuracy", "latency_ms", "size_mb"}
+COMPARED = {"accuracy": True, "size_mb": False, "loss": False, "train_samples_per_s": True, "max_abs_error": False}
+JUDGED = {"accuracy", "size_mb", "latency"}
 
 
-def load_run_report(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    from mlopt.core.errors import InputError
+def load_run_report(run_dir: Path) -> RunReport | StepReportFile:
+    from mlopt.core.errors import InputError, RunError
 
     path = Path(run_dir) / "report.json"
     try:
-        report = json.loads(path.read_text())
+        return parse(path.read_text())
     except OSError:
         raise InputError(f"{run_dir} has no report.json (is it an mlopt output directory?)") from None
-    except ValueError as exc:
-        raise InputError(f"{path} is corrupt: {exc}") from None
-    if report.get("kind") == "step":
-        step = report["step"]
-        return {"steps": [{**step, "dir": step.get("dir") or step["type"]}]}
-    return report
+    except RunError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
-def compare_runs(old: dict[str, Any], new: dict[str, Any], tolerance: float, accuracy_tolerance: float) -> list[dict[str, Any]]:
-    """Rows of (step, metric, old, new, change, regressed) for the metrics both runs measured."""
+def _steps(report: RunReport | StepReportFile) -> list[StepReport]:
+    return [report.step] if isinstance(report, StepReportFile) else report.steps
+
+
+def _figures(step: StepReport) -> dict[str, float]:
+    """What compare reads of a step: its compared metrics, and the p50 of each of its timed models per batch size.
+
+    Models are named by their place in the step (model names are paths, which differ between runs)."""
+    out = {k: float(v) for k, v in step.metrics.items() if k in COMPARED and isinstance(v, (int, float))
+           and not isinstance(v, bool)}
+    models = list(dict.fromkeys(lat.model for lat in step.latency))
+    for lat in step.latency:
+        which = f"model {models.index(lat.model) + 1}, " if len(models) > 1 else ""
+        out[f"latency p50 ms[{which}batch {lat.batch_size}]"] = lat.p50_ms
+    return out
+
+
+def _chain_figures(report: RunReport | StepReportFile) -> dict[str, dict[str, float]]:
+    chain = report.chain if isinstance(report, RunReport) else None
+    return {f"chain {r.step}": {**({"accuracy": r.accuracy} if r.accuracy is not None else {}),
+                                **{f"latency ms[batch {b}]": ms for b, ms in r.latency_ms.items()}}
+            for r in (chain.models if chain else [])}
+
+
+def compare_runs(old: RunReport | StepReportFile, new: RunReport | StepReportFile, tolerance: float,
+                 accuracy_tolerance: float) -> list[dict[str, Any]]:
+    """Rows of (step, metric, old, new, change, regressed) for the figures both runs measured."""
+    before = {s.dir: _figures(s) for s in _steps(old)} | _chain_figures(old)
+    after = {s.dir: _figures(s) for s in _steps(new)} | _chain_figures(new)
     rows = []
-    old_steps = {s["dir"]: s for s in old.get("steps", [])}
-    for step in new.get("steps", []):
-        before = old_steps.get(step["dir"])
-        if before is None:
-            continue
-        for key, higher in COMPARED.items():
-            a, b = before.get("metrics", {}).get(key), step.get("metrics", {}).get(key)
-            pairs = [(key, a, b)]
-            if isinstance(a, dict) and isinstance(b, dict):  # per batch size
-                pairs = [(f"{key}[batch {k}]", a[k], b[k]) for k in a if k in b]
-            for name, x, y in pairs:
-                if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or isinstance(x, bool):
-                    continue
-                if key == "accuracy":
-                    regressed = y < x - accuracy_tolerance
-                elif key in JUDGED:
-                    regressed = y > x * (1 + tolerance)
-                else:
-                    regressed = False
-                change = (y - x) / abs(x) if x else 0.0
-                rows.append({"step": step["dir"], "metric": name, "old": x, "new": y, "change": change,
-                             "better": (y > x) == higher if y != x else None, "regressed": regressed})
+    for name, figures in after.items():
+        for key, y in figures.items():
+            x = before.get(name, {}).get(key)
+            if x is None:
+                continue
+            kind = key.split(" ")[0]
+            higher = COMPARED.get(kind, False)
+            if kind == "accuracy":
+                regressed = y < x - accuracy_tolerance
+            else:
+                regressed = kind in JUDGED and y > x * (1 + tolerance)
+            rows.append({"step": name, "metric": key, "old": x, "new": y, "change": (y - x) / abs(x) if x else 0.0,
+                         "better": (y > x) == higher if y != x else None, "regressed": regressed})
     return rows

@@ -211,18 +211,7 @@ def judge(comparison: dict[str, Any]) -> None:
 
 
 def show(comparison: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+    from mlopt.report.markdown import chain_table, rich_table
+    from mlopt.report.schema import Chain
 
-    sizes = comparison["batch_sizes"]
-    table = Table(title=f"chain: every model timed alike ({comparison['provider']}, interleaved rounds)")
-    for col in ("step", "top-1", *(f"batch {b} ms" for b in sizes), *(f"speed-up b{b}" for b in sizes), "size MB", ""):
-        table.add_column(col, justify="left" if col in ("step", "") else "right")
-    for r in comparison["models"]:
-        marks = [m for m, on in (("baseline", r["step"] == comparison["baseline"]), ("final", r["step"] == comparison["final"]),
-                                 ("BEST", r["best"]), ("outside accuracy tolerance", not r["eligible"])) if on]
-        marks += [f"fastest at batch {b}" for b in r["fastest_at"] if len(sizes) > 1]
-        table.add_row(escape(r["step"]), "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
-                      *(f"{r['latency_ms'][str(b)]:.3f}" for b in sizes),
-                      *(f"{r['speedup'][str(b)]:.2f}x" for b in sizes), f"{r['size_mb']:.2f}", ", ".join(marks))
-    console.table(table)
+    console.table(rich_table(chain_table(Chain.model_validate(comparison))))

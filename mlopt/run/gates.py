@@ -65,13 +65,11 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
 
 
 def show(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    from mlopt.core.sections import Table
+    from mlopt.report.markdown import rich_table
 
-    table = Table(title="gates")
-    for col in ("gate", "expected", "measured", "result"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["gate"], r["expected"], str(r["measured"]), "pass" if r["passed"] else "FAIL")
+    table = rich_table(Table(title="gates", columns=["gate", "expected", "measured", "result"],
+                             rows=[[r["gate"], r["expected"], r["measured"], "pass" if r["passed"] else "FAIL"] for r in rows]))
     if all(r["passed"] for r in rows):
         console.table(table)
     else:  # a failure is shown even with --quiet

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from mlopt.runtime.data import Dataset
 
 
-def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
-    """Load the recipe's model and data and check that they fit each other.
+def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifact", "Dataset | None"]:
+    """Load the recipe's model (or take `model`, ready in memory: the Python API) and data, and check that they fit.
 
     A saved model remembers its input shape; when the data section leaves image_size and
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
@@ -24,12 +24,13 @@ def prepare(recipe: "Recipe") -> tuple["Artifact", "Dataset | None"]:
     from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
     from mlopt.runtime.data import load_data
 
-    loaded = None
+    loaded = model
     data_cfg = recipe.data
-    if looks_like_artifact(recipe.model.spec):
+    if loaded is None and looks_like_artifact(recipe.model.spec):
         if recipe.model.weights:
             raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
         loaded = load_artifact(recipe.model.spec)
+    if loaded is not None:
         shape = loaded.sample_shape
         if data_cfg is not None and shape is not None and len(shape) == 3:
             fill = {}

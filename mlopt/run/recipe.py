@@ -87,6 +87,7 @@ def _add_step_type(_: Any) -> None:
     """A pass defined after this module loaded (a plugin, a test) joins the recipe's step union."""
     global StepConfig
     StepConfig = _step_union()
+    Recipe.model_fields["steps"].annotation = list[StepConfig]  # a rebuild alone keeps the resolved old union
     Recipe.model_rebuild(force=True)
 
 

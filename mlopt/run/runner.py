@@ -19,7 +19,7 @@ from mlopt.core.contracts import PASSES, StepContext
 from mlopt.core.errors import InputError
 from mlopt.run import resume as resuming
 from mlopt.run.outdir import OutputDir
-from mlopt.report.markdown import SCHEMA_VERSION
+from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.runtime import distributed, hf
 
 if TYPE_CHECKING:
@@ -37,6 +37,16 @@ class RunResult:
     out: Path | None
     is_main: bool = True  # False on torchrun ranks other than 0, which print nothing
     gates: list[dict[str, Any]] | None = None  # one row per gate, when the recipe has gates
+
+    @property
+    def model(self) -> Any:
+        """The final model: a torch module, or the path of an ONNX file."""
+        return self.artifact.module if self.artifact.format == "torch" else self.artifact.onnx_path
+
+    @property
+    def passed(self) -> bool:
+        """Whether every gate passed (True without gates)."""
+        return all(row["passed"] for row in self.gates or [])
 
 
 @dataclass
@@ -68,7 +78,7 @@ class Run:
 
 
 def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat: bool = False,
-               recipe_file: str | None = None, resume: bool = False) -> RunResult:
+               recipe_file: str | None = None, resume: bool = False, model: "Artifact | None" = None) -> RunResult:
     """Execute every step of `recipe`.
 
     flat=True (single CLI commands): the step's artifact and report go straight into `out`.
@@ -81,10 +91,11 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
     for recipes, skips steps that already completed with the same configuration and inputs
     (content hashes of the model, data and files the step reads).
     Under torchrun every rank runs the steps; only rank 0 writes anything.
+    `model`: the first model, ready in memory (the Python API), instead of the one the recipe names.
     """
     from mlopt.core import fsutil
 
-    run = plan(recipe, out, overwrite, flat, resume)
+    run = plan(recipe, out, overwrite, flat, resume, model)
     try:
         for index, step in enumerate(recipe.steps, start=1):
             execute_step(run, index, step)
@@ -98,7 +109,8 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
                      gates=gate_rows)
 
 
-def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume: bool) -> Run:
+def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume: bool,
+         model: "Artifact | None" = None) -> Run:
     """Check the recipe against what it asks for, load the model and data, and open the output directory."""
     from mlopt.run.loading import prepare
     from mlopt.runtime import environment
@@ -111,7 +123,7 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
     if output is not None:
         output.check(overwrite or resume, resume)
     _check_inputs(recipe)
-    artifact, data = prepare(recipe)
+    artifact, data = prepare(recipe, model)
     _check_text_steps(recipe, hf.is_text_artifact(artifact))
     writes = output is not None  # ranks other than 0 work in a scratch directory
     root = Path(out) if writes else Path(tempfile.mkdtemp(prefix="mlopt-"))
@@ -222,14 +234,8 @@ def _step_report(run: Run, index: int, name: str, step: Any, inputs_sha256: str,
         "notes": result.notes,
     }
     report["latency"] = [lat.model_dump(mode="json") for lat in result.latency]
-    if isinstance(result.sections, list):
-        report["sections"] = [s.model_dump(mode="json") for s in result.sections]
-        return report
-    # Interim: passes not yet converted to typed sections hand back a dict of named sections.
-    clash = set(result.sections) & (set(report) | {"duration_s"})
-    if clash:
-        raise RuntimeError(f"step {step.type!r} returned report sections named like the runner's keys: {sorted(clash)}")
-    return {**report, **result.sections}
+    report["sections"] = [s.model_dump(mode="json") for s in result.sections]
+    return report
 
 
 def _write_step(run: Run, stage: Path, step_report: dict[str, Any], name: str) -> None:

@@ -28,6 +28,7 @@ class Artifact:
     num_classes: int | None
     lineage: list[str] = field(default_factory=list)
     builder: dict[str, Any] | None = None  # torch: {"spec", "num_classes", "pruned": {module: {attr: value}}}
+    # (spec None: a module handed to the Python API, which mlopt cannot rebuild)
     module: Any = None  # torch: the live nn.Module
     onnx_path: Path | None = None  # onnx: the file
     origin: str = ""  # what the user named, for messages
@@ -250,6 +251,12 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     builder = meta.get("builder") or {}
     if not isinstance(builder, dict) or "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
+    if builder["spec"] is None:  # a module handed to the Python API: mlopt never pickles the class
+        raise InputError(
+            f"{path} holds a model built in Python ({builder.get('module', 'a module')}) that mlopt cannot rebuild: "
+            f"build it in Python and load {TORCH_FILE} into it (torch.load(weights_only=True); {META_FILE} lists "
+            "the pruned shapes), or start from a spec mlopt builds (FILE.py:FACTORY)"
+        )
     _check_builder(path, builder, meta.get("builder_signature"))
     module = build_module(builder["spec"], builder.get("num_classes"))
     state = load_state_dict_file(path / TORCH_FILE)

@@ -42,7 +42,8 @@ def test_train_writes_artifact_and_report(trained_dir):
     assert meta["format"] == "torch" and meta["sample_shape"] == [1, 8, 8] and meta["lineage"] == ["train"]
     report = json.loads((trained_dir / "report.json").read_text())
     assert report["step"]["type"] == "train" and report["step"]["metrics"]["accuracy"] > 0.8
-    assert len(report["step"]["history"]) == 3
+    history = report["step"]["sections"][0]
+    assert history["title"] == "training history" and [row[0] for row in history["rows"]] == [1, 2, 3]
     assert not [p for p in trained_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
@@ -73,11 +74,14 @@ def test_bench_json_contract(exported_dir, tmp_path):
                     "--warmup", 1, "--json", "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert len(data["results"]) == 4
-    for row in data["results"]:
-        assert {"model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb"} <= set(row)
-        assert set(row["latency_ms"]) == {"mean", "p50", "p90", "p99"}
-    assert "sequential" in data["timing"]
+    results = data["results"]
+    assert [(r["model"], r["batch_size"]) for r in results] == [
+        (str(onnx_path), 1), (str(onnx_path), 2), (str(copy), 1), (str(copy), 2)]
+    for r in results:
+        assert set(r) == {"model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "speedup"}
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["mean"] > 0 and r["provider"] == "cpu"
+    assert results[0]["speedup"] == 1.0 and "sequential" in data["timing"]
     md = (tmp_path / "b" / "report.md").read_text()
     assert md.count("| cpu | 1 |") == 2 and md.count("| cpu | 2 |") == 2
 

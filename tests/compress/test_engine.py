@@ -60,7 +60,8 @@ def test_early_stopping_stops_when_accuracy_stalls(tmp_path):
                                       "--json"])
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
-    history = json.loads((out / "report.json").read_text())["step"]["history"]
+    table = json.loads((out / "report.json").read_text())["step"]["sections"][0]
+    history = [dict(zip(table["columns"], row)) for row in table["rows"]]
     assert m["stopped_early"] is True and m["epochs"] == len(history) == 2 and m["best_epoch"] == 1
     assert m["accuracy"] == history[0]["val_accuracy"]
 

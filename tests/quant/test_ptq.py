@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from mlopt.cli.main import app
 from mlopt.quant.lib.graph import kernel_counts
 
-from conftest import TOY
+from conftest import TOY, latency_of, section, table_rows
 
 runner = CliRunner()
 FAST = ["--batch-size", "1", "--batch-size", "8", "--iterations", "9"]
@@ -16,6 +16,11 @@ FAST = ["--batch-size", "1", "--batch-size", "8", "--iterations", "9"]
 
 def ptq(*args):
     return runner.invoke(app, ["ptq", *map(str, args)])
+
+
+def candidates(step):
+    """The rows of the candidates table, FP32 left out."""
+    return [r for r in table_rows(step, "PTQ candidates") if r["model"] != "FP32"]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +39,19 @@ def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)  # onnxruntime's calibration chatter stays off stdout
     report = json.loads((out / "report.json").read_text())["step"]
-    rows = report["ptq"]["candidates"]
-    assert len(rows) >= 4 and all("latency_ms" in r and "accuracy" in r for r in rows)
+    rows = candidates(report)
+    assert len(rows) >= 4 and all(r["batch 1 ms"] > 0 and r["batch 8 ms"] > 0 and r["top-1"] > 0 for r in rows)
     assert m["quantized"] is True
-    chosen = next(r for r in rows if r["name"] == m["chosen"])
-    assert chosen["faster_than_fp32"] and chosen["within_budget"]
-    for b, ms in m["latency_ms"].items():
-        assert ms < m["fp32_latency_ms"][b]
+    chosen = next(r for r in rows if r["model"] == m["chosen"])
+    assert chosen["faster than FP32"] and chosen["within budget"]
+    fp32, int8 = latency_of(report, "FP32"), latency_of(report, m["chosen"])
+    assert set(int8) == set(fp32) == {1, 8}
+    for b, ms in int8.items():
+        assert ms < fp32[b] and m[f"speedup_b{b}"] == pytest.approx(fp32[b] / ms)
+    assert "interleaved rounds" in report["latency"][0]["method"]
     assert m["accuracy_drop"] <= 0.01 and m["size_ratio"] > 3
-    assert chosen["kernels"] == {**chosen["kernels"], "integer": 3, "float": 0}  # every Conv/Gemm fused
+    assert chosen["integer kernels"] == 3 and chosen["float kernels"] == 0  # every Conv/Gemm fused
+    assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
     model = onnx.load(str(out / "model.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
@@ -60,8 +69,8 @@ def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
     assert m["quantized"] is False and m["chosen"] == "FP32"
     assert "kept the FP32 model" in result.stderr
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx")).graph.node)
-    rows = json.loads((out / "report.json").read_text())["step"]["ptq"]["candidates"]
-    assert all(not r["faster_than_fp32"] or not r["within_budget"] for r in rows)
+    rows = candidates(json.loads((out / "report.json").read_text())["step"])
+    assert rows and all(not r["faster than FP32"] or not r["within budget"] for r in rows)
 
 
 @pytest.mark.slow
@@ -83,12 +92,14 @@ def test_fallback_keeps_sensitive_nodes_in_float(wide_dir, tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
     assert "accuracy" not in m and m["budget"].startswith("mean cosine")
-    rows = json.loads((out / "report.json").read_text())["step"]["ptq"]["candidates"]
-    fallback = [r for r in rows if "nodes in float" in r["name"]]
-    assert fallback, [r["name"] for r in rows]
-    sens = fallback[-1]["sensitivity"]
-    assert [s["sqnr_db"] for s in sens] == sorted(s["sqnr_db"] for s in sens)
-    assert fallback[-1]["float_nodes"] == [s["node"] for s in sens]
+    step = json.loads((out / "report.json").read_text())["step"]
+    fallback = [r for r in candidates(step) if "nodes in float" in r["model"]]
+    assert fallback, [r["model"] for r in candidates(step)]
+    assert len({r["model"] for r in fallback}) == len(fallback)  # each group keeps more nodes in float
+    sens = section(step, "quantization sensitivity (lowest SQNR kept in float)")
+    assert sens["series"]["SQNR"] == sorted(sens["series"]["SQNR"])
+    assert fallback[-1]["nodes in float"] == len(sens["labels"]) and fallback[-1]["model"].endswith(
+        f"+ {len(sens['labels'])} nodes in float")
     assert m["quantized"] is False and "missed the budget" in result.stderr
 
 
@@ -154,7 +165,8 @@ def test_candidates_are_timed_on_the_cuda_provider(exported_dir, tmp_path):
     assert result.exit_code == 0, result.output
     step = json.loads((out / "report.json").read_text())["step"]
     assert step["config"]["provider"] == "cuda"
-    assert all(r["latency_ms"] for r in step["ptq"]["candidates"])
+    assert len(step["latency"]) == 2 * (1 + len(candidates(step)))  # FP32 and each candidate at batch 1 and 8
+    assert all(lat["p50_ms"] > 0 and "onnxruntime (cuda)" in lat["method"] for lat in step["latency"])
     bench = runner.invoke(app, ["bench", str(out), "--provider", "cuda", "-n", "5", "--json"])
     assert bench.exit_code == 0 and json.loads(bench.stdout)["results"][0]["provider"] == "cuda"
 

@@ -6,7 +6,9 @@ from typer.testing import CliRunner
 
 from mlopt.cli.main import app
 
-from conftest import TOY
+from conftest import TOY, latency_of, section, table_rows
+
+ERRORS = "simulation vs onnxruntime, per quantized tensor"
 
 runner = CliRunner()
 
@@ -22,35 +24,34 @@ def test_qat_exports_fully_fused_int8(trained_dir, tmp_path):
     assert m["accuracy"] == max(m["start_accuracy"], m["trained_accuracy"])
     # every Conv and Gemm of the tiny CNN runs as an integer kernel after onnxruntime's optimisation
     assert m["integer_kernels"] == 3 and m["float_kernels"] == 0
-    assert m["unfolded_batchnorms"] == []  # both batch norms follow a convolution and fold into it
+    assert m["unfolded_batchnorms"] == 0  # both batch norms follow a convolution and fold into it
     # every tensor onnxruntime's quantizer picks (the input, both ReLU outputs it folds into the
     # convolutions, the classifier input and the logits) is simulated and handed over
     assert m["simulated_points"] == "onnxruntime's quantized tensors"
     assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"] == 5
-    assert m["tensors_calibrated_by_onnxruntime"] == []
+    assert m["tensors_calibrated_by_onnxruntime"] == 0
     # batch norm folded by onnxruntime, unfolded in the simulation: the same int8 weight codes
-    assert m["weight_codes"]["layers"] == 3 and m["weight_codes"]["differing"] <= 2
+    assert m["weight_layers"] == 3 and m["weight_codes_differing"] <= 2
     # the same quantized values in torch and onnxruntime: the input exactly, the others within one
     # quantization step (float rounding at grid boundaries)
-    errors = {r["point"]: r for r in m["simulation_error"]}
+    report = json.loads((out / "report.json").read_text())["step"]
+    errors = {r["tensor -> read by"]: r for r in table_rows(report, ERRORS)}
     assert list(errors) == ["x -> features.0", "features.2 -> features.3", "features.5 -> features.6",
                             "flatten -> classifier", "classifier -> output"]
-    assert errors["x -> features.0"]["max_error_steps"] == 0 and errors["x -> features.0"]["sqnr_db"] is None
-    assert all(r["max_error_steps"] <= 1.01 and r["mean_error_steps"] < 0.5 for r in errors.values())
-    assert all(r["local_max_error_steps"] <= 1.01 and r["local_mismatch"] < 0.01 for r in errors.values())
-    assert "| x -> features.0 | 0.00 | 0.00% | 0.00 | 0.000 | identical |" in (out / "report.md").read_text()
-    from mlopt.report.html import render_html
-
-    page = render_html(json.loads((out / "report.json").read_text()))
-    assert "simulation vs onnxruntime, per quantized tensor" in page
+    assert errors["x -> features.0"]["end-to-end max steps"] == 0 and errors["x -> features.0"]["SQNR dB"] is None
+    assert all(r["end-to-end max steps"] <= 1.01 and r["end-to-end mean steps"] < 0.5 for r in errors.values())
+    assert all(r["local max steps"] <= 1.01 and r["local values off %"] < 1 for r in errors.values())
+    bars = section(report, ERRORS + " (end to end)")
+    assert bars["labels"] == list(errors) and bars["series"]["max error"] == [r["end-to-end max steps"] for r in errors.values()]
+    assert not [s for s in report["sections"] if s["title"] == "left in float or outside the simulation"]
     assert m["simulation_top1_agreement"] >= 0.95
     assert abs(m["accuracy"] - m["simulated_accuracy"]) <= 0.05
     assert m["accuracy"] > 0.5
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx")).graph.node)
     ev = runner.invoke(app, ["eval", "--model", str(out), "--data", "digits", "--json"])
     assert json.loads(ev.stdout)["accuracy"] == pytest.approx(m["accuracy"])
-    report = json.loads((out / "report.json").read_text())["step"]
-    assert report["output"]["lineage"] == ["train", "qat"] and len(report["history"]) == 1
+    assert report["output"]["lineage"] == ["train", "qat"] and len(section(report, "training history")["rows"]) == 1
+    assert set(latency_of(report, "FP32")) == set(latency_of(report, "INT8")) == {1}
 
 
 def test_qat_needs_a_torch_model(exported_dir, tmp_path):
@@ -181,15 +182,15 @@ def test_the_int8_rule_is_faster_at_every_batch_size():
 
 def timed_as(monkeypatch, int8_ms):
     """Make the interleaved timing deterministic: FP32 1 ms at every batch size, INT8 `int8_ms`."""
-    from mlopt.quant import ptq
+    from mlopt.quant import qat
 
     calls = []
 
-    def fake(paths, sample_shape, cfg):
+    def fake(paths, sample_shape, provider, batch_sizes, iterations):
         calls.append([p.name for p in paths])
-        return [{b: 1.0 for b in cfg.batch_sizes}, {b: int8_ms for b in cfg.batch_sizes}]
+        return [{b: 1.0 for b in batch_sizes}, {b: int8_ms for b in batch_sizes}]
 
-    monkeypatch.setattr(ptq, "latencies", fake)
+    monkeypatch.setattr(qat, "latencies", fake)
     return calls
 
 
@@ -210,10 +211,12 @@ def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monk
     assert m["quantized"] is quantized
     int8 = max(m["start_accuracy"], m["trained_accuracy"])
     assert m["accuracy"] == (int8 if quantized else m["fp32_onnx_accuracy"])
-    assert m["latency_ms"] == {"1": int8_ms if quantized else 1.0}
+    report = json.loads((out / "report.json").read_text())["step"]
+    assert latency_of(report, "FP32") == {1: 1.0} and latency_of(report, "INT8") == {1: int8_ms}
+    assert m["speedup_b1"] == pytest.approx(1 / int8_ms)
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert ("QuantizeLinear" in ops) is quantized
-    notes = " ".join(json.loads((out / "report.json").read_text())["step"]["notes"])
+    notes = " ".join(report["notes"])
     if int8_ms > 1:
         assert ("kept INT8 as asked" in notes) is quantized
         assert ("handed back the FP32 model QAT started from" in notes) is not quantized
@@ -336,7 +339,8 @@ def test_qat_with_learned_ranges_exports_them(trained_dir, tmp_path):
     m = json.loads(result.stdout)
     assert m["integer_kernels"] == 3 and m["ranges_handed_to_onnxruntime"] == 5
     assert m["simulation_top1_agreement"] >= 0.95 and m["accuracy"] > 0.5
-    assert all(r["local_max_error_steps"] <= 1.01 for r in m["simulation_error"])
+    errors = table_rows(json.loads((out / "report.json").read_text())["step"], ERRORS)
+    assert len(errors) == 5 and all(r["local max steps"] <= 1.01 for r in errors)
 
 
 @pytest.mark.parametrize("factory, expected", [
@@ -387,41 +391,47 @@ def qat_one_epoch(tmp_path, factory):
     result = runner.invoke(app, ["qat", "--model", f"{TOY}:{factory}", "--data", "digits", "--epochs", "1",
                                  "--bench-batch-size", "1", "--out", str(tmp_path / "q"), "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout), result.stderr
+    return json.loads(result.stdout), json.loads((tmp_path / "q" / "report.json").read_text())["step"], result.stderr
 
 
 @pytest.mark.slow
 def test_a_model_torch_fx_cannot_trace_is_simulated_at_layer_inputs(tmp_path):
-    m, stderr = qat_one_epoch(tmp_path, "untraceable_cnn")
+    m, report, stderr = qat_one_epoch(tmp_path, "untraceable_cnn")
     assert m["simulated_points"] == "layer inputs" and m["activation_points"] == 2
     assert "torch.fx cannot trace the model" in stderr
     # the layer inputs are handed over; onnxruntime calibrates the rest, and they are listed
-    assert m["ranges_handed_to_onnxruntime"] == 2 and m["tensors_calibrated_by_onnxruntime"]
+    assert m["ranges_handed_to_onnxruntime"] == 2 and m["tensors_calibrated_by_onnxruntime"] > 0
+    listed = [r["name"] for r in table_rows(report, "left in float or outside the simulation")
+              if r["what"] == "tensor calibrated by onnxruntime"]
+    assert len(listed) == m["tensors_calibrated_by_onnxruntime"]
     assert m["integer_kernels"] == 2 and m["float_kernels"] == 0
 
 
 @pytest.mark.slow
 def test_qat_of_a_transformer_encoder_simulates_its_matmuls_as_onnxruntime_runs_them(tmp_path):
-    m, stderr = qat_one_epoch(tmp_path, "tiny_bert_like")
+    m, report, stderr = qat_one_epoch(tmp_path, "tiny_bert_like")
     # every weight MatMul, both attention MatMuls of each layer and the patch convolution: integer
-    assert m["integer_kernels"] == 14 and m["float_kernels"] == 0 and m["not_simulated"] == []
+    assert m["integer_kernels"] == 14 and m["float_kernels"] == 0 and m["not_simulated"] == 0
     assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"]
     assert m["activation_ranges"] < m["activation_points"]  # reshapes and transposes share their input's scale
-    points = {r["point"].split(" -> ")[0]: r for r in m["simulation_error"]}
+    errors = table_rows(report, ERRORS)
+    points = {r["tensor -> read by"].split(" -> ")[0]: r for r in errors}
     # the product and the sum of each Linear, as onnxruntime quantizes MatMul + Add
     assert {"layers.0.attention.query (no bias)", "layers.0.attention.query", "softmax"} <= set(points)
     assert "transpose -> layers.0.attention.query, layers.0.attention.key, layers.0.attention.value, add" in [
-        r["point"] for r in m["simulation_error"]]
-    assert all(r["local_max_error_steps"] <= 1.01 and r["local_mismatch"] < 0.01 for r in m["simulation_error"])
+        r["tensor -> read by"] for r in errors]
+    assert all(r["local max steps"] <= 1.01 and r["local values off %"] < 1 for r in errors)
     assert m["simulation_top1_agreement"] >= 0.95
     # the patch convolution, eight Linears found as MatMul weights the exporter renamed, and the head
-    assert m["weight_codes"]["layers"] == 10 and m["weight_codes"]["differing"] <= 2
+    assert m["weight_layers"] == 10 and m["weight_codes_differing"] <= 2
 
 
 @pytest.mark.slow
 def test_batch_norm_that_cannot_be_folded_is_named(tmp_path):
-    m, stderr = qat_one_epoch(tmp_path, "bn_after_relu")
-    assert len(m["unfolded_batchnorms"]) == 1
+    m, report, stderr = qat_one_epoch(tmp_path, "bn_after_relu")
+    assert m["unfolded_batchnorms"] == 1
+    assert [r["what"] for r in table_rows(report, "left in float or outside the simulation")].count(
+        "batch norm not folded into a convolution") == 1
     assert "1 batch norm(s) could not be folded" in stderr
 
 

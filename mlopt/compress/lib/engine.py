@@ -23,10 +23,12 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
+from mlopt.core.contracts import cli
 
 from mlopt.runtime import distributed
 from mlopt.runtime.data import Dataset, require_labels
 from mlopt.core.errors import InputError, RunError
+from mlopt.core.sections import Table
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -35,11 +37,11 @@ class TrainingConfig(BaseModel):
     """Optimiser, schedule, precision and checkpoint settings shared by every pass that trains."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(5, gt=0)
-    lr: float = Field(2e-3, gt=0)
+    epochs: int = Field(5, gt=0, description="training epochs", json_schema_extra=cli(short="-e"))
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of sgd")
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
     step_epochs: int = Field(30, gt=0, description="step schedule: epochs between decays")
@@ -451,6 +453,12 @@ def _finish(run: _Run) -> dict[str, Any]:
         "train_samples_per_s": throughput,
         "history": state.history,
     }
+
+
+def history_table(history: list[dict[str, Any]], title: str = "training history") -> Table:
+    """`fit`'s per-epoch figures (and any a caller added to them) as a report section."""
+    columns = list(dict.fromkeys(k for h in history for k in h))
+    return Table(title=title, columns=columns, rows=[[h.get(c) for c in columns] for h in history])
 
 
 _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)

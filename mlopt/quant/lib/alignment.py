@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlopt.core.sections import Bars, Table
 from mlopt.quant.lib.simulation import Simulation, trace, uint8_qparams
 
 
@@ -276,3 +277,23 @@ def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe
     handed = range_overrides(sim, tensors) if export_ranges else {}
     quantize(pre, dst, runtime_scheme(), feeds, False, overrides=handed)
     return tensors, handed
+
+
+SIMULATION_ERROR_TITLE = "simulation vs onnxruntime, per quantized tensor"
+
+
+def simulation_error_sections(rows: list[dict[str, Any]]) -> list[Table | Bars]:
+    """`simulation_errors` as a report table, and its end-to-end maximum per tensor as bars."""
+    if not rows:
+        return []
+    table = Table(
+        title=SIMULATION_ERROR_TITLE,
+        columns=["tensor -> read by", "local max steps", "local values off %", "end-to-end max steps",
+                 "end-to-end mean steps", "SQNR dB"],
+        rows=[[r["point"], r["local_max_error_steps"], 100 * r["local_mismatch"], r["max_error_steps"],
+               r["mean_error_steps"], r["sqnr_db"]] for r in rows],
+        note="in quantization steps; local: computed from onnxruntime's own inputs; end to end: the simulation run "
+             "on its own; SQNR empty: identical")
+    bars = Bars(title=f"{SIMULATION_ERROR_TITLE} (end to end)", labels=[r["point"] for r in rows],
+                series={"max error": [r["max_error_steps"] for r in rows]}, unit="quantization steps")
+    return [table, bars]

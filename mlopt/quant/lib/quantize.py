@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from mlopt.core import console
 from mlopt.core.errors import first_line
+from mlopt.core.sections import Latency
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,25 @@ def latencies(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: 
     from mlopt.export.lib.timing import interleaved_latency
 
     return interleaved_latency(paths, sample_shape, provider, batch_sizes, iterations)
+
+
+TIMING_METHOD = ("interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
+                 "its best round's median")
+
+
+def latency_entries(timed: dict[int, float], model: str, provider: str) -> list[Latency]:
+    """`latencies`' medians of one model as report entries."""
+    method = TIMING_METHOD.format(provider=provider)
+    return [Latency(batch_size=b, p50_ms=ms, method=method, model=model) for b, ms in timed.items()]
+
+
+def speedups(fp32_latency: dict[int, float], int8_latency: dict[int, float]) -> dict[str, float]:
+    """FP32 over INT8 latency per batch size, as scalar metrics `speedup_b<batch>`."""
+    return {f"speedup_b{b}": fp32_latency[b] / int8_latency[b] for b in fp32_latency}
+
+
+def describe_latency(timed: dict[int, float]) -> str:
+    return ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in timed.items())
 
 
 INT8_RULE = ("INT8 is kept only when it is faster than FP32 at every batch size timed (interleaved rounds, one "
