@@ -25,6 +25,8 @@ from mlopt.core.contracts import PASSES
 from mlopt.core.errors import InputError
 from mlopt.run.recipe import Recipe, load_recipe, recipe_from_dict
 from mlopt.run.runner import RunResult, run_recipe
+from mlopt.runtime.artifacts import Artifact
+from mlopt.runtime.models import probe_output
 
 __all__ = ["Recipe", "RunResult", "run", "step"]
 
@@ -104,9 +106,6 @@ def _spec(model: Any, module: bool) -> str:
 def _module_artifact(model: Any, shape: tuple[int, ...]) -> Any:
     """A copy of the module as the run's first model; model.json will record that it cannot be rebuilt."""
     import copy
-
-    from mlopt.runtime.artifacts import Artifact
-    from mlopt.runtime.models import probe_output
 
     if len(shape) < 2:
         raise InputError(f"example_input of shape {tuple(shape)} has no batch axis; give e.g. torch.zeros(1, 3, 32, 32)")

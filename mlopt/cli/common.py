@@ -13,7 +13,12 @@ from typing import Any, Callable
 import typer
 
 from mlopt.core import console
-from mlopt.core.errors import EXIT_FAILURE, MloptError, first_line, storage_error
+from mlopt.core.errors import EXIT_FAILURE, InputError, MloptError, first_line, storage_error
+from mlopt.core.fsutil import atomic_write_text
+from mlopt.run.outdir import check_replaceable_file
+from mlopt.run.recipe import recipe_from_dict, recipe_to_yaml
+from mlopt.run.runner import run_recipe
+from mlopt.runtime import distributed
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,8 +53,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[str, Any]) -> Any:
     """A one-step recipe from command-line values (None means: not given, use the default)."""
-    from mlopt.run.recipe import recipe_from_dict
-
     raw: dict[str, Any] = {"version": 1, "model": _given(model), "steps": [_given(step)]}
     if data is not None and data.get("source") is not None:
         raw["data"] = _given(data)
@@ -62,16 +65,10 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
 
 def save_recipe(recipe: Any, path: Path, overwrite: bool = False) -> None:
     """Write the recipe; an existing file is replaced only with --overwrite."""
-    from mlopt.core.fsutil import atomic_write_text
-    from mlopt.run.outdir import check_replaceable_file
-    from mlopt.run.recipe import recipe_to_yaml
-
     check_replaceable_file(path, lambda text: False, overwrite, "--save-recipe")
     try:
         atomic_write_text(path, recipe_to_yaml(recipe))
     except OSError as exc:
-        from mlopt.core.errors import InputError
-
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     console.info(f"wrote {path}")
 
@@ -87,8 +84,6 @@ def execute(
     json_view: Callable[[dict[str, Any]], Any] = lambda step: step["metrics"],
 ) -> Any:
     """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report)."""
-    from mlopt.run.runner import run_recipe
-
     console.set_quiet(quiet or json_out)
     if save is not None:
         save_recipe(recipe, save, overwrite)
@@ -106,8 +101,6 @@ def relaunch_under_torchrun(nproc: int, save: Path | None) -> None:
     if nproc == 1 or save is not None:
         return
     import sys
-
-    from mlopt.runtime import distributed
 
     raise typer.Exit(distributed.launch(nproc, distributed.strip_nproc(sys.argv[1:])))
 

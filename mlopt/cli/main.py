@@ -7,10 +7,12 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from mlopt import __version__
 from mlopt.cli.common import handle_errors
 from mlopt.cli.recipe_cmd import recipe_app
 from mlopt.cli.report_cmd import report_app
 from mlopt.cli.run import run
+from mlopt.cli.steps import click_command, step_types
 
 
 class _Commands(TyperGroup):
@@ -21,15 +23,11 @@ class _Commands(TyperGroup):
     """
 
     def list_commands(self, ctx: Any) -> list[str]:
-        from mlopt.cli.steps import step_types
-
         return [*handle_errors(step_types)(), *super().list_commands(ctx)]
 
     def get_command(self, ctx: Any, name: str) -> Any:
         command = super().get_command(ctx, name)
         if command is None:
-            from mlopt.cli.steps import click_command, step_types
-
             step = handle_errors(step_types)().get(name)
             command = click_command(step) if step is not None else None
         return command
@@ -48,8 +46,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from mlopt import __version__
-
         typer.echo(f"mlopt {__version__}")
         raise typer.Exit()
 

@@ -9,6 +9,11 @@ import typer
 
 from mlopt.cli import options as o
 from mlopt.cli.common import handle_errors
+from mlopt.core import console
+from mlopt.core.errors import GateError, InputError
+from mlopt.core.sections import Table
+from mlopt.report.markdown import compare_runs, load_run_report, rich_table
+from mlopt.report.schema import json_schema
 
 report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
 
@@ -17,9 +22,6 @@ report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
 @handle_errors
 def schema() -> None:
     """Print the JSON schema that every report.json (step or run) follows."""
-    from mlopt.core import console
-    from mlopt.report.schema import json_schema
-
     console.emit_json(json_schema())
 
 
@@ -33,11 +35,6 @@ def compare(
     json_out: o.Json = False,
 ) -> None:
     """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
-    from mlopt.core import console
-    from mlopt.core.errors import GateError
-    from mlopt.core.sections import Table
-    from mlopt.report.markdown import compare_runs, load_run_report, rich_table
-
     rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
     if json_out:
         console.emit_json({"rows": rows, "regressed": any(r["regressed"] for r in rows)})
@@ -47,8 +44,6 @@ def compare(
                                        rows=[[r["step"], r["metric"], r["old"], r["new"], f"{100 * r['change']:+.1f}%",
                                               "REGRESSED" if r["regressed"] else verdicts[r["better"]]] for r in rows])))
     if not rows:
-        from mlopt.core.errors import InputError
-
         raise InputError(f"{old} and {new} have no step with metrics in common")
     regressed = [f"{r['step']} {r['metric']}" for r in rows if r["regressed"]]
     if regressed:

@@ -8,6 +8,13 @@ import typer
 
 from mlopt.cli import options as o
 from mlopt.cli.common import handle_errors, relaunch_under_torchrun
+from mlopt.core import console
+from mlopt.core.errors import GateError, InputError
+from mlopt.core.fsutil import atomic_write_text
+from mlopt.run.gates import JUNIT_CLASSNAME, junit_xml
+from mlopt.run.outdir import check_replaceable_file
+from mlopt.run.recipe import load_recipe
+from mlopt.run.runner import run_recipe
 
 
 @handle_errors
@@ -26,21 +33,13 @@ def run(
     With --resume, steps that completed with the same configuration are skipped and an interrupted
     training step continues from its checkpoint.
     """
-    from mlopt.core import console
-    from mlopt.run.runner import run_recipe
-    from mlopt.run.recipe import load_recipe
-
     console.set_quiet(quiet or json_out)
     recipe = load_recipe(recipe_file)  # validated before any process is launched
     if out is None:
         if resume or nproc > 1:
-            from mlopt.core.errors import InputError
-
             raise InputError("--resume and --nproc need an explicit --out directory")
         out = Path("runs") / f"{recipe_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if junit is not None:  # checked before any work: a file of the user's is never replaced
-        from mlopt.run.gates import JUNIT_CLASSNAME
-        from mlopt.run.outdir import check_replaceable_file
 
         check_replaceable_file(junit, lambda text: f'classname="{JUNIT_CLASSNAME}"' in text, False, "--junit")
     relaunch_under_torchrun(nproc, None)
@@ -49,12 +48,7 @@ def run(
     if json_out and result.is_main:
         console.emit_json(result.report)
     if result.gates is not None and result.is_main:
-        from mlopt.core.errors import GateError
-
         if junit is not None:
-            from mlopt.core.fsutil import atomic_write_text
-            from mlopt.run.gates import junit_xml
-
             atomic_write_text(junit, junit_xml(result.gates, recipe_file.stem))
         failed = [r["gate"] for r in result.gates if not r["passed"]]
         if failed:

@@ -18,6 +18,10 @@ from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
+from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
+from mlopt.runtime.data import check_labels
+from mlopt.runtime.evaluation import evaluate_torch
+from mlopt.runtime.models import build_module, count_params, probe_output
 
 
 class DistillConfig(TrainingConfig):
@@ -45,9 +49,6 @@ class DistillConfig(TrainingConfig):
 def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:
     """The teacher module: the one named in the config, else the model before compression."""
     if config.teacher:
-        from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
-        from mlopt.runtime.models import build_module
-
         if looks_like_artifact(config.teacher):
             teacher = load_artifact(config.teacher)
             if teacher.format != "torch":
@@ -78,9 +79,6 @@ class DistillPass(Pass):
     def run(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         import torch
 
-        from mlopt.runtime.data import check_labels
-        from mlopt.runtime.models import build_module, count_params, probe_output
-
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
         if config.student:
@@ -100,8 +98,6 @@ class DistillPass(Pass):
         new.sample_shape = shape
         batch = config.batch_size or ctx.batch_size
         initial = copy.deepcopy(student)
-
-        from mlopt.runtime.evaluation import evaluate_torch
 
         teacher_metrics = evaluate_torch(teacher, ctx.data, batch)
         objective = distillation_objective(teacher, student, ctx.data, batch, config.temperature, config.alpha,

@@ -13,13 +13,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig, history_table
 from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
                                         search_ratio, sync_heads)
+from mlopt.compress.lib import sparsity as sp
+from mlopt.compress.lib.importance import accumulate_gradients
+from mlopt.compress.lib.sparsity import gzip_mb
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Bars, Latency
+from mlopt.export.lib.onnx import export_onnx
+from mlopt.export.lib.timing import interleaved_latency
+from mlopt.runtime.evaluation import evaluate_torch
+from mlopt.runtime.models import changed_attributes, shape_attributes
 
 
 class PruneConfig(BaseModel):
@@ -71,9 +78,6 @@ class PrunePass(Pass):
     cli_help = "Prune channels with Torch-Pruning (or sparsify weights); the result reloads from its directory."
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
-        from mlopt.compress.lib.engine import fit
-        from mlopt.runtime.evaluation import evaluate_torch
-
         module = copy.deepcopy(artifact.require_torch("prune"))
         shape = tuple(artifact.sample_shape)
         data = ctx.data
@@ -140,8 +144,6 @@ class PrunePass(Pass):
     def _structured(self, module: Any, artifact: Any, config: PruneConfig, ignore: list[str], batch: int, ctx: Any,
                     metrics: dict[str, Any], notes: list[str], sections: list[Any], finetune: Any) -> dict[str, Any]:
         """Remove channels (and heads) in `config.steps` steps; returns the builder with the pruned shapes."""
-        from mlopt.runtime.models import changed_attributes, shape_attributes
-
         shape = tuple(artifact.sample_shape)
         before_shapes = shape_attributes(module)
         ratio = config.ratio
@@ -155,8 +157,6 @@ class PrunePass(Pass):
         pruner = make_pruner(module, shape, config, ratio, named_modules(module, ignore), config.steps)
         for step in range(1, config.steps + 1):
             if config.importance == "taylor":
-                from mlopt.compress.lib.importance import accumulate_gradients
-
                 accumulate_gradients(module, ctx.data, batch)
             pruner.step()
             sync_heads(module, pruner)
@@ -175,8 +175,6 @@ class PrunePass(Pass):
     def _sparsify(module: Any, config: PruneConfig, ignored: set[str], metrics: dict[str, Any], notes: list[str],
                   finetune: Any) -> None:
         """Zero weights (magnitude on a cubic schedule, or 2:4) in `config.steps` steps, then make it permanent."""
-        from mlopt.compress.lib import sparsity as sp
-
         for step in range(1, config.steps + 1):
             if config.sparsity == "2:4":
                 sp.apply_two_four(module, ignored)
@@ -190,17 +188,12 @@ class PrunePass(Pass):
                      "file, not the latency (both measured below)")
 
     def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
-        from mlopt.export.lib.onnx import export_onnx
-
         export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
         return path
 
     def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path,
                        metrics: dict[str, Any]) -> list[Latency]:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
-        from mlopt.compress.lib.sparsity import gzip_mb
-        from mlopt.export.lib.timing import interleaved_latency
-
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from mlopt.core import console
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
+from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult
 
 

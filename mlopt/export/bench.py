@@ -11,6 +11,7 @@ from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Latency, Table
 from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
+from mlopt.runtime.artifacts import ONNX_FILE, load_onnx_file
 
 class BenchConfig(BaseModel):
     """Time the current ONNX model (and any others named in `compare`) on onnxruntime."""
@@ -49,8 +50,6 @@ class BenchPass(Pass):
 
     @classmethod
     def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
-        from mlopt.runtime.artifacts import ONNX_FILE
-
         paths = [str(Path(p) / ONNX_FILE) if Path(p).is_dir() else p for p in [*models, *step.get("compare", [])]]
         step["compare"] = paths[1:]
         return paths[0]
@@ -67,8 +66,6 @@ class BenchPass(Pass):
         return {"results": results, "timing": next(iter(latency.values()))["method"]}
 
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
-        from mlopt.runtime.artifacts import load_onnx_file
-
         path = artifact.require_onnx("bench")
         models = [(artifact.origin or str(path), Path(path), artifact.sample_shape)]
         for other in config.compare:

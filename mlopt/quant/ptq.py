@@ -23,11 +23,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlopt.core import console
-from mlopt.core.errors import InputError
 from mlopt.core.contracts import Pass, StepResult, cli
+from mlopt.core.errors import InputError
 from mlopt.core.sections import Bars, Table
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latencies, latency_entries,
                                       not_faster_at, preprocess, quantize, reduce_range_for, speedups)
+from mlopt.core.fsutil import file_size_mb
+from mlopt.export.lib.onnx import ExportOptions, export_checked
+from mlopt.quant.lib import graph
+from mlopt.quant.lib.sensitivity import node_sqnr
+from mlopt.runtime import hf
+from mlopt.runtime.session import input_spec, make_session
 
 
 class PTQConfig(BaseModel):
@@ -124,15 +130,10 @@ class PTQPass(Pass):
 
 def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     """The FP32 ONNX model (exported if need be) checked, pre-processed, and the candidate schemes with their calibration data."""
-    from mlopt.runtime import hf
-    from mlopt.runtime.session import input_spec, make_session
-    from mlopt.quant.lib import graph
     from mlopt.quant.lib.calibration import calibration_batches
 
     notes: list[str] = []
     if artifact.format == "torch":
-        from mlopt.export.lib.onnx import ExportOptions, export_checked
-
         artifact, exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
         notes += exported.notes
     fp32 = Path(artifact.require_onnx("ptq"))
@@ -163,9 +164,6 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
 
 def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
     """Quantize every candidate scheme, time them beside FP32 in interleaved rounds, score them all."""
-    from mlopt.core.fsutil import file_size_mb
-    from mlopt.quant.lib import graph
-
     paths = [plan.work / f"candidate{i}.onnx" for i in range(len(plan.schemes))]
     for scheme, path in zip(plan.schemes, paths):
         console.info(f"quantizing: {scheme.name}")
@@ -185,9 +183,6 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
 
 def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
            sensitivity: list[dict[str, Any]] | None = None) -> Candidate:
-    from mlopt.core.fsutil import file_size_mb
-    from mlopt.quant.lib import graph
-
     q = plan.quality.score(path)
     name = scheme.name + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
     return Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
@@ -226,8 +221,6 @@ def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
 
 def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
-    from mlopt.quant.lib.sensitivity import node_sqnr
-
     fast = [r for r in plan.candidates if r.faster_than_fp32 and r.scheme.method == "static"]
     if not fast:
         return None

@@ -39,17 +39,22 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mlopt.compress.lib.engine import Objective, TrainingConfig, fit, history_table
 from mlopt.core import console
-from mlopt.compress.lib.engine import TrainingConfig
-from mlopt.core.errors import InputError
 from mlopt.core.contracts import Pass, StepResult, cli
+from mlopt.core.errors import InputError
 from mlopt.core.sections import Table
 from mlopt.quant.lib.alignment import (RuntimePoints, export_fp32, point_tensors, quantize_with_ranges, runtime_points,
                                        runtime_ranges, runtime_scheme, simulation_error_sections, simulation_errors,
                                        weight_grid)
 from mlopt.quant.lib.quantize import (INT8_RULE, Quality, latencies, latency_entries, not_faster_at, quantize,
                                       speedups)
+from mlopt.compress.lib.distillation import distillation_objective
+from mlopt.quant.lib import graph, points
 from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated
+from mlopt.runtime import distributed
+from mlopt.runtime.data import first_inputs, require_labels
+from mlopt.runtime.evaluation import evaluate_torch, predict_logits
 
 
 class QATConfig(TrainingConfig):
@@ -105,14 +110,11 @@ class QATPass(Pass):
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
         if artifact.format != "torch":
-            from mlopt.quant.lib import graph
-
             done = graph.quantized_ops(graph.load(artifact.onnx_path))
             if done:
                 raise InputError(f"qat trains a PyTorch model; {artifact.origin} is an ONNX model that is already "
                                  f"quantized ({', '.join(done[:3])}): start from the FP32 PyTorch model it came from")
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
-        from mlopt.runtime.data import require_labels
 
         require_labels(ctx.data, "QAT")
         work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
@@ -175,8 +177,6 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
     """The simulation placed where onnxruntime quantizes, its ranges started from PTQ's static min/max model."""
     import torch
 
-    from mlopt.runtime.data import first_inputs
-    from mlopt.runtime.evaluation import evaluate_torch
     from mlopt.quant.lib.calibration import calibration_batches
 
     data, batch = ctx.data, config.batch_size or ctx.batch_size
@@ -223,11 +223,6 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     """Fine-tune the simulated model (distilling from FP32 unless told not to); returns `fit`'s result."""
     import torch
 
-    from mlopt.runtime import distributed
-    from mlopt.compress.lib.distillation import distillation_objective
-    from mlopt.compress.lib.engine import Objective, fit
-    from mlopt.runtime.evaluation import evaluate_torch, predict_logits
-
     model, data, batch, sim = st.sim.model, st.data, st.batch, st.sim
     objective = None
     if config.teacher:
@@ -267,8 +262,6 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
 
 def _export_trained(st: QATState, config: QATConfig) -> None:
     """The trained model exported and quantized by onnxruntime with the learned ranges, and checked against the simulation."""
-    from mlopt.quant.lib import graph, points
-
     _, pre = export_fp32(st.artifact, st.module, st.data, st.work, "trained")
     st.trained_int8 = st.work / "trained-int8.onnx"
     # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
@@ -307,8 +300,6 @@ def _decide(st: QATState, config: QATConfig) -> None:
 
 def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
     """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
-    from mlopt.compress.lib.engine import history_table
-
     shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {

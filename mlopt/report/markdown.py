@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Bars, Latency, Scatter, Table
 from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile, parse
 
@@ -164,8 +165,6 @@ JUDGED = {"accuracy", "size_mb", "latency"}
 
 
 def load_run_report(run_dir: Path) -> RunReport | StepReportFile:
-    from mlopt.core.errors import InputError, RunError
-
     path = Path(run_dir) / "report.json"
     try:
         return parse(path.read_text())

@@ -30,6 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlopt.core import console
+from mlopt.core.contracts import PASSES
+from mlopt.core.fsutil import file_size_mb
+from mlopt.export.lib.onnx import export_artifact
+from mlopt.export.lib.timing import TIMING_ROUNDS, interleaved_latency
+from mlopt.report.markdown import chain_table, rich_table
+from mlopt.report.schema import Chain
+from mlopt.run.recipe import GatesConfig
+from mlopt.runtime.artifacts import load_artifact
+from mlopt.runtime.evaluation import evaluate_onnx
 
 if TYPE_CHECKING:
     from mlopt.runtime.artifacts import Artifact
@@ -53,8 +62,6 @@ def wanted(recipe: "Recipe") -> bool:
 
 def settings(recipe: "Recipe") -> dict[str, Any]:
     """Provider, batch sizes, rounds and runs per round: the gates' (or their defaults), plus the bench steps' batch sizes."""
-    from mlopt.run.recipe import GatesConfig
-
     gates = recipe.gates or GatesConfig()
     benches = [s for s in recipe.steps if s.type == "bench"]
     provider = gates.provider if recipe.gates is not None or not benches else benches[-1].provider
@@ -64,8 +71,6 @@ def settings(recipe: "Recipe") -> dict[str, Any]:
 
 def runs_per_round(iterations: int) -> int:
     """Timed runs per round for the gates' `iterations`: as many as in one of the gates' former three rounds."""
-    from mlopt.export.lib.timing import TIMING_ROUNDS
-
     return max(3, iterations // TIMING_ROUNDS)
 
 
@@ -73,7 +78,6 @@ def as_onnx(artifact: "Artifact", work: Path, name: str) -> Path:
     """The artifact's ONNX file; a torch model is exported into `work` first."""
     if artifact.format == "onnx":
         return Path(artifact.onnx_path)
-    from mlopt.export.lib.onnx import export_artifact
 
     path = work / f"{name}.onnx"
     export_artifact(artifact, path)
@@ -86,10 +90,6 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
 
     With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
     """
-    from mlopt.runtime.evaluation import evaluate_onnx
-    from mlopt.export.lib.timing import interleaved_latency
-    from mlopt.core.fsutil import file_size_mb
-
     labeled = data is not None and data.labeled
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
         with console.quieted():
@@ -123,9 +123,6 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     before the first compressing step, or the final model when nothing compresses.
     """
     import time
-
-    from mlopt.runtime.artifacts import load_artifact
-    from mlopt.core.contracts import PASSES
 
     started = time.time()
     members: list[tuple[str, Any]] = []
@@ -211,7 +208,4 @@ def judge(comparison: dict[str, Any]) -> None:
 
 
 def show(comparison: dict[str, Any]) -> None:
-    from mlopt.report.markdown import chain_table, rich_table
-    from mlopt.report.schema import Chain
-
     console.table(rich_table(chain_table(Chain.model_validate(comparison))))

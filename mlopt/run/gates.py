@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mlopt.core import console
+from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import Table
+from mlopt.report.markdown import rich_table
+from mlopt.run.chain import measure, runs_per_round
+from mlopt.runtime.data import require_labels
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import GatesConfig
@@ -25,10 +30,6 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
     same function, on the baseline and the final model only (so is any latency gate of a caller
     that passes no comparison).
     """
-    from mlopt.run.chain import measure, runs_per_round
-    from mlopt.runtime.data import require_labels
-    from mlopt.core.fsutil import file_size_mb
-
     if gates.max_accuracy_drop is not None:
         require_labels(data, "the max_accuracy_drop gate")
     console.info("checking gates against the baseline " + (baseline.origin or "model"))
@@ -65,9 +66,6 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
 
 
 def show(rows: list[dict[str, Any]]) -> None:
-    from mlopt.core.sections import Table
-    from mlopt.report.markdown import rich_table
-
     table = rich_table(Table(title="gates", columns=["gate", "expected", "measured", "result"],
                              rows=[[r["gate"], r["expected"], r["measured"], "pass" if r["passed"] else "FAIL"] for r in rows]))
     if all(r["passed"] for r in rows):

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from mlopt.core.errors import InputError
 from mlopt.runtime import hf
+from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
+from mlopt.runtime.data import check_labels, load_data
+from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
-    from mlopt.runtime.artifacts import Artifact
     from mlopt.runtime.data import Dataset
 
 
@@ -21,9 +23,6 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
     feeds a model trained on resized digits the same resized digits.
     """
-    from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
-    from mlopt.runtime.data import load_data
-
     loaded = model
     data_cfg = recipe.data
     if loaded is None and looks_like_artifact(recipe.model.spec):
@@ -54,10 +53,6 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
 def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None" = None) -> "Artifact":
     """Turn the recipe's model section into the first artifact, checking it against the data."""
-    from mlopt.runtime.artifacts import Artifact
-    from mlopt.runtime.data import check_labels
-    from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
-
     cfg = recipe.model
     shape = None
     if cfg.input_shape is not None:

@@ -33,7 +33,9 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
+from mlopt.core import console
 from mlopt.core.errors import InputError
+from mlopt.core.fsutil import atomic_write_json
 
 MARKER = ".mlopt-output.json"
 MARKER_VERSION = 1
@@ -186,7 +188,6 @@ class OutputDir:
             ) from None
         except OSError as exc:  # a file system without locks (some network and FUSE mounts): carry on unlocked
             os.close(fd)
-            from mlopt.core import console
 
             console.warn(f"cannot lock --out {self.path} ({exc.strerror or exc}): two runs on it at once would "
                          "not be refused")
@@ -194,8 +195,6 @@ class OutputDir:
         self._fd = fd
 
     def _write_marker(self) -> None:
-        from mlopt.core.fsutil import atomic_write_json
-
         atomic_write_json(self.path / MARKER, {"mlopt_output": MARKER_VERSION, "entries": sorted(self._entries),
                                                "trees": sorted(self._trees)})
 

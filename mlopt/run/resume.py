@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlopt.core.contracts import file_fields
 from mlopt.core.fsutil import digest, path_fingerprint
+from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -31,8 +32,6 @@ def completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) -
 
 def model_files(step_dir: Path) -> dict[str, str | None]:
     """A saved model by the content of its files."""
-    from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
-
     return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
 
 

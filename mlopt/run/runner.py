@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlopt.core import console
+from mlopt.core import console, fsutil
 from mlopt.core.contracts import PASSES, StepContext
 from mlopt.core.errors import InputError
-from mlopt.run import resume as resuming
-from mlopt.run.outdir import OutputDir
+from mlopt.report.files import write_reports
 from mlopt.report.schema import SCHEMA_VERSION
-from mlopt.runtime import distributed, hf
+from mlopt.run import chain, resume as resuming
+from mlopt.run.gates import evaluate_gates
+from mlopt.run.loading import prepare
+from mlopt.run.outdir import OutputDir
+from mlopt.runtime import distributed, environment, hf
+from mlopt.runtime.artifacts import load_artifact
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
@@ -93,8 +97,6 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
     Under torchrun every rank runs the steps; only rank 0 writes anything.
     `model`: the first model, ready in memory (the Python API), instead of the one the recipe names.
     """
-    from mlopt.core import fsutil
-
     run = plan(recipe, out, overwrite, flat, resume, model)
     try:
         for index, step in enumerate(recipe.steps, start=1):
@@ -112,9 +114,6 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
 def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume: bool,
          model: "Artifact | None" = None) -> Run:
     """Check the recipe against what it asks for, load the model and data, and open the output directory."""
-    from mlopt.run.loading import prepare
-    from mlopt.runtime import environment
-
     dist = distributed.current()
     if not dist.is_main:
         console.set_quiet(True)
@@ -203,8 +202,6 @@ def execute_step(run: Run, index: int, step: Any) -> None:
 
 
 def _skip_completed(run: Run, name: str, final_dir: Path, step: Any, inputs_sha256: str, produces_model: bool) -> bool:
-    from mlopt.runtime.artifacts import load_artifact
-
     done = resuming.completed_step(final_dir, step.model_dump(mode="json"), inputs_sha256)
     if done is None:
         return False
@@ -239,8 +236,6 @@ def _step_report(run: Run, index: int, name: str, step: Any, inputs_sha256: str,
 
 
 def _write_step(run: Run, stage: Path, step_report: dict[str, Any], name: str) -> None:
-    from mlopt.report.files import write_reports
-
     write_reports(stage, {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_report, "environment": run.env})
     if run.output is not None:
         run.output.commit(stage, "" if run.flat else name)
@@ -256,15 +251,11 @@ def finish(run: Run, recipe_file: str | None) -> tuple[dict[str, Any], list[dict
     baseline = run.baseline or run.artifact
     comparison = None  # every model of the chain measured alike; the gates read it (mlopt/run/chain.py)
     if main:
-        from mlopt.run import chain
-
         if chain.wanted(recipe):
             comparison = chain.compare(recipe, run.root, run.steps, baseline, run.data)
     gate_rows = None
     gates = recipe.gates if recipe.gates is not None and recipe.gates.any() else None
     if gates is not None and main:
-        from mlopt.run.gates import evaluate_gates
-
         gate_rows = evaluate_gates(gates, baseline, run.artifact, run.data, comparison)
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "run", "recipe_file": recipe_file,
                               "recipe": recipe.model_dump(mode="json"), "steps": run.steps, "environment": run.env}
@@ -273,8 +264,6 @@ def finish(run: Run, recipe_file: str | None) -> tuple[dict[str, Any], list[dict
     if gate_rows is not None:
         report["gates"] = {"passed": all(r["passed"] for r in gate_rows), "results": gate_rows, "baseline": baseline.origin}
     if run.output is not None:
-        from mlopt.report.files import write_reports
-
         for name in write_reports(run.root, report):
             run.output.record(name)
     return report, gate_rows

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
+from mlopt.core.fsutil import atomic_write_json, file_size_mb
+from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, build_module, check_shape_size, count_params, load_state_dict_file
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -68,8 +70,6 @@ class Artifact:
         """Write the artifact into out_dir (a staging directory); return the main file."""
         import torch
 
-        from mlopt.core.fsutil import atomic_write_json
-
         out_dir = Path(out_dir)
         target = out_dir / (TORCH_FILE if self.format == "torch" else ONNX_FILE)
         try:
@@ -91,8 +91,6 @@ class Artifact:
 
     def size_mb(self) -> float | None:
         if self.format == "onnx" and self.onnx_path is not None:
-            from mlopt.core.fsutil import file_size_mb
-
             return file_size_mb(self.onnx_path)
         if self.module is not None:
             return sum(v.numel() * v.element_size() for v in self.module.state_dict().values()) / 1e6
@@ -100,8 +98,6 @@ class Artifact:
 
     def params(self) -> int | None:
         if self.format == "torch" and self.module is not None:
-            from mlopt.runtime.models import count_params
-
             return count_params(self.module)
         return None
 
@@ -221,8 +217,6 @@ MAX_META_BYTES = 16 << 20  # the largest model.json mlopt writes (pruned shapes 
 
 def _read_meta(meta_path: Path) -> dict[str, Any]:
     """model.json, checked field by field: a corrupt or forged one is refused with one line."""
-    from mlopt.runtime.models import check_shape_size
-
     if meta_path.stat().st_size > MAX_META_BYTES:
         raise InputError(f"{meta_path} is corrupt: larger than {MAX_META_BYTES >> 20} MiB")
     try:
@@ -246,8 +240,6 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
 
 
 def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
-    from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, build_module, load_state_dict_file
-
     builder = meta.get("builder") or {}
     if not isinstance(builder, dict) or "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
@@ -298,8 +290,6 @@ def load_onnx_file(path: Path) -> Artifact:
         raise InputError(f"{path}: input {inputs[0].name!r} declares a negative dimension {dims}")
     sample_shape = tuple(dims[1:]) if dims[1:] and all(d for d in dims[1:]) else None
     if sample_shape is not None:
-        from mlopt.runtime.models import check_shape_size
-
         check_shape_size(sample_shape, f"{path}: input {inputs[0].name!r}")
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] else None

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
+from mlopt.runtime.models import parse_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -335,8 +336,6 @@ def _imagefolder(cfg: DataConfig, root: Path) -> Dataset:
 def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     import torch
     from torch.utils.data import TensorDataset
-
-    from mlopt.runtime.models import parse_shape
 
     shape = parse_shape(shape_text)
     g = torch.Generator().manual_seed(cfg.seed)

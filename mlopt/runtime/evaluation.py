@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from mlopt.core import console
-from mlopt.runtime.data import Dataset, loader, require_labels
 from mlopt.core.errors import InputError
+from mlopt.runtime.data import Dataset, loader, require_labels
+from mlopt.runtime.session import make_session, run_session
 
 
 def _score(batches: Any, predict: Any, total: int, label: str) -> dict[str, Any]:
@@ -53,8 +54,6 @@ def predict_logits(module: Any, dataset: Any, batch_size: int) -> Any:
 
 def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
     import torch
-
-    from mlopt.runtime.session import make_session, run_session
 
     require_labels(data, "accuracy")
     session = make_session(path, "cpu")

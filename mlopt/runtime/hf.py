@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlopt.core.errors import InputError, first_line
+from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
 
 PREFIX = "hf:"
 # The order of the exported model's inputs; a tokenizer that gives no token_type_ids drops it.
@@ -115,8 +115,6 @@ def build(spec: str) -> Any:
         model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
                                      attn_implementation="eager")
     except Exception as exc:
-        from mlopt.core.errors import pickled_objects_error, refused_pickle
-
         if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
             raise pickled_objects_error(f"the weights in {path}", exc) from None
         raise InputError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc

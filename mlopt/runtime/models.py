@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
+from mlopt.runtime import hf
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -84,8 +85,6 @@ def torchvision_model_names() -> list[str]:
 
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
-    from mlopt.runtime import hf
-
     if hf.is_hf_spec(spec):
         return hf.build(spec)
     prefix, name = split_spec(spec)

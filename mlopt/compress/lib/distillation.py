@@ -14,6 +14,7 @@ from typing import Any
 
 from mlopt.compress.lib.engine import Objective
 from mlopt.core.errors import InputError
+from mlopt.runtime.evaluation import predict_logits
 
 
 def _named(module: Any, name: str, role: str) -> Any:
@@ -75,8 +76,6 @@ def distillation_objective(teacher: Any, student: Any, data: Any, batch_size: in
     pairs = [_FeaturePair(teacher, student, *pair.split(":"), sample) for pair in features]
     cache: dict[str, Any] = {}
     if not pairs:
-        from mlopt.runtime.evaluation import predict_logits
-
         cache["logits"] = predict_logits(teacher, data.train, batch_size)
 
     def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:

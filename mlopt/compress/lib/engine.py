@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlopt.core import console
 from mlopt.core.contracts import cli
 
-from mlopt.runtime import distributed
-from mlopt.runtime.data import Dataset, require_labels
 from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Table
+from mlopt.runtime import distributed
+from mlopt.runtime.data import Dataset, require_labels
+from mlopt.runtime.evaluation import evaluate_torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -395,8 +396,6 @@ def _flush(state: Progress, sums: Any) -> None:
 
 def _end_epoch(run: _Run, data: Dataset, batch_size: int) -> None:
     """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
-    from mlopt.runtime.evaluation import evaluate_torch
-
     cfg, state = run.cfg, run.progress
     loss_sum, correct, count = distributed.all_reduce_sum(
         [state.loss_sum, float(state.correct), float(state.count)], run.dev

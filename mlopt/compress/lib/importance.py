@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from mlopt.runtime.data import loader
 
 IMPORTANCES = ("l1", "l2", "bn-scale", "taylor", "lamp", "random")
 
@@ -28,8 +29,6 @@ def make_importance(name: str) -> Any:
 def accumulate_gradients(module: Any, data: Any, batch_size: int, batches: int = 4) -> None:
     """Taylor importance scores weight x gradient: fill .grad from a few labelled training batches."""
     import torch.nn.functional as F
-
-    from mlopt.runtime.data import loader
 
     module.zero_grad(set_to_none=True)
     module.eval()  # batch-norm statistics stay as trained

@@ -11,6 +11,7 @@ import copy
 import difflib
 from typing import Any
 
+from mlopt.compress.lib.importance import make_importance
 from mlopt.core.errors import InputError, first_line
 
 
@@ -81,8 +82,6 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: flo
                 steps: int) -> Any:
     import torch
     import torch_pruning as tp
-
-    from mlopt.compress.lib.importance import make_importance
 
     blocks = attention_blocks(module)
     if cfg.head_ratio is not None and not blocks:

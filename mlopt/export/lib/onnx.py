@@ -10,8 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, RunError, first_line, storage_error
 from mlopt.core.contracts import StepResult
+from mlopt.core.errors import InputError, RunError, first_line, storage_error
+from mlopt.core.fsutil import file_size_mb
+from mlopt.export.lib.parity import compare
+from mlopt.runtime import hf
+from mlopt.runtime.data import first_inputs
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -114,11 +118,7 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     """Real validation inputs when data is given, otherwise seeded Gaussian noise (token models: fixed ids)."""
     import torch
 
-    from mlopt.runtime import hf
-
     if data is not None:
-        from mlopt.runtime.data import first_inputs
-
         return first_inputs(data, n), f"{data.name} validation split"
     if hf.is_text_artifact(artifact):
         return hf.example_inputs(artifact, n), "fixed token ids"
@@ -129,8 +129,6 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
 def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
                     debug_metadata: bool = False) -> None:
     """Export a torch artifact to `path` (no parity check): image models and hf: text models alike."""
-    from mlopt.runtime import hf
-
     module = artifact.require_torch("export")
     if artifact.sample_shape is None:
         raise InputError("the model's input shape is unknown: give --input-shape")
@@ -145,9 +143,6 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> tuple[Any, StepResult]:
     """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
-    from mlopt.export.lib.parity import compare
-    from mlopt.core.fsutil import file_size_mb
-
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
     console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")

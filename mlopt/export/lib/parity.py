@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import ParityError
+from mlopt.runtime.data import count, take, to_numpy
+from mlopt.runtime.session import make_session, run_session
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
@@ -15,9 +17,6 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
     """
     import numpy as np
     import torch
-
-    from mlopt.runtime.data import count, take, to_numpy
-    from mlopt.runtime.session import make_session, run_session
 
     session = make_session(onnx_path, "cpu")
     module.eval()

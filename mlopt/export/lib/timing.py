@@ -15,6 +15,8 @@ from typing import Any
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, first_line
+from mlopt.core.fsutil import file_size_mb
+from mlopt.runtime.session import input_spec, make_session, synthetic_feed
 
 
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
@@ -43,9 +45,6 @@ def time_model(
 ) -> list[dict[str, Any]]:
     """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
     import numpy as np
-
-    from mlopt.runtime.session import input_spec, make_session, synthetic_feed
-    from mlopt.core.fsutil import file_size_mb
 
     session = make_session(path, cfg.provider, cfg.threads)
     _, shape, _ = input_spec(session)

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.sections import Bars, Table
+from mlopt.export.lib.onnx import ExportOptions, export_checked
+from mlopt.quant.lib import graph
+from mlopt.quant.lib.points import match_by_value, onnx_values, quantized_tensors
+from mlopt.quant.lib.quantize import Scheme, quantize
 from mlopt.quant.lib.simulation import Simulation, trace, uint8_qparams
 
 
@@ -45,8 +49,6 @@ def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any
     model name them the same way), where the trained graph has them. Layer-input hooks: matched by
     execution order and weight shape.
     """
-    from mlopt.quant.lib import graph
-
     model = graph.load(pre_path)
     if not sim.traced:
         layer_tensors, _ = match_layers(model, sim.execution_order(x[:1]), sim)
@@ -98,8 +100,6 @@ def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[
     import onnx
     import torch
     from onnx import numpy_helper
-
-    from mlopt.quant.lib.points import onnx_values
 
     model = onnx.load(str(int8_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -186,8 +186,6 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
 
 def runtime_scheme() -> Any:
     """onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max."""
-    from mlopt.quant.lib.quantize import Scheme
-
     return Scheme("static", "qdq", "uint8", "int8", True, "minmax")
 
 
@@ -211,9 +209,6 @@ def runtime_points(module: Any, at_runtime_points: bool, pre: Path, feeds: list[
     """The tensors onnxruntime's quantizer picks for this model (found by quantizing its pre-processed
     FP32 export `pre` once), located in the module's fx graph by value; empty when asked for layer
     inputs only or when torch.fx cannot trace the model (then `why` says so)."""
-    from mlopt.quant.lib.points import match_by_value, onnx_values, quantized_tensors
-    from mlopt.quant.lib.quantize import quantize
-
     if not at_runtime_points:
         return RuntimePoints()
     gm, why = trace(module)
@@ -236,8 +231,6 @@ def export_fp32(artifact: Any, module: Any, data: Any, work: Path, tag: str) -> 
     """`module` exported to ONNX (parity checked) and pre-processed by onnxruntime: (FP32 file, pre-processed file)."""
     from onnxruntime.quantization import quant_pre_process
 
-    from mlopt.export.lib.onnx import ExportOptions, export_checked
-
     fp32, pre = work / f"{tag}-fp32.onnx", work / f"{tag}-pre.onnx"
     export_checked(artifact.derive(f"qat-{tag}", module=module), data, fp32, ExportOptions())
     quant_pre_process(str(fp32), str(pre))
@@ -249,8 +242,6 @@ def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, 
     the QDQ model at `int8_path`: {point: (lo, hi)}, the union where a point stands for several."""
     import onnx
     from onnx import numpy_helper
-
-    from mlopt.quant.lib.points import quantized_tensors
 
     model = onnx.load(str(int8_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -271,8 +262,6 @@ def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe
                          export_ranges: bool, dst: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The pre-processed FP32 model quantized by onnxruntime (static QDQ U8S8 per-channel) with the
     simulation's current ranges handed over: (tensors each point stands for, the ranges handed over)."""
-    from mlopt.quant.lib.quantize import quantize
-
     tensors = point_tensors(sim, pre, found, probe)
     handed = range_overrides(sim, tensors) if export_ranges else {}
     quantize(pre, dst, runtime_scheme(), feeds, False, overrides=handed)

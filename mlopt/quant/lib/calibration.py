@@ -11,13 +11,12 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
+from mlopt.runtime.data import count, inputs_of, loader, take, to_numpy
 
 
 def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: int, batch: int = 16) -> list[dict[str, Any]]:
     """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
     import numpy as np
-
-    from mlopt.runtime.data import count, inputs_of, loader, take, to_numpy
 
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)

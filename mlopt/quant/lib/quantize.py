@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlopt.core import console
-from mlopt.core.errors import first_line
+from mlopt.core.errors import RunError, first_line
 from mlopt.core.sections import Latency
+from mlopt.export.lib.timing import interleaved_latency
+from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
+from mlopt.runtime.environment import cpu_flags
+from mlopt.runtime.hf import pooled
+from mlopt.runtime.session import make_session, run_session
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,6 @@ def candidate_schemes(cfg: Any, has_conv: bool, text: bool = False) -> list[Sche
 
 def reduce_range_for(setting: str) -> bool:
     """U8S8 without VNNI can saturate 16-bit accumulators; onnxruntime advises 7-bit weights there."""
-    from mlopt.runtime.environment import cpu_flags
-
     if setting != "auto":
         return setting == "on"
     flags = set(cpu_flags())
@@ -78,7 +81,6 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from mlopt.core.errors import RunError
     from mlopt.quant.lib.calibration import FeedReader
 
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -121,8 +123,6 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, max_drop: float = 0.01, min_cosine: float = 0.99, batch: int = 64):
-        from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
-
         self.max_drop, self.min_cosine = max_drop, min_cosine
         self.labeled = data.labeled
         self.batches = []
@@ -134,15 +134,11 @@ class Quality:
 
     def outputs(self, path: Path) -> list[Any]:
         """The model's outputs for every validation batch, from one onnxruntime session."""
-        from mlopt.runtime.session import make_session, run_session
-
         session = make_session(path, "cpu")
         return [run_session(session, x) for x, _ in self.batches]
 
     def metrics(self, outputs: list[Any]) -> dict[str, Any]:
         import numpy as np
-
-        from mlopt.runtime.hf import pooled
 
         correct, n, cosines = 0, 0, []
         for (x, y), out, ref in zip(self.batches, outputs, self.reference):
@@ -179,8 +175,6 @@ class Quality:
 def latencies(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
               iterations: int) -> list[dict[int, float]]:
     """Median latency per batch size of each model, timed in interleaved rounds (the INT8-or-FP32 decision)."""
-    from mlopt.export.lib.timing import interleaved_latency
-
     return interleaved_latency(paths, sample_shape, provider, batch_sizes, iterations)
 
 

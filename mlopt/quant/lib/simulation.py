@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlopt.core.errors import InputError, first_line
+from mlopt.quant.lib.points import consumers
 
 
 def weight_fake_quant(per_channel: bool = True) -> Any:
@@ -244,8 +245,6 @@ class Simulation:
         self.model, self.traced = gm, True
 
     def _place(self, gm: Any, by_name: dict[str, Any], name: str, observer: Any) -> None:
-        from mlopt.quant.lib.points import consumers
-
         node = by_name[name]
         point = quant_point(observer)
         target = f"mlopt_quant{len(self.points)}"
