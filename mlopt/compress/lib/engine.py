@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
 from mlopt.core.contracts import cli
-
 from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Table
 from mlopt.runtime import distributed
@@ -32,6 +31,8 @@ from mlopt.runtime.data import Dataset, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+_DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
+_DEVICE_DATA_LIMIT = 4 * 1024**3  # in-memory data up to this size is copied to the GPU once
 
 
 class TrainingConfig(BaseModel):
@@ -72,23 +73,18 @@ class Objective:
     to_device: Callable[[Any], None] | None = None
 
 
-def resolve_device(name: str) -> str:
+def _device(cfg: TrainingConfig) -> str:
+    """The device to train on; an InputError where it, or its mixed precision, is not available."""
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but CUDA is not available")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _check_precision(amp: str, device: str) -> None:
-    import torch
-
-    if amp == "fp16" and device != "cuda":
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.amp == "fp16" and device != "cuda":
         raise InputError("fp16 mixed precision needs CUDA; on the CPU use --amp bf16")
-    if amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+    if cfg.amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError("this GPU does not support bf16; use --amp fp16")
+    return device
 
 
 def config_fingerprint(cfg: BaseModel, extra: Any = None) -> str:
@@ -139,15 +135,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
-
-
 @dataclass
 class Progress:
     """Where training stands; checkpoints store it as a dict under "progress" (these fields are its keys)."""
@@ -164,30 +151,6 @@ class Progress:
     loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
-
-
-@dataclass
-class _Run:
-    """What one call of `fit` trains with: the placed model, its optimiser and the progress so far."""
-
-    cfg: TrainingConfig
-    objective: Objective
-    module: Any
-    model: Any  # the module, or its DistributedDataParallel wrapper
-    device: str
-    dev: Any
-    dist: distributed.Dist
-    channels_last: bool
-    opt: Any = None
-    sched: Any = None
-    scaler: Any = None
-    params: list[Any] = field(default_factory=list)
-    extra_params: list[Any] = field(default_factory=list)
-    ckpt_path: Path | None = None
-    fingerprint: str = ""
-    progress: Progress = field(default_factory=Progress)
-    best_weights: dict[str, Any] | None = None
-    stopped_early: bool = False
 
 
 def fit(
@@ -208,180 +171,229 @@ def fit(
     The module ends on the CPU in eval mode.
     """
     require_labels(data, "training")
-    run = _place(module, objective or Objective(), cfg)
     n = len(data.train)
-    steps_per_epoch = len(_epoch_batches(n, batch_size, 0, cfg.seed, run.dist))
-    _make_optimiser(run, steps_per_epoch)
-    run.fingerprint = config_fingerprint(cfg, [fingerprint_extra, run.dist.world_size, batch_size, n])
-    run.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra)
     if run.ckpt_path is not None and (resume or distributed.restarted()) and run.ckpt_path.is_file():
-        _resume(run)
+        run.resume()
     train_set = _on_device(data.train, run.dev)
-    with console.progress(label, total=cfg.epochs * steps_per_epoch) as bar:
+    with console.progress(label, total=cfg.epochs * run.steps_per_epoch) as bar:
         bar.advance(run.progress.step)
         while run.progress.epoch < cfg.epochs:
-            _train_epoch(run, train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
-            _end_epoch(run, data, batch_size)
-            _checkpoint(run)
-    return _finish(run)
+            run.train_epoch(train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
+            run.end_epoch(data, batch_size)
+            run.checkpoint()
+    return run.finish()
 
 
-def _place(module: Any, objective: Objective, cfg: TrainingConfig) -> _Run:
-    """Seed, pick the device, move the module and the objective's modules there, wrap for DDP."""
-    import torch
+class _Training:
+    """One call of `fit`: the module placed on its device (wrapped for DDP), its optimiser and the progress."""
 
-    device = resolve_device(cfg.device)
-    _check_precision(cfg.amp, device)
-    dist = distributed.init(device)
-    if device == "cuda":
-        torch.cuda.set_device(dist.local_rank)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    # On CUDA, convolutional networks train faster in NHWC (channels-last) layout, which the tensor
-    # cores use natively; most of all under fp16/bf16. The weights are saved contiguous either way.
-    channels_last = device == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
-    module.to(dev, memory_format=torch.channels_last) if channels_last else module.to(dev)
-    for extra in objective.modules:
-        extra.to(dev)
-    if objective.to_device:
-        objective.to_device(dev)
-    model = module
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def __init__(self, module: Any, objective: Objective, cfg: TrainingConfig, n: int, batch_size: int,
+                 checkpoint_dir: Path | None, fingerprint_extra: Any) -> None:
+        import torch
 
-        model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
-    return _Run(cfg, objective, module, model, device, dev, dist, channels_last)
+        self.cfg, self.objective, self.module = cfg, objective, module
+        self.device = device = _device(cfg)
+        self.dist = dist = distributed.init(device)
+        if device == "cuda":
+            torch.cuda.set_device(dist.local_rank)
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        self.dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
+        torch.manual_seed(cfg.seed)
+        # On CUDA, convolutional networks train faster in NHWC (channels-last) layout, which the tensor
+        # cores use natively; most of all under fp16/bf16. The weights are saved contiguous either way.
+        self.channels_last = device == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+        module.to(self.dev, memory_format=torch.channels_last) if self.channels_last else module.to(self.dev)
+        for extra in objective.modules:
+            extra.to(self.dev)
+        if objective.to_device:
+            objective.to_device(self.dev)
+        self.model = module
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
+            self.model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
 
-def _make_optimiser(run: _Run, steps_per_epoch: int) -> None:
-    import torch
-
-    cfg = run.cfg
-    run.params = [p for m in (run.module, *run.objective.modules) for p in m.parameters() if p.requires_grad]
-    run.extra_params = [p for m in run.objective.modules for p in m.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        run.opt = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        run.opt = torch.optim.SGD(run.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  nesterov=True)
-    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, _lr_factor(cfg, steps_per_epoch))
-    run.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-    # With fp16, GradScaler skips the optimiser step when gradients overflow; the scheduler still
-    # steps, which is intended (the schedule follows steps taken), so its warning is noise.
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-    # oneDNN hands back convolution gradients in its own (equivalent) strides; DDP copes, and says so.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-
-def _resume(run: _Run) -> None:
-    import torch
-
-    ckpt = _load_checkpoint(run.ckpt_path)
-    if ckpt.get("fingerprint") != run.fingerprint:
-        raise InputError(
-            f"the checkpoint in {run.ckpt_path.parent} was written with a different configuration; "
-            "rerun with the original settings, or with --overwrite to start again"
-        )
-    run.module.load_state_dict(ckpt["model"])
-    for extra, sd in zip(run.objective.modules, ckpt["extra_modules"]):
-        extra.load_state_dict(sd)
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
-    if run.device == "cuda" and ckpt.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    run.progress = Progress(**ckpt["progress"])
-    run.best_weights = ckpt.get("best_weights")
-    console.info(f"resuming from {run.ckpt_path} (epoch {run.progress.epoch + 1}, batch {run.progress.batch})")
-
-
-def _checkpoint(run: _Run) -> None:
-    import torch
-
-    if run.ckpt_path is None or not run.dist.is_main:
-        return
-    run.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    _save_checkpoint(run.ckpt_path, {
-        "fingerprint": run.fingerprint,
-        "model": run.module.state_dict(),
-        "extra_modules": [m.state_dict() for m in run.objective.modules],
-        "optimizer": run.opt.state_dict(),
-        "scheduler": run.sched.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None,
-        "progress": asdict(run.progress),
-        "best_weights": run.best_weights,
-    })
-
-
-def _train_epoch(run: _Run, train_set: Any, batches: list[list[int]], bar: Any) -> None:
-    """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
-    import torch
-
-    cfg, state = run.cfg, run.progress
-    run.module.train()
-    for extra in run.objective.modules:
-        extra.train()
-    started = time.perf_counter()
-    # Running sums stay on the device: reading them forces a GPU sync, so that happens
-    # only every few steps (progress display) and at checkpoints and epoch ends.
-    sums = torch.zeros(2, dtype=torch.float64, device=run.dev)  # loss * samples, correct
-    for indices in batches[state.batch :]:
-        x, y = _collate(train_set, indices, run.dev)
-        if run.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        _train_step(run, x, y, indices, sums)
-        state.count += len(y)
-        state.batch += 1
-        state.step += 1
-        if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
-            _flush(state, sums)
-            elapsed = state.train_time + time.perf_counter() - started
-            bar.advance(
-                0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
-                acc=f"{state.correct / state.count:.3f}",
-                rate=f"{(state.seen + state.count) * run.dist.world_size / max(elapsed, 1e-9):.0f}/s",
-            )
-        bar.advance(1)
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
-            _flush(state, sums)
-            state.train_time += time.perf_counter() - started
-            started = time.perf_counter()
-            _checkpoint(run)
-    _flush(state, sums)
-    if run.device == "cuda":
-        torch.cuda.synchronize(run.dev)
-    state.train_time += time.perf_counter() - started
-
-
-def _train_step(run: _Run, x: Any, y: Any, indices: list[int], sums: Any) -> None:
-    """One optimiser step; adds the batch's summed loss and correct count to `sums` (on the device)."""
-    import torch
-    import torch.nn.functional as F
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.cfg.amp)
-    with torch.autocast(device_type=run.device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        if run.objective.loss is not None:
-            loss, logits = run.objective.loss(run.model, x, y, indices)
+        self.params = [p for m in (module, *objective.modules) for p in m.parameters() if p.requires_grad]
+        self.extra_params = [p for m in objective.modules for p in m.parameters() if p.requires_grad]
+        if cfg.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            logits = run.model(x)
-            loss = F.cross_entropy(logits.float(), y)
-    run.opt.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    if run.dist.enabled and run.extra_params:
-        distributed.average_grads(run.extra_params)  # DDP averages only the wrapped module's
-    if run.cfg.grad_clip is not None:
-        run.scaler.unscale_(run.opt)
-        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.sched.step()
-    with torch.no_grad():
-        sums[0] += loss.detach().double() * len(y)
-        sums[1] += (logits.detach().argmax(1) == y).sum()
+            self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                       nesterov=True)
+        self.steps_per_epoch = len(_epoch_batches(n, batch_size, 0, cfg.seed, dist))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_factor(cfg, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        # With fp16, GradScaler skips the optimiser step when gradients overflow; the scheduler still
+        # steps, which is intended (the schedule follows steps taken), so its warning is noise.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        # oneDNN hands back convolution gradients in its own (equivalent) strides; DDP copes, and says so.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+        self.fingerprint = config_fingerprint(cfg, [fingerprint_extra, dist.world_size, batch_size, n])
+        self.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        self.progress = Progress()
+        self.best_weights: dict[str, Any] | None = None
+
+    def resume(self) -> None:
+        import torch
+
+        try:
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(f"checkpoint {self.ckpt_path} is unreadable ({type(exc).__name__}); "
+                             "start again with --overwrite") from exc
+        if ckpt.get("fingerprint") != self.fingerprint:
+            raise InputError(
+                f"the checkpoint in {self.ckpt_path.parent} was written with a different configuration; "
+                "rerun with the original settings, or with --overwrite to start again"
+            )
+        self.module.load_state_dict(ckpt["model"])
+        for extra, sd in zip(self.objective.modules, ckpt["extra_modules"]):
+            extra.load_state_dict(sd)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        if self.device == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        self.progress = Progress(**ckpt["progress"])
+        self.best_weights = ckpt.get("best_weights")
+        console.info(f"resuming from {self.ckpt_path} (epoch {self.progress.epoch + 1}, batch {self.progress.batch})")
+
+    def checkpoint(self) -> None:
+        import torch
+
+        if self.ckpt_path is None or not self.dist.is_main:
+            return
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(self.ckpt_path, {
+            "fingerprint": self.fingerprint,
+            "model": self.module.state_dict(),
+            "extra_modules": [m.state_dict() for m in self.objective.modules],
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+            "progress": asdict(self.progress),
+            "best_weights": self.best_weights,
+        })
+
+    def train_epoch(self, train_set: Any, batches: list[list[int]], bar: Any) -> None:
+        """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg, state = self.cfg, self.progress
+        self.module.train()
+        for extra in self.objective.modules:
+            extra.train()
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        started = time.perf_counter()
+        # Running sums stay on the device: reading them forces a GPU sync, so that happens
+        # only every few steps (progress display) and at checkpoints and epoch ends.
+        sums = torch.zeros(2, dtype=torch.float64, device=self.dev)  # loss * samples, correct
+        for indices in batches[state.batch :]:
+            x, y = _collate(train_set, indices, self.dev)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=self.device, dtype=amp or torch.float32, enabled=amp is not None):
+                if self.objective.loss is not None:
+                    loss, logits = self.objective.loss(self.model, x, y, indices)
+                else:
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.dist.enabled and self.extra_params:
+                distributed.average_grads(self.extra_params)  # DDP averages only the wrapped module's
+            if cfg.grad_clip is not None:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            with torch.no_grad():
+                sums[0] += loss.detach().double() * len(y)
+                sums[1] += (logits.detach().argmax(1) == y).sum()
+            state.count += len(y)
+            state.batch += 1
+            state.step += 1
+            if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
+                _flush(state, sums)
+                elapsed = state.train_time + time.perf_counter() - started
+                bar.advance(
+                    0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
+                    acc=f"{state.correct / state.count:.3f}",
+                    rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s",
+                )
+            bar.advance(1)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
+                _flush(state, sums)
+                state.train_time += time.perf_counter() - started
+                started = time.perf_counter()
+                self.checkpoint()
+        _flush(state, sums)
+        if self.device == "cuda":
+            torch.cuda.synchronize(self.dev)
+        state.train_time += time.perf_counter() - started
+
+    def end_epoch(self, data: Dataset, batch_size: int) -> None:
+        """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
+        cfg, state = self.cfg, self.progress
+        loss_sum, correct, count = distributed.all_reduce_sum(
+            [state.loss_sum, float(state.correct), float(state.count)], self.dev
+        )
+        with console.quieted():
+            val = evaluate_torch(self.module, data, batch_size, self.dev)
+        state.seen += state.count
+        state.epoch += 1
+        state.history.append({
+            "epoch": state.epoch,
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct / count,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": self.opt.param_groups[0]["lr"],
+        })
+        if val["accuracy"] > state.best_acc:
+            state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
+            if cfg.early_stopping:
+                self.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in self.module.state_dict().items()})
+        else:
+            state.stale += 1
+        state.batch, state.loss_sum, state.correct, state.count = 0, 0.0, 0, 0
+        if cfg.early_stopping and state.stale >= cfg.early_stopping:
+            state.epoch = cfg.epochs  # stop early: the history ends short of cfg.epochs
+
+    def finish(self) -> dict[str, Any]:
+        """Restore the best weights (early stopping), move everything to the CPU and gather the metrics."""
+        cfg, state, dist = self.cfg, self.progress, self.dist
+        if cfg.early_stopping and self.best_weights is not None:
+            self.module.load_state_dict(self.best_weights)
+        replica_diff = distributed.replica_max_diff(self.module, *self.objective.modules) if dist.enabled else None
+        self.module.to("cpu").eval()
+        for extra in self.objective.modules:
+            extra.to("cpu")
+        best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
+        chosen = state.history[best_epoch - 1]
+        return {
+            "accuracy": chosen["val_accuracy"],
+            "loss": chosen["val_loss"],
+            "train_loss": chosen["train_loss"],
+            "epochs": len(state.history),
+            "best_epoch": best_epoch,
+            "stopped_early": len(state.history) < cfg.epochs,
+            "precision": cfg.amp if cfg.amp != "off" else "fp32",
+            "device": self.device,
+            "channels_last": self.channels_last,
+            "processes": dist.world_size,
+            "backend": distributed.backend(),
+            "replica_max_abs_diff": replica_diff,
+            "train_samples_per_s": state.seen * dist.world_size / state.train_time if state.train_time > 0 else None,
+            "history": state.history,
+        }
 
 
 def _flush(state: Progress, sums: Any) -> None:
@@ -394,74 +406,10 @@ def _flush(state: Progress, sums: Any) -> None:
     sums.zero_()
 
 
-def _end_epoch(run: _Run, data: Dataset, batch_size: int) -> None:
-    """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
-    cfg, state = run.cfg, run.progress
-    loss_sum, correct, count = distributed.all_reduce_sum(
-        [state.loss_sum, float(state.correct), float(state.count)], run.dev
-    )
-    with console.quieted():
-        val = evaluate_torch(run.module, data, batch_size, run.dev)
-    state.seen += state.count
-    state.epoch += 1
-    state.history.append({
-        "epoch": state.epoch,
-        "train_loss": loss_sum / count,
-        "train_accuracy": correct / count,
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
-        "lr": run.opt.param_groups[0]["lr"],
-    })
-    if val["accuracy"] > state.best_acc:
-        state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
-        if cfg.early_stopping:
-            run.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in run.module.state_dict().items()})
-    else:
-        state.stale += 1
-    state.batch, state.loss_sum, state.correct, state.count = 0, 0.0, 0, 0
-    if cfg.early_stopping and state.stale >= cfg.early_stopping and state.epoch < cfg.epochs:
-        run.stopped_early = True
-        state.epoch = cfg.epochs
-
-
-def _finish(run: _Run) -> dict[str, Any]:
-    """Restore the best weights (early stopping), move everything to the CPU and gather the metrics."""
-    cfg, state = run.cfg, run.progress
-    if cfg.early_stopping and run.best_weights is not None:
-        run.module.load_state_dict(run.best_weights)
-    replica_diff = distributed.replica_max_diff(run.module, *run.objective.modules) if run.dist.enabled else None
-    run.module.to("cpu").eval()
-    for extra in run.objective.modules:
-        extra.to("cpu")
-    best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
-    chosen = state.history[best_epoch - 1]
-    throughput = state.seen * run.dist.world_size / state.train_time if state.train_time > 0 else None
-    return {
-        "accuracy": chosen["val_accuracy"],
-        "loss": chosen["val_loss"],
-        "train_loss": chosen["train_loss"],
-        "epochs": len(state.history),
-        "best_epoch": best_epoch,
-        "stopped_early": run.stopped_early,
-        "precision": cfg.amp if cfg.amp != "off" else "fp32",
-        "device": run.device,
-        "channels_last": run.channels_last,
-        "processes": run.dist.world_size,
-        "backend": distributed.backend(),
-        "replica_max_abs_diff": replica_diff,
-        "train_samples_per_s": throughput,
-        "history": state.history,
-    }
-
-
 def history_table(history: list[dict[str, Any]], title: str = "training history") -> Table:
     """`fit`'s per-epoch figures (and any a caller added to them) as a report section."""
     columns = list(dict.fromkeys(k for h in history for k in h))
     return Table(title=title, columns=columns, rows=[[h.get(c) for c in columns] for h in history])
-
-
-_DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
-_DEVICE_DATA_LIMIT = 4 * 1024**3  # in-memory data up to this size is copied to the GPU once
 
 
 def _on_device(dataset: Any, dev: Any) -> Any:
