@@ -1,7 +1,5 @@
 """The `distill` step: knowledge distillation from a teacher into the current (or a new) student.
 
-The objectives (logits with temperature, named feature pairs) are in mlopt.compress.lib.distillation.
-
 The same student is also trained without distillation for the same epochs (the baseline), so the
 report shows the gain measured, not assumed.
 """

@@ -1,8 +1,6 @@
 """The `prune` step: structured (channel) pruning through Torch-Pruning, unstructured and 2:4 sparsity.
 
-The pruning library is mlopt.compress.lib.pruning (groups, targets) and .importance (scores); this
-step drives it with targets, iterative steps and fine-tuning. The pruned model reloads from its
-spec, the recorded pruned shapes and a plain state dict.
+The pruned model reloads from its spec, the recorded pruned shapes and a plain state dict.
 """
 
 from __future__ import annotations
@@ -13,13 +11,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mlopt.compress.lib import sparsity as sp
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
-from mlopt.core import console
+from mlopt.compress.lib.importance import accumulate_gradients
 from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
                                         search_ratio, sync_heads)
-from mlopt.compress.lib import sparsity as sp
-from mlopt.compress.lib.importance import accumulate_gradients
-from mlopt.compress.lib.sparsity import gzip_mb
+from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Bars, Latency
@@ -102,7 +99,6 @@ class PrunePass(Pass):
         history: list[dict[str, Any]] = []
         after_step: list[float] = []
         sections: list[Any] = []
-        latency: list[Latency] = []
 
         def finetune(step: int) -> None:
             if not config.finetune_epochs:
@@ -126,8 +122,7 @@ class PrunePass(Pass):
         if labeled:
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
-        if onnx_before is not None:
-            latency = self._latency_after(module, shape, ctx, onnx_before, metrics)
+        latency = self._latency_after(module, shape, ctx, onnx_before, metrics) if onnx_before is not None else []
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(
@@ -197,7 +192,7 @@ class PrunePass(Pass):
         after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]
-        metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = gzip_mb(before), gzip_mb(after)
+        metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = sp.gzip_mb(before), sp.gzip_mb(after)
         before.unlink()
         after.unlink()
         method = "onnxruntime FP32 on the CPU, before and after in interleaved rounds, best round's median"

@@ -13,6 +13,7 @@ from mlopt.core.sections import Latency, Table
 from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
 from mlopt.runtime.artifacts import ONNX_FILE, load_onnx_file
 
+
 class BenchConfig(BaseModel):
     """Time the current ONNX model (and any others named in `compare`) on onnxruntime."""
 
@@ -78,9 +79,8 @@ class BenchPass(Pass):
         show_table(results)
         first = results[0]
         metrics = {"throughput_per_s": first["throughput_per_s"], "size_mb": first["size_mb"], "provider": config.provider}
-        latency = [Latency(batch_size=r["batch_size"], p50_ms=r["latency_ms"]["p50"], mean_ms=r["latency_ms"]["mean"],
-                           p90_ms=r["latency_ms"]["p90"], p99_ms=r["latency_ms"]["p99"], method=TIMING_NOTE,
-                           model=r["model"]) for r in results]
+        latency = [Latency(batch_size=r["batch_size"], method=TIMING_NOTE, model=r["model"],
+                           **{f"{k}_ms": ms for k, ms in r["latency_ms"].items()}) for r in results]
         columns = ["model", "provider", "batch_size", "throughput_per_s", "size_mb", "speedup"]
         table = Table(title="throughput and speed-up (mean latency against the first model's)", columns=columns,
                       rows=[[r[c] for c in columns] for r in results])

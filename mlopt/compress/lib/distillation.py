@@ -9,21 +9,12 @@ its outputs are computed once and cached (mlopt's data is not augmented, so they
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from mlopt.compress.lib.engine import Objective
+from mlopt.compress.lib.pruning import submodule
 from mlopt.core.errors import InputError
 from mlopt.runtime.evaluation import predict_logits
-
-
-def _named(module: Any, name: str, role: str) -> Any:
-    modules = dict(module.named_modules())
-    if name not in modules:
-        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise InputError(f"the {role} has no layer named {name!r}{hint}")
-    return modules[name]
 
 
 class _FeaturePair:
@@ -35,8 +26,10 @@ class _FeaturePair:
 
         self.t_out: Any = None
         self.s_out: Any = None
-        _named(teacher, t_name, "teacher").register_forward_hook(lambda m, i, o: setattr(self, "t_out", o))
-        _named(student, s_name, "student").register_forward_hook(lambda m, i, o: setattr(self, "s_out", o))
+        t_layer = submodule(teacher, t_name, f"the teacher has no layer named {t_name!r}")
+        s_layer = submodule(student, s_name, f"the student has no layer named {s_name!r}")
+        t_layer.register_forward_hook(lambda m, i, o: setattr(self, "t_out", o))
+        s_layer.register_forward_hook(lambda m, i, o: setattr(self, "s_out", o))
         with torch.no_grad():
             was_t, was_s = teacher.training, student.training
             teacher.eval(), student.eval()
@@ -51,7 +44,6 @@ class _FeaturePair:
             self.proj = nn.Identity() if t.shape[1] == s.shape[1] else nn.Linear(s.shape[1], t.shape[1], bias=False)
         else:
             raise InputError(f"feature pair {t_name}:{s_name}: only (N, C, H, W) and (N, D) outputs are supported")
-        self.name = f"{t_name}:{s_name}"
 
     def loss(self) -> Any:
         import torch.nn.functional as F

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from typing import Any
-from mlopt.runtime.data import loader
 
-IMPORTANCES = ("l1", "l2", "bn-scale", "taylor", "lamp", "random")
+from mlopt.runtime.data import loader
 
 
 def make_importance(name: str) -> Any:
     import torch_pruning as tp
 
-    if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if name == "bn-scale":
-        return tp.importance.BNScaleImportance()
-    if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if name == "lamp":
-        return tp.importance.LAMPImportance(p=2)
-    if name == "random":
-        return tp.importance.RandomImportance()
-    raise ValueError(name)
+    return {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "bn-scale": tp.importance.BNScaleImportance,
+        "taylor": tp.importance.GroupTaylorImportance,
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "random": tp.importance.RandomImportance,
+    }[name]()
 
 
 def accumulate_gradients(module: Any, data: Any, batch_size: int, batches: int = 4) -> None:

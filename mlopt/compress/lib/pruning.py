@@ -15,16 +15,17 @@ from mlopt.compress.lib.importance import make_importance
 from mlopt.core.errors import InputError, first_line
 
 
-def named_modules(module: Any, names: list[str]) -> list[Any]:
+def submodule(module: Any, name: str, missing: str) -> Any:
+    """`module`'s submodule called `name`; else an InputError `missing`, with the closest names."""
     modules = dict(module.named_modules())
-    found = []
-    for name in names:
-        if name not in modules:
-            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise InputError(f"--ignore {name!r}: the model has no module of that name{hint}")
-        found.append(modules[name])
-    return found
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        raise InputError(missing + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return modules[name]
+
+
+def named_modules(module: Any, names: list[str]) -> list[Any]:
+    return [submodule(module, name, f"--ignore {name!r}: the model has no module of that name") for name in names]
 
 
 def classifier_names(module: Any, num_classes: int | None) -> list[str]:
@@ -104,19 +105,8 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: flo
             iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to, **heads,
         )
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(
-            f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first}); "
-            "leave the module that fails out with --ignore NAME"
-        ) from exc
-
-
-def _prune_copy(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, ignore: list[str]) -> Any:
-    trial = copy.deepcopy(module)
-    pruner = make_pruner(trial, sample_shape, cfg, ratio, named_modules(trial, ignore), 1)
-    pruner.step()
-    sync_heads(trial, pruner)
-    return trial
+        raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
+                         "leave the module that fails out with --ignore NAME") from exc
 
 
 def check_forward(module: Any, sample_shape: tuple[int, ...]) -> None:
@@ -138,8 +128,11 @@ def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any, ignore: l
     base = count_ops(module, sample_shape)[0 if which == "macs" else 1]
 
     def kept(ratio: float) -> float:
-        ops = count_ops(_prune_copy(module, sample_shape, cfg, ratio, ignore), sample_shape)
-        return ops[0 if which == "macs" else 1] / base
+        trial = copy.deepcopy(module)
+        pruner = make_pruner(trial, sample_shape, cfg, ratio, named_modules(trial, ignore), 1)
+        pruner.step()
+        sync_heads(trial, pruner)
+        return count_ops(trial, sample_shape)[0 if which == "macs" else 1] / base
 
     lo, hi = 0.0, 0.9
     reachable = kept(hi)

@@ -40,11 +40,10 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                 debug_metadata: bool = False) -> None:
     """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure.
 
-    `example` names the inputs of a multi-input model (token models: input_ids, attention_mask,
-    ...); with `max_sequence` their second axis (the sequence) is dynamic as well. The dynamo
-    exporter annotates every node with debug metadata (the source stack trace with local file
-    paths, module names); unless `debug_metadata`, it is dropped: onnxruntime never reads it, and
-    it is 3% of an INT8 mobilenet_v2 file.
+    `example` names the inputs of a multi-input model (token models: input_ids, attention_mask, ...);
+    with `max_sequence` their second axis (the sequence) is dynamic as well. The dynamo exporter's
+    per-node debug metadata (local source paths, module names) is dropped unless `debug_metadata`:
+    onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file.
     """
     import onnx
     import torch
@@ -52,7 +51,6 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
     module.eval()
     example = example or {"input": torch.randn((2, *sample_shape))}
     names, args = list(example), tuple(example.values())
-    axes = {0: "batch", 1: "sequence"} if max_sequence else {0: "batch"}
     try:
         # The exporters print progress on stdout; keep stdout clean for --json output.
         with contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
@@ -65,13 +63,13 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                     input_names=names, output_names=[output],
                     dynamic_shapes=tuple(dict(dims) for _ in names), verbose=False, optimize=True,
                 )
-                params = sum(p.numel() * p.element_size() for p in module.state_dict().values())
-                external = params > _PROTOBUF_LIMIT * 0.9
                 if not debug_metadata:
                     for node in program.model.graph.all_nodes():
                         node.metadata_props.clear()
-                program.save(str(path), external_data=external)
+                params = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+                program.save(str(path), external_data=params > _PROTOBUF_LIMIT * 0.9)
             else:
+                axes = {0: "batch", 1: "sequence"} if max_sequence else {0: "batch"}
                 torch.onnx.export(
                     module, args, str(path), dynamo=False, opset_version=opset,
                     input_names=names, output_names=[output],
@@ -81,9 +79,8 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
         full = storage_error(exc, path)
         if full is not None:  # the disk, not the exporter: suggesting the other exporter would mislead
             raise full from exc
-        first = first_line(exc)
         hint = " (try exporter: torchscript)" if exporter == "dynamo" else " (try exporter: dynamo)"
-        raise RunError(f"ONNX export failed: {type(exc).__name__}: {first[:300]}{hint}") from exc
+        raise RunError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)[:300]}{hint}") from exc
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -132,13 +129,12 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
     module = artifact.require_torch("export")
     if artifact.sample_shape is None:
         raise InputError("the model's input shape is unknown: give --input-shape")
+    text: dict[str, Any] = {}
     if hf.is_text_artifact(artifact):
         info = artifact.builder["hf"]
-        example = parity_inputs(artifact, data, 2)[0]
-        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, example, info["output"],
-                    info["max_positions"], debug_metadata=debug_metadata)
-    else:
-        export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata)
+        text = {"example": parity_inputs(artifact, data, 2)[0], "output": info["output"],
+                "max_sequence": info["max_positions"]}
+    export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata, **text)
 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> tuple[Any, StepResult]:

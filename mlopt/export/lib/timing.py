@@ -34,15 +34,8 @@ class TimingSettings:
     duration_s: float | None = None
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(sorted_ms, q))
-
-
-def time_model(
-    path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSettings, label: str
-) -> list[dict[str, Any]]:
+def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSettings,
+               label: str) -> list[dict[str, Any]]:
     """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
     import numpy as np
 
@@ -57,17 +50,15 @@ def time_model(
     rng = np.random.default_rng(0)
     results = []
     for batch in cfg.batch_sizes:
-        full = (batch, *sample_shape)
         feed = synthetic_feed(session, batch, tuple(sample_shape), rng)
         try:
             for _ in range(cfg.warmup):
                 session.run(None, feed)
         except Exception as exc:
-            first = first_line(exc)
-            raise InputError(f"onnxruntime rejected input of shape {full} for {path}: {first}") from exc
+            raise InputError(f"onnxruntime rejected input of shape {(batch, *sample_shape)} for {path}: "
+                             f"{first_line(exc)}") from exc
         times: list[float] = []
-        total = cfg.iterations
-        with console.progress(f"bench {label} batch {batch}", total=total) as bar:
+        with console.progress(f"bench {label} batch {batch}", total=cfg.iterations) as bar:
             deadline = time.perf_counter() + (cfg.duration_s or 0)
             while True:
                 t0 = time.perf_counter()
@@ -78,21 +69,16 @@ def time_model(
                     break
                 if cfg.duration_s is not None and time.perf_counter() >= deadline and len(times) >= 3:
                     break
-        arr = sorted(times)
-        mean = sum(arr) / len(arr)
+        mean = sum(times) / len(times)
+        p50, p90, p99 = (float(v) for v in np.percentile(times, (50, 90, 99)))
         results.append({
             "model": label,
             "provider": cfg.provider,
             "batch_size": batch,
-            "latency_ms": {
-                "mean": mean,
-                "p50": _percentile(arr, 50),
-                "p90": _percentile(arr, 90),
-                "p99": _percentile(arr, 99),
-            },
+            "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
             "throughput_per_s": batch * 1000.0 / mean,
             "size_mb": file_size_mb(path),
-            "iterations": len(arr),
+            "iterations": len(times),
         })
     del session
     gc.collect()
