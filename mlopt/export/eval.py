@@ -31,7 +31,6 @@ class EvalPass(Pass):
         return {k: step["metrics"][k] for k in ("accuracy", "loss", "samples")}
 
     def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
-        batch = config.batch_size or ctx.batch_size
-        metrics = evaluate_artifact(artifact, ctx.data, batch)
+        metrics = evaluate_artifact(artifact, ctx.data, config.batch_size or ctx.batch_size)
         console.info(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['samples']} samples)")
         return StepResult(artifact=artifact, metrics=metrics)

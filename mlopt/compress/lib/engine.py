@@ -1,10 +1,8 @@
-"""The one training engine behind every pass that trains (train, fine-tune, distill, later QAT).
+"""The one training engine behind every pass that trains (train, fine-tune, distill, QAT).
 
-It owns what must work the same everywhere: mixed precision (bf16 autocast on CPU and CUDA, fp16
-with a gradient scaler on CUDA), data parallelism under torchrun (DistributedDataParallel with a
-DistributedSampler), checkpoints written atomically every N steps and at each epoch end, exact
-resume (model, optimizer, scheduler, scaler, RNG states and the position in the epoch), learning
-rate schedules with warm-up, gradient clipping, early stopping, and the progress bar.
+It owns what must work the same everywhere: mixed precision (bf16 autocast, fp16 with a gradient
+scaler on CUDA), DistributedDataParallel under torchrun, atomic checkpoints with exact resume
+(optimiser, scheduler, scaler, RNG states, position in the epoch), schedules and early stopping.
 """
 
 from __future__ import annotations
@@ -153,18 +151,9 @@ class Progress:
     count: int = 0
 
 
-def fit(
-    module: Any,
-    data: Dataset,
-    cfg: TrainingConfig,
-    batch_size: int,
-    *,
-    objective: Objective | None = None,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    fingerprint_extra: Any = None,
-    label: str = "train",
-) -> dict[str, Any]:
+def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, objective: Objective | None = None,
+        checkpoint_dir: Path | None = None, resume: bool = False, fingerprint_extra: Any = None,
+        label: str = "train") -> dict[str, Any]:
     """Train `module` in place on the train split; evaluate on validation after each epoch.
 
     Returns the metrics (final validation accuracy and loss, throughput, precision, history).

@@ -1,6 +1,5 @@
-"""Structured pruning through Torch-Pruning: what must change together (its dependency graph and
-groups, not re-implemented here), how channels are scored (importance.py), and the algorithm (its
-pruner's step(), driven by the `prune` step with targets, iterative steps and fine-tuning).
+"""Structured pruning through Torch-Pruning: its dependency graph and groups decide what must change
+together (not re-implemented here); importance.py scores the channels.
 
 `cfg` is the prune step's config (mlopt.compress.prune.PruneConfig); this library reads its fields.
 """

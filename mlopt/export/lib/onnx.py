@@ -98,16 +98,15 @@ def _quiet_warnings():
     import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
+    levels = {lg: lg.level for lg in map(logging.getLogger, ("torch.onnx", "torch.export", "onnxscript"))}
+    for lg in levels:
         lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in levels.items():
             lg.setLevel(level)
 
 
