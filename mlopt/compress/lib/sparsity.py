@@ -37,15 +37,14 @@ def two_four_mask(weight: Any) -> Any:
     """Keep the 2 largest of every 4 consecutive weights along the input dimension."""
     import torch
 
-    w = weight.detach()
-    flat = w.reshape(w.shape[0], -1)
+    flat = weight.detach().reshape(weight.shape[0], -1)
     cols = flat.shape[1]
     pad = (-cols) % 4
     padded = torch.nn.functional.pad(flat.abs(), (0, pad), value=float("inf") if pad else 0.0)
     groups = padded.reshape(flat.shape[0], -1, 4)
     keep = groups.topk(2, dim=-1).indices
     mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0).reshape(flat.shape[0], -1)[:, :cols]
-    return mask.reshape(w.shape)
+    return mask.reshape(weight.shape)
 
 
 def apply_two_four(module: Any, ignore: set[str]) -> None:
