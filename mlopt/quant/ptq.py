@@ -25,12 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Bars, Table
-from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latencies, latency_entries,
-                                      not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
+from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
+from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries, not_faster_at,
+                                      preprocess, quantize, reduce_range_for, speedups)
 from mlopt.quant.lib.sensitivity import node_sqnr
 from mlopt.runtime import hf
 from mlopt.runtime.session import input_spec, make_session
@@ -169,7 +170,7 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
         console.info(f"quantizing: {scheme.name}")
         quantize(plan.pre, path, scheme, plan.feeds, plan.reduce_range)
     console.info(f"timing FP32 and {len(plan.schemes)} candidate(s) on onnxruntime ({config.provider})")
-    fp32_latency, *timed = latencies([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
+    fp32_latency, *timed = interleaved_latency([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
                                      config.batch_sizes, config.iterations)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
@@ -211,11 +212,13 @@ def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
         chosen = _fallback(plan, config)
     if chosen is None and config.mode != "auto":
         # The user asked for this exact scheme: hand it back, and say plainly what it costs.
-        rows = plan.candidates
-        chosen = rows[-1] if rows[-1].within_budget else rows[0]
-        for problem in _problems(chosen, plan.quality):
-            console.warn(problem)
-            plan.notes.append(problem)
+        chosen = plan.candidates[-1] if plan.candidates[-1].within_budget else plan.candidates[0]
+        if not chosen.faster_than_fp32:
+            plan.notes.append(f"{chosen.name} is SLOWER than FP32 on this machine: {describe_latency(chosen.latency)}")
+            console.warn(plan.notes[-1])
+        if not chosen.within_budget:
+            plan.notes.append(f"{chosen.name} misses the quality budget ({plan.quality.budget_text()})")
+            console.warn(plan.notes[-1])
     return chosen
 
 
@@ -229,15 +232,14 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     if not ranking:
         return None
     group = max(1, math.ceil(len(ranking) / 10))
-    quality = plan.quality
-    console.info(f"{base.scheme.name} misses the budget ({quality.budget_text()}); keeping sensitive nodes in float")
+    console.info(f"{base.scheme.name} misses the budget ({plan.quality.budget_text()}); keeping sensitive nodes in float")
     fp32_latency = plan.fp32_row.latency
     for g in range(1, min(cfg.fallback_groups, math.ceil(len(ranking) / group)) + 1):
         kept = ranking[: g * group]
         path = plan.work / f"fallback{g}.onnx"
         quantize(plan.pre, path, base.scheme, plan.feeds, plan.reduce_range, [r["node"] for r in kept])
         # Timed beside the FP32 model again, in the same interleaved rounds.
-        fp32_now, latency = latencies([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape, cfg.provider,
+        fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape, cfg.provider,
                                       cfg.batch_sizes, cfg.iterations)
         fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
         row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
@@ -250,21 +252,6 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
                               + ", ".join(f"{r['node']} ({r['sqnr_db']:.1f} dB)" for r in kept))
             return row
     return None
-
-
-def _problems(row: Candidate, quality: Quality) -> list[str]:
-    problems = []
-    if not row.faster_than_fp32:
-        problems.append(f"{row.name} is SLOWER than FP32 on this machine: {describe_latency(row.latency)}")
-    if not row.within_budget:
-        problems.append(f"{row.name} misses the quality budget ({quality.budget_text()})")
-    return problems
-
-
-def _no_winner_reason(rows: list[Candidate], quality: Quality) -> str:
-    if not any(r.faster_than_fp32 for r in rows):
-        return "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
-    return f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
 
 
 def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) -> StepResult:
@@ -285,9 +272,12 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
     result = StepResult(artifact=plan.artifact.derive("ptq", onnx_path=out), metrics=metrics, notes=plan.notes,
                         latency=latency, sections=_sections(plan))
     if chosen is None:
-        reason = _no_winner_reason(plan.candidates, quality)
-        console.warn(f"kept the FP32 model: {reason}")
+        if not any(r.faster_than_fp32 for r in plan.candidates):
+            reason = "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
+        else:
+            reason = f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
         plan.notes.append(f"kept the FP32 model: {reason}")
+        console.warn(plan.notes[-1])
         metrics.update(quantized=False, chosen="FP32", size_mb=fp32.size_mb, **quality.baseline)
         return result
     speedup = speedups(fp32.latency, chosen.latency)

@@ -1,30 +1,23 @@
 """The `qat` step: quantization-aware training whose INT8 ONNX onnxruntime fully fuses.
 
 The simulation (`mlopt.quant.lib.simulation`) follows onnxruntime's fastest CPU scheme (QDQ, U8S8,
-per-channel) at exactly the tensors onnxruntime's quantizer picks for this model: before training
-the FP32 export is quantized once, and each quantized tensor is located in the module's torch.fx
-graph by value (`mlopt.quant.lib.points`). A model torch.fx cannot trace is simulated at its layer
-inputs only. Observers freeze after `freeze_observers_after` epochs and batch-norm statistics after
-`freeze_bn_after` (default 0: frozen from the start). Layers with weights other than Conv, Linear
-and normalization keep float weights; the report lists them.
+per-channel) at exactly the tensors onnxruntime's quantizer picks for this model, located in the
+module's torch.fx graph by value (`mlopt.quant.lib.points`); a model torch.fx cannot trace is
+simulated at its layer inputs only. Layers with weights other than Conv, Linear and normalization
+keep float weights; the report lists them.
 
-The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
-U8S8 per-channel): the graph onnxruntime turns into QLinearConv/QGemm kernels, so the QAT model
-runs exactly as fast as the PTQ one. Every learned range is handed to the quantizer as a
-TensorQuantOverride, so the runtime uses the scales the model trained with; a tensor without one is
-calibrated by onnxruntime (min/max) and listed. The report checks it: integer and float kernel
-counts after onnxruntime's optimisation, per tensor the torch simulation against onnxruntime
-(local and end-to-end error, in quantization steps), the int8 weight codes that differ, and the
-top-1 agreement between the two on the validation split.
+The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ U8S8
+per-channel) with every learned range handed over as a TensorQuantOverride: onnxruntime turns that
+graph into QLinearConv/QGemm kernels, so QAT runs exactly as fast as PTQ, on the scales the model
+trained with; a tensor without a range is calibrated by onnxruntime and listed. The report checks
+it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
+onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
 
-Never worse without saying so. QAT starts from PTQ's static min/max model: onnxruntime calibrates
-the FP32 model on the calibration batches, and the observers start from its ranges. That starting
-point and the trained model are both scored on the validation split on onnxruntime. The trained one is
-handed back unless the starting point scores strictly higher (a tie keeps the trained model), so
-QAT is never below its own start. Then, as PTQ's auto mode does (`mlopt.quant.ptq.not_faster_at`,
-the one rule both use), the INT8 model is timed against the FP32 model QAT started from, in
-interleaved rounds at `batch_sizes`; unless it is faster at every one of them, the FP32 model is
-handed back (`keep_int8` forces INT8). The metrics and notes say which model came back and why.
+Never worse without saying so. QAT starts from PTQ's static min/max model (the observers start from
+onnxruntime's ranges); the trained model is handed back unless that starting point scores strictly
+higher on the validation split on onnxruntime. Then, by the rule PTQ's auto mode uses too
+(`not_faster_at`), the INT8 model is timed against the FP32 model QAT started from, in interleaved
+rounds, and FP32 is handed back unless INT8 is faster at every batch size (`keep_int8` forces INT8).
 """
 
 from __future__ import annotations
@@ -39,18 +32,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mlopt.compress.lib.distillation import distillation_objective
 from mlopt.compress.lib.engine import Objective, TrainingConfig, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Table
-from mlopt.quant.lib.alignment import (RuntimePoints, export_fp32, point_tensors, quantize_with_ranges, runtime_points,
-                                       runtime_ranges, runtime_scheme, simulation_error_sections, simulation_errors,
-                                       weight_grid)
-from mlopt.quant.lib.quantize import (INT8_RULE, Quality, latencies, latency_entries, not_faster_at, quantize,
-                                      speedups)
-from mlopt.compress.lib.distillation import distillation_objective
+from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph, points
+from mlopt.quant.lib.alignment import (RUNTIME_SCHEME, RuntimePoints, export_fp32, point_tensors, range_overrides,
+                                       runtime_points, runtime_ranges, simulation_error_sections, simulation_errors,
+                                       weight_grid)
+from mlopt.quant.lib.quantize import INT8_RULE, Quality, latency_entries, not_faster_at, quantize, speedups
 from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated
 from mlopt.runtime import distributed
 from mlopt.runtime.data import first_inputs, require_labels
@@ -82,18 +75,6 @@ class QATConfig(TrainingConfig):
                             "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
                             "faster at every batch size in batch_sizes, timed in interleaved rounds, one session alive "
                             "at a time, each model keeping its best round; a tie counts as not faster)")
-
-
-def step_clock() -> Any:
-    """A module holding the count of training steps taken (a buffer, so checkpoints keep it)."""
-    import torch
-
-    class StepClock(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
-
-    return StepClock()
 
 
 class QATPass(Pass):
@@ -200,7 +181,7 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
         sim.hook_layer_inputs()
     if found.why:
         console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {found.why}")
-    unplaced = found.unplaced
+    unplaced = [t for t in found.tensors if t not in found.nodes]
     if unplaced:
         console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
                      f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
@@ -209,7 +190,7 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
     # same batches, and the observers start from its ranges where it quantizes the same tensors
     # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
     start_int8 = work / "start-int8.onnx"
-    quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
+    quantize(start_pre, start_int8, RUNTIME_SCHEME, feeds, False)
     sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
     fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
     # sim.model runs the simulation (the traced graph with its quantization points, or the hooked module)
@@ -228,7 +209,8 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     if config.teacher:
         objective = distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
     steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
-    clock = step_clock()
+    clock = torch.nn.Module()  # the count of training steps taken, in a buffer so checkpoints keep it
+    clock.register_buffer("steps", torch.tensor(0, dtype=torch.long))
     bn_layers = batchnorm_layers(st.module)
     base_loss = objective.loss if objective else None
 
@@ -268,8 +250,9 @@ def _export_trained(st: QATState, config: QATConfig) -> None:
     # own node with quantized scale and bias, which the simulation, holding batch norm in
     # float, does not model.
     st.unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
-    tensors, st.handed = quantize_with_ranges(st.sim, pre, st.found, st.probe, st.feeds, config.export_ranges,
-                                              st.trained_int8)
+    tensors = point_tensors(st.sim, pre, st.found, st.probe)
+    st.handed = range_overrides(st.sim, tensors) if config.export_ranges else {}
+    quantize(pre, st.trained_int8, RUNTIME_SCHEME, st.feeds, False, overrides=st.handed)
     final = set(points.quantized_tensors(st.trained_int8))
     st.quantized_tensors = len(final)
     st.calibrated = sorted(final - set(st.handed))
@@ -292,11 +275,12 @@ def _decide(st: QATState, config: QATConfig) -> None:
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
     st.int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
-    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
+    st.fp32_latency, st.int8_latency = interleaved_latency([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
                                                  config.batch_sizes, config.iterations)
     st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
     st.quantized = config.keep_int8 or not st.slower
     st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
+
 
 def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
     """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""

@@ -184,9 +184,8 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
     return {"layers": layers, "codes": codes, "differing": differing}
 
 
-def runtime_scheme() -> Any:
-    """onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max."""
-    return Scheme("static", "qdq", "uint8", "int8", True, "minmax")
+# onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max.
+RUNTIME_SCHEME = Scheme("static", "qdq", "uint8", "int8", True, "minmax")
 
 
 @dataclass
@@ -199,11 +198,6 @@ class RuntimePoints:
     gm: Any = None  # the fx graph module the nodes belong to
     why: str | None = None  # why the simulation falls back to layer inputs
 
-    @property
-    def unplaced(self) -> list[str]:
-        """Quantized tensors no fx node computes (onnxruntime calibrates them)."""
-        return [t for t in self.tensors if t not in self.nodes]
-
 
 def runtime_points(module: Any, at_runtime_points: bool, pre: Path, feeds: list[Any], x: Any, work: Path) -> RuntimePoints:
     """The tensors onnxruntime's quantizer picks for this model (found by quantizing its pre-processed
@@ -214,7 +208,7 @@ def runtime_points(module: Any, at_runtime_points: bool, pre: Path, feeds: list[
     gm, why = trace(module)
     if gm is None:
         return RuntimePoints(why=why)
-    quantize(pre, work / "qdq.onnx", runtime_scheme(), feeds[:1], False)
+    quantize(pre, work / "qdq.onnx", RUNTIME_SCHEME, feeds[:1], False)
     scales = quantized_tensors(work / "qdq.onnx")
     found = match_by_value(gm, x, onnx_values(pre, list(scales), {"input": x.numpy()}))
     if not found:
@@ -258,31 +252,19 @@ def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, 
     return ranges
 
 
-def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe: Any, feeds: list[Any],
-                         export_ranges: bool, dst: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """The pre-processed FP32 model quantized by onnxruntime (static QDQ U8S8 per-channel) with the
-    simulation's current ranges handed over: (tensors each point stands for, the ranges handed over)."""
-    tensors = point_tensors(sim, pre, found, probe)
-    handed = range_overrides(sim, tensors) if export_ranges else {}
-    quantize(pre, dst, runtime_scheme(), feeds, False, overrides=handed)
-    return tensors, handed
-
-
-SIMULATION_ERROR_TITLE = "simulation vs onnxruntime, per quantized tensor"
-
-
 def simulation_error_sections(rows: list[dict[str, Any]]) -> list[Table | Bars]:
     """`simulation_errors` as a report table, and its end-to-end maximum per tensor as bars."""
     if not rows:
         return []
+    title = "simulation vs onnxruntime, per quantized tensor"
     table = Table(
-        title=SIMULATION_ERROR_TITLE,
+        title=title,
         columns=["tensor -> read by", "local max steps", "local values off %", "end-to-end max steps",
                  "end-to-end mean steps", "SQNR dB"],
         rows=[[r["point"], r["local_max_error_steps"], 100 * r["local_mismatch"], r["max_error_steps"],
                r["mean_error_steps"], r["sqnr_db"]] for r in rows],
         note="in quantization steps; local: computed from onnxruntime's own inputs; end to end: the simulation run "
              "on its own; SQNR empty: identical")
-    bars = Bars(title=f"{SIMULATION_ERROR_TITLE} (end to end)", labels=[r["point"] for r in rows],
+    bars = Bars(title=f"{title} (end to end)", labels=[r["point"] for r in rows],
                 series={"max error": [r["max_error_steps"] for r in rows]}, unit="quantization steps")
     return [table, bars]

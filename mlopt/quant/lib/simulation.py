@@ -24,12 +24,9 @@ from mlopt.quant.lib.points import consumers
 
 
 def weight_fake_quant(per_channel: bool = True) -> Any:
-    """A parametrization module: symmetric int8 fake quantization (straight-through), per output
-    channel (Conv and Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes
-    them; their bias becomes int32 at a far finer step and stays float).
-
-    Defined inside a function so that importing this file (for the recipe schema) imports no torch.
-    """
+    """A parametrization: symmetric int8 fake quantization (straight-through), per output channel (Conv and
+    Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes them; their bias becomes int32 at
+    a far finer step and stays float). Built in a function so that importing this file imports no torch."""
     import torch
 
     class WeightFakeQuant(torch.nn.Module):
@@ -54,12 +51,11 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def activation_observer(ema: float, learned: bool = False) -> Any:
-    """An nn.Module watching one layer's input and fake-quantizing it to uint8 (asymmetric).
+    """An nn.Module whose `quantize` observes one tensor and fake-quantizes it to uint8 (asymmetric).
 
-    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential
-    average while training. Learned mode (LSQ+): the scale and zero point are parameters, started
-    from the calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
-    `quantize` observes and fake-quantizes one tensor.
+    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential average
+    while training. Learned mode (LSQ+): the scale and zero point are parameters, started from the
+    calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
     """
     import math
 
@@ -121,12 +117,10 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
                     self.scale.clamp_(min=1e-8)
                     self.zero_point.clamp_(0, 255)
                 grad_factor = 1.0 / math.sqrt(x[0].numel() * 255)
-                fq = torch._fake_quantize_learnable_per_tensor_affine(
+                return torch._fake_quantize_learnable_per_tensor_affine(
                     x.float(), self.scale, self.zero_point, 0, 255, grad_factor).to(x.dtype)
-            else:
-                scale, zero = self.qparams()
-                fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
-            return fq
+            scale, zero = self.qparams()
+            return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
 
     return ActivationObserver()
 
@@ -175,17 +169,8 @@ def is_weighted(m: Any) -> bool:
 
 
 class Simulation:
-    """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights).
-
-    Weights of every Conv1d/2d/3d and Linear layer are fake-quantized per output channel, LayerNorm
-    scales per tensor. Activations
-    are fake-quantized at points, one per tensor (several may share one observer):
-    - `place(gm, groups)`: after given nodes of the module's fx graph (the tensors onnxruntime
-      quantizes, found by `mlopt.quant.lib.points`; the nodes of a group share a scale); `self.model`
-      is then that graph module;
-    - `hook_layer_inputs()`: at the input of each weighted layer, by forward pre-hooks (for models
-      torch.fx cannot trace, or when asked for layer inputs only); `self.model` is the module.
-    """
+    """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights), its
+    activation points set by `place` (`self.model` is then the fx graph module) or `hook_layer_inputs`."""
 
     def __init__(self, module: Any, ema: float, learned: bool = False):
         import torch
@@ -240,26 +225,21 @@ class Simulation:
         for names in groups:
             observer = activation_observer(self.ema, self.learned)
             for name in names:
-                self._place(gm, by_name, name, observer)
+                node, target = by_name[name], f"mlopt_quant{len(self.points)}"
+                self.points[name] = quant_point(observer)
+                gm.add_submodule(target, self.points[name])
+                producer = node.meta.get("label") or (node.target if node.op == "call_module" else name)
+                self.labels[name] = f"{producer} -> {consumers(node)}"
+                if node.meta.get("bias_add"):  # the product is quantized, so the Add quantizes the bias too
+                    add = by_name[node.meta["bias_add"]]
+                    with gm.graph.inserting_before(add):
+                        bias = gm.graph.call_function(bias_fake_quant, (add.args[1],))
+                    add.args = (add.args[0], bias)
+                with gm.graph.inserting_after(node):
+                    quantized = gm.graph.call_module(target, (node,))
+                node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
         gm.recompile()
         self.model, self.traced = gm, True
-
-    def _place(self, gm: Any, by_name: dict[str, Any], name: str, observer: Any) -> None:
-        node = by_name[name]
-        point = quant_point(observer)
-        target = f"mlopt_quant{len(self.points)}"
-        gm.add_submodule(target, point)
-        self.points[name] = point
-        producer = node.meta.get("label") or (node.target if node.op == "call_module" else name)
-        self.labels[name] = f"{producer} -> {consumers(node)}"
-        if node.meta.get("bias_add"):  # the product is quantized, so the Add quantizes the bias too
-            add = by_name[node.meta["bias_add"]]
-            with gm.graph.inserting_before(add):
-                bias = gm.graph.call_function(bias_fake_quant, (add.args[1],))
-            add.args = (add.args[0], bias)
-        with gm.graph.inserting_after(node):
-            quantized = gm.graph.call_module(target, (node,))
-        node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
 
     def all_observers(self) -> list[Any]:
         """Each observer once, in the order of the points."""
