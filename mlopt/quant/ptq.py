@@ -30,8 +30,8 @@ from mlopt.core.sections import Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
-from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries, not_faster_at,
-                                      preprocess, quantize, reduce_range_for, speedups)
+from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
+                                      not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 from mlopt.quant.lib.sensitivity import node_sqnr
 from mlopt.runtime import hf
 from mlopt.runtime.session import input_spec, make_session
@@ -171,7 +171,7 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
         quantize(plan.pre, path, scheme, plan.feeds, plan.reduce_range)
     console.info(f"timing FP32 and {len(plan.schemes)} candidate(s) on onnxruntime ({config.provider})")
     fp32_latency, *timed = interleaved_latency([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
-                                     config.batch_sizes, config.iterations)
+                                               config.batch_sizes, config.iterations)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32))
@@ -232,15 +232,16 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     if not ranking:
         return None
     group = max(1, math.ceil(len(ranking) / 10))
-    console.info(f"{base.scheme.name} misses the budget ({plan.quality.budget_text()}); keeping sensitive nodes in float")
+    console.info(f"{base.scheme.name} misses the budget ({plan.quality.budget_text()}); "
+                 "keeping sensitive nodes in float")
     fp32_latency = plan.fp32_row.latency
     for g in range(1, min(cfg.fallback_groups, math.ceil(len(ranking) / group)) + 1):
         kept = ranking[: g * group]
         path = plan.work / f"fallback{g}.onnx"
         quantize(plan.pre, path, base.scheme, plan.feeds, plan.reduce_range, [r["node"] for r in kept])
         # Timed beside the FP32 model again, in the same interleaved rounds.
-        fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape, cfg.provider,
-                                      cfg.batch_sizes, cfg.iterations)
+        fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape,
+                                                cfg.provider, cfg.batch_sizes, cfg.iterations)
         fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
         row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
         plan.candidates.append(row)

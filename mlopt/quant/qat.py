@@ -103,7 +103,6 @@ class QATPass(Pass):
             state = _prepare(artifact, config, ctx, work)
             fitted = _train(state, config, ctx)
             _export_trained(state, config)
-            _decide(state, config)
             return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -112,7 +111,7 @@ class QATPass(Pass):
 @dataclass
 class QATState:
     """What the phases of a QAT run share. `_prepare` fills the first block, `_train` the simulated
-    accuracy, `_export_trained` the trained INT8 model and its checks, `_decide` the model handed back."""
+    accuracy, `_export_trained` the trained INT8 model and its checks, `_finish` the rest."""
 
     artifact: Any
     data: Any
@@ -139,7 +138,6 @@ class QATState:
     kernels: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, int] = field(default_factory=dict)
-    # set by _decide
     quality: Quality | None = None
     chosen: str = "trained"
     trained_acc: float = 0.0
@@ -148,10 +146,7 @@ class QATState:
     fp32_latency: dict[int, float] = field(default_factory=dict)
     int8_latency: dict[int, float] = field(default_factory=dict)
     slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
-    quantized: bool = True  # INT8 handed back (else the FP32 model QAT started from)
-    int8: Path | None = None  # the INT8 model chosen: the trained one or the calibrated starting point
-    int8_acc: float = 0.0  # its top-1
-    accuracy: float = 0.0  # of the model handed back
+    int8_acc: float = 0.0  # top-1 of the INT8 model chosen: the trained one or the calibrated starting point
 
 
 def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState:
@@ -263,8 +258,9 @@ def _export_trained(st: QATState, config: QATConfig) -> None:
     st.grid = weight_grid(st.sim, st.trained_int8)
 
 
-def _decide(st: QATState, config: QATConfig) -> None:
-    """Trained or starting point (the better INT8 top-1 on onnxruntime), then INT8 or FP32 (faster at every batch size)."""
+def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
+    """Trained or starting point (the better INT8 top-1 on onnxruntime), then INT8 or FP32 (faster at every batch
+    size), handed back with scalar metrics, notes, both models' latencies and the report sections."""
     import numpy as np
 
     st.quality = Quality(st.start_fp32, st.data)  # onnxruntime, batches of 64, as sim_logits
@@ -274,24 +270,20 @@ def _decide(st: QATState, config: QATConfig) -> None:
     st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
-    st.int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
-    st.fp32_latency, st.int8_latency = interleaved_latency([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
-                                                 config.batch_sizes, config.iterations)
+    int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
+    st.fp32_latency, st.int8_latency = interleaved_latency([st.start_fp32, int8], st.artifact.sample_shape, "cpu",
+                                                           config.batch_sizes, config.iterations)
     st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
-    st.quantized = config.keep_int8 or not st.slower
-    st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
-
-
-def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
-    """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
-    shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
+    quantized = config.keep_int8 or not st.slower
+    accuracy = st.int8_acc if quantized else st.quality.baseline["accuracy"]
+    shutil.copyfile(int8 if quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {
-        "quantized": st.quantized, "chosen": st.chosen,
+        "quantized": quantized, "chosen": st.chosen,
         "start_accuracy": st.start_acc, "trained_accuracy": st.trained_acc,
         "fp32_accuracy": st.fp32_acc, "fp32_onnx_accuracy": st.quality.baseline["accuracy"],
         "simulated_accuracy_before": st.sim_before, "simulated_accuracy": st.sim_acc,
-        "accuracy": st.accuracy, "accuracy_drop": st.fp32_acc - st.accuracy,
+        "accuracy": accuracy, "accuracy_drop": st.fp32_acc - accuracy,
         "simulation_top1_agreement": st.agreement,
         "integer_kernels": st.kernels["integer"], "float_kernels": st.kernels["float"],
         "not_simulated": len(st.floating), "unfolded_batchnorms": len(st.unfolded),
@@ -306,7 +298,7 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
     latency = latency_entries(st.fp32_latency, "FP32", "cpu") + latency_entries(st.int8_latency, "INT8", "cpu")
     sections = [*simulation_error_sections(st.errors), *_left_out_table(st), history_table(fitted["history"])]
     notes = _notes(st, config)
-    console.info(f"QAT: handed back {'INT8' if st.quantized else 'FP32'}, top-1 {st.accuracy:.4f} (FP32 "
+    console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 "
                  f"{st.fp32_acc:.4f}); {notes[2]}; {notes[3]}")
     return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 

@@ -1,9 +1,5 @@
-"""Aligning QAT's torch simulation with the INT8 graph onnxruntime runs.
-
-Where onnxruntime's quantizer puts its quantization points in this model's export, where those
-tensors are in the module's torch.fx graph, the ranges handed back to the quantizer as overrides,
-and the per-tensor comparison of the simulation with onnxruntime that the `qat` report shows.
-"""
+"""Aligning QAT's torch simulation with the INT8 graph onnxruntime runs: where onnxruntime quantizes and
+where that is in the fx graph, the ranges handed back to it, and the per-tensor comparison in the report."""
 
 from __future__ import annotations
 
@@ -62,10 +58,8 @@ def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any
 
 
 def range_overrides(sim: Simulation, tensors: dict[str, list[str]]) -> dict[str, Any]:
-    """The learned ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point).
-
-    A tensor several points stand for gets the union of their ranges.
-    """
+    """The learned ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point); a tensor
+    several points stand for gets the union of their ranges."""
     import numpy as np
 
     ranges: dict[str, tuple[float, float]] = {}

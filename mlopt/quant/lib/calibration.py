@@ -1,7 +1,5 @@
-"""Calibration data for onnxruntime's static quantization, drawn from the train split.
-
-Imported only by quantization passes at run time (it imports onnxruntime).
-"""
+"""Calibration data for onnxruntime's static quantization, drawn from the train split (imported at run
+time only: it imports onnxruntime)."""
 
 from __future__ import annotations
 
@@ -42,17 +40,10 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
 
 
 class FeedReader(CalibrationDataReader):
-    """onnxruntime's CalibrationDataReader protocol over a list of feeds (re-readable via rewind)."""
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds, read once."""
 
     def __init__(self, feeds: list[dict[str, Any]]):
-        self.feeds = feeds
         self._it = iter(feeds)
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self.feeds)
-
-    def __len__(self) -> int:
-        return len(self.feeds)

@@ -32,14 +32,10 @@ def has_float_weights(model: Any) -> bool:
     import onnx
 
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    weighted = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type in weighted:
-            for name in node.input[1:2]:
-                if name in inits and inits[name].data_type in floats:
-                    return True
-    return False
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+               and len(n.input) > 1]
+    return any(types.get(name) in floats for name in weights)
 
 
 def kernel_counts(path: Path) -> dict[str, Any]:
@@ -63,5 +59,4 @@ def kernel_counts(path: Path) -> dict[str, Any]:
         "integer": sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
         "float": sum(v for k, v in counts.items() if k in FLOAT_KERNELS),
         "float_ops": sorted(k for k in counts if k in FLOAT_KERNELS),
-        "quantize_nodes": counts.get("QuantizeLinear", 0) + counts.get("DynamicQuantizeLinear", 0),
     }

@@ -1,9 +1,5 @@
-"""onnxruntime quantization: schemes, the quantizer call, scoring against FP32, and the INT8-or-FP32 rule.
-
-onnxruntime.quantization does the QDQ insertion and calibration; this module names the schemes
-mlopt measures, runs the quantizer quietly, scores a quantized model on the validation split and
-says when INT8 is worth keeping. The `ptq` and `qat` steps both use it.
-"""
+"""onnxruntime quantization for the `ptq` and `qat` steps: the schemes mlopt measures, the quantizer
+run quietly, scoring against FP32 on the validation split, and the INT8-or-FP32 rule."""
 
 from __future__ import annotations
 
@@ -119,8 +115,7 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, max_drop: float = 0.01, min_cosine: float = 0.99, batch: int = 64):
-        self.max_drop, self.min_cosine = max_drop, min_cosine
-        self.labeled = data.labeled
+        self.max_drop, self.min_cosine, self.labeled = max_drop, min_cosine, data.labeled
         self.batches = []
         for b in loader(data.val, batch):
             y = labels_of(b)
