@@ -175,27 +175,29 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32))
-    console.info(f"FP32: {_describe(plan.fp32_row)}")
+    _log(plan.fp32_row)
     for scheme, path, latency in zip(plan.schemes, paths, timed):
-        row = _score(plan, scheme, path, latency, fp32_latency)
-        plan.candidates.append(row)
-        console.info(f"{scheme.name}: {_describe(row)}")
+        _score(plan, scheme, path, latency, fp32_latency)
 
 
 def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
            sensitivity: list[dict[str, Any]] | None = None) -> Candidate:
+    """A quantized model scored and added to the candidates."""
     q = plan.quality.score(path)
     name = scheme.name + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
-    return Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
-                     faster_than_fp32=not not_faster_at(latency, fp32_latency),
-                     within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+    row = Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
+                    faster_than_fp32=not not_faster_at(latency, fp32_latency),
+                    within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+    plan.candidates.append(row)
+    _log(row)
+    return row
 
 
-def _describe(row: Candidate) -> str:
+def _log(row: Candidate) -> None:
     q = row.quality
     quality = f"top-1 {q['accuracy']:.4f}" if "accuracy" in q else f"cosine {q.get('cosine_mean', 1):.4f}"
-    return (f"{describe_latency(row.latency)}; {quality}; {row.kernels['integer']} integer / "
-            f"{row.kernels['float']} float kernels")
+    console.info(f"{row.name}: {describe_latency(row.latency)}; {quality}; {row.kernels['integer']} integer / "
+                 f"{row.kernels['float']} float kernels")
 
 
 def _fastest(rows: list[Candidate]) -> Candidate:
@@ -244,8 +246,6 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
                                                 cfg.provider, cfg.batch_sizes, cfg.iterations)
         fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
         row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
-        plan.candidates.append(row)
-        console.info(f"{row.name}: {_describe(row)}")
         if not row.faster_than_fp32:
             break
         if row.within_budget:

@@ -118,8 +118,7 @@ class QATState:
     batch: int
     work: Path
     fp32_module: Any  # the FP32 module QAT starts from (teacher, reference)
-    module: Any  # the copy that trains, with the simulation in it
-    sim: Simulation
+    sim: Simulation  # sim.module: the copy that trains
     found: RuntimePoints
     feeds: list[dict[str, Any]]  # calibration batches (torch ranges and onnxruntime's)
     probe: Any  # a few validation inputs for locating and comparing tensors
@@ -191,8 +190,8 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
     # sim.model runs the simulation (the traced graph with its quantization points, or the hooked module)
     sim_before = evaluate_torch(sim.model, data, batch)["accuracy"]
     console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
-    return QATState(artifact, data, batch, work, fp32_module, module, sim, found, feeds, probe, start_fp32, start_int8,
-                    floating, fp32_acc, sim_before)
+    return QATState(artifact, data, batch, work, fp32_module, sim, found, feeds, probe, start_fp32, start_int8, floating,
+                    fp32_acc, sim_before)
 
 
 def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
@@ -200,13 +199,12 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     import torch
 
     model, data, batch, sim = st.sim.model, st.data, st.batch, st.sim
-    objective = None
-    if config.teacher:
-        objective = distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
+    objective = (distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
+                 if config.teacher else None)
     steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
     clock = torch.nn.Module()  # the count of training steps taken, in a buffer so checkpoints keep it
     clock.register_buffer("steps", torch.tensor(0, dtype=torch.long))
-    bn_layers = batchnorm_layers(st.module)
+    bn_layers = batchnorm_layers(sim.module)
     base_loss = objective.loss if objective else None
 
     def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
@@ -233,24 +231,22 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     st.sim_acc = evaluate_torch(model, data, batch)["accuracy"]
     st.sim_logits = predict_logits(model, data.val, 64).numpy()
     sim.remove()
-    st.module.eval()
+    sim.module.eval()
     return result
 
 
 def _export_trained(st: QATState, config: QATConfig) -> None:
     """The trained model exported and quantized by onnxruntime with the learned ranges, and checked against the simulation."""
-    _, pre = export_fp32(st.artifact, st.module, st.data, st.work, "trained")
+    _, pre = export_fp32(st.artifact, st.sim.module, st.data, st.work, "trained")
     st.trained_int8 = st.work / "trained-int8.onnx"
-    # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
-    # own node with quantized scale and bias, which the simulation, holding batch norm in
-    # float, does not model.
+    # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its own node with
+    # quantized scale and bias, which the simulation, holding batch norm in float, does not model.
     st.unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
     tensors = point_tensors(st.sim, pre, st.found, st.probe)
     st.handed = range_overrides(st.sim, tensors) if config.export_ranges else {}
     quantize(pre, st.trained_int8, RUNTIME_SCHEME, st.feeds, False, overrides=st.handed)
     final = set(points.quantized_tensors(st.trained_int8))
-    st.quantized_tensors = len(final)
-    st.calibrated = sorted(final - set(st.handed))
+    st.quantized_tensors, st.calibrated = len(final), sorted(final - set(st.handed))
     st.kernels = graph.kernel_counts(st.trained_int8)
     st.sim.attach()
     st.errors = simulation_errors(st.sim, st.trained_int8, tensors, st.probe)

@@ -16,12 +16,9 @@ from mlopt.quant.lib.simulation import Simulation, trace, uint8_qparams
 
 
 def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
-    """Which ONNX tensor feeds each weighted layer: {layer name: tensor name}, and the unmatched layers.
-
-    No library maps torch modules to ONNX tensors, so this does it by hand: the exporter emits
-    nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph is the k-th layer
-    call, which is checked by weight shape. `model` is the exported FP32 ONNX model.
-    """
+    """Which tensor of the FP32 ONNX `model` feeds each weighted layer ({layer: tensor}), and the unmatched
+    layers. The exporter emits nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph
+    is the k-th layer call (checked by weight shape); no library maps torch modules to ONNX tensors."""
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
              and n.input[1] in weights]
@@ -39,12 +36,9 @@ def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[st
 
 
 def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any) -> dict[str, list[str]]:
-    """The ONNX tensors (of the pre-processed FP32 model at `pre_path`) each simulation point stands for.
-
-    Traced simulations: the tensors found before training (export and pre-processing of the trained
-    model name them the same way), where the trained graph has them. Layer-input hooks: matched by
-    execution order and weight shape.
-    """
+    """The ONNX tensors (of the pre-processed FP32 model at `pre_path`) each simulation point stands for:
+    traced, those found before training (the trained model's export names them the same way) where the
+    trained graph has them; hooked, by execution order and weight shape (`match_layers`)."""
     model = graph.load(pre_path)
     if not sim.traced:
         layer_tensors, _ = match_layers(model, sim.execution_order(x[:1]), sim)

@@ -1,18 +1,11 @@
-"""The torch side of QAT: fake quantization that follows onnxruntime's QDQ U8S8 per-channel scheme.
+"""The torch side of QAT: fake quantization that follows onnxruntime's QDQ U8S8 per-channel scheme,
+written by hand since no library simulates onnxruntime's placement of quantize/dequantize pairs.
 
-- weights of every Conv1d/2d/3d and Linear layer: per output channel, symmetric int8 (scale =
-  max|w| / 127), as parametrizations (removable, leaving plain FP32 weights). Batch norm stays a
-  separate module: onnxruntime folds it into the convolution, and symmetric per-channel
-  quantization of the folded weight w * g is the same grid as of w for any per-channel factor g;
-- LayerNorm scales: per tensor, symmetric int8, as onnxruntime quantizes them;
-- activations: per tensor, asymmetric uint8, at points: after given nodes of the module's
-  torch.fx graph (the tensors onnxruntime quantizes, found by `mlopt.quant.lib.points`), or at the
-  input of each weighted layer by forward pre-hooks (models torch.fx cannot trace). Ranges come
-  from EMA min/max observers that start from calibration, or are learned (LSQ+);
-- where the exporter writes one module as several operations whose intermediates onnxruntime
-  quantizes, the fx graph is split the same way (a Linear's product and bias; an exact GELU).
-
-Written by hand: no library simulates onnxruntime's placement of quantize/dequantize pairs.
+Weights: symmetric int8 per output channel (Conv, Linear) or per tensor (LayerNorm scales). Batch norm
+stays a separate module: onnxruntime folds it into the convolution, and symmetric per-channel
+quantization of the folded weight w * g is the same grid as of w for any per-channel factor g.
+Activations: asymmetric uint8 per tensor, after the fx nodes computing the tensors onnxruntime
+quantizes (`mlopt.quant.lib.points`), or at each weighted layer's input (models torch.fx cannot trace).
 """
 
 from __future__ import annotations
@@ -260,13 +253,10 @@ class Simulation:
 
     def set_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
         """Start the named points' observers from given (lo, hi) ranges instead of their own calibration."""
-        import torch
-
         for name, (lo, hi) in ranges.items():
             obs = self.points[name].observer
-            with torch.no_grad():
-                obs.lo.fill_(lo)
-                obs.hi.fill_(hi)
+            obs.lo.fill_(lo)  # buffers: no gradient to keep out of
+            obs.hi.fill_(hi)
             obs.start_learning()
 
     def freeze(self, frozen: bool = True) -> None:
@@ -316,6 +306,7 @@ def trace(module: Any) -> tuple[Any, str | None]:
         return None, f"torch.fx cannot trace the model ({type(exc).__name__}: {first_line(exc)})"
     split_linear_bias(gm)
     split_gelu(gm)
+    gm.recompile()
     return gm, None
 
 
@@ -349,7 +340,6 @@ def split_gelu(gm: Any) -> None:
         out.meta.update(label=label, layer=label)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def split_linear_bias(gm: Any) -> None:
@@ -377,7 +367,6 @@ def split_linear_bias(gm: Any) -> None:
         total.meta.update(label=str(node.target), layer=str(node.target))
         node.replace_all_uses_with(total)
         gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def bias_fake_quant(b: Any) -> Any:
