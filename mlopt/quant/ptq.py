@@ -259,12 +259,9 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
     """Hand back the chosen model (or FP32), with its metrics, notes, latencies and the candidates table."""
     quality, fp32 = plan.quality, plan.fp32_row
     shutil.copyfile(chosen.path if chosen else plan.fp32, out)
-    metrics: dict[str, Any] = {
-        "fp32_size_mb": fp32.size_mb,
-        "reduce_range": plan.reduce_range,
-        "calibration_samples": sum(len(next(iter(f.values()))) for f in plan.feeds),
-        "budget": quality.budget_text(),
-    }
+    metrics: dict[str, Any] = {"fp32_size_mb": fp32.size_mb, "reduce_range": plan.reduce_range,
+                               "calibration_samples": sum(len(next(iter(f.values()))) for f in plan.feeds),
+                               "budget": quality.budget_text()}
     if plan.text:
         metrics["sequence_length"] = plan.artifact.sample_shape[0]
     if quality.labeled:

@@ -164,8 +164,7 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
     # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
     feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
     probe = first_inputs(data, 64)
-    # The FP32 model QAT starts from, as onnxruntime runs it: where it quantizes, the starting
-    # point's INT8 model, and the FP32 model handed back when INT8 is not faster.
+    # The FP32 model as onnxruntime runs it: where it quantizes, the starting point, the FP32 fallback.
     start_fp32, start_pre = export_fp32(artifact, fp32_module, data, work, "start")
     found = runtime_points(module, config.runtime_points, start_pre, feeds, probe[:4], work)
     sim = Simulation(module, config.ema, learned=config.observer == "lsq")
@@ -180,14 +179,12 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
         console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
                      f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
     sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
-    # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
-    # same batches, and the observers start from its ranges where it quantizes the same tensors
-    # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
+    # The observers start from PTQ's static min/max ranges where onnxruntime quantizes the same tensors (the
+    # torch calibration above sees int8 weights and differs slightly; it remains for the rest).
     start_int8 = work / "start-int8.onnx"
     quantize(start_pre, start_int8, RUNTIME_SCHEME, feeds, False)
     sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
     fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
-    # sim.model runs the simulation (the traced graph with its quantization points, or the hooked module)
     sim_before = evaluate_torch(sim.model, data, batch)["accuracy"]
     console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
     return QATState(artifact, data, batch, work, fp32_module, sim, found, feeds, probe, start_fp32, start_int8, floating,

@@ -160,8 +160,7 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
         if named in pool and pool[named].shape == w.shape:
             best, count = named, off(pool[named])
         else:
-            shaped = {k: v.T for k, v in pool.items() if w.ndim == 2 and v.shape == w.shape[::-1]}
-            scored = sorted((off(v), k) for k, v in shaped.items())
+            scored = sorted((off(v.T), k) for k, v in pool.items() if w.ndim == 2 and v.shape == w.shape[::-1])
             if not scored or scored[0][0] > 0.01 * ours.size:
                 continue
             count, best = scored[0]

@@ -39,11 +39,8 @@ def has_float_weights(model: Any) -> bool:
 
 
 def kernel_counts(path: Path) -> dict[str, Any]:
-    """Compute kernels after onnxruntime's own graph optimisation (what actually runs on the CPU).
-
-    `integer` counts QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger, QGemm and friends;
-    `float` counts Conv/MatMul/Gemm kernels left in float (an unfused QDQ pair leaves one).
-    """
+    """Integer and float compute kernels after onnxruntime's own graph optimisation (what actually runs on
+    the CPU); an unfused QDQ pair leaves a float one."""
     import onnx
     import onnxruntime as ort
 

@@ -50,8 +50,7 @@ def onnx_values(path: Path, tensors: list[str], feed: dict[str, Any]) -> dict[st
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, feed)))
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     return {t: values[t] for t in tensors if t in values}
 
 
