@@ -119,10 +119,9 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
 
 
 def quant_point(observer: Any) -> Any:
-    """A module that fake-quantizes one tensor with `observer`, which several points may share (as
-    onnxruntime gives a Reshape's output its input's scale). The observer is kept by reference, not
-    as a child, so the traced model's state dict stays the module's own. For the parity check it
-    can record what it produced, or pass another tensor on instead."""
+    """A module that fake-quantizes one tensor with `observer`, which several points may share (as onnxruntime
+    gives a Reshape's output its input's scale), kept by reference so that the traced model's state dict stays
+    the module's own. For the parity check it can record what it produced, or pass another tensor on instead."""
     import torch
 
     class QuantPoint(torch.nn.Module):
@@ -211,9 +210,8 @@ class Simulation:
         self.attach()
 
     def place(self, gm: Any, groups: list[list[str]]) -> None:
-        """Put a fake quantization after each node named in `groups` of `gm`, the fx graph of
-        `self.module` (traced before the weights were parametrized, so it shares the layers); the
-        nodes of one group share one observer."""
+        """Put a fake quantization after each node named in `groups` (one observer per group) of `gm`, the fx
+        graph of `self.module` (traced before the weights were parametrized, so it shares the layers)."""
         by_name = {n.name: n for n in gm.graph.nodes}
         for names in groups:
             observer = activation_observer(self.ema, self.learned)
@@ -264,8 +262,8 @@ class Simulation:
             obs.set_frozen(frozen)
 
     def record(self, x: Any, replacements: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Each point's fake-quantized value for one eval-mode batch, as numpy arrays. With
-        `replacements` ({point: tensor}), those points pass the given tensors on instead of their own."""
+        """Each point's fake-quantized value (numpy) for one eval-mode batch; the points in `replacements`
+        ({point: tensor}) pass the given tensors on instead of their own."""
         import torch
 
         for name, p in self.points.items():
