@@ -119,14 +119,10 @@ class PTQPass(Pass):
     cli_help = "Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
-        work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))
-        try:
-            plan = _plan(artifact, config, ctx.data, work)
+        with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
+            plan = _plan(artifact, config, ctx.data, Path(work))
             _measure(plan, config, ctx.data)
-            chosen = _choose_model(plan, config)
-            return _finish(plan, chosen, config, Path(ctx.out_dir) / "model.onnx")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return _finish(plan, _choose_model(plan, config), config, Path(ctx.out_dir) / "model.onnx")
 
 
 def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:

@@ -13,11 +13,9 @@ trained with; a tensor without a range is calibrated by onnxruntime and listed. 
 it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
 onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
 
-Never worse without saying so. QAT starts from PTQ's static min/max model (the observers start from
-onnxruntime's ranges); the trained model is handed back unless that starting point scores strictly
-higher on the validation split on onnxruntime. Then, by the rule PTQ's auto mode uses too
-(`not_faster_at`), the INT8 model is timed against the FP32 model QAT started from, in interleaved
-rounds, and FP32 is handed back unless INT8 is faster at every batch size (`keep_int8` forces INT8).
+Never worse without saying so: QAT starts from PTQ's static min/max model, whose ranges the observers
+take; the trained model comes back unless that start scores strictly higher on onnxruntime, and FP32
+comes back unless INT8 is faster at every batch size (`not_faster_at`, PTQ's rule too).
 """
 
 from __future__ import annotations
@@ -98,14 +96,11 @@ class QATPass(Pass):
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
 
         require_labels(ctx.data, "QAT")
-        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
-        try:
-            state = _prepare(artifact, config, ctx, work)
+        with tempfile.TemporaryDirectory(prefix="mlopt-qat-", ignore_cleanup_errors=True) as work:
+            state = _prepare(artifact, config, ctx, Path(work))
             fitted = _train(state, config, ctx)
             _export_trained(state, config)
             return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass

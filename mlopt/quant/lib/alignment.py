@@ -56,33 +56,26 @@ def range_overrides(sim: Simulation, tensors: dict[str, list[str]]) -> dict[str,
     several points stand for gets the union of their ranges."""
     import numpy as np
 
-    ranges: dict[str, tuple[float, float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for name, names in tensors.items():
         obs = sim.points[name].observer
-        if np.isnan(float(obs.lo)):
-            continue
-        lo, hi = obs.range()
-        for tensor in names:
-            old = ranges.get(tensor)
-            ranges[tensor] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+        if not np.isnan(float(obs.lo)):
+            for tensor in names:
+                spans.setdefault(tensor, []).append(obs.range())
     overrides = {}
-    for tensor, (lo, hi) in ranges.items():
-        scale, zero = uint8_qparams(lo, hi)
+    for tensor, ranges in spans.items():
+        scale, zero = uint8_qparams(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=np.uint8)}]
     return overrides
 
 
 def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[str]], x: Any) -> list[dict[str, Any]]:
-    """Per simulation point, its quantized value in torch against onnxruntime's (the DequantizeLinear
-    output of the same tensor in the QDQ model, run without graph fusion so the tensor exists).
-
-    In units of the runtime's quantization step, two ways:
-    - accumulated: the torch simulation run on its own, so differences upstream carry into it;
-    - local: each point computed in torch from onnxruntime's own values at the points before it, so
-      only the segment since those points differs. A faithful simulation is within one step here
-      (float rounding at grid boundaries); the accumulated error grows with depth as one-step
-      differences are amplified by the layers after them.
-    `sim` must be attached.
+    """Per point of the attached `sim`, its quantized value in torch against onnxruntime's (the
+    DequantizeLinear output of the same tensor, run without graph fusion so the tensor exists), in
+    quantization steps: accumulated (the simulation run on its own, so differences upstream carry into
+    it) and local (each point computed from onnxruntime's own values at the points before it). A faithful
+    simulation is within one step locally (float rounding at grid boundaries); the accumulated error
+    grows with depth as one-step differences are amplified by the layers after them.
     """
     import numpy as np
     import onnx
@@ -127,15 +120,11 @@ def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[
 
 
 def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
-    """How many int8 weight codes of the runtime model differ from the simulation's.
-
-    onnxruntime folds batch norm into the convolution before quantizing it; the simulation
-    quantizes the unfolded weight. Symmetric per-channel quantization makes the two the same codes
-    (negated in a channel whose batch-norm factor is negative); this counts where they are not
-    (float rounding at a tie). A layer's weight is found by name (`<layer>.weight_quantized`), or,
-    where the exporter renamed it (a Linear's transposed weight before a MatMul), as the int8
-    weight of the same shape whose codes agree best.
-    """
+    """How many int8 weight codes of the runtime model differ from the simulation's. onnxruntime quantizes
+    the weight with batch norm folded in, the simulation the unfolded one: symmetric per-channel, the same
+    codes (negated where the batch-norm factor is negative) but for float rounding at a tie. A layer's
+    weight is found by name (`<layer>.weight_quantized`), or, where the exporter renamed it (a Linear's
+    transposed weight before a MatMul), as the int8 weight of the same shape whose codes agree best."""
     import numpy as np
     import onnx
     from onnx import numpy_helper

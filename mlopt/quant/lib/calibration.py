@@ -19,10 +19,8 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)
     if len(expected) != len(sample) or any(e is not None and e != s for e, s in zip(expected, sample)):
-        raise InputError(
-            f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but the model "
-            f"expects {'x'.join('?' if e is None else str(e) for e in expected)}"
-        )
+        raise InputError(f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but "
+                         f"the model expects {'x'.join('?' if e is None else str(e) for e in expected)}")
     feeds, seen = [], 0
     for items in loader(data.train, batch):
         x = to_numpy(inputs_of(items))
