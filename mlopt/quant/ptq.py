@@ -25,12 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Bars, Table
-from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latencies, latency_entries,
-                                      not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
+from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
+from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
+                                      not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 from mlopt.quant.lib.sensitivity import node_sqnr
 from mlopt.runtime import hf
 from mlopt.runtime.session import input_spec, make_session
@@ -118,14 +119,10 @@ class PTQPass(Pass):
     cli_help = "Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
-        work = Path(tempfile.mkdtemp(prefix="mlopt-ptq-"))
-        try:
-            plan = _plan(artifact, config, ctx.data, work)
+        with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
+            plan = _plan(artifact, config, ctx.data, Path(work))
             _measure(plan, config, ctx.data)
-            chosen = _choose_model(plan, config)
-            return _finish(plan, chosen, config, Path(ctx.out_dir) / "model.onnx")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return _finish(plan, _choose_model(plan, config), config, Path(ctx.out_dir) / "model.onnx")
 
 
 def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
@@ -169,32 +166,34 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
         console.info(f"quantizing: {scheme.name}")
         quantize(plan.pre, path, scheme, plan.feeds, plan.reduce_range)
     console.info(f"timing FP32 and {len(plan.schemes)} candidate(s) on onnxruntime ({config.provider})")
-    fp32_latency, *timed = latencies([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
-                                     config.batch_sizes, config.iterations)
+    fp32_latency, *timed = interleaved_latency([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
+                                               config.batch_sizes, config.iterations)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32))
-    console.info(f"FP32: {_describe(plan.fp32_row)}")
+    _log(plan.fp32_row)
     for scheme, path, latency in zip(plan.schemes, paths, timed):
-        row = _score(plan, scheme, path, latency, fp32_latency)
-        plan.candidates.append(row)
-        console.info(f"{scheme.name}: {_describe(row)}")
+        _score(plan, scheme, path, latency, fp32_latency)
 
 
 def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
            sensitivity: list[dict[str, Any]] | None = None) -> Candidate:
+    """A quantized model scored and added to the candidates."""
     q = plan.quality.score(path)
     name = scheme.name + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
-    return Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
-                     faster_than_fp32=not not_faster_at(latency, fp32_latency),
-                     within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+    row = Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
+                    faster_than_fp32=not not_faster_at(latency, fp32_latency),
+                    within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+    plan.candidates.append(row)
+    _log(row)
+    return row
 
 
-def _describe(row: Candidate) -> str:
+def _log(row: Candidate) -> None:
     q = row.quality
     quality = f"top-1 {q['accuracy']:.4f}" if "accuracy" in q else f"cosine {q.get('cosine_mean', 1):.4f}"
-    return (f"{describe_latency(row.latency)}; {quality}; {row.kernels['integer']} integer / "
-            f"{row.kernels['float']} float kernels")
+    console.info(f"{row.name}: {describe_latency(row.latency)}; {quality}; {row.kernels['integer']} integer / "
+                 f"{row.kernels['float']} float kernels")
 
 
 def _fastest(rows: list[Candidate]) -> Candidate:
@@ -211,11 +210,13 @@ def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
         chosen = _fallback(plan, config)
     if chosen is None and config.mode != "auto":
         # The user asked for this exact scheme: hand it back, and say plainly what it costs.
-        rows = plan.candidates
-        chosen = rows[-1] if rows[-1].within_budget else rows[0]
-        for problem in _problems(chosen, plan.quality):
-            console.warn(problem)
-            plan.notes.append(problem)
+        chosen = plan.candidates[-1] if plan.candidates[-1].within_budget else plan.candidates[0]
+        if not chosen.faster_than_fp32:
+            plan.notes.append(f"{chosen.name} is SLOWER than FP32 on this machine: {describe_latency(chosen.latency)}")
+            console.warn(plan.notes[-1])
+        if not chosen.within_budget:
+            plan.notes.append(f"{chosen.name} misses the quality budget ({plan.quality.budget_text()})")
+            console.warn(plan.notes[-1])
     return chosen
 
 
@@ -229,20 +230,18 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     if not ranking:
         return None
     group = max(1, math.ceil(len(ranking) / 10))
-    quality = plan.quality
-    console.info(f"{base.scheme.name} misses the budget ({quality.budget_text()}); keeping sensitive nodes in float")
+    console.info(f"{base.scheme.name} misses the budget ({plan.quality.budget_text()}); "
+                 "keeping sensitive nodes in float")
     fp32_latency = plan.fp32_row.latency
     for g in range(1, min(cfg.fallback_groups, math.ceil(len(ranking) / group)) + 1):
         kept = ranking[: g * group]
         path = plan.work / f"fallback{g}.onnx"
         quantize(plan.pre, path, base.scheme, plan.feeds, plan.reduce_range, [r["node"] for r in kept])
         # Timed beside the FP32 model again, in the same interleaved rounds.
-        fp32_now, latency = latencies([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape, cfg.provider,
-                                      cfg.batch_sizes, cfg.iterations)
+        fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape,
+                                                cfg.provider, cfg.batch_sizes, cfg.iterations)
         fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
         row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
-        plan.candidates.append(row)
-        console.info(f"{row.name}: {_describe(row)}")
         if not row.faster_than_fp32:
             break
         if row.within_budget:
@@ -252,31 +251,13 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     return None
 
 
-def _problems(row: Candidate, quality: Quality) -> list[str]:
-    problems = []
-    if not row.faster_than_fp32:
-        problems.append(f"{row.name} is SLOWER than FP32 on this machine: {describe_latency(row.latency)}")
-    if not row.within_budget:
-        problems.append(f"{row.name} misses the quality budget ({quality.budget_text()})")
-    return problems
-
-
-def _no_winner_reason(rows: list[Candidate], quality: Quality) -> str:
-    if not any(r.faster_than_fp32 for r in rows):
-        return "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
-    return f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
-
-
 def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) -> StepResult:
     """Hand back the chosen model (or FP32), with its metrics, notes, latencies and the candidates table."""
     quality, fp32 = plan.quality, plan.fp32_row
     shutil.copyfile(chosen.path if chosen else plan.fp32, out)
-    metrics: dict[str, Any] = {
-        "fp32_size_mb": fp32.size_mb,
-        "reduce_range": plan.reduce_range,
-        "calibration_samples": sum(len(next(iter(f.values()))) for f in plan.feeds),
-        "budget": quality.budget_text(),
-    }
+    metrics: dict[str, Any] = {"fp32_size_mb": fp32.size_mb, "reduce_range": plan.reduce_range,
+                               "calibration_samples": sum(len(next(iter(f.values()))) for f in plan.feeds),
+                               "budget": quality.budget_text()}
     if plan.text:
         metrics["sequence_length"] = plan.artifact.sample_shape[0]
     if quality.labeled:
@@ -285,9 +266,12 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
     result = StepResult(artifact=plan.artifact.derive("ptq", onnx_path=out), metrics=metrics, notes=plan.notes,
                         latency=latency, sections=_sections(plan))
     if chosen is None:
-        reason = _no_winner_reason(plan.candidates, quality)
-        console.warn(f"kept the FP32 model: {reason}")
+        if not any(r.faster_than_fp32 for r in plan.candidates):
+            reason = "no INT8 candidate ran faster than FP32 on this machine and provider (see the candidates table)"
+        else:
+            reason = f"every INT8 candidate that ran faster than FP32 missed the budget ({quality.budget_text()})"
         plan.notes.append(f"kept the FP32 model: {reason}")
+        console.warn(plan.notes[-1])
         metrics.update(quantized=False, chosen="FP32", size_mb=fp32.size_mb, **quality.baseline)
         return result
     speedup = speedups(fp32.latency, chosen.latency)

@@ -1,30 +1,21 @@
 """The `qat` step: quantization-aware training whose INT8 ONNX onnxruntime fully fuses.
 
 The simulation (`mlopt.quant.lib.simulation`) follows onnxruntime's fastest CPU scheme (QDQ, U8S8,
-per-channel) at exactly the tensors onnxruntime's quantizer picks for this model: before training
-the FP32 export is quantized once, and each quantized tensor is located in the module's torch.fx
-graph by value (`mlopt.quant.lib.points`). A model torch.fx cannot trace is simulated at its layer
-inputs only. Observers freeze after `freeze_observers_after` epochs and batch-norm statistics after
-`freeze_bn_after` (default 0: frozen from the start). Layers with weights other than Conv, Linear
-and normalization keep float weights; the report lists them.
+per-channel) at exactly the tensors onnxruntime's quantizer picks for this model, located in the
+module's torch.fx graph by value (`mlopt.quant.lib.points`); a model torch.fx cannot trace is
+simulated at its layer inputs only. Layers with weights other than Conv, Linear and normalization
+keep float weights; the report lists them.
 
-The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ
-U8S8 per-channel): the graph onnxruntime turns into QLinearConv/QGemm kernels, so the QAT model
-runs exactly as fast as the PTQ one. Every learned range is handed to the quantizer as a
-TensorQuantOverride, so the runtime uses the scales the model trained with; a tensor without one is
-calibrated by onnxruntime (min/max) and listed. The report checks it: integer and float kernel
-counts after onnxruntime's optimisation, per tensor the torch simulation against onnxruntime
-(local and end-to-end error, in quantization steps), the int8 weight codes that differ, and the
-top-1 agreement between the two on the validation split.
+The export is the trained model in FP32, quantized by onnxruntime's own quantizer (static QDQ U8S8
+per-channel) with every learned range handed over as a TensorQuantOverride: onnxruntime turns that
+graph into QLinearConv/QGemm kernels, so QAT runs exactly as fast as PTQ, on the scales the model
+trained with; a tensor without a range is calibrated by onnxruntime and listed. The report checks
+it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
+onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
 
-Never worse without saying so. QAT starts from PTQ's static min/max model: onnxruntime calibrates
-the FP32 model on the calibration batches, and the observers start from its ranges. That starting
-point and the trained model are both scored on the validation split on onnxruntime. The trained one is
-handed back unless the starting point scores strictly higher (a tie keeps the trained model), so
-QAT is never below its own start. Then, as PTQ's auto mode does (`mlopt.quant.ptq.not_faster_at`,
-the one rule both use), the INT8 model is timed against the FP32 model QAT started from, in
-interleaved rounds at `batch_sizes`; unless it is faster at every one of them, the FP32 model is
-handed back (`keep_int8` forces INT8). The metrics and notes say which model came back and why.
+Never worse without saying so: QAT starts from PTQ's static min/max model, whose ranges the observers
+take; the trained model comes back unless that start scores strictly higher on onnxruntime, and FP32
+comes back unless INT8 is faster at every batch size (`not_faster_at`, PTQ's rule too).
 """
 
 from __future__ import annotations
@@ -39,18 +30,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mlopt.compress.lib.distillation import distillation_objective
 from mlopt.compress.lib.engine import Objective, TrainingConfig, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Table
-from mlopt.quant.lib.alignment import (RuntimePoints, export_fp32, point_tensors, quantize_with_ranges, runtime_points,
-                                       runtime_ranges, runtime_scheme, simulation_error_sections, simulation_errors,
-                                       weight_grid)
-from mlopt.quant.lib.quantize import (INT8_RULE, Quality, latencies, latency_entries, not_faster_at, quantize,
-                                      speedups)
-from mlopt.compress.lib.distillation import distillation_objective
+from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph, points
+from mlopt.quant.lib.alignment import (RUNTIME_SCHEME, RuntimePoints, export_fp32, point_tensors, range_overrides,
+                                       runtime_points, runtime_ranges, simulation_error_sections, simulation_errors,
+                                       weight_grid)
+from mlopt.quant.lib.quantize import INT8_RULE, Quality, latency_entries, not_faster_at, quantize, speedups
 from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated
 from mlopt.runtime import distributed
 from mlopt.runtime.data import first_inputs, require_labels
@@ -84,18 +75,6 @@ class QATConfig(TrainingConfig):
                             "at a time, each model keeping its best round; a tie counts as not faster)")
 
 
-def step_clock() -> Any:
-    """A module holding the count of training steps taken (a buffer, so checkpoints keep it)."""
-    import torch
-
-    class StepClock(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
-
-    return StepClock()
-
-
 class QATPass(Pass):
     name = "qat"
     config_class = QATConfig
@@ -117,29 +96,24 @@ class QATPass(Pass):
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
 
         require_labels(ctx.data, "QAT")
-        work = Path(tempfile.mkdtemp(prefix="mlopt-qat-"))
-        try:
-            state = _prepare(artifact, config, ctx, work)
+        with tempfile.TemporaryDirectory(prefix="mlopt-qat-", ignore_cleanup_errors=True) as work:
+            state = _prepare(artifact, config, ctx, Path(work))
             fitted = _train(state, config, ctx)
             _export_trained(state, config)
-            _decide(state, config)
             return _finish(state, config, fitted, Path(ctx.out_dir) / "model.onnx")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass
 class QATState:
     """What the phases of a QAT run share. `_prepare` fills the first block, `_train` the simulated
-    accuracy, `_export_trained` the trained INT8 model and its checks, `_decide` the model handed back."""
+    accuracy, `_export_trained` the trained INT8 model and its checks, `_finish` the rest."""
 
     artifact: Any
     data: Any
     batch: int
     work: Path
     fp32_module: Any  # the FP32 module QAT starts from (teacher, reference)
-    module: Any  # the copy that trains, with the simulation in it
-    sim: Simulation
+    sim: Simulation  # sim.module: the copy that trains
     found: RuntimePoints
     feeds: list[dict[str, Any]]  # calibration batches (torch ranges and onnxruntime's)
     probe: Any  # a few validation inputs for locating and comparing tensors
@@ -158,7 +132,6 @@ class QATState:
     kernels: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, int] = field(default_factory=dict)
-    # set by _decide
     quality: Quality | None = None
     chosen: str = "trained"
     trained_acc: float = 0.0
@@ -167,10 +140,7 @@ class QATState:
     fp32_latency: dict[int, float] = field(default_factory=dict)
     int8_latency: dict[int, float] = field(default_factory=dict)
     slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
-    quantized: bool = True  # INT8 handed back (else the FP32 model QAT started from)
-    int8: Path | None = None  # the INT8 model chosen: the trained one or the calibrated starting point
-    int8_acc: float = 0.0  # its top-1
-    accuracy: float = 0.0  # of the model handed back
+    int8_acc: float = 0.0  # top-1 of the INT8 model chosen: the trained one or the calibrated starting point
 
 
 def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState:
@@ -189,8 +159,7 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
     # The same calibration batches start the torch ranges and onnxruntime's (for tensors not handed over).
     feeds = calibration_batches(data, "input", ["batch", *artifact.sample_shape], config.calibration_samples)
     probe = first_inputs(data, 64)
-    # The FP32 model QAT starts from, as onnxruntime runs it: where it quantizes, the starting
-    # point's INT8 model, and the FP32 model handed back when INT8 is not faster.
+    # The FP32 model as onnxruntime runs it: where it quantizes, the starting point, the FP32 fallback.
     start_fp32, start_pre = export_fp32(artifact, fp32_module, data, work, "start")
     found = runtime_points(module, config.runtime_points, start_pre, feeds, probe[:4], work)
     sim = Simulation(module, config.ema, learned=config.observer == "lsq")
@@ -200,23 +169,21 @@ def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState
         sim.hook_layer_inputs()
     if found.why:
         console.warn(f"QAT simulates the inputs of Conv and Linear layers only: {found.why}")
-    unplaced = found.unplaced
+    unplaced = [t for t in found.tensors if t not in found.nodes]
     if unplaced:
         console.warn(f"{len(unplaced)} tensor(s) onnxruntime quantizes have no counterpart in the torch graph and "
                      f"are calibrated by onnxruntime: {', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}")
     sim.calibrate([torch.as_tensor(f["input"]) for f in feeds])
-    # The starting point is PTQ's static min/max model: onnxruntime calibrates the FP32 model on the
-    # same batches, and the observers start from its ranges where it quantizes the same tensors
-    # (the torch calibration above sees int8 weights and differs slightly; it remains for the rest).
+    # The observers start from PTQ's static min/max ranges where onnxruntime quantizes the same tensors (the
+    # torch calibration above sees int8 weights and differs slightly; it remains for the rest).
     start_int8 = work / "start-int8.onnx"
-    quantize(start_pre, start_int8, runtime_scheme(), feeds, False)
+    quantize(start_pre, start_int8, RUNTIME_SCHEME, feeds, False)
     sim.set_ranges(runtime_ranges(start_int8, point_tensors(sim, start_pre, found, probe)))
     fp32_acc = evaluate_torch(fp32_module, data, batch)["accuracy"]
-    # sim.model runs the simulation (the traced graph with its quantization points, or the hooked module)
     sim_before = evaluate_torch(sim.model, data, batch)["accuracy"]
     console.info(f"FP32 top-1 {fp32_acc:.4f}; simulated INT8 before QAT {sim_before:.4f}")
-    return QATState(artifact, data, batch, work, fp32_module, module, sim, found, feeds, probe, start_fp32, start_int8,
-                    floating, fp32_acc, sim_before)
+    return QATState(artifact, data, batch, work, fp32_module, sim, found, feeds, probe, start_fp32, start_int8, floating,
+                    fp32_acc, sim_before)
 
 
 def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
@@ -224,12 +191,12 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     import torch
 
     model, data, batch, sim = st.sim.model, st.data, st.batch, st.sim
-    objective = None
-    if config.teacher:
-        objective = distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
+    objective = (distillation_objective(copy.deepcopy(st.fp32_module), model, data, batch, temperature=2.0, alpha=0.5)
+                 if config.teacher else None)
     steps_per_epoch = math.ceil(len(data.train) / (batch * distributed.current().world_size))
-    clock = step_clock()
-    bn_layers = batchnorm_layers(st.module)
+    clock = torch.nn.Module()  # the count of training steps taken, in a buffer so checkpoints keep it
+    clock.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+    bn_layers = batchnorm_layers(sim.module)
     base_loss = objective.loss if objective else None
 
     def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
@@ -256,23 +223,22 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     st.sim_acc = evaluate_torch(model, data, batch)["accuracy"]
     st.sim_logits = predict_logits(model, data.val, 64).numpy()
     sim.remove()
-    st.module.eval()
+    sim.module.eval()
     return result
 
 
 def _export_trained(st: QATState, config: QATConfig) -> None:
     """The trained model exported and quantized by onnxruntime with the learned ranges, and checked against the simulation."""
-    _, pre = export_fp32(st.artifact, st.module, st.data, st.work, "trained")
+    _, pre = export_fp32(st.artifact, st.sim.module, st.data, st.work, "trained")
     st.trained_int8 = st.work / "trained-int8.onnx"
-    # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its
-    # own node with quantized scale and bias, which the simulation, holding batch norm in
-    # float, does not model.
+    # A batch norm that follows no convolution cannot be folded: onnxruntime runs it as its own node with
+    # quantized scale and bias, which the simulation, holding batch norm in float, does not model.
     st.unfolded = [n.name or n.output[0] for n in graph.load(pre).graph.node if n.op_type == "BatchNormalization"]
-    tensors, st.handed = quantize_with_ranges(st.sim, pre, st.found, st.probe, st.feeds, config.export_ranges,
-                                              st.trained_int8)
+    tensors = point_tensors(st.sim, pre, st.found, st.probe)
+    st.handed = range_overrides(st.sim, tensors) if config.export_ranges else {}
+    quantize(pre, st.trained_int8, RUNTIME_SCHEME, st.feeds, False, overrides=st.handed)
     final = set(points.quantized_tensors(st.trained_int8))
-    st.quantized_tensors = len(final)
-    st.calibrated = sorted(final - set(st.handed))
+    st.quantized_tensors, st.calibrated = len(final), sorted(final - set(st.handed))
     st.kernels = graph.kernel_counts(st.trained_int8)
     st.sim.attach()
     st.errors = simulation_errors(st.sim, st.trained_int8, tensors, st.probe)
@@ -280,8 +246,9 @@ def _export_trained(st: QATState, config: QATConfig) -> None:
     st.grid = weight_grid(st.sim, st.trained_int8)
 
 
-def _decide(st: QATState, config: QATConfig) -> None:
-    """Trained or starting point (the better INT8 top-1 on onnxruntime), then INT8 or FP32 (faster at every batch size)."""
+def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
+    """Trained or starting point (the better INT8 top-1 on onnxruntime), then INT8 or FP32 (faster at every batch
+    size), handed back with scalar metrics, notes, both models' latencies and the report sections."""
     import numpy as np
 
     st.quality = Quality(st.start_fp32, st.data)  # onnxruntime, batches of 64, as sim_logits
@@ -291,23 +258,20 @@ def _decide(st: QATState, config: QATConfig) -> None:
     st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
-    st.int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
-    st.fp32_latency, st.int8_latency = latencies([st.start_fp32, st.int8], st.artifact.sample_shape, "cpu",
-                                                 config.batch_sizes, config.iterations)
+    int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
+    st.fp32_latency, st.int8_latency = interleaved_latency([st.start_fp32, int8], st.artifact.sample_shape, "cpu",
+                                                           config.batch_sizes, config.iterations)
     st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
-    st.quantized = config.keep_int8 or not st.slower
-    st.accuracy = st.int8_acc if st.quantized else st.quality.baseline["accuracy"]
-
-def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) -> StepResult:
-    """Hand back INT8 or FP32, with scalar metrics, notes, both models' latencies and the report sections."""
-    shutil.copyfile(st.int8 if st.quantized else st.start_fp32, out)
+    quantized = config.keep_int8 or not st.slower
+    accuracy = st.int8_acc if quantized else st.quality.baseline["accuracy"]
+    shutil.copyfile(int8 if quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {
-        "quantized": st.quantized, "chosen": st.chosen,
+        "quantized": quantized, "chosen": st.chosen,
         "start_accuracy": st.start_acc, "trained_accuracy": st.trained_acc,
         "fp32_accuracy": st.fp32_acc, "fp32_onnx_accuracy": st.quality.baseline["accuracy"],
         "simulated_accuracy_before": st.sim_before, "simulated_accuracy": st.sim_acc,
-        "accuracy": st.accuracy, "accuracy_drop": st.fp32_acc - st.accuracy,
+        "accuracy": accuracy, "accuracy_drop": st.fp32_acc - accuracy,
         "simulation_top1_agreement": st.agreement,
         "integer_kernels": st.kernels["integer"], "float_kernels": st.kernels["float"],
         "not_simulated": len(st.floating), "unfolded_batchnorms": len(st.unfolded),
@@ -322,7 +286,7 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
     latency = latency_entries(st.fp32_latency, "FP32", "cpu") + latency_entries(st.int8_latency, "INT8", "cpu")
     sections = [*simulation_error_sections(st.errors), *_left_out_table(st), history_table(fitted["history"])]
     notes = _notes(st, config)
-    console.info(f"QAT: handed back {'INT8' if st.quantized else 'FP32'}, top-1 {st.accuracy:.4f} (FP32 "
+    console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 "
                  f"{st.fp32_acc:.4f}); {notes[2]}; {notes[3]}")
     return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 

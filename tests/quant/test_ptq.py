@@ -177,7 +177,7 @@ def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, ex
     from mlopt.quant import ptq as ptq_step
 
     # INT8 timed twice as fast as FP32, so the quantized model is the one handed back
-    monkeypatch.setattr(ptq_step, "latencies", lambda paths, shape, provider, batch_sizes, iterations: [
+    monkeypatch.setattr(ptq_step, "interleaved_latency", lambda paths, shape, provider, batch_sizes, iterations: [
         {b: 2.0 if i == 0 else 1.0 for b in batch_sizes} for i in range(len(paths))])
     out = tmp_path / "q"
     result = ptq("--model", exported_dir, "--data", "digits", "--out", out, "--mode", "static", "--format", fmt,

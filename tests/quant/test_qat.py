@@ -190,7 +190,7 @@ def timed_as(monkeypatch, int8_ms):
         calls.append([p.name for p in paths])
         return [{b: 1.0 for b in batch_sizes}, {b: int8_ms for b in batch_sizes}]
 
-    monkeypatch.setattr(qat, "latencies", fake)
+    monkeypatch.setattr(qat, "interleaved_latency", fake)
     return calls
 
 

@@ -1,9 +1,5 @@
-"""Aligning QAT's torch simulation with the INT8 graph onnxruntime runs.
-
-Where onnxruntime's quantizer puts its quantization points in this model's export, where those
-tensors are in the module's torch.fx graph, the ranges handed back to the quantizer as overrides,
-and the per-tensor comparison of the simulation with onnxruntime that the `qat` report shows.
-"""
+"""Aligning QAT's torch simulation with the INT8 graph onnxruntime runs: where onnxruntime quantizes and
+where that is in the fx graph, the ranges handed back to it, and the per-tensor comparison in the report."""
 
 from __future__ import annotations
 
@@ -20,12 +16,9 @@ from mlopt.quant.lib.simulation import Simulation, trace, uint8_qparams
 
 
 def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[str, str], list[str]]:
-    """Which ONNX tensor feeds each weighted layer: {layer name: tensor name}, and the unmatched layers.
-
-    No library maps torch modules to ONNX tensors, so this does it by hand: the exporter emits
-    nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph is the k-th layer
-    call, which is checked by weight shape. `model` is the exported FP32 ONNX model.
-    """
+    """Which tensor of the FP32 ONNX `model` feeds each weighted layer ({layer: tensor}), and the unmatched
+    layers. The exporter emits nodes in execution order, so the k-th weighted Conv/Gemm/MatMul of the graph
+    is the k-th layer call (checked by weight shape); no library maps torch modules to ONNX tensors."""
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
              and n.input[1] in weights]
@@ -43,12 +36,9 @@ def match_layers(model: Any, order: list[str], sim: Simulation) -> tuple[dict[st
 
 
 def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any) -> dict[str, list[str]]:
-    """The ONNX tensors (of the pre-processed FP32 model at `pre_path`) each simulation point stands for.
-
-    Traced simulations: the tensors found before training (export and pre-processing of the trained
-    model name them the same way), where the trained graph has them. Layer-input hooks: matched by
-    execution order and weight shape.
-    """
+    """The ONNX tensors (of the pre-processed FP32 model at `pre_path`) each simulation point stands for:
+    traced, those found before training (the trained model's export names them the same way) where the
+    trained graph has them; hooked, by execution order and weight shape (`match_layers`)."""
     model = graph.load(pre_path)
     if not sim.traced:
         layer_tensors, _ = match_layers(model, sim.execution_order(x[:1]), sim)
@@ -62,39 +52,30 @@ def point_tensors(sim: Simulation, pre_path: Path, points: RuntimePoints, x: Any
 
 
 def range_overrides(sim: Simulation, tensors: dict[str, list[str]]) -> dict[str, Any]:
-    """The learned ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point).
-
-    A tensor several points stand for gets the union of their ranges.
-    """
+    """The learned ranges as onnxruntime TensorQuantOverrides (uint8 scale and zero point); a tensor
+    several points stand for gets the union of their ranges."""
     import numpy as np
 
-    ranges: dict[str, tuple[float, float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
     for name, names in tensors.items():
         obs = sim.points[name].observer
-        if np.isnan(float(obs.lo)):
-            continue
-        lo, hi = obs.range()
-        for tensor in names:
-            old = ranges.get(tensor)
-            ranges[tensor] = (min(lo, old[0]), max(hi, old[1])) if old else (lo, hi)
+        if not np.isnan(float(obs.lo)):
+            for tensor in names:
+                spans.setdefault(tensor, []).append(obs.range())
     overrides = {}
-    for tensor, (lo, hi) in ranges.items():
-        scale, zero = uint8_qparams(lo, hi)
+    for tensor, ranges in spans.items():
+        scale, zero = uint8_qparams(min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
         overrides[tensor] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=np.uint8)}]
     return overrides
 
 
 def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[str]], x: Any) -> list[dict[str, Any]]:
-    """Per simulation point, its quantized value in torch against onnxruntime's (the DequantizeLinear
-    output of the same tensor in the QDQ model, run without graph fusion so the tensor exists).
-
-    In units of the runtime's quantization step, two ways:
-    - accumulated: the torch simulation run on its own, so differences upstream carry into it;
-    - local: each point computed in torch from onnxruntime's own values at the points before it, so
-      only the segment since those points differs. A faithful simulation is within one step here
-      (float rounding at grid boundaries); the accumulated error grows with depth as one-step
-      differences are amplified by the layers after them.
-    `sim` must be attached.
+    """Per point of the attached `sim`, its quantized value in torch against onnxruntime's (the
+    DequantizeLinear output of the same tensor, run without graph fusion so the tensor exists), in
+    quantization steps: accumulated (the simulation run on its own, so differences upstream carry into
+    it) and local (each point computed from onnxruntime's own values at the points before it). A faithful
+    simulation is within one step locally (float rounding at grid boundaries); the accumulated error
+    grows with depth as one-step differences are amplified by the layers after them.
     """
     import numpy as np
     import onnx
@@ -139,15 +120,11 @@ def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[
 
 
 def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
-    """How many int8 weight codes of the runtime model differ from the simulation's.
-
-    onnxruntime folds batch norm into the convolution before quantizing it; the simulation
-    quantizes the unfolded weight. Symmetric per-channel quantization makes the two the same codes
-    (negated in a channel whose batch-norm factor is negative); this counts where they are not
-    (float rounding at a tie). A layer's weight is found by name (`<layer>.weight_quantized`), or,
-    where the exporter renamed it (a Linear's transposed weight before a MatMul), as the int8
-    weight of the same shape whose codes agree best.
-    """
+    """How many int8 weight codes of the runtime model differ from the simulation's. onnxruntime quantizes
+    the weight with batch norm folded in, the simulation the unfolded one: symmetric per-channel, the same
+    codes (negated where the batch-norm factor is negative) but for float rounding at a tie. A layer's
+    weight is found by name (`<layer>.weight_quantized`), or, where the exporter renamed it (a Linear's
+    transposed weight before a MatMul), as the int8 weight of the same shape whose codes agree best."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -172,8 +149,7 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
         if named in pool and pool[named].shape == w.shape:
             best, count = named, off(pool[named])
         else:
-            shaped = {k: v.T for k, v in pool.items() if w.ndim == 2 and v.shape == w.shape[::-1]}
-            scored = sorted((off(v), k) for k, v in shaped.items())
+            scored = sorted((off(v.T), k) for k, v in pool.items() if w.ndim == 2 and v.shape == w.shape[::-1])
             if not scored or scored[0][0] > 0.01 * ours.size:
                 continue
             count, best = scored[0]
@@ -184,9 +160,8 @@ def weight_grid(sim: Simulation, int8_path: Path) -> dict[str, int]:
     return {"layers": layers, "codes": codes, "differing": differing}
 
 
-def runtime_scheme() -> Any:
-    """onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max."""
-    return Scheme("static", "qdq", "uint8", "int8", True, "minmax")
+# onnxruntime's fastest CPU scheme, the one the simulation follows: static QDQ, U8S8, per-channel, min/max.
+RUNTIME_SCHEME = Scheme("static", "qdq", "uint8", "int8", True, "minmax")
 
 
 @dataclass
@@ -199,11 +174,6 @@ class RuntimePoints:
     gm: Any = None  # the fx graph module the nodes belong to
     why: str | None = None  # why the simulation falls back to layer inputs
 
-    @property
-    def unplaced(self) -> list[str]:
-        """Quantized tensors no fx node computes (onnxruntime calibrates them)."""
-        return [t for t in self.tensors if t not in self.nodes]
-
 
 def runtime_points(module: Any, at_runtime_points: bool, pre: Path, feeds: list[Any], x: Any, work: Path) -> RuntimePoints:
     """The tensors onnxruntime's quantizer picks for this model (found by quantizing its pre-processed
@@ -214,7 +184,7 @@ def runtime_points(module: Any, at_runtime_points: bool, pre: Path, feeds: list[
     gm, why = trace(module)
     if gm is None:
         return RuntimePoints(why=why)
-    quantize(pre, work / "qdq.onnx", runtime_scheme(), feeds[:1], False)
+    quantize(pre, work / "qdq.onnx", RUNTIME_SCHEME, feeds[:1], False)
     scales = quantized_tensors(work / "qdq.onnx")
     found = match_by_value(gm, x, onnx_values(pre, list(scales), {"input": x.numpy()}))
     if not found:
@@ -258,31 +228,19 @@ def runtime_ranges(int8_path: Path, tensors: dict[str, list[str]]) -> dict[str, 
     return ranges
 
 
-def quantize_with_ranges(sim: Simulation, pre: Path, found: RuntimePoints, probe: Any, feeds: list[Any],
-                         export_ranges: bool, dst: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """The pre-processed FP32 model quantized by onnxruntime (static QDQ U8S8 per-channel) with the
-    simulation's current ranges handed over: (tensors each point stands for, the ranges handed over)."""
-    tensors = point_tensors(sim, pre, found, probe)
-    handed = range_overrides(sim, tensors) if export_ranges else {}
-    quantize(pre, dst, runtime_scheme(), feeds, False, overrides=handed)
-    return tensors, handed
-
-
-SIMULATION_ERROR_TITLE = "simulation vs onnxruntime, per quantized tensor"
-
-
 def simulation_error_sections(rows: list[dict[str, Any]]) -> list[Table | Bars]:
     """`simulation_errors` as a report table, and its end-to-end maximum per tensor as bars."""
     if not rows:
         return []
+    title = "simulation vs onnxruntime, per quantized tensor"
     table = Table(
-        title=SIMULATION_ERROR_TITLE,
+        title=title,
         columns=["tensor -> read by", "local max steps", "local values off %", "end-to-end max steps",
                  "end-to-end mean steps", "SQNR dB"],
         rows=[[r["point"], r["local_max_error_steps"], 100 * r["local_mismatch"], r["max_error_steps"],
                r["mean_error_steps"], r["sqnr_db"]] for r in rows],
         note="in quantization steps; local: computed from onnxruntime's own inputs; end to end: the simulation run "
              "on its own; SQNR empty: identical")
-    bars = Bars(title=f"{SIMULATION_ERROR_TITLE} (end to end)", labels=[r["point"] for r in rows],
+    bars = Bars(title=f"{title} (end to end)", labels=[r["point"] for r in rows],
                 series={"max error": [r["max_error_steps"] for r in rows]}, unit="quantization steps")
     return [table, bars]

@@ -1,7 +1,5 @@
-"""Calibration data for onnxruntime's static quantization, drawn from the train split.
-
-Imported only by quantization passes at run time (it imports onnxruntime).
-"""
+"""Calibration data for onnxruntime's static quantization, drawn from the train split (imported at run
+time only: it imports onnxruntime)."""
 
 from __future__ import annotations
 
@@ -21,10 +19,8 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)
     if len(expected) != len(sample) or any(e is not None and e != s for e, s in zip(expected, sample)):
-        raise InputError(
-            f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but the model "
-            f"expects {'x'.join('?' if e is None else str(e) for e in expected)}"
-        )
+        raise InputError(f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but "
+                         f"the model expects {'x'.join('?' if e is None else str(e) for e in expected)}")
     feeds, seen = [], 0
     for items in loader(data.train, batch):
         x = to_numpy(inputs_of(items))
@@ -42,17 +38,10 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
 
 
 class FeedReader(CalibrationDataReader):
-    """onnxruntime's CalibrationDataReader protocol over a list of feeds (re-readable via rewind)."""
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds, read once."""
 
     def __init__(self, feeds: list[dict[str, Any]]):
-        self.feeds = feeds
         self._it = iter(feeds)
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter(self.feeds)
-
-    def __len__(self) -> int:
-        return len(self.feeds)

@@ -32,22 +32,15 @@ def has_float_weights(model: Any) -> bool:
     import onnx
 
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    weighted = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type in weighted:
-            for name in node.input[1:2]:
-                if name in inits and inits[name].data_type in floats:
-                    return True
-    return False
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+               and len(n.input) > 1]
+    return any(types.get(name) in floats for name in weights)
 
 
 def kernel_counts(path: Path) -> dict[str, Any]:
-    """Compute kernels after onnxruntime's own graph optimisation (what actually runs on the CPU).
-
-    `integer` counts QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger, QGemm and friends;
-    `float` counts Conv/MatMul/Gemm kernels left in float (an unfused QDQ pair leaves one).
-    """
+    """Integer and float compute kernels after onnxruntime's own graph optimisation (what actually runs on
+    the CPU); an unfused QDQ pair leaves a float one."""
     import onnx
     import onnxruntime as ort
 
@@ -63,5 +56,4 @@ def kernel_counts(path: Path) -> dict[str, Any]:
         "integer": sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
         "float": sum(v for k, v in counts.items() if k in FLOAT_KERNELS),
         "float_ops": sorted(k for k in counts if k in FLOAT_KERNELS),
-        "quantize_nodes": counts.get("QuantizeLinear", 0) + counts.get("DynamicQuantizeLinear", 0),
     }

@@ -1,14 +1,12 @@
 """Where onnxruntime quantizes activations, found in a model's torch.fx graph.
 
-onnxruntime's QDQ quantizer decides which tensors get a QuantizeLinear: the inputs of every Conv
-and Gemm, and also residual-add inputs, pooling inputs, concatenation inputs, resize inputs, the
-output of a ReLU or Clip it folds into the layer before, and more (its operator registry). A QAT
-simulation that agrees with the runtime must fake-quantize exactly those tensors. No library maps
-ONNX tensors back to torch, so this does it by hand, by value: the FP32 ONNX graph and the fx
-graph of the same model run on the same probe batch, and each quantized ONNX tensor is matched to
-the first fx node, in execution order, that computes the same values (same shape, equal within
-float tolerance). The first, because the nodes after it that compute the same values (dropout in
-eval mode, a ReLU after a ReLU6) pass the quantized values through unchanged.
+onnxruntime's QDQ quantizer puts a QuantizeLinear on the inputs of every Conv and Gemm, and also on
+residual-add, pooling, concatenation and resize inputs, the output of a ReLU or Clip it folds into the
+layer before, and more (its operator registry); a simulation that agrees with the runtime must
+fake-quantize exactly those tensors. No library maps ONNX tensors back to torch, so this matches them
+by value: both graphs run on one probe batch, and each quantized ONNX tensor goes to the first fx node,
+in execution order, computing the same values (the nodes after it that do, such as dropout in eval
+mode or a ReLU after a ReLU6, pass the quantized values through unchanged).
 """
 
 from __future__ import annotations
@@ -50,8 +48,7 @@ def onnx_values(path: Path, tensors: list[str], feed: dict[str, Any]) -> dict[st
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, feed)))
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
     return {t: values[t] for t in tensors if t in values}
 
 

@@ -1,9 +1,5 @@
-"""onnxruntime quantization: schemes, the quantizer call, scoring against FP32, and the INT8-or-FP32 rule.
-
-onnxruntime.quantization does the QDQ insertion and calibration; this module names the schemes
-mlopt measures, runs the quantizer quietly, scores a quantized model on the validation split and
-says when INT8 is worth keeping. The `ptq` and `qat` steps both use it.
-"""
+"""onnxruntime quantization for the `ptq` and `qat` steps: the schemes mlopt measures, the quantizer
+run quietly, scoring against FP32 on the validation split, and the INT8-or-FP32 rule."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ from typing import Any, Literal
 from mlopt.core import console
 from mlopt.core.errors import RunError, first_line
 from mlopt.core.sections import Latency
-from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
 from mlopt.runtime.environment import cpu_flags
 from mlopt.runtime.hf import pooled
@@ -51,17 +46,15 @@ def candidate_schemes(cfg: Any, has_conv: bool, text: bool = False) -> list[Sche
         return [Scheme("static", cfg.format, cfg.activation_type, cfg.weight_type, cfg.per_channel, calib)]
     if cfg.mode == "dynamic":
         return [Scheme("dynamic", "qoperator", "uint8", cfg.weight_type, cfg.per_channel, None)]
-    if text:  # transformers on onnxruntime: dynamic quantization of the MatMul weights (static via mode static)
-        return [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
-                Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
+    # MatMul-heavy models (transformers): dynamic quantization of the weights is the usual winner
+    dynamic = [Scheme("dynamic", "qoperator", "uint8", "int8", per_channel, None) for per_channel in (True, False)]
+    if text:  # static for transformers only via mode static
+        return dynamic
     calibs = ["minmax", "percentile"] if cfg.calibration == "auto" else [cfg.calibration]
     schemes = [Scheme("static", "qdq", "uint8", "int8", True, c) for c in calibs]
     schemes += [Scheme("static", "qdq", "uint8", "int8", False, calibs[0]),
                 Scheme("static", "qdq", "int8", "int8", True, calibs[0])]
-    if not has_conv:  # MatMul-heavy models (transformers): dynamic quantization is the usual winner
-        schemes += [Scheme("dynamic", "qoperator", "uint8", "int8", True, None),
-                    Scheme("dynamic", "qoperator", "uint8", "int8", False, None)]
-    return schemes
+    return schemes if has_conv else schemes + dynamic
 
 
 def reduce_range_for(setting: str) -> bool:
@@ -110,8 +103,7 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                                    **({"TensorQuantOverrides": overrides} if overrides else {})},
                 )
     except Exception as exc:
-        first = first_line(exc)
-        raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first}") from exc
+        raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first_line(exc)}") from exc
     finally:
         root.setLevel(level)
         # The calibration session can linger in a reference cycle; its idle intra-op threads spin
@@ -123,8 +115,7 @@ class Quality:
     """Scores a model on the validation split: top-1 when labelled, and fidelity (cosine) to FP32."""
 
     def __init__(self, fp32: Path, data: Any, max_drop: float = 0.01, min_cosine: float = 0.99, batch: int = 64):
-        self.max_drop, self.min_cosine = max_drop, min_cosine
-        self.labeled = data.labeled
+        self.max_drop, self.min_cosine, self.labeled = max_drop, min_cosine, data.labeled
         self.batches = []
         for b in loader(data.val, batch):
             y = labels_of(b)
@@ -172,19 +163,10 @@ class Quality:
         return f"mean cosine to FP32 >= {self.min_cosine}"
 
 
-def latencies(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
-              iterations: int) -> list[dict[int, float]]:
-    """Median latency per batch size of each model, timed in interleaved rounds (the INT8-or-FP32 decision)."""
-    return interleaved_latency(paths, sample_shape, provider, batch_sizes, iterations)
-
-
-TIMING_METHOD = ("interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
-                 "its best round's median")
-
-
 def latency_entries(timed: dict[int, float], model: str, provider: str) -> list[Latency]:
-    """`latencies`' medians of one model as report entries."""
-    method = TIMING_METHOD.format(provider=provider)
+    """One model's medians from `interleaved_latency` as report entries."""
+    method = (f"interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
+              "its best round's median")
     return [Latency(batch_size=b, p50_ms=ms, method=method, model=model) for b, ms in timed.items()]
 
 
@@ -202,13 +184,8 @@ INT8_RULE = ("INT8 is kept only when it is faster than FP32 at every batch size 
 
 
 def not_faster_at(int8_latency: dict[int, float], fp32_latency: dict[int, float]) -> list[int]:
-    """The batch sizes at which a quantized model is not faster than FP32; empty: it is faster at all.
-
-    The one rule by which PTQ's auto mode and QAT decide between INT8 and FP32 (`INT8_RULE`): the
-    INT8 model must be strictly faster at every batch size timed, from latencies measured by
-    `latencies` (interleaved rounds, best round per model, which a noisy shared machine does not
-    tip one way).
-    """
+    """The batch sizes at which a quantized model is not faster than FP32 (`INT8_RULE`, by which both PTQ's
+    auto mode and QAT choose); empty: it is faster at all of them."""
     return [b for b in int8_latency if int8_latency[b] >= fp32_latency[b]]
 
 

@@ -1,9 +1,5 @@
-"""Per-node quantization sensitivity, from onnxruntime's QDQ debugging helpers.
-
-For every activation the QDQ model quantizes, the signal-to-quantization-noise ratio (SQNR, dB)
-between the float tensor and its quantize-dequantize round trip; the lower, the more the node
-suffers. Used to pick the nodes kept in float when an INT8 model misses its accuracy budget.
-"""
+"""Per-node quantization sensitivity from onnxruntime's QDQ debugging helpers: the SQNR (dB) of each
+quantized activation against its float value; PTQ keeps the lowest in float when it misses its budget."""
 
 from __future__ import annotations
 
@@ -38,8 +34,6 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
     rows = []
     for tensor, err in errors.items():
         sqnr = err.get("qdq_err")
-        node = producers.get(tensor)
-        if node and sqnr is not None and not math.isnan(sqnr):
-            rows.append({"node": node, "tensor": tensor, "sqnr_db": float(sqnr)})
-    rows.sort(key=lambda r: r["sqnr_db"])
-    return rows
+        if producers.get(tensor) and sqnr is not None and not math.isnan(sqnr):
+            rows.append({"node": producers[tensor], "tensor": tensor, "sqnr_db": float(sqnr)})
+    return sorted(rows, key=lambda r: r["sqnr_db"])

@@ -1,18 +1,11 @@
-"""The torch side of QAT: fake quantization that follows onnxruntime's QDQ U8S8 per-channel scheme.
+"""The torch side of QAT: fake quantization that follows onnxruntime's QDQ U8S8 per-channel scheme,
+written by hand since no library simulates onnxruntime's placement of quantize/dequantize pairs.
 
-- weights of every Conv1d/2d/3d and Linear layer: per output channel, symmetric int8 (scale =
-  max|w| / 127), as parametrizations (removable, leaving plain FP32 weights). Batch norm stays a
-  separate module: onnxruntime folds it into the convolution, and symmetric per-channel
-  quantization of the folded weight w * g is the same grid as of w for any per-channel factor g;
-- LayerNorm scales: per tensor, symmetric int8, as onnxruntime quantizes them;
-- activations: per tensor, asymmetric uint8, at points: after given nodes of the module's
-  torch.fx graph (the tensors onnxruntime quantizes, found by `mlopt.quant.lib.points`), or at the
-  input of each weighted layer by forward pre-hooks (models torch.fx cannot trace). Ranges come
-  from EMA min/max observers that start from calibration, or are learned (LSQ+);
-- where the exporter writes one module as several operations whose intermediates onnxruntime
-  quantizes, the fx graph is split the same way (a Linear's product and bias; an exact GELU).
-
-Written by hand: no library simulates onnxruntime's placement of quantize/dequantize pairs.
+Weights: symmetric int8 per output channel (Conv, Linear) or per tensor (LayerNorm scales). Batch norm
+stays a separate module: onnxruntime folds it into the convolution, and symmetric per-channel
+quantization of the folded weight w * g is the same grid as of w for any per-channel factor g.
+Activations: asymmetric uint8 per tensor, after the fx nodes computing the tensors onnxruntime
+quantizes (`mlopt.quant.lib.points`), or at each weighted layer's input (models torch.fx cannot trace).
 """
 
 from __future__ import annotations
@@ -24,12 +17,9 @@ from mlopt.quant.lib.points import consumers
 
 
 def weight_fake_quant(per_channel: bool = True) -> Any:
-    """A parametrization module: symmetric int8 fake quantization (straight-through), per output
-    channel (Conv and Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes
-    them; their bias becomes int32 at a far finer step and stays float).
-
-    Defined inside a function so that importing this file (for the recipe schema) imports no torch.
-    """
+    """A parametrization: symmetric int8 fake quantization (straight-through), per output channel (Conv and
+    Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes them; their bias becomes int32 at
+    a far finer step and stays float). Built in a function so that importing this file imports no torch."""
     import torch
 
     class WeightFakeQuant(torch.nn.Module):
@@ -54,12 +44,11 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def activation_observer(ema: float, learned: bool = False) -> Any:
-    """An nn.Module watching one layer's input and fake-quantizing it to uint8 (asymmetric).
+    """An nn.Module whose `quantize` observes one tensor and fake-quantizes it to uint8 (asymmetric).
 
-    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential
-    average while training. Learned mode (LSQ+): the scale and zero point are parameters, started
-    from the calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
-    `quantize` observes and fake-quantizes one tensor.
+    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential average
+    while training. Learned mode (LSQ+): the scale and zero point are parameters, started from the
+    calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
     """
     import math
 
@@ -121,21 +110,18 @@ def activation_observer(ema: float, learned: bool = False) -> Any:
                     self.scale.clamp_(min=1e-8)
                     self.zero_point.clamp_(0, 255)
                 grad_factor = 1.0 / math.sqrt(x[0].numel() * 255)
-                fq = torch._fake_quantize_learnable_per_tensor_affine(
+                return torch._fake_quantize_learnable_per_tensor_affine(
                     x.float(), self.scale, self.zero_point, 0, 255, grad_factor).to(x.dtype)
-            else:
-                scale, zero = self.qparams()
-                fq = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
-            return fq
+            scale, zero = self.qparams()
+            return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
 
     return ActivationObserver()
 
 
 def quant_point(observer: Any) -> Any:
-    """A module that fake-quantizes one tensor with `observer`, which several points may share (as
-    onnxruntime gives a Reshape's output its input's scale). The observer is kept by reference, not
-    as a child, so the traced model's state dict stays the module's own. For the parity check it
-    can record what it produced, or pass another tensor on instead."""
+    """A module that fake-quantizes one tensor with `observer`, which several points may share (as onnxruntime
+    gives a Reshape's output its input's scale), kept by reference so that the traced model's state dict stays
+    the module's own. For the parity check it can record what it produced, or pass another tensor on instead."""
     import torch
 
     class QuantPoint(torch.nn.Module):
@@ -175,17 +161,8 @@ def is_weighted(m: Any) -> bool:
 
 
 class Simulation:
-    """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights).
-
-    Weights of every Conv1d/2d/3d and Linear layer are fake-quantized per output channel, LayerNorm
-    scales per tensor. Activations
-    are fake-quantized at points, one per tensor (several may share one observer):
-    - `place(gm, groups)`: after given nodes of the module's fx graph (the tensors onnxruntime
-      quantizes, found by `mlopt.quant.lib.points`; the nodes of a group share a scale); `self.model`
-      is then that graph module;
-    - `hook_layer_inputs()`: at the input of each weighted layer, by forward pre-hooks (for models
-      torch.fx cannot trace, or when asked for layer inputs only); `self.model` is the module.
-    """
+    """Fake quantization attached to a torch module (and removable, leaving plain FP32 weights), its
+    activation points set by `place` (`self.model` is then the fx graph module) or `hook_layer_inputs`."""
 
     def __init__(self, module: Any, ema: float, learned: bool = False):
         import torch
@@ -233,33 +210,27 @@ class Simulation:
         self.attach()
 
     def place(self, gm: Any, groups: list[list[str]]) -> None:
-        """Put a fake quantization after each node named in `groups` of `gm`, the fx graph of
-        `self.module` (traced before the weights were parametrized, so it shares the layers); the
-        nodes of one group share one observer."""
+        """Put a fake quantization after each node named in `groups` (one observer per group) of `gm`, the fx
+        graph of `self.module` (traced before the weights were parametrized, so it shares the layers)."""
         by_name = {n.name: n for n in gm.graph.nodes}
         for names in groups:
             observer = activation_observer(self.ema, self.learned)
             for name in names:
-                self._place(gm, by_name, name, observer)
+                node, target = by_name[name], f"mlopt_quant{len(self.points)}"
+                self.points[name] = quant_point(observer)
+                gm.add_submodule(target, self.points[name])
+                producer = node.meta.get("label") or (node.target if node.op == "call_module" else name)
+                self.labels[name] = f"{producer} -> {consumers(node)}"
+                if node.meta.get("bias_add"):  # the product is quantized, so the Add quantizes the bias too
+                    add = by_name[node.meta["bias_add"]]
+                    with gm.graph.inserting_before(add):
+                        bias = gm.graph.call_function(bias_fake_quant, (add.args[1],))
+                    add.args = (add.args[0], bias)
+                with gm.graph.inserting_after(node):
+                    quantized = gm.graph.call_module(target, (node,))
+                node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
         gm.recompile()
         self.model, self.traced = gm, True
-
-    def _place(self, gm: Any, by_name: dict[str, Any], name: str, observer: Any) -> None:
-        node = by_name[name]
-        point = quant_point(observer)
-        target = f"mlopt_quant{len(self.points)}"
-        gm.add_submodule(target, point)
-        self.points[name] = point
-        producer = node.meta.get("label") or (node.target if node.op == "call_module" else name)
-        self.labels[name] = f"{producer} -> {consumers(node)}"
-        if node.meta.get("bias_add"):  # the product is quantized, so the Add quantizes the bias too
-            add = by_name[node.meta["bias_add"]]
-            with gm.graph.inserting_before(add):
-                bias = gm.graph.call_function(bias_fake_quant, (add.args[1],))
-            add.args = (add.args[0], bias)
-        with gm.graph.inserting_after(node):
-            quantized = gm.graph.call_module(target, (node,))
-        node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
 
     def all_observers(self) -> list[Any]:
         """Each observer once, in the order of the points."""
@@ -280,13 +251,10 @@ class Simulation:
 
     def set_ranges(self, ranges: dict[str, tuple[float, float]]) -> None:
         """Start the named points' observers from given (lo, hi) ranges instead of their own calibration."""
-        import torch
-
         for name, (lo, hi) in ranges.items():
             obs = self.points[name].observer
-            with torch.no_grad():
-                obs.lo.fill_(lo)
-                obs.hi.fill_(hi)
+            obs.lo.fill_(lo)  # buffers: no gradient to keep out of
+            obs.hi.fill_(hi)
             obs.start_learning()
 
     def freeze(self, frozen: bool = True) -> None:
@@ -294,8 +262,8 @@ class Simulation:
             obs.set_frozen(frozen)
 
     def record(self, x: Any, replacements: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Each point's fake-quantized value for one eval-mode batch, as numpy arrays. With
-        `replacements` ({point: tensor}), those points pass the given tensors on instead of their own."""
+        """Each point's fake-quantized value (numpy) for one eval-mode batch; the points in `replacements`
+        ({point: tensor}) pass the given tensors on instead of their own."""
         import torch
 
         for name, p in self.points.items():
@@ -336,6 +304,7 @@ def trace(module: Any) -> tuple[Any, str | None]:
         return None, f"torch.fx cannot trace the model ({type(exc).__name__}: {first_line(exc)})"
     split_linear_bias(gm)
     split_gelu(gm)
+    gm.recompile()
     return gm, None
 
 
@@ -369,7 +338,6 @@ def split_gelu(gm: Any) -> None:
         out.meta.update(label=label, layer=label)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def split_linear_bias(gm: Any) -> None:
@@ -397,7 +365,6 @@ def split_linear_bias(gm: Any) -> None:
         total.meta.update(label=str(node.target), layer=str(node.target))
         node.replace_all_uses_with(total)
         gm.graph.erase_node(node)
-    gm.recompile()
 
 
 def bias_fake_quant(b: Any) -> Any:
