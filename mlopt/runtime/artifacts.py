@@ -53,14 +53,9 @@ class Artifact:
         return self.onnx_path
 
     def metadata(self) -> dict[str, Any]:
-        meta = {
-            "mlopt_model_version": META_VERSION,
-            "format": self.format,
-            "builder": self.builder,
-            "sample_shape": list(self.sample_shape) if self.sample_shape else None,
-            "num_classes": self.num_classes,
-            "lineage": self.lineage,
-        }
+        meta = {"mlopt_model_version": META_VERSION, "format": self.format, "builder": self.builder,
+                "sample_shape": list(self.sample_shape) if self.sample_shape else None,
+                "num_classes": self.num_classes, "lineage": self.lineage}
         signature = _sign(self.builder)
         if signature is not None:
             meta["builder_signature"] = signature
@@ -118,12 +113,9 @@ def load_artifact(path: str | Path) -> Artifact:
             return _load_torch_dir(path, meta)
         if fmt == "onnx":
             art = load_onnx_file(path / ONNX_FILE)
-            art.lineage = list(meta.get("lineage") or [])
-            art.builder = meta.get("builder")
-            if meta.get("sample_shape"):
-                art.sample_shape = tuple(meta["sample_shape"])
-            if meta.get("num_classes"):
-                art.num_classes = meta["num_classes"]
+            art.lineage, art.builder = list(meta.get("lineage") or []), meta.get("builder")
+            art.sample_shape = tuple(meta["sample_shape"]) if meta.get("sample_shape") else art.sample_shape
+            art.num_classes = meta.get("num_classes") or art.num_classes
             return art
         raise InputError(f"{meta_path}: unknown model format {fmt!r}")
     if path.suffix == ".onnx":
@@ -180,17 +172,10 @@ def _sign(builder: dict[str, Any] | None, create: bool = True) -> str | None:
     import hashlib
     import hmac
 
-    if builder is None:
-        return None
-    key = _key(create)
+    key = _key(create) if builder is not None else None
     if key is None:
         return None
     return hmac.new(key, json.dumps(builder, sort_keys=True).encode(), hashlib.sha256).hexdigest()
-
-
-def runs_code(spec: str) -> bool:
-    """Whether building the model from `spec` imports code (FILE.py:FACTORY, package.module:FACTORY)."""
-    return not (spec.startswith("torchvision:") or spec.startswith("hf:"))
 
 
 def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
@@ -201,7 +186,7 @@ def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
     spec = builder["spec"]
     if not isinstance(spec, str):
         raise InputError(f"{path / META_FILE} is corrupt: the builder spec is not a string")
-    if not runs_code(spec):
+    if spec.startswith(("torchvision:", "hf:")):  # builds without importing code (FILE.py:FACTORY, module:FACTORY)
         return
     expected = _sign(builder, create=False)
     if expected is None or not isinstance(signature, str) or not hmac.compare_digest(expected, signature):
@@ -257,15 +242,8 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     apply_state_dict(module, state, str(path / TORCH_FILE))
     module.eval()
     shape = meta.get("sample_shape")
-    return Artifact(
-        format="torch",
-        sample_shape=tuple(shape) if shape else None,
-        num_classes=meta.get("num_classes"),
-        lineage=list(meta.get("lineage") or []),
-        builder=builder,
-        module=module,
-        origin=str(path),
-    )
+    return Artifact(format="torch", sample_shape=tuple(shape) if shape else None, num_classes=meta.get("num_classes"),
+                    lineage=list(meta.get("lineage") or []), builder=builder, module=module, origin=str(path))
 
 
 def load_onnx_file(path: Path) -> Artifact:
