@@ -190,11 +190,9 @@ def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
         return
     expected = _sign(builder, create=False)
     if expected is None or not isinstance(signature, str) or not hmac.compare_digest(expected, signature):
-        raise InputError(
-            f"{path / META_FILE} rebuilds the model by running code ({spec}) and was not written by mlopt for "
-            f"this user; mlopt runs code a model folder names only in folders it wrote itself. If you trust "
-            f"that code, name it yourself: --model {spec} --weights {path / TORCH_FILE}"
-        )
+        raise InputError(f"{path / META_FILE} rebuilds the model by running code ({spec}) and was not written by "
+                         "mlopt for this user; mlopt runs code a model folder names only in folders it wrote itself. "
+                         f"If you trust that code, name it yourself: --model {spec} --weights {path / TORCH_FILE}")
 
 
 MAX_META_BYTES = 16 << 20  # the largest model.json mlopt writes (pruned shapes of a big model) is far smaller
@@ -229,11 +227,10 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     if not isinstance(builder, dict) or "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
     if builder["spec"] is None:  # a module handed to the Python API: mlopt never pickles the class
-        raise InputError(
-            f"{path} holds a model built in Python ({builder.get('module', 'a module')}) that mlopt cannot rebuild: "
-            f"build it in Python and load {TORCH_FILE} into it (torch.load(weights_only=True); {META_FILE} lists "
-            "the pruned shapes), or start from a spec mlopt builds (FILE.py:FACTORY)"
-        )
+        raise InputError(f"{path} holds a model built in Python ({builder.get('module', 'a module')}) that mlopt "
+                         f"cannot rebuild: build it in Python and load {TORCH_FILE} into it "
+                         f"(torch.load(weights_only=True); {META_FILE} lists the pruned shapes), or start from a spec "
+                         "mlopt builds (FILE.py:FACTORY)")
     _check_builder(path, builder, meta.get("builder_signature"))
     module = build_module(builder["spec"], builder.get("num_classes"))
     state = load_state_dict_file(path / TORCH_FILE)
@@ -299,10 +296,8 @@ def _check_external_data(model: Any, path: Path) -> None:
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
             link = f" (a link to {target})" if (folder / location).is_symlink() else ""
-            raise InputError(
-                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}{link}, outside the model's folder; "
-                "mlopt reads external data only from files beside the model"
-            )
+            raise InputError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}{link}, outside the "
+                             "model's folder; mlopt reads external data only from files beside the model")
         if not target.is_file():
             raise InputError(f"{path}: tensor {tensor.name!r} keeps its data in {location}, which does not exist")
 

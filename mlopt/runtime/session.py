@@ -29,10 +29,9 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
         raise InputError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     available = available_providers()
     if provider not in available:
-        raise InputError(
-            f"provider {provider!r} is not available in this onnxruntime; available: {', '.join(available)}"
-            + (" (install onnxruntime-gpu for cuda/tensorrt)" if provider != "cpu" else "")
-        )
+        hint = " (install onnxruntime-gpu for cuda/tensorrt)" if provider != "cpu" else ""
+        raise InputError(f"provider {provider!r} is not available in this onnxruntime; available: "
+                         f"{', '.join(available)}{hint}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -45,10 +44,8 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
     except Exception as exc:
         raise InputError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
     if session.get_providers()[0] != PROVIDERS[provider]:
-        raise RunError(
-            f"onnxruntime could not start {PROVIDERS[provider]} (it fell back to {session.get_providers()[0]}); "
-            "check the CUDA/cuDNN/TensorRT libraries"
-        )
+        raise RunError(f"onnxruntime could not start {PROVIDERS[provider]} (it fell back to "
+                       f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
     return session
 
 
