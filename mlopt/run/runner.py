@@ -162,8 +162,7 @@ def execute_step(run: Run, index: int, step: Any) -> None:
     inputs_sha256 = resuming.step_digest(step, run.data_fp, run.model_fp)
     if run.resume and not run.flat and _skip_completed(run, name, final_dir, step, inputs_sha256, pass_.produces_model):
         return
-    dist = distributed.current()
-    if pass_.rank0_only and not dist.is_main:
+    if pass_.rank0_only and not distributed.current().is_main:
         distributed.barrier()
         return
     stage = run.output.staging(name) if run.output is not None else final_dir
