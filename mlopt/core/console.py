@@ -27,8 +27,7 @@ def is_quiet() -> bool:
 def quieted(quiet: bool = True) -> Iterator[None]:
     """Temporarily silence (or, with quiet=False, un-silence) messages and progress bars."""
     global _quiet
-    was = _quiet
-    _quiet = quiet
+    was, _quiet = _quiet, quiet
     try:
         yield
     finally:

@@ -39,8 +39,7 @@ def import_passes() -> None:
 
 
 def _step_union() -> Any:
-    configs = tuple(p.config_class for p in PASSES.values())
-    return Annotated[Union[configs], Field(discriminator="type")]
+    return Annotated[Union[tuple(p.config_class for p in PASSES.values())], Field(discriminator="type")]
 
 
 import_passes()
