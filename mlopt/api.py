@@ -4,14 +4,10 @@
     result = mlopt.prune(model, torch.zeros(1, 3, 32, 32), ratio=0.5)   # model: a torch.nn.Module
     result.model, result.report["step"]["metrics"]
 
-`mlopt.<type>(model, example_input, data=None, out=None, overwrite=False, **config)` exists for every
-registered step type (mlopt.core.contracts.PASSES, plugins included); the keyword arguments are the
-fields of the step's config, validated like a recipe's (an unknown key is an error). `model` is a
-torch module, or anything a recipe's model.spec names (FILE.onnx, an mlopt folder, torchvision:NAME).
-
-A module handed in is copied, never changed. Its artifact is saved as a plain state dict and a
-model.json that records no way to rebuild it (mlopt pickles no class): loading such a folder is
-refused with a message; the result keeps the live module. Errors raise mlopt.core.errors exceptions.
+`mlopt.<type>(...)` (see `step`) exists for every registered step type, plugins included. A module
+handed in is copied, never changed. Its artifact is saved as a plain state dict and a model.json that
+records no way to rebuild it (mlopt pickles no class): loading such a folder is refused with a message;
+the result keeps the live module. Errors raise mlopt.core.errors exceptions.
 """
 
 from __future__ import annotations
@@ -48,13 +44,16 @@ def run(recipe: "Recipe | dict[str, Any] | str | Path", out: str | Path | None =
         raise InputError(f"mlopt.run takes a Recipe, a mapping or a YAML file's path, not {type(recipe).__name__}")
     if resume and out is None:
         raise InputError("resume needs the out folder of the run to continue")
-    return run_recipe(recipe, _path(out), overwrite=overwrite, flat=False, recipe_file=recipe_file, resume=resume)
+    return run_recipe(recipe, None if out is None else Path(out), overwrite=overwrite, flat=False,
+                      recipe_file=recipe_file, resume=resume)
 
 
 def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | dict[str, Any] | None" = None,
          out: str | Path | None = None, overwrite: bool = False, **config: Any) -> RunResult:
     """Run one step of type `step_type` on `model`, as its command does; `mlopt.<step type>(...)` calls this.
 
+    model: a torch module, or anything a recipe's model.spec names (FILE.onnx, an mlopt folder, torchvision:NAME).
+    config: the fields of the step's config, validated like a recipe's (an unknown key is an error).
     example_input: a tensor (or a shape) whose first axis is the batch; it gives the input shape.
     data: a data source ("digits", "npz:FILE", ...) or a mapping of the data settings (source, batch_size, ...).
     out: the folder for the new model and report.json / report.md. None: nothing is kept on disk, except
@@ -75,7 +74,7 @@ def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | 
     recipe = recipe_from_dict(raw, f"mlopt.{step_type}()")
     ready = _module_artifact(model, shape) if module else None
     if out is not None or not PASSES[step_type].produces_model:
-        return run_recipe(recipe, _path(out), overwrite=overwrite, flat=True, model=ready)
+        return run_recipe(recipe, None if out is None else Path(out), overwrite=overwrite, flat=True, model=ready)
     scratch = Path(tempfile.mkdtemp(prefix=f"mlopt-{step_type}-"))
     try:
         result = run_recipe(recipe, scratch / "out", flat=True, model=ready)
@@ -109,16 +108,10 @@ def _module_artifact(model: Any, shape: tuple[int, ...]) -> Any:
 
     if len(shape) < 2:
         raise InputError(f"example_input of shape {tuple(shape)} has no batch axis; give e.g. torch.zeros(1, 3, 32, 32)")
-    module = copy.deepcopy(model).cpu()
-    spec = _spec(model, True)
+    module, spec = copy.deepcopy(model).cpu(), _spec(model, True)
     classes = probe_output(module, shape[1:], spec)
-    builder = {"spec": None, "num_classes": classes, "module": spec[len("<module "):-1]}
-    return Artifact(format="torch", sample_shape=shape[1:], num_classes=classes, builder=builder, module=module,
-                    origin=spec)
-
-
-def _path(out: str | Path | None) -> Path | None:
-    return None if out is None else Path(out)
+    return Artifact(format="torch", sample_shape=shape[1:], num_classes=classes, module=module, origin=spec,
+                    builder={"spec": None, "num_classes": classes, "module": spec[len("<module "):-1]})
 
 
 def _step_function(step_type: str) -> Callable[..., RunResult]:

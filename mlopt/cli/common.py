@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,21 +31,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except MloptError as exc:
-            if os.environ.get("MLOPT_DEBUG"):
-                raise
-            console.error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.error("interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # an mlopt bug or an unexpected library failure
+        except Exception as exc:
             if os.environ.get("MLOPT_DEBUG"):
                 raise
-            full = storage_error(exc)  # a full disk or a read-only place, wherever it was written
-            if full is not None:
-                console.error(str(full))
-                raise typer.Exit(full.exit_code) from None
+            # Else an mlopt bug or an unexpected library failure, unless a full disk or a read-only place.
+            known = exc if isinstance(exc, MloptError) else storage_error(exc)
+            if known is not None:
+                console.error(str(known))
+                raise typer.Exit(known.exit_code) from None
             console.error(f"{type(exc).__name__}: {first_line(exc)} (set MLOPT_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
 
@@ -53,40 +50,29 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[str, Any]) -> Any:
     """A one-step recipe from command-line values (None means: not given, use the default)."""
-    raw: dict[str, Any] = {"version": 1, "model": _given(model), "steps": [_given(step)]}
+    def given(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
+
+    raw: dict[str, Any] = {"version": 1, "model": given(model), "steps": [given(step)]}
     if data is not None and data.get("source") is not None:
-        raw["data"] = _given(data)
+        raw["data"] = given(data)
     return recipe_from_dict(raw, "command line")
 
 
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
+def execute(recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: Path | None = None,
+            resume: bool = False, json_out: bool = False,
+            json_view: Callable[[dict[str, Any]], Any] = lambda step: step["metrics"]) -> Any:
+    """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report).
 
-
-def save_recipe(recipe: Any, path: Path, overwrite: bool = False) -> None:
-    """Write the recipe; an existing file is replaced only with --overwrite."""
-    check_replaceable_file(path, lambda text: False, overwrite, "--save-recipe")
-    try:
-        atomic_write_text(path, recipe_to_yaml(recipe))
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    console.info(f"wrote {path}")
-
-
-def execute(
-    recipe: Any,
-    out: Path | None,
-    overwrite: bool,
-    quiet: bool,
-    save: Path | None = None,
-    resume: bool = False,
-    json_out: bool = False,
-    json_view: Callable[[dict[str, Any]], Any] = lambda step: step["metrics"],
-) -> Any:
-    """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report)."""
+    --save-recipe: write the recipe instead (an existing file is replaced only with --overwrite)."""
     console.set_quiet(quiet or json_out)
     if save is not None:
-        save_recipe(recipe, save, overwrite)
+        check_replaceable_file(save, lambda text: False, overwrite, "--save-recipe")
+        try:
+            atomic_write_text(save, recipe_to_yaml(recipe))
+        except OSError as exc:
+            raise InputError(f"cannot write {save}: {exc.strerror or exc}") from None
+        console.info(f"wrote {save}")
         raise typer.Exit(0)
     result = run_recipe(recipe, out, overwrite=overwrite, flat=True, resume=resume)
     if out is not None:
@@ -100,7 +86,4 @@ def relaunch_under_torchrun(nproc: int, save: Path | None) -> None:
     """--nproc N (N > 1): run this same command line under torchrun and exit with its status."""
     if nproc == 1 or save is not None:
         return
-    import sys
-
     raise typer.Exit(distributed.launch(nproc, distributed.strip_nproc(sys.argv[1:])))
-

@@ -16,11 +16,8 @@ from mlopt.cli.steps import click_command, step_types
 
 
 class _Commands(TyperGroup):
-    """The commands, with one per registered step type made from its config (mlopt.cli.steps).
-
-    The step commands are made when a command line is read, not when this module is imported:
-    importing the steps' config classes imports pydantic.
-    """
+    """The commands, with one per registered step type made from its config (mlopt.cli.steps), made when a
+    command line is read, not when this module is imported (importing their config classes imports pydantic)."""
 
     def list_commands(self, ctx: Any) -> list[str]:
         return [*handle_errors(step_types)(), *super().list_commands(ctx)]

@@ -40,7 +40,6 @@ def run(
             raise InputError("--resume and --nproc need an explicit --out directory")
         out = Path("runs") / f"{recipe_file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if junit is not None:  # checked before any work: a file of the user's is never replaced
-
         check_replaceable_file(junit, lambda text: f'classname="{JUNIT_CLASSNAME}"' in text, False, "--junit")
     relaunch_under_torchrun(nproc, None)
     result = run_recipe(recipe, out, overwrite=overwrite, flat=False, recipe_file=str(recipe_file), resume=resume)

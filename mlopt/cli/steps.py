@@ -1,16 +1,11 @@
 """One command per registered step type, made from the step's config class: its fields are the options.
 
 `lr: float = Field(2e-3, description="peak learning rate")` becomes `--lr <float>  Peak learning rate.
-[default: (0.002)]`; bools become `--x/--no-x`, lists repeatable options, Literals show their choices
-(the recipe checks them). `cli(...)` in a field's json_schema_extra renames the option, adds a short
-form, makes it required or hides it; a nested config (prune's `finetune`) adds its fields under their
-own names. A field's option defaults to None, "not given": the recipe (and --save-recipe) holds what
-the user gave, the config the rest.
-
-The options all steps share are declared once in mlopt.cli.options; which of them a step takes
-follows from its pass's attributes. A field whose option would be a shared one is not an option of
-its own: a `seed` field takes --seed's value, the others (a training step's batch_size) are left to
-recipes.
+[default: (0.002)]`; `cli(...)` (mlopt.core.contracts) adjusts an option; a nested config (prune's
+`finetune`) adds its fields. An option defaults to None, "not given": the recipe (and --save-recipe)
+holds what the user gave, the config the rest. The options all steps share (mlopt.cli.options) are
+taken as the pass's attributes say; a field whose option would be a shared one is not an option of
+its own: a `seed` field takes --seed's value, the others (a training step's batch_size) are left to recipes.
 """
 
 from __future__ import annotations
@@ -40,10 +35,10 @@ def _fields(config: type[BaseModel], prefix: tuple[str, ...] = (), omit: tuple[s
     """(path, field, cli settings with the flag) of every field; ("finetune", "lr") for a nested config's."""
     found = []
     for name, info in config.model_fields.items():
-        extra = info.json_schema_extra
-        meta = extra.get(CLI_FIELD, {}) if isinstance(extra, dict) else {}
         if name == "type" or name in omit:
             continue
+        extra = info.json_schema_extra
+        meta = extra.get(CLI_FIELD, {}) if isinstance(extra, dict) else {}
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             found += _fields(info.annotation, (*prefix, name), tuple(meta.get("omit", ())))
         else:
@@ -57,10 +52,8 @@ def _option_type(info: FieldInfo) -> tuple[Any, str | None]:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]
-    if typing.get_origin(annotation) is Literal:
-        choices = typing.get_args(annotation)
-        return type(choices[0]), "<" + "|".join(map(str, choices)) + ">"
-    return annotation, None
+    choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+    return (type(choices[0]), "<" + "|".join(map(str, choices)) + ">") if choices else (annotation, None)
 
 
 def _help(info: FieldInfo) -> str:
@@ -92,7 +85,7 @@ def _field_parameter(path: tuple[str, ...], info: FieldInfo, meta: dict[str, Any
 
 def _shared(p: type[Pass], seeded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shared options the step takes (flag -> (name, annotation)): those listed before its own, those after."""
-    takes_data = p.needs_data or p.produces_model  # a step that neither needs data nor makes a model has no use of it
+    takes_data = p.needs_data or p.produces_model  # else the step has no use of data
     if p.cli_models_help:
         first = {"": ("models", Annotated[List[str], typer.Argument(help=p.cli_models_help)])}
     else:
@@ -108,8 +101,8 @@ def _shared(p: type[Pass], seeded: bool) -> tuple[dict[str, Any], dict[str, Any]
         "seed": seeded and o.Seed, "resume": p.trains and o.Resume, "nproc": p.trains and o.Nproc,
         "overwrite": o.Overwrite, "quiet": o.Quiet, "json_out": o.Json, "save_recipe": o.SaveRecipe,
     }
-    flag = {"json_out": "--json"}
-    return first, {flag.get(n, "--" + n.replace("_", "-")): (n, option) for n, option in after.items() if option}
+    return first, {"--json" if n == "json_out" else "--" + n.replace("_", "-"): (n, option)
+                   for n, option in after.items() if option}
 
 
 def _signature(p: type[Pass]) -> tuple[inspect.Signature, list[Any], list[tuple[str, ...]]]:
@@ -169,7 +162,7 @@ def step_types() -> dict[str, type[Pass]]:
     return dict(PASSES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def click_command(p: type[Pass]) -> Any:
     """The Click command of step type `p` (a Typer of one command gives that command)."""
     app = typer.Typer(add_completion=False, rich_markup_mode=None)

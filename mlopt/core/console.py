@@ -27,8 +27,7 @@ def is_quiet() -> bool:
 def quieted(quiet: bool = True) -> Iterator[None]:
     """Temporarily silence (or, with quiet=False, un-silence) messages and progress bars."""
     global _quiet
-    was = _quiet
-    _quiet = quiet
+    was, _quiet = _quiet, quiet
     try:
         yield
     finally:
@@ -39,10 +38,8 @@ def _stderr():
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:
-        # Logs and CI job output: wide enough that tables are not truncated.
-        console = Console(stderr=True, highlight=False, width=160)
-    return console
+    # Logs and CI job output: wide enough that tables are not truncated.
+    return console if console.is_terminal else Console(stderr=True, highlight=False, width=160)
 
 
 def info(message: str) -> None:
@@ -93,22 +90,9 @@ def progress(description: str, total: int | None) -> Iterator[_NullProgress | _R
     if _quiet:
         yield _NullProgress()
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=_stderr(),
-        transient=False,
-    ) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=_stderr(), transient=False) as bar:
         task = bar.add_task(description, total=total, status="")
         yield _RichProgress(bar, task)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INPUT = 2
 EXIT_GATE = 3

@@ -5,18 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(text.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -26,35 +25,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def discard_dir(staged: Path) -> None:
-    shutil.rmtree(staged, ignore_errors=True)
 
 
 def file_size_mb(path: Path) -> float:
     """Size of a model file plus any external-data files saved beside it with the same stem."""
     path = Path(path)
-    total = path.stat().st_size
-    for sibling in path.parent.glob(path.name + ".data"):
-        total += sibling.stat().st_size
-    return total / 1e6
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sum(p.stat().st_size for p in [path, *path.parent.glob(path.name + ".data")]) / 1e6
 
 
 def path_fingerprint(path: Path) -> str | None:
@@ -64,10 +42,13 @@ def path_fingerprint(path: Path) -> str | None:
     import hashlib
 
     path = Path(path)
+    h = hashlib.sha256()
     if path.is_file():
-        return file_sha256(path)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     if path.is_dir():
-        h = hashlib.sha256()
         for f in sorted(path.rglob("*")):
             rel = f.relative_to(path)
             if f.is_file() and not any(part.startswith(".") for part in rel.parts):

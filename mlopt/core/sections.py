@@ -14,10 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 Cell = Union[str, int, float, bool, None]
 
 
-class Latency(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Latency(Strict):
     """One model's latency at one batch size, and how it was measured."""
 
-    model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(gt=0)
     p50_ms: float
     mean_ms: float | None = None
@@ -27,10 +30,9 @@ class Latency(BaseModel):
     model: str | None = Field(None, description="which model, where a step times several")
 
 
-class Table(BaseModel):
+class Table(Strict):
     """Rows of values under named columns."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["table"] = "table"
     title: str
     columns: list[str]
@@ -38,10 +40,9 @@ class Table(BaseModel):
     note: str | None = None
 
 
-class Bars(BaseModel):
+class Bars(Strict):
     """One or more series of values over named items (drawn as horizontal bars, so long names stay legible)."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["bars"] = "bars"
     title: str
     labels: list[str]
@@ -50,17 +51,15 @@ class Bars(BaseModel):
     note: str | None = None
 
 
-class Point(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Point(Strict):
     label: str
     x: float
     y: float
 
 
-class Scatter(BaseModel):
+class Scatter(Strict):
     """Labelled points, e.g. accuracy against latency."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["scatter"] = "scatter"
     title: str
     xlabel: str

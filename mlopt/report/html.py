@@ -12,7 +12,7 @@ import io
 from typing import Any
 
 from mlopt.core.sections import Bars, Point, Scatter, Table
-from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency
+from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency, steps_of
 from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile
 
 MAX_PLOTTED_LABELS = 40  # more names than this: a table (bars would be too thin to read)
@@ -42,10 +42,9 @@ def summary_table(report: RunReport | StepReportFile) -> Table:
         return Table(title="Summary", rows=rows, note="Every model measured alike (the chain comparison below).",
                      columns=["step", "format", "size MB", *(f"batch {b} ms" for b in sizes), "top-1",
                               *(f"speed-up b{b}" for b in sizes)])
-    steps = [report.step] if isinstance(report, StepReportFile) else report.steps
-    sizes = sorted({b for s in steps for b in step_latency(s)})
+    sizes = sorted({b for s in steps_of(report) for b in step_latency(s)})
     rows = []
-    for s in steps:
+    for s in steps_of(report):
         lat = step_latency(s)
         quality = next((f"{k} {fmt(s.metrics[k])}" for k in QUALITY if s.metrics.get(k) is not None), None)
         speedup = next((s.metrics[k] for k in ("speedup", "latency_speedup") if k in s.metrics), None)
@@ -156,7 +155,7 @@ def render_html(report: RunReport | StepReportFile) -> str:
                      f'<p class="{cls}">{_esc(run.chain.verdict)}</p>')
         parts.append(html_table(chain_table(run.chain)))
         parts += [render_section(s) for s in chain_plots(run.chain)]
-    for step in run.steps if run is not None else [report.step]:
+    for step in steps_of(report):
         parts += _step_html(step)
     rows = [[key, str(value)] for key, value in report.environment.model_dump().items()]
     parts += [html_table(Table(title="Environment", columns=["", ""], rows=rows), "h2"), "</body></html>"]

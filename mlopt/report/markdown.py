@@ -66,12 +66,6 @@ def metrics_table(metrics: dict[str, Any]) -> Table | None:
     return Table(title="metrics", columns=["metric", "value"], rows=[[k, v] for k, v in metrics.items()]) if metrics else None
 
 
-def step_tables(step: StepReport) -> list[Table]:
-    """Everything a step measured, as tables: its metrics, its latencies and each of its sections."""
-    tables = [metrics_table(step.metrics), latency_table(step.latency), *(as_table(s) for s in step.sections)]
-    return [t for t in tables if t is not None]
-
-
 def _table(table: Table, heading: str = "###") -> list[str]:
     def cell(value: Any) -> str:
         return fmt(value).replace("|", "\\|").replace("\n", " ")
@@ -122,8 +116,9 @@ def _step_section(step: StepReport, heading: str) -> list[str]:
         lines += [STEP_TIMING_NOTE, ""]
     if step.notes:
         lines += [f"- {n}" for n in step.notes] + [""]
-    for table in step_tables(step):
-        lines += _table(table)
+    for table in (metrics_table(step.metrics), latency_table(step.latency), *map(as_table, step.sections)):
+        if table is not None:
+            lines += _table(table)
     return lines
 
 
@@ -152,9 +147,8 @@ def render_markdown(report: StepReportFile | RunReport) -> str:
         for step in report.steps:
             lines += _step_section(step, f"## {step.dir}")
     env = report.environment
-    libs = ", ".join(f"{k} {v}" for k, v in env.libraries.items())
     lines += ["## Environment", "", f"{env.cpu} ({env.cpu_count} CPUs; ISA: {', '.join(env.isa) or 'n/a'}); "
-              f"Python {env.python}; {libs}", ""]
+              f"Python {env.python}; {', '.join(f'{k} {v}' for k, v in env.libraries.items())}", ""]
     return "\n".join(lines)
 
 
@@ -174,7 +168,7 @@ def load_run_report(run_dir: Path) -> RunReport | StepReportFile:
         raise InputError(f"{path}: {exc}") from None
 
 
-def _steps(report: RunReport | StepReportFile) -> list[StepReport]:
+def steps_of(report: RunReport | StepReportFile) -> list[StepReport]:
     return [report.step] if isinstance(report, StepReportFile) else report.steps
 
 
@@ -201,8 +195,8 @@ def _chain_figures(report: RunReport | StepReportFile) -> dict[str, dict[str, fl
 def compare_runs(old: RunReport | StepReportFile, new: RunReport | StepReportFile, tolerance: float,
                  accuracy_tolerance: float) -> list[dict[str, Any]]:
     """Rows of (step, metric, old, new, change, regressed) for the figures both runs measured."""
-    before = {s.dir: _figures(s) for s in _steps(old)} | _chain_figures(old)
-    after = {s.dir: _figures(s) for s in _steps(new)} | _chain_figures(new)
+    before = {s.dir: _figures(s) for s in steps_of(old)} | _chain_figures(old)
+    after = {s.dir: _figures(s) for s in steps_of(new)} | _chain_figures(new)
     rows = []
     for name, figures in after.items():
         for key, y in figures.items():
@@ -210,11 +204,10 @@ def compare_runs(old: RunReport | StepReportFile, new: RunReport | StepReportFil
             if x is None:
                 continue
             kind = key.split(" ")[0]
-            higher = COMPARED.get(kind, False)
             if kind == "accuracy":
                 regressed = y < x - accuracy_tolerance
             else:
                 regressed = kind in JUDGED and y > x * (1 + tolerance)
             rows.append({"step": name, "metric": key, "old": x, "new": y, "change": (y - x) / abs(x) if x else 0.0,
-                         "better": (y > x) == higher if y != x else None, "regressed": regressed})
+                         "better": (y > x) == COMPARED.get(kind, False) if y != x else None, "regressed": regressed})
     return rows

@@ -9,26 +9,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from mlopt.core.errors import RunError
-from mlopt.core.sections import Latency, Section
+from mlopt.core.sections import Latency, Section, Strict
 
 SCHEMA_VERSION = 2
 Scalar = Union[bool, int, float, str, None]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(_Strict):
+class ModelRef(Strict):
     format: str
     lineage: list[str]
     files: list[str] = Field(default_factory=list, description="the model files the step wrote")
 
 
-class StepReport(_Strict):
+class StepReport(Strict):
     index: int
     dir: str
     type: str
@@ -43,7 +39,7 @@ class StepReport(_Strict):
     duration_s: float
 
 
-class ChainModel(_Strict):
+class ChainModel(Strict):
     step: str
     model: str | None
     format: str
@@ -57,7 +53,7 @@ class ChainModel(_Strict):
     fastest_at: list[int]
 
 
-class Chain(_Strict):
+class Chain(Strict):
     method: str
     provider: str
     batch_sizes: list[int]
@@ -77,7 +73,7 @@ class Chain(_Strict):
     duration_s: float
 
 
-class GateResult(_Strict):
+class GateResult(Strict):
     gate: str
     expected: str
     measured: float
@@ -86,13 +82,13 @@ class GateResult(_Strict):
     passed: bool
 
 
-class Gates(_Strict):
+class Gates(Strict):
     passed: bool
     results: list[GateResult]
     baseline: str | None
 
 
-class Environment(_Strict):
+class Environment(Strict):
     python: str
     platform: str
     cpu: str | None
@@ -101,14 +97,14 @@ class Environment(_Strict):
     libraries: dict[str, str]
 
 
-class StepReportFile(_Strict):
+class StepReportFile(Strict):
     schema_version: Literal[2]
     kind: Literal["step"]
     step: StepReport
     environment: Environment
 
 
-class RunReport(_Strict):
+class RunReport(Strict):
     schema_version: Literal[2]
     kind: Literal["run"]
     recipe_file: str | None

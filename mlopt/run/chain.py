@@ -2,24 +2,15 @@
 
 Steps time their models in different ways (a sequential bench, interleaved rounds against one
 other model, different iteration counts, at different moments of a shared machine), so their
-figures cannot be set side by side. At the end of a recipe run this module measures every model
-of the chain the same way:
+figures cannot be set side by side. When a recipe times something (a bench step or a latency gate),
+this module measures every model of the chain alike, as an ONNX file on onnxruntime: latency in
+interleaved rounds at the bench steps' and the gates' batch sizes, and top-1 on the validation split.
 
-- latency: each model as an ONNX file (torch models are exported to a temporary file) on
-  onnxruntime, in ROUNDS interleaved rounds with one session alive at a time, each model keeping
-  its best round's median (`interleaved_latency`), at the recipe's batch sizes: those of its bench
-  steps and the gates' `batch_size`; each round runs a third of the gates' `iterations`;
-- accuracy: top-1 of that same ONNX file on the validation split, by onnxruntime, batch 64.
-
-The best model is the fastest one whose accuracy is within the tolerance of the baseline's (the
-gate `max_accuracy_drop`, or 1 point when the recipe has no accuracy gate). "Fastest" across
-several batch sizes is the lowest geometric mean of the latencies, so every batch size counts
-alike, by ratio. Differences under TIE (5%) are within the noise of a shared machine: models that
-close to the fastest count as equally fast, and the latest of them in the chain is named. The
-gates read their figures from this measurement, so the chain table and the gates cannot disagree.
-
-It runs when the recipe times something (a bench step or a latency gate); a recipe that times
-nothing stays as cheap as its steps.
+The best model is the fastest one whose accuracy is within the tolerance of the baseline's.
+"Fastest" across batch sizes is the lowest geometric mean, so every batch size counts alike, by
+ratio. Differences under TIE (5%) are within the noise of a shared machine: models that close to
+the fastest count as equally fast, and the latest of them is named. The gates read their figures
+from this measurement, so the chain table and the gates cannot disagree.
 """
 
 from __future__ import annotations
@@ -74,12 +65,10 @@ def runs_per_round(iterations: int) -> int:
     return max(3, iterations // TIMING_ROUNDS)
 
 
-def as_onnx(artifact: "Artifact", work: Path, name: str) -> Path:
-    """The artifact's ONNX file; a torch model is exported into `work` first."""
+def as_onnx(artifact: "Artifact", path: Path) -> Path:
+    """The artifact's ONNX file; a torch model is exported to `path` first."""
     if artifact.format == "onnx":
         return Path(artifact.onnx_path)
-
-    path = work / f"{name}.onnx"
     export_artifact(artifact, path)
     return path
 
@@ -93,7 +82,7 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
     labeled = data is not None and data.labeled
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
         with console.quieted():
-            paths = [as_onnx(artifact, Path(tmp), f"{i:02d}") for i, (_, artifact) in enumerate(members)]
+            paths = [as_onnx(artifact, Path(tmp) / f"{i:02d}.onnx") for i, (_, artifact) in enumerate(members)]
         rows = []
         for (label, artifact), path in zip(members, paths):
             accuracy = None
@@ -144,26 +133,19 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     else:
         tolerance, source = DEFAULT_ACCURACY_TOLERANCE, "the default (the recipe has no accuracy gate)"
     comparison = {
-        "method": METHOD,
-        "provider": cfg["provider"],
-        "batch_sizes": cfg["batch_sizes"],
-        "rounds": cfg["rounds"],
+        "method": METHOD, "provider": cfg["provider"], "batch_sizes": cfg["batch_sizes"], "rounds": cfg["rounds"],
         "iterations_per_round": cfg["per_round"],
         "accuracy_method": None if rows[0]["accuracy"] is None else
         f"top-1 on the validation split, onnxruntime on the same ONNX files, batch {ACCURACY_BATCH}",
-        "accuracy_tolerance": tolerance,
-        "accuracy_tolerance_from": source,
-        "tie": TIE,
+        "accuracy_tolerance": tolerance, "accuracy_tolerance_from": source, "tie": TIE,
         "rule": (f"best: the lowest geometric mean latency over batch sizes {', '.join(map(str, cfg['batch_sizes']))} "
                  f"among the models whose top-1 is at most {tolerance} below the baseline's; models within "
                  f"{100 * TIE:.0f}% of the fastest count as equally fast and the latest of them is named"),
-        "baseline": baseline_label,
-        "final": final_label,
-        "models": rows,
+        "baseline": baseline_label, "final": final_label, "models": rows,
     }
     judge(comparison)
     comparison["duration_s"] = round(time.time() - started, 3)
-    show(comparison)
+    console.table(rich_table(chain_table(Chain.model_validate(comparison))))
     if not comparison["final_is_best"]:
         console.warn(comparison["verdict"])
     return comparison
@@ -205,7 +187,3 @@ def judge(comparison: dict[str, Any]) -> None:
         why += f", top-1 {best['accuracy']:.4f} against {final['accuracy']:.4f}"
     comparison["verdict"] = (f"the final model ({final['step']}) is NOT the best of its chain: {why}; "
                              f"the best model is {best['model'] or best['step']}")
-
-
-def show(comparison: dict[str, Any]) -> None:
-    console.table(rich_table(chain_table(Chain.model_validate(comparison))))

@@ -22,13 +22,9 @@ if TYPE_CHECKING:
 
 def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
                    comparison: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per gate (name, expected, measured, passed), from the chain comparison's figures.
-
-    The run's chain comparison (mlopt/run/chain.py) has measured the baseline and the final model; the
-    gates read its figures, so the gates and the chain table can never disagree. A recipe without
-    a latency gate or bench step has no comparison: its accuracy gate is measured here, by the
-    same function, on the baseline and the final model only (so is any latency gate of a caller
-    that passes no comparison).
+    """One row per gate (name, expected, measured, passed), from the chain comparison's figures (so the
+    gates and the chain table never disagree). Without a comparison (a recipe that times nothing), the
+    baseline and the final model are measured here alike, by the same function.
     """
     if gates.max_accuracy_drop is not None:
         require_labels(data, "the max_accuracy_drop gate")
@@ -68,11 +64,8 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
 def show(rows: list[dict[str, Any]]) -> None:
     table = rich_table(Table(title="gates", columns=["gate", "expected", "measured", "result"],
                              rows=[[r["gate"], r["expected"], r["measured"], "pass" if r["passed"] else "FAIL"] for r in rows]))
-    if all(r["passed"] for r in rows):
+    with console.quieted(console.is_quiet() and all(r["passed"] for r in rows)):  # a failure shows even with --quiet
         console.table(table)
-    else:  # a failure is shown even with --quiet
-        with console.quieted(False):
-            console.table(table)
 
 
 JUNIT_CLASSNAME = "mlopt.run.gates"

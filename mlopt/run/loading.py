@@ -23,21 +23,19 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
     feeds a model trained on resized digits the same resized digits.
     """
-    loaded = model
-    data_cfg = recipe.data
+    loaded, data_cfg = model, recipe.data
     if loaded is None and looks_like_artifact(recipe.model.spec):
         if recipe.model.weights:
             raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
         loaded = load_artifact(recipe.model.spec)
-    if loaded is not None:
-        shape = loaded.sample_shape
-        if data_cfg is not None and shape is not None and len(shape) == 3:
-            fill = {}
-            if data_cfg.channels is None:
-                fill["channels"] = shape[0]
-            if data_cfg.image_size is None and shape[1] == shape[2]:
-                fill["image_size"] = shape[1]
-            data_cfg = data_cfg.model_copy(update=fill)
+    shape = loaded.sample_shape if loaded is not None else None
+    if data_cfg is not None and shape is not None and len(shape) == 3:
+        fill = {}
+        if data_cfg.channels is None:
+            fill["channels"] = shape[0]
+        if data_cfg.image_size is None and shape[1] == shape[2]:
+            fill["image_size"] = shape[1]
+        data_cfg = data_cfg.model_copy(update=fill)
     data = load_data(data_cfg) if data_cfg is not None else None
     text_spec = recipe.model.spec if hf.is_hf_spec(recipe.model.spec) else None
     if loaded is not None and hf.is_text_artifact(loaded):
@@ -62,25 +60,20 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
         shape = full[1:]
     if data is not None:
         if shape is not None and tuple(shape) != tuple(data.sample_shape):
-            raise InputError(
-                f"--input-shape {cfg.input_shape} disagrees with the data's samples ({'x'.join(map(str, data.sample_shape))})"
-            )
+            raise InputError(f"--input-shape {cfg.input_shape} disagrees with the data's samples "
+                             f"({'x'.join(map(str, data.sample_shape))})")
         shape = tuple(data.sample_shape)
-
     if loaded is not None:
-        artifact = loaded
         if shape is not None:
             # A text model's sequence axis is dynamic: it takes the data's length.
-            fixed = artifact.sample_shape is not None and not hf.is_text_artifact(artifact)
-            if fixed and tuple(artifact.sample_shape) != tuple(shape):
-                raise InputError(
-                    f"{cfg.spec} takes inputs of shape {'x'.join(map(str, artifact.sample_shape))} per sample, "
-                    f"but the data gives {'x'.join(map(str, shape))}"
-                )
-            artifact.sample_shape = tuple(shape)
-        if artifact.num_classes is not None and data is not None:
-            check_labels(data, artifact.num_classes)
-        return artifact
+            fixed = loaded.sample_shape is not None and not hf.is_text_artifact(loaded)
+            if fixed and tuple(loaded.sample_shape) != tuple(shape):
+                raise InputError(f"{cfg.spec} takes inputs of shape {'x'.join(map(str, loaded.sample_shape))} per "
+                                 f"sample, but the data gives {'x'.join(map(str, shape))}")
+            loaded.sample_shape = tuple(shape)
+        if loaded.num_classes is not None and data is not None:
+            check_labels(data, loaded.num_classes)
+        return loaded
 
     import torch
 
@@ -97,22 +90,14 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
         return Artifact(format="torch", sample_shape=tuple(shape or (128,)), num_classes=classes,
                         builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes, "hf": info},
                         module=module, origin=cfg.spec)
-    if shape is None:
-        if cfg.spec.startswith("torchvision:"):
-            shape = (3, 224, 224)
-        else:
-            raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
+    if shape is None and not cfg.spec.startswith("torchvision:"):
+        raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
+    shape = shape or (3, 224, 224)
     classes = probe_output(module, tuple(shape), cfg.spec)
     if data is not None:
         check_labels(data, classes)
-    return Artifact(
-        format="torch",
-        sample_shape=tuple(shape),
-        num_classes=classes,
-        builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes},
-        module=module,
-        origin=cfg.spec,
-    )
+    return Artifact(format="torch", sample_shape=tuple(shape), num_classes=classes, module=module, origin=cfg.spec,
+                    builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes})
 
 
 def _absolute_spec(spec: str) -> str:

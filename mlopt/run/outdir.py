@@ -97,12 +97,9 @@ class OutputDir:
 
         A symbolic link counts as foreign unless it lies inside a recorded tree: mlopt writes none."""
         for rel, e in self._walk():
-            if not self.owns(rel) or (e.is_symlink() and not self._in_tree(rel)):
+            if not self.owns(rel) or (e.is_symlink() and not _under(rel, self._trees, inclusive=False)):
                 return rel
         return None
-
-    def _in_tree(self, rel: str) -> bool:
-        return _under(rel, self._trees, inclusive=False)
 
     # -- checks before any work ------------------------------------------------------------------
 
@@ -138,10 +135,8 @@ class OutputDir:
             what = "a symbolic link" if (out / foreign).is_symlink() else (
                 "a folder" if (out / foreign).is_dir() else "a file")
             whose = "that no mlopt run recorded writing" if marked else "and no record of an mlopt run"
-            raise InputError(
-                f"--out {out} holds {what} {foreign!r} {whose}; --overwrite replaces only mlopt's own output: "
-                "choose a new or empty folder, or move that entry away"
-            )
+            raise InputError(f"--out {out} holds {what} {foreign!r} {whose}; --overwrite replaces only mlopt's own "
+                             "output: choose a new or empty folder, or move that entry away")
         if not replace:
             interrupted = any(self.owns(n) and (out / n).exists() for n in (".checkpoint", ".checkpoints", "report.json"))
             hint = ("pass --resume to continue the interrupted run or --overwrite to replace it"
@@ -183,12 +178,10 @@ class OutputDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise InputError(
-                f"--out {self.path} is being written by another mlopt run; wait for it to finish or choose another folder"
-            ) from None
+            raise InputError(f"--out {self.path} is being written by another mlopt run; wait for it to finish or "
+                             "choose another folder") from None
         except OSError as exc:  # a file system without locks (some network and FUSE mounts): carry on unlocked
             os.close(fd)
-
             console.warn(f"cannot lock --out {self.path} ({exc.strerror or exc}): two runs on it at once would "
                          "not be refused")
             return
@@ -211,8 +204,7 @@ class OutputDir:
             rel = f".{name or 'out'}.{secrets.token_hex(4)}.partial"
             if not (self.path / rel).exists():
                 break
-        self.claim_tree(rel)
-        path = self.path / rel
+        path = self.claim_tree(rel)
         path.mkdir()
         return path
 

@@ -39,8 +39,7 @@ def import_passes() -> None:
 
 
 def _step_union() -> Any:
-    configs = tuple(p.config_class for p in PASSES.values())
-    return Annotated[Union[configs], Field(discriminator="type")]
+    return Annotated[Union[tuple(p.config_class for p in PASSES.values())], Field(discriminator="type")]
 
 
 import_passes()
@@ -117,12 +116,6 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping at `loc` (for suggesting a misspelled key's close names)."""
     import typing
 
-    def model_in(annotation: Any) -> Any:
-        for arg in [annotation, *typing.get_args(annotation)]:
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
-        return None
-
     cls: Any = Recipe
     items = list(loc)
     while items:
@@ -133,7 +126,9 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             cls, items = PASSES[items[1]].config_class, items[2:]
             continue
         field = cls.model_fields.get(item)
-        cls = model_in(field.annotation) if field is not None else None
+        annotation = field.annotation if field is not None else None
+        cls = next((a for a in [annotation, *typing.get_args(annotation)]
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if cls is None:
             return []
     return list(cls.model_fields)
@@ -161,9 +156,8 @@ def format_validation_error(exc: ValidationError, where: str, tree: Any = None) 
 
     parts = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc, msg = tuple(err["loc"]), err["msg"]
         shown = ".".join(str(p) for p in loc)
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=2)
             msg = "unknown key" + (f" (did you mean {' or '.join(close)}?)" if close else "")
@@ -212,10 +206,8 @@ def _expanded_size(node: Any, where: str) -> int:
         elif isinstance(n, yaml.MappingNode):
             total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
         if total > MAX_RECIPE_VALUES:
-            raise InputError(
-                f"{where}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (*name); "
-                "a recipe may reuse anchors, but not multiply them (alias bomb?)"
-            )
+            raise InputError(f"{where}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases "
+                             "(*name); a recipe may reuse anchors, but not multiply them (alias bomb?)")
         sizes[id(n)] = total
         return total
 
@@ -237,9 +229,8 @@ def _read_recipe_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(
-            f"recipe {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); a recipe is a YAML file"
-        ) from None
+        raise InputError(f"recipe {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "a recipe is a YAML file") from None
 
 
 def _parse_yaml(text: str, where: str) -> tuple[Any, Any]:
@@ -269,9 +260,8 @@ def load_recipe(path: Path) -> Recipe:
     import yaml
 
     path = Path(path)
-    text = _read_recipe_text(path)
     try:
-        raw, tree = _parse_yaml(text, str(path))
+        raw, tree = _parse_yaml(_read_recipe_text(path), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -283,7 +273,6 @@ def load_recipe(path: Path) -> Recipe:
 def recipe_to_yaml(recipe: Recipe) -> str:
     import yaml
 
-    data = recipe.model_dump(mode="json", exclude_defaults=True)
-    data = {"version": recipe.version, **data}
+    data = {"version": recipe.version, **recipe.model_dump(mode="json", exclude_defaults=True)}
     data["steps"] = [{"type": s.type, **s.model_dump(mode="json", exclude_defaults=True)} for s in recipe.steps]
     return yaml.safe_dump(data, sort_keys=False)

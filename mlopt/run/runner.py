@@ -8,13 +8,14 @@ comparison, gates, the run report).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlopt.core import console, fsutil
+from mlopt.core import console
 from mlopt.core.contracts import PASSES, StepContext
 from mlopt.core.errors import InputError
 from mlopt.report.files import write_reports
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
     from mlopt.runtime.artifacts import Artifact
     from mlopt.runtime.data import Dataset
-
-
 
 
 @dataclass
@@ -85,16 +84,12 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
                recipe_file: str | None = None, resume: bool = False, model: "Artifact | None" = None) -> RunResult:
     """Execute every step of `recipe`.
 
-    flat=True (single CLI commands): the step's artifact and report go straight into `out`.
-    flat=False (recipes): one `NN-<type>/` directory per step and a combined report in `out`.
-    out=None: nothing is kept (eval and bench without --out).
-
-    Each step is written into a staging directory and renamed into place when it succeeds, so a
-    failure never leaves a half-written step. Training steps checkpoint into `out` (flat:
-    `.checkpoint/`; recipes: `.checkpoints/NN-<type>/`); `resume=True` continues from there and,
-    for recipes, skips steps that already completed with the same configuration and inputs
-    (content hashes of the model, data and files the step reads).
-    Under torchrun every rank runs the steps; only rank 0 writes anything.
+    flat=True (single commands): the step's artifact and report go straight into `out`; flat=False
+    (recipes): one `NN-<type>/` directory per step and a combined report. out=None: nothing is kept.
+    Each step is staged and renamed into place when it succeeds, so a failure never leaves a
+    half-written step. Training steps checkpoint into `out` (`.checkpoint/`, recipes:
+    `.checkpoints/NN-<type>/`); `resume=True` continues from there and, for recipes, skips steps
+    that completed with the same config and inputs. Under torchrun only rank 0 writes anything.
     `model`: the first model, ready in memory (the Python API), instead of the one the recipe names.
     """
     run = plan(recipe, out, overwrite, flat, resume, model)
@@ -106,7 +101,7 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
         if run.output is not None:
             run.output.close()  # a folder this run created and completed nothing in is removed again
         else:
-            fsutil.discard_dir(run.root)
+            shutil.rmtree(run.root, ignore_errors=True)
     return RunResult(report=report, artifact=run.artifact, out=out, is_main=distributed.current().is_main,
                      gates=gate_rows)
 
@@ -124,8 +119,8 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
     _check_inputs(recipe)
     artifact, data = prepare(recipe, model)
     _check_text_steps(recipe, hf.is_text_artifact(artifact))
-    writes = output is not None  # ranks other than 0 work in a scratch directory
-    root = Path(out) if writes else Path(tempfile.mkdtemp(prefix="mlopt-"))
+    # Ranks other than 0 (and runs without --out) work in a scratch directory.
+    root = Path(out) if output is not None else Path(tempfile.mkdtemp(prefix="mlopt-"))
     run = Run(recipe=recipe, out=out, output=output, root=root, flat=flat, resume=resume, artifact=artifact,
               data=data, data_fp=resuming.data_fingerprint(recipe), model_fp=resuming.model_fingerprint(recipe),
               env=environment.describe())
@@ -141,8 +136,7 @@ def _check_inputs(recipe: "Recipe") -> None:
     for step in recipe.steps:
         if PASSES[step.type].needs_data and recipe.data is None:
             raise InputError(f"step {step.type!r} needs data: give --data (or 'data:' in the recipe)")
-    gates = recipe.gates
-    if gates is not None and gates.max_accuracy_drop is not None and recipe.data is None:
+    if recipe.gates is not None and recipe.gates.max_accuracy_drop is not None and recipe.data is None:
         raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
     # Before loading (tokenizing a large text file takes a while); again after, for saved text models.
     text_data = recipe.data is not None and recipe.data.source.startswith("text:")
@@ -168,8 +162,7 @@ def execute_step(run: Run, index: int, step: Any) -> None:
     inputs_sha256 = resuming.step_digest(step, run.data_fp, run.model_fp)
     if run.resume and not run.flat and _skip_completed(run, name, final_dir, step, inputs_sha256, pass_.produces_model):
         return
-    dist = distributed.current()
-    if pass_.rank0_only and not dist.is_main:
+    if pass_.rank0_only and not distributed.current().is_main:
         distributed.barrier()
         return
     stage = run.output.staging(name) if run.output is not None else final_dir
@@ -184,7 +177,9 @@ def execute_step(run: Run, index: int, step: Any) -> None:
         result = pass_.run(run.artifact, step, ctx)
         step_report = _step_report(run, index, name, step, inputs_sha256, result, pass_.produces_model, stage, final_dir)
         step_report["duration_s"] = round(time.time() - started, 3)
-        _write_step(run, stage, step_report, name)
+        write_reports(stage, _step_file(run, step_report))
+        if run.output is not None:
+            run.output.commit(stage, "" if run.flat else name)
         if pass_.produces_model:
             if result.artifact.format == "onnx":
                 result.artifact.onnx_path = final_dir / "model.onnx"
@@ -219,26 +214,16 @@ def _step_report(run: Run, index: int, name: str, step: Any, inputs_sha256: str,
     if produces_model:
         files.append(result.artifact.save(stage).name)
         result.artifact.origin = str(final_dir)
-    report = {
-        "index": index,
-        "dir": name,
-        "type": step.type,
-        "config": step.model_dump(mode="json"),
-        "inputs_sha256": inputs_sha256,
-        "input": {"format": run.artifact.format, "lineage": run.artifact.lineage},
-        "output": {"format": result.artifact.format, "files": files, "lineage": result.artifact.lineage},
-        "metrics": result.metrics,
-        "notes": result.notes,
-    }
-    report["latency"] = [lat.model_dump(mode="json") for lat in result.latency]
-    report["sections"] = [s.model_dump(mode="json") for s in result.sections]
-    return report
+    return {"index": index, "dir": name, "type": step.type, "config": step.model_dump(mode="json"),
+            "inputs_sha256": inputs_sha256, "input": {"format": run.artifact.format, "lineage": run.artifact.lineage},
+            "output": {"format": result.artifact.format, "files": files, "lineage": result.artifact.lineage},
+            "metrics": result.metrics, "notes": result.notes,
+            "latency": [lat.model_dump(mode="json") for lat in result.latency],
+            "sections": [s.model_dump(mode="json") for s in result.sections]}
 
 
-def _write_step(run: Run, stage: Path, step_report: dict[str, Any], name: str) -> None:
-    write_reports(stage, {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_report, "environment": run.env})
-    if run.output is not None:
-        run.output.commit(stage, "" if run.flat else name)
+def _step_file(run: Run, step_report: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "kind": "step", "step": step_report, "environment": run.env}
 
 
 def finish(run: Run, recipe_file: str | None) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
@@ -246,17 +231,15 @@ def finish(run: Run, recipe_file: str | None) -> tuple[dict[str, Any], list[dict
     if run.output is not None and not (run.ckpt_root.is_dir() and any(run.ckpt_root.iterdir())):
         run.output.remove_tree(run.ckpt_name)
     if run.flat:
-        return {"schema_version": SCHEMA_VERSION, "kind": "step", "step": run.steps[-1], "environment": run.env}, None
+        return _step_file(run, run.steps[-1]), None
     recipe, main = run.recipe, distributed.current().is_main
     baseline = run.baseline or run.artifact
     comparison = None  # every model of the chain measured alike; the gates read it (mlopt/run/chain.py)
-    if main:
-        if chain.wanted(recipe):
-            comparison = chain.compare(recipe, run.root, run.steps, baseline, run.data)
+    if main and chain.wanted(recipe):
+        comparison = chain.compare(recipe, run.root, run.steps, baseline, run.data)
     gate_rows = None
-    gates = recipe.gates if recipe.gates is not None and recipe.gates.any() else None
-    if gates is not None and main:
-        gate_rows = evaluate_gates(gates, baseline, run.artifact, run.data, comparison)
+    if recipe.gates is not None and recipe.gates.any() and main:
+        gate_rows = evaluate_gates(recipe.gates, baseline, run.artifact, run.data, comparison)
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "run", "recipe_file": recipe_file,
                               "recipe": recipe.model_dump(mode="json"), "steps": run.steps, "environment": run.env}
     if comparison is not None:

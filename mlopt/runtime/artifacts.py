@@ -53,14 +53,9 @@ class Artifact:
         return self.onnx_path
 
     def metadata(self) -> dict[str, Any]:
-        meta = {
-            "mlopt_model_version": META_VERSION,
-            "format": self.format,
-            "builder": self.builder,
-            "sample_shape": list(self.sample_shape) if self.sample_shape else None,
-            "num_classes": self.num_classes,
-            "lineage": self.lineage,
-        }
+        meta = {"mlopt_model_version": META_VERSION, "format": self.format, "builder": self.builder,
+                "sample_shape": list(self.sample_shape) if self.sample_shape else None,
+                "num_classes": self.num_classes, "lineage": self.lineage}
         signature = _sign(self.builder)
         if signature is not None:
             meta["builder_signature"] = signature
@@ -118,12 +113,9 @@ def load_artifact(path: str | Path) -> Artifact:
             return _load_torch_dir(path, meta)
         if fmt == "onnx":
             art = load_onnx_file(path / ONNX_FILE)
-            art.lineage = list(meta.get("lineage") or [])
-            art.builder = meta.get("builder")
-            if meta.get("sample_shape"):
-                art.sample_shape = tuple(meta["sample_shape"])
-            if meta.get("num_classes"):
-                art.num_classes = meta["num_classes"]
+            art.lineage, art.builder = list(meta.get("lineage") or []), meta.get("builder")
+            art.sample_shape = tuple(meta["sample_shape"]) if meta.get("sample_shape") else art.sample_shape
+            art.num_classes = meta.get("num_classes") or art.num_classes
             return art
         raise InputError(f"{meta_path}: unknown model format {fmt!r}")
     if path.suffix == ".onnx":
@@ -180,17 +172,10 @@ def _sign(builder: dict[str, Any] | None, create: bool = True) -> str | None:
     import hashlib
     import hmac
 
-    if builder is None:
-        return None
-    key = _key(create)
+    key = _key(create) if builder is not None else None
     if key is None:
         return None
     return hmac.new(key, json.dumps(builder, sort_keys=True).encode(), hashlib.sha256).hexdigest()
-
-
-def runs_code(spec: str) -> bool:
-    """Whether building the model from `spec` imports code (FILE.py:FACTORY, package.module:FACTORY)."""
-    return not (spec.startswith("torchvision:") or spec.startswith("hf:"))
 
 
 def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
@@ -201,15 +186,13 @@ def _check_builder(path: Path, builder: dict[str, Any], signature: Any) -> None:
     spec = builder["spec"]
     if not isinstance(spec, str):
         raise InputError(f"{path / META_FILE} is corrupt: the builder spec is not a string")
-    if not runs_code(spec):
+    if spec.startswith(("torchvision:", "hf:")):  # builds without importing code (FILE.py:FACTORY, module:FACTORY)
         return
     expected = _sign(builder, create=False)
     if expected is None or not isinstance(signature, str) or not hmac.compare_digest(expected, signature):
-        raise InputError(
-            f"{path / META_FILE} rebuilds the model by running code ({spec}) and was not written by mlopt for "
-            f"this user; mlopt runs code a model folder names only in folders it wrote itself. If you trust "
-            f"that code, name it yourself: --model {spec} --weights {path / TORCH_FILE}"
-        )
+        raise InputError(f"{path / META_FILE} rebuilds the model by running code ({spec}) and was not written by "
+                         "mlopt for this user; mlopt runs code a model folder names only in folders it wrote itself. "
+                         f"If you trust that code, name it yourself: --model {spec} --weights {path / TORCH_FILE}")
 
 
 MAX_META_BYTES = 16 << 20  # the largest model.json mlopt writes (pruned shapes of a big model) is far smaller
@@ -244,11 +227,10 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     if not isinstance(builder, dict) or "spec" not in builder:
         raise InputError(f"{path / META_FILE} is corrupt: no builder spec")
     if builder["spec"] is None:  # a module handed to the Python API: mlopt never pickles the class
-        raise InputError(
-            f"{path} holds a model built in Python ({builder.get('module', 'a module')}) that mlopt cannot rebuild: "
-            f"build it in Python and load {TORCH_FILE} into it (torch.load(weights_only=True); {META_FILE} lists "
-            "the pruned shapes), or start from a spec mlopt builds (FILE.py:FACTORY)"
-        )
+        raise InputError(f"{path} holds a model built in Python ({builder.get('module', 'a module')}) that mlopt "
+                         f"cannot rebuild: build it in Python and load {TORCH_FILE} into it "
+                         f"(torch.load(weights_only=True); {META_FILE} lists the pruned shapes), or start from a spec "
+                         "mlopt builds (FILE.py:FACTORY)")
     _check_builder(path, builder, meta.get("builder_signature"))
     module = build_module(builder["spec"], builder.get("num_classes"))
     state = load_state_dict_file(path / TORCH_FILE)
@@ -257,15 +239,8 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     apply_state_dict(module, state, str(path / TORCH_FILE))
     module.eval()
     shape = meta.get("sample_shape")
-    return Artifact(
-        format="torch",
-        sample_shape=tuple(shape) if shape else None,
-        num_classes=meta.get("num_classes"),
-        lineage=list(meta.get("lineage") or []),
-        builder=builder,
-        module=module,
-        origin=str(path),
-    )
+    return Artifact(format="torch", sample_shape=tuple(shape) if shape else None, num_classes=meta.get("num_classes"),
+                    lineage=list(meta.get("lineage") or []), builder=builder, module=module, origin=str(path))
 
 
 def load_onnx_file(path: Path) -> Artifact:
@@ -321,10 +296,8 @@ def _check_external_data(model: Any, path: Path) -> None:
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
             link = f" (a link to {target})" if (folder / location).is_symlink() else ""
-            raise InputError(
-                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}{link}, outside the model's folder; "
-                "mlopt reads external data only from files beside the model"
-            )
+            raise InputError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}{link}, outside the "
+                             "model's folder; mlopt reads external data only from files beside the model")
         if not target.is_file():
             raise InputError(f"{path}: tensor {tensor.name!r} keeps its data in {location}, which does not exist")
 

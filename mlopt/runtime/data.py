@@ -71,10 +71,9 @@ def require_labels(data: Dataset, why: str) -> None:
 
 
 def load_data(cfg: DataConfig) -> Dataset:
-    source = cfg.source
     if cfg.channels not in (None, 1, 3):
         raise InputError(f"channels must be 1 or 3, not {cfg.channels}")
-    kind, _, arg = source.partition(":")
+    kind, _, arg = cfg.source.partition(":")
     if kind == "digits" and not arg:
         return _digits(cfg)
     if kind == "npz" and arg:
@@ -85,9 +84,8 @@ def load_data(cfg: DataConfig) -> Dataset:
         return _random(cfg, arg)
     if kind == "text" and arg:
         return _text(cfg, Path(arg))
-    raise InputError(
-        f"unrecognised data {source!r}: expected digits, npz:FILE, imagefolder:DIR, random:SHAPE or text:FILE"
-    )
+    raise InputError(f"unrecognised data {cfg.source!r}: expected digits, npz:FILE, imagefolder:DIR, random:SHAPE "
+                     "or text:FILE")
 
 
 def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None, y_val: Any = None) -> Dataset:
@@ -107,14 +105,9 @@ def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None,
         x, x_val, y, y_val = x[tr], x[va], y[tr], y[va]
     xt = _shape_images(torch.as_tensor(x, dtype=torch.float32), cfg)
     xv = _shape_images(torch.as_tensor(x_val, dtype=torch.float32), cfg)
-    num_classes = int(max(y.max(), y_val.max())) + 1
-    return Dataset(
-        name=name,
-        train=TensorDataset(xt, torch.as_tensor(y, dtype=torch.long)),
-        val=TensorDataset(xv, torch.as_tensor(y_val, dtype=torch.long)),
-        sample_shape=tuple(xt.shape[1:]),
-        num_classes=num_classes,
-    )
+    return Dataset(name=name, train=TensorDataset(xt, torch.as_tensor(y, dtype=torch.long)),
+                   val=TensorDataset(xv, torch.as_tensor(y_val, dtype=torch.long)), sample_shape=tuple(xt.shape[1:]),
+                   num_classes=int(max(y.max(), y_val.max())) + 1)
 
 
 def _shape_images(x: Any, cfg: DataConfig) -> Any:
@@ -215,16 +208,12 @@ def _check_npz(path: Path) -> None:
             except Exception as exc:
                 raise InputError(f"cannot read {path} as .npz: array {name!r} has no valid .npy header ({first_line(exc)})") from None
             if dtype.hasobject:
-                raise InputError(
-                    f"{path}: array {name!r} holds pickled Python objects; mlopt reads plain numeric arrays only "
-                    "(save them with a numeric dtype, e.g. x.astype('float32'))"
-                )
+                raise InputError(f"{path}: array {name!r} holds pickled Python objects; mlopt reads plain numeric "
+                                 "arrays only (save them with a numeric dtype, e.g. x.astype('float32'))")
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             if nbytes > info.file_size:
-                raise InputError(
-                    f"{path}: array {name!r} declares shape {tuple(shape)} ({_gb(nbytes)}) but the archive holds "
-                    f"{_gb(info.file_size)} for it (truncated or forged)"
-                )
+                raise InputError(f"{path}: array {name!r} declares shape {tuple(shape)} ({_gb(nbytes)}) but the "
+                                 f"archive holds {_gb(info.file_size)} for it (truncated or forged)")
             total += nbytes
     available = _available_memory()
     if available is not None and total > available:
@@ -261,9 +250,7 @@ class _ImageFiles:
     """A lazily loaded list of (image path, label); a torch-style map dataset."""
 
     def __init__(self, items: list[tuple[Path, int]], size: int, channels: int):
-        self.items = items
-        self.size = size
-        self.channels = channels
+        self.items, self.size, self.channels = items, size, channels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -317,20 +304,14 @@ def _imagefolder(cfg: DataConfig, root: Path) -> Dataset:
         import numpy as np
 
         items = _list_images(root, classes)
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(len(items))
+        order = np.random.default_rng(cfg.seed).permutation(len(items))
         n_val = max(1, int(round(len(items) * cfg.val_fraction)))
         val = [items[i] for i in sorted(order[:n_val])]
         train = [items[i] for i in sorted(order[n_val:])]
     if not train or not val:
         raise InputError(f"image folder {root} has too few images for a train and a validation split")
-    return Dataset(
-        name=f"imagefolder:{root}",
-        train=_ImageFiles(train, size, channels),
-        val=_ImageFiles(val, size, channels),
-        sample_shape=(channels, size, size),
-        num_classes=len(classes),
-    )
+    return Dataset(name=f"imagefolder:{root}", train=_ImageFiles(train, size, channels),
+                   val=_ImageFiles(val, size, channels), sample_shape=(channels, size, size), num_classes=len(classes))
 
 
 def _random(cfg: DataConfig, shape_text: str) -> Dataset:
@@ -338,9 +319,7 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     from torch.utils.data import TensorDataset
 
     shape = parse_shape(shape_text)
-    g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn((cfg.samples, *shape), generator=g)
-    ds = TensorDataset(x)
+    ds = TensorDataset(torch.randn((cfg.samples, *shape), generator=torch.Generator().manual_seed(cfg.seed)))
     return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
 
 
@@ -404,31 +383,26 @@ def count(inputs: Any) -> int:
 
 
 def take(inputs: Any, start: int, stop: int) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v[start:stop] for k, v in inputs.items()}
-    return inputs[start:stop]
+    return {k: v[start:stop] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[start:stop]
 
 
 def to_numpy(inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.numpy() for k, v in inputs.items()}
-    return inputs.numpy()
+    return {k: v.numpy() for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.numpy()
 
 
 def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                      num_workers=0)
 
 
 def check_labels(data: Dataset, num_classes: int) -> None:
     """Labels outside the model's classes are an input error, not a CUDA assert or a silent wrap."""
     if data.num_classes is not None and data.num_classes > num_classes:
-        raise InputError(
-            f"data {data.name!r} has labels up to {data.num_classes - 1} but the model has {num_classes} classes"
-        )
+        raise InputError(f"data {data.name!r} has labels up to {data.num_classes - 1} but the model has "
+                         f"{num_classes} classes")
 
 
 def first_inputs(data: Dataset, n: int) -> Any:

@@ -89,16 +89,6 @@ def all_reduce_sum(values: list[float], device: Any) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(obj: Any) -> Any:
-    if not _initialised:
-        return obj
-    import torch.distributed as td
-
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def replica_max_diff(*modules: Any) -> float:
     """Largest difference between this rank's parameters and rank 0's, over all ranks.
 
@@ -142,15 +132,5 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 def strip_nproc(argv: list[str]) -> list[str]:
     """argv without '--nproc N' / '--nproc=N', for the processes torchrun starts."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        out.append(arg)
-    return out
+    drop = {i for i, arg in enumerate(argv) if arg == "--nproc"}
+    return [a for i, a in enumerate(argv) if i not in drop and i - 1 not in drop and not a.startswith("--nproc=")]

@@ -10,29 +10,25 @@ from typing import Any
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(keys)), None)
+    except OSError:
+        return None
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> tuple[str, ...]:
     """The instruction-set extensions that matter for INT8/BF16 kernels, read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return tuple(flag for flag in _ISA_FLAGS if flag in present)
-    except OSError:
-        pass
-    return ()
+    present = set((_cpuinfo("flags", "Features") or "").split())
+    return tuple(flag for flag in _ISA_FLAGS if flag in present)
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo("model name")
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def describe() -> dict[str, Any]:
@@ -44,11 +40,5 @@ def describe() -> dict[str, Any]:
             libs[name] = version(name)
         except PackageNotFoundError:
             pass
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "isa": list(cpu_flags()),
-        "libraries": libs,
-    }
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "isa": list(cpu_flags()), "libraries": libs}

@@ -37,10 +37,8 @@ def is_text_artifact(artifact: Any) -> bool:
 def model_dir(spec: str) -> Path:
     path = Path(spec[len(PREFIX):]).expanduser()
     if not path.is_dir():
-        raise InputError(
-            f"{spec}: {path} is not a directory; hf: takes a local directory written by save_pretrained "
-            "(mlopt never downloads from the hub)"
-        )
+        raise InputError(f"{spec}: {path} is not a directory; hf: takes a local directory written by "
+                         "save_pretrained (mlopt never downloads from the hub)")
     if not (path / "config.json").is_file():
         raise InputError(f"{spec}: {path} has no config.json; it is not a saved Hugging Face model")
     for name in ("config.json", "tokenizer_config.json"):
@@ -48,10 +46,8 @@ def model_dir(spec: str) -> Path:
             auto_map = _read_json(path / name).get("auto_map")
             if auto_map:
                 code = next(iter(auto_map.values())) if isinstance(auto_map, dict) else auto_map
-                raise InputError(
-                    f"{spec}: {name} names code shipped with the model (auto_map: {code}); mlopt loads only "
-                    "architectures transformers implements and never runs code from a model folder"
-                )
+                raise InputError(f"{spec}: {name} names code shipped with the model (auto_map: {code}); mlopt loads "
+                                 "only architectures transformers implements and never runs code from a model folder")
     return path
 
 
@@ -92,8 +88,7 @@ def _text_module_class() -> Any:
 
         def __init__(self, model: Any, output: str):
             super().__init__()
-            self.model = model
-            self.output = output
+            self.model, self.output = model, output
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -178,8 +173,8 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
     tok = tokenizer(spec)
     names = input_names(tok)
     limit = min(max_length, _max_positions(read_config(spec)))
-    lengths = [len(ids) for ids in tok(list(data.train) + list(data.val), truncation=True, max_length=limit)["input_ids"]]
-    length = max(lengths)
+    encoded = tok(list(data.train) + list(data.val), truncation=True, max_length=limit)["input_ids"]
+    length = max(len(ids) for ids in encoded)
 
     def encode(lines: list[str]) -> TokenDataset:
         enc = tok(lines, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
@@ -233,6 +228,6 @@ def example_inputs(artifact: Any, n: int) -> dict[str, Any]:
     """Fixed token inputs of the artifact's sequence length, for a model exported without data."""
     import torch
 
-    length = artifact.sample_shape[0]
     values = {"input_ids": 1, "attention_mask": 1, "token_type_ids": 0}
-    return {name: torch.full((n, length), values[name], dtype=torch.long) for name in artifact.builder["hf"]["inputs"]}
+    return {name: torch.full((n, artifact.sample_shape[0]), values[name], dtype=torch.long)
+            for name in artifact.builder["hf"]["inputs"]}

@@ -54,10 +54,8 @@ def check_shape_size(dims: Any, what: str) -> None:
 
     total = math.prod(int(d) for d in dims)
     if total > MAX_SHAPE_VALUES:
-        raise InputError(
-            f"{what} holds {total:,} values ({format_shape(list(dims))}); mlopt takes at most {MAX_SHAPE_VALUES:,} "
-            "(1 GiB of float32) per shape"
-        )
+        raise InputError(f"{what} holds {total:,} values ({format_shape(list(dims))}); mlopt takes at most "
+                         f"{MAX_SHAPE_VALUES:,} (1 GiB of float32) per shape")
 
 
 def format_shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -67,20 +65,12 @@ def format_shape(shape: tuple[int, ...] | list[int]) -> str:
 def split_spec(spec: str) -> tuple[str, str]:
     """'torchvision:resnet18' -> ('torchvision', 'resnet18'); 'a/b.py:make' -> ('a/b.py', 'make')."""
     if ":" not in spec:
-        raise InputError(
-            f"unrecognised model {spec!r}: expected torchvision:NAME, FILE.py:FACTORY, "
-            "package.module:FACTORY, hf:DIR, an mlopt output directory or FILE.onnx"
-        )
+        raise InputError(f"unrecognised model {spec!r}: expected torchvision:NAME, FILE.py:FACTORY, "
+                         "package.module:FACTORY, hf:DIR, an mlopt output directory or FILE.onnx")
     prefix, _, name = spec.rpartition(":")
     if not prefix or not name:
         raise InputError(f"unrecognised model {spec!r}: both sides of ':' must be given")
     return prefix, name
-
-
-def torchvision_model_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def build_module(spec: str, num_classes: int | None) -> Any:
@@ -104,7 +94,7 @@ def build_module(spec: str, num_classes: int | None) -> Any:
 def _build_torchvision(name: str, num_classes: int | None) -> Any:
     import torchvision
 
-    names = torchvision_model_names()
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
@@ -112,9 +102,8 @@ def _build_torchvision(name: str, num_classes: int | None) -> Any:
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if name.startswith("inception") or name.startswith("googlenet"):
-        kwargs["aux_logits"] = False
-        kwargs["init_weights"] = False
+    if name.startswith(("inception", "googlenet")):
+        kwargs.update(aux_logits=False, init_weights=False)
     return torchvision.models.get_model(name, **kwargs)
 
 
@@ -199,9 +188,8 @@ def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
         parts = []
         if mismatched:
             k = mismatched[0]
-            parts.append(
-                f"{len(mismatched)} shape mismatch(es), e.g. {k}: model {tuple(own[k].shape)} vs file {tuple(state[k].shape)}"
-            )
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: model {tuple(own[k].shape)} vs file "
+                         f"{tuple(state[k].shape)}")
         if missing:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
@@ -221,8 +209,7 @@ def documented_image_size(spec: str | None) -> int | None:
     import torchvision
 
     try:
-        weights = torchvision.models.get_model_weights(spec.partition(":")[2])
-        transforms = weights.DEFAULT.transforms
+        transforms = torchvision.models.get_model_weights(spec.partition(":")[2]).DEFAULT.transforms
     except (ValueError, KeyError, AttributeError):
         return None
     size = getattr(transforms, "keywords", {}).get("crop_size")
@@ -278,8 +265,8 @@ def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = 
             if size is not None and len(sample_shape) == 3 and tuple(sample_shape[1:]) != (size, size):
                 size_hint = f"{spec.partition(':')[2]} was built for {size}x{size} images (--image-size {size})"
         parts = [channels or first_line(exc)] + ([size_hint] if size_hint else [])  # the fix, else what the model said
-        message = f"the model rejects input of shape {format_shape((1, *sample_shape))}: {'; '.join(parts)}"
-        raise InputError(message) from exc
+        raise InputError(f"the model rejects input of shape {format_shape((1, *sample_shape))}: "
+                         f"{'; '.join(parts)}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -308,12 +295,9 @@ def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:
 
 
 def changed_attributes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    changed = {}
-    for name, attrs in after.items():
-        diff = {k: v for k, v in attrs.items() if before.get(name, {}).get(k) != v}
-        if diff:
-            changed[name] = diff
-    return changed
+    changed = {name: {k: v for k, v in attrs.items() if before.get(name, {}).get(k) != v}
+               for name, attrs in after.items()}
+    return {name: diff for name, diff in changed.items() if diff}
 
 
 def apply_recorded_shapes(module: Any, recorded: dict[str, dict[str, Any]], state: dict[str, Any]) -> None:

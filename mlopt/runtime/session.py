@@ -7,11 +7,7 @@ from typing import Any
 
 from mlopt.core.errors import InputError, RunError, first_line
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 def available_providers() -> list[str]:
@@ -33,10 +29,9 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
         raise InputError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     available = available_providers()
     if provider not in available:
-        raise InputError(
-            f"provider {provider!r} is not available in this onnxruntime; available: {', '.join(available)}"
-            + (" (install onnxruntime-gpu for cuda/tensorrt)" if provider != "cpu" else "")
-        )
+        hint = " (install onnxruntime-gpu for cuda/tensorrt)" if provider != "cpu" else ""
+        raise InputError(f"provider {provider!r} is not available in this onnxruntime; available: "
+                         f"{', '.join(available)}{hint}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -47,25 +42,15 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
     except Exception as exc:
-        first = first_line(exc)
-        raise InputError(f"onnxruntime cannot load {path}: {first}") from exc
+        raise InputError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
     if session.get_providers()[0] != PROVIDERS[provider]:
-        raise RunError(
-            f"onnxruntime could not start {PROVIDERS[provider]} (it fell back to {session.get_providers()[0]}); "
-            "check the CUDA/cuDNN/TensorRT libraries"
-        )
+        raise RunError(f"onnxruntime could not start {PROVIDERS[provider]} (it fell back to "
+                       f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")
     return session
 
 
-_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-}
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+           "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
 
 def input_specs(session: Any) -> list[tuple[str, list[Any], Any]]:
@@ -95,17 +80,15 @@ def make_feed(session: Any, x: Any) -> dict[str, Any]:
         return {name: x[name].astype(dtype, copy=False) for name, _, dtype in specs}
     if len(specs) != 1:
         raise InputError(f"the model takes {len(specs)} inputs ({', '.join(s[0] for s in specs)}); the data gives one")
-    name, _, dtype = specs[0]
-    return {name: x.astype(dtype, copy=False)}
+    return {specs[0][0]: x.astype(specs[0][2], copy=False)}
 
 
 def synthetic_feed(session: Any, batch: int, sample_shape: tuple[int, ...], rng: Any) -> dict[str, Any]:
     """Inputs for timing: Gaussian floats; for token models, token ids, an all-ones mask, zero type ids."""
     import numpy as np
 
-    feed = {}
+    feed, full = {}, (batch, *sample_shape)
     for name, _, dtype in input_specs(session):
-        full = (batch, *sample_shape)
         if np.issubdtype(dtype, np.floating):
             feed[name] = rng.standard_normal(full).astype(dtype)
         elif "mask" in name:
@@ -126,6 +109,5 @@ def run_session(session: Any, x: Any) -> Any:
     try:
         return session.run(None, feed)[0]
     except Exception as exc:
-        first = first_line(exc)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
-        raise InputError(f"onnxruntime rejected an input of shape {shapes}: {first}") from exc
+        raise InputError(f"onnxruntime rejected an input of shape {shapes}: {first_line(exc)}") from exc
