@@ -16,10 +16,10 @@ import typer
 from mlopt.core import console
 from mlopt.core.errors import EXIT_FAILURE, InputError, MloptError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_text
-from mlopt.run.outdir import check_replaceable_file
-from mlopt.run.recipe import recipe_from_dict, recipe_to_yaml
-from mlopt.run.runner import run_recipe
 from mlopt.runtime import distributed
+
+# The run layer (recipes, passes, pydantic) is imported inside the commands: `mlopt --help` stays
+# fast, and an error while loading step types (MLOPT_PASSES) is turned into a message like any other.
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,6 +50,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[str, Any]) -> Any:
     """A one-step recipe from command-line values (None means: not given, use the default)."""
+    from mlopt.run.recipe import recipe_from_dict
+
     def given(values: dict[str, Any]) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
 
@@ -65,6 +67,10 @@ def execute(recipe: Any, out: Path | None, overwrite: bool, quiet: bool, save: P
     """Run a one-step recipe through the shared runner (flat layout); with --json print json_view(step report).
 
     --save-recipe: write the recipe instead (an existing file is replaced only with --overwrite)."""
+    from mlopt.run.outdir import check_replaceable_file
+    from mlopt.run.recipe import recipe_to_yaml
+    from mlopt.run.runner import run_recipe
+
     console.set_quiet(quiet or json_out)
     if save is not None:
         check_replaceable_file(save, lambda text: False, overwrite, "--save-recipe")

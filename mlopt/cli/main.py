@@ -12,7 +12,6 @@ from mlopt.cli.common import handle_errors
 from mlopt.cli.recipe_cmd import recipe_app
 from mlopt.cli.report_cmd import report_app
 from mlopt.cli.run import run
-from mlopt.cli.steps import click_command, step_types
 
 
 class _Commands(TyperGroup):
@@ -20,11 +19,15 @@ class _Commands(TyperGroup):
     command line is read, not when this module is imported (importing their config classes imports pydantic)."""
 
     def list_commands(self, ctx: Any) -> list[str]:
+        from mlopt.cli.steps import step_types
+
         return [*handle_errors(step_types)(), *super().list_commands(ctx)]
 
     def get_command(self, ctx: Any, name: str) -> Any:
         command = super().get_command(ctx, name)
         if command is None:
+            from mlopt.cli.steps import click_command, step_types
+
             step = handle_errors(step_types)().get(name)
             command = click_command(step) if step is not None else None
         return command

@@ -9,7 +9,6 @@ import typer
 
 from mlopt.cli.common import handle_errors
 from mlopt.core import console
-from mlopt.run.recipe import Recipe, load_recipe
 
 recipe_app = typer.Typer(help="Check recipes and print their JSON Schema.", no_args_is_help=True)
 
@@ -18,6 +17,8 @@ recipe_app = typer.Typer(help="Check recipes and print their JSON Schema.", no_a
 @handle_errors
 def validate(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="A YAML recipe.")]) -> None:
     """Validate a recipe completely without running it (exit 2 and the problems if it is invalid)."""
+    from mlopt.run.recipe import load_recipe
+
     recipe = load_recipe(recipe_file)
     console.info(f"{recipe_file}: valid ({len(recipe.steps)} steps: {', '.join(s.type for s in recipe.steps)})")
 
@@ -26,4 +27,6 @@ def validate(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help=
 @handle_errors
 def schema() -> None:
     """Print the recipe JSON Schema (for editors that complete and check YAML)."""
+    from mlopt.run.recipe import Recipe
+
     console.emit_json(Recipe.model_json_schema())

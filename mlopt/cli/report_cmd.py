@@ -11,9 +11,6 @@ from mlopt.cli import options as o
 from mlopt.cli.common import handle_errors
 from mlopt.core import console
 from mlopt.core.errors import GateError, InputError
-from mlopt.core.sections import Table
-from mlopt.report.markdown import compare_runs, load_run_report, rich_table
-from mlopt.report.schema import json_schema
 
 report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
 
@@ -22,6 +19,8 @@ report_app = typer.Typer(help="Work with run reports.", no_args_is_help=True)
 @handle_errors
 def schema() -> None:
     """Print the JSON schema that every report.json (step or run) follows."""
+    from mlopt.report.schema import json_schema
+
     console.emit_json(json_schema())
 
 
@@ -35,6 +34,9 @@ def compare(
     json_out: o.Json = False,
 ) -> None:
     """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
+    from mlopt.core.sections import Table
+    from mlopt.report.markdown import compare_runs, load_run_report, rich_table
+
     rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
     if json_out:
         console.emit_json({"rows": rows, "regressed": any(r["regressed"] for r in rows)})

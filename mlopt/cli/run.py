@@ -11,10 +11,6 @@ from mlopt.cli.common import handle_errors, relaunch_under_torchrun
 from mlopt.core import console
 from mlopt.core.errors import GateError, InputError
 from mlopt.core.fsutil import atomic_write_text
-from mlopt.run.gates import JUNIT_CLASSNAME, junit_xml
-from mlopt.run.outdir import check_replaceable_file
-from mlopt.run.recipe import load_recipe
-from mlopt.run.runner import run_recipe
 
 
 @handle_errors
@@ -33,6 +29,11 @@ def run(
     With --resume, steps that completed with the same configuration are skipped and an interrupted
     training step continues from its checkpoint.
     """
+    from mlopt.run.gates import JUNIT_CLASSNAME, junit_xml
+    from mlopt.run.outdir import check_replaceable_file
+    from mlopt.run.recipe import load_recipe
+    from mlopt.run.runner import run_recipe
+
     console.set_quiet(quiet or json_out)
     recipe = load_recipe(recipe_file)  # validated before any process is launched
     if out is None:

@@ -24,7 +24,6 @@ from pydantic.fields import FieldInfo
 from mlopt.cli import options as o
 from mlopt.cli.common import build_recipe, execute, handle_errors, relaunch_under_torchrun
 from mlopt.core.contracts import CLI_FIELD, PASSES, Pass
-from mlopt.run.recipe import import_passes
 
 _MODEL_KEYS = ("num_classes", "weights", "input_shape", "seed")
 _DATA_KEYS = ("batch_size", "image_size", "channels", "max_length", "seed")
@@ -158,6 +157,8 @@ def step_command(p: type[Pass]) -> Callable[..., None]:
 
 def step_types() -> dict[str, type[Pass]]:
     """Every registered step type (the built-in ones and those MLOPT_PASSES names)."""
+    from mlopt.run.recipe import import_passes  # loading the recipe module imports them; errors become messages
+
     import_passes()
     return dict(PASSES)
 
