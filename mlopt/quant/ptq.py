@@ -131,8 +131,8 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
 
     notes: list[str] = []
     if artifact.format == "torch":
-        artifact, exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
-        notes += exported.notes
+        exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
+        artifact, notes = exported.artifact, exported.notes
     fp32 = Path(artifact.require_onnx("ptq"))
     model = graph.load(fp32)
     if graph.quantized_ops(model):

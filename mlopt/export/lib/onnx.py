@@ -136,7 +136,7 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
     export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata, **text)
 
 
-def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> tuple[Any, StepResult]:
+def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> StepResult:
     """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
@@ -149,6 +149,6 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) 
         f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
         f"{agreement} on {parity['parity_samples']} inputs"
     )
-    new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
-    metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
-    return new, StepResult(artifact=new, metrics=metrics, notes=[f"parity checked on {parity['parity_samples']} {source}"])
+    return StepResult(artifact=artifact.derive("export", format="onnx", module=None, onnx_path=path),
+                      metrics={**parity, "opset": config.opset, "size_mb": file_size_mb(path)},
+                      notes=[f"parity checked on {parity['parity_samples']} {source}"])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
+from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.fsutil import file_size_mb
 from mlopt.runtime.session import input_spec, make_session, synthetic_feed
@@ -22,16 +24,19 @@ from mlopt.runtime.session import input_spec, make_session, synthetic_feed
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
 
 
-@dataclass
-class TimingSettings:
-    """How models are timed (the `bench` step's config has these fields too)."""
+class TimingSettings(BaseModel):
+    """How models are timed: the options of the `bench` step (BenchConfig), used by other steps too."""
 
-    provider: str = "cpu"
-    threads: int | None = None
-    batch_sizes: tuple[int, ...] | list[int] = (1,)
-    warmup: int = 10
-    iterations: int | None = 100
-    duration_s: float | None = None
+    model_config = ConfigDict(extra="forbid")
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
+    warmup: int = Field(10, ge=0, description="untimed runs before timing")
+    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
+                                   json_schema_extra=cli(short="-n"))
+    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of "
+                                     "iterations", json_schema_extra=cli(flag="--duration"))
 
 
 def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSettings,
