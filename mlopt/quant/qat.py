@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mlopt.compress.lib.distillation import distillation_objective
-from mlopt.compress.lib.engine import Objective, TrainingConfig, fit, history_table
+from mlopt.compress.lib.engine import Objective, TrainingConfig, cross_entropy, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
@@ -197,7 +197,7 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     clock = torch.nn.Module()  # the count of training steps taken, in a buffer so checkpoints keep it
     clock.register_buffer("steps", torch.tensor(0, dtype=torch.long))
     bn_layers = batchnorm_layers(sim.module)
-    base_loss = objective.loss if objective else None
+    base_loss = objective.loss if objective else cross_entropy
 
     def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
         if model.training:
@@ -207,10 +207,7 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
         for bn in bn_layers:
             bn.train(model.training and epoch < config.freeze_bn_after)
         sim.freeze(epoch >= config.freeze_observers_after)
-        if base_loss is not None:
-            return base_loss(model, x, y, idx)
-        logits = model(x)
-        return torch.nn.functional.cross_entropy(logits.float(), y), logits
+        return base_loss(model, x, y, idx)
 
     # The observers ride along as extra modules: moved to the device and kept in checkpoints.
     obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.all_observers(), clock],
@@ -284,20 +281,19 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
         **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
     }
     latency = latency_entries(st.fp32_latency, "FP32", "cpu") + latency_entries(st.int8_latency, "INT8", "cpu")
-    sections = [*simulation_error_sections(st.errors), *_left_out_table(st), history_table(fitted["history"])]
+    # What runs in float, or outside the simulation, by name (the metrics count them).
+    left_out = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
+                + [["layer with float weights in the simulation", name] for name in st.floating]
+                + [["batch norm not folded into a convolution", name] for name in st.unfolded]
+                + [["tensor calibrated by onnxruntime", name] for name in st.calibrated])
+    sections = simulation_error_sections(st.errors)
+    if left_out:
+        sections.append(Table(title="left in float or outside the simulation", columns=["what", "name"], rows=left_out))
+    sections.append(history_table(fitted["history"]))
     notes = _notes(st, config)
     console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 "
                  f"{st.fp32_acc:.4f}); {notes[2]}; {notes[3]}")
     return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
-
-
-def _left_out_table(st: QATState) -> list[Table]:
-    """What runs in float, or outside the simulation, by name (the metrics count them)."""
-    rows = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
-            + [["layer with float weights in the simulation", name] for name in st.floating]
-            + [["batch norm not folded into a convolution", name] for name in st.unfolded]
-            + [["tensor calibrated by onnxruntime", name] for name in st.calibrated])
-    return [Table(title="left in float or outside the simulation", columns=["what", "name"], rows=rows)] if rows else []
 
 
 def _notes(st: QATState, config: QATConfig) -> list[str]:

@@ -57,6 +57,14 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int | None = Field(None, gt=0, description="also checkpoint every N optimiser steps")
 
 
+def cross_entropy(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+    """The default objective's loss: cross-entropy on the labels."""
+    import torch.nn.functional as F
+
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y), logits
+
+
 @dataclass
 class Objective:
     """What the engine minimises. The default is cross-entropy on the labels; distillation adds terms.
@@ -66,7 +74,7 @@ class Objective:
     feature projections) that are optimised, checkpointed and moved to the device with the model.
     """
 
-    loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] | None = None
+    loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] = cross_entropy
     modules: list[Any] = field(default_factory=list)
     to_device: Callable[[Any], None] | None = None
 
@@ -257,22 +265,17 @@ class _Training:
             return
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(self.ckpt_path, {
-            "fingerprint": self.fingerprint,
-            "model": self.module.state_dict(),
+            "fingerprint": self.fingerprint, "model": self.module.state_dict(),
             "extra_modules": [m.state_dict() for m in self.objective.modules],
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
-            "progress": asdict(self.progress),
-            "best_weights": self.best_weights,
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+            "progress": asdict(self.progress), "best_weights": self.best_weights,
         })
 
     def train_epoch(self, train_set: Any, batches: list[list[int]], bar: Any) -> None:
         """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
         import torch
-        import torch.nn.functional as F
 
         cfg, state = self.cfg, self.progress
         self.module.train()
@@ -288,11 +291,7 @@ class _Training:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.device, dtype=amp or torch.float32, enabled=amp is not None):
-                if self.objective.loss is not None:
-                    loss, logits = self.objective.loss(self.model, x, y, indices)
-                else:
-                    logits = self.model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                loss, logits = self.objective.loss(self.model, x, y, indices)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.dist.enabled and self.extra_params:
@@ -338,14 +337,9 @@ class _Training:
             val = evaluate_torch(self.module, data, batch_size, self.dev)
         state.seen += state.count
         state.epoch += 1
-        state.history.append({
-            "epoch": state.epoch,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": self.opt.param_groups[0]["lr"],
-        })
+        state.history.append({"epoch": state.epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
+                              "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                              "lr": self.opt.param_groups[0]["lr"]})
         if val["accuracy"] > state.best_acc:
             state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
             if cfg.early_stopping:
@@ -368,17 +362,10 @@ class _Training:
         best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
         chosen = state.history[best_epoch - 1]
         return {
-            "accuracy": chosen["val_accuracy"],
-            "loss": chosen["val_loss"],
-            "train_loss": chosen["train_loss"],
-            "epochs": len(state.history),
-            "best_epoch": best_epoch,
-            "stopped_early": len(state.history) < cfg.epochs,
-            "precision": cfg.amp if cfg.amp != "off" else "fp32",
-            "device": self.device,
-            "channels_last": self.channels_last,
-            "processes": dist.world_size,
-            "backend": distributed.backend(),
+            "accuracy": chosen["val_accuracy"], "loss": chosen["val_loss"], "train_loss": chosen["train_loss"],
+            "epochs": len(state.history), "best_epoch": best_epoch, "stopped_early": len(state.history) < cfg.epochs,
+            "precision": cfg.amp if cfg.amp != "off" else "fp32", "device": self.device,
+            "channels_last": self.channels_last, "processes": dist.world_size, "backend": distributed.backend(),
             "replica_max_abs_diff": replica_diff,
             "train_samples_per_s": state.seen * dist.world_size / state.train_time if state.train_time > 0 else None,
             "history": state.history,

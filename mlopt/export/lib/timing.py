@@ -76,15 +76,10 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
                     break
         mean = sum(times) / len(times)
         p50, p90, p99 = (float(v) for v in np.percentile(times, (50, 90, 99)))
-        results.append({
-            "model": label,
-            "provider": cfg.provider,
-            "batch_size": batch,
-            "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
-            "throughput_per_s": batch * 1000.0 / mean,
-            "size_mb": file_size_mb(path),
-            "iterations": len(times),
-        })
+        results.append({"model": label, "provider": cfg.provider, "batch_size": batch,
+                        "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
+                        "throughput_per_s": batch * 1000.0 / mean, "size_mb": file_size_mb(path),
+                        "iterations": len(times)})
     del session
     gc.collect()
     return results
