@@ -67,12 +67,9 @@ def cross_entropy(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
 
 @dataclass
 class Objective:
-    """What the engine minimises. The default is cross-entropy on the labels; distillation adds terms.
-
-    `loss(model, x, y, indices)` returns (loss, logits); `indices` are the batch's positions in the
-    train split (for cached teacher outputs). `modules` are extra trainable modules (for example
-    feature projections) that are optimised, checkpointed and moved to the device with the model.
-    """
+    """What the engine minimises: `loss(model, x, y, indices)` returns (loss, logits), `indices` being the
+    batch's positions in the train split (for cached teacher outputs). `modules` are extra trainable modules
+    (feature projections) optimised, checkpointed and moved to the device with the model."""
 
     loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] = cross_entropy
     modules: list[Any] = field(default_factory=list)
@@ -162,11 +159,8 @@ class Progress:
 def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, objective: Objective | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, fingerprint_extra: Any = None,
         label: str = "train") -> dict[str, Any]:
-    """Train `module` in place on the train split; evaluate on validation after each epoch.
-
-    Returns the metrics (final validation accuracy and loss, throughput, precision, history).
-    The module ends on the CPU in eval mode.
-    """
+    """Train `module` in place, validating after each epoch; returns the metrics (validation accuracy and
+    loss, throughput, precision, history). The module ends on the CPU in eval mode."""
     require_labels(data, "training")
     n = len(data.train)
     run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra)

@@ -38,13 +38,10 @@ class ExportOptions(BaseModel):
 def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
                 example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None,
                 debug_metadata: bool = False) -> None:
-    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure.
-
-    `example` names the inputs of a multi-input model (token models: input_ids, attention_mask, ...);
-    with `max_sequence` their second axis (the sequence) is dynamic as well. The dynamo exporter's
-    per-node debug metadata (local source paths, module names) is dropped unless `debug_metadata`:
-    onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file.
-    """
+    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure. `example` names
+    the inputs of a multi-input model (token models: input_ids, attention_mask, ...); with `max_sequence` their
+    second axis (the sequence) is dynamic as well. The dynamo exporter's per-node debug metadata is dropped
+    unless `debug_metadata`: onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file."""
     import onnx
     import torch
 

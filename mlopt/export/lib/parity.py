@@ -11,10 +11,8 @@ from mlopt.runtime.session import make_session, run_session
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
-    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`.
-
-    Fails when any output differs by more than atol + rtol * max|torch output|.
-    """
+    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`; a ParityError where any
+    output differs by more than atol + rtol * max|torch output|."""
     import numpy as np
     import torch
 

@@ -90,13 +90,9 @@ TIMING_ROUNDS = 3
 
 def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
                         iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, float]]:
-    """Median latency (ms) per batch size of each model, for deciding which is faster.
-
-    The models are timed in interleaved rounds, one session alive at a time, and each model keeps
-    its best round: a slow spell of a shared machine then hits every model alike instead of one.
-    `iterations` are shared out among the rounds; more rounds give each model more chances of a
-    quiet spell on a busy machine.
-    """
+    """Median latency (ms) per batch size of each model, for deciding which is faster: the models take
+    turns over `rounds` rounds sharing `iterations`, and each keeps its best round, so a slow spell of a
+    shared machine hits every model alike instead of one."""
     per_round = max(3, iterations // rounds)
     cfg = TimingSettings(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
     best: list[dict[int, float]] = [{} for _ in paths]
