@@ -55,10 +55,8 @@ def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:
         console.warn(f"teacher {config.teacher} is built with random weights; pass a trained mlopt directory instead")
         return build_module(config.teacher, ctx.data.num_classes), config.teacher
     if ctx.baseline is current and not config.student:
-        raise InputError(
-            "distill needs a teacher: give --teacher, a --student different from the current model, "
-            "or put distill after a compressing step (the model before it is the teacher)"
-        )
+        raise InputError("distill needs a teacher: give --teacher, a --student different from the current model, "
+                         "or put distill after a compressing step (the model before it is the teacher)")
     return ctx.baseline.require_torch("distill (teacher)"), ctx.baseline.origin or "the model before compression"
 
 

@@ -47,9 +47,8 @@ class TrainingConfig(BaseModel):
     step_epochs: int = Field(30, gt=0, description="step schedule: epochs between decays")
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
-    early_stopping: int | None = Field(
-        None, gt=0, description="stop after this many epochs without a better validation accuracy; keep the best weights"
-    )
+    early_stopping: int | None = Field(None, gt=0, description="stop after this many epochs without a better "
+                                       "validation accuracy; keep the best weights")
     batch_size: int | None = Field(None, gt=0, description="per-process batch size; defaults to the data's batch_size")
     seed: int = 0
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision: bf16 (CPU, CUDA) or fp16 (CUDA)")
@@ -235,10 +234,8 @@ class _Training:
             raise InputError(f"checkpoint {self.ckpt_path} is unreadable ({type(exc).__name__}); "
                              "start again with --overwrite") from exc
         if ckpt.get("fingerprint") != self.fingerprint:
-            raise InputError(
-                f"the checkpoint in {self.ckpt_path.parent} was written with a different configuration; "
-                "rerun with the original settings, or with --overwrite to start again"
-            )
+            raise InputError(f"the checkpoint in {self.ckpt_path.parent} was written with a different configuration; "
+                             "rerun with the original settings, or with --overwrite to start again")
         self.module.load_state_dict(ckpt["model"])
         for extra, sd in zip(self.objective.modules, ckpt["extra_modules"]):
             extra.load_state_dict(sd)
@@ -305,11 +302,9 @@ class _Training:
             if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
                 _flush(state, sums)
                 elapsed = state.train_time + time.perf_counter() - started
-                bar.advance(
-                    0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
-                    acc=f"{state.correct / state.count:.3f}",
-                    rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s",
-                )
+                bar.advance(0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
+                            acc=f"{state.correct / state.count:.3f}",
+                            rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s")
             bar.advance(1)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
                 _flush(state, sums)
@@ -324,9 +319,8 @@ class _Training:
     def end_epoch(self, data: Dataset, batch_size: int) -> None:
         """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
         cfg, state = self.cfg, self.progress
-        loss_sum, correct, count = distributed.all_reduce_sum(
-            [state.loss_sum, float(state.correct), float(state.count)], self.dev
-        )
+        loss_sum, correct, count = distributed.all_reduce_sum([state.loss_sum, float(state.correct),
+                                                               float(state.count)], self.dev)
         with console.quieted():
             val = evaluate_torch(self.module, data, batch_size, self.dev)
         state.seen += state.count

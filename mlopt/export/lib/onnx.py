@@ -26,8 +26,7 @@ class ExportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     opset: int = Field(18, ge=17, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field(
-        "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one"
-    )
+        "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one")
     atol: float = Field(1e-4, ge=0, description="parity: absolute tolerance")
     rtol: float = Field(1e-3, ge=0, description="parity: tolerance relative to the largest output")
     parity_samples: int = Field(64, gt=0, description="inputs compared between PyTorch and onnxruntime")
@@ -84,10 +83,9 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
         raise RunError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}") from exc
     produced = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
     if produced.get("", produced.get("ai.onnx")) != opset:
-        raise RunError(
-            f"the {exporter} exporter produced opset {produced.get('')} instead of the requested {opset}"
-            + (" (the dynamo exporter needs opset >= 18 for most models; try exporter: torchscript)" if exporter == "dynamo" else "")
-        )
+        hint = " (the dynamo exporter needs opset >= 18 for most models; try exporter: torchscript)"
+        raise RunError(f"the {exporter} exporter produced opset {produced.get('')} instead of the requested {opset}"
+                       + (hint if exporter == "dynamo" else ""))
 
 
 @contextlib.contextmanager
@@ -142,10 +140,8 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) 
     inputs, source = parity_inputs(artifact, data, config.parity_samples)
     parity = compare(artifact.module, path, inputs, config.atol, config.rtol)
     agreement = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.4f}"
-    console.info(
-        f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
-        f"{agreement} on {parity['parity_samples']} inputs"
-    )
+    console.info(f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
+                 f"{agreement} on {parity['parity_samples']} inputs")
     return StepResult(artifact=artifact.derive("export", format="onnx", module=None, onnx_path=path),
                       metrics={**parity, "opset": config.opset, "size_mb": file_size_mb(path)},
                       notes=[f"parity checked on {parity['parity_samples']} {source}"])

@@ -40,9 +40,7 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
         "parity_samples": n,
     }
     if not np.isfinite(max_err) or max_err > tolerance:
-        raise ParityError(
-            f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance {tolerance:.3g} "
-            f"(atol {atol} + rtol {rtol} x max |output| {max_ref:.3g})"
-            + (f"; top-1 agreement {result['top1_agreement']:.3f}" if result["top1_agreement"] is not None else "")
-        )
+        agreement = "" if result["top1_agreement"] is None else f"; top-1 agreement {result['top1_agreement']:.3f}"
+        raise ParityError(f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance "
+                          f"{tolerance:.3g} (atol {atol} + rtol {rtol} x max |output| {max_ref:.3g}){agreement}")
     return result

@@ -125,9 +125,7 @@ def show_table(results: list[dict[str, Any]]) -> None:
         table.add_column(col, justify="left" if col in ("model", "provider") else "right")
     for r in results:
         lat = r["latency_ms"]
-        table.add_row(
-            r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
-            f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
-            f"{r['speedup']:.2f}x",
-        )
+        table.add_row(r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
+                      f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
+                      f"{r['speedup']:.2f}x")
     console.table(table)
