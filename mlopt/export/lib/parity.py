@@ -32,13 +32,8 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
         n += len(ref)
     tolerance = atol + rtol * max_ref
-    result = {
-        "max_abs_error": max_err,
-        "max_abs_output": max_ref,
-        "tolerance": tolerance,
-        "top1_agreement": agree / n if n and ref.ndim == 2 else None,
-        "parity_samples": n,
-    }
+    result = {"max_abs_error": max_err, "max_abs_output": max_ref, "tolerance": tolerance,
+              "top1_agreement": agree / n if n and ref.ndim == 2 else None, "parity_samples": n}
     if not np.isfinite(max_err) or max_err > tolerance:
         agreement = "" if result["top1_agreement"] is None else f"; top-1 agreement {result['top1_agreement']:.3f}"
         raise ParityError(f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance "
