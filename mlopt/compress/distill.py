@@ -55,10 +55,8 @@ def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:
         console.warn(f"teacher {config.teacher} is built with random weights; pass a trained mlopt directory instead")
         return build_module(config.teacher, ctx.data.num_classes), config.teacher
     if ctx.baseline is current and not config.student:
-        raise InputError(
-            "distill needs a teacher: give --teacher, a --student different from the current model, "
-            "or put distill after a compressing step (the model before it is the teacher)"
-        )
+        raise InputError("distill needs a teacher: give --teacher, a --student different from the current model, "
+                         "or put distill after a compressing step (the model before it is the teacher)")
     return ctx.baseline.require_torch("distill (teacher)"), ctx.baseline.origin or "the model before compression"
 
 
@@ -105,12 +103,8 @@ class DistillPass(Pass):
                      checkpoint_dir=ckpt / "distill" if ckpt else None, resume=ctx.resume,
                      fingerprint_extra=["distill", teacher_name])
         history = result.pop("history")
-        metrics: dict[str, Any] = {
-            **result,
-            "teacher_accuracy": teacher_metrics["accuracy"],
-            "teacher_params": count_params(teacher),
-            "params": count_params(student),
-        }
+        metrics: dict[str, Any] = {**result, "teacher_accuracy": teacher_metrics["accuracy"],
+                                   "teacher_params": count_params(teacher), "params": count_params(student)}
         notes = [f"teacher: {teacher_name} (top-1 {teacher_metrics['accuracy']:.4f})"]
         if config.baseline:
             plain = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
@@ -119,10 +113,8 @@ class DistillPass(Pass):
                        fingerprint_extra=["baseline"])
             metrics["baseline_accuracy"] = base["accuracy"]
             metrics["distillation_gain"] = result["accuracy"] - base["accuracy"]
-            notes.append(
-                f"the same student trained without distillation for {config.epochs} epoch(s) reached "
-                f"{base['accuracy']:.4f}; with distillation {result['accuracy']:.4f}"
-            )
+            notes.append(f"the same student trained without distillation for {config.epochs} epoch(s) reached "
+                         f"{base['accuracy']:.4f}; with distillation {result['accuracy']:.4f}")
         console.info(notes[-1])
         metrics["size_mb"] = new.size_mb()
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])

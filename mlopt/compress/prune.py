@@ -44,10 +44,8 @@ class PruneConfig(BaseModel):
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
     ignore: list[str] = Field(default_factory=list, description="module names left untouched (the classifier always is)")
     steps: int = Field(1, gt=0, description="prune in this many steps, fine-tuning after each")
-    finetune: TrainingConfig = Field(
-        default_factory=TrainingConfig, description="fine-tuning after each step (needs labelled data)",
-        json_schema_extra=cli(omit=("epochs",)),
-    )
+    finetune: TrainingConfig = Field(default_factory=TrainingConfig, json_schema_extra=cli(omit=("epochs",)),
+                                     description="fine-tuning after each step (needs labelled data)")
     finetune_epochs: int = Field(0, ge=0, description="fine-tuning epochs after each step; 0 = none")
     measure_latency: bool = Field(True, description="time the FP32 model before and after on onnxruntime",
                                   json_schema_extra=cli(flag="--latency/--no-latency"))
@@ -125,10 +123,8 @@ class PrunePass(Pass):
         latency = self._latency_after(module, shape, ctx, onnx_before, metrics) if onnx_before is not None else []
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
-        console.info(
-            f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
-            + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else "")
-        )
+        console.info(f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
+                     + (f", top-1 {metrics['accuracy_before']:.4f} -> {metrics['accuracy']:.4f}" if labeled else ""))
         if after_step:
             sections.append(Bars(title="top-1 after each prune step", labels=[f"step {i + 1}" for i in range(len(after_step))],
                                  series={"top-1": after_step}))

@@ -31,7 +31,6 @@ class TrainPass(Pass):
         result = fit(module, ctx.data, config, batch, checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume)
         history = result.pop("history")
         new = artifact.derive("train", module=module)
-        result["params"] = new.params()
-        result["size_mb"] = new.size_mb()
+        result.update(params=new.params(), size_mb=new.size_mb())
         console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
         return StepResult(artifact=new, metrics=result, sections=[history_table(history)])

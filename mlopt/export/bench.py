@@ -5,29 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from mlopt.core.contracts import Pass, StepResult, cli, names_file
+from mlopt.core.contracts import Pass, StepResult, names_file
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Latency, Table
-from mlopt.export.lib.timing import TIMING_NOTE, bench_models, show_table
+from mlopt.export.lib.timing import TIMING_NOTE, TimingSettings, bench_models, show_table
 from mlopt.runtime.artifacts import ONNX_FILE, load_onnx_file
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(TimingSettings):
     """Time the current ONNX model (and any others named in `compare`) on onnxruntime."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["bench"] = "bench"
-    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
-                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
-    warmup: int = Field(10, ge=0, description="untimed runs before timing")
-    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
-                                  json_schema_extra=cli(short="-n"))
-    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of iterations",
-                                      json_schema_extra=cli(flag="--duration"))
     compare: list[str] = Field(default_factory=list, json_schema_extra=names_file(), description="more ONNX files timed after the current model")
 
     @model_validator(mode="after")

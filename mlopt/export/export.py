@@ -22,4 +22,4 @@ class ExportPass(Pass):
     cli_help = "Export to ONNX (dynamic batch), check it, and compare onnxruntime with PyTorch on real inputs."
 
     def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
-        return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)[1]
+        return export_checked(artifact, ctx.data, Path(ctx.out_dir) / "model.onnx", config)

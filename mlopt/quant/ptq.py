@@ -50,8 +50,7 @@ class PTQConfig(BaseModel):
     per_channel: bool = Field(True, description="weight scales per channel or per tensor (static/dynamic modes)",
                               json_schema_extra=cli(flag="--per-channel/--per-tensor"))
     calibration: Literal["auto", "minmax", "percentile", "entropy"] = Field(
-        "auto", description="auto: minmax and percentile candidates in auto mode, minmax otherwise"
-    )
+        "auto", description="auto: minmax and percentile candidates in auto mode, minmax otherwise")
     calibration_samples: int = Field(256, gt=0, description="training samples used to calibrate")
     reduce_range: Literal["auto", "on", "off"] = Field("auto", description="auto: on for CPUs without VNNI")
     preprocess: bool = Field(True, description="shape inference and graph fusion by onnxruntime before quantizing")
@@ -131,8 +130,8 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
 
     notes: list[str] = []
     if artifact.format == "torch":
-        artifact, exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
-        notes += exported.notes
+        exported = export_checked(artifact, data, work / "fp32.onnx", ExportOptions())
+        artifact, notes = exported.artifact, exported.notes
     fp32 = Path(artifact.require_onnx("ptq"))
     model = graph.load(fp32)
     if graph.quantized_ops(model):
@@ -275,11 +274,10 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
         metrics.update(quantized=False, chosen="FP32", size_mb=fp32.size_mb, **quality.baseline)
         return result
     speedup = speedups(fp32.latency, chosen.latency)
-    metrics.update(
-        quantized=True, chosen=chosen.name, **speedup, size_mb=chosen.size_mb, size_ratio=fp32.size_mb / chosen.size_mb,
-        float_nodes=len(chosen.sensitivity), integer_kernels=chosen.kernels["integer"],
-        float_kernels=chosen.kernels["float"], **chosen.quality, within_budget=chosen.within_budget,
-    )
+    metrics.update(quantized=True, chosen=chosen.name, **speedup, size_mb=chosen.size_mb,
+                   size_ratio=fp32.size_mb / chosen.size_mb, float_nodes=len(chosen.sensitivity),
+                   integer_kernels=chosen.kernels["integer"], float_kernels=chosen.kernels["float"], **chosen.quality,
+                   within_budget=chosen.within_budget)
     if chosen.kernels["float"]:
         plan.notes.append(f"onnxruntime left {chosen.kernels['float']} Conv/MatMul/Gemm kernel(s) in float: "
                           f"{', '.join(chosen.kernels['float_ops'])}")

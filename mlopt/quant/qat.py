@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mlopt.compress.lib.distillation import distillation_objective
-from mlopt.compress.lib.engine import Objective, TrainingConfig, fit, history_table
+from mlopt.compress.lib.engine import Objective, TrainingConfig, cross_entropy, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
@@ -106,7 +106,7 @@ class QATPass(Pass):
 @dataclass
 class QATState:
     """What the phases of a QAT run share. `_prepare` fills the first block, `_train` the simulated
-    accuracy, `_export_trained` the trained INT8 model and its checks, `_finish` the rest."""
+    accuracy, `_export_trained` the trained INT8 model and its checks."""
 
     artifact: Any
     data: Any
@@ -132,15 +132,6 @@ class QATState:
     kernels: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     grid: dict[str, int] = field(default_factory=dict)
-    quality: Quality | None = None
-    chosen: str = "trained"
-    trained_acc: float = 0.0
-    start_acc: float = 0.0
-    agreement: float = 0.0
-    fp32_latency: dict[int, float] = field(default_factory=dict)
-    int8_latency: dict[int, float] = field(default_factory=dict)
-    slower: list[int] = field(default_factory=list)  # batch sizes at which INT8 is not faster
-    int8_acc: float = 0.0  # top-1 of the INT8 model chosen: the trained one or the calibrated starting point
 
 
 def _prepare(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> QATState:
@@ -197,7 +188,7 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
     clock = torch.nn.Module()  # the count of training steps taken, in a buffer so checkpoints keep it
     clock.register_buffer("steps", torch.tensor(0, dtype=torch.long))
     bn_layers = batchnorm_layers(sim.module)
-    base_loss = objective.loss if objective else None
+    base_loss = objective.loss if objective else cross_entropy
 
     def loss(model: Any, x: Any, y: Any, idx: Any) -> Any:
         if model.training:
@@ -207,10 +198,7 @@ def _train(st: QATState, config: QATConfig, ctx: Any) -> dict[str, Any]:
         for bn in bn_layers:
             bn.train(model.training and epoch < config.freeze_bn_after)
         sim.freeze(epoch >= config.freeze_observers_after)
-        if base_loss is not None:
-            return base_loss(model, x, y, idx)
-        logits = model(x)
-        return torch.nn.functional.cross_entropy(logits.float(), y), logits
+        return base_loss(model, x, y, idx)
 
     # The observers ride along as extra modules: moved to the device and kept in checkpoints.
     obj = Objective(loss=loss, modules=[*(objective.modules if objective else []), *sim.all_observers(), clock],
@@ -251,28 +239,29 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
     size), handed back with scalar metrics, notes, both models' latencies and the report sections."""
     import numpy as np
 
-    st.quality = Quality(st.start_fp32, st.data)  # onnxruntime, batches of 64, as sim_logits
-    trained_outputs = st.quality.outputs(st.trained_int8)
-    st.trained_acc = st.quality.metrics(trained_outputs)["accuracy"]
-    st.start_acc = st.quality.score(st.start_int8)["accuracy"]
-    st.agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
+    quality = Quality(st.start_fp32, st.data)  # onnxruntime, batches of 64, as sim_logits
+    trained_outputs = quality.outputs(st.trained_int8)
+    trained_acc = quality.metrics(trained_outputs)["accuracy"]
+    start_acc = quality.score(st.start_int8)["accuracy"]
+    agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
-    st.chosen = "trained" if st.trained_acc >= st.start_acc else "start"
-    int8, st.int8_acc = (st.trained_int8, st.trained_acc) if st.chosen == "trained" else (st.start_int8, st.start_acc)
-    st.fp32_latency, st.int8_latency = interleaved_latency([st.start_fp32, int8], st.artifact.sample_shape, "cpu",
-                                                           config.batch_sizes, config.iterations)
-    st.slower = not_faster_at(st.int8_latency, st.fp32_latency)
-    quantized = config.keep_int8 or not st.slower
-    accuracy = st.int8_acc if quantized else st.quality.baseline["accuracy"]
+    chosen = "trained" if trained_acc >= start_acc else "start"
+    int8, int8_acc = (st.trained_int8, trained_acc) if chosen == "trained" else (st.start_int8, start_acc)
+    fp32_latency, int8_latency = interleaved_latency([st.start_fp32, int8], st.artifact.sample_shape, "cpu",
+                                                     config.batch_sizes, config.iterations)
+    slower = not_faster_at(int8_latency, fp32_latency)  # batch sizes at which INT8 is not faster
+    quantized = config.keep_int8 or not slower
+    fp32_onnx_acc = quality.baseline["accuracy"]
+    accuracy = int8_acc if quantized else fp32_onnx_acc
     shutil.copyfile(int8 if quantized else st.start_fp32, out)
     new = st.artifact.derive("qat", format="onnx", module=None, onnx_path=out)
     metrics = {
-        "quantized": quantized, "chosen": st.chosen,
-        "start_accuracy": st.start_acc, "trained_accuracy": st.trained_acc,
-        "fp32_accuracy": st.fp32_acc, "fp32_onnx_accuracy": st.quality.baseline["accuracy"],
+        "quantized": quantized, "chosen": chosen,
+        "start_accuracy": start_acc, "trained_accuracy": trained_acc,
+        "fp32_accuracy": st.fp32_acc, "fp32_onnx_accuracy": fp32_onnx_acc,
         "simulated_accuracy_before": st.sim_before, "simulated_accuracy": st.sim_acc,
         "accuracy": accuracy, "accuracy_drop": st.fp32_acc - accuracy,
-        "simulation_top1_agreement": st.agreement,
+        "simulation_top1_agreement": agreement,
         "integer_kernels": st.kernels["integer"], "float_kernels": st.kernels["float"],
         "not_simulated": len(st.floating), "unfolded_batchnorms": len(st.unfolded),
         "simulated_points": "onnxruntime's quantized tensors" if st.sim.traced else "layer inputs",
@@ -280,52 +269,49 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
         "quantized_tensors": st.quantized_tensors, "ranges_handed_to_onnxruntime": len(st.handed),
         "tensors_calibrated_by_onnxruntime": len(st.calibrated),
         "weight_layers": st.grid["layers"], "weight_codes": st.grid["codes"], "weight_codes_differing": st.grid["differing"],
-        **speedups(st.fp32_latency, st.int8_latency),
+        **speedups(fp32_latency, int8_latency),
         **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
     }
-    latency = latency_entries(st.fp32_latency, "FP32", "cpu") + latency_entries(st.int8_latency, "INT8", "cpu")
-    sections = [*simulation_error_sections(st.errors), *_left_out_table(st), history_table(fitted["history"])]
-    notes = _notes(st, config)
+    latency = latency_entries(fp32_latency, "FP32", "cpu") + latency_entries(int8_latency, "INT8", "cpu")
+    # What runs in float, or outside the simulation, by name (the metrics count them).
+    left_out = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
+                + [["layer with float weights in the simulation", name] for name in st.floating]
+                + [["batch norm not folded into a convolution", name] for name in st.unfolded]
+                + [["tensor calibrated by onnxruntime", name] for name in st.calibrated])
+    sections = simulation_error_sections(st.errors)
+    if left_out:
+        sections.append(Table(title="left in float or outside the simulation", columns=["what", "name"], rows=left_out))
+    sections.append(history_table(fitted["history"]))
+    if chosen == "trained":
+        picked = (f"kept the trained model: INT8 top-1 {trained_acc:.4f} after QAT against {start_acc:.4f} at its "
+                  "calibrated starting point (onnxruntime, validation split; a tie keeps the trained model)")
+    else:
+        picked = (f"handed back the calibrated starting point: QAT training LOWERED INT8 top-1 to {trained_acc:.4f} "
+                  f"from {start_acc:.4f} before training (onnxruntime, validation split)")
+    timing = ", ".join(f"batch {b}: INT8 {int8_latency[b]:.3f} ms, FP32 {ms:.3f} ms" for b, ms in fp32_latency.items())
+    if not slower:
+        precision = f"INT8 is faster than the FP32 model QAT started from ({timing})"
+    elif config.keep_int8:
+        precision = (f"kept INT8 as asked (keep_int8) although it is NOT faster than the FP32 model QAT started from "
+                     f"at batch size {', '.join(map(str, slower))} ({timing})")
+    else:
+        precision = (f"handed back the FP32 model QAT started from (top-1 {fp32_onnx_acc:.4f}): the INT8 model "
+                     f"(top-1 {int8_acc:.4f}) is NOT faster at batch size {', '.join(map(str, slower))} "
+                     f"({timing}; {INT8_RULE}); --keep-int8 forces INT8")
+    (console.info if chosen == "trained" else console.warn)(picked)
+    (console.info if not slower else console.warn)(precision)
+    notes = [picked, precision, *_simulation_notes(st, agreement)]
     console.info(f"QAT: handed back {'INT8' if quantized else 'FP32'}, top-1 {accuracy:.4f} (FP32 "
                  f"{st.fp32_acc:.4f}); {notes[2]}; {notes[3]}")
     return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 
 
-def _left_out_table(st: QATState) -> list[Table]:
-    """What runs in float, or outside the simulation, by name (the metrics count them)."""
-    rows = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
-            + [["layer with float weights in the simulation", name] for name in st.floating]
-            + [["batch norm not folded into a convolution", name] for name in st.unfolded]
-            + [["tensor calibrated by onnxruntime", name] for name in st.calibrated])
-    return [Table(title="left in float or outside the simulation", columns=["what", "name"], rows=rows)] if rows else []
-
-
-def _notes(st: QATState, config: QATConfig) -> list[str]:
-    """Which model came back and why, and how well the simulation matches onnxruntime (also on the console)."""
-    if st.chosen == "trained":
-        picked = (f"kept the trained model: INT8 top-1 {st.trained_acc:.4f} after QAT against {st.start_acc:.4f} at its "
-                  "calibrated starting point (onnxruntime, validation split; a tie keeps the trained model)")
-    else:
-        picked = (f"handed back the calibrated starting point: QAT training LOWERED INT8 top-1 to {st.trained_acc:.4f} "
-                  f"from {st.start_acc:.4f} before training (onnxruntime, validation split)")
-    timing = ", ".join(f"batch {b}: INT8 {st.int8_latency[b]:.3f} ms, FP32 {ms:.3f} ms" for b, ms in st.fp32_latency.items())
-    slower = ", ".join(map(str, st.slower))
-    if not st.slower:
-        precision = f"INT8 is faster than the FP32 model QAT started from ({timing})"
-    elif config.keep_int8:
-        precision = (f"kept INT8 as asked (keep_int8) although it is NOT faster than the FP32 model QAT started from "
-                     f"at batch size {slower} ({timing})")
-    else:
-        precision = (f"handed back the FP32 model QAT started from (top-1 {st.quality.baseline['accuracy']:.4f}): the "
-                     f"INT8 model (top-1 {st.int8_acc:.4f}) is NOT faster at batch size {slower} "
-                     f"({timing}; {INT8_RULE}); --keep-int8 forces INT8")
+def _simulation_notes(st: QATState, agreement: float) -> list[str]:
+    """How well the simulation matches onnxruntime, and what it leaves out (also on the console)."""
     kernels, errors, grid = st.kernels, st.errors, st.grid
-    notes = [picked, precision,
-             f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels "
+    notes = [f"onnxruntime runs {kernels['integer']} integer and {kernels['float']} float Conv/MatMul/Gemm kernels "
              "in the trained INT8 model",
-             f"torch simulation and onnxruntime INT8 agree on {100 * st.agreement:.2f}% of validation top-1 predictions"]
-    (console.info if st.chosen == "trained" else console.warn)(picked)
-    (console.info if not st.slower else console.warn)(precision)
+             f"torch simulation and onnxruntime INT8 agree on {100 * agreement:.2f}% of validation top-1 predictions"]
     if errors:
         worst = max(errors, key=lambda r: r["local_max_error_steps"])
         deepest = max(errors, key=lambda r: r["max_error_steps"])

@@ -47,9 +47,8 @@ class TrainingConfig(BaseModel):
     step_epochs: int = Field(30, gt=0, description="step schedule: epochs between decays")
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
-    early_stopping: int | None = Field(
-        None, gt=0, description="stop after this many epochs without a better validation accuracy; keep the best weights"
-    )
+    early_stopping: int | None = Field(None, gt=0, description="stop after this many epochs without a better "
+                                       "validation accuracy; keep the best weights")
     batch_size: int | None = Field(None, gt=0, description="per-process batch size; defaults to the data's batch_size")
     seed: int = 0
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision: bf16 (CPU, CUDA) or fp16 (CUDA)")
@@ -57,16 +56,21 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int | None = Field(None, gt=0, description="also checkpoint every N optimiser steps")
 
 
+def cross_entropy(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+    """The default objective's loss: cross-entropy on the labels."""
+    import torch.nn.functional as F
+
+    logits = model(x)
+    return F.cross_entropy(logits.float(), y), logits
+
+
 @dataclass
 class Objective:
-    """What the engine minimises. The default is cross-entropy on the labels; distillation adds terms.
+    """What the engine minimises: `loss(model, x, y, indices)` returns (loss, logits), `indices` being the
+    batch's positions in the train split (for cached teacher outputs). `modules` are extra trainable modules
+    (feature projections) optimised, checkpointed and moved to the device with the model."""
 
-    `loss(model, x, y, indices)` returns (loss, logits); `indices` are the batch's positions in the
-    train split (for cached teacher outputs). `modules` are extra trainable modules (for example
-    feature projections) that are optimised, checkpointed and moved to the device with the model.
-    """
-
-    loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] | None = None
+    loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] = cross_entropy
     modules: list[Any] = field(default_factory=list)
     to_device: Callable[[Any], None] | None = None
 
@@ -154,11 +158,8 @@ class Progress:
 def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, objective: Objective | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, fingerprint_extra: Any = None,
         label: str = "train") -> dict[str, Any]:
-    """Train `module` in place on the train split; evaluate on validation after each epoch.
-
-    Returns the metrics (final validation accuracy and loss, throughput, precision, history).
-    The module ends on the CPU in eval mode.
-    """
+    """Train `module` in place, validating after each epoch; returns the metrics (validation accuracy and
+    loss, throughput, precision, history). The module ends on the CPU in eval mode."""
     require_labels(data, "training")
     n = len(data.train)
     run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra)
@@ -233,10 +234,8 @@ class _Training:
             raise InputError(f"checkpoint {self.ckpt_path} is unreadable ({type(exc).__name__}); "
                              "start again with --overwrite") from exc
         if ckpt.get("fingerprint") != self.fingerprint:
-            raise InputError(
-                f"the checkpoint in {self.ckpt_path.parent} was written with a different configuration; "
-                "rerun with the original settings, or with --overwrite to start again"
-            )
+            raise InputError(f"the checkpoint in {self.ckpt_path.parent} was written with a different configuration; "
+                             "rerun with the original settings, or with --overwrite to start again")
         self.module.load_state_dict(ckpt["model"])
         for extra, sd in zip(self.objective.modules, ckpt["extra_modules"]):
             extra.load_state_dict(sd)
@@ -257,22 +256,17 @@ class _Training:
             return
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(self.ckpt_path, {
-            "fingerprint": self.fingerprint,
-            "model": self.module.state_dict(),
+            "fingerprint": self.fingerprint, "model": self.module.state_dict(),
             "extra_modules": [m.state_dict() for m in self.objective.modules],
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
-            "progress": asdict(self.progress),
-            "best_weights": self.best_weights,
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+            "progress": asdict(self.progress), "best_weights": self.best_weights,
         })
 
     def train_epoch(self, train_set: Any, batches: list[list[int]], bar: Any) -> None:
         """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
         import torch
-        import torch.nn.functional as F
 
         cfg, state = self.cfg, self.progress
         self.module.train()
@@ -288,11 +282,7 @@ class _Training:
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.device, dtype=amp or torch.float32, enabled=amp is not None):
-                if self.objective.loss is not None:
-                    loss, logits = self.objective.loss(self.model, x, y, indices)
-                else:
-                    logits = self.model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                loss, logits = self.objective.loss(self.model, x, y, indices)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.dist.enabled and self.extra_params:
@@ -312,11 +302,9 @@ class _Training:
             if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
                 _flush(state, sums)
                 elapsed = state.train_time + time.perf_counter() - started
-                bar.advance(
-                    0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
-                    acc=f"{state.correct / state.count:.3f}",
-                    rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s",
-                )
+                bar.advance(0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
+                            acc=f"{state.correct / state.count:.3f}",
+                            rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s")
             bar.advance(1)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
                 _flush(state, sums)
@@ -331,21 +319,15 @@ class _Training:
     def end_epoch(self, data: Dataset, batch_size: int) -> None:
         """Validate, record the epoch in the history, keep the best weights and decide on early stopping."""
         cfg, state = self.cfg, self.progress
-        loss_sum, correct, count = distributed.all_reduce_sum(
-            [state.loss_sum, float(state.correct), float(state.count)], self.dev
-        )
+        loss_sum, correct, count = distributed.all_reduce_sum([state.loss_sum, float(state.correct),
+                                                               float(state.count)], self.dev)
         with console.quieted():
             val = evaluate_torch(self.module, data, batch_size, self.dev)
         state.seen += state.count
         state.epoch += 1
-        state.history.append({
-            "epoch": state.epoch,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": self.opt.param_groups[0]["lr"],
-        })
+        state.history.append({"epoch": state.epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
+                              "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                              "lr": self.opt.param_groups[0]["lr"]})
         if val["accuracy"] > state.best_acc:
             state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
             if cfg.early_stopping:
@@ -368,17 +350,10 @@ class _Training:
         best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
         chosen = state.history[best_epoch - 1]
         return {
-            "accuracy": chosen["val_accuracy"],
-            "loss": chosen["val_loss"],
-            "train_loss": chosen["train_loss"],
-            "epochs": len(state.history),
-            "best_epoch": best_epoch,
-            "stopped_early": len(state.history) < cfg.epochs,
-            "precision": cfg.amp if cfg.amp != "off" else "fp32",
-            "device": self.device,
-            "channels_last": self.channels_last,
-            "processes": dist.world_size,
-            "backend": distributed.backend(),
+            "accuracy": chosen["val_accuracy"], "loss": chosen["val_loss"], "train_loss": chosen["train_loss"],
+            "epochs": len(state.history), "best_epoch": best_epoch, "stopped_early": len(state.history) < cfg.epochs,
+            "precision": cfg.amp if cfg.amp != "off" else "fp32", "device": self.device,
+            "channels_last": self.channels_last, "processes": dist.world_size, "backend": distributed.backend(),
             "replica_max_abs_diff": replica_diff,
             "train_samples_per_s": state.seen * dist.world_size / state.train_time if state.train_time > 0 else None,
             "history": state.history,

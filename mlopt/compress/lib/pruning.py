@@ -136,10 +136,8 @@ def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any, ignore: l
     lo, hi = 0.0, 0.9
     reachable = kept(hi)
     if reachable > target:
-        raise InputError(
-            f"target_{which} {target} cannot be reached: pruning 90% of the prunable channels still keeps "
-            f"{reachable:.3f} of the {which} (the ignored layers and the classifier stay whole)"
-        )
+        raise InputError(f"target_{which} {target} cannot be reached: pruning 90% of the prunable channels still "
+                         f"keeps {reachable:.3f} of the {which} (the ignored layers and the classifier stay whole)")
     for _ in range(12):
         mid = (lo + hi) / 2
         if kept(mid) > target:

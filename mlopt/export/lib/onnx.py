@@ -26,8 +26,7 @@ class ExportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     opset: int = Field(18, ge=17, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field(
-        "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one"
-    )
+        "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one")
     atol: float = Field(1e-4, ge=0, description="parity: absolute tolerance")
     rtol: float = Field(1e-3, ge=0, description="parity: tolerance relative to the largest output")
     parity_samples: int = Field(64, gt=0, description="inputs compared between PyTorch and onnxruntime")
@@ -38,13 +37,10 @@ class ExportOptions(BaseModel):
 def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
                 example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None,
                 debug_metadata: bool = False) -> None:
-    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure.
-
-    `example` names the inputs of a multi-input model (token models: input_ids, attention_mask, ...);
-    with `max_sequence` their second axis (the sequence) is dynamic as well. The dynamo exporter's
-    per-node debug metadata (local source paths, module names) is dropped unless `debug_metadata`:
-    onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file.
-    """
+    """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure. `example` names
+    the inputs of a multi-input model (token models: input_ids, attention_mask, ...); with `max_sequence` their
+    second axis (the sequence) is dynamic as well. The dynamo exporter's per-node debug metadata is dropped
+    unless `debug_metadata`: onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file."""
     import onnx
     import torch
 
@@ -87,10 +83,9 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
         raise RunError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}") from exc
     produced = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
     if produced.get("", produced.get("ai.onnx")) != opset:
-        raise RunError(
-            f"the {exporter} exporter produced opset {produced.get('')} instead of the requested {opset}"
-            + (" (the dynamo exporter needs opset >= 18 for most models; try exporter: torchscript)" if exporter == "dynamo" else "")
-        )
+        hint = " (the dynamo exporter needs opset >= 18 for most models; try exporter: torchscript)"
+        raise RunError(f"the {exporter} exporter produced opset {produced.get('')} instead of the requested {opset}"
+                       + (hint if exporter == "dynamo" else ""))
 
 
 @contextlib.contextmanager
@@ -136,7 +131,7 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
     export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata, **text)
 
 
-def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> tuple[Any, StepResult]:
+def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> StepResult:
     """Export a torch artifact to `path` and check parity; the export step of every pass that needs ONNX."""
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
@@ -145,10 +140,8 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) 
     inputs, source = parity_inputs(artifact, data, config.parity_samples)
     parity = compare(artifact.module, path, inputs, config.atol, config.rtol)
     agreement = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.4f}"
-    console.info(
-        f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
-        f"{agreement} on {parity['parity_samples']} inputs"
-    )
-    new = artifact.derive("export", format="onnx", module=None, onnx_path=path)
-    metrics = {**parity, "opset": config.opset, "size_mb": file_size_mb(path)}
-    return new, StepResult(artifact=new, metrics=metrics, notes=[f"parity checked on {parity['parity_samples']} {source}"])
+    console.info(f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
+                 f"{agreement} on {parity['parity_samples']} inputs")
+    return StepResult(artifact=artifact.derive("export", format="onnx", module=None, onnx_path=path),
+                      metrics={**parity, "opset": config.opset, "size_mb": file_size_mb(path)},
+                      notes=[f"parity checked on {parity['parity_samples']} {source}"])

@@ -11,10 +11,8 @@ from mlopt.runtime.session import make_session, run_session
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
-    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`.
-
-    Fails when any output differs by more than atol + rtol * max|torch output|.
-    """
+    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`; a ParityError where any
+    output differs by more than atol + rtol * max|torch output|."""
     import numpy as np
     import torch
 
@@ -34,17 +32,10 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
         n += len(ref)
     tolerance = atol + rtol * max_ref
-    result = {
-        "max_abs_error": max_err,
-        "max_abs_output": max_ref,
-        "tolerance": tolerance,
-        "top1_agreement": agree / n if n and ref.ndim == 2 else None,
-        "parity_samples": n,
-    }
+    result = {"max_abs_error": max_err, "max_abs_output": max_ref, "tolerance": tolerance,
+              "top1_agreement": agree / n if n and ref.ndim == 2 else None, "parity_samples": n}
     if not np.isfinite(max_err) or max_err > tolerance:
-        raise ParityError(
-            f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance {tolerance:.3g} "
-            f"(atol {atol} + rtol {rtol} x max |output| {max_ref:.3g})"
-            + (f"; top-1 agreement {result['top1_agreement']:.3f}" if result["top1_agreement"] is not None else "")
-        )
+        agreement = "" if result["top1_agreement"] is None else f"; top-1 agreement {result['top1_agreement']:.3f}"
+        raise ParityError(f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance "
+                          f"{tolerance:.3g} (atol {atol} + rtol {rtol} x max |output| {max_ref:.3g}){agreement}")
     return result

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from mlopt.core import console
+from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.fsutil import file_size_mb
 from mlopt.runtime.session import input_spec, make_session, synthetic_feed
@@ -22,16 +24,19 @@ from mlopt.runtime.session import input_spec, make_session, synthetic_feed
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
 
 
-@dataclass
-class TimingSettings:
-    """How models are timed (the `bench` step's config has these fields too)."""
+class TimingSettings(BaseModel):
+    """How models are timed: the options of the `bench` step (BenchConfig), used by other steps too."""
 
-    provider: str = "cpu"
-    threads: int | None = None
-    batch_sizes: tuple[int, ...] | list[int] = (1,)
-    warmup: int = 10
-    iterations: int | None = 100
-    duration_s: float | None = None
+    model_config = ConfigDict(extra="forbid")
+    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
+                                   json_schema_extra=cli(flag="--batch-size", short="-b"))
+    warmup: int = Field(10, ge=0, description="untimed runs before timing")
+    iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
+                                   json_schema_extra=cli(short="-n"))
+    duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of "
+                                     "iterations", json_schema_extra=cli(flag="--duration"))
 
 
 def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSettings,
@@ -71,15 +76,10 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
                     break
         mean = sum(times) / len(times)
         p50, p90, p99 = (float(v) for v in np.percentile(times, (50, 90, 99)))
-        results.append({
-            "model": label,
-            "provider": cfg.provider,
-            "batch_size": batch,
-            "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
-            "throughput_per_s": batch * 1000.0 / mean,
-            "size_mb": file_size_mb(path),
-            "iterations": len(times),
-        })
+        results.append({"model": label, "provider": cfg.provider, "batch_size": batch,
+                        "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
+                        "throughput_per_s": batch * 1000.0 / mean, "size_mb": file_size_mb(path),
+                        "iterations": len(times)})
     del session
     gc.collect()
     return results
@@ -90,13 +90,9 @@ TIMING_ROUNDS = 3
 
 def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
                         iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, float]]:
-    """Median latency (ms) per batch size of each model, for deciding which is faster.
-
-    The models are timed in interleaved rounds, one session alive at a time, and each model keeps
-    its best round: a slow spell of a shared machine then hits every model alike instead of one.
-    `iterations` are shared out among the rounds; more rounds give each model more chances of a
-    quiet spell on a busy machine.
-    """
+    """Median latency (ms) per batch size of each model, for deciding which is faster: the models take
+    turns over `rounds` rounds sharing `iterations`, and each keeps its best round, so a slow spell of a
+    shared machine hits every model alike instead of one."""
     per_round = max(3, iterations // rounds)
     cfg = TimingSettings(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
     best: list[dict[int, float]] = [{} for _ in paths]
@@ -129,9 +125,7 @@ def show_table(results: list[dict[str, Any]]) -> None:
         table.add_column(col, justify="left" if col in ("model", "provider") else "right")
     for r in results:
         lat = r["latency_ms"]
-        table.add_row(
-            r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
-            f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
-            f"{r['speedup']:.2f}x",
-        )
+        table.add_row(r["model"], r["provider"], str(r["batch_size"]), f"{lat['mean']:.3f}", f"{lat['p50']:.3f}",
+                      f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['throughput_per_s']:.1f}", f"{r['size_mb']:.2f}",
+                      f"{r['speedup']:.2f}x")
     console.table(table)

@@ -70,13 +70,10 @@ def range_overrides(sim: Simulation, tensors: dict[str, list[str]]) -> dict[str,
 
 
 def simulation_errors(sim: Simulation, int8_path: Path, tensors: dict[str, list[str]], x: Any) -> list[dict[str, Any]]:
-    """Per point of the attached `sim`, its quantized value in torch against onnxruntime's (the
-    DequantizeLinear output of the same tensor, run without graph fusion so the tensor exists), in
-    quantization steps: accumulated (the simulation run on its own, so differences upstream carry into
-    it) and local (each point computed from onnxruntime's own values at the points before it). A faithful
-    simulation is within one step locally (float rounding at grid boundaries); the accumulated error
-    grows with depth as one-step differences are amplified by the layers after them.
-    """
+    """Per point of the attached `sim`, its quantized value in torch against onnxruntime's (the DequantizeLinear
+    output of the same tensor, run unfused), in quantization steps: accumulated (the simulation run on its own)
+    and local (each point computed from onnxruntime's own values at the points before it). A faithful simulation
+    is within one step locally; the accumulated error grows with depth, amplified by the layers after it."""
     import numpy as np
     import onnx
     import torch

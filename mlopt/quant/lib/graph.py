@@ -52,8 +52,6 @@ def kernel_counts(path: Path) -> dict[str, Any]:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         model = onnx.load(str(opt_path), load_external_data=False)
     counts = collections.Counter(n.op_type for n in model.graph.node)
-    return {
-        "integer": sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
-        "float": sum(v for k, v in counts.items() if k in FLOAT_KERNELS),
-        "float_ops": sorted(k for k in counts if k in FLOAT_KERNELS),
-    }
+    return {"integer": sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
+            "float": sum(v for k, v in counts.items() if k in FLOAT_KERNELS),
+            "float_ops": sorted(k for k in counts if k in FLOAT_KERNELS)}

@@ -93,15 +93,13 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                                  weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [],
                                  extra_options=typed)
             else:
-                quantize_static(
-                    str(src), str(dst), FeedReader(feeds),
-                    quant_format=QuantFormat.QDQ if scheme.format == "qdq" else QuantFormat.QOperator,
-                    per_channel=scheme.per_channel, reduce_range=reduce_range,
-                    activation_type=qtype[scheme.activation_type], weight_type=qtype[scheme.weight_type],
-                    calibrate_method=calibration[scheme.calibration or "minmax"], nodes_to_exclude=exclude or [],
-                    extra_options={"CalibMaxIntermediateOutputs": 64, **typed,
-                                   **({"TensorQuantOverrides": overrides} if overrides else {})},
-                )
+                fmt = QuantFormat.QDQ if scheme.format == "qdq" else QuantFormat.QOperator
+                extra = {"CalibMaxIntermediateOutputs": 64, **typed,
+                         **({"TensorQuantOverrides": overrides} if overrides else {})}
+                quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=fmt, per_channel=scheme.per_channel,
+                                reduce_range=reduce_range, activation_type=qtype[scheme.activation_type],
+                                weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [],
+                                calibrate_method=calibration[scheme.calibration or "minmax"], extra_options=extra)
     except Exception as exc:
         raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first_line(exc)}") from exc
     finally:

@@ -13,12 +13,9 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
     import math
 
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
 
     from mlopt.quant.lib.calibration import FeedReader
 

@@ -17,9 +17,8 @@ from mlopt.quant.lib.points import consumers
 
 
 def weight_fake_quant(per_channel: bool = True) -> Any:
-    """A parametrization: symmetric int8 fake quantization (straight-through), per output channel (Conv and
-    Linear weights) or per tensor (LayerNorm scales, as onnxruntime quantizes them; their bias becomes int32 at
-    a far finer step and stays float). Built in a function so that importing this file imports no torch."""
+    """A parametrization fake-quantizing a weight (straight-through); a LayerNorm's bias stays float (int32
+    at a far finer step in onnxruntime). Built in a function so that importing this file imports no torch."""
     import torch
 
     class WeightFakeQuant(torch.nn.Module):
@@ -44,12 +43,9 @@ def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
 
 
 def activation_observer(ema: float, learned: bool = False) -> Any:
-    """An nn.Module whose `quantize` observes one tensor and fake-quantizes it to uint8 (asymmetric).
-
-    EMA mode: min/max ranges in buffers (so checkpoints keep them), moved by an exponential average
-    while training. Learned mode (LSQ+): the scale and zero point are parameters, started from the
-    calibration range and trained with the model (gradient scaled by 1/sqrt(N x 255)).
-    """
+    """An nn.Module whose `quantize` observes one tensor and fake-quantizes it. EMA mode: min/max ranges in
+    buffers (so checkpoints keep them), moved by an exponential average while training. Learned mode (LSQ+):
+    scale and zero point are parameters started from the calibration range (gradient scaled by 1/sqrt(N x 255))."""
     import math
 
     import torch
