@@ -115,7 +115,7 @@ class OutputDir:
             raise InputError(f"--out {out} exists and is not a directory")
         if out.is_dir():
             self._check_contents(replace, resume)
-        parent = _nearest_existing_parent(out)
+        parent = next((p for p in [out.absolute(), *out.absolute().parents] if p.exists()), Path("/"))
         if not parent.is_dir():
             raise InputError(f"cannot create --out {out}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -299,14 +299,6 @@ class OutputDir:
 def _under(rel: str, roots: Any, inclusive: bool = True) -> bool:
     """Whether `rel` lies inside one of the relative folders `roots` (or is one, when inclusive)."""
     return any((inclusive and rel == r) or rel.startswith(r + "/") for r in roots)
-
-
-def _nearest_existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate
-    return Path("/")
 
 
 def check_replaceable_file(path: Path, written_by_mlopt: Callable[[str], bool], overwrite: bool, what: str) -> None:
