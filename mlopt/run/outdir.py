@@ -58,8 +58,6 @@ class OutputDir:
         self._entries: set[str] = set()  # files and folders mlopt wrote (relative POSIX paths)
         self._trees: set[str] = set()  # folders whose whole content is mlopt's (checkpoints, staging)
 
-    # -- reading ---------------------------------------------------------------------------------
-
     def _read_marker(self) -> bool:
         """Load the marker; False when there is none (or it is unreadable: then nothing is recorded)."""
         self._entries, self._trees = set(), set()
@@ -101,8 +99,6 @@ class OutputDir:
                 return rel
         return None
 
-    # -- checks before any work ------------------------------------------------------------------
-
     def check(self, replace: bool, resume: bool = False) -> None:
         """Refuse what this run may not write into, before any work starts.
 
@@ -142,8 +138,6 @@ class OutputDir:
             hint = ("pass --resume to continue the interrupted run or --overwrite to replace it"
                     if interrupted and not resume else "pass --overwrite to replace it")
             raise InputError(f"--out {out} exists and is not empty ({hint})")
-
-    # -- writing ---------------------------------------------------------------------------------
 
     def open(self, replace: bool, resume: bool = False) -> "OutputDir":
         """Create the folder if needed, take its lock, check it again under the lock, write the marker."""
