@@ -131,13 +131,11 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
         close = difflib.get_close_matches(name, candidates, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"{spec!r}: no callable named {name!r}{hint}")
-    kwargs = {}
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
-    if num_classes is not None and "num_classes" in params:
-        kwargs["num_classes"] = num_classes
+    kwargs = {"num_classes": num_classes} if num_classes is not None and "num_classes" in params else {}
     try:
         model = factory(**kwargs)
     except Exception as exc:
