@@ -153,8 +153,7 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
             raise InputError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(names)}")
         try:
             x, y = arrays["x"], arrays["y"]
-            x_val = arrays["x_val"] if "x_val" in names else None
-            y_val = arrays["y_val"] if "y_val" in names else None
+            x_val, y_val = (arrays[k] if k in names else None for k in ("x_val", "y_val"))
         except Exception as exc:  # a damaged archive: bad CRC, truncated data
             raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     for label, xs, ys in (("x/y", x, y), ("x_val/y_val", x_val, y_val)):
