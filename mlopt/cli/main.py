@@ -33,15 +33,9 @@ class _Commands(TyperGroup):
         return command
 
 
-app = typer.Typer(
-    cls=_Commands,
-    name="mlopt",
-    help="Make PyTorch models smaller and faster, and measure what it produced on onnxruntime.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = typer.Typer(cls=_Commands, name="mlopt", no_args_is_help=True, add_completion=False,
+                  help="Make PyTorch models smaller and faster, and measure what it produced on onnxruntime.",
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _version(value: bool) -> None:

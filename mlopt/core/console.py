@@ -76,8 +76,7 @@ class _NullProgress:
 
 class _RichProgress:
     def __init__(self, progress: Any, task: Any):
-        self._progress = progress
-        self._task = task
+        self._progress, self._task = progress, task
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         status = "  ".join(f"{k} {v}" for k, v in fields.items())

@@ -204,10 +204,7 @@ def compare_runs(old: RunReport | StepReportFile, new: RunReport | StepReportFil
             if x is None:
                 continue
             kind = key.split(" ")[0]
-            if kind == "accuracy":
-                regressed = y < x - accuracy_tolerance
-            else:
-                regressed = kind in JUDGED and y > x * (1 + tolerance)
+            regressed = y < x - accuracy_tolerance if kind == "accuracy" else kind in JUDGED and y > x * (1 + tolerance)
             rows.append({"step": name, "metric": key, "old": x, "new": y, "change": (y - x) / abs(x) if x else 0.0,
                          "better": (y > x) == COMPARED.get(kind, False) if y != x else None, "regressed": regressed})
     return rows

@@ -58,8 +58,6 @@ class OutputDir:
         self._entries: set[str] = set()  # files and folders mlopt wrote (relative POSIX paths)
         self._trees: set[str] = set()  # folders whose whole content is mlopt's (checkpoints, staging)
 
-    # -- reading ---------------------------------------------------------------------------------
-
     def _read_marker(self) -> bool:
         """Load the marker; False when there is none (or it is unreadable: then nothing is recorded)."""
         self._entries, self._trees = set(), set()
@@ -101,13 +99,10 @@ class OutputDir:
                 return rel
         return None
 
-    # -- checks before any work ------------------------------------------------------------------
-
     def check(self, replace: bool, resume: bool = False) -> None:
         """Refuse what this run may not write into, before any work starts.
 
-        replace: --overwrite or --resume was given (an earlier mlopt output may be there).
-        """
+        replace: --overwrite or --resume was given (an earlier mlopt output may be there)."""
         out = self.path
         if out.is_symlink() and not out.exists():
             raise InputError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
@@ -115,7 +110,7 @@ class OutputDir:
             raise InputError(f"--out {out} exists and is not a directory")
         if out.is_dir():
             self._check_contents(replace, resume)
-        parent = _nearest_existing_parent(out)
+        parent = next((p for p in [out.absolute(), *out.absolute().parents] if p.exists()), Path("/"))
         if not parent.is_dir():
             raise InputError(f"cannot create --out {out}: {parent} is not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -142,8 +137,6 @@ class OutputDir:
             hint = ("pass --resume to continue the interrupted run or --overwrite to replace it"
                     if interrupted and not resume else "pass --overwrite to replace it")
             raise InputError(f"--out {out} exists and is not empty ({hint})")
-
-    # -- writing ---------------------------------------------------------------------------------
 
     def open(self, replace: bool, resume: bool = False) -> "OutputDir":
         """Create the folder if needed, take its lock, check it again under the lock, write the marker."""
@@ -212,8 +205,7 @@ class OutputDir:
         """Move a finished staging folder into place as `rel` ('' = the folder itself, a flat output).
 
         A step folder replaces the recorded one of the same name; a flat output is moved in file by
-        file, then what the earlier output recorded and this one does not write is removed.
-        """
+        file, then what the earlier output recorded and this one does not write is removed."""
         staged_rel = staged.name
         if rel:
             if (self.path / rel).exists() or (self.path / rel).is_symlink():
@@ -299,14 +291,6 @@ class OutputDir:
 def _under(rel: str, roots: Any, inclusive: bool = True) -> bool:
     """Whether `rel` lies inside one of the relative folders `roots` (or is one, when inclusive)."""
     return any((inclusive and rel == r) or rel.startswith(r + "/") for r in roots)
-
-
-def _nearest_existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate
-    return Path("/")
 
 
 def check_replaceable_file(path: Path, written_by_mlopt: Callable[[str], bool], overwrite: bool, what: str) -> None:

@@ -37,9 +37,7 @@ class Artifact:
 
     def derive(self, step: str, **changes: Any) -> "Artifact":
         """A new artifact produced by a step, keeping the rest of the metadata."""
-        values = {**self.__dict__, **changes}
-        values["lineage"] = [*self.lineage, step]
-        return Artifact(**values)
+        return Artifact(**{**self.__dict__, **changes, "lineage": [*self.lineage, step]})
 
     def require_torch(self, step: str) -> Any:
         if self.format != "torch":
@@ -92,9 +90,7 @@ class Artifact:
         return None
 
     def params(self) -> int | None:
-        if self.format == "torch" and self.module is not None:
-            return count_params(self.module)
-        return None
+        return count_params(self.module) if self.format == "torch" and self.module is not None else None
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -129,22 +125,14 @@ def load_artifact(path: str | Path) -> Artifact:
 KEY_ENV = "MLOPT_KEY_FILE"
 
 
-def _key_file() -> Path:
-    import os
-
-    if os.environ.get(KEY_ENV):
-        return Path(os.environ[KEY_ENV])
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return config / "mlopt" / "provenance.key"
-
-
 def _key(create: bool) -> bytes | None:
     """This user's signing key; created (readable by the user only) on first use. None where it cannot be."""
     import os
     import secrets
     import tempfile
 
-    path = _key_file()
+    path = Path(os.environ.get(KEY_ENV)
+                or Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mlopt" / "provenance.key")
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -100,8 +100,7 @@ def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None,
         counts = np.bincount(y)
         stratify = y if counts[counts > 0].min() >= 2 else None
         tr, va = train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=stratify)
-        tr.sort()
-        va.sort()
+        tr, va = np.sort(tr), np.sort(va)
         x, x_val, y, y_val = x[tr], x[va], y[tr], y[va]
     xt = _shape_images(torch.as_tensor(x, dtype=torch.float32), cfg)
     xv = _shape_images(torch.as_tensor(x_val, dtype=torch.float32), cfg)
@@ -154,8 +153,7 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
             raise InputError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(names)}")
         try:
             x, y = arrays["x"], arrays["y"]
-            x_val = arrays["x_val"] if "x_val" in names else None
-            y_val = arrays["y_val"] if "y_val" in names else None
+            x_val, y_val = (arrays[k] if k in names else None for k in ("x_val", "y_val"))
         except Exception as exc:  # a damaged archive: bad CRC, truncated data
             raise InputError(f"cannot read {path} as .npz: {first_line(exc)}") from None
     for label, xs, ys in (("x/y", x, y), ("x_val/y_val", x_val, y_val)):
@@ -231,15 +229,13 @@ def _gb(nbytes: int) -> str:
 def _available_memory() -> int | None:
     """Memory the system can give without swapping: MemAvailable (free memory counts the page cache as
     used, and would refuse ordinary files on a machine that has read a lot), else the physical total."""
+    import contextlib
     import os
 
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -301,13 +297,7 @@ def _imagefolder(cfg: DataConfig, root: Path) -> Dataset:
     if split:
         train, val = _list_images(root / "train", classes), _list_images(root / "val", classes)
     else:
-        import numpy as np
-
-        items = _list_images(root, classes)
-        order = np.random.default_rng(cfg.seed).permutation(len(items))
-        n_val = max(1, int(round(len(items) * cfg.val_fraction)))
-        val = [items[i] for i in sorted(order[:n_val])]
-        train = [items[i] for i in sorted(order[n_val:])]
+        train, val = _split_list(_list_images(root, classes), cfg)
     if not train or not val:
         raise InputError(f"image folder {root} has too few images for a train and a validation split")
     return Dataset(name=f"imagefolder:{root}", train=_ImageFiles(train, size, channels),
@@ -351,9 +341,16 @@ def _read_lines(path: Path, limit: int) -> list[str]:
     return lines
 
 
-def _text(cfg: DataConfig, path: Path) -> Dataset:
+def _split_list(items: list, cfg: DataConfig) -> tuple[list, list]:
+    """Train and validation items, split at random (seeded) and each kept in the items' order."""
     import numpy as np
 
+    order = np.random.default_rng(cfg.seed).permutation(len(items))
+    n_val = max(1, int(round(len(items) * cfg.val_fraction)))
+    return [items[i] for i in sorted(order[n_val:])], [items[i] for i in sorted(order[:n_val])]
+
+
+def _text(cfg: DataConfig, path: Path) -> Dataset:
     if cfg.image_size is not None or cfg.channels is not None:
         raise InputError("image_size and channels apply to images, not to text:FILE")
     if not path.is_file():
@@ -362,10 +359,7 @@ def _text(cfg: DataConfig, path: Path) -> Dataset:
     lines = [line for line in lines if line]
     if len(lines) < 2:
         raise InputError(f"{path} needs at least 2 non-empty lines (one example a line); it has {len(lines)}")
-    order = np.random.default_rng(cfg.seed).permutation(len(lines))
-    n_val = max(1, int(round(len(lines) * cfg.val_fraction)))
-    val = [lines[i] for i in sorted(order[:n_val])]
-    train = [lines[i] for i in sorted(order[n_val:])]
+    train, val = _split_list(lines, cfg)
     return Dataset(name=f"text:{path}", train=train, val=val, sample_shape=(), num_classes=None, text=True)
 
 

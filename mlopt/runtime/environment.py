@@ -32,13 +32,12 @@ def cpu_name() -> str:
 
 
 def describe() -> dict[str, Any]:
+    import contextlib
     from importlib.metadata import PackageNotFoundError, version
 
     libs = {}
     for name in ("mlopt", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             libs[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "isa": list(cpu_flags()), "libraries": libs}

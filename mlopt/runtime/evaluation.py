@@ -57,11 +57,8 @@ def evaluate_onnx(path: Any, data: Dataset, batch_size: int) -> dict[str, Any]:
 
     require_labels(data, "accuracy")
     session = make_session(path, "cpu")
-
-    def predict(x: Any) -> Any:
-        return torch.from_numpy(run_session(session, x.numpy()))
-
-    return _score(loader(data.val, batch_size), predict, len(data.val), "evaluate (onnxruntime)")
+    return _score(loader(data.val, batch_size), lambda x: torch.from_numpy(run_session(session, x.numpy())),
+                  len(data.val), "evaluate (onnxruntime)")
 
 
 def evaluate_artifact(artifact: Any, data: Dataset, batch_size: int) -> dict[str, Any]:

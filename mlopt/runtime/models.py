@@ -131,13 +131,11 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
         close = difflib.get_close_matches(name, candidates, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"{spec!r}: no callable named {name!r}{hint}")
-    kwargs = {}
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
-    if num_classes is not None and "num_classes" in params:
-        kwargs["num_classes"] = num_classes
+    kwargs = {"num_classes": num_classes} if num_classes is not None and "num_classes" in params else {}
     try:
         model = factory(**kwargs)
     except Exception as exc:
@@ -234,8 +232,7 @@ def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = 
     A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
     the fix: the channels the model's first convolution takes (the first one the input reaches, found
     with hooks, so any model whose first layer is a convolution is covered) and, for torchvision
-    models, the image size they were built for.
-    """
+    models, the image size they were built for."""
     import torch
 
     module.eval()
@@ -280,8 +277,7 @@ def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:
     """Every submodule's plain size attributes (in_channels, num_features, embed_dim, ...).
 
     Structured pruning changes some of them; the changed ones are recorded in model.json so that
-    the pruned model reloads from its spec and a state dict, without unpickling a module.
-    """
+    the pruned model reloads from its spec and a state dict, without unpickling a module."""
     out = {}
     for name, m in module.named_modules():
         attrs = {}

@@ -151,9 +151,7 @@ class Quality:
         return self.metrics(self.outputs(path))
 
     def within_budget(self, q: dict[str, Any]) -> bool:
-        if self.labeled:
-            return q["accuracy_drop"] <= self.max_drop + 1e-12
-        return q["cosine_mean"] >= self.min_cosine
+        return q["accuracy_drop"] <= self.max_drop + 1e-12 if self.labeled else q["cosine_mean"] >= self.min_cosine
 
     def budget_text(self) -> str:
         if self.labeled:
