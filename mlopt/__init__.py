@@ -16,7 +16,8 @@ class _CallablePackage(ModuleType):
     """A package that shares its name with an API function: `mlopt.run(recipe)`, `mlopt.export(model, x)`.
 
     Importing a submodule (mlopt.run.runner) binds the package to the name, never the function, so the
-    package itself is made callable and calls the function of its name in mlopt.api."""
+    package itself is made callable and calls the function of its name in mlopt.api.
+    """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(importlib.import_module("mlopt.api"), self.__name__.rpartition(".")[2])(*args, **kwargs)

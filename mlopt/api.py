@@ -33,7 +33,8 @@ def run(recipe: "Recipe | dict[str, Any] | str | Path", out: str | Path | None =
 
     `out`: the run folder (one NN-<type>/ folder per step and the reports); None keeps nothing on disk.
     The result holds the run report (`report`), the final model (`model`) and the gate rows (`gates`,
-    `passed`); a failed gate is not an exception here."""
+    `passed`); a failed gate is not an exception here.
+    """
     recipe_file = None
     if isinstance(recipe, (str, Path)):
         recipe_file, recipe = str(recipe), load_recipe(Path(recipe))
@@ -56,7 +57,8 @@ def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | 
     example_input: a tensor (or a shape) whose first axis is the batch; it gives the input shape.
     data: a data source ("digits", "npz:FILE", ...) or a mapping of the data settings (source, batch_size, ...).
     out: the folder for the new model and report.json / report.md. None: nothing is kept on disk, except
-    an ONNX model a step makes, which is left in a new temporary folder (`result.out`) for the caller."""
+    an ONNX model a step makes, which is left in a new temporary folder (`result.out`) for the caller.
+    """
     if step_type not in PASSES:
         raise InputError(f"unknown step type {step_type!r}; expected one of {', '.join(sorted(PASSES))}")
     shape = None if example_input is None else tuple(int(d) for d in getattr(example_input, "shape", example_input))

@@ -27,7 +27,8 @@ def run(
     """Run a multi-step YAML recipe: one NN-<type>/ directory per step and a combined report.
 
     With --resume, steps that completed with the same configuration are skipped and an interrupted
-    training step continues from its checkpoint."""
+    training step continues from its checkpoint.
+    """
     from mlopt.run.gates import JUNIT_CLASSNAME, junit_xml
     from mlopt.run.outdir import check_replaceable_file
     from mlopt.run.recipe import load_recipe

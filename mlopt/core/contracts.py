@@ -74,7 +74,8 @@ class Pass:
     """One step type: a typed config (`config_class`, whose `type` field names the step) and `run`.
 
     Defining a subclass with a `name` registers it; the recipe, the command line (`cli_help`) and
-    the reports find it there."""
+    the reports find it there.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type["BaseModel"]]

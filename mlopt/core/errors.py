@@ -62,7 +62,8 @@ def storage_error(exc: BaseException, path: object = None) -> InputError | None:
     """A write that failed for lack of space, quota or permission, as one line naming the path (exit 2).
 
     Looks through the exceptions that caused `exc` too (exporters wrap the OSError they hit).
-    None when no such OSError is involved."""
+    None when no such OSError is involved.
+    """
     import errno
 
     seen = set()

@@ -77,7 +77,8 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
             batch_sizes: list[int], per_round: int, rounds: int = ROUNDS) -> list[dict[str, Any]]:
     """One row per (label, model): accuracy, latency per batch size and size, all measured alike.
 
-    With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None."""
+    With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
+    """
     labeled = data is not None and data.labeled
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
         with console.quieted():
@@ -108,7 +109,8 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     The chain: the model of every step that made one (reloaded from its directory in `run_dir`: a
     later training step may have changed the in-memory one in place), preceded by the recipe's own
     model (`fallback`) when that is the baseline or no step made a model. The baseline is the model
-    before the first compressing step, or the final model when nothing compresses."""
+    before the first compressing step, or the final model when nothing compresses.
+    """
     import time
 
     started = time.time()

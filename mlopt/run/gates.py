@@ -24,7 +24,8 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
                    comparison: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per gate (name, expected, measured, passed), from the chain comparison's figures (so the
     gates and the chain table never disagree). Without a comparison (a recipe that times nothing), the
-    baseline and the final model are measured here alike, by the same function."""
+    baseline and the final model are measured here alike, by the same function.
+    """
     if gates.max_accuracy_drop is not None:
         require_labels(data, "the max_accuracy_drop gate")
     console.info("checking gates against the baseline " + (baseline.origin or "model"))

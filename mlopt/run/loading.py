@@ -21,7 +21,8 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
     A saved model remembers its input shape; when the data section leaves image_size and
     channels unset, they are taken from the model, so `mlopt eval --model DIR --data digits`
-    feeds a model trained on resized digits the same resized digits."""
+    feeds a model trained on resized digits the same resized digits.
+    """
     loaded, data_cfg = model, recipe.data
     if loaded is None and looks_like_artifact(recipe.model.spec):
         if recipe.model.weights:

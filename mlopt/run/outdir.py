@@ -102,7 +102,8 @@ class OutputDir:
     def check(self, replace: bool, resume: bool = False) -> None:
         """Refuse what this run may not write into, before any work starts.
 
-        replace: --overwrite or --resume was given (an earlier mlopt output may be there)."""
+        replace: --overwrite or --resume was given (an earlier mlopt output may be there).
+        """
         out = self.path
         if out.is_symlink() and not out.exists():
             raise InputError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist")
@@ -205,7 +206,8 @@ class OutputDir:
         """Move a finished staging folder into place as `rel` ('' = the folder itself, a flat output).
 
         A step folder replaces the recorded one of the same name; a flat output is moved in file by
-        file, then what the earlier output recorded and this one does not write is removed."""
+        file, then what the earlier output recorded and this one does not write is removed.
+        """
         staged_rel = staged.name
         if rel:
             if (self.path / rel).exists() or (self.path / rel).is_symlink():

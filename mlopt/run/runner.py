@@ -90,7 +90,8 @@ def run_recipe(recipe: "Recipe", out: Path | None, overwrite: bool = False, flat
     half-written step. Training steps checkpoint into `out` (`.checkpoint/`, recipes:
     `.checkpoints/NN-<type>/`); `resume=True` continues from there and, for recipes, skips steps
     that completed with the same config and inputs. Under torchrun only rank 0 writes anything.
-    `model`: the first model, ready in memory (the Python API), instead of the one the recipe names."""
+    `model`: the first model, ready in memory (the Python API), instead of the one the recipe names.
+    """
     run = plan(recipe, out, overwrite, flat, resume, model)
     try:
         for index, step in enumerate(recipe.steps, start=1):

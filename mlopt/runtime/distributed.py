@@ -94,7 +94,8 @@ def replica_max_diff(*modules: Any) -> float:
 
     DistributedDataParallel keeps the parameters of all replicas identical, and mlopt averages the
     gradients of trained modules outside it; this checks both instead of assuming them. (Buffers
-    such as batch-norm statistics are rank 0's by DDP's convention.)"""
+    such as batch-norm statistics are rank 0's by DDP's convention.)
+    """
     import torch
     import torch.distributed as td
 

@@ -166,7 +166,8 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
     """Turn a text dataset's lines into token tensors with the model's tokenizer.
 
     Every line of the file is padded to the same length (the longest line, capped at
-    `max_length`), which becomes the sample shape: timing and calibration use that length."""
+    `max_length`), which becomes the sample shape: timing and calibration use that length.
+    """
     from dataclasses import replace
 
     tok = tokenizer(spec)
@@ -185,7 +186,8 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
 def pooled(output: Any, inputs: dict[str, Any]) -> Any:
     """Mean of the token embeddings over real (unmasked) tokens; other outputs pass unchanged.
 
-    numpy in, numpy out: how the fidelity of an encoder's sentence embeddings is scored."""
+    numpy in, numpy out: how the fidelity of an encoder's sentence embeddings is scored.
+    """
     import numpy as np
 
     if output.ndim != 3 or "attention_mask" not in inputs:
@@ -197,7 +199,8 @@ def pooled(output: Any, inputs: dict[str, Any]) -> Any:
 def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str, int], str | None]:
     """onnxruntime's transformer graph optimizer (attention, layer-norm and GELU fusions).
 
-    Returns the path to quantize, the fusions it made, and a note when it could not run."""
+    Returns the path to quantize, the fusions it made, and a note when it could not run.
+    """
     import contextlib
     import io
     import logging

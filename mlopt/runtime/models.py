@@ -232,7 +232,8 @@ def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = 
     A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
     the fix: the channels the model's first convolution takes (the first one the input reaches, found
     with hooks, so any model whose first layer is a convolution is covered) and, for torchvision
-    models, the image size they were built for."""
+    models, the image size they were built for.
+    """
     import torch
 
     module.eval()
@@ -277,7 +278,8 @@ def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:
     """Every submodule's plain size attributes (in_channels, num_features, embed_dim, ...).
 
     Structured pruning changes some of them; the changed ones are recorded in model.json so that
-    the pruned model reloads from its spec and a state dict, without unpickling a module."""
+    the pruned model reloads from its spec and a state dict, without unpickling a module.
+    """
     out = {}
     for name, m in module.named_modules():
         attrs = {}

@@ -21,7 +21,8 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
     """An InferenceSession on exactly the requested provider.
 
     onnxruntime silently falls back to the CPU when a GPU provider fails to load (missing CUDA or
-    cuDNN libraries); mlopt checks and raises instead, so a CUDA benchmark is never a CPU one."""
+    cuDNN libraries); mlopt checks and raises instead, so a CUDA benchmark is never a CPU one.
+    """
     import onnxruntime as ort
 
     if provider not in PROVIDERS:

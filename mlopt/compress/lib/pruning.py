@@ -50,7 +50,8 @@ def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
     """Multi-head attention blocks whose heads can be pruned: (name, block, its q/k/v Linears, head-count attribute).
 
     Two layouts: timm's ViT (a `qkv` Linear and `num_heads`, with `head_dim`) and BERT's self-attention
-    (`query`, `key`, `value` Linears and `num_attention_heads`, with `attention_head_size` and `all_head_size`)."""
+    (`query`, `key`, `value` Linears and `num_attention_heads`, with `attention_head_size` and `all_head_size`).
+    """
     import torch
 
     def linear(m: Any, name: str) -> bool:
