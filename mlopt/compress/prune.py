@@ -9,7 +9,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from mlopt.compress.lib import sparsity as sp
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
@@ -19,17 +19,16 @@ from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_o
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Bars, Latency
+from mlopt.core.sections import Strict, Bars, Latency
 from mlopt.export.lib.onnx import export_onnx
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import changed_attributes, shape_attributes
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(Strict):
     """Remove channels (structured) or zero weights (unstructured, 2:4), with optional fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["prune"] = "prune"
     sparsity: Literal["structured", "unstructured", "2:4"] = "structured"
     ratio: float | None = Field(None, gt=0, lt=1, description="structured: fraction of channels; unstructured: of weights")

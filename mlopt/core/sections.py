@@ -15,6 +15,8 @@ Cell = Union[str, int, float, bool, None]
 
 
 class Strict(BaseModel):
+    """Every config and report record: an unknown key is an error, never ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 

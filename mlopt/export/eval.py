@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult
+from mlopt.core.sections import Strict
 from mlopt.runtime.evaluation import evaluate_artifact
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Strict):
     """Measure top-1 accuracy and cross-entropy loss on the validation split."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["eval"] = "eval"
     batch_size: int | None = Field(None, gt=0, description="defaults to the data's batch_size")
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.fsutil import file_size_mb
-from mlopt.core.sections import Bars, Table
+from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
@@ -37,10 +37,9 @@ from mlopt.runtime import hf
 from mlopt.runtime.session import input_spec, make_session
 
 
-class PTQConfig(BaseModel):
+class PTQConfig(Strict):
     """Quantize to INT8 with onnxruntime; in auto mode, keep the fastest candidate within budget."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["ptq"] = "ptq"
     mode: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="auto: measure candidates, keep the fastest within budget")

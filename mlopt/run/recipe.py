@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from mlopt.core.contracts import PASSES, names_file, on_register
 from mlopt.core.errors import InputError, first_line
+from mlopt.core.sections import Strict
 from mlopt.runtime.data import DataConfig
 
 #: Packages whose modules define the built-in step types (one module per step type).
@@ -46,10 +47,9 @@ import_passes()
 StepConfig = _step_union()
 
 
-class GatesConfig(BaseModel):
+class GatesConfig(Strict):
     """Thresholds the final model must meet; any subset."""
 
-    model_config = ConfigDict(extra="forbid")
     max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 drop from the baseline (0.01 = 1 point)")
     min_speedup: float | None = Field(None, gt=0, description="baseline latency / final latency on onnxruntime")
     max_size_mb: float | None = Field(None, gt=0, description="size of the final model file")
@@ -62,10 +62,9 @@ class GatesConfig(BaseModel):
         return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms))
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Strict):
     """The model a run starts from."""
 
-    model_config = ConfigDict(extra="forbid")
     spec: str = Field(json_schema_extra=names_file(), description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
     num_classes: int | None = Field(None, gt=0, description="defaults to the data's class count")
     weights: str | None = Field(None, json_schema_extra=names_file(), description="a state dict file, read with torch.load(weights_only=True)")
@@ -73,8 +72,7 @@ class ModelConfig(BaseModel):
     seed: int = Field(0, description="seed of the random initialisation")
 
 
-class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Recipe(Strict):
     version: Literal[1] = 1
     model: ModelConfig
     data: DataConfig | None = None

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
+from mlopt.core.sections import Strict
 from mlopt.runtime.models import parse_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,10 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class DataConfig(BaseModel):
+class DataConfig(Strict):
     """Where the data comes from and how it is shaped; shared by every step of a recipe."""
 
-    model_config = ConfigDict(extra="forbid")
 
     source: str = Field(json_schema_extra=names_file(), description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
     image_size: int | None = Field(None, gt=0, description="resize images to this height and width")

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mlopt.core import console
 from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, RunError
-from mlopt.core.sections import Table
+from mlopt.core.sections import Strict, Table
 from mlopt.runtime import distributed
 from mlopt.runtime.data import Dataset, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
@@ -33,10 +33,9 @@ _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for 
 _DEVICE_DATA_LIMIT = 4 * 1024**3  # in-memory data up to this size is copied to the GPU once
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(Strict):
     """Optimiser, schedule, precision and checkpoint settings shared by every pass that trains."""
 
-    model_config = ConfigDict(extra="forbid")
     epochs: int = Field(5, gt=0, description="training epochs", json_schema_extra=cli(short="-e"))
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     optimizer: Literal["adamw", "sgd"] = "adamw"

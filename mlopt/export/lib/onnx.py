@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlopt.core import console
 from mlopt.core.contracts import StepResult
 from mlopt.core.errors import InputError, RunError, first_line, storage_error
 from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import Strict
 from mlopt.export.lib.parity import compare
 from mlopt.runtime import hf
 from mlopt.runtime.data import first_inputs
@@ -20,10 +21,9 @@ from mlopt.runtime.data import first_inputs
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-class ExportOptions(BaseModel):
+class ExportOptions(Strict):
     """How a model is exported and checked (the `export` step's settings; other steps use the defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
     opset: int = Field(18, ge=17, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo", description="torch.export-based exporter (default) or the legacy TorchScript one")

@@ -12,22 +12,22 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mlopt.core import console
 from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import Strict
 from mlopt.runtime.session import input_spec, make_session, synthetic_feed
 
 
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
 
 
-class TimingSettings(BaseModel):
+class TimingSettings(Strict):
     """How models are timed: the options of the `bench` step (BenchConfig), used by other steps too."""
 
-    model_config = ConfigDict(extra="forbid")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
