@@ -31,8 +31,8 @@ def run(recipe: "Recipe | dict[str, Any] | str | Path", out: str | Path | None =
         resume: bool = False) -> RunResult:
     """Run a recipe (a Recipe, a mapping laid out like a YAML recipe, or a YAML file's path) as `mlopt run` does.
 
-    `out`: the run folder (one NN-<type>/ folder per step and the reports); None keeps nothing on disk.
-    The result holds the run report (`report`), the final model (`model`) and the gate rows (`gates`,
+    `out`: the run folder (one NN-<type>/ folder per step and the reports); None keeps nothing on disk but
+    a final ONNX model (see `_run`). The result holds the run report (`report`), the final model (`model`) and the gate rows (`gates`,
     `passed`); a failed gate is not an exception here.
     """
     recipe_file = None
@@ -44,8 +44,7 @@ def run(recipe: "Recipe | dict[str, Any] | str | Path", out: str | Path | None =
         raise InputError(f"mlopt.run takes a Recipe, a mapping or a YAML file's path, not {type(recipe).__name__}")
     if resume and out is None:
         raise InputError("resume needs the out folder of the run to continue")
-    return run_recipe(recipe, None if out is None else Path(out), overwrite=overwrite, flat=False,
-                      recipe_file=recipe_file, resume=resume)
+    return _run(recipe, out, overwrite=overwrite, flat=False, recipe_file=recipe_file, resume=resume)
 
 
 def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | dict[str, Any] | None" = None,
@@ -73,16 +72,22 @@ def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | 
         raw["data"] = {"source": data} if isinstance(data, str) else data
     recipe = recipe_from_dict(raw, f"mlopt.{step_type}()")
     ready = _module_artifact(model, shape) if module else None
-    if out is not None or not PASSES[step_type].produces_model:
-        return run_recipe(recipe, None if out is None else Path(out), overwrite=overwrite, flat=True, model=ready)
-    scratch = Path(tempfile.mkdtemp(prefix=f"mlopt-{step_type}-"))
+    return _run(recipe, out, overwrite=overwrite, flat=True, model=ready)
+
+
+def _run(recipe: Recipe, out: str | Path | None, **options: Any) -> RunResult:
+    """run_recipe; out=None keeps nothing on disk but an ONNX model the run made, left in a new temporary
+    folder (`result.out`) for the caller: the result names its path."""
+    if out is not None:
+        return run_recipe(recipe, Path(out), **options)
+    scratch = Path(tempfile.mkdtemp(prefix="mlopt-"))
     try:
-        result = run_recipe(recipe, scratch / "out", flat=True, model=ready)
+        result = run_recipe(recipe, scratch / "out", **options)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if result.artifact.format == "torch":  # the module is in the result: nothing to keep on disk
-        shutil.rmtree(scratch, ignore_errors=True)
+    if result.artifact.format == "torch" or scratch not in Path(result.artifact.onnx_path).parents:
+        shutil.rmtree(scratch, ignore_errors=True)  # a module is in the result; an ONNX file given stays where it is
         result.out = None
     return result
 

@@ -105,3 +105,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert float(macs_ratio) == pytest.approx(2.0, rel=0.05) and float(torch_accuracy) > 0.5
     assert onnx_file == "runs/py-export/model.onnx" and (tmp_path / onnx_file).is_file()
     assert passed == "True" and abs(float(onnx_accuracy) - float(torch_accuracy)) <= 1 / 360  # one sample
+
+
+
+def test_run_without_out_keeps_the_onnx_model_it_made():
+    import shutil
+
+    raw = {"version": 1, "model": {"spec": f"{TOY}:tiny_cnn", "input_shape": "1x1x8x8"},
+           "steps": [{"type": "export", "exporter": "torchscript"}]}
+    result = mlopt.run(raw)
+    try:
+        assert Path(result.model).is_file() and Path(result.model).parent == result.out / "01-export"
+    finally:
+        shutil.rmtree(result.out.parent)

@@ -10,6 +10,7 @@ from mlopt.export.export import ExportConfig, ExportPass
 from mlopt.run import resume
 from mlopt.run.outdir import MARKER
 from mlopt.run.recipe import recipe_from_dict
+from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.run.runner import plan, run_recipe
 
 from conftest import TOY
@@ -49,7 +50,9 @@ def test_resume_digest_follows_the_files_of_marked_fields(tmp_path, monkeypatch)
 def test_a_completed_step_counts_only_with_identical_config_and_inputs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("step")  # hand-written reports: not under tmp_path, whose reports are validated
     step = {"config": {"type": "eval"}, "inputs_sha256": "abc", "metrics": {"accuracy": 0.5}}
-    (tmp_path / "report.json").write_text(json.dumps({"kind": "step", "step": step}))
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": 1, "kind": "step", "step": step}))
+    assert resume.completed_step(tmp_path, {"type": "eval"}, "abc") is None  # an earlier mlopt's report: rerun
+    (tmp_path / "report.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "kind": "step", "step": step}))
     assert resume.completed_step(tmp_path, {"type": "eval"}, "abc") == step
     assert resume.completed_step(tmp_path, {"type": "eval", "batch_size": 8}, "abc") is None
     assert resume.completed_step(tmp_path, {"type": "eval"}, "abd") is None

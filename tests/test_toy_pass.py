@@ -110,3 +110,19 @@ def test_toy_step_from_mlopt_passes_in_a_fresh_process(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "mlopt", "recipe", "validate", str(tmp_path / "toy.yaml")],
                              env={**env, "MLOPT_PASSES": "no_such_module"}, capture_output=True, text=True)
     assert missing.returncode == 2 and "MLOPT_PASSES: cannot import no_such_module" in missing.stderr
+
+
+def test_a_plugin_that_redefines_a_built_in_step_type_is_refused(tmp_path, monkeypatch):
+    from mlopt.compress.prune import PrunePass
+    from mlopt.core.contracts import PASSES
+    from mlopt.core.errors import InputError
+    from mlopt.run.recipe import import_passes
+
+    (tmp_path / "clash_pass.py").write_text(
+        "from mlopt.core.contracts import Pass\n\nclass PrunePass(Pass):\n    name = 'prune'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MLOPT_PASSES", "clash_pass")
+    with pytest.raises(InputError, match="MLOPT_PASSES: cannot import clash_pass: TypeError: step type 'prune' is "
+                                         "already defined by mlopt.compress.prune"):
+        import_passes()
+    assert PASSES["prune"] is PrunePass

@@ -93,7 +93,8 @@ class Pass:
         super().__init_subclass__(**kwargs)
         if "name" not in cls.__dict__:
             return  # an abstract helper class
-        if cls.name in PASSES and PASSES[cls.name].__qualname__ != cls.__qualname__:
+        known = PASSES.get(cls.name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
             raise TypeError(f"step type {cls.name!r} is already defined by {PASSES[cls.name].__module__}")
         PASSES[cls.name] = cls
         for listener in _listeners:

@@ -29,14 +29,15 @@ def import_passes() -> None:
     import importlib
     import pkgutil
 
-    names = [f"{home}.{m.name}" for home in PASS_HOMES
-             for m in pkgutil.iter_modules(importlib.import_module(home).__path__) if not m.ispkg]
-    names += [n.strip() for n in os.environ.get(PASSES_ENV, "").split(",") if n.strip()]
-    for name in names:
+    for home in PASS_HOMES:
+        for m in pkgutil.iter_modules(importlib.import_module(home).__path__):
+            if not m.ispkg:
+                importlib.import_module(f"{home}.{m.name}")
+    for name in (n.strip() for n in os.environ.get(PASSES_ENV, "").split(",") if n.strip()):
         try:
             importlib.import_module(name)
-        except ImportError as exc:
-            raise InputError(f"{PASSES_ENV}: cannot import {name}: {first_line(exc)}") from None
+        except Exception as exc:  # a plugin that fails to load (or redefines a step type) is the user's input
+            raise InputError(f"{PASSES_ENV}: cannot import {name}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _step_union() -> Any:

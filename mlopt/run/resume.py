@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlopt.core.contracts import file_fields
 from mlopt.core.fsutil import digest, path_fingerprint
+from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
 
 if TYPE_CHECKING:
@@ -26,7 +27,8 @@ def completed_step(step_dir: Path, config: dict[str, Any], inputs_sha256: str) -
         report = json.loads((step_dir / "report.json").read_text())
     except (OSError, ValueError):
         return None
-    step = report.get("step", {}) if isinstance(report, dict) else {}
+    # A report of another schema version (an earlier mlopt) is not reused: its step would not fit this run's report.
+    step = report.get("step", {}) if isinstance(report, dict) and report.get("schema_version") == SCHEMA_VERSION else {}
     return step if step.get("config") == config and step.get("inputs_sha256") == inputs_sha256 else None
 
 
