@@ -166,7 +166,7 @@ def test_gates_pass_and_fail_with_junit(tmp_path):
     assert page.count("<svg") >= 2  # the chain's latencies and the channels per layer
     assert "<script" not in page and 'src="http' not in page and "href=\"http" not in page  # self-contained
     xml = junit.read_text()
-    assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.run.gates" name="max_size_mb">' in xml
+    assert 'tests="2" failures="1"' in xml and '<testcase classname="mlopt.gates" name="max_size_mb">' in xml
 
 
 def test_accuracy_gate_needs_data(tmp_path):
