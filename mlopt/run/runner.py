@@ -119,11 +119,11 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
     _check_inputs(recipe)
     artifact, data = prepare(recipe, model)
     _check_text_steps(recipe, hf.is_text_artifact(artifact))
+    data_fp, model_fp = resuming.data_fingerprint(recipe), resuming.model_fingerprint(recipe)  # may raise: first
     # Ranks other than 0 (and runs without --out) work in a scratch directory.
     root = Path(out) if output is not None else Path(tempfile.mkdtemp(prefix="mlopt-"))
     run = Run(recipe=recipe, out=out, output=output, root=root, flat=flat, resume=resume, artifact=artifact,
-              data=data, data_fp=resuming.data_fingerprint(recipe), model_fp=resuming.model_fingerprint(recipe),
-              env=environment.describe())
+              data=data, data_fp=data_fp, model_fp=model_fp, env=environment.describe())
     if output is not None:
         output.open(overwrite or resume, resume)
         if not flat and overwrite and not resume:
