@@ -14,12 +14,11 @@ from pydantic import Field, model_validator
 from mlopt.compress.lib import sparsity as sp
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.compress.lib.importance import accumulate_gradients
-from mlopt.compress.lib.pruning import (check_forward, classifier_names, count_ops, make_pruner, named_modules,
-                                        search_ratio, sync_heads)
+from mlopt.compress.lib.pruning import classifier_names, count_ops, named_modules, prune_safely, search_ratio
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Strict, Bars, Latency
+from mlopt.core.sections import Bars, Latency, Strict, Table
 from mlopt.export.lib.onnx import export_onnx
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime.evaluation import evaluate_torch
@@ -82,7 +81,7 @@ class PrunePass(Pass):
             raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
         ignore = [*config.ignore]
         named_modules(module, ignore)  # unknown names are an error before any work
-        ignore += [n for n in classifier_names(module, artifact.num_classes) if n not in ignore]
+        ignore += [n for n in classifier_names(module, artifact.num_classes, shape) if n not in ignore]
         batch = config.finetune.batch_size or ctx.batch_size
         metrics: dict[str, Any] = {"sparsity": config.sparsity}
         notes: list[str] = []
@@ -97,7 +96,7 @@ class PrunePass(Pass):
         after_step: list[float] = []
         sections: list[Any] = []
 
-        def finetune(step: int) -> None:
+        def finetune(module: Any, step: int) -> None:
             if not config.finetune_epochs:
                 return
             ckpt = ctx.checkpoint_dir / f"finetune{step}" if ctx.checkpoint_dir else None
@@ -107,7 +106,8 @@ class PrunePass(Pass):
             after_step.append(result["accuracy"])
 
         if config.sparsity == "structured":
-            builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, sections, finetune)
+            module, builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, sections,
+                                               finetune)
         else:
             self._sparsify(module, config, set(ignore), metrics, notes, finetune)
             builder = artifact.builder
@@ -132,34 +132,43 @@ class PrunePass(Pass):
         return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 
     def _structured(self, module: Any, artifact: Any, config: PruneConfig, ignore: list[str], batch: int, ctx: Any,
-                    metrics: dict[str, Any], notes: list[str], sections: list[Any], finetune: Any) -> dict[str, Any]:
-        """Remove channels (and heads) in `config.steps` steps; returns the builder with the pruned shapes."""
+                    metrics: dict[str, Any], notes: list[str], sections: list[Any], finetune: Any) -> tuple[Any, dict]:
+        """Remove channels (and heads) in `config.steps` steps, each from a fresh graph of the model as it is then;
+        returns the pruned model and the builder with its pruned shapes."""
         shape = tuple(artifact.sample_shape)
         before_shapes = shape_attributes(module)
-        ratio = config.ratio
+        ratio, kept = config.ratio, {}
         if ratio is None and config.target_macs is None and config.target_params is None:
             ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
         elif ratio is None:
-            ratio, reached = search_ratio(module, shape, config, ignore)
+            ratio, reached, kept = search_ratio(module, shape, config, ignore)
             notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
                          f"{'MACs' if config.target_macs else 'parameters'})")
         metrics["ratio"] = ratio
-        pruner = make_pruner(module, shape, config, ratio, named_modules(module, ignore), config.steps)
         for step in range(1, config.steps + 1):
             if config.importance == "taylor":
                 accumulate_gradients(module, ctx.data, batch)
-            pruner.step()
-            sync_heads(module, pruner)
-            check_forward(module, shape)
+            outcome = prune_safely(module, shape, config, _step_ratio(ratio, step, config.steps),
+                                   None if config.head_ratio is None else
+                                   _step_ratio(config.head_ratio, step, config.steps), ignore, kept)
+            module, kept = outcome.module, outcome.kept
             module.zero_grad(set_to_none=True)
-            console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} of the MACs left")
-            finetune(step)
+            console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} "
+                         f"of the MACs left" + (f", {len(kept)} groups kept whole" if kept else ""))
+            finetune(module, step)
+        metrics["groups_kept_whole"] = len(kept)
+        if kept:
+            console.warn(f"{len(kept)} groups of layers kept whole (Torch-Pruning cannot prune them safely): "
+                         + "; ".join(f"{k.layers[0]}: {k.reason}" for k in list(kept.values())[:3])
+                         + ("; ..." if len(kept) > 3 else "") + " (all in the report)")
+            sections.append(Table(title="groups kept whole", columns=["layers", "reason"],
+                                  rows=[[", ".join(k.layers), k.reason] for k in kept.values()]))
         pruned = changed_attributes(before_shapes, shape_attributes(module))
         sections += [bars for bars in (
             _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
             _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
             if bars.labels]
-        return {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+        return module, {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
 
     @staticmethod
     def _sparsify(module: Any, config: PruneConfig, ignored: set[str], metrics: dict[str, Any], notes: list[str],
@@ -171,7 +180,7 @@ class PrunePass(Pass):
             else:
                 sp.apply_magnitude(module, sp.cubic_schedule(config.ratio, step, config.steps), ignored,
                                    config.global_ranking)
-            finetune(step)
+            finetune(module, step)
         sp.make_permanent(module)
         metrics["zero_fraction"] = sp.zero_fraction(module, ignored)
         notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
@@ -193,6 +202,13 @@ class PrunePass(Pass):
         method = "onnxruntime FP32 on the CPU, before and after in interleaved rounds, best round's median"
         return [Latency(batch_size=1, p50_ms=lat[1], method=method, model=name)
                 for name, lat in (("before", lat_before), ("after", lat_after))]
+
+
+def _step_ratio(ratio: float, step: int, steps: int) -> float:
+    """The fraction of the remaining channels to prune at `step` so that `ratio` of the original is gone after
+    `steps` equal steps."""
+    done, goal = ratio * (step - 1) / steps, ratio * step / steps
+    return (goal - done) / (1 - done)
 
 
 def _before_after(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str, Any]], keys: tuple[str, ...],

@@ -11,6 +11,8 @@ import difflib
 from typing import Any
 
 from mlopt.compress.lib.importance import make_importance
+from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_layers, group_problem, guarded, keep,
+                                       outputs, probe, screen)
 from mlopt.core.errors import InputError, first_line
 
 
@@ -27,13 +29,27 @@ def named_modules(module: Any, names: list[str]) -> list[Any]:
     return [submodule(module, name, f"--ignore {name!r}: the model has no module of that name") for name in names]
 
 
-def classifier_names(module: Any, num_classes: int | None) -> list[str]:
-    """The output layers (Linear or Conv with num_classes outputs, last of its kind) stay untouched."""
+def classifier_names(module: Any, num_classes: int | None, sample_shape: tuple[int, ...]) -> list[str]:
+    """The layers that produce the output stay untouched: the last Linear or convolution to run, when its width is
+    the output's (a final 1x1 convolution too), and the last Linear with num_classes outputs."""
     import torch
 
+    ran: list[tuple[str, Any]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append((n, o)))
+             for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+    try:
+        out = outputs(module, torch.zeros((1, *sample_shape)))
+    finally:
+        for h in hooks:
+            h.remove()
     names = [n for n, m in module.named_modules()
-             if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes]
-    return names[-1:] or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
+             if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes][-1:]
+    if ran and out and isinstance(ran[-1][1], torch.Tensor) and ran[-1][1].dim() > 1:
+        name, y = ran[-1]
+        width = y.shape[-1] if isinstance(dict(module.named_modules())[name], torch.nn.Linear) else y.shape[1]
+        if width in out[0].shape[1:] and name not in names:
+            names.append(name)
+    return names or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
 
 
 def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -66,8 +82,28 @@ def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
     return found
 
 
-def sync_heads(module: Any, pruner: Any) -> None:
-    """After a pruning step, tell each attention block its new head count and head size."""
+WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "hidden_size", "num_features", "channels", "width")
+
+
+def widths(module: Any) -> dict[str, int]:
+    """Each layer's (module with its own parameters) output width: channels, features, embedding; by name."""
+    found = {}
+    for n, m in module.named_modules():
+        if next(m.parameters(recurse=False), None) is None:
+            continue
+        for attr in ("out_channels", "out_features", "embed_dim", "num_features", "normalized_shape"):
+            value = vars(m).get(attr)
+            value = value[-1] if isinstance(value, tuple) and value else value
+            if type(value) is int:
+                found[n] = value
+                break
+    return found
+
+
+def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
+    """After pruning, tell blocks their new widths: attention blocks their head count and head size, and a module
+    whose width attribute (`hidden_dim`, `embed_dim`, ...) held the old width of layers inside it that all
+    changed to one new width (torchvision's ViT reshapes with `hidden_dim`)."""
     for _, m, layers, attr in attention_blocks(module):
         heads = int(pruner.num_heads[layers[0]])
         setattr(m, attr, heads)
@@ -76,15 +112,27 @@ def sync_heads(module: Any, pruner: Any) -> None:
         if attr == "num_attention_heads":
             m.attention_head_size = m.query.out_features // heads
             m.all_head_size = m.query.out_features
+    after = widths(module)
+    changed = [(n, before[n], w) for n, w in after.items() if n in before and before[n] != w]
+    if not changed:
+        return
+    for name, m in module.named_modules():
+        for attr in WIDTH_ATTRIBUTES:
+            old = vars(m).get(attr)
+            if type(old) is not int or name in after:
+                continue
+            new = {w for n, was, w in changed if was == old and (not name or n.startswith(name + "."))}
+            if len(new) == 1:
+                setattr(m, attr, new.pop())
 
 
-def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, ignored: list[Any],
-                steps: int) -> Any:
+def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, head_ratio: float | None,
+                ignored: list[Any]) -> Any:
     import torch
     import torch_pruning as tp
 
     blocks = attention_blocks(module)
-    if cfg.head_ratio is not None and not blocks:
+    if head_ratio is not None and not blocks:
         raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and `num_heads` (timm's "
                          "ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's); "
                          "nn.MultiheadAttention heads shrink with the width (ratio)")
@@ -94,54 +142,108 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: flo
         # (ratio) or whole heads (head_ratio); the q/k/v layers' own ratio triggers the head step.
         layers = {layer: getattr(m, attr) for _, m, qkv, attr in blocks for layer in qkv}
         heads = {"num_heads": layers}
-        if cfg.head_ratio is not None:
-            heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=cfg.head_ratio,
-                         pruning_ratio_dict={layer: cfg.head_ratio for layer in layers})
+        if head_ratio is not None:
+            heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
+                         pruning_ratio_dict={layer: head_ratio for layer in layers})
     try:
         return tp.pruner.BasePruner(
             module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
             global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
-            iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to, **heads,
+            iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to, **heads,
         )
     except Exception as exc:
         raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
                          "leave the module that fails out with --ignore NAME") from exc
 
 
-def check_forward(module: Any, sample_shape: tuple[int, ...]) -> None:
+def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, head_ratio: float | None,
+                 ignore: list[str], kept: dict[str, Kept] | None = None) -> Outcome:
+    """Prune a copy of `module` once at `ratio`, keeping whole every group that is unsafe (see safety.py)."""
     import torch
 
-    module.eval()
-    try:
-        with torch.no_grad():
-            module(torch.zeros((1, *sample_shape)))
-    except Exception as exc:
-        hint = ("; attention blocks must reshape with num_heads and head_dim (or -1), not the input width"
-                if attention_blocks(module) else "")
-        raise InputError(f"the pruned model fails to run ({type(exc).__name__}: {first_line(exc)[:200]}){hint}") from exc
+    x = torch.zeros((1, *sample_shape))
+    reference = [tuple(t.shape) for t in outputs(module, x)]
+    before = widths(module)
+    kept = dict(kept or {})
+    probe_each = False
+    for _ in range(ROUNDS):
+        trial = copy.deepcopy(module)
+        for copied, original in zip(trial.parameters(), module.parameters()):
+            copied.grad = original.grad  # Taylor importance reads the gradients; a deep copy drops them
+        layers = dict(trial.named_modules())
+        ignored = [layers[n] for n in ignore] + [layers[n] for k in kept.values() for n in k.layers if n in layers]
+        with guarded(trial) as trace:
+            pruner = make_pruner(trial, sample_shape, cfg, ratio, head_ratio, ignored)
+            screen(pruner, trace, kept)
+            checked_importance(pruner, trace, kept)
+            broke, pruned = _prune_groups(trial, pruner, trace, kept, x, reference, before, probe_each)
+        if broke is None:
+            problem = probe(trial, x, reference)
+            if problem is None:
+                if not pruned and ratio > 0:
+                    raise InputError(_nothing_prunable(kept))
+                return Outcome(trial, kept, pruned)
+            probe_each = True  # find the group that breaks the model
+        else:
+            kept.setdefault(broke.layers[0], broke)
+    raise InputError(f"pruning still breaks the model after keeping {len(kept)} groups whole; "
+                     "leave the failing modules out with --ignore NAME")
 
 
-def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any, ignore: list[str]) -> tuple[float, float]:
-    """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params)."""
+def _nothing_prunable(kept: dict[str, Kept]) -> str:
+    if not kept:
+        return "nothing can be pruned: no prunable layer outside --ignore and the classifier"
+    shown = [f"{', '.join(k.layers[:3])}{' ...' if len(k.layers) > 3 else ''} ({k.reason})" for k in kept.values()]
+    return (f"nothing can be pruned: all {len(kept)} groups of layers had to be kept whole: " + "; ".join(shown[:3])
+            + ("; ..." if len(shown) > 3 else ""))
+
+
+def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x: Any, reference: Any,
+                  before: dict[str, int], probe_each: bool) -> tuple[Kept | None, int]:
+    """Prune the pruner's groups one by one; returns (the group that broke the model, or None; groups pruned)."""
+    pruned = 0
+    for grp in pruner.step(interactive=True):
+        problem = group_problem(pruner.DG, grp, trace)
+        if problem is not None:
+            keep(pruner, grp, problem, kept)
+            continue
+        layers = group_layers(pruner.DG, grp)
+        try:
+            grp.prune()
+        except Exception as exc:
+            return Kept(layers, f"pruning it raised {type(exc).__name__}: {first_line(exc)[:120]}"), pruned
+        pruned += 1
+        if probe_each:
+            sync_attributes(trial, pruner, before)
+            problem = probe(trial, x, reference)
+            if problem is not None:
+                return Kept(layers, f"the model pruned with it {problem}"), pruned
+    sync_attributes(trial, pruner, before)
+    return None, pruned
+
+
+def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any, ignore: list[str]) -> tuple[float, float, dict[str, Kept]]:
+    """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params); returns the
+    ratio, the fraction it keeps, and the groups kept whole."""
     which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
     base = count_ops(module, sample_shape)[0 if which == "macs" else 1]
+    kept: dict[str, Kept] = {}
 
-    def kept(ratio: float) -> float:
-        trial = copy.deepcopy(module)
-        pruner = make_pruner(trial, sample_shape, cfg, ratio, named_modules(trial, ignore), 1)
-        pruner.step()
-        sync_heads(trial, pruner)
-        return count_ops(trial, sample_shape)[0 if which == "macs" else 1] / base
+    def fraction(ratio: float) -> float:
+        outcome = prune_safely(module, sample_shape, cfg, ratio, cfg.head_ratio, ignore, kept)
+        kept.update(outcome.kept)
+        return count_ops(outcome.module, sample_shape)[0 if which == "macs" else 1] / base
 
     lo, hi = 0.0, 0.9
-    reachable = kept(hi)
+    reachable = fraction(hi)
     if reachable > target:
+        whole = f"; {len(kept)} groups had to be kept whole" if kept else ""
         raise InputError(f"target_{which} {target} cannot be reached: pruning 90% of the prunable channels still "
-                         f"keeps {reachable:.3f} of the {which} (the ignored layers and the classifier stay whole)")
+                         f"keeps {reachable:.3f} of the {which} (the ignored layers and the classifier stay whole{whole})")
     for _ in range(12):
         mid = (lo + hi) / 2
-        if kept(mid) > target:
+        if fraction(mid) > target:
             lo = mid
         else:
             hi = mid
-    return hi, kept(hi)
+    return hi, fraction(hi), kept

@@ -1,0 +1,178 @@
+"""Users' own architectures with the patterns structured pruning trips on (also used as FILE.py:FACTORY specs).
+
+Each factory takes `num_classes` and builds a model for 3x64x64 images.
+"""
+
+import torch
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class SwappedSplit(nn.Module):
+    """Split the channels in halves, transform one, concatenate them back in swapped order, add a 1x1-projected
+    shortcut from one half."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(nn.Conv2d(half, 2 * half, 1), nn.BatchNorm2d(2 * half), nn.ReLU(),
+                                    nn.Conv2d(2 * half, 2 * half, 3, padding=1, groups=2 * half),
+                                    nn.BatchNorm2d(2 * half), nn.Conv2d(2 * half, half, 1), nn.ReLU())
+        self.project = nn.Conv2d(half, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([self.branch(b), a], dim=1) + self.project(a)
+
+
+class SpatialAttention(nn.Module):
+    """nn.MultiheadAttention over the spatial positions as tokens, with a LayerNorm."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return x + out.transpose(1, 2).reshape(n, c, h, w)
+
+
+class UserNet(nn.Module):
+    """The model of the issue: depthwise and grouped convolutions, squeeze-excitation, a concatenation of two
+    branches, a swapped split with a projected shortcut, attention over spatial tokens, LayerNorm, Linear head."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+                                       nn.Conv2d(32, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=4), nn.BatchNorm2d(64), nn.ReLU())
+        self.se = SqueezeExcite(64, 16)
+        self.left = nn.Sequential(nn.Conv2d(64, 48, 3, padding=1), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(64, 48, 1), nn.ReLU())
+        self.split = SwappedSplit(96)
+        self.down = nn.Sequential(nn.Conv2d(96, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU())
+        self.attention = SpatialAttention(128, 4)
+        self.norm = nn.LayerNorm(128)
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.se(self.grouped(self.depthwise(self.stem(x))))
+        x = self.split(torch.cat([self.left(x), self.right(x)], dim=1))
+        x = self.attention(self.down(x))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+def user_net(num_classes: int = 10) -> nn.Module:
+    return UserNet(num_classes)
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt's pattern: depthwise 7x7, LayerNorm over the channels (channels last), an MLP, a learned
+    per-channel layer scale, and a residual."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, 4 * channels)
+        self.fc2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.fc2(torch.nn.functional.gelu(self.fc1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ChannelsNorm(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class FixedWidth(nn.Module):
+    """Reshapes with a width fixed when it was built: the model stops running when that width is pruned."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fixed = channels
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        n, _, h, w = y.shape
+        return y.reshape(n, self.fixed, h * w).softmax(-1).reshape(y.shape) * y
+
+
+PATTERNS = {
+    "swapped_split": lambda c: SwappedSplit(c),
+    "squeeze_excite": lambda c: SqueezeExcite(c, c // 4),
+    "grouped": lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=4), nn.BatchNorm2d(c), nn.ReLU()),
+    "depthwise": lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.ReLU(),
+                                         nn.Conv2d(c, c, 1)),
+    "spatial_attention": lambda c: SpatialAttention(c, 4),
+    "layer_scale": lambda c: LayerScaleBlock(c),
+    "channels_layernorm": lambda c: nn.Sequential(nn.Conv2d(c, c, 3, padding=1), ChannelsNorm(c), nn.GELU()),
+    "fixed_width": lambda c: FixedWidth(c),
+}
+
+
+class PatternNet(nn.Module):
+    """A stem, two blocks of one pattern with a convolution between them, and a Linear head."""
+
+    def __init__(self, pattern: str, num_classes: int = 10, channels: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.block1 = PATTERNS[pattern](channels)
+        self.mid = nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU())
+        self.block2 = PATTERNS[pattern](channels)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.mid(self.block1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def pattern_net(pattern: str, num_classes: int = 10) -> nn.Module:
+    return PatternNet(pattern, num_classes)
+
+
+def conv_classifier(num_classes: int = 10) -> nn.Module:
+    """squeezenet's layout: the classifier is a final 1x1 convolution, then global pooling."""
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def small_vit(num_classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer code at a small size (3x32x32)."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
+                                                mlp_dim=128, num_classes=num_classes)
+
+
+def small_swin(num_classes: int = 10) -> nn.Module:
+    """torchvision's Swin Transformer code at a small size (3x64x64)."""
+    import torchvision
+
+    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                              window_size=[4, 4], num_classes=num_classes)
