@@ -5,10 +5,11 @@
 
 For each model of `torchvision.models.list_models(module=torchvision.models)`, in child processes:
 `mlopt prune --model torchvision:NAME --num-classes 10 --ratio 0.5 --input-shape 1x3xSxS --json`
-(which times the FP32 model before and after on onnxruntime, batch 1), then `mlopt export` of the
-result (which checks onnxruntime against PyTorch). S is the smallest input that keeps the model
-meaningful (input_size). Each model has a wall-clock limit (both commands together) and a memory
-limit (the child's resident memory, sampled; killed above it). The table is rewritten after each
+(which times the FP32 model before and after on onnxruntime, batch 1), `mlopt export` of the result
+(which checks onnxruntime against PyTorch), then one onnxruntime run of the exported model (its
+output must still be 1x10 and finite). S is the smallest input that keeps the model meaningful
+(input_size). Each model has a wall-clock limit (its three commands together) and a memory limit
+(resident memory of each command, sampled; stopped above it). The table is rewritten after each
 model, so an interrupted sweep keeps what it measured. Latency ratios are comparable only with --jobs 1.
 """
 
@@ -45,7 +46,7 @@ def input_size(name: str) -> int:
 
 
 def _rss(pid: int) -> int:
-    """Resident bytes of the process and its descendants (its session: the child starts a new one)."""
+    """Resident bytes of the process and its descendants (with /proc: its session, which it started)."""
     if psutil is not None:
         try:
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -90,9 +91,9 @@ def status(run: dict) -> str:
         return run["killed"]
     if run["rc"] == 0:
         return "ok"
-    errors = [line for line in run["stderr"].splitlines() if line.startswith("error: ")]
     if run["rc"] < 0:
         return f"crashed: signal {signal.Signals(-run['rc']).name}"
+    errors = [line for line in run["stderr"].splitlines() if line.startswith("error: ")]
     if not errors:
         tail = run["stderr"].strip().splitlines()
         return f"crashed: exit {run['rc']}" + (f", {tail[-1]}" if tail else "")
@@ -101,15 +102,24 @@ def status(run: dict) -> str:
     return f"crashed: {line}" if "MLOPT_DEBUG=1" in line else f"refused: {line}"
 
 
+# Runs the exported model once on onnxruntime: its output must still be (1, classes) and finite.
+CHECK_OUTPUT = """import json, sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = np.random.default_rng(0).standard_normal([int(d) for d in sys.argv[2].split("x")], dtype=np.float32)
+y = s.run(None, {s.get_inputs()[0].name: x})[0]
+print(json.dumps({"shape": list(y.shape), "finite": bool(np.isfinite(y).all())}))"""
+
+
 def measure(name: str, timeout: float, limit: int) -> dict:
-    """Prune then export one model; the row's raw figures."""
-    size = input_size(name)
+    """Prune, export, run the exported model once; the row's raw figures."""
+    size, classes = input_size(name), 10
     row = {"model": name, "input": size, "metrics": {}, "parity": None, "peak": 0, "seconds": 0.0}
     mlopt = [sys.executable, "-m", "mlopt"]
     with tempfile.TemporaryDirectory(prefix=f"prune-{name}-") as tmp:
-        steps = [("prune", [*mlopt, "prune", "--model", f"torchvision:{name}", "--num-classes", "10", "--ratio", "0.5",
-                            "--input-shape", f"1x3x{size}x{size}", "--out", f"{tmp}/pruned", "--json"]),
-                 ("export", [*mlopt, "export", "--model", f"{tmp}/pruned", "--out", f"{tmp}/onnx", "--json"])]
+        steps = [("prune", [*mlopt, "prune", "--model", f"torchvision:{name}", "--num-classes", str(classes),
+                            "--ratio", "0.5", "--input-shape", f"1x3x{size}x{size}", "--out", f"{tmp}/pruned", "--json"]),
+                 ("export", [*mlopt, "export", "--model", f"{tmp}/pruned", "--out", f"{tmp}/onnx", "--json"]),
+                 ("output", [sys.executable, "-c", CHECK_OUTPUT, f"{tmp}/onnx/model.onnx", f"1x3x{size}x{size}"])]
         for step, cmd in steps:
             run = run_child(cmd, timeout - row["seconds"], limit)
             row["peak"], row["seconds"] = max(row["peak"], run["peak"]), row["seconds"] + run["seconds"]
@@ -117,13 +127,36 @@ def measure(name: str, timeout: float, limit: int) -> dict:
             if row["status"] != "ok":
                 if step == "export":  # the pruned model failed to reload, export, or match PyTorch
                     row["parity"] = row["status"].removeprefix("refused: ")
-                    row["status"] = "export " + row["status"].replace("refused: ", "failed: ", 1)
+                if step != "prune":
+                    row["status"] = f"{step} " + row["status"].replace("refused: ", "failed: ", 1)
+                return row
+            try:
+                result = read_json(run["stdout"])
+            except ValueError:
+                row["status"] = f"crashed: {step} printed no JSON result"
                 return row
             if step == "prune":
-                row["metrics"] = json.loads(run["stdout"])
+                row["metrics"] = result
+            elif step == "export":
+                top1 = "" if result.get("top1_agreement") is None else f", top-1 {result['top1_agreement']:.2f}"
+                row["parity"] = f"ok (max error {result['max_abs_error']:.1e}{top1})"
             else:
-                row["parity"] = "ok ({:.1e})".format(json.loads(run["stdout"])["max_abs_error"])
+                row["status"] = output_status(result, classes)
     return row
+
+
+def read_json(stdout: str) -> dict:
+    """The JSON object a command printed last (mlopt's --json prints it indented, after anything a
+    library printed on stdout)."""
+    return json.JSONDecoder().raw_decode(stdout, stdout.rfind("\n{\n") + 1)[0]
+
+
+def output_status(result: dict, classes: int) -> str:
+    """ok, or what is wrong with the exported model's output (a pruned classifier, NaNs)."""
+    shape = "x".join(map(str, result["shape"]))
+    if shape != f"1x{classes}":
+        return f"wrong output: {shape} instead of 1x{classes}"
+    return "ok" if result["finite"] else "wrong output: not finite"
 
 
 def _si(n: float) -> str:

@@ -29,6 +29,18 @@ def test_status_of_a_child_run():
     assert bench.status(_run(-11)) == "crashed: signal SIGSEGV"
 
 
+def test_json_result_after_noise_on_stdout():
+    printed = 'Maximum recursive depth reached!\n{\n  "macs_ratio": 3.5,\n  "x": {\n    "a": 1\n  }\n}\n'
+    assert bench.read_json(printed) == {"macs_ratio": 3.5, "x": {"a": 1}}
+    assert bench.read_json('{"shape": [1, 10], "finite": true}\n') == {"shape": [1, 10], "finite": True}
+
+
+def test_output_of_the_exported_model():
+    assert bench.output_status({"shape": [1, 10], "finite": True}, 10) == "ok"
+    assert bench.output_status({"shape": [1, 5], "finite": True}, 10) == "wrong output: 1x5 instead of 1x10"
+    assert bench.output_status({"shape": [1, 10], "finite": False}, 10) == "wrong output: not finite"
+
+
 def test_child_is_stopped_past_its_limits():
     sleeper = bench.run_child([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3, limit=1 << 40)
     assert sleeper["killed"] == "timeout" and sleeper["seconds"] < 5 and sleeper["rc"] < 0
