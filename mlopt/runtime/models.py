@@ -179,12 +179,10 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
 def cpu_state_dict(module: Any) -> dict[str, Any]:
     """The module's state dict as CPU tensors, with torch's per-module versions (``_metadata``), which
     modules such as torchvision's MNASNet require when they load it."""
-    from collections import OrderedDict
-
     state = module.state_dict()
-    copy = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items())
-    copy._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]
-    return copy
+    for k, v in state.items():
+        state[k] = v.detach().cpu().contiguous()
+    return state
 
 
 def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
@@ -207,9 +205,9 @@ def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise InputError(f"weights {source} do not fit the model: " + "; ".join(parts))
-    if getattr(state, "_metadata", None) is None:
+    if not hasattr(state, "_metadata"):
         state = OrderedDict(state)
-        state._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+        state._metadata = own._metadata  # type: ignore[attr-defined]
     module.load_state_dict(state, strict=True)
 
 
