@@ -6,6 +6,7 @@ import torch
 
 from mlopt.core.errors import InputError
 from mlopt.runtime.artifacts import META_FILE, Artifact, load_artifact
+from mlopt.runtime.models import build_module
 
 from conftest import TOY
 
@@ -70,3 +71,29 @@ def test_load_refuses_what_is_not_a_saved_model(tmp_path):
         load_artifact(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
         load_artifact(tmp_path / "nothing")
+
+
+def _versioned_artifact(spec, shape):
+    module = build_module(spec, 10).eval()
+    torch.manual_seed(5)
+    for p in module.parameters():
+        p.data.normal_()
+    return Artifact(format="torch", sample_shape=shape, num_classes=10, builder={"spec": spec, "num_classes": 10},
+                    module=module, origin="mine")
+
+
+@pytest.mark.parametrize("spec,shape", [(f"{TOY}:versioned_cnn", (1, 8, 8)),
+                                        pytest.param("torchvision:mnasnet0_5", (3, 32, 32), marks=pytest.mark.slow)])
+def test_module_versions_survive_the_round_trip(tmp_path, spec, shape):
+    """Modules that read their saved version when loading (torchvision's MNASNet) reload; so does a model.pt
+    written as a plain dict, without versions, read with the versions of the module it is loaded into."""
+    art = _versioned_artifact(spec, shape)
+    art.save(tmp_path)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved._metadata[""]["version"] == 2
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        expected = art.module(x)
+        assert torch.equal(load_artifact(tmp_path).module(x), expected)
+        torch.save(dict(saved), tmp_path / "model.pt")
+        assert torch.equal(load_artifact(tmp_path).module(x), expected)

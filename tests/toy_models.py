@@ -260,3 +260,18 @@ class UntraceableCNN(nn.Module):
 
 def untraceable_cnn(num_classes: int = 10) -> nn.Module:
     return UntraceableCNN(num_classes)
+
+
+class VersionedCNN(TinyCNN):
+    """Reads the per-module version saved with its weights, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned_cnn(num_classes: int = 10) -> nn.Module:
+    return VersionedCNN(num_classes)

@@ -1,7 +1,7 @@
 """Artifacts: the model that flows from pass to pass, and how it is saved and reloaded.
 
-A torch artifact is saved as ``model.pt`` (a plain state dict) and ``model.json`` (how to
-rebuild the module: the spec, the class count, later the pruned shapes). An ONNX artifact is
+A torch artifact is saved as ``model.pt`` (a state dict, with torch's per-module versions) and
+``model.json`` (how to rebuild the module: the spec, the class count, later the pruned shapes). An ONNX artifact is
 ``model.onnx`` plus ``model.json``. Reloading never unpickles arbitrary objects.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
-from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, build_module, check_shape_size, count_params, load_state_dict_file
+from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -67,9 +67,8 @@ class Artifact:
         target = out_dir / (TORCH_FILE if self.format == "torch" else ONNX_FILE)
         try:
             if self.format == "torch":
-                state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
                 with open(target, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC)
-                    torch.save(state, f)
+                    torch.save(cpu_state_dict(self.module), f)
             else:
                 assert self.onnx_path is not None
                 if Path(self.onnx_path).resolve() != target.resolve():

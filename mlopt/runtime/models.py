@@ -176,8 +176,20 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     return state
 
 
+def cpu_state_dict(module: Any) -> dict[str, Any]:
+    """The module's state dict as CPU tensors, with torch's per-module versions (``_metadata``), which
+    modules such as torchvision's MNASNet require when they load it."""
+    state = module.state_dict()
+    for k, v in state.items():
+        state[k] = v.detach().cpu().contiguous()
+    return state
+
+
 def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
-    """Load weights strictly, turning key and shape mismatches into one readable line."""
+    """Load weights strictly, turning key and shape mismatches into one readable line. A state dict
+    saved without per-module versions (a plain dict) is read as written by this module's own versions."""
+    from collections import OrderedDict
+
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -193,6 +205,9 @@ def apply_state_dict(module: Any, state: dict[str, Any], source: str) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise InputError(f"weights {source} do not fit the model: " + "; ".join(parts))
+    if not hasattr(state, "_metadata"):
+        state = OrderedDict(state)
+        state._metadata = own._metadata  # type: ignore[attr-defined]
     module.load_state_dict(state, strict=True)
 
 

@@ -27,6 +27,7 @@ from mlopt.core.sections import Strict, Table
 from mlopt.runtime import distributed
 from mlopt.runtime.data import Dataset, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
+from mlopt.runtime.models import cpu_state_dict
 
 CHECKPOINT_FILE = "checkpoint.pt"
 _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
@@ -330,7 +331,7 @@ class _Training:
         if val["accuracy"] > state.best_acc:
             state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
             if cfg.early_stopping:
-                self.best_weights = copy.deepcopy({k: v.detach().cpu() for k, v in self.module.state_dict().items()})
+                self.best_weights = copy.deepcopy(cpu_state_dict(self.module))  # keeps per-module versions
         else:
             state.stale += 1
         state.batch, state.loss_sum, state.correct, state.count = 0, 0.0, 0, 0
