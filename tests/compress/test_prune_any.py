@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
-from mlopt.compress.lib.pruning import classifier_names, prune_safely
+from mlopt.compress.lib.pruning import classifier_names, prune_safely, search_ratio
 from mlopt.compress.prune import PruneConfig
 from mlopt.core.errors import InputError
 from mlopt.runtime.artifacts import load_artifact
@@ -104,3 +104,35 @@ def test_the_issue_model_prunes_and_exports_with_parity(tmp_path):
     assert parity["max_abs_error"] <= parity["tolerance"] and parity["parity_samples"] > 0  # else export exits 1
     model = load_artifact(out).module.eval()
     assert model(torch.zeros(2, 3, 64, 64)).shape == user_net()(torch.zeros(2, 3, 64, 64)).shape
+
+
+@pytest.mark.parametrize("spec,shape", [
+    ("torchvision:resnet50", "1x3x32x32"),
+    ("torchvision:densenet121", "1x3x32x32"),
+    ("torchvision:shufflenet_v2_x0_5", "1x3x32x32"),
+    ("torchvision:convnext_tiny", "1x3x32x32"),
+    ("torchvision:efficientnet_v2_s", "1x3x32x32"),
+    ("torchvision:regnet_y_400mf", "1x3x32x32"),
+    (f"{USER}:small_vit", "1x3x32x32"),
+    (f"{USER}:small_swin", "1x3x64x64"),
+], ids=lambda v: v.split(":")[-1] if ":" in v else None)
+@pytest.mark.slow
+def test_torchvision_families_prune_run_and_export(spec, shape, tmp_path):
+    """A representative of each torchvision family (benchmarks/prune_torchvision.py runs them all)."""
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", spec, "--num-classes", "10", "--input-shape", shape, "--ratio", "0.5",
+                                 "--no-latency", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["macs_ratio"] >= 1.5, metrics
+    exported = runner.invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "e"), "--json", "--quiet"])
+    assert exported.exit_code == 0, exported.output
+    dims = [int(d) for d in shape.split("x")]
+    assert load_artifact(out).module.eval()(torch.zeros(dims)).shape == (1, 10)
+
+
+def test_unreachable_target_says_groups_were_kept_whole():
+    model = pattern_net("swapped_split").eval()
+    cfg = PruneConfig(target_macs=0.2)
+    with pytest.raises(InputError, match=r"cannot be reached: .* keeps 0\.\d+ of the macs .*groups had to be kept whole"):
+        search_ratio(model, (3, 32, 32), cfg, classifier_names(model, 10, (3, 32, 32)))
