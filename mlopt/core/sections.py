@@ -21,7 +21,10 @@ class Strict(BaseModel):
 
 
 class Latency(Strict):
-    """One model's latency at one batch size, and how it was measured."""
+    """One model's latency at one batch size, and how it was measured.
+
+    A step that times several models times its reference (the model it started from) first, and marks
+    the entries of the model it hands on `output`: the report's summary and `report compare` read those."""
 
     batch_size: int = Field(gt=0)
     p50_ms: float
@@ -30,6 +33,7 @@ class Latency(Strict):
     p99_ms: float | None = None
     method: str = Field(description="how it was timed (sequential runs, interleaved rounds, ...)")
     model: str | None = Field(None, description="which model, where a step times several")
+    output: bool = Field(False, description="this entry times the model the step hands on")
 
 
 class Table(Strict):

@@ -260,7 +260,8 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
         metrics["sequence_length"] = plan.artifact.sample_shape[0]
     if quality.labeled:
         metrics["fp32_accuracy"] = quality.baseline["accuracy"]
-    latency = [entry for row in [fp32, *plan.candidates] for entry in latency_entries(row.latency, row.name, config.provider)]
+    latency = [entry for row in [fp32, *plan.candidates]
+               for entry in latency_entries(row.latency, row.name, config.provider, output=row is (chosen or fp32))]
     result = StepResult(artifact=plan.artifact.derive("ptq", onnx_path=out), metrics=metrics, notes=plan.notes,
                         latency=latency, sections=_sections(plan))
     if chosen is None:

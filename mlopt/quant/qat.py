@@ -272,7 +272,8 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
         **speedups(fp32_latency, int8_latency),
         **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
     }
-    latency = latency_entries(fp32_latency, "FP32", "cpu") + latency_entries(int8_latency, "INT8", "cpu")
+    latency = (latency_entries(fp32_latency, "FP32", "cpu", output=not quantized)
+               + latency_entries(int8_latency, "INT8", "cpu", output=quantized))
     # What runs in float, or outside the simulation, by name (the metrics count them).
     left_out = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
                 + [["layer with float weights in the simulation", name] for name in st.floating]

@@ -159,11 +159,11 @@ class Quality:
         return f"mean cosine to FP32 >= {self.min_cosine}"
 
 
-def latency_entries(timed: dict[int, float], model: str, provider: str) -> list[Latency]:
-    """One model's medians from `interleaved_latency` as report entries."""
+def latency_entries(timed: dict[int, float], model: str, provider: str, output: bool) -> list[Latency]:
+    """One model's medians from `interleaved_latency` as report entries (`output`: the model handed on)."""
     method = (f"interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
               "its best round's median")
-    return [Latency(batch_size=b, p50_ms=ms, method=method, model=model) for b, ms in timed.items()]
+    return [Latency(batch_size=b, p50_ms=ms, method=method, model=model, output=output) for b, ms in timed.items()]
 
 
 def speedups(fp32_latency: dict[int, float], int8_latency: dict[int, float]) -> dict[str, float]:
