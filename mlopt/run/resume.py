@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mlopt.core.contracts import file_fields
 from mlopt.core.fsutil import digest, path_fingerprint
 from mlopt.report.schema import SCHEMA_VERSION
+from mlopt.runtime import hf
 from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
 
 if TYPE_CHECKING:
@@ -37,10 +38,24 @@ def model_files(step_dir: Path) -> dict[str, str | None]:
     return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
 
 
-def _paths_in(spec: str) -> list[str]:
-    """The files or directories a spec names (FILE.py:factory, npz:FILE, hf:DIR, DIR, FILE.onnx)."""
-    candidates = [spec, spec.partition(":")[2], spec.rpartition(":")[0]]
-    return [c for c in candidates if c and Path(c).exists()]
+#: The data sources whose argument is a file or folder (mlopt.runtime.data.load_data).
+FILE_SOURCES = ("npz", "imagefolder", "text")
+
+
+def _paths_in(value: str, spec: str) -> list[str]:
+    """The files or folders a marked field names, by the grammar of its kind of spec (`names_file`):
+    a data source names the FILE or DIR of npz:, imagefolder: and text: (digits and random:SHAPE none);
+    a model spec (mlopt.runtime.models) the DIR of hf:DIR, the FILE.py of FILE.py:FACTORY, or itself
+    without a scheme (an mlopt directory, FILE.onnx); torchvision:NAME and package.module:FACTORY none."""
+    if spec == "data":
+        kind, _, arg = value.partition(":")
+        return [arg] if kind in FILE_SOURCES and arg else []
+    if spec == "model" and ":" in value:
+        if hf.is_hf_spec(value):
+            return [value[len(hf.PREFIX):]]
+        prefix = value.rpartition(":")[0]
+        return [prefix] if prefix.endswith(".py") else []
+    return [value]
 
 
 def named_files(config: "BaseModel") -> dict[str, str | None]:
@@ -48,15 +63,15 @@ def named_files(config: "BaseModel") -> dict[str, str | None]:
     from pydantic import BaseModel
 
     found: dict[str, str | None] = {}
-    marked = set(file_fields(type(config)))
+    marked = file_fields(type(config))
     for name in type(config).model_fields:
         value = getattr(config, name)
         if isinstance(value, BaseModel):
             found.update(named_files(value))
         elif name in marked:
             for v in value if isinstance(value, list) else [value]:
-                for p in _paths_in(v) if isinstance(v, str) else []:
-                    found[p] = path_fingerprint(Path(p))
+                for p in _paths_in(v, marked[name]) if isinstance(v, str) else []:
+                    found[p] = path_fingerprint(Path(p).expanduser())
     return found
 
 
