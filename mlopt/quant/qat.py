@@ -70,9 +70,7 @@ class QATConfig(TrainingConfig):
                                    json_schema_extra=cli(flag="--bench-batch-size"))
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
     keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
-                            "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
-                            "faster at every batch size in batch_sizes, timed in interleaved rounds, one session alive "
-                            "at a time, each model keeping its best round; a tie counts as not faster)")
+                            f"QAT started from; by default FP32 is handed back then ({INT8_RULE})")
 
 
 class QATPass(Pass):
