@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from mlopt.core.contracts import file_fields
 from mlopt.core.fsutil import digest, path_fingerprint
 from mlopt.report.schema import SCHEMA_VERSION
-from mlopt.runtime import hf
 from mlopt.runtime.artifacts import META_FILE, ONNX_FILE, TORCH_FILE
 
 if TYPE_CHECKING:
@@ -38,23 +37,17 @@ def model_files(step_dir: Path) -> dict[str, str | None]:
     return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
 
 
-#: The data sources whose argument is a file or folder (mlopt.runtime.data.load_data).
-FILE_SOURCES = ("npz", "imagefolder", "text")
-
-
 def _paths_in(value: str, spec: str) -> list[str]:
-    """The files or folders a marked field names, by the grammar of its kind of spec (`names_file`):
-    a data source names the FILE or DIR of npz:, imagefolder: and text: (digits and random:SHAPE none);
-    a model spec (mlopt.runtime.models) the DIR of hf:DIR, the FILE.py of FILE.py:FACTORY, or itself
-    without a scheme (an mlopt directory, FILE.onnx); torchvision:NAME and package.module:FACTORY none."""
+    """The files or folders a marked field's value names, by its kind of spec (`names_file`): a data source
+    (mlopt.runtime.data) the FILE or DIR of npz:, imagefolder: and text:; a model spec (mlopt.runtime.models)
+    the DIR of hf:DIR, the FILE.py of FILE.py:FACTORY, or itself when it has no scheme (an mlopt directory,
+    FILE.onnx). torchvision:NAME, package.module:FACTORY, digits and random:SHAPE name none."""
+    scheme, colon, rest = value.partition(":")
     if spec == "data":
-        kind, _, arg = value.partition(":")
-        return [arg] if kind in FILE_SOURCES and arg else []
-    if spec == "model" and ":" in value:
-        if hf.is_hf_spec(value):
-            return [value[len(hf.PREFIX):]]
+        return [rest] if scheme in ("npz", "imagefolder", "text") and rest else []
+    if spec == "model" and colon:
         prefix = value.rpartition(":")[0]
-        return [prefix] if prefix.endswith(".py") else []
+        return [rest] if scheme == "hf" else [prefix] if prefix.endswith(".py") else []
     return [value]
 
 
