@@ -21,10 +21,8 @@ class Strict(BaseModel):
 
 
 class Latency(Strict):
-    """One model's latency at one batch size, and how it was measured.
-
-    A step that times several models times its reference (the model it started from) first, and marks
-    the entries of the model it hands on `output`: the report's summary and `report compare` read those."""
+    """One model's latency at one batch size, and how it was measured. A step that times several models times
+    the one it started from first, and marks those of the one it hands on `output` (the summary and compare read them)."""
 
     batch_size: int = Field(gt=0)
     p50_ms: float

@@ -12,10 +12,7 @@ graph into QLinearConv/QGemm kernels, so QAT runs exactly as fast as PTQ, on the
 trained with; a tensor without a range is calibrated by onnxruntime and listed. The report checks
 it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
 onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
-
-Never worse without saying so: QAT starts from PTQ's static min/max model, whose ranges the observers
-take; the trained model comes back unless that start scores strictly higher on onnxruntime, and FP32
-comes back unless INT8 is faster at every batch size (`not_faster_at`, PTQ's rule too).
+QAT starts from PTQ's static min/max model, and hands back what `_finish` says.
 """
 
 from __future__ import annotations

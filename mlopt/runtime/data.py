@@ -10,9 +10,6 @@
   for calibration and benchmarking only.
 - ``text:FILE``: one example a line (blank lines skipped), no labels, for ``hf:`` models: the
   model's tokenizer turns the lines into tokens (see mlopt.runtime.hf). Split deterministically.
-
-``image_size`` and ``channels`` resize and convert any source, so the same model can be fed
-from different data.
 """
 
 from __future__ import annotations

@@ -2,12 +2,8 @@
 
 Everything is offline: the model and its tokenizer come from a local directory (what
 ``save_pretrained`` writes), ``HF_HUB_OFFLINE=1`` is set before transformers is imported and
-every load passes ``local_files_only=True``, so no hub access is ever attempted.
-
-An encoder (``BertModel`` and friends) is wrapped to return ``last_hidden_state``; a sequence
-classifier (``*ForSequenceClassification``) returns ``logits``. Text is tokenized with the model's
-own tokenizer, padded to one length per file (the longest line, at most ``max_length`` tokens),
-and flows through mlopt as a dict of int64 tensors named as the model's inputs.
+every load passes ``local_files_only=True``, so no hub access is ever attempted. Tokenized text
+flows through mlopt as a dict of int64 tensors named as the model's inputs.
 
 Needs the ``hf`` extra: ``pip install "mlopt[hf]"``.
 """
