@@ -47,8 +47,8 @@ def latency_table(latency: list[Latency]) -> Table | None:
         return None
     named = any(lat.model for lat in latency)
     methods = list(dict.fromkeys(lat.method for lat in latency))
-    rows = [[*([f"{lat.model} (output)" if lat.output else lat.model] if named else []), lat.batch_size, lat.p50_ms, lat.mean_ms, lat.p90_ms, lat.p99_ms,
-             *([lat.method] if len(methods) > 1 else [])] for lat in latency]
+    rows = [[*([f"{lat.model} (output)" if lat.output else lat.model] if named else []), lat.batch_size, lat.p50_ms,
+             lat.mean_ms, lat.p90_ms, lat.p99_ms, *([lat.method] if len(methods) > 1 else [])] for lat in latency]
     return Table(title="latency", columns=[*(["model"] if named else []), "batch", "p50 ms", "mean ms", "p90 ms",
                                            "p99 ms", *(["method"] if len(methods) > 1 else [])],
                  rows=rows, note=f"timing: {methods[0]}" if len(methods) == 1 else None)
