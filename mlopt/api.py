@@ -76,8 +76,7 @@ def step(step_type: str, model: Any, example_input: Any = None, *, data: "str | 
 
 
 def _run(recipe: Recipe, out: str | Path | None, **options: Any) -> RunResult:
-    """run_recipe; out=None keeps nothing on disk but an ONNX model the run made, left in a new temporary
-    folder (`result.out`) for the caller: the result names its path."""
+    """run_recipe; out=None: in a scratch folder, kept (as `result.out`) only where it holds the ONNX model made."""
     if out is not None:
         return run_recipe(recipe, Path(out), **options)
     scratch = Path(tempfile.mkdtemp(prefix="mlopt-"))

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from mlopt.cli.main import app
 from mlopt.core.errors import RunError
-from mlopt.report.html import MAX_PLOTTED_LABELS, render_html, render_section
+from mlopt.report.html import MAX_PLOTTED_LABELS, render_html, render_section, summary_table
 from mlopt.report.markdown import compare_runs, render_markdown
 from mlopt.report.schema import parse
 
@@ -20,8 +20,9 @@ SCATTER = {"kind": "scatter", "title": "acc vs ms", "xlabel": "ms", "ylabel": "t
            "points": [{"label": "a", "x": 1.0, "y": 0.9}, {"label": "b", "x": 2.0, "y": 0.95}]}
 
 
-def _lat(model, batch, p50):
-    return {"batch_size": batch, "p50_ms": p50, "mean_ms": p50 * 1.1, "method": "sequential runs", "model": model}
+def _lat(model, batch, p50, output=False):
+    return {"batch_size": batch, "p50_ms": p50, "mean_ms": p50 * 1.1, "method": "sequential runs", "model": model,
+            "output": output}
 
 
 def _chain(latency_ms):
@@ -37,10 +38,12 @@ def _chain(latency_ms):
             "verdict": "the final model (02-prune) is the best of its chain", "duration_s": 1.0}
 
 
-def _run(bench_ms, chain_ms=None, accuracy=0.9):
+def _run(bench_ms, chain_ms=None, accuracy=0.9, output="a"):
+    """A run whose bench step timed models {(name, batch size): p50}, the one named `output` marked as handed on."""
+    latency = [_lat(f"/x/{m}", b, ms, m == output) for (m, b), ms in bench_ms.items()]
     steps = [step_report("01-train", metrics={"accuracy": accuracy, "size_mb": 1.0}, sections=[TABLE]),
              step_report("02-prune", "prune", sections=[BARS, SCATTER]),
-             step_report("03-bench", "bench", latency=[_lat(f"/x/{m}", b, ms) for (m, b), ms in bench_ms.items()])]
+             step_report("03-bench", "bench", latency=latency)]
     return run_report(steps, **({"chain": _chain(chain_ms)} if chain_ms else {}))
 
 
@@ -69,7 +72,7 @@ def test_markdown_renders_every_section_kind_as_a_table():
     assert "### per epoch" in md and "| 1 | 0.5 |" in md and "| 2 | 0.25 |" in md
     assert "|  | before | after |" in md and "| conv1 | 8 | 4 |" in md and "| conv2 | 16 | 8 |" in md
     assert "|  | ms | top-1 |" in md and "| b | 2 | 0.95 |" in md
-    assert "| /x/a | 1 | 2 |" in md and "| /x/b | 1 | 1.5 |" in md and "timing: sequential runs" in md
+    assert "| /x/a (output) | 1 | 2 |" in md and "| /x/b | 1 | 1.5 |" in md and "timing: sequential runs" in md
 
 
 @pytest.mark.slow  # matplotlib
@@ -105,7 +108,7 @@ def test_html_summary_first_from_the_chain_else_from_the_steps():
     plain = render_html(parse(_run({("a", 1): 2.0, ("a", 8): 4.0, ("b", 1): 1.0})))
     summary = plain[plain.index("<h2>Summary</h2>"):plain.index("<h2>01-train</h2>")]
     assert "<th>batch 1 p50 ms</th><th>batch 8 p50 ms</th>" in summary
-    assert "<td>03-bench</td><td>torch</td><td></td><td>2</td><td>4</td>" in summary  # the first model's p50s
+    assert "<td>03-bench</td><td>torch</td><td></td><td>2</td><td>4</td>" in summary  # the output model's p50s
     assert "<td>01-train</td><td>torch</td><td>1</td><td></td><td></td><td>accuracy 0.9</td>" in summary
 
 
@@ -117,19 +120,54 @@ def test_compare_reads_per_batch_latencies_of_the_same_model_fresh_or_from_json(
     resumed = compare_runs(parse(json.dumps(old)), parse(json.loads(json.dumps(new))), 0.1, 0.005)
     assert fresh == resumed
     rows = {(r["step"], r["metric"]): r for r in fresh}
-    assert rows["03-bench", "latency p50 ms[model 1, batch 8]"]["regressed"]
-    assert rows["03-bench", "latency p50 ms[model 1, batch 8]"]["old"] == 10.0
-    assert not rows["03-bench", "latency p50 ms[model 1, batch 1]"]["regressed"]
-    assert rows["03-bench", "latency p50 ms[model 2, batch 1]"]["change"] == 0.0
+    assert rows["03-bench", "latency p50 ms[batch 8]"]["regressed"]
+    assert rows["03-bench", "latency p50 ms[batch 8]"]["old"] == 10.0
+    assert not rows["03-bench", "latency p50 ms[batch 1]"]["regressed"]
+    assert [r["metric"] for r in fresh if r["step"] == "03-bench"] == ["latency p50 ms[batch 1]", "latency p50 ms[batch 8]"]
     assert rows["chain 02-prune", "latency ms[batch 8]"]["regressed"]
     assert not rows["chain 02-prune", "latency ms[batch 1]"]["regressed"]
     assert not rows["01-train", "accuracy"]["regressed"]
 
 
+def _quantized(fp32_ms, int8_ms, int8_out=True):
+    """A PTQ step that timed FP32 (first, its reference), a static INT8 candidate and the dynamic one it chose."""
+    latency = [*(_lat(name, b, ms, output) for name, ms, output in
+                 (("FP32", fp32_ms, not int8_out), ("static", 2 * int8_ms, False), ("dynamic", int8_ms, int8_out))
+                 for b in (1, 8))]
+    return step_report("02-ptq", "ptq", metrics={"accuracy": 0.9, "size_mb": 0.3}, latency=latency,
+                       output={"format": "onnx", "lineage": ["ptq"], "files": []})
+
+
+def test_the_summary_shows_the_latency_and_speedup_of_the_model_a_step_hands_on():
+    prune = step_report("01-prune", "prune", latency=[_lat("before", 1, 3.0), _lat("after", 1, 2.0, True)])
+    unmarked = _quantized(4.0, 1.0) | {"dir": "03-ptq", "index": 3}
+    for lat in unmarked["latency"]:
+        lat["output"] = False  # a report written before the mark: several models, none known as the output
+    single = step_report("04-bench", "bench", latency=[_lat("/x/a", 1, 5.0), _lat("/x/a", 8, 20.0)])
+    table = summary_table(parse(run_report([prune, _quantized(4.0, 1.0), unmarked, single])))
+    rows = {row[0]: row for row in table.rows}
+    assert table.columns[3:] == ["batch 1 p50 ms", "batch 8 p50 ms", "top-1 or fidelity", "speed-up b1", "speed-up b8"]
+    assert rows["01-prune"][3:] == [2.0, None, None, "1.50x", None]
+    assert rows["02-ptq"][3:] == [1.0, 1.0, "accuracy 0.9", "4.00x", "4.00x"]  # the chosen INT8, not FP32
+    assert rows["03-ptq"][3:] == [None, None, "accuracy 0.9", None, None]
+    assert rows["04-bench"][3:] == [5.0, 20.0, None, "1.00x", "1.00x"]  # one model, unmarked: the output
+    kept_fp32 = summary_table(parse(run_report([_quantized(4.0, 1.0, int8_out=False)])))
+    assert kept_fp32.rows[0][3:] == [4.0, 4.0, "accuracy 0.9", "1.00x", "1.00x"]
+
+
+def test_compare_judges_the_output_model_not_the_references_timed_beside_it():
+    old, slower_fp32, slower_int8 = (run_report([_quantized(fp32, int8)]) for fp32, int8 in ((4.0, 1.0), (8.0, 1.0), (4.0, 2.0)))
+    assert not any(r["regressed"] for r in compare_runs(parse(old), parse(slower_fp32), 0.1, 0.005))
+    rows = compare_runs(parse(old), parse(slower_int8), 0.1, 0.005)
+    assert {r["metric"] for r in rows if r["regressed"]} == {"latency p50 ms[batch 1]", "latency p50 ms[batch 8]"}
+    assert all(r["old"] == 1.0 for r in rows if r["regressed"])
+
+
 def test_report_compare_command_flags_regressions(tmp_path):
     def run_dir(name, accuracy, ms):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "report.json").write_text(json.dumps(_run({("a", 1): ms}, accuracy=accuracy)))
+        # One timed model and no mark (a report written before it): that model counts as the output.
+        (tmp_path / name / "report.json").write_text(json.dumps(_run({("a", 1): ms}, accuracy=accuracy, output=None)))
         return tmp_path / name
 
     old, same, worse = run_dir("old", 0.98, 2.0), run_dir("same", 0.978, 2.1), run_dir("worse", 0.95, 3.0)

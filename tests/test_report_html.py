@@ -64,3 +64,4 @@ def test_html_report_renders_with_plots(tmp_path):
     assert coloured > 20000, coloured  # plots drew something (a blank page has almost no dark pixels)
     report = json.loads((out / "report.json").read_text())
     assert report["gates"]["passed"]
+    assert [(lat["model"], lat["output"]) for lat in report["steps"][1]["latency"]] == [("before", False), ("after", True)]

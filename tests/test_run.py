@@ -38,7 +38,8 @@ def test_recipe_runs_every_step(tmp_path):
     assert torch_acc > 0.8 and abs(torch_acc - onnx_acc) <= 1 / 360
     assert steps[3]["input"]["format"] == "onnx"
     bench = steps[4]
-    assert [(lat["batch_size"], lat["model"]) for lat in bench["latency"]] == [(1, str(out / "03-export")), (8, str(out / "03-export"))]
+    assert [(lat["batch_size"], lat["model"], lat["output"]) for lat in bench["latency"]] == [
+        (1, str(out / "03-export"), True), (8, str(out / "03-export"), True)]
     assert all(0 < lat["p50_ms"] <= lat["p99_ms"] for lat in bench["latency"])
     assert [row[2] for row in bench["sections"][0]["rows"]] == [1, 8]  # batch_size
     md = (out / "report.md").read_text()

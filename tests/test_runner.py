@@ -47,6 +47,31 @@ def test_resume_digest_follows_the_files_of_marked_fields(tmp_path, monkeypatch)
     assert resume.step_digest(step, [], ["model"]) != resume.step_digest(step, [], [])
 
 
+def test_resume_reads_model_and_data_specs_by_their_scheme(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text("def build():\n    return None\n")
+    (tmp_path / "train.npz").write_bytes(b"one")
+
+    def fingerprints(spec, source):
+        recipe = recipe_from_dict({"version": 1, "model": {"spec": spec}, "data": {"source": source},
+                                   "steps": [{"type": "eval"}]}, "test")
+        return resume.model_fingerprint(recipe), resume.data_fingerprint(recipe)
+
+    specs = [("torchvision:resnet18", "digits"), ("net.py:build", "random:1x8x8"), ("mlp.mod:build", "npz:train.npz")]
+    before = [fingerprints(*s) for s in specs]
+    assert [fp[0][1] for fp in before] == [{}, {"net.py": resume.path_fingerprint(tmp_path / "net.py")}, {}]
+    assert [list(fp[1][1]) for fp in before] == [["scikit-learn"], [], ["train.npz"]]
+    # Folders named like a scheme, a source or a name in those specs are not what the specs name.
+    for name in ("torchvision", "resnet18", "digits", "random", "1x8x8", "build", "npz", "mlp.mod"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    assert [fingerprints(*s) for s in specs] == before
+    (tmp_path / "net.py").write_text("def build():\n    return 1\n")  # the FILE.py of FILE.py:build changed
+    (tmp_path / "train.npz").write_bytes(b"two")
+    after = [fingerprints(*s) for s in specs]
+    assert after[0] == before[0] and after[1][0] != before[1][0] and after[2][1] != before[2][1]
+
+
 def test_a_completed_step_counts_only_with_identical_config_and_inputs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("step")  # hand-written reports: not under tmp_path, whose reports are validated
     step = {"config": {"type": "eval"}, "inputs_sha256": "abc", "metrics": {"accuracy": 0.5}}

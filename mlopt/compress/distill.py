@@ -26,8 +26,8 @@ class DistillConfig(TrainingConfig):
     """Train the student to match the teacher (plus the labels)."""
 
     type: Literal["distill"] = "distill"
-    teacher: str | None = Field(None, json_schema_extra=names_file(**cli(required=True)), description="teacher model (mlopt DIR or spec); default: the model before compression")
-    student: str | None = Field(None, json_schema_extra=names_file(), description="student spec built fresh; default: the current model")
+    teacher: str | None = Field(None, json_schema_extra=names_file("model", **cli(required=True)), description="teacher model (mlopt DIR or spec); default: the model before compression")
+    student: str | None = Field(None, json_schema_extra=names_file("model"), description="student spec built fresh; default: the current model")
     temperature: float = Field(4.0, gt=0, description="softmax temperature")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation loss; 1 - alpha on the labels")
     features: list[str] = Field(default_factory=list, description="teacher.layer:student.layer pairs for feature distillation",

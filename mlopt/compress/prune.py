@@ -200,7 +200,7 @@ class PrunePass(Pass):
         before.unlink()
         after.unlink()
         method = "onnxruntime FP32 on the CPU, before and after in interleaved rounds, best round's median"
-        return [Latency(batch_size=1, p50_ms=lat[1], method=method, model=name)
+        return [Latency(batch_size=1, p50_ms=lat[1], method=method, model=name, output=name == "after")
                 for name, lat in (("before", lat_before), ("after", lat_after))]
 
 

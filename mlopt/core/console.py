@@ -34,6 +34,21 @@ def quieted(quiet: bool = True) -> Iterator[None]:
         _quiet = was
 
 
+@contextlib.contextmanager
+def muted_loggers(*names: str) -> Iterator[None]:
+    """Show only errors of these libraries' loggers ("" is the root logger) for a while."""
+    import logging
+
+    levels = {lg: lg.level for lg in (logging.getLogger(name or None) for name in names)}
+    for lg in levels:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in levels.items():
+            lg.setLevel(level)
+
+
 def _stderr():
     from rich.console import Console
 

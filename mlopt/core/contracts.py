@@ -23,9 +23,10 @@ _listeners: list[Callable[[type["Pass"]], None]] = []
 FILE_FIELD = "mlopt_file"
 
 
-def names_file(**extra: Any) -> dict[str, Any]:
-    """`Field(json_schema_extra=names_file())`: resume hashes this field's file by content."""
-    return {FILE_FIELD: True, **extra}
+def names_file(spec: str = "path", **extra: Any) -> dict[str, Any]:
+    """`Field(json_schema_extra=names_file())`: resume hashes the files this field names by content; `spec`
+    says how its value names them: "path" (it is one), "model" (a model spec) or "data" (a data source)."""
+    return {FILE_FIELD: spec, **extra}
 
 
 #: `json_schema_extra` key of a config field's command-line settings.
@@ -41,10 +42,10 @@ def cli(flag: str = "", short: str = "", *, required: bool = False, hidden: bool
     return {CLI_FIELD: {k: v for k, v in settings.items() if v}}
 
 
-def file_fields(config_class: type["BaseModel"]) -> list[str]:
-    """The fields of a config class marked with `names_file()`."""
-    return [name for name, f in config_class.model_fields.items()
-            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(FILE_FIELD)]
+def file_fields(config_class: type["BaseModel"]) -> dict[str, str]:
+    """The fields of a config class marked with `names_file()`, each with its kind of spec."""
+    return {name: f.json_schema_extra[FILE_FIELD] for name, f in config_class.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(FILE_FIELD)}
 
 
 @dataclass

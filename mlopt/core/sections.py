@@ -21,7 +21,8 @@ class Strict(BaseModel):
 
 
 class Latency(Strict):
-    """One model's latency at one batch size, and how it was measured."""
+    """One model's latency at one batch size, and how it was measured. A step that times several models times
+    the one it started from first, and marks those of the one it hands on `output` (the summary and compare read them)."""
 
     batch_size: int = Field(gt=0)
     p50_ms: float
@@ -30,6 +31,7 @@ class Latency(Strict):
     p99_ms: float | None = None
     method: str = Field(description="how it was timed (sequential runs, interleaved rounds, ...)")
     model: str | None = Field(None, description="which model, where a step times several")
+    output: bool = Field(False, description="this entry times the model the step hands on")
 
 
 class Table(Strict):

@@ -69,7 +69,7 @@ class BenchPass(Pass):
         show_table(results)
         first = results[0]
         metrics = {"throughput_per_s": first["throughput_per_s"], "size_mb": first["size_mb"], "provider": config.provider}
-        latency = [Latency(batch_size=r["batch_size"], method=TIMING_NOTE, model=r["model"],
+        latency = [Latency(batch_size=r["batch_size"], method=TIMING_NOTE, model=r["model"], output=r["model"] == labels[0],
                            **{f"{k}_ms": ms for k, ms in r["latency_ms"].items()}) for r in results]
         columns = ["model", "provider", "batch_size", "throughput_per_s", "size_mb", "speedup"]
         table = Table(title="throughput and speed-up (mean latency against the first model's)", columns=columns,

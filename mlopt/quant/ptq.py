@@ -34,7 +34,7 @@ from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, descri
                                       not_faster_at, preprocess, quantize, reduce_range_for, speedups)
 from mlopt.quant.lib.sensitivity import node_sqnr
 from mlopt.runtime import hf
-from mlopt.runtime.session import input_spec, make_session
+from mlopt.runtime.session import input_specs, make_session
 
 
 class PTQConfig(Strict):
@@ -141,7 +141,7 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []
     if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
-        name, shape, _ = input_spec(make_session(fp32, "cpu"))
+        name, shape, _ = input_specs(make_session(fp32, "cpu"))[0]
         feeds = calibration_batches(data, name, shape, config.calibration_samples)
     fusions: dict[str, int] = {}
     if not config.preprocess:
@@ -260,7 +260,8 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
         metrics["sequence_length"] = plan.artifact.sample_shape[0]
     if quality.labeled:
         metrics["fp32_accuracy"] = quality.baseline["accuracy"]
-    latency = [entry for row in [fp32, *plan.candidates] for entry in latency_entries(row.latency, row.name, config.provider)]
+    latency = [entry for row in [fp32, *plan.candidates]
+               for entry in latency_entries(row.latency, row.name, config.provider, output=row is (chosen or fp32))]
     result = StepResult(artifact=plan.artifact.derive("ptq", onnx_path=out), metrics=metrics, notes=plan.notes,
                         latency=latency, sections=_sections(plan))
     if chosen is None:

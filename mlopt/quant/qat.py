@@ -12,10 +12,7 @@ graph into QLinearConv/QGemm kernels, so QAT runs exactly as fast as PTQ, on the
 trained with; a tensor without a range is calibrated by onnxruntime and listed. The report checks
 it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
 onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
-
-Never worse without saying so: QAT starts from PTQ's static min/max model, whose ranges the observers
-take; the trained model comes back unless that start scores strictly higher on onnxruntime, and FP32
-comes back unless INT8 is faster at every batch size (`not_faster_at`, PTQ's rule too).
+QAT starts from PTQ's static min/max model, and hands back what `_finish` says.
 """
 
 from __future__ import annotations
@@ -70,9 +67,7 @@ class QATConfig(TrainingConfig):
                                    json_schema_extra=cli(flag="--bench-batch-size"))
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
     keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
-                            "QAT started from; by default FP32 is handed back then (INT8 is kept only when it is "
-                            "faster at every batch size in batch_sizes, timed in interleaved rounds, one session alive "
-                            "at a time, each model keeping its best round; a tie counts as not faster)")
+                            f"QAT started from; by default FP32 is handed back then ({INT8_RULE})")
 
 
 class QATPass(Pass):
@@ -272,7 +267,8 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
         **speedups(fp32_latency, int8_latency),
         **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
     }
-    latency = latency_entries(fp32_latency, "FP32", "cpu") + latency_entries(int8_latency, "INT8", "cpu")
+    latency = (latency_entries(fp32_latency, "FP32", "cpu", output=not quantized)
+               + latency_entries(int8_latency, "INT8", "cpu", output=quantized))
     # What runs in float, or outside the simulation, by name (the metrics count them).
     left_out = ([["kernel left in float by onnxruntime", op] for op in st.kernels["float_ops"]]
                 + [["layer with float weights in the simulation", name] for name in st.floating]

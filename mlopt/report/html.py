@@ -12,7 +12,7 @@ import io
 from typing import Any
 
 from mlopt.core.sections import Bars, Point, Scatter, Table
-from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency, steps_of
+from mlopt.report.markdown import as_table, chain_table, fmt, latency_table, metrics_table, step_latency, step_speedup, steps_of
 from mlopt.report.schema import Chain, RunReport, StepReport, StepReportFile
 
 MAX_PLOTTED_LABELS = 40  # more names than this: a table (bars would be too thin to read)
@@ -47,13 +47,14 @@ def summary_table(report: RunReport | StepReportFile) -> Table:
     for s in steps_of(report):
         lat = step_latency(s)
         quality = next((f"{k} {fmt(s.metrics[k])}" for k in QUALITY if s.metrics.get(k) is not None), None)
-        speedup = next((s.metrics[k] for k in ("speedup", "latency_speedup") if k in s.metrics), None)
+        speedup = step_speedup(s)
         rows.append([s.dir, s.output.format, s.metrics.get("size_mb"), *(lat.get(b) for b in sizes), quality,
-                     None if speedup is None else f"{fmt(speedup)}x"])
-    return Table(title="Summary", rows=rows, note="Each step's own figures (their timings are not comparable "
-                 "across steps: a bench step or a latency gate times every model alike).",
+                     *(f"{speedup[b]:.2f}x" if b in speedup else None for b in sizes)])
+    return Table(title="Summary", rows=rows, note="Each step's own figures of the model it hands on, its speed-up against "
+                 "the first model it timed, the one it started from (not comparable across steps: a bench step or a "
+                 "latency gate times every model alike).",
                  columns=["step", "format", "size MB", *(f"batch {b} p50 ms" for b in sizes), "top-1 or fidelity",
-                          "speed-up"])
+                          *(f"speed-up b{b}" for b in sizes)])
 
 
 def _svg(fig: Any) -> str:

@@ -47,19 +47,27 @@ def latency_table(latency: list[Latency]) -> Table | None:
         return None
     named = any(lat.model for lat in latency)
     methods = list(dict.fromkeys(lat.method for lat in latency))
-    rows = [[*([lat.model] if named else []), lat.batch_size, lat.p50_ms, lat.mean_ms, lat.p90_ms, lat.p99_ms,
-             *([lat.method] if len(methods) > 1 else [])] for lat in latency]
+    rows = [[*([f"{lat.model} (output)" if lat.output else lat.model] if named else []), lat.batch_size, lat.p50_ms,
+             lat.mean_ms, lat.p90_ms, lat.p99_ms, *([lat.method] if len(methods) > 1 else [])] for lat in latency]
     return Table(title="latency", columns=[*(["model"] if named else []), "batch", "p50 ms", "mean ms", "p90 ms",
                                            "p99 ms", *(["method"] if len(methods) > 1 else [])],
                  rows=rows, note=f"timing: {methods[0]}" if len(methods) == 1 else None)
 
 
 def step_latency(step: StepReport) -> dict[int, float]:
-    """p50 per batch size of the step's first timed model (the step's own measurement)."""
-    if not step.latency:
-        return {}
-    first = step.latency[0].model
-    return {lat.batch_size: lat.p50_ms for lat in step.latency if lat.model == first}
+    """p50 per batch size of the model the step hands on (the step's own measurement): its entries marked
+    `output`; where none is marked (a report written before the mark), the step's only timed model."""
+    marked = [lat for lat in step.latency if lat.output]
+    if not marked and len({lat.model for lat in step.latency}) == 1:
+        marked = step.latency
+    return {lat.batch_size: lat.p50_ms for lat in marked}
+
+
+def step_speedup(step: StepReport) -> dict[int, float]:
+    """Per batch size, the step's reference (its first timed model) over the model it hands on."""
+    out = step_latency(step)
+    first = [lat for lat in step.latency if lat.model == step.latency[0].model] if out else []
+    return {lat.batch_size: lat.p50_ms / out[lat.batch_size] for lat in first if lat.batch_size in out}
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table | None:
@@ -173,16 +181,11 @@ def steps_of(report: RunReport | StepReportFile) -> list[StepReport]:
 
 
 def _figures(step: StepReport) -> dict[str, float]:
-    """What compare reads of a step: its compared metrics, and the p50 of each of its timed models per batch size.
-
-    Models are named by their place in the step (model names are paths, which differ between runs)."""
+    """What compare reads of a step: its compared metrics, and the p50 per batch size of the model it hands on
+    (not of the references it timed beside it)."""
     out = {k: float(v) for k, v in step.metrics.items() if k in COMPARED and isinstance(v, (int, float))
            and not isinstance(v, bool)}
-    models = list(dict.fromkeys(lat.model for lat in step.latency))
-    for lat in step.latency:
-        which = f"model {models.index(lat.model) + 1}, " if len(models) > 1 else ""
-        out[f"latency p50 ms[{which}batch {lat.batch_size}]"] = lat.p50_ms
-    return out
+    return out | {f"latency p50 ms[batch {b}]": ms for b, ms in step_latency(step).items()}
 
 
 def _chain_figures(report: RunReport | StepReportFile) -> dict[str, dict[str, float]]:

@@ -1,21 +1,9 @@
 """The --out directory: mlopt writes there only what it records, and removes only what it recorded.
 
-The contract (README, "Output directories"):
-
-- mlopt records every file and folder it writes into `--out` in a marker file there
-  (`.mlopt-output.json`). Training checkpoints and staging folders are recorded as whole trees
-  before they are created.
-- `--overwrite` and `--resume` work only on a folder whose every entry is recorded. A folder that
-  holds anything else (a file or folder of the user's, a symbolic link, the output of a run that
-  kept no record) is refused with exit 2 and one line naming one such entry; nothing is removed.
-  `--overwrite` removes the recorded entries only, never follows a symbolic link, and never touches
-  a path outside `--out`.
-- One run at a time: a run holds an exclusive lock on the folder (flock on the directory itself,
-  released by the kernel when the process ends, however it ends). A second run on the same --out is
-  refused with exit 2 while the first runs; once the first has finished, the second sees a
-  non-empty folder and is refused, or with --overwrite replaces the first run's output whole.
-- `--out` may be a symbolic link to a directory: mlopt writes into that directory and never replaces
-  the link. A link to nothing is refused.
+The contract is the README's ("Output folders are safe to point anywhere"): every entry mlopt writes is
+recorded in a marker file (`.mlopt-output.json`; checkpoints and staging folders as whole trees, before
+they are created); --overwrite and --resume refuse a folder holding anything unrecorded; one run at a
+time holds an flock on the folder itself, which the kernel releases however the process ends.
 
 The marker is read defensively: entries that are absolute, hold `..`, or are not strings are
 ignored (so a hand-edited marker cannot make mlopt remove anything outside the folder), and removal

@@ -66,7 +66,7 @@ class GatesConfig(Strict):
 class ModelConfig(Strict):
     """The model a run starts from."""
 
-    spec: str = Field(json_schema_extra=names_file(), description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
+    spec: str = Field(json_schema_extra=names_file("model"), description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
     num_classes: int | None = Field(None, gt=0, description="defaults to the data's class count")
     weights: str | None = Field(None, json_schema_extra=names_file(), description="a state dict file, read with torch.load(weights_only=True)")
     input_shape: str | None = Field(None, description="e.g. 1x3x224x224, where neither model nor data implies one")

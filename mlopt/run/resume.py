@@ -37,10 +37,18 @@ def model_files(step_dir: Path) -> dict[str, str | None]:
     return {name: path_fingerprint(step_dir / name) for name in (META_FILE, TORCH_FILE, ONNX_FILE)}
 
 
-def _paths_in(spec: str) -> list[str]:
-    """The files or directories a spec names (FILE.py:factory, npz:FILE, hf:DIR, DIR, FILE.onnx)."""
-    candidates = [spec, spec.partition(":")[2], spec.rpartition(":")[0]]
-    return [c for c in candidates if c and Path(c).exists()]
+def _paths_in(value: str, spec: str) -> list[str]:
+    """The files or folders a marked field's value names, by its kind of spec (`names_file`): a data source
+    (mlopt.runtime.data) the FILE or DIR of npz:, imagefolder: and text:; a model spec (mlopt.runtime.models)
+    the DIR of hf:DIR, the FILE.py of FILE.py:FACTORY, or itself when it has no scheme (an mlopt directory,
+    FILE.onnx). torchvision:NAME, package.module:FACTORY, digits and random:SHAPE name none."""
+    scheme, colon, rest = value.partition(":")
+    if spec == "data":
+        return [rest] if scheme in ("npz", "imagefolder", "text") and rest else []
+    if spec == "model" and colon:
+        prefix = value.rpartition(":")[0]
+        return [rest] if scheme == "hf" else [prefix] if prefix.endswith(".py") else []
+    return [value]
 
 
 def named_files(config: "BaseModel") -> dict[str, str | None]:
@@ -48,15 +56,15 @@ def named_files(config: "BaseModel") -> dict[str, str | None]:
     from pydantic import BaseModel
 
     found: dict[str, str | None] = {}
-    marked = set(file_fields(type(config)))
+    marked = file_fields(type(config))
     for name in type(config).model_fields:
         value = getattr(config, name)
         if isinstance(value, BaseModel):
             found.update(named_files(value))
         elif name in marked:
             for v in value if isinstance(value, list) else [value]:
-                for p in _paths_in(v) if isinstance(v, str) else []:
-                    found[p] = path_fingerprint(Path(p))
+                for p in _paths_in(v, marked[name]) if isinstance(v, str) else []:
+                    found[p] = path_fingerprint(Path(p).expanduser())
     return found
 
 

@@ -10,9 +10,6 @@
   for calibration and benchmarking only.
 - ``text:FILE``: one example a line (blank lines skipped), no labels, for ``hf:`` models: the
   model's tokenizer turns the lines into tokens (see mlopt.runtime.hf). Split deterministically.
-
-``image_size`` and ``channels`` resize and convert any source, so the same model can be fed
-from different data.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ class DataConfig(Strict):
     """Where the data comes from and how it is shaped; shared by every step of a recipe."""
 
 
-    source: str = Field(json_schema_extra=names_file(), description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
+    source: str = Field(json_schema_extra=names_file("data"), description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
     image_size: int | None = Field(None, gt=0, description="resize images to this height and width")
     channels: int | None = Field(None, description="convert images to 1 or 3 channels")
     batch_size: int = Field(64, gt=0)

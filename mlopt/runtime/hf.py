@@ -2,12 +2,8 @@
 
 Everything is offline: the model and its tokenizer come from a local directory (what
 ``save_pretrained`` writes), ``HF_HUB_OFFLINE=1`` is set before transformers is imported and
-every load passes ``local_files_only=True``, so no hub access is ever attempted.
-
-An encoder (``BertModel`` and friends) is wrapped to return ``last_hidden_state``; a sequence
-classifier (``*ForSequenceClassification``) returns ``logits``. Text is tokenized with the model's
-own tokenizer, padded to one length per file (the longest line, at most ``max_length`` tokens),
-and flows through mlopt as a dict of int64 tensors named as the model's inputs.
+every load passes ``local_files_only=True``, so no hub access is ever attempted. Tokenized text
+flows through mlopt as a dict of int64 tensors named as the model's inputs.
 
 Needs the ``hf`` extra: ``pip install "mlopt[hf]"``.
 """
@@ -19,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mlopt.core import console
 from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
 
 PREFIX = "hf:"
@@ -203,16 +200,12 @@ def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str
     """
     import contextlib
     import io
-    import logging
 
     from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
 
     model_type = info.get("model_type") if info.get("model_type") in MODEL_TYPES else "bert"
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), console.muted_loggers("onnxruntime.transformers"):
             model = optimize_model(str(src), model_type=model_type, num_heads=info.get("num_heads", 0),
                                    hidden_size=info.get("hidden_size", 0))
             fused = {k: int(v) for k, v in (model.get_fused_operator_statistics() or {}).items() if v}
@@ -220,8 +213,6 @@ def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str
         return dst, fused, None
     except Exception as exc:
         return src, {}, f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: {first_line(exc)[:120]}); quantized the model as exported"
-    finally:
-        logger.setLevel(level)
 
 
 def example_inputs(artifact: Any, n: int) -> dict[str, Any]:

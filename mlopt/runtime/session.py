@@ -65,11 +65,6 @@ def input_specs(session: Any) -> list[tuple[str, list[Any], Any]]:
     return specs
 
 
-def input_spec(session: Any) -> tuple[str, list[Any], Any]:
-    """Name, shape and numpy dtype of the session's first input."""
-    return input_specs(session)[0]
-
-
 def make_feed(session: Any, x: Any) -> dict[str, Any]:
     """The feed for one batch: a numpy array for a single-input model, or a dict by input name."""
     specs = input_specs(session)

@@ -84,6 +84,8 @@ def test_bench_json_contract(exported_dir, tmp_path):
     assert results[0]["speedup"] == 1.0 and "sequential" in data["timing"]
     md = (tmp_path / "b" / "report.md").read_text()
     assert md.count("| cpu | 1 |") == 2 and md.count("| cpu | 2 |") == 2
+    step = json.loads((tmp_path / "b" / "report.json").read_text())["step"]
+    assert {lat["model"] for lat in step["latency"] if lat["output"]} == {str(onnx_path)}  # handed on unchanged
 
 
 def test_export_without_data_uses_input_shape(tmp_path):

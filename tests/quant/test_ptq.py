@@ -45,6 +45,7 @@ def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
     chosen = next(r for r in rows if r["model"] == m["chosen"])
     assert chosen["faster than FP32"] and chosen["within budget"]
     fp32, int8 = latency_of(report, "FP32"), latency_of(report, m["chosen"])
+    assert {lat["model"] for lat in report["latency"] if lat["output"]} == {m["chosen"]}  # the model handed on
     assert set(int8) == set(fp32) == {1, 8}
     for b, ms in int8.items():
         assert ms < fp32[b] and m[f"speedup_b{b}"] == pytest.approx(fp32[b] / ms)
@@ -69,8 +70,10 @@ def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
     assert m["quantized"] is False and m["chosen"] == "FP32"
     assert "kept the FP32 model" in result.stderr
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx")).graph.node)
-    rows = candidates(json.loads((out / "report.json").read_text())["step"])
+    step = json.loads((out / "report.json").read_text())["step"]
+    rows = candidates(step)
     assert rows and all(not r["faster than FP32"] or not r["within budget"] for r in rows)
+    assert {lat["model"] for lat in step["latency"] if lat["output"]} == {"FP32"}
 
 
 @pytest.mark.slow

@@ -213,6 +213,7 @@ def test_qat_hands_back_fp32_when_int8_is_not_faster(trained_dir, tmp_path, monk
     assert m["accuracy"] == (int8 if quantized else m["fp32_onnx_accuracy"])
     report = json.loads((out / "report.json").read_text())["step"]
     assert latency_of(report, "FP32") == {1: 1.0} and latency_of(report, "INT8") == {1: int8_ms}
+    assert [lat["model"] for lat in report["latency"] if lat["output"]] == ["INT8" if quantized else "FP32"]
     assert m["speedup_b1"] == pytest.approx(1 / int8_ms)
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert ("QuantizeLinear" in ops) is quantized

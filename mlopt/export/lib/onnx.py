@@ -90,19 +90,11 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
 
 @contextlib.contextmanager
 def _quiet_warnings():
-    import logging
     import warnings
 
-    levels = {lg: lg.level for lg in map(logging.getLogger, ("torch.onnx", "torch.export", "onnxscript"))}
-    for lg in levels:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in levels.items():
-            lg.setLevel(level)
+    with console.muted_loggers("torch.onnx", "torch.export", "onnxscript"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any, str]:

@@ -19,7 +19,7 @@ from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict
-from mlopt.runtime.session import input_spec, make_session, synthetic_feed
+from mlopt.runtime.session import input_specs, make_session, synthetic_feed
 
 
 TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
@@ -45,7 +45,7 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
     import numpy as np
 
     session = make_session(path, cfg.provider, cfg.threads)
-    _, shape, _ = input_spec(session)
+    _, shape, _ = input_specs(session)[0]
     if sample_shape is None:
         if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             raise InputError(f"{path} has symbolic input dimensions {shape}: give --input-shape")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +82,8 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
                    "entropy": CalibrationMethod.Entropy}
     # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
     sink = io.StringIO() if console.is_quiet() else sys.stderr
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its advice to pre-process: mlopt has (or says why not)
-    try:
-        with contextlib.redirect_stdout(sink):
+    try:  # the root logger's errors only: not its advice to pre-process, which mlopt has (or says why not)
+        with contextlib.redirect_stdout(sink), console.muted_loggers(""):
             if scheme.method == "dynamic":
                 quantize_dynamic(str(src), str(dst), per_channel=scheme.per_channel, reduce_range=reduce_range,
                                  weight_type=qtype[scheme.weight_type], nodes_to_exclude=exclude or [],
@@ -103,7 +99,6 @@ def quantize(src: Path, dst: Path, scheme: Scheme, feeds: list[dict[str, Any]], 
     except Exception as exc:
         raise RunError(f"onnxruntime could not quantize ({scheme.name}): {first_line(exc)}") from exc
     finally:
-        root.setLevel(level)
         # The calibration session can linger in a reference cycle; its idle intra-op threads spin
         # and slow down the next timing (measured here: 13.4 ms instead of 8 ms at batch 32).
         gc.collect()
@@ -159,11 +154,11 @@ class Quality:
         return f"mean cosine to FP32 >= {self.min_cosine}"
 
 
-def latency_entries(timed: dict[int, float], model: str, provider: str) -> list[Latency]:
-    """One model's medians from `interleaved_latency` as report entries."""
+def latency_entries(timed: dict[int, float], model: str, provider: str, output: bool) -> list[Latency]:
+    """One model's medians from `interleaved_latency` as report entries (`output`: the model handed on)."""
     method = (f"interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
               "its best round's median")
-    return [Latency(batch_size=b, p50_ms=ms, method=method, model=model) for b, ms in timed.items()]
+    return [Latency(batch_size=b, p50_ms=ms, method=method, model=model, output=output) for b, ms in timed.items()]
 
 
 def speedups(fp32_latency: dict[int, float], int8_latency: dict[int, float]) -> dict[str, float]:
