@@ -11,8 +11,8 @@ import difflib
 from typing import Any
 
 from mlopt.compress.lib.importance import make_importance
-from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_layers, group_problem, guarded, keep,
-                                       outputs, probe, screen)
+from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_problem, guarded, keep,
+                                       kept_group, outputs, probe, screen)
 from mlopt.core.errors import InputError, first_line
 
 
@@ -171,7 +171,7 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
         for copied, original in zip(trial.parameters(), module.parameters()):
             copied.grad = original.grad  # Taylor importance reads the gradients; a deep copy drops them
         layers = dict(trial.named_modules())
-        ignored = [layers[n] for n in ignore] + [layers[n] for k in kept.values() for n in k.layers if n in layers]
+        ignored = [layers[n] for n in ignore] + [layers[n] for k in kept.values() for n in k.outputs]
         with guarded(trial) as trace:
             pruner = make_pruner(trial, sample_shape, cfg, ratio, head_ratio, ignored)
             screen(pruner, trace, kept)
@@ -207,17 +207,19 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
         if problem is not None:
             keep(pruner, grp, problem, kept)
             continue
-        layers = group_layers(pruner.DG, grp)
+        unpruned = kept_group(pruner.DG, grp, "")
         try:
             grp.prune()
         except Exception as exc:
-            return Kept(layers, f"pruning it raised {type(exc).__name__}: {first_line(exc)[:120]}"), pruned
+            unpruned.reason = f"pruning it raised {type(exc).__name__}: {first_line(exc)[:120]}"
+            return unpruned, pruned
         pruned += 1
         if probe_each:
             sync_attributes(trial, pruner, before)
             problem = probe(trial, x, reference)
             if problem is not None:
-                return Kept(layers, f"the model pruned with it {problem}"), pruned
+                unpruned.reason = f"the model pruned with it {problem}"
+                return unpruned, pruned
     sync_attributes(trial, pruner, before)
     return None, pruned
 

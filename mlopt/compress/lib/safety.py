@@ -37,6 +37,7 @@ class Kept:
 
     layers: list[str]
     reason: str
+    outputs: list[str] = field(default_factory=list)  # the layers whose output channels the group prunes
 
 
 @dataclass
@@ -155,14 +156,20 @@ def screen(pruner: Any, trace: Trace, kept: dict[str, Kept]) -> None:
             keep(pruner, grp, problem, kept)
 
 
-def keep(pruner: Any, grp: Any, reason: str, kept: dict[str, Kept]) -> None:
+def kept_group(dg: Any, grp: Any, reason: str) -> Kept:
     import torch
 
-    layers = group_layers(pruner.DG, grp)
-    kept.setdefault(layers[0], Kept(layers, reason))
-    pruner.ignored_layers.extend(dep.target.module for dep, _ in grp
-                                 if isinstance(dep.target.module, torch.nn.Module)
-                                 and pruner.DG.is_out_channel_pruning_fn(dep.handler))
+    outputs = [dg._module2name.get(dep.target.module) for dep, _ in grp
+               if isinstance(dep.target.module, torch.nn.Module) and dg.is_out_channel_pruning_fn(dep.handler)]
+    return Kept(group_layers(dg, grp), reason, list(dict.fromkeys(n for n in outputs if n)))
+
+
+def keep(pruner: Any, grp: Any, reason: str, kept: dict[str, Kept]) -> None:
+    """Keep a group whole: ignoring the layers whose output channels it prunes skips it."""
+    record = kept_group(pruner.DG, grp, reason)
+    kept.setdefault(record.layers[0], record)
+    modules = dict(pruner.DG.model.named_modules())
+    pruner.ignored_layers.extend(modules[n] for n in record.outputs)
 
 
 def checked_importance(pruner: Any, trace: Trace, kept: dict[str, Kept]) -> None:
