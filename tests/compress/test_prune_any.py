@@ -136,3 +136,15 @@ def test_unreachable_target_says_groups_were_kept_whole():
     cfg = PruneConfig(target_macs=0.2)
     with pytest.raises(InputError, match=r"cannot be reached: .* keeps 0\.\d+ of the macs .*groups had to be kept whole"):
         search_ratio(model, (3, 32, 32), cfg, classifier_names(model, 10, (3, 32, 32)))
+
+
+@pytest.mark.slow
+def test_runaway_groups_are_stopped_and_kept_whole():
+    """Swin's window reshapes multiply Torch-Pruning's index lists without bound (gigabytes on swin_t)."""
+    from user_models import small_swin
+
+    model = small_swin().eval()
+    outcome = _outcome(model, (3, 64, 64))
+    runaway = [k for k in outcome.kept.values() if "multiply through reshapes" in k.reason]
+    assert runaway and all(k.outputs for k in runaway)
+    assert outcome.module(torch.zeros(1, 3, 64, 64)).shape == (1, 10)

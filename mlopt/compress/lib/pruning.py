@@ -184,6 +184,9 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
                     raise InputError(_nothing_prunable(kept))
                 return Outcome(trial, kept, pruned)
             probe_each = True  # find the group that breaks the model
+        elif not broke.outputs:  # nothing to ignore that would skip it next time
+            raise InputError(f"pruning the group of {', '.join(broke.layers[:3])} fails: {broke.reason}; "
+                             "leave it out with --ignore NAME")
         else:
             kept.setdefault(broke.layers[0], broke)
     raise InputError(f"pruning still breaks the model after keeping {len(kept)} groups whole; "
@@ -224,7 +227,8 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
     return None, pruned
 
 
-def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any, ignore: list[str]) -> tuple[float, float, dict[str, Kept]]:
+def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any,
+                 ignore: list[str]) -> tuple[float, float, dict[str, Kept]]:
     """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params); returns the
     ratio, the fraction it keeps, and the groups kept whole."""
     which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
