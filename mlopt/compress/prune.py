@@ -71,7 +71,9 @@ class PrunePass(Pass):
     cli_help = "Prune channels with Torch-Pruning (or sparsify weights); the result reloads from its directory."
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
-        module = copy.deepcopy(artifact.require_torch("prune"))
+        module = artifact.require_torch("prune")
+        if config.sparsity != "structured":  # structured pruning works on copies; sparsity zeroes weights in place
+            module = copy.deepcopy(module)
         shape = tuple(artifact.sample_shape)
         data = ctx.data
         labeled = data is not None and data.labeled
@@ -151,6 +153,7 @@ class PrunePass(Pass):
             outcome = prune_safely(module, shape, config, _step_ratio(ratio, step, config.steps),
                                    None if config.head_ratio is None else
                                    _step_ratio(config.head_ratio, step, config.steps), ignore, kept)
+            module.zero_grad(set_to_none=True)  # Taylor's gradients on the model pruned from
             module, kept = outcome.module, outcome.kept
             module.zero_grad(set_to_none=True)
             console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} "
@@ -187,7 +190,7 @@ class PrunePass(Pass):
                      "file, not the latency (both measured below)")
 
     def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
-        export_onnx(copy.deepcopy(module).eval(), shape, path, opset=18, exporter="dynamo")
+        export_onnx(module.eval(), shape, path, opset=18, exporter="dynamo")  # no copy: memory is the limit on big models
         return path
 
     def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path,

@@ -177,6 +177,7 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
             screen(pruner, trace, kept)
             checked_importance(pruner, trace, kept)
             broke, pruned = _prune_groups(trial, pruner, trace, kept, x, reference, before, probe_each)
+        del pruner, trace, layers, ignored  # they hold the copy: free it before another round copies the model
         if broke is None:
             problem = probe(trial, x, reference)
             if problem is None:
@@ -184,11 +185,13 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
                     raise InputError(_nothing_prunable(kept))
                 return Outcome(trial, kept, pruned)
             probe_each = True  # find the group that breaks the model
+            del trial
         elif not broke.outputs:  # nothing to ignore that would skip it next time
             raise InputError(f"pruning the group of {', '.join(broke.layers[:3])} fails: {broke.reason}; "
                              "leave it out with --ignore NAME")
         else:
             kept.setdefault(broke.layers[0], broke)
+            del trial
     raise InputError(f"pruning still breaks the model after keeping {len(kept)} groups whole; "
                      "leave the failing modules out with --ignore NAME")
 
