@@ -27,6 +27,7 @@ def _outcome(model, shape=(3, 32, 32), ratio=0.5, **config):
 
 
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.slow
 def test_each_user_pattern_prunes_without_help(pattern):
     torch.manual_seed(0)
     model = pattern_net(pattern)
@@ -43,6 +44,7 @@ def test_each_user_pattern_prunes_without_help(pattern):
     assert _params(model) == sum(p.numel() for p in pattern_net(pattern).parameters())  # the input is not changed
 
 
+@pytest.mark.slow
 def test_a_group_that_breaks_the_forward_is_found_and_kept_whole():
     torch.manual_seed(0)
     outcome = _outcome(pattern_net("fixed_width"))
