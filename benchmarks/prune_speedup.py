@@ -33,10 +33,11 @@ def main() -> None:
             recipe = recipe_from_dict({"version": 1,
                                        "model": {"spec": "torchvision:resnet18", "input_shape": "1x3x224x224"},
                                        "steps": [{"type": "prune", "ratio": 0.5, "importance": "l1"}]}, "prune")
-            m = run_recipe(recipe, Path(tmp) / "r18", flat=True).report["step"]["metrics"]
+            step = run_recipe(recipe, Path(tmp) / "r18", flat=True).report["step"]
+            m, ms = step["metrics"], {lat["model"]: lat["p50_ms"] for lat in step["latency"]}
             print(f"resnet18 1x3x224x224, ratio 0.5, l1: MACs {m['macs_ratio']:.2f}x fewer, params "
-                  f"{m['params_ratio']:.2f}x fewer; onnxruntime batch 1 {m['latency_ms_before']:.2f} -> "
-                  f"{m['latency_ms_after']:.2f} ms ({m['latency_speedup']:.2f}x faster)")
+                  f"{m['params_ratio']:.2f}x fewer; onnxruntime batch 1 {ms['before']:.2f} -> "
+                  f"{ms['after']:.2f} ms ({m['latency_speedup']:.2f}x faster)")
         if args.part in ("digits", "all"):
             data = {"source": "digits", "image_size": 32, "channels": 3, "batch_size": 64}
             for name in ("resnet18", "mobilenet_v2"):
