@@ -20,6 +20,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+from unittest.mock import patch
 
 from mlopt.core.errors import first_line
 
@@ -98,20 +99,12 @@ def guarded(module: Any) -> Iterator[Trace]:
             alone.add_dep(Dependency(pruning_fn, pruning_fn, source=root, target=root), list(idxs))
             return alone
 
-    im_update = im.update_index_mapping
-    im.update_index_mapping = update_index_mapping
-    quiet = warnings.catch_warnings()  # Torch-Pruning's warnings are about the cases handled here
-    quiet.__enter__()
-    warnings.simplefilter("ignore")
-    group.Group.add_dep = bounded_add_dep
-    graph.DependencyGraph.get_pruning_group = safe_get_pruning_group
-    try:
+    # Torch-Pruning's warnings are about the cases handled here
+    with warnings.catch_warnings(), patch.object(im, "update_index_mapping", update_index_mapping), \
+            patch.object(group.Group, "add_dep", bounded_add_dep), \
+            patch.object(graph.DependencyGraph, "get_pruning_group", safe_get_pruning_group):
+        warnings.simplefilter("ignore")
         yield trace
-    finally:
-        im.update_index_mapping = im_update
-        group.Group.add_dep = add_dep
-        graph.DependencyGraph.get_pruning_group = get_pruning_group
-        quiet.__exit__(None, None, None)
 
 
 def group_layers(dg: Any, grp: Any) -> list[str]:
