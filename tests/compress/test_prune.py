@@ -173,6 +173,12 @@ def test_two_four_sparsity(tmp_path):
     assert (art.module.head.weight != 0).all()  # the classifier is left dense
 
 
+def test_two_four_mask_keeps_real_weights_of_a_partial_group():
+    w = torch.tensor([[0.1, -3.0, 0.2, 2.0, 5.0, -1.0]])  # 6 inputs: the last group holds 2 real weights
+    assert two_four_mask(w).tolist() == [[0.0, 1.0, 0.0, 1.0, 1.0, 1.0]]
+    assert two_four_mask(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[0.0, 1.0, 1.0]]
+
+
 def test_two_four_mask_keeps_largest():
     w = torch.tensor([[0.1, -3.0, 0.2, 2.0, 5.0, 0.0, -1.0, 0.5]])
     assert two_four_mask(w).tolist() == [[0, 1, 0, 1, 1, 0, 1, 0]]

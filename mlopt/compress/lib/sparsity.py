@@ -40,7 +40,7 @@ def two_four_mask(weight: Any) -> Any:
     flat = weight.detach().reshape(weight.shape[0], -1)
     cols = flat.shape[1]
     pad = (-cols) % 4
-    padded = torch.nn.functional.pad(flat.abs(), (0, pad), value=float("inf") if pad else 0.0)
+    padded = torch.nn.functional.pad(flat.abs(), (0, pad), value=-1.0)  # padding never beats a real weight
     groups = padded.reshape(flat.shape[0], -1, 4)
     keep = groups.topk(2, dim=-1).indices
     mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0).reshape(flat.shape[0], -1)[:, :cols]
