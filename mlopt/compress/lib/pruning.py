@@ -183,7 +183,7 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
             if problem is None:
                 if not pruned and ratio > 0:
                     raise InputError(_nothing_prunable(kept))
-                return Outcome(trial, kept, pruned)
+                return Outcome(trial, kept)
             probe_each = True  # find the group that breaks the model
             del trial
         elif not broke.outputs:  # nothing to ignore that would skip it next time

@@ -53,7 +53,6 @@ class Trace:
 class Outcome:
     module: Any
     kept: dict[str, Kept]
-    pruned_groups: int
 
 
 @contextlib.contextmanager
