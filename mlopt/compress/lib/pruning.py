@@ -14,6 +14,7 @@ from mlopt.compress.lib.importance import make_importance
 from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_problem, guarded, keep,
                                        kept_group, outputs, probe, screen)
 from mlopt.core.errors import InputError, first_line
+from mlopt.runtime.models import shape_attributes
 
 
 def submodule(module: Any, name: str, missing: str) -> Any:
@@ -86,15 +87,16 @@ WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "hidden_size", "num_featur
 
 
 def widths(module: Any) -> dict[str, int]:
-    """Each layer's (module with its own parameters) output width: channels, features, embedding; by name."""
+    """Each layer's (module with its own parameters) output width, from its size attributes; by name."""
+    sizes = shape_attributes(module)
     found = {}
     for n, m in module.named_modules():
         if next(m.parameters(recurse=False), None) is None:
             continue
         for attr in ("out_channels", "out_features", "embed_dim", "num_features", "normalized_shape"):
-            value = vars(m).get(attr)
-            value = value[-1] if isinstance(value, tuple) and value else value
-            if type(value) is int:
+            value = sizes[n].get(attr)
+            value = value[-1] if isinstance(value, list) and value else value
+            if isinstance(value, int):
                 found[n] = value
                 break
     return found
