@@ -1,0 +1,57 @@
+"""Decoder language models: what marks one, and the onnxruntime-genai folder mlopt writes for it.
+
+A decoder comes in as ``hf:DIR`` (a folder whose config names a ``*ForCausalLM``) or
+``gguf:FILE`` (dequantized by transformers into an HF folder once, in a cache), and leaves
+``mlopt export`` as an onnxruntime-genai folder: ``genai_config.json``, ``model.onnx`` with its
+external data, and the tokenizer files. Every later decoder step (ptq, eval, bench) reads that folder.
+
+Needs ``pip install "mlopt[llm]"`` (onnxruntime-genai, and gguf for ``gguf:`` files).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mlopt.core.errors import InputError
+
+GENAI_CONFIG = "genai_config.json"
+GGUF_PREFIX = "gguf:"
+# The suffixes of a generative language model's class in transformers.
+_CAUSAL = ("ForCausalLM", "LMHeadModel")
+
+
+def is_causal_lm(config: dict[str, Any]) -> bool:
+    """Whether a transformers config.json describes a decoder that generates text."""
+    return any(str(a).endswith(_CAUSAL) for a in config.get("architectures") or [])
+
+
+def is_genai_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / GENAI_CONFIG).is_file()
+
+
+def genai() -> Any:
+    """The onnxruntime_genai module. onnxruntime is imported first: the other order aborts the process."""
+    import onnxruntime  # noqa: F401  (must be loaded before onnxruntime_genai)
+
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        raise InputError('decoder models need onnxruntime-genai: pip install "mlopt[llm]"') from None
+    return onnxruntime_genai
+
+
+def supported_architectures() -> list[str]:
+    """The architectures the installed onnxruntime-genai model builder exports, read from its source.
+
+    Reading the source (instead of keeping a copy of the list) keeps the message true for whichever
+    version is installed; the builder has no API that lists them.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or spec.origin is None:
+        return []
+    text = Path(spec.origin).read_text(encoding="utf-8", errors="replace")
+    return sorted(set(re.findall(r'architectures\[0\] == "(\w+)"', text)))
