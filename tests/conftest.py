@@ -10,10 +10,8 @@ TESTS = Path(__file__).parent
 TOY = TESTS / "toy_models.py"
 sys.path.insert(0, str(TESTS))
 
-# Session fixtures of tiny trained decoder LMs and their English text (tests/decoders.py).
-from decoders import (  # noqa: E402,F401
-    decoder_lines, decoder_text, decoder_tokenizer, llama_dir, llama_genai_dir, qwen3_dir,
-)
+# Session fixtures of tiny trained decoder LMs and their English text.
+pytest_plugins = ["decoders"]
 
 # The key mlopt signs its model folders with lives outside the user's home during tests (subprocesses
 # inherit it).
