@@ -8,6 +8,9 @@
 - ``save_decoder(folder, family, tok, lines)``: a tiny Llama (untied lm_head) or Qwen3 (tied
   embeddings), hidden 128, 2 layers, trained with AdamW on the lines (seeded, one thread, so the
   same on every run), saved with ``save_pretrained`` beside the tokenizer.
+- ``build_genai(hf_dir, out, cache)`` runs onnxruntime-genai's builder; ``og_greedy(folder, prompt, n)``
+  generates with the result. ``write_llama_gguf(model, tok, path)`` writes a Llama as a float32 GGUF
+  file (llama.cpp's tensor names and tokenizer keys) that transformers loads.
 
 The pytest fixtures at the end are session-scoped, so each model is trained once per test session;
 tests/conftest.py imports them. The models train on ``split_lines(...)[0]``; the text file the
@@ -217,6 +220,63 @@ def og_greedy(folder: Path, prompt: str, new_tokens: int) -> tuple[list[int], li
     return ids, [int(i) for i in gen.get_sequence(0)][len(ids):]
 
 
+def _gguf_permute(weight, n_head: int):
+    """llama.cpp's row order for q/k projections (the inverse of what transformers undoes on load)."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_tokenizer(writer, tok) -> None:
+    """The byte-level BPE as llama.cpp's "gpt2" tokenizer: tokens by id, merges, special tokens as control."""
+    import json
+
+    import gguf
+
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in data["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_add_bos_token(False)
+
+
+def write_llama_gguf(model, tok, path: Path, architecture: str = "llama") -> Path:
+    """A transformers Llama and its tokenizer as a GGUF file with float32 tensors, named as llama.cpp names them."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny-llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _gguf_tokenizer(writer, tok)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        weight = tensor.detach().float().numpy()
+        if base.endswith(("q_proj", "k_proj")):
+            weight = _gguf_permute(weight, cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", weight.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def decoder_lines() -> tuple[list[str], list[str]]:
     """(training lines, held-out lines) of the English text."""
@@ -251,3 +311,12 @@ def llama_genai_dir(tmp_path_factory, llama_dir) -> Path:
     """The trained Llama as an fp32 onnxruntime-genai folder, written by the builder directly."""
     root = tmp_path_factory.mktemp("llama-genai")
     return build_genai(llama_dir, root / "fp32", root / "cache")
+
+
+@pytest.fixture(scope="session")
+def llama_gguf(tmp_path_factory, llama_dir, decoder_tokenizer) -> Path:
+    """The trained Llama as a GGUF file (float32 tensors, its tokenizer inside), for gguf:FILE."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    return write_llama_gguf(model, decoder_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf")
