@@ -131,6 +131,33 @@ def test_conversion_is_cached_by_content(llama_gguf, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    def save(transformers, path, out):  # `out` is the temporary ".NAME.xxxx" beside the final NAME
+        (out / "config.json").write_text('{"by": "us"}')
+        folder = out.parent / out.name.split(".")[1]
+        folder.mkdir()
+        (folder / "config.json").write_text('{"by": "them"}')
+
+    monkeypatch.setattr(gg, "_save", save)
+    folder = gg.to_hf_folder(_small_gguf(tmp_path / "m.gguf"))
+    assert json.loads((folder / "config.json").read_text()) == {"by": "them"}
+    assert [p.name for p in gg.cache_root().iterdir()] == [folder.name]  # our temporary folder is gone
+
+
+@pytest.mark.slow
+def test_a_failed_conversion_leaves_nothing_and_says_why_in_one_line(tmp_path, monkeypatch):
+    def save(transformers, path, out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("unsupported ggml type 42\nmore details")
+
+    monkeypatch.setattr(gg, "_save", save)
+    _one_line_input_error(_small_gguf(tmp_path / "m.gguf"), "cannot convert the GGUF file .*: unsupported ggml type 42$")
+    assert list(gg.cache_root().iterdir()) == []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_small_gguf(tmp_path / "a-file")))
+    _one_line_input_error(tmp_path / "m.gguf", "cannot create")
+
+
+@pytest.mark.slow
 def test_converted_folder_exports_and_generates_as_the_source(llama_gguf, llama_genai_dir, tmp_path):
     folder = gg.to_hf_folder(llama_gguf)
     out = decoders.build_genai(folder, tmp_path / "fp32", tmp_path / "builder-cache")

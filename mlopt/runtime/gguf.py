@@ -117,15 +117,13 @@ def _convert(transformers: Any, path: Path, folder: Path) -> None:
     import shutil
     import tempfile
 
-    import torch
-
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     except OSError as exc:
         raise storage_error(exc, folder.parent) or InputError(f"cannot create {folder.parent}: {first_line(exc)}") from None
     try:
-        _save(transformers, torch, path, tmp)
+        _save(transformers, path, tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process converted the same file meanwhile: keep its folder
@@ -139,9 +137,11 @@ def _convert(transformers: Any, path: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save(transformers: Any, torch: Any, path: Path, out: Path) -> None:
+def _save(transformers: Any, path: Path, out: Path) -> None:
     import contextlib
     import io
+
+    import torch
 
     kwargs = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
     # transformers draws a progress bar per file on stderr that its logging switch does not reach.

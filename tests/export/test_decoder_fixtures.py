@@ -69,3 +69,15 @@ def test_builder_converts_the_fixture_and_genai_generates_as_transformers(family
         expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     assert continuation == expected[:len(continuation)] and len(continuation) >= 8
     assert len(set(continuation)) > 2  # a trained model continues with words, not one repeated token
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(decoder_tokenizer, decoder_lines):
+    import torch
+
+    ids = decoders.token_stream(decoder_tokenizer, decoder_lines[0][:200])
+    initial = decoders.build_decoder("qwen3", decoder_tokenizer).state_dict()
+    first, second = (decoders.train(decoders.build_decoder("qwen3", decoder_tokenizer), ids, steps=5).state_dict()
+                     for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
