@@ -53,8 +53,11 @@ def _require_packages() -> None:
 def _check_magic(path: Path) -> None:
     if not path.is_file():
         raise InputError(f"GGUF file {path} is a directory" if path.is_dir() else f"GGUF file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(len(MAGIC))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError as exc:
+        raise storage_error(exc, path) or InputError(f"cannot read {path}: {first_line(exc)}") from None
     if not head:
         raise InputError(f"{path} is empty, not a GGUF file")
     if head != MAGIC:
