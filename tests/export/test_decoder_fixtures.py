@@ -5,6 +5,7 @@ import json
 import pytest
 
 import decoders
+from mlopt.runtime.decoder import genai
 
 PROMPT = "Return a new list of the"  # mid-sentence: the models continue it rather than end the line
 
@@ -64,6 +65,9 @@ def test_builder_converts_the_fixture_and_genai_generates_as_transformers(family
     ids, continuation = decoders.og_greedy(out, PROMPT, new_tokens=12)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     assert ids == tok(PROMPT)["input_ids"]  # onnxruntime-genai's tokenizer encodes as transformers does
+    og = genai()
+    og_tok = og.Tokenizer(og.Model(str(out)))
+    assert og_tok.decode(ids) == PROMPT and og_tok.decode(continuation) == tok.decode(continuation)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     with torch.no_grad():
         expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
