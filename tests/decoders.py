@@ -13,7 +13,7 @@
   file (llama.cpp's tensor names and tokenizer keys) that transformers loads.
 
 The pytest fixtures at the end are session-scoped, so each model is trained once per test session;
-tests/conftest.py imports them. The models train on ``split_lines(...)[0]``; the text file the
+tests/conftest.py loads this module as a plugin. The models train on ``split_lines(...)[0]``; the text file the
 ``decoder_text`` fixture writes holds only the held-out lines, so perplexity on it is on unseen text.
 """
 
