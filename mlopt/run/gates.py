@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mlopt.core import console
+from mlopt.core.errors import InputError
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Table
 from mlopt.report.markdown import rich_table
@@ -26,6 +27,9 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
     gates and the chain table never disagree). Without a comparison (a recipe that times nothing), the
     baseline and the final model are measured here alike, by the same function.
     """
+    check_family(gates, final.is_decoder)
+    if final.is_decoder:
+        return decoder_gates(gates, baseline, final, data)
     if gates.max_accuracy_drop is not None:
         require_labels(data, "the max_accuracy_drop gate")
     console.info("checking gates against the baseline " + (baseline.origin or "model"))
@@ -55,6 +59,60 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
                     "measured": round(final_ms, 4), "passed": final_ms <= gates.max_latency_ms})
     if gates.max_size_mb is not None:
         size = file_size_mb(final.onnx_path) if final.format == "onnx" else final.size_mb()
+        out.append({"gate": "max_size_mb", "expected": f"<= {gates.max_size_mb}", "measured": round(size, 4),
+                    "passed": size <= gates.max_size_mb})
+    show(out)
+    return out
+
+
+DECODER_GATES = ("min_decode_speedup", "max_ppl_increase")
+OTHER_GATES = ("max_accuracy_drop", "min_speedup", "max_latency_ms")
+
+
+def check_family(gates: "GatesConfig", decoder: bool) -> None:
+    """Gates of the other model family are refused (before any step runs: the runner calls this when planning)."""
+    wrong = [g for g in (OTHER_GATES if decoder else DECODER_GATES) if getattr(gates, g) is not None]
+    if wrong and decoder:
+        raise InputError(f"the {wrong[0]} gate does not apply to a decoder language model; its gates are "
+                         "min_decode_speedup, max_ppl_increase and max_size_mb")
+    if wrong:
+        raise InputError(f"the {wrong[0]} gate applies to decoder language models only")
+DECODE_TOKENS, DECODE_ROUNDS = 64, 3
+
+
+def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) -> list[dict[str, Any]]:
+    """Decode speed-up and perplexity increase of the final decoder over the baseline (exported first when it is
+    still an HF folder), measured here side by side: perplexity on the held-out lines, decode in interleaved rounds."""
+    import tempfile
+    from pathlib import Path
+
+    from mlopt.export.lib.decoder import export_decoder
+    from mlopt.runtime import generation
+
+    if gates.max_ppl_increase is not None and (data is None or not data.text):
+        raise InputError("the max_ppl_increase gate needs text: add 'data: {source: text:FILE}' to the recipe")
+    out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mlopt-gates-") as work:
+        if baseline.format == "causal-lm":
+            with console.quieted():
+                baseline = export_decoder(baseline, Path(work) / "baseline").artifact
+        folders = [baseline.folder, final.folder]
+        if gates.max_ppl_increase is not None:
+            ppl = [generation.perplexity(f, generation.token_ids(f, list(data.val)))["perplexity"] for f in folders]
+            increase = ppl[1] / ppl[0] - 1
+            out.append({"gate": "max_ppl_increase", "expected": f"<= {gates.max_ppl_increase}", "measured": round(increase, 5),
+                        "baseline": ppl[0], "final": ppl[1], "passed": increase <= gates.max_ppl_increase + 1e-12})
+        if gates.min_decode_speedup is not None:
+            lines = list(data.val) if data is not None and data.text else ["The"]
+            prompt = generation.token_ids(folders[0], lines)[:128]
+            rates = [t["decode_tokens_per_s"] for t in
+                     generation.time_generation(folders, prompt, DECODE_TOKENS, DECODE_ROUNDS)]
+            speedup = rates[1] / rates[0]
+            out.append({"gate": "min_decode_speedup", "expected": f">= {gates.min_decode_speedup}",
+                        "measured": round(speedup, 3), "baseline": rates[0], "final": rates[1],
+                        "passed": speedup >= gates.min_decode_speedup})
+    if gates.max_size_mb is not None:
+        size = final.size_mb()
         out.append({"gate": "max_size_mb", "expected": f"<= {gates.max_size_mb}", "measured": round(size, 4),
                     "passed": size <= gates.max_size_mb})
     show(out)

@@ -52,7 +52,13 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
 
 def is_decoder_spec(spec: str) -> bool:
-    return gguf.is_gguf_spec(spec) or hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec))
+    """gguf:FILE, or hf:DIR whose config names a causal LM (a folder that is not there is not one: its
+    error comes where the model loads)."""
+    if gguf.is_gguf_spec(spec):
+        return True
+    if not hf.is_hf_spec(spec) or not (Path(spec[len(hf.PREFIX):]).expanduser() / "config.json").is_file():
+        return False
+    return decoder.is_causal_lm(hf.read_config(spec))
 
 
 def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None") -> "Artifact":

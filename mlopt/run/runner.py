@@ -21,7 +21,7 @@ from mlopt.core.errors import InputError
 from mlopt.report.files import write_reports
 from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.run import chain, resume as resuming
-from mlopt.run.gates import evaluate_gates
+from mlopt.run.gates import check_family, evaluate_gates
 from mlopt.run.loading import is_decoder_spec, prepare
 from mlopt.run.outdir import OutputDir
 from mlopt.runtime import distributed, environment, hf
@@ -118,6 +118,8 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
         output.check(overwrite or resume, resume)
     _check_inputs(recipe)
     artifact, data = prepare(recipe, model)
+    if recipe.gates is not None:
+        check_family(recipe.gates, artifact.is_decoder)
     if artifact.is_decoder:
         _check_decoder_steps(recipe)
     else:
@@ -248,7 +250,7 @@ def finish(run: Run, recipe_file: str | None) -> tuple[dict[str, Any], list[dict
     recipe, main = run.recipe, distributed.current().is_main
     baseline = run.baseline or run.artifact
     comparison = None  # every model of the chain measured alike; the gates read it (mlopt/run/chain.py)
-    if main and chain.wanted(recipe):
+    if main and chain.wanted(recipe) and not run.artifact.is_decoder:  # decoders: the ptq table and the gates
         comparison = chain.compare(recipe, run.root, run.steps, baseline, run.data)
     gate_rows = None
     if recipe.gates is not None and recipe.gates.any() and main:
