@@ -1,0 +1,205 @@
+"""Measuring decoders (mlopt.runtime.generation) and the eval and bench steps' decoder branches, on a tiny
+random Llama exported by onnxruntime-genai's model builder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mlopt.core.errors import InputError
+from mlopt.runtime import generation
+
+pytest.importorskip("onnxruntime_genai")
+
+WORDS = ("the a river town boat mill bridge market child water light evening spring grain bread people "
+         "runs carried ground rises learned fills swim turns lit old small quiet green under over near").split()
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> SimpleNamespace:
+    """A random 2-layer Llama (GQA: 4 heads, 2 KV heads) with a byte-level BPE tokenizer trained here, as an
+    HF folder and as the onnxruntime-genai folder the builder makes of it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_decoder")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_sentences(300), trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    hf = root / "hf"
+    tok.save_pretrained(hf)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(hf)
+    out = root / "genai"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")], check=True, capture_output=True, env=env)
+    return SimpleNamespace(hf=hf, folder=out, lines=_sentences(60, seed=1))
+
+
+def test_agreement_measures():
+    assert generation.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5  # strict: stops at the first divergence
+    assert generation.position_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert generation.agreement([1, 2], [1, 2]) == 1.0
+    assert generation.agreement([5, 6], [5]) == 0.5  # a shorter continuation agrees on what it has
+
+
+def test_too_short_text_is_input_error():
+    with pytest.raises(InputError, match="the text has 5 tokens; one perplexity window needs 8"):
+        generation._windows(list(range(5)), 8, None)
+    assert [len(w) for w in generation._windows(list(range(50)), 8, 3)] == [8, 8, 8]
+
+
+@pytest.mark.slow
+def test_onnx_perplexity_matches_torch(tiny_decoder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = generation.token_ids(tiny_decoder.folder, tiny_decoder.lines)
+    hf_ids = AutoTokenizer.from_pretrained(tiny_decoder.hf)("\n".join(tiny_decoder.lines))["input_ids"]
+    assert ids == hf_ids  # onnxruntime-genai's tokenizer reads the same tokenizer.json
+    onnx = generation.perplexity(tiny_decoder.folder, ids, window=32, max_windows=5)
+    torch_ppl = generation.perplexity_torch(AutoModelForCausalLM.from_pretrained(tiny_decoder.hf), ids, 32, 5)
+    assert onnx["windows"] == torch_ppl["windows"] == 5 and onnx["tokens"] == 5 * 31 and onnx["window"] == 32
+    assert onnx["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-3)
+    assert onnx["nll"] == pytest.approx(torch_ppl["nll"], rel=1e-3)
+    # A random model over ~320 tokens: near-uniform, so the perplexity is near the vocabulary size.
+    assert 100 < onnx["perplexity"] < 1000
+    with pytest.raises(InputError, match=f"the text has {len(ids)} tokens; one perplexity window needs {len(ids) + 1}"):
+        generation.perplexity(tiny_decoder.folder, ids, window=len(ids) + 1)
+
+
+@pytest.mark.slow
+def test_greedy_agrees_with_itself_and_with_torch(tiny_decoder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = generation.token_ids(tiny_decoder.folder, tiny_decoder.lines[:2])
+    tokens = generation.greedy(tiny_decoder.folder, prompt, 12)
+    assert len(tokens) == 12
+    assert generation.agreement(tokens, generation.greedy(tiny_decoder.folder, prompt, 12)) == 1.0
+    model = AutoModelForCausalLM.from_pretrained(tiny_decoder.hf)
+    ids = torch.tensor([prompt])
+    for _ in range(4):  # the first greedy tokens, in torch
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens[:4] == ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_time_generation_fields(tiny_decoder):
+    prompt = generation.token_ids(tiny_decoder.folder, tiny_decoder.lines)[:24]
+    first, second = generation.time_generation([tiny_decoder.folder, tiny_decoder.folder], prompt, 6, rounds=3)
+    for r in (first, second):
+        assert (r["prompt_tokens"], r["new_tokens"], r["rounds"]) == (24, 6, 3)
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p90"]
+        assert r["decode_tokens_per_s"] > 0 and r["prompt_tokens_per_s"] > 0
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+        assert r["latency_ms"]["p50"] > r["ttft_ms"]["p50"] * 0.5  # the whole generation includes the first token
+        assert r["throughput_per_s"] == pytest.approx(6000 / r["latency_ms"]["mean"])
+    with pytest.raises(InputError, match="2 new tokens"):
+        generation.time_generation([tiny_decoder.folder], prompt, 1)
+
+
+@pytest.mark.slow
+def test_peak_rss_is_the_child_s_own(tiny_decoder):
+    prompt = generation.token_ids(tiny_decoder.folder, tiny_decoder.lines)[:16]
+    peak = generation.peak_rss_mb(tiny_decoder.folder, prompt, 4)
+    own = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:")).split()[1]) / 1024
+    # The child loads only onnxruntime and the tiny model; this process has torch and transformers loaded.
+    assert 20 < peak < own
+
+
+def _artifact(folder: Path) -> SimpleNamespace:
+    return SimpleNamespace(format="genai", onnx_path=folder / "model.onnx", origin=str(folder))
+
+
+def _ctx(lines: list[str] | None) -> SimpleNamespace:
+    data = None if lines is None else SimpleNamespace(name="text:x", text=True, train=lines[: len(lines) // 2],
+                                                      val=lines[len(lines) // 2:])
+    return SimpleNamespace(data=data, batch_size=8)
+
+
+@pytest.mark.slow
+def test_eval_step_on_a_genai_folder(tiny_decoder):
+    from mlopt.export.eval import EvalConfig, EvalPass
+
+    ctx = _ctx(tiny_decoder.lines)
+    result = EvalPass().run(_artifact(tiny_decoder.folder), EvalConfig(window=16), ctx)
+    expected = generation.perplexity(tiny_decoder.folder, generation.token_ids(tiny_decoder.folder, ctx.data.val), 16)
+    assert result.metrics == expected
+    shown = EvalPass.cli_json({"metrics": result.metrics})
+    assert set(shown) == {"perplexity", "nll", "windows", "window", "tokens"} and shown["window"] == 16
+    causal = SimpleNamespace(format="causal-lm", builder={"spec": f"hf:{tiny_decoder.hf}"}, origin="hf")
+    before_export = EvalPass().run(causal, EvalConfig(window=16), ctx).metrics
+    assert before_export["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-3)
+    with pytest.raises(InputError, match="needs text:FILE"):
+        EvalPass().run(_artifact(tiny_decoder.folder), EvalConfig(), SimpleNamespace(data=SimpleNamespace(
+            text=False, name="digits")))
+
+
+@pytest.mark.slow
+def test_bench_step_on_genai_folders(tiny_decoder, tmp_path):
+    import shutil
+
+    from mlopt.export.bench import BenchConfig, BenchPass
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_decoder.folder, copy)
+    config = BenchConfig(compare=[str(copy)], prompt_tokens=[8, 20], new_tokens=[4], rounds=2)
+    result = BenchPass().run(_artifact(tiny_decoder.folder), config, _ctx(tiny_decoder.lines))
+    shown = BenchPass.cli_json({"sections": [s.model_dump() for s in result.sections],
+                                "latency": [lat.model_dump() for lat in result.latency]})
+    rows = shown["results"]
+    assert [(r["model"], r["prompt_tokens"], r["new_tokens"]) for r in rows] == [
+        (str(tiny_decoder.folder), 8, 4), (str(copy), 8, 4), (str(tiny_decoder.folder), 20, 4), (str(copy), 20, 4)]
+    size = sum(p.stat().st_size for p in copy.iterdir()) / 1e6
+    for r in rows:
+        assert set(r["ttft_ms"]) == {"p50", "p90"} and set(r["latency_ms"]) == {"mean", "p50", "p90", "p99"}
+        assert r["decode_tokens_per_s"] > 0 and r["prompt_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["size_mb"] == pytest.approx(size) and r["batch_size"] == 1
+    assert rows[0]["decode_speedup"] == rows[0]["ttft_speedup"] == rows[0]["speedup"] == 1.0
+    assert rows[1]["decode_speedup"] == pytest.approx(rows[1]["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"])
+    assert [lat.output for lat in result.latency] == [True, False]  # reports read the first pair
+    assert result.metrics["decode_tokens_per_s"] == rows[0]["decode_tokens_per_s"]
+    json.dumps(shown)
+
+
+def test_bench_refuses_mixing_decoders_and_plain_models(tmp_path):
+    from mlopt.export.lib.decoder_bench import check_settings, decoder_models
+    from mlopt.export.bench import BenchConfig
+
+    folder = tmp_path / "dec"
+    folder.mkdir()
+    (folder / "genai_config.json").write_text("{}")
+    (folder / "model.onnx").write_bytes(b"")
+    plain = SimpleNamespace(format="onnx", onnx_path=tmp_path / "m.onnx", origin="m.onnx")
+    with pytest.raises(InputError, match=r"decoder folders and plain models together \(m.onnx is not"):
+        decoder_models(plain, [str(folder)])
+    with pytest.raises(InputError, match=r"\(other.onnx is not"):
+        decoder_models(_artifact(folder), ["other.onnx"])
+    assert decoder_models(plain, ["other.onnx"]) is None
+    assert decoder_models(_artifact(folder), [str(folder / "model.onnx")]) == [(str(folder), folder), (
+        str(folder / "model.onnx"), folder)]
+    with pytest.raises(InputError, match="batch_sizes do not apply to decoder folders"):
+        check_settings(BenchConfig(batch_sizes=[4]), decoders=True)
+    with pytest.raises(InputError, match="new_tokens do not apply to plain ONNX models"):
+        check_settings(BenchConfig(new_tokens=[4]), decoders=False)
+    check_settings(BenchConfig(), decoders=True)
