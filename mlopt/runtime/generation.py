@@ -130,7 +130,10 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
         feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64), **pasts}
         if "position_ids" in dtypes:
             feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
-        return session.run(["logits"], {k: v.astype(dtypes[k], copy=False) for k, v in feed.items()})[0][0]
+        try:
+            return session.run(["logits"], {k: v.astype(dtypes[k], copy=False) for k, v in feed.items()})[0][0]
+        except Exception as exc:
+            raise RunError(f"onnxruntime failed on {folder / MODEL_FILE}: {first_line(exc)}") from exc
 
     return logits_of
 
@@ -139,6 +142,9 @@ def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_wi
                threads: int | None = None) -> dict[str, Any]:
     """Perplexity of an onnxruntime-genai folder's model.onnx on the ids (see the module docstring)."""
     folder = Path(folder)
+    context = _genai_config(folder).get("model", {}).get("context_length")
+    if isinstance(context, int) and window > context:
+        raise InputError(f"a perplexity window of {window} tokens is longer than {folder.name}'s context ({context})")
     return _scored(_onnx_logits(folder, threads), ids, window, max_windows, folder.name)
 
 

@@ -82,8 +82,14 @@ def test_onnx_perplexity_matches_torch(tiny_decoder):
     assert onnx["nll"] == pytest.approx(torch_ppl["nll"], rel=1e-3)
     # A random model over ~320 tokens: near-uniform, so the perplexity is near the vocabulary size.
     assert 100 < onnx["perplexity"] < 1000
-    with pytest.raises(InputError, match=f"the text has {len(ids)} tokens; one perplexity window needs {len(ids) + 1}"):
-        generation.perplexity(tiny_decoder.folder, ids, window=len(ids) + 1)
+    with pytest.raises(InputError, match="the text has 20 tokens; one perplexity window needs 32"):
+        generation.perplexity(tiny_decoder.folder, ids[:20], window=32)
+    with pytest.raises(InputError, match="window of 600 tokens is longer than genai's context \\(512\\)"):
+        generation.perplexity(tiny_decoder.folder, ids * 2, window=600)
+    with pytest.raises(InputError, match="max_length .* context_length"):
+        generation.greedy(tiny_decoder.folder, (ids * 3)[:500], 20)
+    with pytest.raises(InputError, match="cannot load"):
+        generation.load_model(tiny_decoder.hf)
 
 
 @pytest.mark.slow

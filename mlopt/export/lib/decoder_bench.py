@@ -155,7 +155,7 @@ def results_of_table(columns: list[str], rows: list[list[Any]]) -> list[dict[str
 def show_decoder_table(results: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"generation on onnxruntime-genai ({DECODER_TIMING})")
+    table = Table(title="generation on onnxruntime-genai", caption=f"timing: {DECODER_TIMING}")
     heads = ("model", "prompt", "new", "TTFT p50 ms", "TTFT p90 ms", "decode tok/s", "prompt tok/s", "peak RSS MB",
              "size MB", "decode speed-up", "TTFT speed-up")
     for head in heads:
