@@ -209,3 +209,38 @@ def test_bench_refuses_mixing_decoders_and_plain_models(tmp_path):
     with pytest.raises(InputError, match="new_tokens do not apply to plain ONNX models"):
         check_settings(BenchConfig(new_tokens=[4]), decoders=False)
     check_settings(BenchConfig(), decoders=True)
+
+
+@pytest.mark.slow
+def test_thread_setting_reaches_onnxruntime(tiny_decoder):
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counts threads through /proc")
+    config = (tiny_decoder.folder / "genai_config.json").read_text()
+    models = [generation.load_model(tiny_decoder.folder, 1)]  # the first load also starts shared threads
+    counts = [len(os.listdir("/proc/self/task"))]
+    for threads in (4, 2):
+        models.append(generation.load_model(tiny_decoder.folder, threads))
+        counts.append(len(os.listdir("/proc/self/task")))
+    # A session's intra-op pool of n threads starts n - 1 workers.
+    assert (counts[1] - counts[0], counts[2] - counts[1]) == (3, 1)
+    # The user's genai_config.json is left as it was: the setting is an overlay.
+    assert (tiny_decoder.folder / "genai_config.json").read_text() == config
+
+
+@pytest.mark.slow
+def test_bench_prompt_without_data_is_the_fixed_paragraph(tiny_decoder):
+    from mlopt.export.lib.decoder_bench import FIXED_PROMPT, prompt_of, prompt_source
+
+    model = generation.load_model(tiny_decoder.folder)
+    ids = prompt_source(tiny_decoder.folder, None, model)
+    assert ids == generation.token_ids(tiny_decoder.folder, [FIXED_PROMPT], model) and len(ids) > 100
+    with pytest.raises(InputError, match="prompt comes from text:FILE data, not digits"):
+        prompt_source(tiny_decoder.folder, SimpleNamespace(name="digits", text=False), model)
+
+
+def test_prompt_repeats_a_short_text(capsys):
+    from mlopt.export.lib.decoder_bench import prompt_of
+
+    assert prompt_of([1, 2, 3], 7, real_text=True) == [1, 2, 3, 1, 2, 3, 1]
+    assert "the text has 3 tokens; the 7-token prompt repeats it" in capsys.readouterr().err
+    assert prompt_of(list(range(10)), 4, real_text=True) == [0, 1, 2, 3]
