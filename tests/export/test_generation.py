@@ -229,7 +229,7 @@ def test_thread_setting_reaches_onnxruntime(tiny_decoder):
 
 @pytest.mark.slow
 def test_bench_prompt_without_data_is_the_fixed_paragraph(tiny_decoder):
-    from mlopt.export.lib.decoder_bench import FIXED_PROMPT, prompt_of, prompt_source
+    from mlopt.export.lib.decoder_bench import FIXED_PROMPT, prompt_source
 
     model = generation.load_model(tiny_decoder.folder)
     ids = prompt_source(tiny_decoder.folder, None, model)
