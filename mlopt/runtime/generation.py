@@ -31,6 +31,8 @@ from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.runtime.decoder import GENAI_CONFIG, genai
 
 MODEL_FILE = "model.onnx"
+# Rows of logits turned into float64 at once when scoring.
+_ROWS = 16
 # The timed parts of one generation, in seconds.
 _PARTS = ("prefill", "ttft", "decode")
 
@@ -88,11 +90,14 @@ def _scored(logits_of: Callable[[list[int]], Any], ids: Sequence[int], window: i
     total, scored = 0.0, 0
     with console.progress(f"perplexity {label}", total=len(windows)) as bar:
         for chunk in windows:
-            logits = np.asarray(logits_of(chunk), dtype=np.float64)[:-1]
-            peak = logits.max(axis=-1, keepdims=True)
-            log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=-1))
-            total += float((log_norm - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
-            scored += len(chunk) - 1
+            logits, targets = logits_of(chunk)[:-1], np.asarray(chunk[1:])  # the last predicts past the window
+            # float64 a few rows at a time: a 262k-token vocabulary makes a whole window's copy large.
+            for row in range(0, len(targets), _ROWS):
+                block = np.asarray(logits[row:row + _ROWS], dtype=np.float64)
+                peak = block.max(axis=-1, keepdims=True)
+                log_norm = peak[:, 0] + np.log(np.exp(block - peak).sum(axis=-1))
+                total += float((log_norm - block[np.arange(len(block)), targets[row:row + _ROWS]]).sum())
+            scored += len(targets)
             bar.advance(1)
     nll = total / scored
     return {"perplexity": math.exp(nll), "nll": nll, "windows": len(windows), "window": window, "tokens": scored}
@@ -154,7 +159,7 @@ def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_wind
 
     def logits_of(chunk: list[int]) -> Any:
         with torch.no_grad():
-            return model(input_ids=torch.tensor([chunk])).logits[0].double().numpy()
+            return model(input_ids=torch.tensor([chunk])).logits[0].float().numpy()
 
     model.eval()
     return _scored(logits_of, ids, window, max_windows, type(model).__name__)
