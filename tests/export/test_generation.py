@@ -62,6 +62,21 @@ def test_agreement_measures():
     assert generation.agreement([5, 6], [5]) == 0.5  # a shorter continuation agrees on what it has
 
 
+def test_scorer_on_known_logits():
+    import numpy as np
+
+    uniform = generation._scored(lambda chunk: np.zeros((len(chunk), 50), np.float32), list(range(40)), 10, None, "u")
+    assert uniform["perplexity"] == pytest.approx(50) and (uniform["windows"], uniform["tokens"]) == (4, 36)
+
+    def sure_of_next(chunk):  # logit 20 on each next token, 0 elsewhere: p(next) = e^20 / (e^20 + 49)
+        logits = np.zeros((len(chunk), 50), np.float32)
+        logits[np.arange(len(chunk) - 1), chunk[1:]] = 20
+        return logits
+
+    sure = generation._scored(sure_of_next, [i % 50 for i in range(100)], 20, 2, "s")
+    assert sure["nll"] == pytest.approx(np.log1p(49 * np.exp(-20.0)), rel=1e-6) and sure["tokens"] == 38
+
+
 def test_too_short_text_is_input_error():
     with pytest.raises(InputError, match="the text has 5 tokens; one perplexity window needs 8"):
         generation._windows(list(range(5)), 8, None)
