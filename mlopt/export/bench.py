@@ -45,6 +45,7 @@ class BenchPass(Pass):
     config_class = BenchConfig
     produces_model = False
     text_ok = True
+    decoder_ok = True  # onnxruntime-genai folders: generation speed
     cli_help = "onnxruntime latency and throughput of one or more ONNX models, side by side."
     cli_models_help = "ONNX files (or mlopt output directories); the first is the baseline."
 

@@ -29,7 +29,7 @@ class EvalPass(Pass):
     config_class = EvalConfig
     produces_model = False
     needs_data = True
-    text_ok = True  # decoders: perplexity on text; an encoder given text stops at "needs labelled data"
+    decoder_ok = True  # perplexity on text
     cli_help = ("Top-1 accuracy and loss on the validation split, for a torch model, an mlopt DIR or FILE.onnx; "
                 "perplexity on the text's validation lines for a decoder.")
 

@@ -217,6 +217,8 @@ def test_bench_refuses_mixing_decoders_and_plain_models(tmp_path):
     with pytest.raises(InputError, match=r"\(other.onnx is not"):
         decoder_models(_artifact(folder), ["other.onnx"])
     assert decoder_models(plain, ["other.onnx"]) is None
+    with pytest.raises(InputError, match="export hf:x first"):
+        decoder_models(SimpleNamespace(format="causal-lm", origin="hf:x"), [])
     assert decoder_models(_artifact(folder), [str(folder / "model.onnx")]) == [(str(folder), folder), (
         str(folder / "model.onnx"), folder)]
     with pytest.raises(InputError, match="batch_sizes do not apply to decoder folders"):
