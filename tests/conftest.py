@@ -10,6 +10,9 @@ TESTS = Path(__file__).parent
 TOY = TESTS / "toy_models.py"
 sys.path.insert(0, str(TESTS))
 
+# Session fixtures of tiny trained decoder LMs and their English text.
+pytest_plugins = ["decoders"]
+
 # The key mlopt signs its model folders with lives outside the user's home during tests (subprocesses
 # inherit it).
 if "MLOPT_KEY_FILE" not in os.environ:

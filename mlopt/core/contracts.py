@@ -88,6 +88,7 @@ class Pass:
     compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
     rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
     text_ok: ClassVar[bool] = False  # runs on hf: text models (token inputs)
+    decoder_ok: ClassVar[bool] = False  # runs on decoder language models (causal-lm and genai artifacts)
     trains: ClassVar[bool] = False  # checkpoints as it trains: the command takes --resume and --nproc
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

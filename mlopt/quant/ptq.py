@@ -61,6 +61,24 @@ class PTQConfig(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="batch sizes timed",
                                    json_schema_extra=cli(flag="--batch-size", short="-b"))
     iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size", json_schema_extra=cli(short="-n"))
+    # Decoder language models: weight-only INT4/INT8 (mlopt.quant.lib.weightsearch).
+    max_ppl_increase: float = Field(0.05, ge=0, description="decoders: allowed perplexity increase over FP32 (0.05 = 5%)")
+    algorithms: list[Literal["rtn", "hqq", "gptq", "k_quant"]] = Field(
+        default_factory=lambda: ["rtn", "hqq", "k_quant", "gptq"], min_length=1,
+        description="decoders: INT4 weight algorithms measured (gptq is calibrated on the training lines)",
+        json_schema_extra=cli(flag="--algorithm"))
+    block_sizes: list[Literal[16, 32, 64, 128, 256]] = Field(
+        default_factory=lambda: [32, 128], min_length=1, description="decoders: INT4 block sizes measured",
+        json_schema_extra=cli(flag="--block-size"))
+    accuracy_levels: list[Literal[0, 1, 2, 3, 4]] = Field(
+        default_factory=lambda: [4, 0], min_length=1,
+        description="decoders: MatMulNBits accuracy levels (4: int8 activations); the first screens, the rest are "
+                    "tried on the candidates within budget", json_schema_extra=cli(flag="--accuracy-level"))
+    window: int = Field(128, ge=8, description="decoders: tokens per perplexity window")
+    max_windows: int = Field(40, gt=0, description="decoders: perplexity windows at most")
+    prompt_tokens: int = Field(128, gt=0, description="decoders: prompt length timed")
+    new_tokens: int = Field(64, gt=0, description="decoders: tokens generated when timing")
+    rounds: int = Field(3, gt=0, description="decoders: interleaved timing rounds")
 
     @model_validator(mode="after")
     def _options_used(self) -> "PTQConfig":
@@ -114,13 +132,49 @@ class PTQPass(Pass):
     needs_data = True
     compresses = True
     text_ok = True
-    cli_help = "Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget."
+    decoder_ok = True
+    cli_help = ("Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget; "
+                "decoder language models get weight-only INT4/INT8, chosen by measured perplexity and decode speed.")
 
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
+        _check_family(artifact, config)
+        if artifact.is_decoder:
+            return quantize_decoder(artifact, config, ctx)
         with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
             plan = _plan(artifact, config, ctx.data, Path(work))
             _measure(plan, config, ctx.data)
             return _finish(plan, _choose_model(plan, config), config, Path(ctx.out_dir) / "model.onnx")
+
+
+DECODER_FIELDS = ("max_ppl_increase", "algorithms", "block_sizes", "accuracy_levels", "window", "max_windows",
+                  "prompt_tokens", "new_tokens", "rounds")
+
+
+def _check_family(artifact: Any, config: PTQConfig) -> None:
+    """Options of the other model family are errors: a decoder's are weight-only, an encoder's are INT8 graphs."""
+    given = config.model_fields_set - {"type"}
+    wrong = sorted(given - set(DECODER_FIELDS) - {"mode"} if artifact.is_decoder else given & set(DECODER_FIELDS))
+    if wrong:
+        kind = "a decoder language model (weight-only quantization)" if artifact.is_decoder else "a model that is not a decoder language model"
+        raise InputError(f"ptq option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to {kind}")
+    if artifact.is_decoder and config.mode != "auto":
+        raise InputError("a decoder language model is quantized in mode auto (weight-only candidates, measured)")
+
+
+def quantize_decoder(artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
+    """Weight-only candidates of a decoder (exported first when it is still an HF folder), measured; the chosen one kept."""
+    from mlopt.export.lib.decoder import export_decoder
+    from mlopt.quant.lib.weightsearch import Settings, search_decoder
+
+    settings = Settings(**{name: getattr(config, name) for name in DECODER_FIELDS})
+    with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
+        notes = []
+        if artifact.format == "causal-lm":
+            exported = export_decoder(artifact, Path(work) / "fp32")
+            artifact, notes = exported.artifact, exported.notes
+        result = search_decoder(artifact, settings, ctx.data, Path(work), Path(ctx.out_dir))
+        result.notes[:0] = notes
+        return result
 
 
 def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:

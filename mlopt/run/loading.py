@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlopt.core.errors import InputError
-from mlopt.runtime import hf
+from mlopt.runtime import decoder, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
 from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
@@ -37,6 +37,8 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
             fill["image_size"] = shape[1]
         data_cfg = data_cfg.model_copy(update=fill)
     data = load_data(data_cfg) if data_cfg is not None else None
+    if loaded is not None and loaded.is_decoder or loaded is None and is_decoder_spec(recipe.model.spec):
+        return decoder_artifact(recipe, data, loaded), data
     text_spec = recipe.model.spec if hf.is_hf_spec(recipe.model.spec) else None
     if loaded is not None and hf.is_text_artifact(loaded):
         text_spec = loaded.builder["spec"]
@@ -47,6 +49,28 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     if data is not None and data.text:
         data = hf.tokenize(data, text_spec, data_cfg.max_length)
     return initial_artifact(recipe, data, loaded), data
+
+
+def is_decoder_spec(spec: str) -> bool:
+    return hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec))
+
+
+def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None") -> "Artifact":
+    """A decoder language model: its HF folder (to export) or a genai folder. Its text stays raw lines:
+    perplexity windows and prompts are cut from the text itself, not from padded lines."""
+    cfg = recipe.model
+    if data is not None and not data.text:
+        raise InputError(f"{cfg.spec} is a decoder language model: give --data text:FILE, not {data.name}")
+    for name in ("input_shape", "weights", "num_classes"):
+        if getattr(cfg, name) is not None:
+            raise InputError(f"--{name.replace('_', '-')} does not apply to a decoder language model ({cfg.spec})")
+    if loaded is not None:
+        return loaded
+    config = hf.read_config(cfg.spec)
+    spec = _absolute_spec(cfg.spec)
+    info = {"architecture": str((config.get("architectures") or [""])[0]), "model_type": config.get("model_type")}
+    return Artifact(format="causal-lm", sample_shape=None, num_classes=None, origin=cfg.spec,
+                    builder={"spec": spec, "decoder": info})
 
 
 def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None" = None) -> "Artifact":

@@ -22,7 +22,7 @@ from mlopt.report.files import write_reports
 from mlopt.report.schema import SCHEMA_VERSION
 from mlopt.run import chain, resume as resuming
 from mlopt.run.gates import evaluate_gates
-from mlopt.run.loading import prepare
+from mlopt.run.loading import is_decoder_spec, prepare
 from mlopt.run.outdir import OutputDir
 from mlopt.runtime import distributed, environment, hf
 from mlopt.runtime.artifacts import load_artifact
@@ -118,7 +118,10 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
         output.check(overwrite or resume, resume)
     _check_inputs(recipe)
     artifact, data = prepare(recipe, model)
-    _check_text_steps(recipe, hf.is_text_artifact(artifact))
+    if artifact.is_decoder:
+        _check_decoder_steps(recipe)
+    else:
+        _check_text_steps(recipe, hf.is_text_artifact(artifact))
     data_fp, model_fp = resuming.data_fingerprint(recipe), resuming.model_fingerprint(recipe)  # may raise: first
     # Ranks other than 0 (and runs without --out) work in a scratch directory.
     root = Path(out) if output is not None else Path(tempfile.mkdtemp(prefix="mlopt-"))
@@ -140,7 +143,17 @@ def _check_inputs(recipe: "Recipe") -> None:
         raise InputError("the max_accuracy_drop gate needs labelled data: add 'data:' to the recipe")
     # Before loading (tokenizing a large text file takes a while); again after, for saved text models.
     text_data = recipe.data is not None and recipe.data.source.startswith("text:")
-    _check_text_steps(recipe, hf.is_hf_spec(recipe.model.spec) or text_data)
+    if is_decoder_spec(recipe.model.spec):
+        _check_decoder_steps(recipe)
+    else:
+        _check_text_steps(recipe, hf.is_hf_spec(recipe.model.spec) or text_data)
+
+
+def _check_decoder_steps(recipe: "Recipe") -> None:
+    unsupported = [s.type for s in recipe.steps if not PASSES[s.type].decoder_ok]
+    if unsupported:
+        supported = ", ".join(sorted(n for n, p in PASSES.items() if p.decoder_ok))
+        raise InputError(f"step {unsupported[0]!r} does not run on decoder language models; these steps do: {supported}")
 
 
 def _check_text_steps(recipe: "Recipe", text: bool) -> None:

@@ -2,7 +2,9 @@
 
 A torch artifact is saved as ``model.pt`` (a state dict, with torch's per-module versions) and
 ``model.json`` (how to rebuild the module: the spec, the class count, later the pruned shapes). An ONNX artifact is
-``model.onnx`` plus ``model.json``. Reloading never unpickles arbitrary objects.
+``model.onnx`` plus ``model.json``. A decoder language model is a "causal-lm" (its HF folder, before
+export) and then a "genai" folder (onnxruntime-genai's layout: ``genai_config.json``, ``model.onnx`` and
+its external data, the tokenizer files) plus ``model.json``. Reloading never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ META_VERSION = 1
 
 @dataclass
 class Artifact:
-    format: Literal["torch", "onnx"]
+    format: Literal["torch", "onnx", "causal-lm", "genai"]
     sample_shape: tuple[int, ...] | None  # one sample, without the batch dimension
     num_classes: int | None
     lineage: list[str] = field(default_factory=list)
@@ -44,7 +46,19 @@ class Artifact:
             raise InputError(f"{step} needs a PyTorch model, but the current model is ONNX ({self.origin})")
         return self.module
 
+    @property
+    def is_decoder(self) -> bool:
+        return self.format in ("causal-lm", "genai")
+
+    @property
+    def folder(self) -> Path:
+        """A genai artifact's folder (model.onnx, its data, genai_config.json, tokenizer)."""
+        assert self.format == "genai" and self.onnx_path is not None
+        return Path(self.onnx_path).parent
+
     def require_onnx(self, step: str) -> Path:
+        if self.is_decoder:
+            raise InputError(f"{step} does not run on decoder language models ({self.origin})")
         if self.format != "onnx":
             raise InputError(f"{step} needs an ONNX model; add an export step before it (current model: {self.origin})")
         assert self.onnx_path is not None
@@ -69,6 +83,10 @@ class Artifact:
             if self.format == "torch":
                 with open(target, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC)
                     torch.save(cpu_state_dict(self.module), f)
+            elif self.format == "genai":
+                _copy_folder(self.folder, out_dir)
+            elif self.format == "causal-lm":
+                raise InputError("a decoder is saved once exported: add an export step")
             else:
                 assert self.onnx_path is not None
                 if Path(self.onnx_path).resolve() != target.resolve():
@@ -82,7 +100,7 @@ class Artifact:
         return target
 
     def size_mb(self) -> float | None:
-        if self.format == "onnx" and self.onnx_path is not None:
+        if self.format in ("onnx", "genai") and self.onnx_path is not None:  # the graph and its external data
             return file_size_mb(self.onnx_path)
         if self.module is not None:
             return sum(v.numel() * v.element_size() for v in self.module.state_dict().values()) / 1e6
@@ -92,11 +110,42 @@ class Artifact:
         return count_params(self.module) if self.format == "torch" and self.module is not None else None
 
 
+def _copy_folder(src: Path, dst: Path) -> None:
+    """A genai folder's files into `dst` (hard links where the file system allows: weights are large)."""
+    import os
+
+    if src.resolve() == dst.resolve():
+        return
+    for item in src.iterdir():
+        if item.is_file() and item.name != META_FILE:
+            target = dst / item.name
+            try:
+                os.link(item, target)
+            except OSError:
+                shutil.copyfile(item, target)
+
+
+def load_genai_folder(path: Path, meta: dict[str, Any] | None = None) -> Artifact:
+    """An onnxruntime-genai folder (mlopt's or anyone's): its model.onnx is checked like any ONNX file."""
+    from mlopt.runtime.decoder import GENAI_CONFIG
+
+    if not (path / GENAI_CONFIG).is_file():
+        raise InputError(f"{path} is not a decoder folder: it has no {GENAI_CONFIG}")
+    load_onnx_file(path / ONNX_FILE)  # refuses a broken file or external data outside the folder
+    meta = meta or {}
+    return Artifact(format="genai", sample_shape=None, num_classes=None, lineage=list(meta.get("lineage") or []),
+                    builder=meta.get("builder"), onnx_path=path / ONNX_FILE, origin=str(path))
+
+
 def load_artifact(path: str | Path) -> Artifact:
-    """Load an mlopt output directory (torch or ONNX) or a bare FILE.onnx."""
+    """Load an mlopt output directory (torch, ONNX or genai), an onnxruntime-genai folder or a bare FILE.onnx."""
+    from mlopt.runtime.decoder import is_genai_folder
+
     path = Path(path)
     if path.is_dir():
         meta_path = path / META_FILE
+        if not meta_path.is_file() and is_genai_folder(path):
+            return load_genai_folder(path)
         if not meta_path.is_file():
             last = _last_model_of_run(path)
             if last is None:
@@ -104,6 +153,8 @@ def load_artifact(path: str | Path) -> Artifact:
             return load_artifact(last)
         meta = _read_meta(meta_path)
         fmt = meta["format"]
+        if fmt == "genai":
+            return load_genai_folder(path, meta)
         if fmt == "torch":
             return _load_torch_dir(path, meta)
         if fmt == "onnx":
@@ -298,5 +349,8 @@ def _last_model_of_run(run_dir: Path) -> Path | None:
 
 
 def looks_like_artifact(spec: str) -> bool:
+    from mlopt.runtime.decoder import is_genai_folder
+
     p = Path(spec)
-    return spec.endswith(".onnx") or (p.is_dir() and ((p / META_FILE).is_file() or _last_model_of_run(p) is not None))
+    return spec.endswith(".onnx") or (p.is_dir() and ((p / META_FILE).is_file() or is_genai_folder(p)
+                                                      or _last_model_of_run(p) is not None))

@@ -33,8 +33,9 @@ def is_genai_folder(path: str | Path) -> bool:
 
 def genai() -> Any:
     """The onnxruntime_genai module. onnxruntime is imported first: the other order aborts the process."""
-    import onnxruntime  # noqa: F401  (must be loaded before onnxruntime_genai)
+    import importlib
 
+    importlib.import_module("onnxruntime")  # must be loaded before onnxruntime_genai
     try:
         import onnxruntime_genai
     except ImportError:

@@ -1,0 +1,109 @@
+"""A decoder (an HF ``*ForCausalLM`` folder) -> an onnxruntime-genai folder, checked before it is handed on.
+
+onnxruntime-genai's model builder writes the graph (KV cache, GroupQueryAttention, rotary
+embeddings) for the architectures it knows; mlopt never writes a second exporter. What mlopt adds:
+the architecture is checked before anything runs (one line with the supported list instead of a
+traceback), the builder runs offline in a child process (its crashes and its output stay there),
+and the folder it writes must load and generate with onnxruntime-genai before export succeeds:
+the builder has exited 0 on models that then failed to load.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlopt.core import console
+from mlopt.core.errors import InputError, RunError, first_line
+from mlopt.runtime import decoder
+
+#: the builder's "precision" for an exported model that later steps quantize themselves.
+FP32 = "fp32"
+CHECK_TOKENS = 8  # tokens generated from a prompt to prove the written folder runs
+
+
+def check_architecture(config: dict[str, Any], origin: str) -> str:
+    """The model's architecture, or a one-line refusal naming the ones the builder exports."""
+    arch = str((config.get("architectures") or ["(none)"])[0])
+    supported = decoder.supported_architectures()
+    if not supported:
+        raise InputError('decoder export needs onnxruntime-genai\'s model builder: pip install "mlopt[llm]"')
+    if arch not in supported:
+        names = ", ".join(a for a in supported if a.endswith(("ForCausalLM", "LMHeadModel")))
+        raise InputError(f"{origin}: {arch} is not an architecture onnxruntime-genai's model builder exports; "
+                         f"it exports: {names}")
+    return arch
+
+
+def build(src: Path, out: Path, precision: str = FP32, provider: str = "cpu") -> None:
+    """Run the model builder on the HF folder `src`, writing the genai folder `out`.
+
+    A child process: the builder prints progress on stdout, may call sys.exit, and loads native
+    libraries in an order that must not leak into mlopt's process (onnxruntime_genai before
+    onnxruntime aborts). HF_HUB_OFFLINE keeps it from the network, like every mlopt load.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    with tempfile.TemporaryDirectory(prefix="mlopt-builder-") as cache:
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+               "-p", precision, "-e", provider, "-c", cache]
+        started = time.time()
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace")
+    if proc.returncode != 0:
+        raise RunError(f"onnxruntime-genai's model builder failed on {src}: {_last_error(proc.stdout)}")
+    console.info(f"onnxruntime-genai's model builder wrote {out} ({precision}, {time.time() - started:.0f} s)")
+
+
+def _last_error(output: str) -> str:
+    """The line of a builder failure that says what went wrong (the last non-empty one, shortened)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return ((errors or lines or ["no output"])[-1])[:300]
+
+
+def check_generates(folder: Path, prompt: str = "The") -> list[int]:
+    """Load the folder with onnxruntime-genai and generate a few tokens greedily; a failure is a RunError.
+
+    Returns the generated token ids (the caller may compare them with another model's)."""
+    og = decoder.genai()
+    try:
+        model = og.Model(str(folder))
+        tokenizer = og.Tokenizer(model)
+        ids = list(tokenizer.encode(prompt)) or [0]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + CHECK_TOKENS, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        tokens = list(generator.get_sequence(0))[len(ids):]
+    except Exception as exc:
+        raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {first_line(exc)[:300]}") from exc
+    if not tokens:
+        raise RunError(f"the decoder written to {folder} generated no token")
+    return tokens
+
+
+def export_decoder(artifact: Any, out: Path) -> Any:
+    """The export step on a causal-lm artifact: build the genai folder into `out`, check that it generates."""
+    from mlopt.core.contracts import StepResult
+    from mlopt.runtime import hf
+
+    spec = artifact.builder["spec"]
+    src = hf.model_dir(spec)
+    arch = check_architecture(hf.read_config(spec), artifact.origin)
+    build(src, out, FP32)
+    tokens = check_generates(out)
+    exported = artifact.derive("export", format="genai", onnx_path=out / "model.onnx")
+    size = exported.size_mb()
+    console.info(f"{arch} exported to an onnxruntime-genai folder ({size:.1f} MB); it loads and generates")
+    return StepResult(artifact=exported, metrics={"architecture": arch, "precision": FP32, "size_mb": round(size, 3),
+                                                  "check_tokens": len(tokens)},
+                      notes=[f"onnxruntime-genai's model builder wrote the graph; onnxruntime-genai loaded it and "
+                             f"generated {len(tokens)} tokens greedily before the step succeeded"])

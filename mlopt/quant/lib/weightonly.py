@@ -1,0 +1,272 @@
+"""Weight-only quantization of a decoder's genai folder with onnxruntime's MatMulNBits quantizer.
+
+A scheme names the algorithm (rtn: onnxruntime's own round-to-nearest; hqq; gptq, calibrated on
+text; k_quant), the bits (4 or 8), the block size, symmetric or not, the ``accuracy_level`` of the
+MatMulNBits kernels (4: int8 activations, fastest on AVX512-VNNI and the riskiest) and which
+groups of weights stay at 8 bits or in float (the embedding table, the LM head, the first and last
+blocks, the attention or the MLP projections). onnxruntime does the quantizing; mlopt writes only
+the folder around it and one graph change no quantizer makes (see `untie_embedding`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from mlopt.core import console
+from mlopt.core.errors import InputError, RunError, first_line
+
+Algorithm = Literal["rtn", "hqq", "gptq", "k_quant"]
+Precision = Literal["int4", "int8", "float"]
+#: the groups of weights whose precision a scheme may raise, by what their nodes are named in the builder's graph
+GROUPS = ("embedding", "lm_head", "first_block", "last_block", "attention", "mlp")
+DATA_FILE = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    algorithm: Algorithm = "rtn"
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    embedding: Literal["int4", "float"] = "int4"  # onnxruntime quantizes a Gather to 4 bits only
+    lm_head: Precision = "int4"
+    raised: tuple[str, ...] = field(default=())  # groups of MatMuls kept at 8 bits (mixed precision)
+
+    @property
+    def label(self) -> str:
+        parts = [f"int{self.bits}", self.algorithm if self.bits == 4 else "", f"b{self.block_size}",
+                 "sym" if self.symmetric else "asym", f"acc{self.accuracy_level}"]
+        extras = [f"embedding:{self.embedding}"] if self.embedding != "int4" else []
+        extras += [f"lm_head:{self.lm_head}"] if self.lm_head != f"int{self.bits}" else []
+        extras += [f"{g}:int8" for g in self.raised]
+        return " ".join(p for p in parts if p) + (f" ({', '.join(extras)})" if extras else "")
+
+    def with_raised(self, group: str) -> "WeightScheme":
+        if group == "embedding":
+            return replace(self, embedding="float")
+        if group == "lm_head":
+            return replace(self, lm_head="int8")
+        return replace(self, raised=tuple(sorted({*self.raised, group})))
+
+
+def int8_scheme(block_size: int = 32, accuracy_level: int = 4) -> WeightScheme:
+    return WeightScheme(algorithm="rtn", bits=8, block_size=block_size, symmetric=True, accuracy_level=accuracy_level,
+                        embedding="int4", lm_head="int8")
+
+
+def _group_of(node_name: str, layers: int) -> set[str]:
+    """The groups a MatMul of the builder's graph belongs to (its names: /model/layers.N/attn/..., /lm_head/MatMul)."""
+    if "lm_head" in node_name:
+        return {"lm_head"}
+    match = re.search(r"layers\.(\d+)/", node_name)
+    groups = set()
+    if match:
+        index = int(match.group(1))
+        groups |= {"first_block"} if index == 0 else set()
+        groups |= {"last_block"} if index == layers - 1 else set()
+        groups |= {"attention"} if "/attn/" in node_name else {"mlp"} if "/mlp/" in node_name else set()
+    return groups
+
+
+def untie_embedding(model: Any) -> bool:
+    """Give the token embedding Gather its own weight when it reads the LM head's through a Transpose.
+
+    With tied embeddings the builder stores one [hidden, vocab] matrix for the LM head's MatMul and
+    feeds the embedding Gather its transpose at run time. Once the MatMul is quantized, that float
+    matrix stays in the file for the Gather alone, unquantizable (not a constant) and as large as
+    the rest of a small decoder together. Written by hand: no quantizer or rewriter does this.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[source.input[0]])
+        if weight.ndim != 2:
+            continue
+        name = f"{source.input[0]}.embedding"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+        node.input[0] = name
+        if not any(source.output[0] in n.input for n in graph.node):
+            graph.node.remove(source)
+        return True
+    return False
+
+
+def _matmuls(model: Any) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+
+
+def _embedding_gathers(model: Any) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits]
+
+
+def _layer_count(names: Iterable[str]) -> int:
+    found = [int(m.group(1)) for n in names for m in [re.search(r"layers\.(\d+)/", n)] if m]
+    return max(found) + 1 if found else 0
+
+
+def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
+    """Which nodes each pass of the quantizer takes: "low" at scheme.bits, then "int8" or "int4" (an embedding
+    Gather, which onnxruntime quantizes to 4 bits only) in a second pass."""
+    matmuls, gathers = _matmuls(model), _embedding_gathers(model)
+    layers = _layer_count(matmuls)
+    low, high = [], []
+    for name in matmuls:
+        groups = _group_of(name, layers)
+        precision = scheme.lm_head if "lm_head" in groups else ("int8" if groups & set(scheme.raised) else f"int{scheme.bits}")
+        (low if precision == f"int{scheme.bits}" else high if precision == "int8" else []).append(name)
+    gather = gathers if scheme.embedding == "int4" else []
+    if scheme.bits == 8:
+        return {"low": low + high, "int4": gather}
+    return {"low": low + gather, "int8": high}
+
+
+def _algo_config(scheme: WeightScheme, ops: tuple[str, ...], calibration: Any) -> Any:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if scheme.algorithm == "rtn" or scheme.bits == 8:
+        return mnq.DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric,
+                                                accuracy_level=scheme.accuracy_level, bits=scheme.bits,
+                                                op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    if scheme.algorithm == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=4, op_types_to_quantize=ops,
+                                            quant_axes=(("MatMul", 0), ("Gather", 1)))
+    if scheme.algorithm == "k_quant":
+        return mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    if calibration is None:
+        raise InputError("gptq needs calibration text: give --data text:FILE")
+    return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=scheme.block_size,
+                                         op_types_to_quantize=("MatMul",))
+
+
+def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibration: Any, work: Path) -> Any:
+    """Run onnxruntime's MatMulNBitsQuantizer over exactly `nodes`; returns the new ModelProto.
+
+    gptq and k_quant quantize MatMuls only: an embedding Gather among `nodes` gets round-to-nearest."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    types = {n.name: n.op_type for n in model.graph.node}
+    wanted = set(nodes)
+    if scheme.algorithm != "rtn" and scheme.bits == 4:  # hqq, gptq and k_quant quantize no Gather
+        gathers = {n for n in wanted if types.get(n) == "Gather"}
+        if gathers:
+            model = _quantize_pass(model, replace(scheme, algorithm="rtn"), sorted(gathers), None, work)
+            wanted -= gathers
+    if not wanted:
+        return model
+    ops = tuple(sorted({types[n] for n in wanted}))
+    config = _algo_config(scheme, ops, calibration)
+    excluded = sorted(n for n, op in types.items() if op in ops and n not in wanted)
+    source: Any = model
+    in_work = contextlib.nullcontext()
+    if config.algorithm in ("GPTQ", "k_quant"):  # these read the model from a path, its data from the working directory
+        source = str(work / "source.onnx")
+        onnx.save_model(model, source, save_as_external_data=True, location="source.onnx.data")
+        in_work = _working_directory(work)
+    quantizer = MatMulNBitsQuantizer(source, bits=scheme.bits, block_size=scheme.block_size,
+                                     is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
+                                     nodes_to_exclude=excluded, algo_config=config)
+    with in_work, console.muted_loggers("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        quantizer.process()
+        result = quantizer.model.model
+        if source is not model:  # the result still points at source.onnx.data: read it in before work is removed
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(result, str(work))
+    return result
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Any:
+    import os
+
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+class TextCalibration:
+    """GPTQ's calibration data: windows of token ids fed to the decoder graph with an empty KV cache."""
+
+    def __init__(self, graph_inputs: list[Any], windows: list[list[int]], head_size: int):
+        self.inputs, self.windows, self.head_size = graph_inputs, windows, head_size
+        self._iter: Any = None
+
+    def _feed(self, ids: list[int]) -> dict[str, Any]:
+        import numpy as np
+
+        x = np.asarray([ids], dtype=np.int64)
+        feed: dict[str, Any] = {"input_ids": x, "attention_mask": np.ones_like(x)}
+        for value in self.inputs:
+            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+            if value.name.startswith("past_key_values"):
+                feed[value.name] = np.zeros((1, dims[1], 0, dims[3] or self.head_size), dtype=np.float32)
+            elif value.name == "position_ids":
+                feed[value.name] = np.arange(len(ids), dtype=np.int64)[None]
+        return feed
+
+    def get_next(self) -> dict[str, Any] | None:
+        if self._iter is None:
+            self._iter = iter(self.windows)
+        ids = next(self._iter, None)
+        return None if ids is None else self._feed(ids)
+
+    def __iter__(self) -> Any:
+        return (self._feed(ids) for ids in self.windows)
+
+    def rewind(self) -> None:
+        self._iter = None
+
+
+def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any = None) -> Path:
+    """Write `dst`: the genai folder `src` with its weights quantized by `scheme`. Returns dst/model.onnx."""
+    import onnx
+
+    try:
+        model = onnx.load(str(src / "model.onnx"))
+    except Exception as exc:
+        raise InputError(f"cannot read {src / 'model.onnx'}: {first_line(exc)}") from exc
+    if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node):
+        raise InputError(f"{src} is already quantized (MatMulNBits); give the FP32 decoder")
+    if scheme.embedding != "float":
+        untie_embedding(model)
+    nodes = plan_nodes(model, scheme)
+    dst.mkdir(parents=True, exist_ok=True)
+    work = dst / ".work"
+    work.mkdir(exist_ok=True)
+    try:
+        model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
+        if nodes.get("int8"):
+            model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
+        if nodes.get("int4"):
+            model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
+        onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, location=DATA_FILE)
+    except (InputError, RunError):
+        raise
+    except Exception as exc:
+        raise RunError(f"onnxruntime's weight quantizer failed on {scheme.label}: {type(exc).__name__}: "
+                       f"{first_line(exc)[:200]}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for item in src.iterdir():  # genai_config.json, the tokenizer files
+        if item.is_file() and not item.name.startswith("model.") and item.name not in ("report.json", "report.md"):
+            shutil.copyfile(item, dst / item.name)
+    return dst / "model.onnx"

@@ -1,0 +1,269 @@
+"""The decoder PTQ search: measure weight-only candidates on the runtime and keep the fastest within budget.
+
+Quality first (cheap): every INT4 algorithm and block size, and INT8, is quantized and scored by
+teacher-forced perplexity on held-out windows of the text and by greedy-token agreement with FP32.
+When no INT4 candidate is within the perplexity budget, the weight groups (embedding, LM head,
+first and last blocks, attention, MLP) are ranked by how much raising each one alone to 8 bits (the
+embedding: to float) recovers, and raised in that order until the budget is met: the measured
+per-layer sensitivity decides the mix. Then speed: every candidate is timed beside FP32 in
+interleaved rounds with onnxruntime-genai (time to first token, decode tokens/s), and the fastest
+decoder within budget that decodes faster than FP32 is kept; else INT8, else FP32, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlopt.core import console
+from mlopt.core.errors import InputError
+from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
+from mlopt.runtime import generation
+
+PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
+AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
+CALIBRATION_WINDOWS = 16
+
+
+@dataclass
+class Settings:
+    max_ppl_increase: float
+    algorithms: list[str]
+    block_sizes: list[int]
+    accuracy_levels: list[int]
+    window: int
+    max_windows: int
+    prompt_tokens: int
+    new_tokens: int
+    rounds: int
+
+
+@dataclass
+class Row:
+    """One measured decoder: FP32 (scheme None) or a candidate."""
+
+    scheme: WeightScheme | None
+    folder: Path
+    perplexity: float
+    agreement: float
+    size_mb: float
+    within_budget: bool = True
+    timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
+    peak_rss_mb: float | None = None
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return "FP32" if self.scheme is None else self.scheme.label
+
+    @property
+    def decode(self) -> float:
+        return float(self.timing.get("decode_tokens_per_s") or 0.0)
+
+
+@dataclass
+class Text:
+    """What the search cuts from the text: perplexity ids, agreement prompts, the timing prompt, calibration."""
+
+    ppl_ids: list[int]
+    prompts: list[list[int]]
+    timing_prompt: list[int]
+    calibration: list[list[int]]
+
+
+def cut_text(folder: Path, data: Any, s: Settings) -> Text:
+    val = generation.token_ids(folder, list(data.val))
+    train = generation.token_ids(folder, list(data.train))
+    if len(val) < s.window:
+        raise InputError(f"the held-out text has {len(val)} tokens; one perplexity window needs {s.window} "
+                         "(give a longer text:FILE or a smaller --window)")
+    step = max(1, (len(val) - AGREEMENT_PROMPT) // PROMPTS)
+    prompts = [val[i * step:i * step + AGREEMENT_PROMPT] for i in range(PROMPTS)]
+    timing = (val * (s.prompt_tokens // max(1, len(val)) + 1))[:s.prompt_tokens]
+    calibration = [train[i:i + s.window] for i in range(0, len(train) - s.window + 1, s.window)][:CALIBRATION_WINDOWS]
+    return Text(val, prompts, timing, calibration or [val[:s.window]])
+
+
+class Search:
+    def __init__(self, fp32: Path, data: Any, settings: Settings, work: Path):
+        self.fp32, self.s, self.work = fp32, settings, work
+        self.text = cut_text(fp32, data, settings)
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.sensitivity: list[dict[str, Any]] = []
+        self.reference = [generation.greedy(fp32, p, AGREEMENT_TOKENS) for p in self.text.prompts]
+        self.base = self._score(None, fp32)
+        self.budget = self.base.perplexity * (1 + settings.max_ppl_increase)
+
+    def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
+        ppl = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows)["perplexity"]
+        agree = 1.0 if scheme is None else sum(
+            generation.agreement(ref, generation.greedy(folder, p, AGREEMENT_TOKENS))
+            for ref, p in zip(self.reference, self.text.prompts)) / len(self.reference)
+        size = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
+        row = Row(scheme, folder, ppl, agree, size)
+        if scheme is not None:
+            row.within_budget = ppl <= self.budget
+            self.rows.append(row)
+            increase = 100 * (ppl / self.base.perplexity - 1)
+            console.info(f"{scheme.label}: perplexity {ppl:.3f} ({increase:+.1f}%), agreement {agree:.2f}, {size:.1f} MB"
+                         + ("" if row.within_budget else "  [over budget]"))
+        return row
+
+    def candidate(self, scheme: WeightScheme) -> Row:
+        known = next((r for r in self.rows if r.scheme == scheme), None)
+        if known is not None:
+            return known
+        folder = self.work / f"c{len(self.rows):02d}"
+        calibration = None
+        if scheme.algorithm == "gptq" and scheme.bits == 4:
+            calibration = _calibration(self.fp32, self.text.calibration)
+        quantize_folder(self.fp32, folder, scheme, calibration)
+        return self._score(scheme, folder)
+
+    def run(self) -> Row:
+        level = self.s.accuracy_levels[0]
+        self.candidate(int8_scheme(32, level))
+        int4 = [self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
+                for a in self.s.algorithms for b in self.s.block_sizes]
+        if int4 and not any(r.within_budget for r in int4):
+            self._raise_sensitive(min(int4, key=lambda r: r.perplexity))
+        for row in [r for r in self.rows if r.within_budget and r.scheme.bits == 4]:
+            for other in self.s.accuracy_levels[1:]:
+                self.candidate(_at_level(row.scheme, other))
+        self._time()
+        return self._choose()
+
+    def _raise_sensitive(self, base: Row) -> None:
+        """Rank the groups by the perplexity that raising each alone recovers; raise them in that order."""
+        console.info(f"no INT4 candidate within budget (perplexity <= {self.budget:.3f}); measuring the sensitivity "
+                     f"of each weight group on {base.name}")
+        gains = []
+        for group in GROUPS:
+            row = self.candidate(base.scheme.with_raised(group))
+            gains.append((base.perplexity - row.perplexity, group))
+        gains.sort(reverse=True)
+        self.sensitivity = [{"group": g, "perplexity_recovered": round(gain, 4)} for gain, g in gains]
+        scheme = base.scheme
+        for gain, group in gains:
+            if gain <= 0:
+                break
+            scheme = scheme.with_raised(group)
+            if self.candidate(scheme).within_budget:
+                return
+
+    def _time(self) -> None:
+        rows = [self.base, *self.rows]
+        console.info(f"timing FP32 and {len(self.rows)} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
+                     f"prompt, {self.s.new_tokens} new tokens, {self.s.rounds} interleaved rounds")
+        timed = generation.time_generation([r.folder for r in rows], self.text.timing_prompt, self.s.new_tokens,
+                                           self.s.rounds)
+        for row, timing in zip(rows, timed):
+            row.timing = timing
+
+    def _choose(self) -> Row:
+        faster = [r for r in self.rows if r.within_budget and r.decode > self.base.decode]
+        int4 = [r for r in faster if r.scheme.bits == 4]
+        if int4:
+            return max(int4, key=lambda r: r.decode)
+        if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
+            self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
+                              f"at most {self.budget:.3f}), even with the most sensitive weight groups at 8 bits")
+        else:
+            self.notes.append("no INT4 candidate within budget decoded faster than FP32")
+        if faster:
+            return max(faster, key=lambda r: r.decode)
+        self.notes.append("no quantized candidate within budget decoded faster than FP32: FP32 is handed back")
+        return self.base
+
+
+def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
+    from dataclasses import replace
+
+    return replace(scheme, accuracy_level=level)
+
+
+def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    head_size = int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
+    return TextCalibration(list(graph.input), windows, head_size)
+
+
+def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out: Path) -> Any:
+    """Run the search on a genai artifact, write the chosen folder to `out`, and report every candidate."""
+    import shutil
+
+    from mlopt.core.contracts import StepResult
+
+    search = Search(artifact.folder, data, settings, work)
+    chosen = search.run()
+    base = search.base
+    for row in {id(r): r for r in (base, chosen)}.values():
+        row.peak_rss_mb = generation.peak_rss_mb(row.folder, search.text.timing_prompt, settings.new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in chosen.folder.iterdir():
+        if item.is_file() and item.name not in ("model.json", "report.json", "report.md"):
+            shutil.copyfile(item, out / item.name)
+    metrics = _metrics(search, chosen)
+    verdict = (f"chose {chosen.name}: {metrics['decode_speedup']:.2f}x FP32's decode speed, time to first token "
+               f"{metrics['ttft_ratio']:.2f}x FP32's, {metrics['size_ratio']:.2f}x smaller, perplexity "
+               f"{chosen.perplexity:.3f} ({100 * metrics['ppl_increase']:+.1f}%)")
+    search.notes.append(verdict)
+    if search.sensitivity:
+        raised = _raised(chosen.scheme) if chosen.scheme is not None else []
+        search.notes.append("kept at higher precision, by measured sensitivity: "
+                            + (", ".join(raised) if raised else "nothing"))
+    for note in search.notes:
+        console.info(note)
+    return StepResult(artifact=artifact.derive("ptq", onnx_path=out / "model.onnx"), metrics=metrics,
+                      notes=search.notes, sections=_sections(search, chosen))
+
+
+def _raised(scheme: WeightScheme) -> list[str]:
+    kept = [f"embedding ({scheme.embedding})"] if scheme.embedding != "int4" else []
+    kept += [f"lm_head ({scheme.lm_head})"] if scheme.bits == 4 and scheme.lm_head != "int4" else []
+    return kept + [f"{g} (int8)" for g in scheme.raised]
+
+
+def _metrics(search: Search, chosen: Row) -> dict[str, Any]:
+    base = search.base
+    ttft = lambda r: float(r.timing.get("ttft_ms", {}).get("p50") or 0.0)  # noqa: E731
+    return {
+        "chosen": chosen.name, "quantized": chosen.scheme is not None,
+        "perplexity": chosen.perplexity, "fp32_perplexity": base.perplexity,
+        "ppl_increase": chosen.perplexity / base.perplexity - 1, "greedy_agreement": chosen.agreement,
+        "decode_tokens_per_s": chosen.decode, "fp32_decode_tokens_per_s": base.decode,
+        "decode_speedup": chosen.decode / base.decode if base.decode else None,
+        "ttft_ms": ttft(chosen), "fp32_ttft_ms": ttft(base), "ttft_ratio": ttft(chosen) / ttft(base) if ttft(base) else None,
+        "size_mb": chosen.size_mb, "fp32_size_mb": base.size_mb, "size_ratio": base.size_mb / chosen.size_mb,
+        "peak_rss_mb": chosen.peak_rss_mb, "fp32_peak_rss_mb": base.peak_rss_mb,
+        "candidates": len(search.rows), "budget": f"perplexity +{100 * search.s.max_ppl_increase:.1f}% at most",
+        "perplexity_windows": min(search.s.max_windows, len(search.text.ppl_ids) // search.s.window),
+        "window": search.s.window,
+    }
+
+
+def _sections(search: Search, chosen: Row) -> list[Any]:
+    from mlopt.core.sections import Bars, Table
+
+    base = search.base
+    columns = ["model", "within budget", "perplexity", "ppl increase %", "greedy agreement", "ttft p50 ms",
+               "decode tokens/s", "decode speed-up", "size MB", "chosen"]
+    rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
+             round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2),
+             round(r.decode / base.decode, 3) if base.decode else None, round(r.size_mb, 2), r is chosen]
+            for r in [base, *search.rows]]
+    sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
+                                 note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
+                                      f"{search.s.window}-token windows of the held-out text; timing: "
+                                      f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
+                                      f"{search.s.rounds} interleaved rounds")]
+    if search.sensitivity:
+        sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
+                             labels=[s["group"] for s in search.sensitivity],
+                             series={"perplexity recovered": [s["perplexity_recovered"] for s in search.sensitivity]}))
+    return sections
