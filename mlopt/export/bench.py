@@ -46,6 +46,7 @@ class BenchPass(Pass):
     produces_model = False
     text_ok = True
     decoder_ok = True  # onnxruntime-genai folders: generation speed
+    uses_data = True  # text:FILE: a decoder's prompt is real text
     cli_help = "onnxruntime latency and throughput of one or more ONNX models, side by side."
     cli_models_help = "ONNX files (or mlopt output directories); the first is the baseline."
 

@@ -52,7 +52,8 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
 
 def is_decoder_spec(spec: str) -> bool:
-    return hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec))
+    """hf:DIR of a causal LM, or an onnxruntime-genai folder (mlopt's output or anyone's)."""
+    return decoder.is_genai_folder(spec) or hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec))
 
 
 def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None") -> "Artifact":

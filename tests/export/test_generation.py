@@ -261,3 +261,57 @@ def test_prompt_repeats_a_short_text(capsys):
     assert prompt_of([1, 2, 3], 7, real_text=True) == [1, 2, 3, 1, 2, 3, 1]
     assert "the text has 3 tokens; the 7-token prompt repeats it" in capsys.readouterr().err
     assert prompt_of(list(range(10)), 4, real_text=True) == [0, 1, 2, 3]
+
+
+# The command line, on the trained tiny Llama of tests/decoders.py and its held-out English text.
+
+
+def _mlopt(*args):
+    from typer.testing import CliRunner
+
+    from mlopt.cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_decoder_before_and_after_export(llama_dir, llama_genai_dir, decoder_text):
+    shown = {}
+    for model in (f"hf:{llama_dir}", llama_genai_dir):
+        result = _mlopt("eval", "--model", model, "--data", f"text:{decoder_text}", "--window", 64, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        shown[str(model)] = json.loads(result.stdout)
+    torch_ppl, onnx_ppl = shown.values()
+    assert set(onnx_ppl) == {"perplexity", "nll", "windows", "window", "tokens"}
+    assert onnx_ppl["window"] == 64 and onnx_ppl["tokens"] == onnx_ppl["windows"] * 63 > 1000
+    assert onnx_ppl["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=1e-3)
+    assert onnx_ppl["windows"] == torch_ppl["windows"]  # the same tokens on both sides
+    assert onnx_ppl["perplexity"] < 100  # trained: far below its 512-token vocabulary on text it never saw
+
+
+@pytest.mark.slow
+def test_eval_command_on_too_short_a_text(llama_genai_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A short line of text.\nAnother short line.\nAnd a third one.\n")
+    result = _mlopt("eval", "--model", llama_genai_dir, "--data", f"text:{short}", "-q")
+    assert result.exit_code == 2, result.output
+    assert "one perplexity window needs 128" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_command_on_decoders(llama_genai_dir, decoder_text, exported_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(llama_genai_dir, tmp_path / "copy")
+    result = _mlopt("bench", llama_genai_dir, copy, "--prompt-tokens", 32, "--new-tokens", 4, "--new-tokens", 8,
+                    "--rounds", 2, "--data", f"text:{decoder_text}", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["model"], r["new_tokens"]) for r in rows] == [
+        (str(llama_genai_dir), 4), (str(copy), 4), (str(llama_genai_dir), 8), (str(copy), 8)]
+    contract = {"model", "provider", "batch_size", "latency_ms", "throughput_per_s", "size_mb", "prompt_tokens",
+                "new_tokens", "ttft_ms", "decode_tokens_per_s", "prompt_tokens_per_s", "peak_rss_mb"}
+    assert all(contract <= set(r) and r["prompt_tokens"] == 32 and r["decode_tokens_per_s"] > 0 for r in rows)
+    mixed = _mlopt("bench", llama_genai_dir, exported_dir, "-q")
+    assert mixed.exit_code == 2 and "cannot time decoder folders and plain models together" in mixed.output
+    assert len(mixed.output.strip().splitlines()) == 1
