@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 MODEL_HELP = ("torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY (imports your code), hf:DIR (a saved Hugging "
-              "Face model), an mlopt output DIR, or FILE.onnx.")
-_DATA_HELP = "digits, npz:FILE, imagefolder:DIR, random:SHAPE or text:FILE (one example a line, for hf: models)."
+              "Face model; a *ForCausalLM is a decoder), gguf:FILE (a decoder), an mlopt output DIR, an "
+              "onnxruntime-genai folder, or FILE.onnx.")
+_DATA_HELP = "digits, npz:FILE, imagefolder:DIR, random:SHAPE or text:FILE (one example a line, for hf: models and decoders)."
 Data = Annotated[str, typer.Option("--data", "-d", help=_DATA_HELP)]
 OptionalData = Annotated[Optional[str], typer.Option("--data", "-d", help=_DATA_HELP)]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="text:FILE: tokens per example at most (default 128).")]

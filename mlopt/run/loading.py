@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlopt.core.errors import InputError
-from mlopt.runtime import decoder, hf
+from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
 from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
@@ -52,8 +52,9 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
 
 def is_decoder_spec(spec: str) -> bool:
-    """hf:DIR of a causal LM, or an onnxruntime-genai folder (mlopt's output or anyone's)."""
-    return decoder.is_genai_folder(spec) or hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec))
+    """hf:DIR of a causal LM, gguf:FILE, or an onnxruntime-genai folder (mlopt's output or anyone's)."""
+    return (decoder.is_genai_folder(spec) or gguf.is_gguf_spec(spec)
+            or hf.is_hf_spec(spec) and decoder.is_causal_lm(hf.read_config(spec)))
 
 
 def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact | None") -> "Artifact":
@@ -67,8 +68,11 @@ def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
             raise InputError(f"--{name.replace('_', '-')} does not apply to a decoder language model ({cfg.spec})")
     if loaded is not None:
         return loaded
-    config = hf.read_config(cfg.spec)
-    spec = _absolute_spec(cfg.spec)
+    if gguf.is_gguf_spec(cfg.spec):  # dequantized once into an HF folder, kept in mlopt's cache
+        spec = f"{hf.PREFIX}{gguf.to_hf_folder(gguf.gguf_file(cfg.spec))}"
+    else:
+        spec = _absolute_spec(cfg.spec)
+    config = hf.read_config(spec)
     info = {"architecture": str((config.get("architectures") or [""])[0]), "model_type": config.get("model_type")}
     return Artifact(format="causal-lm", sample_shape=None, num_classes=None, origin=cfg.spec,
                     builder={"spec": spec, "decoder": info})

@@ -40,14 +40,14 @@ def model_files(step_dir: Path) -> dict[str, str | None]:
 def _paths_in(value: str, spec: str) -> list[str]:
     """The files or folders a marked field's value names, by its kind of spec (`names_file`): a data source
     (mlopt.runtime.data) the FILE or DIR of npz:, imagefolder: and text:; a model spec (mlopt.runtime.models)
-    the DIR of hf:DIR, the FILE.py of FILE.py:FACTORY, or itself when it has no scheme (an mlopt directory,
+    the DIR of hf:DIR, the FILE of gguf:FILE, the FILE.py of FILE.py:FACTORY, or itself when it has no scheme (an mlopt directory,
     FILE.onnx). torchvision:NAME, package.module:FACTORY, digits and random:SHAPE name none."""
     scheme, colon, rest = value.partition(":")
     if spec == "data":
         return [rest] if scheme in ("npz", "imagefolder", "text") and rest else []
     if spec == "model" and colon:
         prefix = value.rpartition(":")[0]
-        return [rest] if scheme == "hf" else [prefix] if prefix.endswith(".py") else []
+        return [rest] if scheme in ("hf", "gguf") else [prefix] if prefix.endswith(".py") else []
     return [value]
 
 

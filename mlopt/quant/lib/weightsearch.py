@@ -125,15 +125,21 @@ class Search:
 
     def run(self) -> Row:
         level = self.s.accuracy_levels[0]
-        self.candidate(int8_scheme(32, level))
+        for block in self.s.block_sizes:
+            self.candidate(int8_scheme(block, level))
         int4 = [self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
                 for a in self.s.algorithms for b in self.s.block_sizes]
         if int4 and not any(r.within_budget for r in int4):
-            self._raise_sensitive(min(int4, key=lambda r: r.perplexity))
-        for row in [r for r in self.rows if r.within_budget and r.scheme.bits == 4]:
+            self._time(rounds=1)  # a slow kernel (hqq's float zero points) must not be the base of the mix
+            fast = [r for r in int4 if r.decode > self.base.decode]
+            if fast:
+                self._raise_sensitive(min(fast, key=lambda r: r.perplexity))
+            else:
+                self.notes.append("no INT4 candidate decoded faster than FP32; no mixed precision was tried")
+        for row in [r for r in self.rows if r.within_budget]:
             for other in self.s.accuracy_levels[1:]:
                 self.candidate(_at_level(row.scheme, other))
-        self._time()
+        self._time(self.s.rounds)
         return self._choose()
 
     def _raise_sensitive(self, base: Row) -> None:
@@ -154,12 +160,11 @@ class Search:
             if self.candidate(scheme).within_budget:
                 return
 
-    def _time(self) -> None:
+    def _time(self, rounds: int) -> None:
         rows = [self.base, *self.rows]
         console.info(f"timing FP32 and {len(self.rows)} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
-                     f"prompt, {self.s.new_tokens} new tokens, {self.s.rounds} interleaved rounds")
-        timed = generation.time_generation([r.folder for r in rows], self.text.timing_prompt, self.s.new_tokens,
-                                           self.s.rounds)
+                     f"prompt, {self.s.new_tokens} new tokens, {rounds} interleaved round(s)")
+        timed = generation.time_generation([r.folder for r in rows], self.text.timing_prompt, self.s.new_tokens, rounds)
         for row, timing in zip(rows, timed):
             row.timing = timing
 

@@ -1,0 +1,89 @@
+"""Decoder export: an HF *ForCausalLM folder (or a GGUF file) becomes an onnxruntime-genai folder that loads and
+generates; what the exporter cannot take is refused in one line (exit 2) before anything is written."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mlopt.cli.main import app
+
+from decoders import og_greedy
+
+pytest.importorskip("onnxruntime_genai")
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def _export(model, out, *extra):
+    return runner.invoke(app, ["export", "--model", model, "--out", str(out), "--quiet", *extra])
+
+
+def test_export_writes_a_genai_folder_that_generates_like_the_builder(llama_dir, llama_genai_dir, tmp_path):
+    out = tmp_path / "exported"
+    result = _export(f"hf:{llama_dir}", out)
+    assert result.exit_code == 0, result.output
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", "model.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["format"] == "genai" and meta["builder"]["decoder"]["architecture"] == "LlamaForCausalLM"
+    report = json.loads((out / "report.json").read_text())
+    metrics = report["steps"][0]["metrics"] if "steps" in report else report["step"]["metrics"]
+    assert metrics["architecture"] == "LlamaForCausalLM" and metrics["check_tokens"] > 0
+    # The folder mlopt wrote generates exactly what the builder's own output does.
+    prompt = "The module provides functions"
+    assert og_greedy(out, prompt, 12) == og_greedy(llama_genai_dir, prompt, 12)
+
+
+def test_gguf_file_exports_like_its_hf_folder(llama_gguf, llama_genai_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "from-gguf"
+    result = _export(f"gguf:{llama_gguf}", out)
+    assert result.exit_code == 0, result.output
+    prompt = "Return the value"
+    assert og_greedy(out, prompt, 10) == og_greedy(llama_genai_dir, prompt, 10)
+
+
+def _save_gpt2(out):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(out)
+    return out
+
+
+def test_an_architecture_the_builder_lacks_is_one_line_with_the_supported_list(tmp_path):
+    out = tmp_path / "out"
+    result = _export(f"hf:{_save_gpt2(tmp_path / 'gpt2')}", out)
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1
+    assert "GPT2LMHeadModel is not an architecture" in message and "LlamaForCausalLM" in message
+    assert not out.exists()  # nothing half-written
+
+
+def test_exporting_an_exported_decoder_is_refused(llama_genai_dir, tmp_path):
+    result = _export(str(llama_genai_dir), tmp_path / "again")
+    assert result.exit_code == 2 and "already an exported decoder" in result.output
+
+
+@pytest.mark.parametrize("step", [["prune", "--ratio", "0.5", "--model"], ["train", "--model"],
+                                  ["distill", "--teacher", "torchvision:resnet18", "--student"], ["qat", "--model"]])
+def test_steps_that_do_not_run_on_decoders_say_so(llama_dir, step, tmp_path, decoder_text):
+    result = runner.invoke(app, [*step, f"hf:{llama_dir}", "--data", f"text:{decoder_text}",
+                                 "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert f"step '{step[0]}' does not run on decoder language models" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_decoder_with_image_data_is_refused(llama_dir, tmp_path):
+    result = runner.invoke(app, ["ptq", "--model", f"hf:{llama_dir}", "--data", "digits", "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2 and "text:FILE" in result.output
+
+
+def test_a_corrupt_gguf_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    result = _export(f"gguf:{bad}", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
