@@ -150,6 +150,9 @@ def test_bench_step_on_genai_folders(tiny_decoder, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_decoder.folder, copy)
+    size = sum(p.stat().st_size for p in copy.iterdir()) / 1e6
+    for own in ("model.json", "report.md", ".mlopt-output.json"):  # an mlopt output folder: not counted
+        (copy / own).write_text("{}")
     config = BenchConfig(compare=[str(copy)], prompt_tokens=[8, 20], new_tokens=[4], rounds=2)
     result = BenchPass().run(_artifact(tiny_decoder.folder), config, _ctx(tiny_decoder.lines))
     shown = BenchPass.cli_json({"sections": [s.model_dump() for s in result.sections],
@@ -157,7 +160,6 @@ def test_bench_step_on_genai_folders(tiny_decoder, tmp_path):
     rows = shown["results"]
     assert [(r["model"], r["prompt_tokens"], r["new_tokens"]) for r in rows] == [
         (str(tiny_decoder.folder), 8, 4), (str(copy), 8, 4), (str(tiny_decoder.folder), 20, 4), (str(copy), 20, 4)]
-    size = sum(p.stat().st_size for p in copy.iterdir()) / 1e6
     for r in rows:
         assert set(r["ttft_ms"]) == {"p50", "p90"} and set(r["latency_ms"]) == {"mean", "p50", "p90", "p99"}
         assert r["decode_tokens_per_s"] > 0 and r["prompt_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
+from mlopt.runtime.artifacts import META_FILE
 from mlopt.runtime.decoder import is_genai_folder
 from mlopt.runtime.generation import load_model, peak_rss_mb, time_generation, token_ids
 
@@ -93,7 +94,11 @@ def prompt_of(ids: list[int], size: int, real_text: bool) -> list[int]:
 
 
 def folder_size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
+    """What a user ships: every file of the folder but mlopt's own (model.json, reports, output marker)."""
+    def shipped(p: Path) -> bool:
+        return p.is_file() and p.name != META_FILE and not p.name.startswith(("report.", ".mlopt"))
+
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if shipped(p)) / 1e6
 
 
 def bench_decoders(models: list[tuple[str, Path]], config: Any, data: Any) -> list[dict[str, Any]]:
