@@ -84,7 +84,7 @@ def _field_parameter(path: tuple[str, ...], info: FieldInfo, meta: dict[str, Any
 
 def _shared(p: type[Pass], seeded: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shared options the step takes (flag -> (name, annotation)): those listed before its own, those after."""
-    takes_data = p.needs_data or p.produces_model  # else the step has no use of data
+    takes_data = p.needs_data or p.produces_model or p.uses_data  # else the step has no use of data
     if p.cli_models_help:
         first = {"": ("models", Annotated[List[str], typer.Argument(help=p.cli_models_help)])}
     else:

@@ -85,6 +85,7 @@ class Pass:
     cli_models_help: ClassVar[str] = ""  # set: the models are positional arguments instead (see cli_models)
     produces_model: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    uses_data: ClassVar[bool] = False  # takes --data when given, without needing it
     compresses: ClassVar[bool] = False  # the model before the first such step is the baseline
     rank0_only: ClassVar[bool] = False  # under torchrun, other ranks skip it (benchmarks)
     text_ok: ClassVar[bool] = False  # runs on hf: text models (token inputs)

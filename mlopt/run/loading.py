@@ -52,9 +52,9 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
 
 
 def is_decoder_spec(spec: str) -> bool:
-    """gguf:FILE, or hf:DIR whose config names a causal LM (a folder that is not there is not one: its
-    error comes where the model loads)."""
-    if gguf.is_gguf_spec(spec):
+    """gguf:FILE, an onnxruntime-genai folder (mlopt's output or anyone's), or hf:DIR whose config names a causal
+    LM (a folder that is not there is not one: its error comes where the model loads)."""
+    if gguf.is_gguf_spec(spec) or decoder.is_genai_folder(spec):
         return True
     if not hf.is_hf_spec(spec) or not (Path(spec[len(hf.PREFIX):]).expanduser() / "config.json").is_file():
         return False

@@ -1,0 +1,333 @@
+"""Measuring decoder language models: perplexity, greedy continuations, generation speed and memory.
+
+Perplexity is teacher-forced over fixed, non-overlapping windows of the token stream: every window
+starts with an empty KV cache, and its first token is context only, so a window of W tokens scores
+W - 1 predictions. The ONNX graph (onnxruntime-genai's ``model.onnx``) runs in a plain onnxruntime
+session with an empty past; a transformers model runs the same windows, so the two are comparable
+before and after export. Log-softmax is taken in float64.
+
+Generation runs on onnxruntime-genai (greedy; end-of-sequence is suppressed with ``min_length`` so
+every run produces exactly the tokens asked for, and models compare over the same length). Timing
+loads every model once and runs them in interleaved rounds (A B C A B C ...) so that a slow spell of
+a shared machine hits all of them alike. Intra-op thread spinning is off in every session mlopt
+opens through onnxruntime-genai: with several models loaded, the spinning threads of the idle ones
+took the cores of the one being timed (SmolLM2-135M in float32, two loaded, two cores: decode 29
+tokens/s with spinning, 49 without). The user's genai_config.json is never edited: settings go through ``og.Config.overlay``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mlopt.core import console
+from mlopt.core.errors import InputError, RunError, first_line
+from mlopt.runtime.decoder import GENAI_CONFIG, genai
+
+MODEL_FILE = "model.onnx"
+# Rows of logits turned into float64 at once when scoring.
+_ROWS = 16
+# The timed parts of one generation, in seconds.
+_PARTS = ("prefill", "ttft", "decode")
+
+
+def _genai_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / GENAI_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable onnxruntime-genai config: {first_line(exc)}") from None
+
+
+def load_model(folder: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime-genai model of the folder, intra-op spinning off and `threads` intra-op threads."""
+    og = genai()
+    options: dict[str, Any] = {"session.intra_op.allow_spinning": "0"}
+    if threads:
+        options["intra_op_num_threads"] = threads
+    try:
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        return og.Model(config)
+    except Exception as exc:
+        raise InputError(f"onnxruntime-genai cannot load {folder}: {first_line(exc)}") from exc
+
+
+def token_ids(folder: str | Path, lines: Sequence[str], model: Any = None) -> list[int]:
+    """The folder's tokenizer (onnxruntime-genai's) on the lines joined with newlines."""
+    og = genai()
+    tokenizer = og.Tokenizer(model if model is not None else load_model(folder))
+    return [int(t) for t in tokenizer.encode("\n".join(lines))]
+
+
+# ---------------------------------------------------------------------------------------- perplexity
+
+
+def _windows(ids: Sequence[int], window: int, max_windows: int | None) -> list[list[int]]:
+    if window < 2:
+        raise InputError(f"a perplexity window needs at least 2 tokens, not {window}")
+    count = len(ids) // window
+    if count == 0:
+        raise InputError(f"the text has {len(ids)} tokens; one perplexity window needs {window} "
+                         "(give more text or a smaller window)")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return [list(ids[i * window:(i + 1) * window]) for i in range(count)]
+
+
+def _scored(logits_of: Callable[[list[int]], Any], ids: Sequence[int], window: int,
+            max_windows: int | None, label: str) -> dict[str, Any]:
+    """Mean next-token negative log-likelihood over the windows; logits_of gives a window's [seq, vocab] logits."""
+    import numpy as np
+
+    windows = _windows(ids, window, max_windows)
+    total, scored = 0.0, 0
+    with console.progress(f"perplexity {label}", total=len(windows)) as bar:
+        for chunk in windows:
+            logits, targets = logits_of(chunk)[:-1], np.asarray(chunk[1:])  # the last predicts past the window
+            # float64 a few rows at a time: a 262k-token vocabulary makes a whole window's copy large.
+            for row in range(0, len(targets), _ROWS):
+                block = np.asarray(logits[row:row + _ROWS], dtype=np.float64)
+                peak = block.max(axis=-1, keepdims=True)
+                log_norm = peak[:, 0] + np.log(np.exp(block - peak).sum(axis=-1))
+                total += float((log_norm - block[np.arange(len(block)), targets[row:row + _ROWS]]).sum())
+            scored += len(targets)
+            bar.advance(1)
+    nll = total / scored
+    return {"perplexity": math.exp(nll), "nll": nll, "windows": len(windows), "window": window, "tokens": scored}
+
+
+def _past_shape(meta: Any, config: dict[str, Any]) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a past_key_values input: its shape where fixed, else genai_config's."""
+    decoder = config.get("model", {}).get("decoder", {})
+    heads, dim = meta.shape[1], meta.shape[3]
+    heads = heads if isinstance(heads, int) else decoder.get("num_key_value_heads")
+    dim = dim if isinstance(dim, int) else decoder.get("head_size")
+    if not (isinstance(heads, int) and isinstance(dim, int)):
+        raise InputError(f"cannot tell the KV-cache shape of {meta.name} (shape {meta.shape}; "
+                         f"genai_config.json gives no num_key_value_heads/head_size)")
+    return heads, dim
+
+
+def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any]:
+    """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
+    import numpy as np
+
+    from mlopt.runtime.session import input_specs, make_session
+
+    session = make_session(folder / MODEL_FILE, "cpu", threads)
+    config = _genai_config(folder)
+    dtypes = {name: dtype for name, _, dtype in input_specs(session)}
+    pasts = {}
+    for meta in session.get_inputs():
+        if meta.name.startswith("past_key_values"):
+            heads, dim = _past_shape(meta, config)
+            pasts[meta.name] = np.zeros((1, heads, 0, dim), dtypes[meta.name])
+
+    def logits_of(chunk: list[int]) -> Any:
+        n = len(chunk)
+        feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64), **pasts}
+        if "position_ids" in dtypes:
+            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        try:
+            return session.run(["logits"], {k: v.astype(dtypes[k], copy=False) for k, v in feed.items()})[0][0]
+        except Exception as exc:
+            raise RunError(f"onnxruntime failed on {folder / MODEL_FILE}: {first_line(exc)}") from exc
+
+    return logits_of
+
+
+def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_windows: int | None = None,
+               threads: int | None = None) -> dict[str, Any]:
+    """Perplexity of an onnxruntime-genai folder's model.onnx on the ids (see the module docstring)."""
+    folder = Path(folder)
+    context = _genai_config(folder).get("model", {}).get("context_length")
+    if isinstance(context, int) and window > context:
+        raise InputError(f"a perplexity window of {window} tokens is longer than {folder.name}'s context ({context})")
+    return _scored(_onnx_logits(folder, threads), ids, window, max_windows, folder.name)
+
+
+def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_windows: int | None = None) -> dict[str, Any]:
+    """The same perplexity for a transformers causal LM in torch (before export)."""
+    import torch
+
+    def logits_of(chunk: list[int]) -> Any:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([chunk])).logits[0].float().numpy()
+
+    model.eval()
+    return _scored(logits_of, ids, window, max_windows, type(model).__name__)
+
+
+def load_causal_lm(spec: str) -> tuple[Any, Any]:
+    """The transformers causal LM and tokenizer of an ``hf:DIR`` spec, in float32 on the CPU."""
+    from mlopt.runtime.hf import _transformers, model_dir, tokenizer
+
+    path = model_dir(spec)
+    transformers = _transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                                  trust_remote_code=False, dtype="float32")
+    except Exception as exc:
+        raise InputError(f"cannot load the causal language model in {path}: {first_line(exc)}") from exc
+    return model.eval(), tokenizer(spec)
+
+
+def artifact_perplexity(artifact: Any, lines: Sequence[str], window: int) -> dict[str, Any]:
+    """Perplexity of a decoder artifact (format genai or causal-lm) on the text lines."""
+    if artifact.format == "genai":
+        folder = Path(artifact.onnx_path).parent
+        return perplexity(folder, token_ids(folder, lines), window)
+    if artifact.format == "causal-lm":
+        model, tok = load_causal_lm(artifact.builder["spec"])
+        return perplexity_torch(model, tok("\n".join(lines))["input_ids"], window)
+    raise InputError(f"perplexity needs a decoder language model; {artifact.origin} is {artifact.format}")
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+def _generator(model: Any, prompt_ids: Sequence[int], new_tokens: int) -> Any:
+    """A greedy generator that will produce exactly new_tokens tokens after the prompt."""
+    og = genai()
+    if new_tokens < 1 or not prompt_ids:
+        raise InputError(f"generation needs a prompt and at least 1 new token (prompt {len(prompt_ids)}, new {new_tokens})")
+    length = len(prompt_ids) + new_tokens
+    params = og.GeneratorParams(model)
+    try:
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        return og.Generator(model, params)
+    except Exception as exc:
+        raise InputError(f"cannot generate {new_tokens} tokens after a {len(prompt_ids)}-token prompt: "
+                         f"{first_line(exc)}") from exc
+
+
+def _prompt(prompt_ids: Sequence[int]) -> Any:
+    import numpy as np
+
+    return np.asarray(prompt_ids, dtype=np.int32)
+
+
+def greedy(folder: str | Path, prompt_ids: Sequence[int], new_tokens: int, model: Any = None) -> list[int]:
+    """The greedy continuation (new_tokens tokens, end-of-sequence suppressed) of the prompt."""
+    generator = _generator(model if model is not None else load_model(folder), prompt_ids, new_tokens)
+    generator.append_tokens(_prompt(prompt_ids))
+    for _ in range(new_tokens):
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt_ids):]]
+
+
+def agreement(reference: Sequence[int], other: Sequence[int]) -> float:
+    """Strict agreement: the share of the reference's tokens before the first position where other differs.
+
+    Once two greedy continuations diverge, each goes on from a different context, so later matches say
+    little; this is the measure to gate on. position_agreement gives the lenient one.
+    """
+    if not reference:
+        return 1.0
+    same = 0
+    for a, b in zip(reference, other):
+        if a != b:
+            break
+        same += 1
+    return same / len(reference)
+
+
+def position_agreement(reference: Sequence[int], other: Sequence[int]) -> float:
+    """Lenient agreement: the share of the reference's positions where other has the same token."""
+    if not reference:
+        return 1.0
+    return sum(a == b for a, b in zip(reference, other)) / len(reference)
+
+
+def _timed(model: Any, prompt_ids: Sequence[int], new_tokens: int) -> dict[str, float]:
+    """Seconds for one generation: prefill (append_tokens), ttft (prefill and the first token) and
+    decode (the remaining new_tokens - 1 tokens, one model run each)."""
+    generator = _generator(model, prompt_ids, new_tokens)
+    prompt = _prompt(prompt_ids)
+    start = time.perf_counter()
+    generator.append_tokens(prompt)
+    prefilled = time.perf_counter()
+    generator.generate_next_token()
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        generator.generate_next_token()
+    return {"prefill": prefilled - start, "ttft": first - start, "decode": time.perf_counter() - first}
+
+
+def _summary(label: str, runs: list[dict[str, float]], prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+    import numpy as np
+
+    median = {part: float(np.median([r[part] for r in runs])) for part in _PARTS}
+    p50, p90 = (float(v) * 1000 for v in np.percentile([r["ttft"] for r in runs], (50, 90)))
+    total = [(r["ttft"] + r["decode"]) * 1000 for r in runs]  # the whole generation
+    latency = dict(zip(("p50", "p90", "p99"), (float(v) for v in np.percentile(total, (50, 90, 99)))))
+    return {"model": label, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "ttft_ms": {"p50": p50, "p90": p90},
+            "decode_tokens_per_s": (new_tokens - 1) / median["decode"],
+            "prompt_tokens_per_s": prompt_tokens / median["prefill"],
+            "latency_ms": {"mean": float(np.mean(total)), **latency},
+            "throughput_per_s": new_tokens * 1000 / float(np.mean(total)), "rounds": len(runs)}
+
+
+def time_generation(folders: Sequence[str | Path], prompt_ids: Sequence[int], new_tokens: int, rounds: int = 5,
+                    threads: int | None = None, models: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+    """Time to first token (p50, p90 ms), decode and prompt tokens/s of each folder, in one list; also the
+    whole generation's latency (ms: mean, p50, p90, p99) and its new tokens per second (throughput_per_s).
+
+    Every model is loaded once (or given in `models`), warmed up once, then the models take turns
+    for `rounds` rounds; the rates are those of each model's median round.
+    """
+    if rounds < 1 or new_tokens < 2:
+        raise InputError(f"timing needs at least 1 round and 2 new tokens (the first token ends the prefill), "
+                         f"not {rounds} and {new_tokens}")
+    loaded = list(models) if models is not None else [load_model(f, threads) for f in folders]
+    for model in loaded:
+        _timed(model, prompt_ids, min(new_tokens, 2))
+    runs: list[list[dict[str, float]]] = [[] for _ in loaded]
+    with console.progress(f"generate {len(prompt_ids)}+{new_tokens} tokens", total=rounds * len(loaded)) as bar:
+        for _ in range(rounds):
+            for i, model in enumerate(loaded):
+                runs[i].append(_timed(model, prompt_ids, new_tokens))
+                bar.advance(1)
+    return [_summary(str(f), r, len(prompt_ids), new_tokens) for f, r in zip(folders, runs)]
+
+
+def _child_peak_rss(folder: str, prompt_ids: list[int], new_tokens: int, threads: int | None) -> float:
+    """Run in a fresh interpreter by peak_rss_mb: load, generate, and report this process's peak RSS (MB)."""
+    import resource
+
+    greedy(folder, prompt_ids, new_tokens, load_model(folder, threads))
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux: VmHWM is this program's own peak; ru_maxrss keeps the parent's across exec
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kilobytes elsewhere
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+_CHILD = ("import json, sys\n"
+          "from mlopt.runtime.generation import _child_peak_rss\n"
+          "print(json.dumps(_child_peak_rss(**json.load(sys.stdin))))\n")
+
+
+def peak_rss_mb(folder: str | Path, prompt_ids: Sequence[int], new_tokens: int, threads: int | None = None) -> float:
+    """Peak resident memory (MB) of a fresh Python process that loads the folder and generates new_tokens
+    after the prompt: the model's memory plus the interpreter's and onnxruntime's own (about 100 MB)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    request = {"folder": str(folder), "prompt_ids": [int(t) for t in prompt_ids], "new_tokens": new_tokens,
+               "threads": threads}
+    proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request), capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RunError(f"measuring the peak memory of {folder} failed: {lines[-1] if lines else proc.returncode}")
+    return float(proc.stdout.strip().splitlines()[-1])
