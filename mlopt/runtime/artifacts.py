@@ -100,7 +100,9 @@ class Artifact:
         return target
 
     def size_mb(self) -> float | None:
-        if self.format in ("onnx", "genai") and self.onnx_path is not None:  # the graph and its external data
+        if self.format == "genai":
+            return folder_size_mb(self.folder)
+        if self.format == "onnx" and self.onnx_path is not None:  # the graph and its external data
             return file_size_mb(self.onnx_path)
         if self.module is not None:
             return sum(v.numel() * v.element_size() for v in self.module.state_dict().values()) / 1e6
@@ -108,6 +110,14 @@ class Artifact:
 
     def params(self) -> int | None:
         return count_params(self.module) if self.format == "torch" and self.module is not None else None
+
+
+def folder_size_mb(folder: Path) -> float:
+    """What a user ships of a genai folder: every file but mlopt's own (model.json, reports, output marker)."""
+    def shipped(p: Path) -> bool:
+        return p.is_file() and p.name != META_FILE and not p.name.startswith(("report.", ".mlopt"))
+
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if shipped(p)) / 1e6
 
 
 def _copy_folder(src: Path, dst: Path) -> None:

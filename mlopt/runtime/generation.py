@@ -299,6 +299,13 @@ def time_generation(folders: Sequence[str | Path], prompt_ids: Sequence[int], ne
     return [_summary(str(f), r, len(prompt_ids), new_tokens) for f, r in zip(folders, runs)]
 
 
+def prompt_of(ids: list[int], size: int, real_text: bool = True) -> list[int]:
+    """A `size`-token prompt cut from the ids, which are repeated when shorter (said when they are real text)."""
+    if len(ids) < size and real_text:
+        console.warn(f"the text has {len(ids)} tokens; the {size}-token prompt repeats it")
+    return (ids * (size // max(len(ids), 1) + 1))[:size]
+
+
 def _child_peak_rss(folder: str, prompt_ids: list[int], new_tokens: int, threads: int | None) -> float:
     """Run in a fresh interpreter by peak_rss_mb: load, generate, and report this process's peak RSS (MB)."""
     import resource

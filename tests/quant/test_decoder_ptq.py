@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mlopt.cli.main import app
 from mlopt.quant.lib.weightonly import WeightScheme, int8_scheme, plan_nodes, quantize_folder, untie_embedding
 
-from decoders import build_genai, og_greedy
+from decoders import build_genai
 
 pytest.importorskip("onnxruntime_genai")
 runner = CliRunner()
@@ -49,7 +49,10 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     else:
         assert any("FP32 is handed back" in n for n in step["notes"])
     # what was written loads and generates in onnxruntime-genai
-    assert len(og_greedy(out, "The function returns", 8)[1]) == 8
+    from mlopt.runtime import generation
+
+    ids = generation.token_ids(out, ["The function returns"])
+    assert len(generation.greedy(out, ids, 8)) == 8
 
 
 @pytest.mark.slow

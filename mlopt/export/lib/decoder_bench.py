@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
-from mlopt.runtime.artifacts import META_FILE
+from mlopt.runtime.artifacts import folder_size_mb
 from mlopt.runtime.decoder import is_genai_folder
-from mlopt.runtime.generation import load_model, peak_rss_mb, time_generation, token_ids
+from mlopt.runtime.generation import load_model, peak_rss_mb, prompt_of, time_generation, token_ids
 
 DECODER_TIMING = ("interleaved rounds, every model loaded once, intra-op spinning off; a round is one greedy "
                   "generation of the prompt then the new tokens")
@@ -85,20 +85,6 @@ def prompt_source(folder: Path, data: Any, model: Any) -> list[int]:
         raise InputError(f"a decoder's prompt comes from text:FILE data, not {data.name}")
     lines = [*data.val, *data.train] if data is not None else [FIXED_PROMPT]
     return token_ids(folder, lines, model)
-
-
-def prompt_of(ids: list[int], size: int, real_text: bool) -> list[int]:
-    if len(ids) < size and real_text:
-        console.warn(f"the text has {len(ids)} tokens; the {size}-token prompt repeats it")
-    return (ids * (size // max(len(ids), 1) + 1))[:size]
-
-
-def folder_size_mb(folder: Path) -> float:
-    """What a user ships: every file of the folder but mlopt's own (model.json, reports, output marker)."""
-    def shipped(p: Path) -> bool:
-        return p.is_file() and p.name != META_FILE and not p.name.startswith(("report.", ".mlopt"))
-
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if shipped(p)) / 1e6
 
 
 def bench_decoders(models: list[tuple[str, Path]], config: Any, data: Any) -> list[dict[str, Any]]:

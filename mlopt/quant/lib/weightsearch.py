@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, RunError
 from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
 from mlopt.runtime import generation
+from mlopt.runtime.artifacts import folder_size_mb
 
 PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
@@ -81,7 +82,7 @@ def cut_text(folder: Path, data: Any, s: Settings) -> Text:
                          "(give a longer text:FILE or a smaller --window)")
     step = max(1, (len(val) - AGREEMENT_PROMPT) // PROMPTS)
     prompts = [val[i * step:i * step + AGREEMENT_PROMPT] for i in range(PROMPTS)]
-    timing = (val * (s.prompt_tokens // max(1, len(val)) + 1))[:s.prompt_tokens]
+    timing = generation.prompt_of(val, s.prompt_tokens)
     calibration = [train[i:i + s.window] for i in range(0, len(train) - s.window + 1, s.window)][:CALIBRATION_WINDOWS]
     return Text(val, prompts, timing, calibration or [val[:s.window]])
 
@@ -93,16 +94,19 @@ class Search:
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.sensitivity: list[dict[str, Any]] = []
-        self.reference = [generation.greedy(fp32, p, AGREEMENT_TOKENS) for p in self.text.prompts]
+        self.failed: list[WeightScheme] = []
+        model = generation.load_model(fp32)
+        self.reference = [generation.greedy(fp32, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
         self.base = self._score(None, fp32)
         self.budget = self.base.perplexity * (1 + settings.max_ppl_increase)
 
     def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
         ppl = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows)["perplexity"]
+        model = generation.load_model(folder)
         agree = 1.0 if scheme is None else sum(
-            generation.agreement(ref, generation.greedy(folder, p, AGREEMENT_TOKENS))
+            generation.agreement(ref, generation.greedy(folder, p, AGREEMENT_TOKENS, model))
             for ref, p in zip(self.reference, self.text.prompts)) / len(self.reference)
-        size = sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
+        size = folder_size_mb(folder)
         row = Row(scheme, folder, ppl, agree, size)
         if scheme is not None:
             row.within_budget = ppl <= self.budget
@@ -112,23 +116,30 @@ class Search:
                          + ("" if row.within_budget else "  [over budget]"))
         return row
 
-    def candidate(self, scheme: WeightScheme) -> Row:
+    def candidate(self, scheme: WeightScheme) -> Row | None:
+        """The measured row of a scheme (quantized once); None when onnxruntime's quantizer cannot build it."""
         known = next((r for r in self.rows if r.scheme == scheme), None)
-        if known is not None:
+        if known is not None or scheme in self.failed:
             return known
         folder = self.work / f"c{len(self.rows):02d}"
         calibration = None
         if scheme.algorithm == "gptq" and scheme.bits == 4:
             calibration = _calibration(self.fp32, self.text.calibration)
-        quantize_folder(self.fp32, folder, scheme, calibration)
+        try:
+            quantize_folder(self.fp32, folder, scheme, calibration)
+        except RunError as exc:  # one algorithm's limits (k_quant's block layout on a narrow model) end no search
+            self.notes.append(f"{scheme.label} could not be built: {exc}")
+            console.warn(self.notes[-1])
+            self.failed.append(scheme)
+            return None
         return self._score(scheme, folder)
 
     def run(self) -> Row:
         level = self.s.accuracy_levels[0]
         for block in self.s.block_sizes:
             self.candidate(int8_scheme(block, level))
-        int4 = [self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
-                for a in self.s.algorithms for b in self.s.block_sizes]
+        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
+                            for a in self.s.algorithms for b in self.s.block_sizes) if r is not None]
         if int4 and not any(r.within_budget for r in int4):
             self._time(rounds=1)  # a slow kernel (hqq's float zero points) must not be the base of the mix
             fast = [r for r in int4 if r.decode > self.base.decode]
@@ -149,7 +160,8 @@ class Search:
         gains = []
         for group in GROUPS:
             row = self.candidate(base.scheme.with_raised(group))
-            gains.append((base.perplexity - row.perplexity, group))
+            if row is not None:
+                gains.append((base.perplexity - row.perplexity, group))
         gains.sort(reverse=True)
         self.sensitivity = [{"group": g, "perplexity_recovered": round(gain, 4)} for gain, g in gains]
         scheme = base.scheme
@@ -157,7 +169,8 @@ class Search:
             if gain <= 0:
                 break
             scheme = scheme.with_raised(group)
-            if self.candidate(scheme).within_budget:
+            row = self.candidate(scheme)
+            if row is not None and row.within_budget:
                 return
 
     def _time(self, rounds: int) -> None:
