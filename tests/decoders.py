@@ -1,6 +1,6 @@
 """Tiny decoder language models that mean something, for the decoder tests (export, ptq, eval, bench).
 
-- ``english_lines()``: English prose, the docstrings of Python standard-library modules. Every CPython
+- ``english_lines()`` (benchmarks/english.py): English prose, the docstrings of Python standard-library modules. Every CPython
   has them, so a fresh machine builds the same kind of text offline (the exact lines follow the Python
   version; tests compare models on the same text, never against fixed numbers).
 - ``train_tokenizer(lines)``: a byte-level BPE of 512 tokens with ``<s>``/``</s>``, as transformers'
@@ -19,24 +19,20 @@ tests/conftest.py loads this module as a plugin. The models train on ``split_lin
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import importlib.util
 import math
-import re
-import warnings
 from pathlib import Path
 
 import pytest
 
-# Standard-library modules whose docstrings are mostly prose (pure-Python modules document themselves).
-MODULES = (
-    "argparse", "ast", "asyncio.events", "calendar", "collections", "configparser", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "email.message", "fractions", "ftplib", "functools", "gettext", "heapq",
-    "http.client", "http.cookiejar", "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox",
-    "multiprocessing.pool", "optparse", "pathlib", "pickle", "pydoc", "random", "shutil", "smtplib",
-    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
-    "unittest.case", "urllib.parse", "urllib.request", "uuid", "zipfile",
-)
+from conftest import TESTS
+
+# The English text is shared with benchmarks/decoder.py.
+_spec = importlib.util.spec_from_file_location("english", TESTS.parent / "benchmarks" / "english.py")
+_english = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_english)
+english_lines = _english.english_lines
+
 VOCAB_SIZE = 512
 BOS, EOS = "<s>", "</s>"
 SEQ_LEN, BATCH = 64, 16
@@ -45,55 +41,6 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}, 400),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 32}, 150),
 }
-_WORD = re.compile(r"[A-Za-z][a-z]*")
-
-
-def _docstrings(module_name: str):
-    with warnings.catch_warnings():  # some modules warn on import or on deprecated attributes
-        warnings.simplefilter("ignore")
-        module = importlib.import_module(module_name)
-        return list(_docstrings_of(module))
-
-
-def _docstrings_of(module):
-    yield inspect.getdoc(module) or ""
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        yield inspect.getdoc(obj) or ""
-        if inspect.isclass(obj):
-            for member_name, member in sorted(vars(obj).items()):
-                if not member_name.startswith("_") and callable(member):
-                    yield inspect.getdoc(member) or ""
-
-
-def _prose(paragraph: str) -> str | None:
-    """A paragraph as one line when it reads as English sentences (not code, a table or a signature)."""
-    if paragraph.startswith((" ", ">>>")):
-        return None
-    text = " ".join(paragraph.split())
-    words = text.split()
-    if len(words) < 8 or not text[0].isupper() or not text.endswith("."):
-        return None
-    wordlike = sum(bool(_WORD.fullmatch(w.strip(".,;:()'\""))) for w in words)
-    return text if wordlike >= 0.8 * len(words) else None
-
-
-def english_lines() -> list[str]:
-    """About 1,400 paragraphs (190k characters) of English prose, one a line, in a fixed order."""
-    lines, seen = [], set()
-    for module_name in MODULES:
-        try:
-            docs = _docstrings(module_name)
-        except ImportError:  # a module a later Python drops costs a few lines, nothing more
-            continue
-        for doc in docs:
-            for paragraph in re.split(r"\n\s*\n", doc):
-                line = _prose(paragraph)
-                if line and line not in seen:
-                    seen.add(line)
-                    lines.append(line)
-    return lines
 
 
 def split_lines(lines: list[str]) -> tuple[list[str], list[str]]:

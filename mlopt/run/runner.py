@@ -196,7 +196,7 @@ def execute_step(run: Run, index: int, step: Any) -> None:
         if run.output is not None:
             run.output.commit(stage, "" if run.flat else name)
         if pass_.produces_model:
-            if result.artifact.format == "onnx":
+            if result.artifact.format in ("onnx", "genai"):
                 result.artifact.onnx_path = final_dir / "model.onnx"
             run.model_fp = resuming.model_files(final_dir)
     except BaseException:

@@ -104,3 +104,25 @@ def test_encoder_options_on_a_decoder_are_refused(llama_dir, decoder_text, tmp_p
                                  "--calibration", "entropy", "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "--calibration do not apply to a decoder language model" in result.output
+
+
+@pytest.mark.slow
+def test_shipped_decoder_recipe_runs_end_to_end_with_its_gates(llama_dir, decoder_text, tmp_path, monkeypatch):
+    """recipes/decoder-int4.yaml on the trained tiny Llama: export, ptq, eval, bench, then the decoder gates,
+    whose verdict is the exit code (0 all passed, 3 one failed: decode speed-ups of a 0.5M-parameter model vary)."""
+    from conftest import TESTS
+
+    monkeypatch.setenv("MODEL", f"hf:{llama_dir}")
+    monkeypatch.setenv("TEXT", str(decoder_text))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(TESTS.parent / "recipes" / "decoder-int4.yaml"), "--out", str(out), "--quiet"])
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["type"] for s in report["steps"]] == ["export", "ptq", "eval", "bench"]
+    gates = {g["gate"]: g for g in report["gates"]["results"]}
+    assert set(gates) == {"max_ppl_increase", "min_decode_speedup"}
+    assert gates["max_ppl_increase"]["passed"] == (gates["max_ppl_increase"]["measured"] <= 0.05)
+    assert result.exit_code == (0 if report["gates"]["passed"] else 3)
+    ptq = report["steps"][1]["metrics"]
+    assert ptq["ppl_increase"] <= 0.05 + 1e-9
+    assert report["steps"][2]["metrics"]["perplexity"] == pytest.approx(ptq["perplexity"], rel=0.2)

