@@ -77,3 +77,28 @@ def test_junit_escapes_names_and_messages():
     assert failed.get("name") == nasty and failed.get("classname") == JUNIT_CLASSNAME
     assert failed.find("failure").get("message") == "expected <= 1 & \"x\", measured '<'"
     assert passed.get("name") == "max_size_mb" and passed.find("failure") is None
+
+
+def test_gates_of_the_other_model_family_are_refused():
+    from mlopt.core.errors import InputError
+    from mlopt.run.gates import check_family
+
+    with pytest.raises(InputError, match="min_decode_speedup gate applies to decoder language models only"):
+        check_family(GatesConfig(min_decode_speedup=2.0), decoder=False)
+    with pytest.raises(InputError, match="max_accuracy_drop gate does not apply to a decoder language model"):
+        check_family(GatesConfig(max_accuracy_drop=0.01), decoder=True)
+    check_family(GatesConfig(max_ppl_increase=0.05, max_size_mb=10), decoder=True)  # the decoder's own: accepted
+
+
+def test_a_decoder_gate_on_an_image_model_stops_before_any_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlopt.cli.main import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: {spec: 'torchvision:resnet18'}\ndata: {source: digits, image_size: 32, channels: 3}\n"
+                      "steps: [{type: train, epochs: 1}]\ngates: {max_ppl_increase: 0.05}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "max_ppl_increase gate applies to decoder language models only" in result.output
+    assert not (tmp_path / "out").exists()

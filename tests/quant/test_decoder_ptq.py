@@ -126,3 +126,15 @@ def test_shipped_decoder_recipe_runs_end_to_end_with_its_gates(llama_dir, decode
     ptq = report["steps"][1]["metrics"]
     assert ptq["ppl_increase"] <= 0.05 + 1e-9
     assert report["steps"][2]["metrics"]["perplexity"] == pytest.approx(ptq["perplexity"], rel=0.2)
+
+
+@pytest.mark.slow
+def test_a_text_too_short_for_one_perplexity_window_is_one_line(llama_genai_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(["A short line of text."] * 10) + "\n")
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["ptq", "--model", str(llama_genai_dir), "--data", f"text:{short}", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "tokens; one perplexity window needs 128" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -181,7 +182,9 @@ def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibrati
     quantizer = MatMulNBitsQuantizer(source, bits=scheme.bits, block_size=scheme.block_size,
                                      is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
                                      nodes_to_exclude=excluded, algo_config=config)
-    with in_work, console.muted_loggers("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
+    with in_work, console.muted_loggers("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's divide-by-zero on all-zero blocks, torch's read-only array notice
         quantizer.process()
         result = quantizer.model.model
         if source is not model:  # the result still points at source.onnx.data: read it in before work is removed
