@@ -11,6 +11,7 @@ the folder around it and one graph change no quantizer makes (see `untie_embeddi
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import shutil
 import warnings
@@ -182,8 +183,9 @@ def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibrati
     quantizer = MatMulNBitsQuantizer(source, bits=scheme.bits, block_size=scheme.block_size,
                                      is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
                                      nodes_to_exclude=excluded, algo_config=config)
-    with in_work, console.muted_loggers("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"), \
-            warnings.catch_warnings():
+    loggers = ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor")
+    with in_work, console.muted_loggers(*loggers), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):  # k_quant and gptq print progress bars on stdout
         warnings.simplefilter("ignore")  # numpy's divide-by-zero on all-zero blocks, torch's read-only array notice
         quantizer.process()
         result = quantizer.model.model
