@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, RunError, first_line
+from mlopt.core.errors import InputError, RunError
 from mlopt.runtime import decoder
 
 #: the builder's "precision" for an exported model that later steps quantize themselves.
@@ -71,23 +71,14 @@ def check_generates(folder: Path, prompt: str = "The") -> list[int]:
     """Load the folder with onnxruntime-genai and generate a few tokens greedily; a failure is a RunError.
 
     Returns the generated token ids (the caller may compare them with another model's)."""
-    og = decoder.genai()
+    from mlopt.runtime import generation
+
     try:
-        model = og.Model(str(folder))
-        tokenizer = og.Tokenizer(model)
-        ids = list(tokenizer.encode(prompt)) or [0]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + CHECK_TOKENS, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        tokens = list(generator.get_sequence(0))[len(ids):]
-    except Exception as exc:
-        raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {first_line(exc)[:300]}") from exc
-    if not tokens:
-        raise RunError(f"the decoder written to {folder} generated no token")
-    return tokens
+        model = generation.load_model(folder)
+        ids = generation.token_ids(folder, [prompt], model) or [0]
+        return generation.greedy(folder, ids, CHECK_TOKENS, model)
+    except (InputError, RunError) as exc:
+        raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {exc}") from exc
 
 
 def export_decoder(artifact: Any, out: Path) -> Any:

@@ -5,9 +5,11 @@ teacher-forced perplexity on held-out windows of the text and by greedy-token ag
 When no INT4 candidate is within the perplexity budget, the weight groups (embedding, LM head,
 first and last blocks, attention, MLP) are ranked by how much raising each one alone to 8 bits (the
 embedding: to float) recovers, and raised in that order until the budget is met: the measured
-per-layer sensitivity decides the mix. Then speed: every candidate is timed beside FP32 in
-interleaved rounds with onnxruntime-genai (time to first token, decode tokens/s), and the fastest
-decoder within budget that decodes faster than FP32 is kept; else INT8, else FP32, with the reason.
+per-layer sensitivity decides the mix, and its base is the best INT4 candidate that decodes faster
+than FP32 in one timed round of every candidate (hqq's float zero points run on a slow kernel). Then
+the candidates within budget are timed beside FP32 in interleaved rounds with onnxruntime-genai
+(time to first token, decode tokens/s), and the one that decodes fastest, and faster than FP32, is
+kept: INT4 where one qualifies, else INT8, else FP32, with the reason.
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ class Search:
             self.candidate(int8_scheme(block, level))
         int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
                             for a in self.s.algorithms for b in self.s.block_sizes) if r is not None]
+        self._time(self.rows, rounds=1)  # every candidate once: a slow kernel (hqq's float zero points) shows here
         if int4 and not any(r.within_budget for r in int4):
-            self._time(rounds=1)  # a slow kernel (hqq's float zero points) must not be the base of the mix
             fast = [r for r in int4 if r.decode > self.base.decode]
             if fast:
                 self._raise_sensitive(min(fast, key=lambda r: r.perplexity))
@@ -150,7 +152,7 @@ class Search:
         for row in [r for r in self.rows if r.within_budget]:
             for other in self.s.accuracy_levels[1:]:
                 self.candidate(_at_level(row.scheme, other))
-        self._time(self.s.rounds)
+        self._time([r for r in self.rows if r.within_budget], self.s.rounds)  # the contenders, beside FP32 again
         return self._choose()
 
     def _raise_sensitive(self, base: Row) -> None:
@@ -173,9 +175,10 @@ class Search:
             if row is not None and row.within_budget:
                 return
 
-    def _time(self, rounds: int) -> None:
-        rows = [self.base, *self.rows]
-        console.info(f"timing FP32 and {len(self.rows)} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
+    def _time(self, rows: list[Row], rounds: int) -> None:
+        """Time FP32 and `rows` with onnxruntime-genai in interleaved rounds; each row keeps its latest timing."""
+        rows = [self.base, *rows]
+        console.info(f"timing FP32 and {len(rows) - 1} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
                      f"prompt, {self.s.new_tokens} new tokens, {rounds} interleaved round(s)")
         timed = generation.time_generation([r.folder for r in rows], self.text.timing_prompt, self.s.new_tokens, rounds)
         for row, timing in zip(rows, timed):
@@ -279,7 +282,8 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
-                                      f"{search.s.rounds} interleaved rounds")]
+                                      f"{search.s.rounds} interleaved rounds for the candidates within budget and "
+                                      "FP32, one round for the others")]
     if search.sensitivity:
         sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
                              labels=[s["group"] for s in search.sensitivity],
