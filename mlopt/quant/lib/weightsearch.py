@@ -7,9 +7,9 @@ first and last blocks, attention, MLP) are ranked by how much raising each one a
 embedding: to float) recovers, and raised in that order until the budget is met: the measured
 per-layer sensitivity decides the mix, and its base is the best INT4 candidate that decodes faster
 than FP32 in one timed round of every candidate (hqq's float zero points run on a slow kernel). Then
-the candidates within budget are timed beside FP32 in interleaved rounds with onnxruntime-genai
-(time to first token, decode tokens/s), and the one that decodes fastest, and faster than FP32, is
-kept: INT4 where one qualifies, else INT8, else FP32, with the reason.
+the candidates within budget that decoded faster than FP32 in their first round are timed beside
+FP32 again in interleaved rounds with onnxruntime-genai (time to first token, decode tokens/s), and
+the one that decodes fastest, and faster than FP32, is kept (INT4 or INT8), else FP32, with the reason.
 """
 
 from __future__ import annotations
@@ -149,10 +149,15 @@ class Search:
                 self._raise_sensitive(min(fast, key=lambda r: r.perplexity))
             else:
                 self.notes.append("no INT4 candidate decoded faster than FP32; no mixed precision was tried")
+        timed = len(self.rows)
         for row in [r for r in self.rows if r.within_budget]:
             for other in self.s.accuracy_levels[1:]:
                 self.candidate(_at_level(row.scheme, other))
-        self._time([r for r in self.rows if r.within_budget], self.s.rounds)  # the contenders, beside FP32 again
+        if len(self.rows) > timed:
+            self._time(self.rows[timed:], rounds=1)
+        contenders = [r for r in self.rows if r.within_budget and r.decode > self.base.decode]
+        if contenders:
+            self._time(contenders, self.s.rounds)  # beside FP32 again, in interleaved rounds
         return self._choose()
 
     def _raise_sensitive(self, base: Row) -> None:
@@ -171,6 +176,8 @@ class Search:
             if gain <= 0:
                 break
             scheme = scheme.with_raised(group)
+            if scheme.lm_head == "int8" and {"attention", "mlp"} <= set(scheme.raised):
+                break  # every MatMul at 8 bits: the INT8 candidates, measured already
             row = self.candidate(scheme)
             if row is not None and row.within_budget:
                 return
@@ -185,19 +192,19 @@ class Search:
             row.timing = timing
 
     def _choose(self) -> Row:
+        """The candidate within budget that decodes fastest, and faster than FP32; else FP32. The notes say why
+        no INT4 one was kept when none was."""
         faster = [r for r in self.rows if r.within_budget and r.decode > self.base.decode]
-        int4 = [r for r in faster if r.scheme.bits == 4]
-        if int4:
-            return max(int4, key=lambda r: r.decode)
-        if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
-            self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
-                              f"at most {self.budget:.3f}), even with the most sensitive weight groups at 8 bits")
-        else:
-            self.notes.append("no INT4 candidate within budget decoded faster than FP32")
-        if faster:
-            return max(faster, key=lambda r: r.decode)
-        self.notes.append("no quantized candidate within budget decoded faster than FP32: FP32 is handed back")
-        return self.base
+        chosen = max(faster, key=lambda r: r.decode) if faster else self.base
+        if chosen.scheme is None or chosen.scheme.bits != 4:
+            if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
+                self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
+                                  f"at most {self.budget:.3f}), even with its most sensitive weight groups at 8 bits")
+            elif chosen.scheme is not None:
+                self.notes.append("an INT4 candidate met the budget, but this one decodes faster")
+        if chosen is self.base:
+            self.notes.append("no quantized candidate within budget decoded faster than FP32: FP32 is handed back")
+        return chosen
 
 
 def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
@@ -282,8 +289,8 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
-                                      f"{search.s.rounds} interleaved rounds for the candidates within budget and "
-                                      "FP32, one round for the others")]
+                                      f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
+                                      "that decoded faster than FP32 in one round; one round for the others")]
     if search.sensitivity:
         sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
                              labels=[s["group"] for s in search.sensitivity],
