@@ -140,8 +140,9 @@ class Search:
         level = self.s.accuracy_levels[0]
         for block in self.s.block_sizes:
             self.candidate(int8_scheme(block, level))
-        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, accuracy_level=level))
-                            for a in self.s.algorithms for b in self.s.block_sizes) if r is not None]
+        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym, accuracy_level=level))
+                            for a in self.s.algorithms for b in self.s.block_sizes
+                            for sym in ((False, True) if a == "rtn" else (False,))) if r is not None]
         self._time(self.rows, rounds=1)  # every candidate once: a slow kernel (hqq's float zero points) shows here
         if int4 and not any(r.within_budget for r in int4):
             fast = [r for r in int4 if r.decode > self.base.decode]
