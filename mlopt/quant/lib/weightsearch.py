@@ -242,10 +242,10 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
                f"{metrics['ttft_ratio']:.2f}x FP32's, {metrics['size_ratio']:.2f}x smaller, perplexity "
                f"{chosen.perplexity:.3f} ({100 * metrics['ppl_increase']:+.1f}%)")
     search.notes.append(verdict)
-    if search.sensitivity:
-        raised = _raised(chosen.scheme) if chosen.scheme is not None else []
-        search.notes.append("kept at higher precision, by measured sensitivity: "
-                            + (", ".join(raised) if raised else "nothing"))
+    raised = _raised(chosen.scheme) if chosen.scheme is not None and chosen.scheme.bits == 4 else []
+    if raised:
+        search.notes.append("kept at higher precision, by measured sensitivity (most sensitive first in the bar chart): "
+                            + ", ".join(raised))
     for note in search.notes:
         console.info(note)
     return StepResult(artifact=artifact.derive("ptq", onnx_path=out / "model.onnx"), metrics=metrics,
@@ -283,15 +283,16 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
     columns = ["model", "within budget", "perplexity", "ppl increase %", "greedy agreement", "ttft p50 ms",
                "decode tokens/s", "decode speed-up", "size MB", "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
-             round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2),
-             round(r.decode / base.decode, 3) if base.decode else None, round(r.size_mb, 2), r is chosen]
+             round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
+             round(r.decode / base.decode, 3) if r.timing and base.decode else None, round(r.size_mb, 2), r is chosen]
             for r in [base, *search.rows]]
     sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
-                                      "that decoded faster than FP32 in one round; one round for the others")]
+                                      "that decoded faster than FP32 in one round; one round for the others; the mixed-"
+                                      "precision steps are scored on quality only")]
     if search.sensitivity:
         sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
                              labels=[s["group"] for s in search.sensitivity],
