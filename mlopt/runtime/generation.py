@@ -54,9 +54,19 @@ def load_model(folder: str | Path, threads: int | None = None) -> Any:
     try:
         config = og.Config(str(folder))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        return og.Model(config)
+        model = og.Model(config)
     except Exception as exc:
         raise InputError(f"onnxruntime-genai cannot load {folder}: {first_line(exc)}") from exc
+    window = _genai_config(folder).get("model", {}).get("decoder", {}).get("sliding_window") or {}
+    _WINDOWS[id(model)] = int(window.get("window_size") or 0)
+    return model
+
+
+#: id(og.Model) -> its sliding attention window (0: none). onnxruntime-genai sizes the KV cache by the
+#: generator's max_length and refuses one smaller than the window ("KV cache capacity (9) must be at least
+#: local_window_size (64)" on a Gemma 2), so a short generation asks for the window's capacity and
+#: stops after its tokens itself. og.Model takes no attributes of ours, hence this table.
+_WINDOWS: dict[int, int] = {}
 
 
 def token_ids(folder: str | Path, lines: Sequence[str], model: Any = None) -> list[int]:
@@ -124,15 +134,17 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
     session = make_session(folder / MODEL_FILE, "cpu", threads)
     config = _genai_config(folder)
     dtypes = {name: dtype for name, _, dtype in input_specs(session)}
-    pasts = {}
-    for meta in session.get_inputs():
-        if meta.name.startswith("past_key_values"):
-            heads, dim = _past_shape(meta, config)
-            pasts[meta.name] = np.zeros((1, heads, 0, dim), dtypes[meta.name])
+    pasts = {meta.name: _past_shape(meta, config) for meta in session.get_inputs()
+             if meta.name.startswith("past_key_values")}
+    # Sliding-window attention wants a KV buffer at least as long as its window, even when the past is empty
+    # (the attention mask says how much of it is real: none).
+    sliding = int((config.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
 
     def logits_of(chunk: list[int]) -> Any:
         n = len(chunk)
-        feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64), **pasts}
+        capacity = max(sliding, n) if sliding else 0
+        feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                **{name: np.zeros((1, heads, capacity, dim), dtypes[name]) for name, (heads, dim) in pasts.items()}}
         if "position_ids" in dtypes:
             feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
         try:
@@ -201,7 +213,8 @@ def _generator(model: Any, prompt_ids: Sequence[int], new_tokens: int) -> Any:
     length = len(prompt_ids) + new_tokens
     params = og.GeneratorParams(model)
     try:
-        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        params.set_search_options(max_length=max(length, _WINDOWS.get(id(model), 0)), min_length=length,
+                                  do_sample=False)
         return og.Generator(model, params)
     except Exception as exc:
         raise InputError(f"cannot generate {new_tokens} tokens after a {len(prompt_ids)}-token prompt: "

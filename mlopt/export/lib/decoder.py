@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, RunError
+from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.runtime import decoder
 
 #: the builder's "precision" for an exported model that later steps quantize themselves.
@@ -50,14 +50,41 @@ def build(src: Path, out: Path, precision: str = FP32, provider: str = "cpu") ->
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with tempfile.TemporaryDirectory(prefix="mlopt-builder-") as cache:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-               "-p", precision, "-e", provider, "-c", cache]
+        cmd = [sys.executable, "-c", _BUILDER, "-i", str(src), "-o", str(out), "-p", precision, "-e", provider,
+               "-c", cache]
         started = time.time()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               errors="replace")
     if proc.returncode != 0:
         raise RunError(f"onnxruntime-genai's model builder failed on {src}: {_last_error(proc.stdout)}")
     console.info(f"onnxruntime-genai's model builder wrote {out} ({precision}, {time.time() - started:.0f} s)")
+
+
+#: The builder's command line, run with one fix: transformers 5 nests the rotary settings of models with
+#: sliding and full attention layers per layer type (Gemma 3: rope_parameters = {"full_attention": {...},
+#: "sliding_attention": {...}}), and the builder's base class reads rope_parameters["rope_type"] (KeyError).
+#: The config is flattened as it loads: the full-attention settings at the top, the sliding layers' theta
+#: as rope_local_base_freq, where the builder's Gemma 3 reads it.
+_BUILDER = """
+import runpy, sys
+import transformers
+
+_load = transformers.AutoConfig.from_pretrained.__func__
+
+def _flat(config):
+    for c in (config, getattr(config, "text_config", None)):
+        rope = getattr(c, "rope_parameters", None)
+        if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+            full = rope.get("full_attention") or next(iter(rope.values()))
+            if "sliding_attention" in rope and getattr(c, "rope_local_base_freq", None) is None:
+                c.rope_local_base_freq = rope["sliding_attention"].get("rope_theta")
+            c.rope_parameters = dict(full)
+    return config
+
+transformers.AutoConfig.from_pretrained = classmethod(lambda cls, *a, **k: _flat(_load(cls, *a, **k)))
+sys.argv[0] = "builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+"""
 
 
 def _last_error(output: str) -> str:
@@ -77,8 +104,8 @@ def check_generates(folder: Path, prompt: str = "The") -> list[int]:
         model = generation.load_model(folder)
         ids = generation.token_ids(folder, [prompt], model) or [0]
         return generation.greedy(folder, ids, CHECK_TOKENS, model)
-    except (InputError, RunError) as exc:
-        raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {exc}") from exc
+    except Exception as exc:  # onnxruntime-genai raises RuntimeError from its kernels
+        raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {first_line(exc)}") from exc
 
 
 def export_decoder(artifact: Any, out: Path) -> Any:
