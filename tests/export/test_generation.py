@@ -283,3 +283,20 @@ def test_bench_command_on_decoders(llama_genai_dir, decoder_text, exported_dir, 
     mixed = _mlopt("bench", llama_genai_dir, exported_dir, "-q")
     assert mixed.exit_code == 2 and "cannot time decoder folders and plain models together" in mixed.output
     assert len(mixed.output.strip().splitlines()) == 1
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(decoder_tokenizer, tmp_path):
+    """A model whose tokenizer starts every text with BOS (Gemma) is scored on windows that start with it."""
+    from tokenizers.processors import TemplateProcessing
+
+    assert [w[0] for w in generation._windows(list(range(10, 40)), 8, None, bos=1)] == [1, 1, 1, 1]
+    assert generation._windows(list(range(10, 40)), 8, None, bos=1)[1] == [1, *range(17, 24)]
+    plain = tmp_path / "plain"
+    decoder_tokenizer.save_pretrained(plain)
+    assert generation.bos_token(plain) is None  # the fixture tokenizer adds no BOS
+    with_bos = tmp_path / "bos"
+    tok = decoder_tokenizer.__class__(tokenizer_object=decoder_tokenizer.backend_tokenizer.__class__.from_str(
+        decoder_tokenizer.backend_tokenizer.to_str()), bos_token="<s>", eos_token="</s>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(with_bos)
+    assert generation.bos_token(with_bos) == tok.bos_token_id

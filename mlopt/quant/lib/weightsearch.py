@@ -83,7 +83,9 @@ def cut_text(folder: Path, data: Any, s: Settings) -> Text:
         raise InputError(f"the held-out text has {len(val)} tokens; one perplexity window needs {s.window} "
                          "(give a longer text:FILE or a smaller --window)")
     step = max(1, (len(val) - AGREEMENT_PROMPT) // PROMPTS)
-    prompts = [val[i * step:i * step + AGREEMENT_PROMPT] for i in range(PROMPTS)]
+    bos = generation.bos_token(folder)
+    head = [bos] if bos is not None else []  # a model whose tokenizer starts every text with BOS gets it here too
+    prompts = [head + val[i * step:i * step + AGREEMENT_PROMPT] for i in range(PROMPTS)]
     timing = generation.prompt_of(val, s.prompt_tokens)
     calibration = [train[i:i + s.window] for i in range(0, len(train) - s.window + 1, s.window)][:CALIBRATION_WINDOWS]
     return Text(val, prompts, timing, calibration or [val[:s.window]])
