@@ -85,7 +85,8 @@ def _run(recipe: Recipe, out: str | Path | None, **options: Any) -> RunResult:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if result.artifact.format == "torch" or scratch not in Path(result.artifact.onnx_path).parents:
+    onnx_path = result.artifact.onnx_path
+    if result.artifact.format in ("torch", "causal-lm") or scratch not in Path(onnx_path).parents:
         shutil.rmtree(scratch, ignore_errors=True)  # a module is in the result; an ONNX file given stays where it is
         result.out = None
     return result

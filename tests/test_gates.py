@@ -87,7 +87,14 @@ def test_gates_of_the_other_model_family_are_refused():
         check_family(GatesConfig(min_decode_speedup=2.0), decoder=False)
     with pytest.raises(InputError, match="max_accuracy_drop gate does not apply to a decoder language model"):
         check_family(GatesConfig(max_accuracy_drop=0.01), decoder=True)
-    check_family(GatesConfig(max_ppl_increase=0.05, max_size_mb=10), decoder=True)  # the decoder's own: accepted
+    text = SimpleNamespace(text=True)
+    check_family(GatesConfig(max_ppl_increase=0.05, max_size_mb=10), decoder=True, data=text)  # the decoder's own
+    with pytest.raises(InputError, match="max_ppl_increase gate needs text"):
+        check_family(GatesConfig(max_ppl_increase=0.05), decoder=True, data=None)
+    with pytest.raises(InputError, match="add an export or ptq step"):
+        check_family(GatesConfig(max_size_mb=10), decoder=True, data=text, exported=False)
+    with pytest.raises(InputError, match="gates.batch_size does not apply to a decoder"):
+        check_family(GatesConfig(min_decode_speedup=2.0, batch_size=8), decoder=True, data=text)
 
 
 def test_a_decoder_gate_on_an_image_model_stops_before_any_step(tmp_path):

@@ -107,6 +107,11 @@ class Pass:
         raise NotImplementedError
 
     @classmethod
+    def check_family(cls, config: Any, decoder: bool) -> None:
+        """Before any step runs: refuse the options that do not apply to this family of model (a decoder
+        language model, or any other), instead of ignoring them. Raises InputError."""
+
+    @classmethod
     def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
         """With `cli_models_help`: the model spec from the positional arguments (may set step fields)."""
         raise NotImplementedError

@@ -72,6 +72,10 @@ class BenchPass(Pass):
             results.append({**row, "latency_ms": {k: lat[f"{k}_ms"] for k in ("mean", "p50", "p90", "p99")}})
         return {"results": results, "timing": next(iter(latency.values()))["method"]}
 
+    @classmethod
+    def check_family(cls, config: BenchConfig, decoder: bool) -> None:
+        decoder_bench.check_settings(config, decoder)
+
     def run(self, artifact: Any, config: BenchConfig, ctx: Any) -> StepResult:
         decoders = decoder_bench.decoder_models(artifact, config.compare)
         decoder_bench.check_settings(config, decoders is not None)

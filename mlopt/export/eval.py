@@ -13,9 +13,6 @@ from mlopt.core.sections import Strict
 from mlopt.runtime.evaluation import evaluate_artifact
 from mlopt.runtime.generation import artifact_perplexity
 
-DECODER_FORMATS = ("genai", "causal-lm")
-
-
 class EvalConfig(Strict):
     """Measure top-1 accuracy and cross-entropy loss on the validation split (perplexity for decoders)."""
 
@@ -39,8 +36,15 @@ class EvalPass(Pass):
             ("accuracy", "loss", "samples")
         return {k: step["metrics"][k] for k in keys}
 
+    @classmethod
+    def check_family(cls, config: EvalConfig, decoder: bool) -> None:
+        wrong = "batch_size" if decoder else "window"
+        if wrong in config.model_fields_set:
+            kind = "a decoder language model" if decoder else "a model that is not a decoder language model"
+            raise InputError(f"eval's {wrong} does not apply to {kind}")
+
     def run(self, artifact: Any, config: EvalConfig, ctx: Any) -> StepResult:
-        if artifact.format in DECODER_FORMATS:
+        if artifact.is_decoder:
             return self._run_decoder(artifact, config, ctx)
         metrics = evaluate_artifact(artifact, ctx.data, config.batch_size or ctx.batch_size)
         console.info(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['samples']} samples)")

@@ -147,8 +147,11 @@ class PTQPass(Pass):
     cli_help = ("Post-training INT8 quantization (onnxruntime), kept only when measured faster and within budget; "
                 "decoder language models get weight-only INT4/INT8, chosen by measured perplexity and decode speed.")
 
+    @classmethod
+    def check_family(cls, config: PTQConfig, decoder: bool) -> None:
+        _check_family(config, decoder)
+
     def run(self, artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
-        _check_family(artifact, config)
         if artifact.is_decoder:
             return quantize_decoder(artifact, config, ctx)
         with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
@@ -161,14 +164,14 @@ DECODER_FIELDS = ("max_ppl_increase", "algorithms", "block_sizes", "accuracy_lev
                   "prompt_tokens", "new_tokens", "rounds")
 
 
-def _check_family(artifact: Any, config: PTQConfig) -> None:
+def _check_family(config: PTQConfig, decoder: bool) -> None:
     """Options of the other model family are errors: a decoder's are weight-only, an encoder's are INT8 graphs."""
     given = config.model_fields_set - {"type"}
-    wrong = sorted(given - set(DECODER_FIELDS) - {"mode"} if artifact.is_decoder else given & set(DECODER_FIELDS))
+    wrong = sorted(given - set(DECODER_FIELDS) - {"mode"} if decoder else given & set(DECODER_FIELDS))
     if wrong:
-        kind = "a decoder language model (weight-only quantization)" if artifact.is_decoder else "a model that is not a decoder language model"
+        kind = "a decoder language model (weight-only quantization)" if decoder else "a model that is not a decoder language model"
         raise InputError(f"ptq option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to {kind}")
-    if artifact.is_decoder and config.mode != "auto":
+    if decoder and config.mode != "auto":
         raise InputError("a decoder language model is quantized in mode auto (weight-only candidates, measured)")
 
 

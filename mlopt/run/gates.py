@@ -27,7 +27,7 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
     gates and the chain table never disagree). Without a comparison (a recipe that times nothing), the
     baseline and the final model are measured here alike, by the same function.
     """
-    check_family(gates, final.is_decoder)
+    check_family(gates, final.is_decoder, data)
     if final.is_decoder:
         return decoder_gates(gates, baseline, final, data)
     if gates.max_accuracy_drop is not None:
@@ -69,8 +69,19 @@ DECODER_GATES = ("min_decode_speedup", "max_ppl_increase")
 OTHER_GATES = ("max_accuracy_drop", "min_speedup", "max_latency_ms")
 
 
-def check_family(gates: "GatesConfig", decoder: bool) -> None:
-    """Gates of the other model family are refused (before any step runs: the runner calls this when planning)."""
+def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported: bool = True) -> None:
+    """Gates of the other model family are refused, and so are a decoder's gates that could not be measured
+    (before any step runs: the runner calls this when planning, `exported` saying whether a step writes a
+    genai folder)."""
+    if decoder and gates.any():
+        settings = sorted({"batch_size", "provider", "iterations"} & gates.model_fields_set)
+        if settings:
+            raise InputError(f"gates.{settings[0]} does not apply to a decoder language model (its gates time "
+                             "generation with onnxruntime-genai)")
+        if not exported:
+            raise InputError("a decoder's gates measure the exported model: add an export or ptq step to the recipe")
+        if gates.max_ppl_increase is not None and (data is None or not data.text):
+            raise InputError("the max_ppl_increase gate needs text: add 'data: {source: text:FILE}' to the recipe")
     wrong = [g for g in (OTHER_GATES if decoder else DECODER_GATES) if getattr(gates, g) is not None]
     if wrong and decoder:
         raise InputError(f"the {wrong[0]} gate does not apply to a decoder language model; its gates are "
@@ -89,8 +100,6 @@ def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) ->
     from mlopt.export.lib.decoder import export_decoder
     from mlopt.runtime import generation
 
-    if gates.max_ppl_increase is not None and (data is None or not data.text):
-        raise InputError("the max_ppl_increase gate needs text: add 'data: {source: text:FILE}' to the recipe")
     out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mlopt-gates-") as work:
         if baseline.format == "causal-lm":
@@ -98,7 +107,9 @@ def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) ->
                 baseline = export_decoder(baseline, Path(work) / "baseline").artifact
         folders = [baseline.folder, final.folder]
         if gates.max_ppl_increase is not None:
-            ppl = [generation.perplexity(f, generation.token_ids(f, list(data.val)))["perplexity"] for f in folders]
+            # the windows ptq's search scores by default (--window 128, --max-windows 40), so both read one figure
+            ppl = [generation.perplexity(f, generation.token_ids(f, list(data.val)), 128, 40)["perplexity"]
+                   for f in folders]
             increase = ppl[1] / ppl[0] - 1
             out.append({"gate": "max_ppl_increase", "expected": f"<= {gates.max_ppl_increase}", "measured": round(increase, 5),
                         "baseline": ppl[0], "final": ppl[1], "passed": increase <= gates.max_ppl_increase + 1e-12})

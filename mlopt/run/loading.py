@@ -67,6 +67,9 @@ def decoder_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
     cfg = recipe.model
     if data is not None and not data.text:
         raise InputError(f"{cfg.spec} is a decoder language model: give --data text:FILE, not {data.name}")
+    if recipe.data is not None and "max_length" in recipe.data.model_fields_set:
+        raise InputError("--max-length does not apply to a decoder language model: its text is cut into perplexity "
+                         "windows (ptq and eval take --window)")
     for name in ("input_shape", "weights", "num_classes"):
         if getattr(cfg, name) is not None:
             raise InputError(f"--{name.replace('_', '-')} does not apply to a decoder language model ({cfg.spec})")

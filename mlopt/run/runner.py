@@ -119,7 +119,10 @@ def plan(recipe: "Recipe", out: Path | None, overwrite: bool, flat: bool, resume
     _check_inputs(recipe)
     artifact, data = prepare(recipe, model)
     if recipe.gates is not None:
-        check_family(recipe.gates, artifact.is_decoder)
+        exported = artifact.format == "genai" or any(s.type in ("export", "ptq") for s in recipe.steps)
+        check_family(recipe.gates, artifact.is_decoder, data, exported)
+    for step in recipe.steps:  # options of the other family of model: refused before any step runs
+        PASSES[step.type].check_family(step, artifact.is_decoder)
     if artifact.is_decoder:
         _check_decoder_steps(recipe)
     else:

@@ -84,7 +84,7 @@ class Artifact:
                 with open(target, "wb") as f:  # through a Python file, so a full disk raises OSError(ENOSPC)
                     torch.save(cpu_state_dict(self.module), f)
             elif self.format == "genai":
-                _copy_folder(self.folder, out_dir)
+                copy_genai_files(self.folder, out_dir)
             elif self.format == "causal-lm":
                 raise InputError("a decoder is saved once exported: add an export step")
             else:
@@ -112,27 +112,31 @@ class Artifact:
         return count_params(self.module) if self.format == "torch" and self.module is not None else None
 
 
+def genai_files(folder: Path, weights: bool = True) -> list[Path]:
+    """The files of a genai folder that are the model: every file but mlopt's own (model.json, reports, the
+    output marker); without `weights`, those that are not the graph and its data (configs, tokenizer)."""
+    return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != META_FILE
+            and not p.name.startswith(("report.", ".mlopt")) and (weights or not p.name.startswith(ONNX_FILE))]
+
+
 def folder_size_mb(folder: Path) -> float:
-    """What a user ships of a genai folder: every file but mlopt's own (model.json, reports, output marker)."""
-    def shipped(p: Path) -> bool:
-        return p.is_file() and p.name != META_FILE and not p.name.startswith(("report.", ".mlopt"))
-
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if shipped(p)) / 1e6
+    """What a user ships of a genai folder."""
+    return sum(p.stat().st_size for p in genai_files(folder)) / 1e6
 
 
-def _copy_folder(src: Path, dst: Path) -> None:
-    """A genai folder's files into `dst` (hard links where the file system allows: weights are large)."""
+def copy_genai_files(src: Path, dst: Path, weights: bool = True) -> None:
+    """A genai folder's files (see genai_files) into `dst`: hard links where the file system allows (weights are
+    large), copies elsewhere."""
     import os
 
     if src.resolve() == dst.resolve():
         return
-    for item in src.iterdir():
-        if item.is_file() and item.name != META_FILE:
-            target = dst / item.name
-            try:
-                os.link(item, target)
-            except OSError:
-                shutil.copyfile(item, target)
+    for item in genai_files(src, weights):
+        target = dst / item.name
+        try:
+            os.link(item, target)
+        except OSError:
+            shutil.copyfile(item, target)
 
 
 def load_genai_folder(path: Path, meta: dict[str, Any] | None = None) -> Artifact:

@@ -19,12 +19,18 @@ from mlopt.core.errors import InputError
 GENAI_CONFIG = "genai_config.json"
 GGUF_PREFIX = "gguf:"
 # The suffixes of a generative language model's class in transformers.
-_CAUSAL = ("ForCausalLM", "LMHeadModel")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def is_causal_lm(config: dict[str, Any]) -> bool:
-    """Whether a transformers config.json describes a decoder that generates text."""
-    return any(str(a).endswith(_CAUSAL) for a in config.get("architectures") or [])
+    """Whether a transformers config.json describes a decoder that generates text: a *ForCausalLM or
+    *LMHeadModel, or any other architecture onnxruntime-genai's builder exports as a decoder (Gemma 3 from
+    4B up is a Gemma3ForConditionalGeneration)."""
+    names = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in names):
+        return True
+    return any(a.endswith("ForConditionalGeneration") and a in supported_architectures() and not a.startswith("Whisper")
+               for a in names)
 
 
 def is_genai_folder(path: str | Path) -> bool:

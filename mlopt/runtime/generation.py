@@ -45,6 +45,11 @@ def _genai_config(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} is not a readable onnxruntime-genai config: {first_line(exc)}") from None
 
 
+def _sliding_window(config: dict[str, Any]) -> int:
+    """The sliding attention window a genai_config.json declares (0: none)."""
+    return int((config.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
+
+
 def load_model(folder: str | Path, threads: int | None = None) -> Any:
     """An onnxruntime-genai model of the folder, intra-op spinning off and `threads` intra-op threads."""
     og = genai()
@@ -57,8 +62,7 @@ def load_model(folder: str | Path, threads: int | None = None) -> Any:
         model = og.Model(config)
     except Exception as exc:
         raise InputError(f"onnxruntime-genai cannot load {folder}: {first_line(exc)}") from exc
-    window = _genai_config(folder).get("model", {}).get("decoder", {}).get("sliding_window") or {}
-    _WINDOWS[id(model)] = int(window.get("window_size") or 0)
+    _WINDOWS[id(model)] = _sliding_window(_genai_config(folder))
     return model
 
 
@@ -157,7 +161,7 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
              if meta.name.startswith("past_key_values")}
     # Sliding-window attention wants a KV buffer at least as long as its window, even when the past is empty
     # (the attention mask says how much of it is real: none).
-    sliding = int((config.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
+    sliding = _sliding_window(config)
 
     def logits_of(chunk: list[int]) -> Any:
         n = len(chunk)
@@ -214,7 +218,7 @@ def load_causal_lm(spec: str) -> tuple[Any, Any]:
 def artifact_perplexity(artifact: Any, lines: Sequence[str], window: int) -> dict[str, Any]:
     """Perplexity of a decoder artifact (format genai or causal-lm) on the text lines."""
     if artifact.format == "genai":
-        folder = Path(artifact.onnx_path).parent
+        folder = artifact.folder
         return perplexity(folder, token_ids(folder, lines), window)
     if artifact.format == "causal-lm":
         model, tok = load_causal_lm(artifact.builder["spec"])

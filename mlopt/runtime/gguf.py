@@ -87,8 +87,8 @@ def _check_architecture(path: Path, architecture: str) -> None:
 
     try:  # the metadata only; transformers knows its own aliases (qwen2moe, gpt-oss, a Mistral named in llama...)
         load_gguf_checkpoint(str(path))
-    except ValueError as exc:
-        if "not supported" not in str(exc):
+    except Exception as exc:  # a missing key or an unknown type in a damaged file raises more than ValueError
+        if not isinstance(exc, ValueError) or "not supported" not in str(exc):
             raise InputError(f"cannot read the GGUF file {path}: {first_line(exc)}") from None
         known = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
         raise InputError(f"{path} holds a {architecture!r} model, which transformers cannot load from GGUF "

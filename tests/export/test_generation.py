@@ -114,8 +114,10 @@ def test_peak_rss_is_the_child_s_own(tiny_decoder):
     assert 20 < peak < own
 
 
-def _artifact(folder: Path) -> SimpleNamespace:
-    return SimpleNamespace(format="genai", onnx_path=folder / "model.onnx", origin=str(folder))
+def _artifact(folder: Path):
+    from mlopt.runtime.artifacts import Artifact
+
+    return Artifact(format="genai", sample_shape=None, num_classes=None, onnx_path=folder / "model.onnx", origin=str(folder))
 
 
 def _ctx(lines: list[str] | None) -> SimpleNamespace:
@@ -134,7 +136,10 @@ def test_eval_step_on_a_genai_folder(tiny_decoder):
     assert result.metrics == expected
     shown = EvalPass.cli_json({"metrics": result.metrics})
     assert set(shown) == {"perplexity", "nll", "windows", "window", "tokens"} and shown["window"] == 16
-    causal = SimpleNamespace(format="causal-lm", builder={"spec": f"hf:{tiny_decoder.hf}"}, origin="hf")
+    from mlopt.runtime.artifacts import Artifact
+
+    causal = Artifact(format="causal-lm", sample_shape=None, num_classes=None, builder={"spec": f"hf:{tiny_decoder.hf}"},
+                      origin="hf")
     before_export = EvalPass().run(causal, EvalConfig(window=16), ctx).metrics
     assert before_export["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-3)
     with pytest.raises(InputError, match="needs text:FILE"):

@@ -92,7 +92,7 @@ def test_mixed_precision_plan_routes_groups():
 
 
 def test_decoder_options_on_an_encoder_are_refused(tmp_path):
-    result = runner.invoke(app, ["ptq", "--model", "torchvision:resnet18", "--data", "digits", "--image-size", "32",
+    result = runner.invoke(app, ["ptq", "--model", "torchvision:resnet18", "--data", "digits", "--image-size", "32", "--channels", "3",
                                  "--max-ppl-increase", "0.1", "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "--max-ppl-increase do not apply to a model that is not a decoder" in result.output

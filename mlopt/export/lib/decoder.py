@@ -34,7 +34,7 @@ def check_architecture(config: dict[str, Any], origin: str) -> str:
     if not supported:
         raise InputError('decoder export needs onnxruntime-genai\'s model builder: pip install "mlopt[llm]"')
     if arch not in supported:
-        names = ", ".join(a for a in supported if a.endswith(("ForCausalLM", "LMHeadModel")))
+        names = ", ".join(a for a in supported if a.endswith(decoder.CAUSAL_SUFFIXES))
         raise InputError(f"{origin}: {arch} is not an architecture onnxruntime-genai's model builder exports; "
                          f"it exports: {names}")
     return arch

@@ -45,7 +45,7 @@ def decoder_models(artifact: Any, compare: Sequence[str]) -> list[tuple[str, Pat
     """(label, folder) of every model when the bench times decoders; None when it times plain ONNX models."""
     if artifact.format == "causal-lm":
         raise InputError(f"bench times exported decoders; export {artifact.origin} first (mlopt export)")
-    first = Path(artifact.onnx_path).parent if artifact.format == "genai" else None
+    first = artifact.folder if artifact.format == "genai" else None
     others = [genai_folder(c) for c in compare]
     if first is None and not any(others):
         return None

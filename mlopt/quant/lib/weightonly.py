@@ -21,6 +21,7 @@ from typing import Any, Iterable, Literal
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
+from mlopt.runtime.artifacts import copy_genai_files
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant"]
 Precision = Literal["int4", "int8", "float"]
@@ -241,6 +242,15 @@ class TextCalibration:
         self._iter = None
 
 
+def _check_bits(model: Any, scheme: WeightScheme, planned_int8: int) -> None:
+    """The quantized graph keeps the planned MatMuls at 8 bits: gptq, for one, quantizes every MatMul whatever it
+    was asked to leave out, and a mix it ignored must not be reported under the mix's name."""
+    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if scheme.bits == 4 and bits.count(8) != planned_int8:
+        raise RunError(f"{scheme.algorithm} quantized {bits.count(8)} MatMul(s) to 8 bits where {planned_int8} were "
+                       "planned (it does not honour the layers left out)")
+
+
 def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any = None) -> Path:
     """Write `dst`: the genai folder `src` with its weights quantized by `scheme`. Returns dst/model.onnx."""
     import onnx
@@ -263,6 +273,7 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
             model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
         if nodes.get("int4"):
             model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
+        _check_bits(model, scheme, len(nodes.get("int8", [])))
         onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, location=DATA_FILE)
     except (InputError, RunError):
         raise
@@ -271,7 +282,5 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
                        f"{first_line(exc)[:200]}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for item in src.iterdir():  # genai_config.json, the tokenizer files
-        if item.is_file() and not item.name.startswith("model.") and item.name not in ("report.json", "report.md"):
-            shutil.copyfile(item, dst / item.name)
+    copy_genai_files(src, dst, weights=False)  # genai_config.json, the tokenizer files
     return dst / "model.onnx"

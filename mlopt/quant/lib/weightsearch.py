@@ -6,10 +6,11 @@ When no INT4 candidate is within the perplexity budget, the weight groups (embed
 first and last blocks, attention, MLP) are ranked by how much raising each one alone to 8 bits (the
 embedding: to float) recovers, and raised in that order until the budget is met: the measured
 per-layer sensitivity decides the mix, and its base is the best INT4 candidate that decodes faster
-than FP32 in one timed round of every candidate (hqq's float zero points run on a slow kernel). Then
-the candidates within budget that decoded faster than FP32 in their first round are timed beside
-FP32 again in interleaved rounds with onnxruntime-genai (time to first token, decode tokens/s), and
-the one that decodes fastest, and faster than FP32, is kept (INT4 or INT8), else FP32, with the reason.
+than FP32 when timed once beside it (hqq's float zero points run on a slow kernel). Each candidate is
+screened that way, two models loaded at a time. Then the candidates within budget that decoded faster
+than FP32 are timed again, together with FP32 in interleaved rounds with onnxruntime-genai (time to
+first token, decode tokens/s), and the one that decodes fastest there, and faster than FP32, is kept
+(INT4 or INT8), else FP32, with the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mlopt.core import console
 from mlopt.core.errors import InputError, RunError
 from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
 from mlopt.runtime import generation
-from mlopt.runtime.artifacts import folder_size_mb
+from mlopt.runtime.artifacts import copy_genai_files, folder_size_mb
 
 PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
@@ -55,7 +56,7 @@ class Row:
     within_budget: bool = True
     timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
     peak_rss_mb: float | None = None
-    note: str = ""
+    base_decode: float = 0.0  # FP32's decode tokens/s in the same rounds as `timing`
 
     @property
     def name(self) -> str:
@@ -105,7 +106,8 @@ class Search:
         self.budget = self.base.perplexity * (1 + settings.max_ppl_increase)
 
     def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
-        ppl = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows)["perplexity"]
+        scored = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows)
+        ppl, self.windows = scored["perplexity"], scored["windows"]
         model = generation.load_model(folder)
         agree = 1.0 if scheme is None else sum(
             generation.agreement(ref, generation.greedy(folder, p, AGREEMENT_TOKENS, model))
@@ -142,26 +144,30 @@ class Search:
         level = self.s.accuracy_levels[0]
         for block in self.s.block_sizes:
             self.candidate(int8_scheme(block, level))
-        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym, accuracy_level=level))
+        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym,
+                                                        accuracy_level=0 if a == "hqq" else level))
                             for a in self.s.algorithms for b in self.s.block_sizes
                             for sym in ((False, True) if a == "rtn" else (False,))) if r is not None]
-        self._time(self.rows, rounds=1)  # every candidate once: a slow kernel (hqq's float zero points) shows here
+        self._screen()  # a slow kernel (hqq's float zero points) shows here
         if int4 and not any(r.within_budget for r in int4):
-            fast = [r for r in int4 if r.decode > self.base.decode]
+            fast = [r for r in int4 if r.decode > r.base_decode]
             if fast:
                 self._raise_sensitive(min(fast, key=lambda r: r.perplexity))
             else:
                 self.notes.append("no INT4 candidate decoded faster than FP32; no mixed precision was tried")
-        timed = len(self.rows)
-        for row in [r for r in self.rows if r.within_budget]:
+        for row in [r for r in self.rows if r.within_budget and r.scheme.algorithm != "hqq"]:  # hqq has no levels
             for other in self.s.accuracy_levels[1:]:
                 self.candidate(_at_level(row.scheme, other))
-        if len(self.rows) > timed:
-            self._time(self.rows[timed:], rounds=1)
-        contenders = [r for r in self.rows if r.within_budget and r.decode > self.base.decode]
-        if contenders:
-            self._time(contenders, self.s.rounds)  # beside FP32 again, in interleaved rounds
-        return self._choose()
+        self._screen()
+        finalists = [r for r in self.rows if r.within_budget and r.decode > r.base_decode]
+        if finalists:  # beside FP32 again, all in the same interleaved rounds: the only timings the choice reads
+            self._time(finalists, self.s.rounds)
+        return self._choose(finalists)
+
+    def _screen(self) -> None:
+        """Time each candidate not timed yet once, beside FP32 (two models loaded at a time, whatever their size)."""
+        for row in [r for r in self.rows if not r.timing]:
+            self._time([row], rounds=1, quiet=True)
 
     def _raise_sensitive(self, base: Row) -> None:
         """Rank the groups by the perplexity that raising each alone recovers; raise them in that order."""
@@ -185,19 +191,22 @@ class Search:
             if row is not None and row.within_budget:
                 return
 
-    def _time(self, rows: list[Row], rounds: int) -> None:
-        """Time FP32 and `rows` with onnxruntime-genai in interleaved rounds; each row keeps its latest timing."""
-        rows = [self.base, *rows]
-        console.info(f"timing FP32 and {len(rows) - 1} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
-                     f"prompt, {self.s.new_tokens} new tokens, {rounds} interleaved round(s)")
-        timed = generation.time_generation([r.folder for r in rows], self.text.timing_prompt, self.s.new_tokens, rounds)
-        for row, timing in zip(rows, timed):
-            row.timing = timing
+    def _time(self, rows: list[Row], rounds: int, quiet: bool = False) -> None:
+        """Time FP32 and `rows` with onnxruntime-genai in interleaved rounds; each row keeps this timing and the
+        FP32 decode rate measured beside it."""
+        if not quiet:
+            console.info(f"timing FP32 and {len(rows)} candidate(s) with onnxruntime-genai: {self.s.prompt_tokens}-token "
+                         f"prompt, {self.s.new_tokens} new tokens, {rounds} interleaved round(s)")
+        timed = generation.time_generation([self.base.folder, *(r.folder for r in rows)], self.text.timing_prompt,
+                                           self.s.new_tokens, rounds)
+        self.base.timing = timed[0]
+        for row, timing in zip(rows, timed[1:]):
+            row.timing, row.base_decode = timing, self.base.decode
 
-    def _choose(self) -> Row:
-        """The candidate within budget that decodes fastest, and faster than FP32; else FP32. The notes say why
-        no INT4 one was kept when none was."""
-        faster = [r for r in self.rows if r.within_budget and r.decode > self.base.decode]
+    def _choose(self, finalists: list[Row]) -> Row:
+        """The finalist (within budget, faster than FP32 when screened) that decodes fastest in the final rounds,
+        and faster than FP32 there; else FP32. The notes say why no INT4 one was kept when none was."""
+        faster = [r for r in finalists if r.decode > self.base.decode]
         chosen = max(faster, key=lambda r: r.decode) if faster else self.base
         if chosen.scheme is None or chosen.scheme.bits != 4:
             if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
@@ -226,8 +235,6 @@ def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
 
 def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out: Path) -> Any:
     """Run the search on a genai artifact, write the chosen folder to `out`, and report every candidate."""
-    import shutil
-
     from mlopt.core.contracts import StepResult
 
     search = Search(artifact.folder, data, settings, work)
@@ -236,9 +243,7 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
     for row in {id(r): r for r in (base, chosen)}.values():
         row.peak_rss_mb = generation.peak_rss_mb(row.folder, search.text.timing_prompt, settings.new_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    for item in chosen.folder.iterdir():
-        if item.is_file() and item.name not in ("model.json", "report.json", "report.md"):
-            shutil.copyfile(item, out / item.name)
+    copy_genai_files(chosen.folder, out)
     metrics = _metrics(search, chosen)
     verdict = (f"chose {chosen.name}: {metrics['decode_speedup']:.2f}x FP32's decode speed, time to first token "
                f"{metrics['ttft_ratio']:.2f}x FP32's, {metrics['size_ratio']:.2f}x smaller, perplexity "
@@ -268,12 +273,12 @@ def _metrics(search: Search, chosen: Row) -> dict[str, Any]:
         "perplexity": chosen.perplexity, "fp32_perplexity": base.perplexity,
         "ppl_increase": chosen.perplexity / base.perplexity - 1, "greedy_agreement": chosen.agreement,
         "decode_tokens_per_s": chosen.decode, "fp32_decode_tokens_per_s": base.decode,
-        "decode_speedup": chosen.decode / base.decode if base.decode else None,
+        "decode_speedup": chosen.decode / chosen.base_decode if chosen.scheme is not None else 1.0,
         "ttft_ms": ttft(chosen), "fp32_ttft_ms": ttft(base), "ttft_ratio": ttft(chosen) / ttft(base) if ttft(base) else None,
         "size_mb": chosen.size_mb, "fp32_size_mb": base.size_mb, "size_ratio": base.size_mb / chosen.size_mb,
         "peak_rss_mb": chosen.peak_rss_mb, "fp32_peak_rss_mb": base.peak_rss_mb,
         "candidates": len(search.rows), "budget": f"perplexity +{100 * search.s.max_ppl_increase:.1f}% at most",
-        "perplexity_windows": min(search.s.max_windows, len(search.text.ppl_ids) // search.s.window),
+        "perplexity_windows": search.windows,
         "window": search.s.window,
     }
 
@@ -286,15 +291,15 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                "decode tokens/s", "decode speed-up", "size MB", "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
              round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
-             round(r.decode / base.decode, 3) if r.timing and base.decode else None, round(r.size_mb, 2), r is chosen]
+             round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2), r is chosen]
             for r in [base, *search.rows]]
     sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
-                                      "that decoded faster than FP32 in one round; one round for the others; the mixed-"
-                                      "precision steps are scored on quality only")]
+                                      "that decoded faster than FP32 in one round (the choice reads only these); one "
+                                      "round beside FP32 for the others; speed-ups against FP32 in the same rounds")]
     if search.sensitivity:
         sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
                              labels=[s["group"] for s in search.sensitivity],
