@@ -200,7 +200,7 @@ def execute_step(run: Run, index: int, step: Any) -> None:
             run.output.commit(stage, "" if run.flat else name)
         if pass_.produces_model:
             if result.artifact.format in ("onnx", "genai"):
-                result.artifact.onnx_path = final_dir / "model.onnx"
+                result.artifact.onnx_path = final_dir / Path(result.artifact.onnx_path).name
             run.model_fp = resuming.model_files(final_dir)
     except BaseException:
         if run.output is not None:

@@ -115,8 +115,10 @@ class Artifact:
 def genai_files(folder: Path, weights: bool = True) -> list[Path]:
     """The files of a genai folder that are the model: every file but mlopt's own (model.json, reports, the
     output marker); without `weights`, those that are not the graph and its data (configs, tokenizer)."""
+    from mlopt.runtime.decoder import onnx_name
+
     return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != META_FILE
-            and not p.name.startswith(("report.", ".mlopt")) and (weights or not p.name.startswith(ONNX_FILE))]
+            and not p.name.startswith(("report.", ".mlopt")) and (weights or not p.name.startswith(onnx_name(folder)))]
 
 
 def folder_size_mb(folder: Path) -> float:
@@ -141,14 +143,15 @@ def copy_genai_files(src: Path, dst: Path, weights: bool = True) -> None:
 
 def load_genai_folder(path: Path, meta: dict[str, Any] | None = None) -> Artifact:
     """An onnxruntime-genai folder (mlopt's or anyone's): its model.onnx is checked like any ONNX file."""
-    from mlopt.runtime.decoder import GENAI_CONFIG
+    from mlopt.runtime.decoder import GENAI_CONFIG, onnx_name
 
     if not (path / GENAI_CONFIG).is_file():
         raise InputError(f"{path} is not a decoder folder: it has no {GENAI_CONFIG}")
-    load_onnx_file(path / ONNX_FILE)  # refuses a broken file or external data outside the folder
+    graph = path / onnx_name(path)
+    load_onnx_file(graph)  # refuses a broken file or external data outside the folder
     meta = meta or {}
     return Artifact(format="genai", sample_shape=None, num_classes=None, lineage=list(meta.get("lineage") or []),
-                    builder=meta.get("builder"), onnx_path=path / ONNX_FILE, origin=str(path))
+                    builder=meta.get("builder"), onnx_path=graph, origin=str(path))
 
 
 def load_artifact(path: str | Path) -> Artifact:

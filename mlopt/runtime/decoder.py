@@ -37,6 +37,21 @@ def is_genai_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / GENAI_CONFIG).is_file()
 
 
+def onnx_name(folder: str | Path) -> str:
+    """The decoder graph's file name in a genai folder: genai_config.json's model.decoder.filename (folders made
+    elsewhere name it as they like), model.onnx when it names none. A name that leaves the folder is refused."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / GENAI_CONFIG).read_text(encoding="utf-8"))
+        name = config.get("model", {}).get("decoder", {}).get("filename") or "model.onnx"
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{Path(folder) / GENAI_CONFIG} is not a readable onnxruntime-genai config: {exc}") from None
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise InputError(f"{Path(folder) / GENAI_CONFIG} names the decoder file {name!r}; it must be a file in that folder")
+    return name
+
+
 def genai() -> Any:
     """The onnxruntime_genai module. onnxruntime is imported first: the other order aborts the process."""
     import importlib

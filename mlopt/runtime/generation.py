@@ -28,9 +28,8 @@ from typing import Any, Callable, Sequence
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
-from mlopt.runtime.decoder import GENAI_CONFIG, genai
+from mlopt.runtime.decoder import GENAI_CONFIG, genai, onnx_name
 
-MODEL_FILE = "model.onnx"
 # Rows of logits turned into float64 at once when scoring.
 _ROWS = 16
 # The timed parts of one generation, in seconds.
@@ -154,7 +153,8 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
 
     from mlopt.runtime.session import input_specs, make_session
 
-    session = make_session(folder / MODEL_FILE, "cpu", threads)
+    graph = folder / onnx_name(folder)
+    session = make_session(graph, "cpu", threads)
     config = _genai_config(folder)
     dtypes = {name: dtype for name, _, dtype in input_specs(session)}
     pasts = {meta.name: _past_shape(meta, config) for meta in session.get_inputs()
@@ -173,7 +173,7 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
         try:
             return session.run(["logits"], {k: v.astype(dtypes[k], copy=False) for k, v in feed.items()})[0][0]
         except Exception as exc:
-            raise RunError(f"onnxruntime failed on {folder / MODEL_FILE}: {first_line(exc)}") from exc
+            raise RunError(f"onnxruntime failed on {graph}: {first_line(exc)}") from exc
 
     return logits_of
 

@@ -305,3 +305,29 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(decoder_tokenizer, t
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     tok.save_pretrained(with_bos)
     assert generation.bos_token(with_bos) == tok.bos_token_id
+
+
+@pytest.mark.slow
+def test_a_genai_folder_that_names_its_graph_otherwise(llama_genai_dir, tmp_path):
+    """Folders made elsewhere name the graph in genai_config.json (model.decoder.filename); a name that leaves the
+    folder is refused in one line."""
+    import shutil
+
+    from mlopt.quant.lib.weightonly import WeightScheme, quantize_folder
+    from mlopt.runtime.artifacts import load_artifact
+
+    folder = tmp_path / "renamed"
+    shutil.copytree(llama_genai_dir, folder)
+    (folder / "model.onnx").rename(folder / "decoder.onnx")  # its data file keeps its name
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["filename"] = "decoder.onnx"
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    assert load_artifact(folder).onnx_path == folder / "decoder.onnx"
+    ids = generation.token_ids(folder, ["The module provides functions to read and write files. " * 30])
+    assert generation.perplexity(folder, ids, 64) == generation.perplexity(llama_genai_dir, ids, 64)
+    out = quantize_folder(folder, tmp_path / "q", WeightScheme())
+    assert out.name == "decoder.onnx" and len(generation.greedy(out.parent, ids[:8], 4)) == 4
+    config["model"]["decoder"]["filename"] = "../outside.onnx"
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="must be a file in that folder"):
+        load_artifact(folder)

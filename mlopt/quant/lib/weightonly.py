@@ -22,12 +22,12 @@ from typing import Any, Iterable, Literal
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.runtime.artifacts import copy_genai_files
+from mlopt.runtime.decoder import onnx_name
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant"]
 Precision = Literal["int4", "int8", "float"]
 #: the groups of weights whose precision a scheme may raise, by what their nodes are named in the builder's graph
 GROUPS = ("embedding", "lm_head", "first_block", "last_block", "attention", "mlp")
-DATA_FILE = "model.onnx.data"
 
 
 @dataclass(frozen=True)
@@ -256,9 +256,10 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
     import onnx
 
     try:
-        model = onnx.load(str(src / "model.onnx"))
+        name = onnx_name(src)
+        model = onnx.load(str(src / name))
     except Exception as exc:
-        raise InputError(f"cannot read {src / 'model.onnx'}: {first_line(exc)}") from exc
+        raise InputError(f"cannot read the decoder graph in {src}: {first_line(exc)}") from exc
     if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node):
         raise InputError(f"{src} is already quantized (MatMulNBits); give the FP32 decoder")
     if scheme.embedding != "float":
@@ -274,7 +275,7 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
         if nodes.get("int4"):
             model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
         _check_bits(model, scheme, len(nodes.get("int8", [])))
-        onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, location=DATA_FILE)
+        onnx.save_model(model, str(dst / name), save_as_external_data=True, location=f"{name}.data")
     except (InputError, RunError):
         raise
     except Exception as exc:
@@ -283,4 +284,4 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
     finally:
         shutil.rmtree(work, ignore_errors=True)
     copy_genai_files(src, dst, weights=False)  # genai_config.json, the tokenizer files
-    return dst / "model.onnx"
+    return dst / name

@@ -25,6 +25,7 @@ from mlopt.core.errors import InputError, RunError
 from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
 from mlopt.runtime import generation
 from mlopt.runtime.artifacts import copy_genai_files, folder_size_mb
+from mlopt.runtime.decoder import onnx_name
 
 PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
@@ -228,7 +229,7 @@ def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
 def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
     import onnx
 
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(folder / onnx_name(folder)), load_external_data=False).graph
     head_size = int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
     return TextCalibration(list(graph.input), windows, head_size)
 
@@ -255,7 +256,7 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
                             + ", ".join(raised))
     for note in search.notes:
         console.info(note)
-    return StepResult(artifact=artifact.derive("ptq", onnx_path=out / "model.onnx"), metrics=metrics,
+    return StepResult(artifact=artifact.derive("ptq", onnx_path=out / onnx_name(out)), metrics=metrics,
                       notes=search.notes, sections=_sections(search, chosen))
 
 
