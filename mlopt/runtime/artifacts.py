@@ -141,6 +141,15 @@ def copy_genai_files(src: Path, dst: Path, weights: bool = True) -> None:
             shutil.copyfile(item, target)
 
 
+def _graph_name(folder: Path) -> str | None:
+    from mlopt.runtime.decoder import onnx_name
+
+    try:
+        return onnx_name(folder)
+    except InputError:
+        return None
+
+
 def load_genai_folder(path: Path, meta: dict[str, Any] | None = None) -> Artifact:
     """An onnxruntime-genai folder (mlopt's or anyone's): its model.onnx is checked like any ONNX file."""
     from mlopt.runtime.decoder import GENAI_CONFIG, onnx_name
@@ -182,6 +191,8 @@ def load_artifact(path: str | Path) -> Artifact:
             return art
         raise InputError(f"{meta_path}: unknown model format {fmt!r}")
     if path.suffix == ".onnx":
+        if is_genai_folder(path.parent) and path.name == _graph_name(path.parent):
+            return load_artifact(path.parent)  # a decoder's graph runs only with its folder (KV cache, tokenizer)
         return load_onnx_file(path)
     raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is neither an mlopt directory nor an .onnx file")
 

@@ -44,7 +44,7 @@ def _genai_config(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} is not a readable onnxruntime-genai config: {first_line(exc)}") from None
 
 
-def _sliding_window(config: dict[str, Any]) -> int:
+def sliding_window(config: dict[str, Any]) -> int:
     """The sliding attention window a genai_config.json declares (0: none)."""
     return int((config.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
 
@@ -61,7 +61,7 @@ def load_model(folder: str | Path, threads: int | None = None) -> Any:
         model = og.Model(config)
     except Exception as exc:
         raise InputError(f"onnxruntime-genai cannot load {folder}: {first_line(exc)}") from exc
-    _WINDOWS[id(model)] = _sliding_window(_genai_config(folder))
+    _WINDOWS[id(model)] = sliding_window(_genai_config(folder))
     return model
 
 
@@ -161,7 +161,7 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
              if meta.name.startswith("past_key_values")}
     # Sliding-window attention wants a KV buffer at least as long as its window, even when the past is empty
     # (the attention mask says how much of it is real: none).
-    sliding = _sliding_window(config)
+    sliding = sliding_window(config)
 
     def logits_of(chunk: list[int]) -> Any:
         n = len(chunk)

@@ -212,8 +212,8 @@ def _working_directory(path: Path) -> Any:
 class TextCalibration:
     """GPTQ's calibration data: windows of token ids fed to the decoder graph with an empty KV cache."""
 
-    def __init__(self, graph_inputs: list[Any], windows: list[list[int]], head_size: int):
-        self.inputs, self.windows, self.head_size = graph_inputs, windows, head_size
+    def __init__(self, graph_inputs: list[Any], windows: list[list[int]], head_size: int, sliding: int = 0):
+        self.inputs, self.windows, self.head_size, self.sliding = graph_inputs, windows, head_size, sliding
         self._iter: Any = None
 
     def _feed(self, ids: list[int]) -> dict[str, Any]:
@@ -221,10 +221,11 @@ class TextCalibration:
 
         x = np.asarray([ids], dtype=np.int64)
         feed: dict[str, Any] = {"input_ids": x, "attention_mask": np.ones_like(x)}
+        capacity = max(self.sliding, len(ids)) if self.sliding else 0  # a sliding window wants its buffer (generation)
         for value in self.inputs:
             dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
             if value.name.startswith("past_key_values"):
-                feed[value.name] = np.zeros((1, dims[1], 0, dims[3] or self.head_size), dtype=np.float32)
+                feed[value.name] = np.zeros((1, dims[1], capacity, dims[3] or self.head_size), dtype=np.float32)
             elif value.name == "position_ids":
                 feed[value.name] = np.arange(len(ids), dtype=np.int64)[None]
         return feed

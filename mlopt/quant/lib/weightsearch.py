@@ -230,8 +230,9 @@ def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
     import onnx
 
     graph = onnx.load(str(folder / onnx_name(folder)), load_external_data=False).graph
-    head_size = int(json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"])
-    return TextCalibration(list(graph.input), windows, head_size)
+    config = json.loads((folder / "genai_config.json").read_text())
+    head_size = int(config["model"]["decoder"]["head_size"])
+    return TextCalibration(list(graph.input), windows, head_size, generation.sliding_window(config))
 
 
 def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out: Path) -> Any:
