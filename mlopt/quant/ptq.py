@@ -66,7 +66,7 @@ class PTQConfig(Strict):
     algorithms: list[str] = Field(
         default_factory=lambda: ["rtn", "hqq", "k_quant"], min_length=1,
         description="decoders: INT4 weight algorithms measured; gptq (calibrated on the training lines) is not a "
-                    "default: 11 minutes for a 135M-parameter decoder on 2 cores",
+                    "default: it takes minutes even on a 135M-parameter decoder on 2 cores",
         json_schema_extra=cli(flag="--algorithm"))
     block_sizes: list[int] = Field(
         default_factory=lambda: [32, 128], min_length=1, description="decoders: block sizes measured (INT4 and INT8)",
