@@ -74,9 +74,7 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
 
     fp32 = models["FP32"]
     ids = generation.token_ids(fp32, heldout)
-    step = (len(ids) - AGREE_TOKENS) // PROMPTS
-    bos = generation.bos_token(fp32)
-    prompts = [([bos] if bos is not None else []) + ids[i * step:i * step + AGREE_TOKENS] for i in range(PROMPTS)]
+    prompts = generation.prompts_from(ids, PROMPTS, AGREE_TOKENS, generation.bos_token(fp32))
     prompt = generation.prompt_of(ids, PROMPT_TOKENS)
     reference = [generation.greedy(fp32, p, AGREE_TOKENS) for p in prompts]
     rows = []

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
@@ -179,13 +179,16 @@ def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any
 
 
 def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_windows: int | None = None,
-               threads: int | None = None) -> dict[str, Any]:
-    """Perplexity of an onnxruntime-genai folder's model.onnx on the ids (see the module docstring)."""
+               threads: int | None = None, bos: int | None | Literal["auto"] = "auto") -> dict[str, Any]:
+    """Perplexity of an onnxruntime-genai folder's model.onnx on the ids (see the module docstring). `bos`: the
+    BOS token each window starts with (None: none); "auto" reads it from the folder (see bos_token), which
+    callers scoring many variants of one model do once instead."""
     folder = Path(folder)
     context = _genai_config(folder).get("model", {}).get("context_length")
     if isinstance(context, int) and window > context:
         raise InputError(f"a perplexity window of {window} tokens is longer than {folder.name}'s context ({context})")
-    return _scored(_onnx_logits(folder, threads), ids, window, max_windows, folder.name, bos_token(folder))
+    bos = bos_token(folder) if bos == "auto" else bos
+    return _scored(_onnx_logits(folder, threads), ids, window, max_windows, folder.name, bos)
 
 
 def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_windows: int | None = None,
@@ -335,6 +338,14 @@ def time_generation(folders: Sequence[str | Path], prompt_ids: Sequence[int], ne
                 runs[i].append(_timed(model, prompt_ids, new_tokens))
                 bar.advance(1)
     return [_summary(str(f), r, len(prompt_ids), new_tokens) for f, r in zip(folders, runs)]
+
+
+def prompts_from(ids: Sequence[int], count: int, length: int, bos: int | None = None) -> list[list[int]]:
+    """`count` prompts of `length` tokens spread over the ids, each after the BOS token when the model's
+    tokenizer starts every text with one (bos_token): greedy-agreement prompts."""
+    step = max(1, (len(ids) - length) // count)
+    head = [bos] if bos is not None else []
+    return [head + list(ids[i * step:i * step + length]) for i in range(count)]
 
 
 def prompt_of(ids: list[int], size: int, real_text: bool = True) -> list[int]:

@@ -73,6 +73,7 @@ class Text:
     """What the search cuts from the text: perplexity ids, agreement prompts, the timing prompt, calibration."""
 
     ppl_ids: list[int]
+    bos: int | None  # the BOS token windows and prompts start with (generation.bos_token)
     prompts: list[list[int]]
     timing_prompt: list[int]
     calibration: list[list[int]]
@@ -84,13 +85,11 @@ def cut_text(folder: Path, data: Any, s: Settings) -> Text:
     if len(val) < s.window:
         raise InputError(f"the held-out text has {len(val)} tokens; one perplexity window needs {s.window} "
                          "(give a longer text:FILE or a smaller --window)")
-    step = max(1, (len(val) - AGREEMENT_PROMPT) // PROMPTS)
-    bos = generation.bos_token(folder)
-    head = [bos] if bos is not None else []  # a model whose tokenizer starts every text with BOS gets it here too
-    prompts = [head + val[i * step:i * step + AGREEMENT_PROMPT] for i in range(PROMPTS)]
+    bos = generation.bos_token(folder)  # read once: every candidate shares the tokenizer
+    prompts = generation.prompts_from(val, PROMPTS, AGREEMENT_PROMPT, bos)
     timing = generation.prompt_of(val, s.prompt_tokens)
     calibration = [train[i:i + s.window] for i in range(0, len(train) - s.window + 1, s.window)][:CALIBRATION_WINDOWS]
-    return Text(val, prompts, timing, calibration or [val[:s.window]])
+    return Text(val, bos, prompts, timing, calibration or [val[:s.window]])
 
 
 class Search:
@@ -101,18 +100,18 @@ class Search:
         self.notes: list[str] = []
         self.sensitivity: list[dict[str, Any]] = []
         self.failed: list[WeightScheme] = []
-        model = generation.load_model(fp32)
-        self.reference = [generation.greedy(fp32, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
+        self.reference: list[list[int]] = []  # FP32's greedy continuations, set by _score(None, ...)
         self.base = self._score(None, fp32)
         self.budget = self.base.perplexity * (1 + settings.max_ppl_increase)
 
     def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
-        scored = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows)
+        scored = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows, bos=self.text.bos)
         ppl, self.windows = scored["perplexity"], scored["windows"]
         model = generation.load_model(folder)
-        agree = 1.0 if scheme is None else sum(
-            generation.agreement(ref, generation.greedy(folder, p, AGREEMENT_TOKENS, model))
-            for ref, p in zip(self.reference, self.text.prompts)) / len(self.reference)
+        greedy = [generation.greedy(folder, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
+        if scheme is None:
+            self.reference = greedy
+        agree = sum(map(generation.agreement, self.reference, greedy)) / len(greedy)
         size = folder_size_mb(folder)
         row = Row(scheme, folder, ppl, agree, size)
         if scheme is not None:
