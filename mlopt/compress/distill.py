@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from mlopt.compress.lib.distillation import distillation_objective
-from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
+from mlopt.compress.lib.engine import TrainingConfig, fit, history_table, shard_frozen
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
@@ -20,6 +20,7 @@ from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import build_module, count_params, probe_output
+from mlopt.runtime.sharding import local_bytes
 
 
 class DistillConfig(TrainingConfig):
@@ -34,6 +35,8 @@ class DistillConfig(TrainingConfig):
                                 json_schema_extra=cli(flag="--feature"))
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature losses")
     baseline: bool = Field(True, description="also train the student without distillation, for comparison")
+    shard_teacher: bool = Field(False, description="shard the frozen teacher across the processes (FSDP2), so that "
+                                "a teacher larger than one process's memory runs; only its forward pass runs")
 
     @field_validator("features")
     @classmethod
@@ -77,6 +80,7 @@ class DistillPass(Pass):
 
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
+        teacher_note = shard_frozen(teacher, config) if config.shard_teacher else None
         if config.student:
             torch.manual_seed(config.seed)
             student = build_module(config.student, ctx.data.num_classes)
@@ -102,10 +106,13 @@ class DistillPass(Pass):
         result = fit(student, ctx.data, config, batch, objective=objective, label="distill",
                      checkpoint_dir=ckpt / "distill" if ckpt else None, resume=ctx.resume,
                      fingerprint_extra=["distill", teacher_name])
-        history = result.pop("history")
+        history, notes = result.pop("history"), result.pop("notes")
         metrics: dict[str, Any] = {**result, "teacher_accuracy": teacher_metrics["accuracy"],
                                    "teacher_params": count_params(teacher), "params": count_params(student)}
-        notes = [f"teacher: {teacher_name} (top-1 {teacher_metrics['accuracy']:.4f})"]
+        notes.append(f"teacher: {teacher_name} (top-1 {teacher_metrics['accuracy']:.4f})")
+        if config.shard_teacher:
+            metrics["teacher_param_bytes"] = local_bytes(teacher.parameters())
+            notes.extend([teacher_note] if teacher_note else [])
         if config.baseline:
             plain = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
             base = fit(initial, ctx.data, plain, batch, label="baseline (no distillation)",

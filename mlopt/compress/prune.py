@@ -105,6 +105,7 @@ class PrunePass(Pass):
             result = fit(module, data, finetune_cfg, batch, checkpoint_dir=ckpt, resume=ctx.resume,
                          label=f"fine-tune {step}/{config.steps}", fingerprint_extra=["prune", step])
             history.extend({"prune step": step, **h} for h in result["history"])
+            notes.extend(result["notes"])
             after_step.append(result["accuracy"])
 
         if config.sparsity == "structured":

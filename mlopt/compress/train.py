@@ -29,8 +29,8 @@ class TrainPass(Pass):
         module = artifact.require_torch("train")
         batch = config.batch_size or ctx.batch_size
         result = fit(module, ctx.data, config, batch, checkpoint_dir=ctx.checkpoint_dir, resume=ctx.resume)
-        history = result.pop("history")
+        history, notes = result.pop("history"), result.pop("notes")
         new = artifact.derive("train", module=module)
         result.update(params=new.params(), size_mb=new.size_mb())
         console.info(f"validation accuracy {result['accuracy']:.4f} after {config.epochs} epoch(s)")
-        return StepResult(artifact=new, metrics=result, sections=[history_table(history)])
+        return StepResult(artifact=new, metrics=result, notes=notes, sections=[history_table(history)])

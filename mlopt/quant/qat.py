@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mlopt.compress.lib.distillation import distillation_objective
 from mlopt.compress.lib.engine import Objective, TrainingConfig, cross_entropy, fit, history_table
@@ -68,6 +68,14 @@ class QATConfig(TrainingConfig):
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")
     keep_int8: bool = Field(False, description="hand back the INT8 model even where it is not faster than the FP32 model "
                             f"QAT started from; by default FP32 is handed back then ({INT8_RULE})")
+
+    @field_validator("shard")
+    @classmethod
+    def _no_shard(cls, value: bool) -> bool:
+        if value:  # the observers hook into the module the simulation wraps; a sharded copy would bypass them
+            raise ValueError("qat does not shard (--shard): its quantization observers must see the whole model; "
+                             "run it data-parallel with --nproc instead")
+        return value
 
 
 class QATPass(Pass):

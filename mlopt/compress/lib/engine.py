@@ -24,10 +24,11 @@ from mlopt.core import console
 from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Strict, Table
-from mlopt.runtime import distributed
+from mlopt.runtime import distributed, sharding
 from mlopt.runtime.data import Dataset, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import cpu_state_dict
+from mlopt.runtime.sharded_checkpoint import ShardedCheckpoints
 
 CHECKPOINT_FILE = "checkpoint.pt"
 _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for the GPU)
@@ -54,6 +55,8 @@ class TrainingConfig(Strict):
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision: bf16 (CPU, CUDA) or fp16 (CUDA)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int | None = Field(None, gt=0, description="also checkpoint every N optimiser steps")
+    shard: bool = Field(False, description="shard parameters, gradients and optimizer state across the processes "
+                        "(FSDP2) instead of replicating them; checkpoints are sharded too")
 
 
 def cross_entropy(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
@@ -87,6 +90,31 @@ def _device(cfg: TrainingConfig) -> str:
     if cfg.amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError("this GPU does not support bf16; use --amp fp16")
     return device
+
+
+def _place(cfg: TrainingConfig) -> tuple[str, distributed.Dist, Any]:
+    """The device type, this process's place among the processes (joining them under torchrun) and its device."""
+    import torch
+
+    device = _device(cfg)
+    dist = distributed.init(device)
+    if device == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    return device, dist, torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
+
+
+def shard_frozen(module: Any, cfg: TrainingConfig) -> str | None:
+    """Shard a module that only runs forward (a distillation teacher) across the processes, in place.
+    Returns why nothing was done, with one process."""
+    device, dist, _ = _place(cfg)
+    if dist.world_size == 1:
+        return "--shard-teacher with one process does nothing: the teacher is whole"
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    sharding.shard(module, device)
+    return None
 
 
 def config_fingerprint(cfg: BaseModel, extra: Any = None) -> str:
@@ -163,7 +191,7 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
     require_labels(data, "training")
     n = len(data.train)
     run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra)
-    if run.ckpt_path is not None and (resume or distributed.restarted()) and run.ckpt_path.is_file():
+    if resume or distributed.restarted():
         run.resume()
     train_set = _on_device(data.train, run.dev)
     with console.progress(label, total=cfg.epochs * run.steps_per_epoch) as bar:
@@ -182,24 +210,37 @@ class _Training:
                  checkpoint_dir: Path | None, fingerprint_extra: Any) -> None:
         import torch
 
-        self.cfg, self.objective, self.module = cfg, objective, module
-        self.device = device = _device(cfg)
-        self.dist = dist = distributed.init(device)
-        if device == "cuda":
-            torch.cuda.set_device(dist.local_rank)
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        self.dev = torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
+        self.cfg, self.objective, self.host = cfg, objective, module
+        self.device, self.dist, self.dev = device, dist, _ = _place(cfg)
         torch.manual_seed(cfg.seed)
+        self.notes: list[str] = []
+        # --shard: FSDP2 across the processes; with one process there is nothing to shard across, but the
+        # checkpoints are still sharded ones, so that more processes can resume them.
+        if cfg.shard and not any(p.requires_grad for p in module.parameters()):
+            raise InputError("--shard: the model has no trainable parameters to shard")
+        self.sharded = cfg.shard and dist.world_size > 1
+        if cfg.shard and not self.sharded:
+            self.notes.append("--shard with one process does nothing: trained unsharded")
+            console.warn(self.notes[-1])
         # On CUDA, convolutional networks train faster in NHWC (channels-last) layout, which the tensor
         # cores use natively; most of all under fp16/bf16. The weights are saved contiguous either way.
-        self.channels_last = device == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
-        module.to(self.dev, memory_format=torch.channels_last) if self.channels_last else module.to(self.dev)
-        for extra in objective.modules:
-            extra.to(self.dev)
+        self.channels_last = (device == "cuda" and not self.sharded
+                              and any(isinstance(m, torch.nn.Conv2d) for m in module.modules()))
+        self.shard_units = 0
+        if self.sharded:
+            module = sharding.training_copy(module)  # the caller's module gets the gathered weights at the end
+            self.shard_units = sharding.shard(module, device, cfg.amp)
+            for extra in objective.modules:
+                if any(True for _ in extra.parameters()):
+                    sharding.shard(extra, device, cfg.amp)
+        else:
+            module.to(self.dev, memory_format=torch.channels_last) if self.channels_last else module.to(self.dev)
+            for extra in objective.modules:
+                extra.to(self.dev)
         if objective.to_device:
             objective.to_device(self.dev)
-        self.model = module
-        if dist.enabled:
+        self.module = self.model = module
+        if dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(module, device_ids=[dist.local_rank] if device == "cuda" else None)
@@ -220,12 +261,24 @@ class _Training:
         # oneDNN hands back convolution gradients in its own (equivalent) strides; DDP copes, and says so.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
-        self.fingerprint = config_fingerprint(cfg, [fingerprint_extra, dist.world_size, batch_size, n])
-        self.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+        # Sharded checkpoints reshard on load, so the number of processes is not part of their fingerprint.
+        self.fingerprint = config_fingerprint(cfg, [fingerprint_extra, batch_size, n] if cfg.shard
+                                              else [fingerprint_extra, dist.world_size, batch_size, n])
+        self.signature = _signature(module, objective.modules, self.opt)
+        self.ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir and not cfg.shard else None
+        self.sharded_ckpts = ShardedCheckpoints(Path(checkpoint_dir)) if checkpoint_dir and cfg.shard else None
+        self.batch_size, self.n = batch_size, n
         self.progress = Progress()
         self.best_weights: dict[str, Any] | None = None
 
     def resume(self) -> None:
+        """Continue from the checkpoint, where there is one."""
+        if self.sharded_ckpts is not None:
+            self._resume_sharded()
+        elif self.ckpt_path is not None and self.ckpt_path.is_file():
+            self._resume_file()
+
+    def _resume_file(self) -> None:
         import torch
 
         try:
@@ -240,29 +293,113 @@ class _Training:
         for extra, sd in zip(self.objective.modules, ckpt["extra_modules"]):
             extra.load_state_dict(sd)
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        if self.device == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
-        self.progress = Progress(**ckpt["progress"])
+        self._restore(ckpt)
         self.best_weights = ckpt.get("best_weights")
         console.info(f"resuming from {self.ckpt_path} (epoch {self.progress.epoch + 1}, batch {self.progress.batch})")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """The state every rank keeps for itself: scheduler, scaler, random numbers, progress."""
+        import torch
+
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if self.device == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.progress = Progress(**state["progress"])
+
+    def _dcp_state(self, with_best: bool) -> dict[str, Any]:
+        """What the sharded checkpoints hold: model, feature projections and optimiser, as DCP state dicts."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._trainable(), self.opt)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if with_best:
+            state["best"] = self._snapshot()
+        return state
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of the model's weights (early stopping's best): CPU tensors, or this rank's shards."""
+        if self.sharded:
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        return copy.deepcopy(cpu_state_dict(self.module))  # keeps per-module versions
+
+    def _trainable(self) -> Any:
+        from torch import nn
+
+        return nn.ModuleDict({"model": self.module, **{f"extra{i}": m for i, m in enumerate(self.objective.modules)}})
+
+    def _resume_sharded(self) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        path, skipped = self.sharded_ckpts.latest()
+        if skipped:
+            self.notes.append(f"half-written sharded checkpoint(s) ignored: {', '.join(skipped)}"
+                              + (f"; resumed from {path.name}" if path else "; started from the beginning"))
+            console.warn(self.notes[-1])
+        if path is None:
+            return
+        meta = ShardedCheckpoints.marker(path)
+        if meta.get("signature") != self.signature:
+            raise InputError(f"the sharded checkpoint in {path.parent.parent} was written for another model or "
+                             "optimizer; rerun with the original model and settings, or with --overwrite to start again")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise InputError(f"the sharded checkpoint in {path.parent.parent} was written with a different "
+                             "configuration; rerun with the original settings, or with --overwrite to start again")
+        state = self._dcp_state(meta.get("best", False))
+        own = ShardedCheckpoints.load(path, state)
+        set_state_dict(self._trainable(), self.opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if meta.get("best"):
+            self.best_weights = state["best"]
+        self._restore(own)
+        if meta["world_size"] != self.dist.world_size:
+            self._reposition(meta["world_size"])
+        console.info(f"resuming from {path} (epoch {self.progress.epoch + 1}, batch {self.progress.batch}, "
+                     f"written by {meta['world_size']} process(es))")
+
+    def _reposition(self, saved_world: int) -> None:
+        """A checkpoint of another number of processes: continue the epoch after the samples already seen,
+        on this run's steps (the interrupted epoch's order differs from an uninterrupted run's)."""
+        state = self.progress
+        seen = min(state.batch * self.batch_size * saved_world, self.n)
+        state.batch = -(-seen // (self.batch_size * self.dist.world_size))
+        state.step = state.epoch * self.steps_per_epoch + state.batch
+        state.loss_sum, state.correct, state.count = 0.0, 0, 0
+        self.sched.last_epoch = state.step
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * self.sched.lr_lambdas[0](state.step)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        self.notes.append(f"resumed on {self.dist.world_size} process(es) from a checkpoint of {saved_world}")
 
     def checkpoint(self) -> None:
         import torch
 
+        if self.sharded_ckpts is not None:
+            self._checkpoint_sharded()
+            return
         if self.ckpt_path is None or not self.dist.is_main:
             return
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         _save_checkpoint(self.ckpt_path, {
             "fingerprint": self.fingerprint, "model": self.module.state_dict(),
             "extra_modules": [m.state_dict() for m in self.objective.modules],
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
-            "progress": asdict(self.progress), "best_weights": self.best_weights,
+            "optimizer": self.opt.state_dict(), **self._own_state(), "best_weights": self.best_weights,
         })
+
+    def _own_state(self) -> dict[str, Any]:
+        import torch
+
+        return {"scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.device == "cuda" else None,
+                "progress": asdict(self.progress)}
+
+    def _checkpoint_sharded(self) -> None:
+        state = self._dcp_state(False)
+        if self.best_weights is not None:
+            state["best"] = self.best_weights
+        self.sharded_ckpts.save(self.progress.step, state, self._own_state(),
+                                {"fingerprint": self.fingerprint, "signature": self.signature,
+                                 "best": self.best_weights is not None, "epoch": self.progress.epoch})
 
     def train_epoch(self, train_set: Any, batches: list[list[int]], bar: Any) -> None:
         """Train the rest of the epoch from `progress.batch`, checkpointing every `checkpoint_every` steps."""
@@ -285,7 +422,7 @@ class _Training:
                 loss, logits = self.objective.loss(self.model, x, y, indices)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            if self.dist.enabled and self.extra_params:
+            if self.dist.enabled and self.extra_params and not self.sharded:
                 distributed.average_grads(self.extra_params)  # DDP averages only the wrapped module's
             if cfg.grad_clip is not None:
                 self.scaler.unscale_(self.opt)
@@ -331,7 +468,7 @@ class _Training:
         if val["accuracy"] > state.best_acc:
             state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
             if cfg.early_stopping:
-                self.best_weights = copy.deepcopy(cpu_state_dict(self.module))  # keeps per-module versions
+                self.best_weights = self._snapshot()
         else:
             state.stale += 1
         state.batch, state.loss_sum, state.correct, state.count = 0, 0.0, 0, 0
@@ -339,14 +476,20 @@ class _Training:
             state.epoch = cfg.epochs  # stop early: the history ends short of cfg.epochs
 
     def finish(self) -> dict[str, Any]:
-        """Restore the best weights (early stopping), move everything to the CPU and gather the metrics."""
+        """Restore the best weights (early stopping), gather sharded weights into the caller's module, move
+        everything to the CPU and gather the metrics."""
         cfg, state, dist = self.cfg, self.progress, self.dist
         if cfg.early_stopping and self.best_weights is not None:
             self.module.load_state_dict(self.best_weights)
-        replica_diff = distributed.replica_max_diff(self.module, *self.objective.modules) if dist.enabled else None
-        self.module.to("cpu").eval()
-        for extra in self.objective.modules:
-            extra.to("cpu")
+        memory = self._memory()
+        if self.sharded:
+            sharding.gather_into(self.module, self.host)  # every rank holds the whole trained model again
+            replica_diff = distributed.replica_max_diff(self.host)
+        else:
+            replica_diff = distributed.replica_max_diff(self.host, *self.objective.modules) if dist.enabled else None
+            for extra in self.objective.modules:
+                extra.to("cpu")
+        self.host.to("cpu").eval()
         best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
         chosen = state.history[best_epoch - 1]
         return {
@@ -354,10 +497,30 @@ class _Training:
             "epochs": len(state.history), "best_epoch": best_epoch, "stopped_early": len(state.history) < cfg.epochs,
             "precision": cfg.amp if cfg.amp != "off" else "fp32", "device": self.device,
             "channels_last": self.channels_last, "processes": dist.world_size, "backend": distributed.backend(),
+            "sharded": self.sharded, "shard_units": self.shard_units, **memory,
             "replica_max_abs_diff": replica_diff,
             "train_samples_per_s": state.seen * dist.world_size / state.train_time if state.train_time > 0 else None,
-            "history": state.history,
+            "history": state.history, "notes": self.notes,
         }
+
+    def _memory(self) -> dict[str, Any]:
+        """What this process holds for training (its shards when sharded), and its peak memory."""
+        import resource
+
+        import torch
+
+        held = sharding.training_bytes(self.params, self.opt)
+        held["model_optimizer_bytes"] = held["param_bytes"] + held["optimizer_bytes"]
+        held["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if self.device == "cuda":
+            held["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(self.dev) / 2**20, 1)
+        return held
+
+
+def _signature(module: Any, extras: list[Any], optimizer: Any) -> str:
+    """A hash of the parameters' names and (whole) shapes and the optimiser's kind: what a checkpoint fits."""
+    parts = [[name, list(p.shape)] for m in (module, *extras) for name, p in m.named_parameters()]
+    return hashlib.sha256(json.dumps([parts, type(optimizer).__name__]).encode()).hexdigest()[:16]
 
 
 def _flush(state: Progress, sums: Any) -> None:

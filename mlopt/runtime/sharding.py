@@ -1,0 +1,166 @@
+"""Sharded data parallelism with PyTorch FSDP2 (`fully_shard` on a one-dimensional device mesh).
+
+Each process keeps 1/N of the parameters, gradients and optimiser state; a unit's full parameters
+exist only while it runs. mlopt shards per block (the repeated layers of a transformer, the
+repeated residual blocks of a CNN) and otherwise per top-level child, then the root.
+
+Three things here are mlopt's own rather than FSDP2's:
+- Batch-norm statistics: FSDP2 does not synchronise buffers. DistributedDataParallel broadcasts
+  rank 0's buffers before every training forward; a hook does the same here, so a sharded run
+  computes what the unsharded one does.
+- Mixed precision: FSDP2's policy casts parameters to bf16/fp16; normalisation layers keep float32
+  parameters in their own units, because batch norm refuses low-precision weights with float32
+  running statistics.
+- The caller's module: training happens on a copy that shares the caller's tensors (no copy is made
+  of the weights), so that the caller's module object can receive the gathered weights at the end
+  and stay a plain `nn.Module` for export and the other steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mlopt.core.errors import InputError
+
+_NORMS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "LocalResponseNorm")
+
+
+def _is_norm(module: Any) -> bool:
+    return any(n in type(module).__name__ for n in _NORMS) and any(True for _ in module.parameters(recurse=False))
+
+
+def _has_params(module: Any) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def units(module: Any) -> list[Any]:
+    """The submodules to shard as units (the root is not among them).
+
+    Repeated blocks: non-leaf modules held in an nn.ModuleList or nn.Sequential next to at least one
+    more of the same class (transformer layers, residual blocks); the outermost such blocks are used.
+    Without any, each top-level child that has parameters. FSDP2 gathers a unit's weights when its
+    forward runs, so a container that is never called (ModuleList, ModuleDict) is never a unit: its
+    children are.
+    """
+    from torch import nn
+
+    def callable_units(m: Any) -> list[Any]:
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            return [u for c in m.children() if _has_params(c) for u in callable_units(c)]
+        return [m]
+
+    blocks: list[Any] = []
+    inside: set[int] = set()
+    for container in module.modules():
+        if id(container) in inside or not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(container.children())
+        for child in children:
+            same = sum(type(c) is type(child) for c in children)
+            if same >= 2 and any(True for _ in child.children()) and _has_params(child) and id(child) not in inside:
+                blocks.extend(callable_units(child))
+                inside.update(id(m) for m in child.modules())
+    if not blocks:
+        blocks = [u for c in module.children() if _has_params(c) for u in callable_units(c)]
+    return blocks
+
+
+def shard(module: Any, device_type: str, amp: str = "off") -> int:
+    """Shard `module` in place across every process of the default group; returns the number of units.
+
+    amp "bf16"/"fp16": parameters are gathered and computed in that precision (gradients are reduced in
+    float32); normalisation layers stay float32.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    import torch.distributed as td
+
+    if not any(True for _ in module.parameters()):
+        raise InputError("--shard: the model has no parameters to shard")
+    mesh = init_device_mesh(device_type, (td.get_world_size(),))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    full = MixedPrecisionPolicy()
+    _same_start(module, device_type)
+    count = 0
+    if low is not None:  # normalisation layers first: their own float32 units
+        for m in module.modules():
+            if m is not module and _is_norm(m):
+                fully_shard(m, mesh=mesh, mp_policy=full)
+                count += 1
+    for unit in units(module):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+        count += 1
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    module.register_forward_pre_hook(_broadcast_buffers)
+    return count + 1
+
+
+def _same_start(module: Any, device_type: str) -> None:
+    """Every rank starts from rank 0's weights and buffers, as DistributedDataParallel does."""
+    import torch
+    import torch.distributed as td
+
+    for t in module.state_dict().values():
+        data = t.data.to(device_type) if device_type != "cpu" else t.data  # nccl sends device tensors only
+        td.broadcast(data, src=0)
+        if data is not t.data:
+            t.data.copy_(data)
+
+
+def _broadcast_buffers(module: Any, args: Any) -> None:
+    """Rank 0's buffers (batch-norm statistics) before each training forward, as DDP does."""
+    import torch
+    import torch.distributed as td
+
+    if module.training and torch.is_grad_enabled():
+        for buf in module.buffers():
+            td.broadcast(buf.data, src=0)
+
+
+def training_copy(module: Any) -> Any:
+    """A copy of `module` that shares its parameter and buffer tensors (nothing is copied), whose
+    parameters the caller's module then gives up (they move to the meta device): sharding the copy
+    frees the full weights. `gather_into` gives them back, trained."""
+    import torch
+
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    worker = copy.deepcopy(module, memo)
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    return worker
+
+
+def gather_into(worker: Any, host: Any) -> None:
+    """Gather the sharded `worker`'s full weights and buffers into `host` (on the CPU), on every rank."""
+    state = {k: full_tensor(v).detach().cpu() for k, v in worker.state_dict().items()}
+    host.load_state_dict(state, assign=True)
+
+
+def full_tensor(t: Any) -> Any:
+    """A DTensor's whole value (a collective: every rank calls it), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_bytes(tensors: Any) -> int:
+    """Bytes this process holds of these tensors (a DTensor's local shard only)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def training_bytes(params: list[Any], optimizer: Any) -> dict[str, int]:
+    """Parameter, gradient and optimiser-state bytes held by this process."""
+    import torch
+
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {"param_bytes": local_bytes(params), "grad_bytes": local_bytes(p.grad for p in params),
+            "optimizer_bytes": local_bytes(state)}
