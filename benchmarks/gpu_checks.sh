@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent accelerator (CI has none; these tests skip there).
 #   bash benchmarks/gpu_checks.sh
-# Runs the CUDA tests (fp16/bf16 AMP training, a one-GPU nccl torchrun job, the CUDA execution
-# provider when onnxruntime-gpu is installed) and the fp16 and bf16 AMP step-throughput ratios for
+# Runs the CUDA tests (fp16/bf16 AMP training, a one-GPU nccl torchrun job, FSDP2 sharded training over
+# nccl in bf16 and fp16 on every GPU, the CUDA execution provider when onnxruntime-gpu is installed) and the fp16 and bf16 AMP step-throughput ratios for
 # resnet50. Set MLOPT_PYTHONPATH to add directories holding mlopt's dependencies.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="${MLOPT_PYTHONPATH:+$MLOPT_PYTHONPATH:}$PWD"

@@ -286,3 +286,24 @@ class NoParams(nn.Module):
 
 def no_params(num_classes: int = 10) -> nn.Module:
     return NoParams()
+
+
+class TiedNet(nn.Module):
+    """Weights used outside the module that holds them: two blocks share one Linear, and the parent's forward
+    reads the third block's weight directly. Only the fourth block keeps its weights to itself."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(64, 32)
+        shared = nn.Linear(32, 32)
+        self.blocks = nn.Sequential(*(nn.Sequential(layer, nn.ReLU())
+                                      for layer in (shared, shared, nn.Linear(32, 32), nn.Linear(32, 32))))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        h = self.blocks(self.inp(x.flatten(1)))
+        return self.head(h + torch.nn.functional.linear(h, self.blocks[2][0].weight))
+
+
+def tied_net(num_classes: int = 10) -> nn.Module:
+    return TiedNet(num_classes)

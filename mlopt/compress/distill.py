@@ -17,7 +17,7 @@ from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
 from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
-from mlopt.runtime.data import check_labels
+from mlopt.runtime.data import check_labels, first_inputs
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import build_module, count_params, probe_output
 from mlopt.runtime.sharding import local_bytes
@@ -80,7 +80,7 @@ class DistillPass(Pass):
 
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
-        teacher_note = shard_frozen(teacher, config) if config.shard_teacher else None
+        teacher_note = shard_frozen(teacher, config, first_inputs(ctx.data, 1)) if config.shard_teacher else None
         if config.student:
             torch.manual_seed(config.seed)
             student = build_module(config.student, ctx.data.num_classes)

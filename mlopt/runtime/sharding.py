@@ -66,11 +66,13 @@ def units(module: Any) -> list[Any]:
     return blocks
 
 
-def shard(module: Any, device_type: str, amp: str = "off") -> int:
+def shard(module: Any, device_type: str, amp: str = "off", sample: Any = None) -> int:
     """Shard `module` in place across every process of the default group; returns the number of units.
 
     amp "bf16"/"fp16": parameters are gathered and computed in that precision (gradients are reduced in
-    float32); normalisation layers stay float32.
+    float32); normalisation layers stay float32. `sample`: a real input, run once before sharding to find
+    parameters that are used outside the forward of the unit that holds them (tied weights, a weight
+    read by its parent's forward): such units are left to their parent.
     """
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -79,23 +81,77 @@ def shard(module: Any, device_type: str, amp: str = "off") -> int:
 
     if not any(True for _ in module.parameters()):
         raise InputError("--shard: the model has no parameters to shard")
-    mesh = init_device_mesh(device_type, (td.get_world_size(),))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-    full = MixedPrecisionPolicy()
+    norms = [m for m in module.modules() if m is not module and _is_norm(m)] if low is not None else []
+    blocks = units(module)
+    if sample is not None:
+        kept = self_contained(module, [*norms, *blocks], sample)
+        norms, blocks = [m for m in norms if id(m) in kept], [m for m in blocks if id(m) in kept]
     _same_start(module, device_type)
-    count = 0
-    if low is not None:  # normalisation layers first: their own float32 units
-        for m in module.modules():
-            if m is not module and _is_norm(m):
-                fully_shard(m, mesh=mesh, mp_policy=full)
-                count += 1
-    for unit in units(module):
+    mesh = init_device_mesh(device_type, (td.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    for m in norms:  # their own float32 units, inside the blocks that hold them
+        fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+    for unit in blocks:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-        count += 1
     fully_shard(module, mesh=mesh, mp_policy=policy)
     module.register_forward_pre_hook(_broadcast_buffers)
-    return count + 1
+    return len(norms) + len(blocks) + 1
+
+
+def self_contained(module: Any, candidates: list[Any], sample: Any) -> set[int]:
+    """The ids of the candidate units whose parameters are used only while their own forward runs.
+
+    FSDP2 holds a unit's parameters sharded outside its forward, so a parameter read anywhere else
+    (a weight tied between two units, a weight its parent reads directly) would be read sharded. One
+    forward of `sample` (eval mode, no gradients) under a torch-function mode sees every tensor each
+    operation takes; a candidate whose parameter is taken while it is not running is dropped, and the
+    check repeats until none is. Written by hand: FSDP2 reports only ties between units, at wrap time.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    kept = list(candidates)
+    was_training = module.training
+    module.eval()
+    try:
+        while kept:
+            owner: dict[int, int] = {}
+            for i, unit in sorted(enumerate(kept), key=lambda iu: _depth(module, iu[1])):
+                owner.update((id(p), i) for p in unit.parameters())  # the innermost unit owns a parameter
+            active: list[int] = []
+            strays: set[int] = set()
+
+            class Watch(TorchFunctionMode):
+                def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                    for t in tree_leaves((args, kwargs or {})):
+                        i = owner.get(id(t)) if isinstance(t, torch.nn.Parameter) else None
+                        if i is not None and i not in active:
+                            strays.add(i)
+                    return func(*args, **(kwargs or {}))
+
+            hooks = []
+            for i, unit in enumerate(kept):
+                hooks.append(unit.register_forward_pre_hook(lambda m, a, i=i: active.append(i)))
+                hooks.append(unit.register_forward_hook(lambda m, a, o, i=i: active.remove(i)))
+            try:
+                with torch.no_grad(), Watch():
+                    module(**sample) if isinstance(sample, dict) else module(sample)
+            finally:
+                for h in hooks:
+                    h.remove()
+            if not strays:
+                break
+            kept = [u for i, u in enumerate(kept) if i not in strays]
+    finally:
+        module.train(was_training)
+    return {id(u) for u in kept}
+
+
+def _depth(root: Any, unit: Any) -> int:
+    name = next(n for n, m in root.named_modules() if m is unit)
+    return name.count(".")
 
 
 def _same_start(module: Any, device_type: str) -> None:

@@ -18,7 +18,7 @@ from mlopt.compress.lib.engine import TrainingConfig, fit
 from mlopt.core.errors import InputError
 from mlopt.runtime.data import DataConfig, load_data
 from mlopt.runtime.sharded_checkpoint import ShardedCheckpoints
-from mlopt.runtime.sharding import units
+from mlopt.runtime.sharding import self_contained, units
 
 from conftest import TOY
 
@@ -104,6 +104,33 @@ def test_units_are_blocks_that_run_forward():
     # Blocks held in a ModuleDict: the dict is never called, so its members are the units.
     assert [type(u).__name__ for u in units(tiny_bert_like())] == ["BertSelfAttention", "Linear", "LayerNorm"] * 2
     assert [type(u).__name__ for u in units(tiny_cnn())] == ["Sequential", "Linear"]  # no blocks: the top children
+
+
+def test_units_that_share_weights_are_left_to_their_parent():
+    from toy_models import tied_net
+
+    model = tied_net()
+    blocks = units(model)
+    assert len(blocks) == 4
+    kept = self_contained(model, blocks, torch.randn(2, 1, 8, 8))
+    assert kept == {id(model.blocks[3])}  # 0 and 1 share a Linear; the parent reads 2's weight
+    assert model.training  # the probe ran in eval mode and put the mode back
+
+
+@pytest.mark.slow
+def test_tied_weights_train_sharded_as_ddp_does(tmp_path):
+    runs = {}
+    for mode in ("ddp", "shard"):
+        out = tmp_path / mode
+        proc = subprocess.run([*TORCHRUN, "--nproc-per-node=2", "-m", "mlopt", "train", "--model", f"{TOY}:tied_net",
+                               "--data", "digits", "--batch-size", "32", "--lr", "0.003", "--epochs", "1",
+                               "--device", "cpu", *(["--shard"] if mode == "shard" else []), "--out", str(out),
+                               "--json"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = json.loads(proc.stdout)
+    assert runs["shard"]["sharded"] is True and runs["shard"]["shard_units"] == 2  # the fourth block and the root
+    assert runs["shard"]["replica_max_abs_diff"] == 0.0
+    assert _max_diff(tmp_path / "ddp", tmp_path / "shard") < 1e-5
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Strict, Table
 from mlopt.runtime import distributed, sharding
-from mlopt.runtime.data import Dataset, require_labels
+from mlopt.runtime.data import Dataset, first_inputs, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import cpu_state_dict
 from mlopt.runtime.sharded_checkpoint import ShardedCheckpoints
@@ -104,16 +104,16 @@ def _place(cfg: TrainingConfig) -> tuple[str, distributed.Dist, Any]:
     return device, dist, torch.device(device, dist.local_rank) if device == "cuda" else torch.device("cpu")
 
 
-def shard_frozen(module: Any, cfg: TrainingConfig) -> str | None:
-    """Shard a module that only runs forward (a distillation teacher) across the processes, in place.
-    Returns why nothing was done, with one process."""
+def shard_frozen(module: Any, cfg: TrainingConfig, sample: Any) -> str | None:
+    """Shard a module that only runs forward (a distillation teacher) across the processes, in place
+    (`sample`: a real input, see `sharding.shard`). Returns why nothing was done, with one process."""
     device, dist, _ = _place(cfg)
     if dist.world_size == 1:
         return "--shard-teacher with one process does nothing: the teacher is whole"
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    sharding.shard(module, device)
+    sharding.shard(module, device, sample=sample)
     return None
 
 
@@ -190,7 +190,8 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
     loss, throughput, precision, history). The module ends on the CPU in eval mode."""
     require_labels(data, "training")
     n = len(data.train)
-    run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra)
+    run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra,
+                    first_inputs(data, 1) if cfg.shard else None)
     if resume or distributed.restarted():
         run.resume()
     train_set = _on_device(data.train, run.dev)
@@ -207,7 +208,7 @@ class _Training:
     """One call of `fit`: the module placed on its device (wrapped for DDP), its optimiser and the progress."""
 
     def __init__(self, module: Any, objective: Objective, cfg: TrainingConfig, n: int, batch_size: int,
-                 checkpoint_dir: Path | None, fingerprint_extra: Any) -> None:
+                 checkpoint_dir: Path | None, fingerprint_extra: Any, sample: Any = None) -> None:
         import torch
 
         self.cfg, self.objective, self.host = cfg, objective, module
@@ -229,7 +230,7 @@ class _Training:
         self.shard_units = 0
         if self.sharded:
             module = sharding.training_copy(module)  # the caller's module gets the gathered weights at the end
-            self.shard_units = sharding.shard(module, device, cfg.amp)
+            self.shard_units = sharding.shard(module, device, cfg.amp, sample)
             for extra in objective.modules:
                 if any(True for _ in extra.parameters()):
                     sharding.shard(extra, device, cfg.amp)
