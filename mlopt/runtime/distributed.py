@@ -49,13 +49,66 @@ def init(device_type: str) -> Dist:
 
         if not td.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
-            # torchrun keeps its store across elastic restarts; without a per-attempt prefix the
+            # torchrun keeps its store across elastic restarts; without a per-round prefix the
             # restarted ranks read the dead ranks' addresses and fail to connect.
-            store, rank, world = next(td.rendezvous("env://"))
-            store = td.PrefixStore(f"mlopt/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            store, rank, world, round_, _ = _join_round()
+            store = td.PrefixStore(f"mlopt/round{round_}", store)
             td.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         _initialised = True
     return d
+
+
+_round: tuple[Any, int, int, int, bool] | None = None  # _join_round's answer, once agreed
+
+
+def _join_round(timeout: float = 600.0) -> tuple[Any, int, int, int, bool]:
+    """(store, rank, world size, round, restarted): the number of this process's rendezvous round
+    (1, 2, ...) and whether torchrun restarted the workers, both the same on every rank of the round.
+
+    TORCHELASTIC_RESTART_COUNT can be neither across nodes: an agent counts a restart only when its
+    own workers failed, and restarts the workers of the other nodes, uncounted, because the
+    membership changed. Rank 0 takes the next number from a counter in torchrun's store (which
+    outlives the rounds) and hands it to the other ranks: each asks under a fresh random key, which
+    no earlier round can have answered, and acknowledges under the new number, so rank 0 keeps
+    answering until every rank of this round has it (what dead ranks left in the store misleads
+    neither side).
+    """
+    global _round
+    if _round is None:
+        import secrets
+        import time
+        from datetime import timedelta
+
+        import torch.distributed as td
+
+        store, rank, world = next(td.rendezvous("env://"))
+        if rank == 0:
+            round_ = store.add("mlopt/rounds", 1)
+            counted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            answer = f"{round_} {int(round_ > 1 or counted)}"
+            waiting, answered, deadline = set(range(1, world)), {}, time.monotonic() + timeout
+            while waiting:
+                for r in sorted(waiting):
+                    if store.check([f"mlopt/round{round_}/ack{r}"]):
+                        waiting.discard(r)
+                    elif store.check([f"mlopt/hello{r}"]):
+                        key = store.get(f"mlopt/hello{r}").decode()
+                        if answered.get(r) != key:  # rank r of this round, or a dead one of an earlier round
+                            store.set(f"mlopt/welcome/{key}", answer)
+                            answered[r] = key
+                if waiting:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"ranks {sorted(waiting)} did not start within {timeout:.0f} s")
+                    time.sleep(0.02)
+        else:
+            key = secrets.token_hex(16)
+            store.set(f"mlopt/hello{rank}", key)
+            store.wait([f"mlopt/welcome/{key}"], timedelta(seconds=timeout))
+            answer = store.get(f"mlopt/welcome/{key}").decode()
+            store.set(f"mlopt/round{answer.split()[0]}/ack{rank}", "1")
+        round_, restarted_ = answer.split()
+        _round = (store, rank, world, int(round_), restarted_ == "1")
+    return _round
 
 
 def backend() -> str | None:
@@ -116,8 +169,10 @@ def barrier() -> None:
 
 
 def restarted() -> bool:
-    """True in a worker that torchrun restarted after a failure (elastic --max-restarts)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    """True in the workers of a torchrun job that restarted them (elastic --max-restarts), on every node.
+
+    Agreed by all ranks (see _join_round), so every rank calls it, or none."""
+    return current().enabled and _join_round()[4]
 
 
 def launch(nproc: int, argv: list[str]) -> int:
