@@ -169,11 +169,18 @@ def _same_start(module: Any, device_type: str) -> None:
 def _broadcast_buffers(module: Any, args: Any) -> None:
     """Rank 0's buffers (batch-norm statistics) before each training forward, as DDP does."""
     import torch
-    import torch.distributed as td
 
     if module.training and torch.is_grad_enabled():
-        for buf in module.buffers():
-            td.broadcast(buf.data, src=0)
+        sync_buffers(module)
+
+
+def sync_buffers(module: Any) -> None:
+    """Every rank takes rank 0's buffers. Each rank's forward updates its own batch-norm statistics, so
+    they differ after a step; a checkpoint or the gathered model must hold rank 0's, as DDP's do."""
+    import torch.distributed as td
+
+    for buf in module.buffers():
+        td.broadcast(buf.data, src=0)
 
 
 def training_copy(module: Any) -> Any:
@@ -192,7 +199,8 @@ def training_copy(module: Any) -> Any:
 
 
 def gather_into(worker: Any, host: Any) -> None:
-    """Gather the sharded `worker`'s full weights and buffers into `host` (on the CPU), on every rank."""
+    """Gather the sharded `worker`'s full weights and rank 0's buffers into `host` (on the CPU), on every rank."""
+    sync_buffers(worker)
     state = {k: full_tensor(v).detach().cpu() for k, v in worker.state_dict().items()}
     host.load_state_dict(state, assign=True)
 

@@ -154,25 +154,6 @@ def test_sharded_training_matches_ddp_with_half_the_bytes(sharded, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_the_sharded_checkpoint(sharded, tmp_path):
-    out = tmp_path / "restarted"
-    launch = [*TORCHRUN, "--nproc-per-node=2", "--max-restarts=1", "-m", "mlopt", "train", *ARGS, "--shard",
-              "--checkpoint-every", "6", "--out", str(out)]
-    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for_checkpoint(proc, out)
-        workers = _workers(proc)
-        assert workers, "no worker processes found"
-        os.kill(workers[-1], signal.SIGKILL)
-        _, stderr = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            _kill_all(proc)
-    assert "resuming from" in stderr and "written by 2 process(es)" in stderr
-    assert _max_diff(out, sharded[0]) < 1e-5
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_sharded_checkpoint_resumes_on_another_number_of_processes(before, after, tmp_path):
     out = tmp_path / "run"

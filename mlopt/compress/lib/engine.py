@@ -395,6 +395,8 @@ class _Training:
                 "progress": asdict(self.progress)}
 
     def _checkpoint_sharded(self) -> None:
+        if self.sharded:
+            sharding.sync_buffers(self.module)  # DCP saves one rank's copy of what is not sharded: rank 0's
         state = self._dcp_state(False)
         if self.best_weights is not None:
             state["best"] = self.best_weights
