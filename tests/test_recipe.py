@@ -30,11 +30,22 @@ def test_defaults_are_typed():
         ({"steps": [{"type": "ptq", "per_channel": False}]}, "per_channel apply to mode static or dynamic"),
         ({"steps": [{"type": "ptq", "mode": "dynamic", "calibration": "entropy"}]}, "dynamic quantization has no"),
         ({"steps": [{"type": "bench", "iterations": 50, "duration_s": 2}]}, "iterations or duration_s, not both"),
+        ({"steps": [{"type": "qat", "shard": True}]}, "qat does not shard"),
     ],
 )
 def test_invalid_recipes(patch, match):
     with pytest.raises(InputError, match=match):
         recipe_from_dict({**BASE, **patch}, "r.yaml")
+
+
+def test_training_steps_take_shard():
+    r = recipe_from_dict({**BASE, "steps": [
+        {"type": "train", "shard": True},
+        {"type": "prune", "ratio": 0.5, "finetune_epochs": 1, "finetune": {"shard": True}},
+        {"type": "distill", "teacher": "t", "shard": True, "shard_teacher": True},
+    ]}, "r.yaml")
+    assert r.steps[0].shard and r.steps[1].finetune.shard and r.steps[2].shard and r.steps[2].shard_teacher
+    assert not recipe_from_dict(BASE, "r.yaml").steps[0].shard  # replicated unless asked
 
 
 def test_env_interpolation(monkeypatch):
