@@ -161,6 +161,17 @@ def replica_max_diff(*modules: Any) -> float:
     return float(worst)
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (picklable) on every rank; the object itself in one process."""
+    if not _initialised:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if _initialised:
         import torch.distributed as td

@@ -25,7 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, first_line, storage_error
+from mlopt.core.fsutil import atomic_write_json
 from mlopt.runtime import distributed
 
 MARKER = "complete.json"
@@ -50,17 +51,20 @@ class ShardedCheckpoints:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         distributed.barrier()
-        with _single_process_quiet():
-            dcp.save(state, checkpoint_id=str(partial))
+        try:
+            with _single_process_quiet():
+                dcp.save(state, checkpoint_id=str(partial))
+        except Exception as exc:
+            error = _storage_error(exc, partial)
+            if error is None:
+                raise
+            raise error from exc
         with open(partial / f"rank-{dist.rank}.pt", "wb") as f:
             torch.save(rank_state, f)
         distributed.barrier()
         if dist.is_main:
             files = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
-            marker = {**meta, "step": step, "world_size": dist.world_size, "files": files}
-            tmp = partial / f".{MARKER}.tmp"
-            tmp.write_text(json.dumps(marker, indent=1))
-            os.replace(tmp, partial / MARKER)
+            atomic_write_json(partial / MARKER, {**meta, "step": step, "world_size": dist.world_size, "files": files})
             if final.exists():  # the same step written again after a restart
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -71,15 +75,18 @@ class ShardedCheckpoints:
         return final
 
     def latest(self) -> tuple[Path | None, list[str]]:
-        """The newest whole checkpoint, and the names of the half-written ones passed over."""
-        if not self.folder.is_dir():
-            return None, []
-        whole, half = [], []
-        for d in sorted(self.folder.iterdir()):
-            if d.is_dir() and d.name.startswith("step-"):
-                (whole if _is_whole(d) else half).append(d)
-        newest = whole[-1] if whole else None
-        return newest, [d.name for d in half if newest is None or d.name > newest.name]
+        """The newest whole checkpoint, and the names of the half-written ones passed over. Rank 0 looks and
+        tells the others (a collective under torchrun), so that nodes whose view of a shared filesystem
+        lags cannot pick different ones."""
+        found: tuple[Path | None, list[str]] = (None, [])
+        if distributed.current().is_main and self.folder.is_dir():
+            whole, half = [], []
+            for d in sorted(self.folder.iterdir()):
+                if d.is_dir() and d.name.startswith("step-"):
+                    (whole if _is_whole(d) else half).append(d)
+            newest = whole[-1] if whole else None
+            found = newest, [d.name for d in half if newest is None or d.name > newest.name]
+        return distributed.broadcast_object(found)
 
     @staticmethod
     def marker(path: Path) -> dict[str, Any]:
@@ -97,11 +104,18 @@ class ShardedCheckpoints:
         try:
             with _single_process_quiet():
                 dcp.load(state, checkpoint_id=str(path))
-        except Exception as exc:  # DCP raises CheckpointException with one traceback per rank
-            raise InputError(f"the sharded checkpoint {path} does not fit this model "
-                             f"({type(exc).__name__}); rerun with the original settings, or with --overwrite") from exc
+        except Exception as exc:
+            raise _storage_error(exc, path) or InputError(
+                f"the sharded checkpoint {path} could not be read ({type(exc).__name__}: {first_line(exc)[:160]}); "
+                "rerun with --overwrite to start again") from exc
         rank = dist.rank if saved_world == dist.world_size else 0
         return torch.load(path / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+
+
+def _storage_error(exc: BaseException, path: Path) -> InputError | None:
+    """A full disk or a refused write, also behind DCP's CheckpointException (which holds each rank's failure)."""
+    failures = [exc, *(failure[0] for failure in getattr(exc, "failures", {}).values())]
+    return next(filter(None, (storage_error(f, path) for f in failures)), None)
 
 
 @contextlib.contextmanager

@@ -83,11 +83,11 @@ def shard(module: Any, device_type: str, amp: str = "off", sample: Any = None) -
         raise InputError("--shard: the model has no parameters to shard")
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     norms = [m for m in module.modules() if m is not module and _is_norm(m)] if low is not None else []
-    blocks = units(module)
+    blocks = [b for b in units(module) if all(b is not n for n in norms)]  # a norm may be a unit itself
+    _same_start(module, device_type)  # before the probe: every rank must choose the same units
     if sample is not None:
         kept = self_contained(module, [*norms, *blocks], sample)
         norms, blocks = [m for m in norms if id(m) in kept], [m for m in blocks if id(m) in kept]
-    _same_start(module, device_type)
     mesh = init_device_mesh(device_type, (td.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
     for m in norms:  # their own float32 units, inside the blocks that hold them
@@ -114,11 +114,12 @@ def self_contained(module: Any, candidates: list[Any], sample: Any) -> set[int]:
 
     kept = list(candidates)
     was_training = module.training
+    depth = {id(m): name.count(".") for name, m in module.named_modules()}
     module.eval()
     try:
         while kept:
             owner: dict[int, int] = {}
-            for i, unit in sorted(enumerate(kept), key=lambda iu: _depth(module, iu[1])):
+            for i, unit in sorted(enumerate(kept), key=lambda iu: depth[id(iu[1])]):
                 owner.update((id(p), i) for p in unit.parameters())  # the innermost unit owns a parameter
             active: list[int] = []
             strays: set[int] = set()
@@ -133,10 +134,13 @@ def self_contained(module: Any, candidates: list[Any], sample: Any) -> set[int]:
 
             hooks = []
             for i, unit in enumerate(kept):
-                hooks.append(unit.register_forward_pre_hook(lambda m, a, i=i: active.append(i)))
+                # First and last, as FSDP2's own hooks run: a unit's other hooks may read its weights.
+                hooks.append(unit.register_forward_pre_hook(lambda m, a, i=i: active.append(i), prepend=True))
                 hooks.append(unit.register_forward_hook(lambda m, a, o, i=i: active.remove(i)))
             try:
-                with torch.no_grad(), Watch():
+                # No gradients, and the random numbers put back: a model that draws some in eval mode
+                # must train as it would without the probe.
+                with torch.no_grad(), torch.random.fork_rng(devices=[]), Watch():
                     module(**sample) if isinstance(sample, dict) else module(sample)
             finally:
                 for h in hooks:
@@ -149,21 +153,30 @@ def self_contained(module: Any, candidates: list[Any], sample: Any) -> set[int]:
     return {id(u) for u in kept}
 
 
-def _depth(root: Any, unit: Any) -> int:
-    name = next(n for n, m in root.named_modules() if m is unit)
-    return name.count(".")
-
-
 def _same_start(module: Any, device_type: str) -> None:
     """Every rank starts from rank 0's weights and buffers, as DistributedDataParallel does."""
+    _broadcast([t.data for t in module.state_dict().values()], device_type)
+
+
+def _broadcast(tensors: list[Any], device_type: str, bucket_bytes: int = 256 * 2**20) -> None:
+    """Rank 0's values of these tensors, a few broadcasts in all: the tensors of one dtype are sent
+    together, up to `bucket_bytes` at a time (through the device for nccl), as DDP does."""
     import torch
     import torch.distributed as td
 
-    for t in module.state_dict().values():
-        data = t.data.to(device_type) if device_type != "cpu" else t.data  # nccl sends device tensors only
-        td.broadcast(data, src=0)
-        if data is not t.data:
-            t.data.copy_(data)
+    groups: dict[Any, list[list[Any]]] = {}
+    for t in tensors:
+        buckets = groups.setdefault(t.dtype, [[]])
+        if buckets[-1] and sum(b.numel() * b.element_size() for b in buckets[-1]) >= bucket_bytes:
+            buckets.append([])
+        buckets[-1].append(t)
+    for same in (bucket for buckets in groups.values() for bucket in buckets):
+        flat = torch.cat([t.reshape(-1) for t in same]).to(device_type)
+        td.broadcast(flat, src=0)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _broadcast_buffers(module: Any, args: Any) -> None:
@@ -176,11 +189,10 @@ def _broadcast_buffers(module: Any, args: Any) -> None:
 
 def sync_buffers(module: Any) -> None:
     """Every rank takes rank 0's buffers. Each rank's forward updates its own batch-norm statistics, so
-    they differ after a step; a checkpoint or the gathered model must hold rank 0's, as DDP's do."""
-    import torch.distributed as td
-
-    for buf in module.buffers():
-        td.broadcast(buf.data, src=0)
+    they differ after a step; validation, checkpoints and the gathered model use rank 0's, as DDP does."""
+    buffers = [b.data for b in module.buffers()]
+    if buffers:
+        _broadcast(buffers, buffers[0].device.type)
 
 
 def training_copy(module: Any) -> Any:
@@ -191,10 +203,13 @@ def training_copy(module: Any) -> Any:
 
     memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
     worker = copy.deepcopy(module, memo)
+    meta: dict[int, Any] = {}  # one stand-in per parameter: a weight tied between two modules stays tied
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+                sub._parameters[name] = meta[id(p)]
     return worker
 
 
@@ -203,6 +218,14 @@ def gather_into(worker: Any, host: Any) -> None:
     sync_buffers(worker)
     state = {k: full_tensor(v).detach().cpu() for k, v in worker.state_dict().items()}
     host.load_state_dict(state, assign=True)
+    tied: dict[int, list[str]] = {}
+    for name, p in worker.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in (n for n in tied.values() if len(n) > 1):  # load_state_dict(assign=True) gave each its own
+        first = host.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            host.get_submodule(owner)._parameters[attr] = first
 
 
 def full_tensor(t: Any) -> Any:

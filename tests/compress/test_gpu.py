@@ -54,8 +54,9 @@ def test_cuda_execution_provider(exported_dir):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_sharded_training_on_cuda(amp, tmp_path):
-    """FSDP2 over nccl on every GPU there is (one is enough): the mixed-precision policy, fp16's gradient
-    scaler on sharded gradients, a sharded checkpoint, and the gathered model handed back."""
+    """--shard on every GPU there is. With two or more: FSDP2 over nccl, its mixed-precision policy, fp16's
+    gradient scaler on sharded gradients, sharded checkpoints and the gathered model. With one, nccl cannot
+    put two ranks on it: the run is unsharded and checks only the sharded checkpoints on CUDA."""
     out = tmp_path / "fsdp"
     n = torch.cuda.device_count()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "mlopt",

@@ -187,7 +187,10 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
         checkpoint_dir: Path | None = None, resume: bool = False, fingerprint_extra: Any = None,
         label: str = "train") -> dict[str, Any]:
     """Train `module` in place, validating after each epoch; returns the metrics (validation accuracy and
-    loss, throughput, precision, history). The module ends on the CPU in eval mode."""
+    loss, throughput, precision, memory, history) and notes. The module ends on the CPU in eval mode.
+
+    Sharded (`cfg.shard` on several processes), a copy is trained and the module holds meta tensors until
+    the trained weights are gathered back into it at the end: if training fails, the module is unusable."""
     require_labels(data, "training")
     n = len(data.train)
     run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra,
@@ -212,7 +215,8 @@ class _Training:
         import torch
 
         self.cfg, self.objective, self.host = cfg, objective, module
-        self.device, self.dist, self.dev = device, dist, _ = _place(cfg)
+        self.device, self.dist, self.dev = _place(cfg)
+        device, dist = self.device, self.dist
         torch.manual_seed(cfg.seed)
         self.notes: list[str] = []
         # --shard: FSDP2 across the processes; with one process there is nothing to shard across, but the
@@ -359,11 +363,11 @@ class _Training:
                      f"written by {meta['world_size']} process(es))")
 
     def _reposition(self, saved_world: int) -> None:
-        """A checkpoint of another number of processes: continue the epoch after the samples already seen,
-        on this run's steps (the interrupted epoch's order differs from an uninterrupted run's)."""
+        """A checkpoint of another number of processes: go on with the epoch from the last of this run's steps
+        that ends at or before the samples already seen (a few may be trained twice; at least one step is left)."""
         state = self.progress
         seen = min(state.batch * self.batch_size * saved_world, self.n)
-        state.batch = -(-seen // (self.batch_size * self.dist.world_size))
+        state.batch = min(seen // (self.batch_size * self.dist.world_size), self.steps_per_epoch - 1)
         state.step = state.epoch * self.steps_per_epoch + state.batch
         state.loss_sum, state.correct, state.count = 0.0, 0, 0
         self.sched.last_epoch = state.step
@@ -373,8 +377,6 @@ class _Training:
         self.notes.append(f"resumed on {self.dist.world_size} process(es) from a checkpoint of {saved_world}")
 
     def checkpoint(self) -> None:
-        import torch
-
         if self.sharded_ckpts is not None:
             self._checkpoint_sharded()
             return
@@ -396,7 +398,7 @@ class _Training:
 
     def _checkpoint_sharded(self) -> None:
         if self.sharded:
-            sharding.sync_buffers(self.module)  # DCP saves one rank's copy of what is not sharded: rank 0's
+            sharding.sync_buffers(self.module)  # DCP saves one rank's copy of what is not sharded: make it rank 0's
         state = self._dcp_state(False)
         if self.best_weights is not None:
             state["best"] = self.best_weights
@@ -461,6 +463,8 @@ class _Training:
         cfg, state = self.cfg, self.progress
         loss_sum, correct, count = distributed.all_reduce_sum([state.loss_sum, float(state.correct),
                                                                float(state.count)], self.dev)
+        if self.sharded:
+            sharding.sync_buffers(self.module)  # every rank validates (and keeps as best) rank 0's statistics
         with console.quieted():
             val = evaluate_torch(self.module, data, batch_size, self.dev)
         state.seen += state.count
