@@ -151,15 +151,17 @@ def build_genai(hf_dir: Path, out: Path, cache: Path, precision: str = "fp32") -
     return Path(out)
 
 
-def og_greedy(folder: Path, prompt: str, new_tokens: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy continuation) from onnxruntime-genai on a genai folder."""
+def og_greedy(folder: Path, prompt: str, new_tokens: int, exact: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy continuation) from onnxruntime-genai on a genai folder; `exact`: all `new_tokens` of
+    it, end-of-sequence held back (min_length), as transformers' min_new_tokens does."""
     from mlopt.runtime.decoder import genai
 
     og = genai()
     model = og.Model(str(folder))
     ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False,
+                              **({"min_length": len(ids) + new_tokens} if exact else {}))
     gen = og.Generator(model, params)
     gen.append_tokens(ids)
     while not gen.is_done():
