@@ -56,15 +56,21 @@ def _dims(value_info):
 
 
 @pytest.mark.slow
-def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes(bert_dir, text_file, tmp_path):
+@pytest.mark.parametrize("fuse", ["on", "off"])
+def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes(fuse, bert_dir, text_file, tmp_path):
     import onnxruntime as ort
     import torch
     from transformers import AutoModel
 
     out = tmp_path / "e"
-    result = runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out), "--quiet"])
+    result = runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
+                                 "--fuse", fuse, "--quiet"])
     assert result.exit_code == 0, result.output
     model = onnx.load(str(out / "model.onnx"))
+    fused = [n.op_type for n in model.graph.node if n.domain == "com.microsoft"]
+    # Fused: one Attention per layer, the residual adds with their layer norms, the feed-forward's GELU.
+    assert sorted(set(fused)) == (["Attention", "BiasGelu", "SkipLayerNormalization"] if fuse == "on" else [])
+    assert fused.count("Attention") == (2 if fuse == "on" else 0)
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     for value in model.graph.input:
         dims = _dims(value)
@@ -86,6 +92,26 @@ def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes
     got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()})[0]
     assert got.shape == (3, 5, 32)
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_export_keeps_the_fused_graph_only_when_measured_faster(bert_dir, text_file, tmp_path):
+    out = tmp_path / "e"
+    result = runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
+                                 "--fuse-batch-size", "1", "--fuse-batch-size", "4", "--fuse-iterations", "9", "--quiet"])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    m = step["metrics"]
+    rows = table_rows(step, "plain against fused graph (onnxruntime, CPU)")
+    assert [r["batch"] for r in rows] == [1, 4]
+    speedups = [m["fused_speedup_b1"], m["fused_speedup_b4"]]
+    assert [r["fused speed-up"] for r in rows] == pytest.approx(speedups, rel=1e-2)
+    assert m["fused_graph"] is bool(np.exp(np.mean(np.log(speedups))) > 1)  # the faster graph, over both batch sizes
+    kept = any(n.domain == "com.microsoft" for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert kept is m["fused_graph"]
+    assert m["fused_attention"] == 2 and m["fused_max_abs_error"] < 1e-4
+    assert table_rows(step, "onnxruntime fusions in the fused graph")[0] == {"operator": "Attention", "count": 2}
+    assert any(n.startswith("kept the fused graph" if kept else "kept the graph as exported") for n in step["notes"])
 
 
 @pytest.mark.slow
