@@ -71,55 +71,78 @@ def _remove(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def keep_faster(latency: list[dict[int, float]]) -> bool:
-    """Whether the fused graph is the one to keep: faster over the batch sizes timed (geometric mean)."""
-    ratios = [latency[0][b] / latency[1][b] for b in latency[0]]
-    return math.exp(sum(map(math.log, ratios)) / len(ratios)) > 1.0
+def fastest(latency: list[dict[int, float]]) -> int:
+    """The index of the fastest graph over the batch sizes timed (the lowest geometric mean latency)."""
+    return min(range(len(latency)), key=lambda i: sum(math.log(ms) for ms in latency[i].values()))
 
 
-def choose(module: Any, path: Path, inputs: Any, atol: float, rtol: float, mode: str, sample_shape: Any,
-           batch_sizes: list[int], iterations: int) -> tuple[dict[str, Any], list[str], list[Any]]:
-    """Fuse the exported graph at `path`, check it, and keep it in `path` when `mode` is "on", or when "auto"
-    and it is measured faster. Returns metrics, notes and report sections."""
+def _move(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+    data = src.with_name(src.name + ".data")
+    if data.exists():
+        os.replace(data, dst.with_name(dst.name + ".data"))
+
+
+def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any, atol: float, rtol: float, mode: str,
+           sample_shape: Any, batch_sizes: list[int], iterations: int) -> tuple[dict[str, Any], list[str], list[Any]]:
+    """Pick the graph to keep in `path` (the export, checked already) among it, `others` (label, graph exported
+    otherwise, not yet checked) and each one's fused version. mode "on": the fused export, whenever it passes
+    parity; "auto": whichever onnxruntime runs fastest, timed in interleaved rounds. Returns metrics, notes and
+    report sections."""
     from mlopt.export.lib.parity import compare
     from mlopt.export.lib.timing import interleaved_latency
 
-    fused_path = path.with_name("fused-" + path.name)
-    counts = fuse(path, fused_path)
-    if not counts:
-        return {"fused_graph": False}, ["onnxruntime fusions: none apply to this graph"], []
-    listed = ", ".join(f"{n} {op}" for op, n in counts.items())
-    sections: list[Any] = [Table(title="onnxruntime fusions in the fused graph", columns=["operator", "count"],
-                                 rows=[[op, n] for op, n in counts.items()])]
-    try:
-        parity = compare(module, fused_path, inputs, atol, rtol)
-    except ParityError as exc:
-        _remove(fused_path)
-        if mode == "on":
-            raise
-        return {"fused_graph": False}, [f"the fused graph ({listed}) was not kept: {exc}"], sections
-    metrics: dict[str, Any] = {"fused_max_abs_error": parity["max_abs_error"]}
+    notes: list[str] = []
+    graphs: list[tuple[str, Path, dict[str, int]]] = [("the graph as exported", path, {})]
+    for label, other in others:
+        try:
+            compare(module, other, inputs, atol, rtol)
+            graphs.append((label, other, {}))
+        except ParityError as exc:
+            notes.append(f"{label}: not a candidate ({exc})")
+            _remove(other)
+    for label, base, _ in list(graphs):
+        fused = base.with_name("fused-" + base.name)
+        counts = fuse(base, fused)
+        if not counts:
+            continue
+        try:
+            compare(module, fused, inputs, atol, rtol)
+            graphs.append((f"{label}, fused", fused, counts))
+        except ParityError as exc:
+            notes.append(f"{label}, fused: not a candidate ({exc})")
+            _remove(fused)
+    if len(graphs) == 1:
+        return {"fused_graph": False}, [*notes, "onnxruntime fusions: none apply to this graph"], []
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
+
+    sections: list[Any] = []
     if mode == "on":
-        keep, why = True, "--fuse on"
+        keep = next((i for i, g in enumerate(graphs) if g[2] and g[1].name == "fused-" + path.name), 0)
+        why = "--fuse on"
     else:
-        latency = interleaved_latency([path, fused_path], sample_shape, "cpu", batch_sizes, iterations)
-        keep = keep_faster(latency)
-        sections.append(Table(title="plain against fused graph (onnxruntime, CPU)",
-                              columns=["batch", "plain ms", "fused ms", "fused speed-up"],
-                              rows=[[b, round(latency[0][b], 3), round(latency[1][b], 3),
-                                     round(latency[0][b] / latency[1][b], 3)] for b in batch_sizes],
-                              note="median of the best of interleaved rounds"))
-        why = ", ".join(f"{latency[0][b] / latency[1][b]:.2f}x at batch {b}" for b in batch_sizes)
-        metrics.update({f"fused_speedup_b{b}": latency[0][b] / latency[1][b] for b in batch_sizes})
-    if keep:
-        os.replace(fused_path, path)
-        data = fused_path.with_name(fused_path.name + ".data")
-        if data.exists():
-            os.replace(data, path.with_name(path.name + ".data"))
-        note = f"kept the fused graph ({listed}; {why})"
-    else:
-        _remove(fused_path)
-        note = f"kept the graph as exported: the fused one ({listed}) was not faster ({why})"
+        latency = interleaved_latency([g[1] for g in graphs], sample_shape, "cpu", batch_sizes, iterations)
+        keep = fastest(latency)
+        sections.append(Table(title="graph candidates (onnxruntime, CPU)",
+                              columns=["graph", "fused operators", *(f"batch {b} ms" for b in batch_sizes),
+                                       "speed-up over the export"],
+                              rows=[[label, listed(counts), *(round(lat[b], 3) for b in batch_sizes),
+                                     round(math.exp(sum(math.log(latency[0][b] / lat[b]) for b in batch_sizes)
+                                                    / len(batch_sizes)), 3)]
+                                    for (label, _, counts), lat in zip(graphs, latency)],
+                              note="median of the best of interleaved rounds; speed-up: geometric mean over the "
+                                   "batch sizes"))
+        why = ", ".join(f"{latency[0][b] / latency[keep][b]:.2f}x the export at batch {b}" for b in batch_sizes)
+    label, chosen, counts = graphs[keep]
+    for i, (_, other, _) in enumerate(graphs):
+        if i != keep and other != path:
+            _remove(other)
+    if chosen != path:
+        _remove(path)
+        _move(chosen, path)
+    note = f"kept {label} ({listed(counts)} fused; {why})"
     console.info(note)
-    metrics.update({"fused_graph": keep, "fused_attention": sum(counts.get(op, 0) for op in FUSED_OPS[:3])})
-    return metrics, [note], sections
+    metrics = {"fused_graph": bool(counts), "graph_kept": label,
+               "fused_attention": sum(counts.get(op, 0) for op in FUSED_OPS[:3])}
+    return metrics, [*notes, note], sections
