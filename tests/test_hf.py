@@ -112,6 +112,7 @@ def test_export_keeps_the_graph_onnxruntime_runs_fastest(bert_dir, text_file, tm
     fused = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node if n.domain == "com.microsoft"]
     assert m["fused_graph"] is bool(fused) is best["graph"].endswith("fused")
     assert m["fused_attention"] == fused.count("Attention")
+    assert m["max_abs_error"] < 1e-4 and m["max_abs_error"] <= m["tolerance"]  # the kept graph's own parity
     assert any(n.startswith(f"kept {best['graph']} (") for n in step["notes"])
     assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.onnx", "report.json",
                                                      "report.md"]  # the other candidates are gone

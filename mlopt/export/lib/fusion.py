@@ -1,12 +1,12 @@
-"""onnxruntime's fused operators on an exported graph (attention, skip layer norm, bias GELU), kept when measured faster.
+"""The graph onnxruntime runs fastest: candidates to an export, each checked against PyTorch, timed, one kept.
 
-torch's dynamo exporter spells attention in ways onnxruntime's own transformer optimizer does not
-match (it fuses no Attention on current transformers models). onnxscript's ort_fusions rewriter
-matches them: on all-MiniLM-L6-v2 it fuses one Attention per layer. Its constant folding stops at
-262,144 output elements, which leaves each layer's packed query/key/value weight as a Concat computed
-at every run; mlopt folds it with a limit of its own. A fused graph is checked against PyTorch like
-the export itself and timed against the plain one on onnxruntime: the export keeps whichever is
-faster, and says which.
+The candidates are the graph as exported, graphs exported otherwise (the caller's: for transformer
+encoders the other exporter's), and each of these with onnxruntime's fused operators (attention, skip
+layer norm, bias GELU). torch's dynamo exporter spells attention in ways onnxruntime's own transformer
+optimizer does not match (it fuses no Attention on current transformers models); onnxscript's
+ort_fusions rewriter matches them: on all-MiniLM-L6-v2 it fuses one Attention per layer. Its constant
+folding stops at 262,144 output elements, which leaves each layer's packed query/key/value weight as
+a Concat computed at every run; mlopt folds it with a limit of its own.
 """
 
 from __future__ import annotations
@@ -83,39 +83,40 @@ def _move(src: Path, dst: Path) -> None:
         os.replace(data, dst.with_name(dst.name + ".data"))
 
 
+def _listed(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
+
+
 def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any, atol: float, rtol: float, mode: str,
            sample_shape: Any, batch_sizes: list[int], iterations: int) -> tuple[dict[str, Any], list[str], list[Any]]:
     """Pick the graph to keep in `path` (the export, checked already) among it, `others` (label, graph exported
     otherwise, not yet checked) and each one's fused version. mode "on": the fused export, whenever it passes
-    parity; "auto": whichever onnxruntime runs fastest, timed in interleaved rounds. Returns metrics, notes and
-    report sections."""
+    parity; "auto": whichever onnxruntime runs fastest, timed in interleaved rounds. Returns metrics (with the
+    kept graph's parity when it is not the export), notes and report sections."""
     from mlopt.export.lib.parity import compare
     from mlopt.export.lib.timing import interleaved_latency
 
     notes: list[str] = []
     graphs: list[tuple[str, Path, dict[str, int]]] = [("the graph as exported", path, {})]
-    for label, other in others:
+    parity: dict[Path, dict[str, Any]] = {}
+
+    def check(label: str, candidate: Path, counts: dict[str, int]) -> None:
         try:
-            compare(module, other, inputs, atol, rtol)
-            graphs.append((label, other, {}))
+            parity[candidate] = compare(module, candidate, inputs, atol, rtol)
+            graphs.append((label, candidate, counts))
         except ParityError as exc:
             notes.append(f"{label}: not a candidate ({exc})")
-            _remove(other)
+            _remove(candidate)
+
+    for label, other in others:
+        check(label, other, {})
     for label, base, _ in list(graphs):
         fused = base.with_name("fused-" + base.name)
         counts = fuse(base, fused)
-        if not counts:
-            continue
-        try:
-            compare(module, fused, inputs, atol, rtol)
-            graphs.append((f"{label}, fused", fused, counts))
-        except ParityError as exc:
-            notes.append(f"{label}, fused: not a candidate ({exc})")
-            _remove(fused)
+        if counts:
+            check(f"{label}, fused", fused, counts)
     if len(graphs) == 1:
         return {"fused_graph": False}, [*notes, "onnxruntime fusions: none apply to this graph"], []
-    def listed(counts: dict[str, int]) -> str:
-        return ", ".join(f"{n} {op}" for op, n in counts.items()) or "none"
 
     sections: list[Any] = []
     if mode == "on":
@@ -127,7 +128,7 @@ def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any,
         sections.append(Table(title="graph candidates (onnxruntime, CPU)",
                               columns=["graph", "fused operators", *(f"batch {b} ms" for b in batch_sizes),
                                        "speed-up over the export"],
-                              rows=[[label, listed(counts), *(round(lat[b], 3) for b in batch_sizes),
+                              rows=[[label, _listed(counts), *(round(lat[b], 3) for b in batch_sizes),
                                      round(math.exp(sum(math.log(latency[0][b] / lat[b]) for b in batch_sizes)
                                                     / len(batch_sizes)), 3)]
                                     for (label, _, counts), lat in zip(graphs, latency)],
@@ -141,8 +142,8 @@ def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any,
     if chosen != path:
         _remove(path)
         _move(chosen, path)
-    note = f"kept {label} ({listed(counts)} fused; {why})"
+    note = f"kept {label} ({_listed(counts)} fused; {why})"
     console.info(note)
-    metrics = {"fused_graph": bool(counts), "graph_kept": label,
+    metrics = {**parity.get(chosen, {}), "fused_graph": bool(counts), "graph_kept": label,
                "fused_attention": sum(counts.get(op, 0) for op in FUSED_OPS[:3])}
     return metrics, [*notes, note], sections
