@@ -71,6 +71,9 @@ def test_export_has_dynamic_batch_and_sequence_and_matches_torch_at_other_shapes
     # Fused: one Attention per layer, the residual adds with their layer norms, the feed-forward's GELU.
     assert sorted(set(fused)) == (["Attention", "BiasGelu", "SkipLayerNormalization"] if fuse == "on" else [])
     assert fused.count("Attention") == (2 if fuse == "on" else 0)
+    from mlopt.export.lib.fusion import float_attention
+
+    assert float_attention(model) == fused.count("Attention")  # attention-bias masks: dynamic INT8 leaves them float
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     for value in model.graph.input:
         dims = _dims(value)

@@ -28,7 +28,7 @@ from mlopt.core.errors import InputError
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
-from mlopt.export.lib.fusion import fused_ops
+from mlopt.export.lib.fusion import float_attention
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
@@ -207,10 +207,10 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if not graph.has_float_weights(model):
         raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
     text = hf.is_text_artifact(artifact)
-    if any(op in fused_ops(fp32) for op in ("Attention", "MultiHeadAttention")):
-        # onnxruntime's QAttention takes no attention bias, the form the fused masks take: they stay float.
-        notes.append("the model's fused attention stays in float (onnxruntime quantizes no Attention that takes an "
-                     "attention bias); ptq on the PyTorch model, before export, quantizes its projections too")
+    if float_attention(model):
+        notes.append(f"the model's {float_attention(model)} fused attention node(s) stay in float (onnxruntime's "
+                     "QAttention takes neither an attention bias nor qkv_hidden_sizes, and MultiHeadAttention has no "
+                     "INT8 form); ptq on the PyTorch model, before export, quantizes their projections too")
         console.warn(notes[-1])
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []

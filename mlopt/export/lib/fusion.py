@@ -39,6 +39,18 @@ def fused_ops(path: Path) -> dict[str, int]:
     return {op: n for op, n in counts.items() if n}
 
 
+def float_attention(model: Any) -> int:
+    """How many fused attention nodes of an ONNX model onnxruntime's dynamic quantization leaves in float: its
+    QAttention takes neither an attention bias (input 5) nor qkv_hidden_sizes, and MultiHeadAttention has no
+    INT8 form."""
+    def stays_float(node: Any) -> bool:
+        return node.op_type == "MultiHeadAttention" or (len(node.input) > 5 and bool(node.input[5])) or any(
+            a.name == "qkv_hidden_sizes" for a in node.attribute)
+
+    return sum(1 for n in model.graph.node if n.domain == "com.microsoft"
+               and n.op_type in ("Attention", "MultiHeadAttention") and stays_float(n))
+
+
 def fuse(src: Path, dst: Path) -> dict[str, int]:
     """Write `src` with onnxruntime's fused operators to `dst`; return the fused operators it holds (empty
     when no fusion applied or the rewriter failed: then `dst` is not written)."""
