@@ -197,6 +197,15 @@ def run_mlopt(model_dir: Path, text: Path, work: Path, ptq_options: list[str]) -
             models[key] = out / "model.onnx"
         else:
             errors[key] = f"mlopt {command} exit {rc}: {tail(log, 3)}"
+    report = work / "mlopt-export" / "report.json"
+    if "mlopt_fp32" in models and report.is_file():  # the graphs mlopt export measured, and the one it kept
+        step = json.loads(report.read_text()).get("step", {})
+        table = next((t for t in step.get("sections", []) if t.get("title", "").startswith("graph candidates")), None)
+        if table:
+            notes.append("mlopt export's graph candidates, timed by mlopt export itself (" + table["note"] + "): "
+                         + "; ".join(", ".join(f"{c} {v}" for c, v in zip(table["columns"], row))
+                                     for row in table["rows"]))
+        notes.append(f"mlopt export kept {step.get('metrics', {}).get('graph_kept', 'the graph as exported')}")
     report = work / "mlopt-ptq" / "report.json"
     if "mlopt_ptq" in models and report.is_file():
         metrics = json.loads(report.read_text()).get("step", {}).get("metrics", {})
