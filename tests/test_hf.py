@@ -122,6 +122,25 @@ def test_export_keeps_the_graph_onnxruntime_runs_fastest(bert_dir, text_file, tm
 
 
 @pytest.mark.slow
+def test_a_candidate_graph_that_fails_does_not_fail_the_export(bert_dir, text_file, tmp_path, monkeypatch):
+    import mlopt.export.export as export_step
+    from mlopt.core.errors import RunError
+
+    def broken(*args, **kwargs):
+        raise RunError("ONNX export failed: the other exporter broke")
+
+    monkeypatch.setattr(export_step, "export_artifact", broken)
+    out = tmp_path / "e"
+    result = runner.invoke(app, ["export", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
+                                 "--fuse-batch-size", "1", "--fuse-iterations", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    assert "the torchscript exporter's graph: not a candidate (ONNX export failed: the other exporter broke)" in step["notes"]
+    graphs = [r["graph"] for r in table_rows(step, "graph candidates (onnxruntime, CPU)")]
+    assert graphs == ["the graph as exported", "the graph as exported, fused"]
+
+
+@pytest.mark.slow
 def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text_file, tmp_path):
     from mlopt.quant.lib.graph import kernel_counts
 

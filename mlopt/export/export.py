@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mlopt.core.contracts import Pass, StepResult, cli
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, MloptError
 from mlopt.core.fsutil import file_size_mb
 from mlopt.export.lib.decoder import export_decoder
 from mlopt.export.lib.fusion import choose
@@ -54,8 +54,12 @@ class ExportPass(Pass):
             # Transformer encoders: the other exporter's graph is a candidate too (on all-MiniLM-L6-v2 onnxruntime
             # ran the TorchScript exporter's graph 1.18x faster than the dynamo one's, in one run).
             other = "torchscript" if config.exporter == "dynamo" else "dynamo"
-            others.append((f"the {other} exporter's graph", path.with_name(f"{other}-{path.name}")))
-            export_artifact(artifact, others[0][1], config.opset, other, ctx.data, config.debug_metadata)
+            label, other_path = f"the {other} exporter's graph", path.with_name(f"{other}-{path.name}")
+            try:
+                export_artifact(artifact, other_path, config.opset, other, ctx.data, config.debug_metadata)
+                others.append((label, other_path))
+            except MloptError as exc:  # a candidate, not the export: the export stands without it
+                result.notes.append(f"{label}: not a candidate ({exc})")
         metrics, notes, sections = choose(artifact.module, path, others, inputs, config.atol, config.rtol, config.fuse,
                                           tuple(artifact.sample_shape), config.fuse_batch_sizes, config.fuse_iterations)
         result.metrics.update(metrics, size_mb=file_size_mb(path))

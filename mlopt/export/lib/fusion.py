@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import ParityError, first_line
+from mlopt.core.errors import MloptError, first_line
 from mlopt.core.sections import Table
 
 # The operators whose count the report gives (those a fusion creates), in the order shown.
@@ -116,7 +116,7 @@ def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any,
         try:
             parity[candidate] = compare(module, candidate, inputs, atol, rtol)
             graphs.append((label, candidate, counts))
-        except ParityError as exc:
+        except MloptError as exc:  # parity, or onnxruntime refusing the graph: the export stands without it
             notes.append(f"{label}: not a candidate ({exc})")
             _remove(candidate)
 
