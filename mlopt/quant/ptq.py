@@ -133,6 +133,9 @@ class Plan:
     work: Path
     notes: list[str]
     fusions: dict[str, int] = field(default_factory=dict)
+    # The graphs each scheme quantizes, with their labels: the pre-processed model, and for transformer
+    # encoders other spellings of it too (see `text_bases`).
+    bases: list[tuple[str, Path]] = field(default_factory=list)
     quality: Quality | None = None
     fp32_row: Candidate | None = None
     candidates: list[Candidate] = field(default_factory=list)
@@ -207,11 +210,6 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if not graph.has_float_weights(model):
         raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
     text = hf.is_text_artifact(artifact)
-    if float_attention(model):
-        notes.append(f"the model's {float_attention(model)} fused attention node(s) stay in float (onnxruntime's "
-                     "QAttention takes neither an attention bias nor qkv_hidden_sizes, and MultiHeadAttention has no "
-                     "INT8 form); ptq on the PyTorch model, before export, quantizes their projections too")
-        console.warn(notes[-1])
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []
     if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
@@ -228,31 +226,71 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if note:
         console.warn(note)
         notes.append(note)
-    return Plan(artifact, fp32, pre, schemes, feeds, reduce_range_for(config.reduce_range), text, work, notes, fusions)
+    bases = text_bases(fp32, pre, work, notes) if text and config.preprocess else [("", pre)]
+    return Plan(artifact, fp32, pre, schemes, feeds, reduce_range_for(config.reduce_range), text, work, notes, fusions,
+                bases=bases)
+
+
+def text_bases(fp32: Path, pre: Path, work: Path, notes: list[str]) -> list[tuple[str, Path]]:
+    """The graphs of a transformer encoder that each scheme quantizes: onnxruntime's transformer optimizer's
+    output, the model as given, and the model with onnxscript's fused Attention (when the given one has none).
+    Fused attention is quantized (QAttention) only with a mask index: an attention bias that is a key-padding
+    mask becomes one (`attention_mask_index`); a fused attention that keeps its bias stays in float and is said."""
+    import onnx
+
+    from mlopt.export.lib.fusion import fuse
+    from mlopt.export.lib.rewrite import attention_mask_index
+
+    bases = [("onnxruntime's transformer optimizer", pre)] if pre != fp32 else []
+    given = work / "given.onnx"
+    bases.append(("the model as given", given if attention_mask_index(fp32, given) else fp32))
+    left = float_attention(graph.load(bases[-1][1]))
+    if left:
+        notes.append(f"the model's {left} fused attention node(s) stay in float (onnxruntime's QAttention takes "
+                     "neither an attention bias other than a key-padding mask nor unequal qkv_hidden_sizes, and "
+                     "MultiHeadAttention has no INT8 form); ptq on the PyTorch model, before export, fuses its own")
+        console.warn(notes[-1])
+    if not any(n.op_type in ("Attention", "MultiHeadAttention") for n in graph.load(fp32).graph.node):
+        fused, masked = work / "fused.onnx", work / "fused-mask.onnx"
+        if fuse(fp32, fused).get("Attention") and attention_mask_index(fused, masked) and not float_attention(
+                onnx.load(str(masked), load_external_data=False)):
+            bases.append(("onnxscript's fused attention", masked))
+    return bases
 
 
 def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
-    """Quantize every candidate scheme, time them beside FP32 in interleaved rounds, score them all."""
-    paths = [plan.work / f"candidate{i}.onnx" for i in range(len(plan.schemes))]
-    for scheme, path in zip(plan.schemes, paths):
-        console.info(f"quantizing: {scheme.name}")
-        quantize(plan.pre, path, scheme, plan.feeds, plan.reduce_range)
-    console.info(f"timing FP32 and {len(plan.schemes)} candidate(s) on onnxruntime ({config.provider})")
-    fp32_latency, *timed = interleaved_latency([plan.fp32, *paths], plan.artifact.sample_shape, config.provider,
-                                               config.batch_sizes, config.iterations)
+    """Quantize every candidate scheme on every base graph, time them beside FP32 in interleaved rounds, score
+    them all. A quantized transformer whose fused layer norm or GELU onnxruntime runs slower than the plain
+    operators is a candidate again with them split (`split_fusions`): measured, not assumed."""
+    from mlopt.export.lib.rewrite import split_fusions
+
+    made: list[tuple[str, Scheme, Path]] = []
+    for scheme in plan.schemes:
+        for label, base in plan.bases:
+            name = scheme.name + (f" on {label}" if len(plan.bases) > 1 else "")
+            path = plan.work / f"candidate{len(made)}.onnx"
+            console.info(f"quantizing: {name}")
+            quantize(base, path, scheme, plan.feeds, plan.reduce_range)
+            made.append((name, scheme, path))
+            split = path.with_name(f"split-{path.name}")
+            if plan.text and split_fusions(path, split):
+                made.append((f"{name}, fusions split", scheme, split))
+    console.info(f"timing FP32 and {len(made)} candidate(s) on onnxruntime ({config.provider})")
+    fp32_latency, *timed = interleaved_latency([plan.fp32, *(p for _, _, p in made)], plan.artifact.sample_shape,
+                                               config.provider, config.batch_sizes, config.iterations)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32))
     _log(plan.fp32_row)
-    for scheme, path, latency in zip(plan.schemes, paths, timed):
-        _score(plan, scheme, path, latency, fp32_latency)
+    for (name, scheme, path), latency in zip(made, timed):
+        _score(plan, scheme, path, latency, fp32_latency, name=name)
 
 
 def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
-           sensitivity: list[dict[str, Any]] | None = None) -> Candidate:
+           sensitivity: list[dict[str, Any]] | None = None, name: str | None = None) -> Candidate:
     """A quantized model scored and added to the candidates."""
     q = plan.quality.score(path)
-    name = scheme.name + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
+    name = (name or scheme.name) + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
     row = Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
                     faster_than_fp32=not not_faster_at(latency, fp32_latency),
                     within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
@@ -282,7 +320,8 @@ def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
         chosen = _fallback(plan, config)
     if chosen is None and config.mode != "auto":
         # The user asked for this exact scheme: hand it back, and say plainly what it costs.
-        chosen = plan.candidates[-1] if plan.candidates[-1].within_budget else plan.candidates[0]
+        within = [r for r in plan.candidates if r.within_budget]
+        chosen = _fastest(within) if within else plan.candidates[0]
         if not chosen.faster_than_fp32:
             plan.notes.append(f"{chosen.name} is SLOWER than FP32 on this machine: {describe_latency(chosen.latency)}")
             console.warn(plan.notes[-1])

@@ -2,7 +2,8 @@
 
 The candidates are the graph as exported, graphs exported otherwise (the caller's: for transformer
 encoders the other exporter's), and each of these with onnxruntime's fused operators (attention, skip
-layer norm, bias GELU). torch's dynamo exporter spells attention in ways onnxruntime's own transformer
+layer norm, bias GELU), and each fused graph with its layer norms and GELUs split again where onnxruntime
+runs the fused kernels slower (`rewrite.split_fusions`). torch's dynamo exporter spells attention in ways onnxruntime's own transformer
 optimizer does not match (it fuses no Attention on current transformers models); onnxscript's
 ort_fusions rewriter matches them: on all-MiniLM-L6-v2 it fuses one Attention per layer. Its constant
 folding stops at 262,144 output elements, which leaves each layer's packed query/key/value weight as
@@ -19,6 +20,7 @@ from typing import Any
 from mlopt.core import console
 from mlopt.core.errors import MloptError, first_line
 from mlopt.core.sections import Table
+from mlopt.export.lib.rewrite import split_fusions
 
 # The operators whose count the report gives (those a fusion creates), in the order shown.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization",
@@ -127,6 +129,14 @@ def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any,
         counts = fuse(base, fused)
         if counts:
             check(f"{label}, fused", fused, counts)
+            # The same graph with the fused layer norms and GELUs split again (rewrite.split_fusions): on some
+            # CPUs onnxruntime runs those fused kernels slower than the plain operators.
+            split = base.with_name("split-" + base.name)
+            changed = split_fusions(fused, split)
+            if changed.get("SkipLayerNormalization") or changed.get("BiasGelu"):
+                check(f"{label}, fused, layer norm and GELU split", split, fused_ops(split))
+            else:
+                _remove(split)
     if len(graphs) == 1:
         return {"fused_graph": False}, [*notes, "onnxruntime fusions: none apply to this graph"], []
 
