@@ -15,6 +15,8 @@ Rows (every ONNX file is timed and scored by this process's onnxruntime, CPU pro
   (its default dynamo exporter), OUT/model.onnx.
 - mlopt ptq: `python -m mlopt ptq --model hf:DIR --data text:FILE --max-length 128` in its default
   auto mode (whatever it chose: INT8 or FP32 with a reason), OUT/model.onnx.
+- mlopt ptq --mode static: the same with `--mode static`: static QDQ of the weight MatMuls after
+  SmoothQuant, with the MatMuls it must keep in float to meet the cosine budget (0.99).
 - Optimum export FP32: `ORTModelForFeatureExtraction.from_pretrained(DIR, export=True)`.
 - Optimum O2: `ORTOptimizer` with `AutoOptimizationConfig.O2()` on that export.
 - Optimum INT8: `ORTQuantizer` with `AutoQuantizationConfig.avx512_vnni(is_static=False,
@@ -152,6 +154,7 @@ PEER_HELPER = textwrap.dedent('''
 ROWS = (  # key, label, side
     ("mlopt_fp32", "mlopt export FP32", "mlopt"),
     ("mlopt_ptq", "mlopt ptq", "mlopt"),
+    ("mlopt_static", "mlopt ptq --mode static", "mlopt"),
     ("fp32", "Optimum export FP32", "optimum"),
     ("o2", "Optimum O2", "optimum"),
     ("int8", "Optimum INT8", "optimum"),
@@ -188,9 +191,11 @@ def run_mlopt(model_dir: Path, text: Path, work: Path, ptq_options: list[str]) -
     """mlopt's export and ptq through its CLI; returns {row: model.onnx}, {row: error}, notes."""
     models, errors, notes = {}, {}, []
     common = ["--model", f"hf:{model_dir}", "--data", f"text:{text}", "--max-length", str(SEQ), "--overwrite"]
-    for key, command, extra in (("mlopt_fp32", "export", []), ("mlopt_ptq", "ptq", ptq_options)):
-        out = work / f"mlopt-{command}"
-        log = work / f"mlopt-{command}.log"
+    for key, command, extra in (("mlopt_fp32", "export", []), ("mlopt_ptq", "ptq", ptq_options),
+                                ("mlopt_static", "ptq", [*ptq_options, "--mode", "static"])):
+        name = key.replace("_", "-") if key == "mlopt_static" else f"mlopt-{command}"
+        out = work / name
+        log = work / f"{name}.log"
         rc, _ = run_logged([sys.executable, "-m", "mlopt", command, *common, *extra, "--out", str(out)],
                            log, work, f"mlopt {command}")
         if rc == 0 and (out / "model.onnx").is_file():
@@ -212,6 +217,11 @@ def run_mlopt(model_dir: Path, text: Path, work: Path, ptq_options: list[str]) -
         chosen = metrics.get("chosen") if metrics.get("quantized") else "FP32 (no INT8 kept)"
         cos = metrics.get("cosine_mean")
         notes.append(f"mlopt ptq chose {chosen}" + (f" (its own mean cosine to FP32 {cos:.4f})" if cos else ""))
+    report = work / "mlopt-static" / "report.json"
+    if "mlopt_static" in models and report.is_file():
+        metrics = json.loads(report.read_text()).get("step", {}).get("metrics", {})
+        notes.append(f"mlopt ptq --mode static handed back {metrics.get('chosen')} "
+                     f"({metrics.get('float_nodes', 0)} MatMuls kept in float)")
     return models, errors, notes
 
 

@@ -176,7 +176,7 @@ def test_dynamic_ptq_reports_fidelity_fusions_and_integer_kernels(bert_dir, text
 
 
 @pytest.mark.slow
-def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file, tmp_path):
+def test_auto_mode_on_text_measures_dynamic_candidates_on_three_graphs_and_smoothed_static(bert_dir, text_file, tmp_path):
     out = tmp_path / "a"
     result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--out", str(out),
                                  "-b", "1", "-n", "6", "--quiet"])
@@ -187,14 +187,44 @@ def test_auto_mode_on_text_measures_both_dynamic_candidates(bert_dir, text_file,
     # graph: plain), and onnxscript's fused attention with a mask index (quantized to QAttention); each also with
     # its fused layer norms and GELUs split, or its residual adds kept from fusing.
     bases = ["onnxruntime's transformer optimizer", "the model as given", "onnxscript's fused attention"]
-    assert [r["model"] for r in rows] == ["FP32"] + [f"dynamic int8 {g} on {b}{split}" for g in ("per-channel", "per-tensor")
-                                                     for b in bases for split in ("", ", fusions split")]
+    static = "QDQ U8S8 per-channel minmax (weight MatMuls) on the model as given, SmoothQuant alpha 0.5"
+    assert [r["model"] for r in rows][:15] == ["FP32"] + [
+        f"dynamic int8 {g} on {b}{split}" for g in ("per-channel", "per-tensor") for b in bases
+        for split in ("", ", fusions split")] + [static, f"{static}, fusions split"]
+    assert all(r["model"].startswith(f"{static}, fusions split + ") for r in rows[15:])  # float fallbacks, if any
     assert all(0 < r["cosine mean"] <= 1.0 + 1e-9 for r in rows)
     qattention = [r for r in rows if "fused attention" in r["model"]]
     assert all(r["float kernels"] == 0 for r in qattention)  # attention quantized too: no float MatMul left
     chosen = step["metrics"]["chosen"]
     ok = [r for r in rows if r["faster than FP32"] and r["within budget"]]
     assert (chosen == "FP32") == (not ok)
+
+
+@pytest.mark.slow
+def test_static_ptq_on_text_smooths_and_keeps_the_matmuls_it_must_in_float(bert_dir, text_file, tmp_path):
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--mode", "static",
+                                 "--min-cosine", "0.999", "--out", str(out), "-b", "1", "-n", "6", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert "SmoothQuant alpha 0.5" in m["chosen"] and "(weight MatMuls)" in m["chosen"]
+    step = json.loads((out / "report.json").read_text())["step"]
+    rows = table_rows(step, "PTQ candidates")
+    assert all(r["model"] == "FP32" or "SmoothQuant" in r["model"] for r in rows)
+    model = onnx.load(str(out / "model.onnx"))
+    quantized = {n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert quantized  # static QDQ
+    # Only MatMuls with a weight are quantized: no QDQ pair around Softmax, the attention scores or the adds.
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    assert {consumers[n.output[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"} <= {"MatMul"}
+    if m["float_nodes"]:  # a fallback kept MatMuls in float: named, and the budget met
+        assert m["within_budget"] is True and m["cosine_mean"] >= 0.999
+        note = next(n for n in step["notes"] if n.startswith("kept in float"))
+        assert "MatMul" in note
+    with pytest.raises(Exception):
+        from mlopt.quant.ptq import PTQConfig
+
+        PTQConfig(mode="dynamic", smooth_alpha=0.3)  # dynamic has no activation scale to smooth
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ class PTQConfig(Strict):
     preprocess: bool = Field(True, description="shape inference and graph fusion by onnxruntime before quantizing")
     max_drop: float = Field(0.01, ge=0, le=1, description="allowed top-1 drop (0.01 = 1 point)")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="fidelity floor when the data has no labels")
+    smooth_alpha: float = Field(0.5, ge=0, le=1, description="static INT8 on transformer encoders: SmoothQuant's "
+                                "migration strength (activation outliers moved into the weights); 0: no smoothing")
     fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
     fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
@@ -98,8 +100,9 @@ class PTQConfig(Strict):
         scheme = {"format", "activation_type", "per_channel", "weight_type"} & self.model_fields_set
         if self.mode == "auto" and scheme:
             raise ValueError(f"{', '.join(sorted(scheme))} apply to mode static or dynamic; mode auto measures its own candidates")
-        if self.mode == "dynamic" and ({"format", "activation_type"} & self.model_fields_set or self.calibration != "auto"):
-            raise ValueError("dynamic quantization has no activation format, type or calibration")
+        if self.mode == "dynamic" and ({"format", "activation_type", "smooth_alpha"} & self.model_fields_set
+                                       or self.calibration != "auto"):
+            raise ValueError("dynamic quantization has no activation format, type, calibration or smoothing")
         return self
 
 
@@ -117,6 +120,8 @@ class Candidate:
     faster_than_fp32: bool | None = None  # None: the FP32 model itself
     within_budget: bool | None = None
     sensitivity: list[dict[str, Any]] = field(default_factory=list)  # nodes kept in float, lowest SQNR first
+    base: Path | None = None  # the float graph it was quantized from
+    split: bool = False  # its fused layer norms and GELUs split after quantizing (rewrite.split_fusions)
 
 
 @dataclass
@@ -210,6 +215,9 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if not graph.has_float_weights(model):
         raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
     text = hf.is_text_artifact(artifact)
+    if "smooth_alpha" in config.model_fields_set and not text:
+        raise InputError("--smooth-alpha applies to transformer encoders (hf: text models); this model's static "
+                         "candidates quantize every operator onnxruntime can")
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []
     if any(s.method == "static" for s in schemes):  # dynamic quantization needs no calibration
@@ -264,39 +272,58 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
     operators is a candidate again with them split (`split_fusions`): measured, not assumed."""
     from mlopt.export.lib.rewrite import split_fusions
 
-    made: list[tuple[str, Scheme, Path]] = []
+    made: list[tuple[str, Scheme, Path, Path, bool]] = []
     for scheme in plan.schemes:
-        for label, base in plan.bases:
-            name = scheme.name + (f" on {label}" if len(plan.bases) > 1 else "")
+        bases = _static_text_base(plan, config) if plan.text and scheme.method == "static" else plan.bases
+        for label, base in bases:
+            name = scheme.name + (f" on {label}" if label else "")
             path = plan.work / f"candidate{len(made)}.onnx"
             console.info(f"quantizing: {name}")
             quantize(base, path, scheme, plan.feeds, plan.reduce_range)
-            made.append((name, scheme, path))
+            made.append((name, scheme, path, base, False))
             split = path.with_name(f"split-{path.name}")
             if plan.text and split_fusions(path, split):
-                made.append((f"{name}, fusions split", scheme, split))
+                made.append((f"{name}, fusions split", scheme, split, base, True))
     console.info(f"timing FP32 and {len(made)} candidate(s) on onnxruntime ({config.provider})")
-    fp32_latency, *timed = interleaved_latency([plan.fp32, *(p for _, _, p in made)], plan.artifact.sample_shape,
+    fp32_latency, *timed = interleaved_latency([plan.fp32, *(m[2] for m in made)], plan.artifact.sample_shape,
                                                config.provider, config.batch_sizes, config.iterations)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32))
     _log(plan.fp32_row)
-    for (name, scheme, path), latency in zip(made, timed):
-        _score(plan, scheme, path, latency, fp32_latency, name=name)
+    for (name, scheme, path, base, split), latency in zip(made, timed):
+        _score(plan, scheme, path, latency, fp32_latency, name=name, base=base, split=split)
+
+
+def _static_text_base(plan: Plan, config: PTQConfig) -> list[tuple[str, Path]]:
+    """The graph static INT8 quantizes on a transformer: the model as given (static QDQ inside onnxruntime's fused
+    operators is not supported), smoothed (mlopt.quant.lib.smoothing) unless --smooth-alpha is 0."""
+    from mlopt.quant.lib.smoothing import smooth
+
+    smoothed = plan.work / "smoothed.onnx"
+    if config.smooth_alpha > 0 and smooth(plan.fp32, smoothed, plan.feeds, config.smooth_alpha):
+        return [(f"the model as given, SmoothQuant alpha {config.smooth_alpha:g}", smoothed)]
+    return [("the model as given", plan.fp32)]
 
 
 def _score(plan: Plan, scheme: Scheme, path: Path, latency: dict[int, float], fp32_latency: dict[int, float],
-           sensitivity: list[dict[str, Any]] | None = None, name: str | None = None) -> Candidate:
+           sensitivity: list[dict[str, Any]] | None = None, name: str | None = None, base: Path | None = None,
+           split: bool = False) -> Candidate:
     """A quantized model scored and added to the candidates."""
     q = plan.quality.score(path)
-    name = (name or scheme.name) + (f" + {len(sensitivity)} nodes in float" if sensitivity else "")
+    name = (name or scheme.name) + (f" + {_float_nodes(sensitivity)} nodes in float" if sensitivity else "")
     row = Candidate(name, scheme, path, latency, q, file_size_mb(path), graph.kernel_counts(path),
                     faster_than_fp32=not not_faster_at(latency, fp32_latency),
-                    within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [])
+                    within_budget=plan.quality.within_budget(q), sensitivity=sensitivity or [], base=base or plan.pre,
+                    split=split)
     plan.candidates.append(row)
     _log(row)
     return row
+
+
+def _float_nodes(sensitivity: list[dict[str, Any]]) -> int:
+    """How many nodes a fallback keeps in float (a row names one node, or the MatMuls that read its tensor)."""
+    return sum(len(r["node"].split(", ")) for r in sensitivity)
 
 
 def _log(row: Candidate) -> None:
@@ -333,11 +360,15 @@ def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
 
 def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     """Keep the most sensitive nodes of the fastest static candidate in float, a group at a time."""
+    from mlopt.export.lib.rewrite import split_fusions
+
     fast = [r for r in plan.candidates if r.faster_than_fp32 and r.scheme.method == "static"]
     if not fast:
         return None
     base = _fastest(fast)
-    ranking = node_sqnr(plan.pre, base.path, plan.feeds[:2])
+    ranking = node_sqnr(base.base, base.path, plan.feeds[:2])
+    if base.scheme.weight_matmuls_only:  # a tensor stays float when the MatMuls that read it do
+        ranking = [{**r, "node": ", ".join(r["readers"])} for r in ranking if r["readers"]]
     if not ranking:
         return None
     group = max(1, math.ceil(len(ranking) / 10))
@@ -347,12 +378,16 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
     for g in range(1, min(cfg.fallback_groups, math.ceil(len(ranking) / group)) + 1):
         kept = ranking[: g * group]
         path = plan.work / f"fallback{g}.onnx"
-        quantize(plan.pre, path, base.scheme, plan.feeds, plan.reduce_range, [r["node"] for r in kept])
+        quantize(base.base, path, base.scheme, plan.feeds, plan.reduce_range,
+                 [name for r in kept for name in r["node"].split(", ")])
+        if base.split:  # as the candidate it comes from
+            split_fusions(path, path)
         # Timed beside the FP32 model again, in the same interleaved rounds.
         fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape,
                                                 cfg.provider, cfg.batch_sizes, cfg.iterations)
         fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
-        row = _score(plan, base.scheme, path, latency, fp32_latency, kept)
+        row = _score(plan, base.scheme, path, latency, fp32_latency, kept, name=base.name, base=base.base,
+                     split=base.split)
         if not row.faster_than_fp32:
             break
         if row.within_budget:
@@ -388,7 +423,7 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
         return result
     speedup = speedups(fp32.latency, chosen.latency)
     metrics.update(quantized=True, chosen=chosen.name, **speedup, size_mb=chosen.size_mb,
-                   size_ratio=fp32.size_mb / chosen.size_mb, float_nodes=len(chosen.sensitivity),
+                   size_ratio=fp32.size_mb / chosen.size_mb, float_nodes=_float_nodes(chosen.sensitivity),
                    integer_kernels=chosen.kernels["integer"], float_kernels=chosen.kernels["float"], **chosen.quality,
                    within_budget=chosen.within_budget)
     if chosen.kernels["float"]:
@@ -408,7 +443,7 @@ def _sections(plan: Plan) -> list[Any]:
     sizes = list(plan.fp32_row.latency)
     rows = [[r.name, r.faster_than_fp32, r.within_budget, *(r.latency[b] for b in sizes), r.quality.get("accuracy"),
              r.quality.get("accuracy_drop"), r.quality["cosine_mean"], r.quality["cosine_min"], r.size_mb,
-             r.kernels["integer"], r.kernels["float"], len(r.sensitivity)] for r in [plan.fp32_row, *plan.candidates]]
+             r.kernels["integer"], r.kernels["float"], _float_nodes(r.sensitivity)] for r in [plan.fp32_row, *plan.candidates]]
     sections: list[Any] = [Table(
         title="PTQ candidates", rows=rows,
         columns=["model", "faster than FP32", "within budget", *(f"batch {b} ms" for b in sizes), "top-1",

@@ -9,7 +9,9 @@ from typing import Any
 
 
 def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """[{"node", "tensor", "sqnr_db"}] for the nodes whose outputs the QDQ model quantizes, worst first."""
+    """[{"node", "tensor", "sqnr_db", "readers"}] for the nodes whose outputs the QDQ model quantizes, worst
+    first; "readers": the MatMul, Gemm and Conv nodes that read the tensor (where only those are quantized,
+    keeping them in float is what leaves the tensor unquantized)."""
     import math
 
     import onnx
@@ -19,8 +21,13 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
 
     from mlopt.quant.lib.calibration import FeedReader
 
-    producers = {out: node.name for node in onnx.load(str(float_path), load_external_data=False).graph.node
-                 for out in node.output}
+    nodes = onnx.load(str(float_path), load_external_data=False).graph.node
+    producers = {out: node.name for node in nodes for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.op_type in ("MatMul", "Gemm", "Conv"):
+            for name in node.input:
+                readers.setdefault(name, []).append(node.name)
     with tempfile.TemporaryDirectory() as tmp:
         aug_float, aug_qdq = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
         modify_model_output_intermediate_tensors(str(float_path), str(aug_float))
@@ -32,5 +39,6 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
     for tensor, err in errors.items():
         sqnr = err.get("qdq_err")
         if producers.get(tensor) and sqnr is not None and not math.isnan(sqnr):
-            rows.append({"node": producers[tensor], "tensor": tensor, "sqnr_db": float(sqnr)})
+            rows.append({"node": producers[tensor], "tensor": tensor, "sqnr_db": float(sqnr),
+                         "readers": readers.get(tensor, [])})
     return sorted(rows, key=lambda r: r["sqnr_db"])

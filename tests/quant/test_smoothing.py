@@ -1,0 +1,86 @@
+"""SmoothQuant on ONNX graphs (mlopt.quant.lib.smoothing): the smoothed graph computes the same outputs, the
+scale folds into a LayerNormalization only when nothing else reads its output, and static INT8 of a graph
+with an outlier activation channel loses less after smoothing."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from mlopt.quant.lib.quantize import Scheme, quantize
+from mlopt.quant.lib.smoothing import smooth
+
+WIDTH = 16
+RNG = np.random.default_rng(0)
+
+
+def _model(path):
+    """x -> LayerNormalization -> MatMul w1 -> Relu -> MatMul w2 -> y, and a residual x + LN(x) -> MatMul w3 -> z.
+    LN1's output feeds only w1 (foldable); LN2's feeds w3 and the residual Add (a Mul is inserted)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", WIDTH])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")]
+    gamma = np.ones(WIDTH, np.float32)
+    gamma[3] = 40.0  # an outlier channel, as transformers' norms make
+    inits = [numpy_helper.from_array(gamma, "g1"), numpy_helper.from_array(np.zeros(WIDTH, np.float32), "b1"),
+             numpy_helper.from_array(gamma.copy(), "g2"), numpy_helper.from_array(np.zeros(WIDTH, np.float32), "b2")]
+    inits += [numpy_helper.from_array(RNG.standard_normal((WIDTH, WIDTH)).astype(np.float32) / 4, w)
+              for w in ("w1", "w2", "w3")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], axis=-1, name="ln1"),
+             helper.make_node("MatMul", ["n1", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+             helper.make_node("LayerNormalization", ["x", "g2", "b2"], ["n2"], axis=-1, name="ln2"),
+             helper.make_node("Add", ["x", "n2"], ["res"], name="res"),
+             helper.make_node("MatMul", ["n2", "w3"], ["m3"], name="mm3"),
+             helper.make_node("Add", ["m3", "res"], ["z"], name="out")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _feeds(n=4):
+    return [{"x": RNG.standard_normal((32, WIDTH)).astype(np.float32)} for _ in range(n)]
+
+
+def _run(path, feed):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_smoothing_keeps_the_outputs_and_folds_only_where_nothing_else_reads(tmp_path):
+    src = _model(tmp_path / "m.onnx")
+    assert smooth(src, tmp_path / "s.onnx", _feeds(), alpha=0.5) == 3  # n1, r, n2
+    feed = _feeds(1)[0]
+    for want, got in zip(_run(src, feed), _run(tmp_path / "s.onnx", feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    smoothed = onnx.load(str(tmp_path / "s.onnx"))
+    values = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    assert values["g1"][3] < 40.0  # folded into the first norm: its outlier channel shrank
+    assert values["g2"][3] == 40.0  # the second norm's output is also the residual: left as it was
+    muls = [n for n in smoothed.graph.node if n.op_type == "Mul"]
+    assert sorted(n.input[0] for n in muls) == ["n2", "r"]
+    assert {n.name: n.input[0] for n in smoothed.graph.node}["mm3"] == "n2/smoothed"
+    assert {n.name: n.input[0] for n in smoothed.graph.node}["res"] == "x"  # the residual reads n2 unsmoothed
+
+
+def test_static_int8_loses_less_on_an_outlier_channel_after_smoothing(tmp_path):
+    src = _model(tmp_path / "m.onnx")
+    calib = _feeds(8)
+    smooth(src, tmp_path / "s.onnx", calib, alpha=0.5)
+    scheme = Scheme("static", "qdq", "uint8", "int8", True, "minmax", True)
+    quantize(src, tmp_path / "q.onnx", scheme, calib, reduce_range=False)
+    quantize(tmp_path / "s.onnx", tmp_path / "sq.onnx", scheme, calib, reduce_range=False)
+    feed = _feeds(1)[0]
+    want = _run(src, feed)[0]
+    plain = np.abs(_run(tmp_path / "q.onnx", feed)[0] - want).mean()
+    smoothed = np.abs(_run(tmp_path / "sq.onnx", feed)[0] - want).mean()
+    assert smoothed < 0.7 * plain, (smoothed, plain)
+
+
+def test_nothing_to_smooth_writes_nothing(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert smooth(tmp_path / "m.onnx", tmp_path / "s.onnx", [{"x": np.ones((2, 3), np.float32)}]) == 0
+    assert not (tmp_path / "s.onnx").exists()
