@@ -122,6 +122,10 @@ def test_export_keeps_the_graph_onnxruntime_runs_fastest(bert_dir, text_file, tm
     assert m["fused_attention"] == fused.count("Attention")
     assert m["max_abs_error"] < 1e-4 and m["max_abs_error"] <= m["tolerance"]  # the kept graph's own parity
     assert any(n.startswith(f"kept {best['graph']} (") for n in step["notes"])
+    for b in (1, 4):  # where one batch size alone would have kept another graph, the report says so
+        alone = min(rows, key=lambda r: r[f"batch {b} ms"])["graph"]
+        said = [n for n in step["notes"] if n.startswith(f"at batch {b} alone the fastest was ")]
+        assert said == ([] if alone == best["graph"] else [said[0]]) and all(alone in n for n in said)
     assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.onnx", "report.json",
                                                      "report.md"]  # the other candidates are gone
 
@@ -191,13 +195,16 @@ def test_auto_mode_on_text_measures_dynamic_candidates_on_three_graphs_and_smoot
     assert [r["model"] for r in rows][:15] == ["FP32"] + [
         f"dynamic int8 {g} on {b}{split}" for g in ("per-channel", "per-tensor") for b in bases
         for split in ("", ", fusions split")] + [static, f"{static}, fusions split"]
-    assert all(r["model"].startswith(f"{static}, fusions split + ") for r in rows[15:])  # float fallbacks, if any
+    assert all(r["model"].startswith(static) and " nodes in float" in r["model"] for r in rows[15:])  # fallbacks
     assert all(0 < r["cosine mean"] <= 1.0 + 1e-9 for r in rows)
     qattention = [r for r in rows if "fused attention" in r["model"]]
     assert all(r["float kernels"] == 0 for r in qattention)  # attention quantized too: no float MatMul left
     chosen = step["metrics"]["chosen"]
     ok = [r for r in rows if r["faster than FP32"] and r["within budget"]]
     assert (chosen == "FP32") == (not ok)
+    if ok:  # one batch size timed: the kept model is its fastest within budget, with nothing to say per batch size
+        assert chosen == min((r for r in ok), key=lambda r: r["batch 1 ms"])["model"]
+        assert not any(n.startswith("at batch 1 alone") for n in step["notes"])
 
 
 @pytest.mark.slow

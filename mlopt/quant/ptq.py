@@ -28,7 +28,7 @@ from mlopt.core.errors import InputError
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
-from mlopt.export.lib.fusion import float_attention
+from mlopt.export.lib.fusion import float_attention, per_batch_note
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
@@ -421,6 +421,11 @@ def _finish(plan: Plan, chosen: Candidate | None, config: PTQConfig, out: Path) 
         console.warn(plan.notes[-1])
         metrics.update(quantized=False, chosen="FP32", size_mb=fp32.size_mb, **quality.baseline)
         return result
+    within = [r for r in plan.candidates if r.within_budget]
+    for b in chosen.latency if within else []:  # one file serves every batch size: say where one alone differs
+        best = min(within, key=lambda r: r.latency[b])
+        if best is not chosen:
+            plan.notes.append(per_batch_note(b, best.name, best.latency[b], chosen.name, chosen.latency[b]))
     speedup = speedups(fp32.latency, chosen.latency)
     metrics.update(quantized=True, chosen=chosen.name, **speedup, size_mb=chosen.size_mb,
                    size_ratio=fp32.size_mb / chosen.size_mb, float_nodes=_float_nodes(chosen.sensitivity),

@@ -90,6 +90,13 @@ def fastest(latency: list[dict[int, float]]) -> int:
     return min(range(len(latency)), key=lambda i: sum(math.log(ms) for ms in latency[i].values()))
 
 
+def per_batch_note(batch: int, best: str, best_ms: float, kept: str, kept_ms: float) -> str:
+    """Where one batch size alone would have chosen otherwise: one file serves every batch size, so the kept one
+    is the fastest over all of them (geometric mean), and the report says what that costs at this one."""
+    return (f"at batch {batch} alone the fastest was {best} ({best_ms:.3f} ms); kept {kept} ({kept_ms:.3f} ms, "
+            f"{kept_ms / best_ms:.2f}x), the fastest over all batch sizes timed")
+
+
 def _move(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     data = src.with_name(src.name + ".data")
@@ -157,6 +164,8 @@ def choose(module: Any, path: Path, others: list[tuple[str, Path]], inputs: Any,
                               note="median of the best of interleaved rounds; speed-up: geometric mean over the "
                                    "batch sizes"))
         why = ", ".join(f"{latency[0][b] / latency[keep][b]:.2f}x the export at batch {b}" for b in batch_sizes)
+        notes.extend(per_batch_note(b, graphs[i][0], latency[i][b], graphs[keep][0], latency[keep][b])
+                     for b in batch_sizes for i in [min(range(len(graphs)), key=lambda i: latency[i][b])] if i != keep)
     label, chosen, counts = graphs[keep]
     for i, (_, other, _) in enumerate(graphs):
         if i != keep and other != path:
