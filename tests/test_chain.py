@@ -51,6 +51,19 @@ def test_models_within_the_tie_count_as_equal_and_the_latest_is_named():
     assert "(final/02-prune latency: 1.20x at batch 1)" in c["verdict"]
 
 
+def test_models_within_their_timing_noise_count_as_equal():
+    # 03 is 20% slower than 02, beyond the 5% tie; with rounds that spread 25% (a busy machine) it is a tie.
+    rows = [_row("01-train", 0.95, b1=1.0), _row("02-prune", 0.95, b1=0.50), _row("03-export", 0.95, b1=0.60)]
+    rows[2]["spread"] = 0.25
+    c = _comparison(rows)
+    judge(c)
+    assert c["best"] == "03-export" and c["final_is_best"]
+    rows[2]["spread"] = 0.1  # noise below the gap: not a tie
+    c = _comparison([dict(r) for r in rows])
+    judge(c)
+    assert c["best"] == "02-prune" and not c["final_is_best"]
+
+
 def test_a_best_final_model_beaten_at_one_batch_size_is_told_so():
     c = _comparison([_row("01-train", 0.95, b1=1.0, b32=10.0), _row("02-prune", 0.95, b1=0.5, b32=8.0),
                      _row("03-qat", 0.95, b1=0.6, b32=3.0)])

@@ -29,7 +29,7 @@ from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.fusion import float_attention, per_batch_note
-from mlopt.export.lib.timing import interleaved_latency
+from mlopt.export.lib.timing import TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
 from mlopt.quant.lib import graph
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
                                       not_faster_at, preprocess, quantize, reduce_range_for, speedups)
@@ -122,6 +122,12 @@ class Candidate:
     sensitivity: list[dict[str, Any]] = field(default_factory=list)  # nodes kept in float, lowest SQNR first
     base: Path | None = None  # the float graph it was quantized from
     split: bool = False  # its fused layer norms and GELUs split after quantizing (rewrite.split_fusions)
+    rounds: dict[int, list[float]] = field(default_factory=dict)  # batch size -> each timing round's median ms
+
+    @property
+    def spread(self) -> float:
+        """How far its timing rounds disagree (0.05: the median round 5% above the best)."""
+        return spread_of(self.rounds) if self.rounds else 0.0
 
 
 @dataclass
@@ -285,14 +291,71 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
             if plan.text and split_fusions(path, split):
                 made.append((f"{name}, fusions split", scheme, split, base, True))
     console.info(f"timing FP32 and {len(made)} candidate(s) on onnxruntime ({config.provider})")
-    fp32_latency, *timed = interleaved_latency([plan.fp32, *(m[2] for m in made)], plan.artifact.sample_shape,
-                                               config.provider, config.batch_sizes, config.iterations)
+    fp32_rounds, *timed = interleaved_rounds([plan.fp32, *(m[2] for m in made)], plan.artifact.sample_shape,
+                                             config.provider, config.batch_sizes, config.iterations)
+    fp32_latency = best_of(fp32_rounds)
     plan.quality = Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
-                              graph.kernel_counts(plan.fp32))
+                              graph.kernel_counts(plan.fp32), rounds=fp32_rounds)
     _log(plan.fp32_row)
-    for (name, scheme, path, base, split), latency in zip(made, timed):
-        _score(plan, scheme, path, latency, fp32_latency, name=name, base=base, split=split)
+    for (name, scheme, path, base, split), rounds in zip(made, timed):
+        row = _score(plan, scheme, path, best_of(rounds), fp32_latency, name=name, base=base, split=split)
+        row.rounds = rounds
+
+
+NOISE_FLOOR = 0.02  # two models closer than this are never told apart by one set of rounds
+
+
+def _geomean(row: Candidate) -> float:
+    return math.prod(row.latency.values()) ** (1 / len(row.latency))
+
+
+def _quality_key(row: Candidate) -> float:
+    return row.quality["accuracy"] if "accuracy" in row.quality else row.quality["cosine_mean"]
+
+
+def _tied(rows: list[Candidate]) -> list[Candidate]:
+    """The rows as fast as the fastest one as far as their timing rounds can tell: within the larger of 2% and
+    either row's round spread."""
+    rows = sorted(rows, key=_geomean)
+    first = rows[0] if rows else None
+    return [r for r in rows if _geomean(r) <= _geomean(first) * (1 + max(NOISE_FLOOR, first.spread, r.spread))]
+
+
+SETTLE_AT_MOST = 4  # candidates timed again together
+
+
+def _settle(plan: Plan, config: PTQConfig) -> Candidate | None:
+    """When candidates that qualify are within the timing noise of the fastest (`_tied`), time them again beside
+    FP32 in twice as many rounds and decide on all rounds: a busy machine must not flip the choice between
+    near-equal models. Those still within the noise are equally fast as far as this machine can tell: the one
+    closest to FP32 (accuracy, else cosine; then the candidates' order) is returned, so that the choice does not
+    depend on the load of the moment."""
+    ok = [r for r in plan.candidates if r.faster_than_fp32 and r.within_budget]
+    tied = _tied(ok)[:SETTLE_AT_MOST]
+    if len(tied) < 2:
+        return None
+    rows = [plan.fp32_row, *tied]
+    extra = interleaved_rounds([r.path for r in rows], plan.artifact.sample_shape, config.provider,
+                               config.batch_sizes, config.iterations * 2, 2 * TIMING_ROUNDS)
+    for row, more in zip(rows, extra):
+        row.rounds = {b: row.rounds.get(b, []) + more[b] for b in more}
+        row.latency = best_of(row.rounds)
+    for row in tied:
+        row.faster_than_fp32 = not not_faster_at(row.latency, plan.fp32_row.latency)
+    plan.notes.append(f"{', '.join(r.name for r in tied)}: within the timing noise of each other, timed again in "
+                      f"{2 * TIMING_ROUNDS} more interleaved rounds, and decided on all of them")
+    console.info(plan.notes[-1])
+    still = _tied([r for r in tied if r.faster_than_fp32])
+    if len(still) < 2:
+        return None
+    order = {id(r): i for i, r in enumerate(plan.candidates)}
+    closest = max(still, key=lambda r: (_quality_key(r), -order[id(r)]))
+    plan.notes.append(f"{', '.join(r.name for r in still)}: still within the timing noise ("
+                      f"{100 * max(NOISE_FLOOR, *(r.spread for r in still)):.1f}%); kept {closest.name}, the closest "
+                      "to FP32")
+    console.info(plan.notes[-1])
+    return closest
 
 
 def _static_text_base(plan: Plan, config: PTQConfig) -> list[tuple[str, Path]]:
@@ -341,8 +404,9 @@ def _fastest(rows: list[Candidate]) -> Candidate:
 def _choose_model(plan: Plan, config: PTQConfig) -> Candidate | None:
     """The fastest candidate that is faster and within budget; else a fallback; else, in static or dynamic
     mode, the scheme asked for; else None (FP32 goes back)."""
+    tie = _settle(plan, config) if config.mode == "auto" else None
     ok = [r for r in plan.candidates if r.faster_than_fp32 and r.within_budget]
-    chosen = _fastest(ok) if ok else None
+    chosen = tie or (_fastest(ok) if ok else None)
     if chosen is None and config.fallback:
         chosen = _fallback(plan, config)
     if chosen is None and config.mode != "auto":
@@ -383,11 +447,12 @@ def _fallback(plan: Plan, cfg: PTQConfig) -> Candidate | None:
         if base.split:  # as the candidate it comes from
             split_fusions(path, path)
         # Timed beside the FP32 model again, in the same interleaved rounds.
-        fp32_now, latency = interleaved_latency([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape,
-                                                cfg.provider, cfg.batch_sizes, cfg.iterations)
-        fp32_latency = {b: min(fp32_latency[b], fp32_now[b]) for b in fp32_latency}
-        row = _score(plan, base.scheme, path, latency, fp32_latency, kept, name=base.name, base=base.base,
+        fp32_now, rounds = interleaved_rounds([Path(plan.artifact.onnx_path), path], plan.artifact.sample_shape,
+                                              cfg.provider, cfg.batch_sizes, cfg.iterations)
+        fp32_latency = {b: min(fp32_latency[b], ms) for b, ms in best_of(fp32_now).items()}
+        row = _score(plan, base.scheme, path, best_of(rounds), fp32_latency, kept, name=base.name, base=base.base,
                      split=base.split)
+        row.rounds = rounds
         if not row.faster_than_fp32:
             break
         if row.within_budget:
@@ -448,13 +513,15 @@ def _sections(plan: Plan) -> list[Any]:
     sizes = list(plan.fp32_row.latency)
     rows = [[r.name, r.faster_than_fp32, r.within_budget, *(r.latency[b] for b in sizes), r.quality.get("accuracy"),
              r.quality.get("accuracy_drop"), r.quality["cosine_mean"], r.quality["cosine_min"], r.size_mb,
-             r.kernels["integer"], r.kernels["float"], _float_nodes(r.sensitivity)] for r in [plan.fp32_row, *plan.candidates]]
+             r.kernels["integer"], r.kernels["float"], _float_nodes(r.sensitivity), round(100 * r.spread, 1)]
+            for r in [plan.fp32_row, *plan.candidates]]
     sections: list[Any] = [Table(
         title="PTQ candidates", rows=rows,
         columns=["model", "faster than FP32", "within budget", *(f"batch {b} ms" for b in sizes), "top-1",
                  "top-1 drop", "cosine mean", "cosine min", "size MB", "integer kernels", "float kernels",
-                 "nodes in float"],
-        note=f"latency: median of the best of interleaved rounds; budget: {plan.quality.budget_text()}")]
+                 "nodes in float", "round spread %"],
+        note=f"latency: median of the best of interleaved rounds; round spread: the "
+             f"median round over the best, minus 1; budget: {plan.quality.budget_text()}")]
     sens = next((r.sensitivity for r in reversed(plan.candidates) if r.sensitivity), None)
     if sens:
         sections.append(Bars(title="quantization sensitivity (lowest SQNR kept in float)", labels=[s["node"] for s in sens],

@@ -51,6 +51,7 @@ class ChainModel(Strict):
     eligible: bool
     best: bool
     fastest_at: list[int]
+    spread: float = Field(0.0, description="timing noise: the median round over the best, minus 1")
 
 
 class Chain(Strict):

@@ -24,7 +24,7 @@ from mlopt.core import console
 from mlopt.core.contracts import PASSES
 from mlopt.core.fsutil import file_size_mb
 from mlopt.export.lib.onnx import export_artifact
-from mlopt.export.lib.timing import TIMING_ROUNDS, interleaved_latency
+from mlopt.export.lib.timing import TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
 from mlopt.report.markdown import chain_table, rich_table
 from mlopt.report.schema import Chain
 from mlopt.run.recipe import GatesConfig
@@ -95,8 +95,10 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
             console.info(f"timing {len(paths)} model(s) of the chain at batch size(s) "
                          f"{', '.join(map(str, batch_sizes))} ({provider}, interleaved rounds)")
             sample_shape = members[-1][1].sample_shape
-            latencies = interleaved_latency(paths, sample_shape, provider, batch_sizes, per_round * rounds, rounds)
-            for row, lat in zip(rows, latencies):
+            timed = interleaved_rounds(paths, sample_shape, provider, batch_sizes, per_round * rounds, rounds)
+            for row, medians in zip(rows, timed):
+                lat = best_of(medians)
+                row["spread"] = round(spread_of(medians), 4)
                 row["latency_ms"] = {str(b): lat[b] for b in batch_sizes}
                 row["geomean_ms"] = math.exp(sum(math.log(lat[b]) for b in batch_sizes) / len(batch_sizes))
     return rows
@@ -140,7 +142,8 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "accuracy_tolerance": tolerance, "accuracy_tolerance_from": source, "tie": TIE,
         "rule": (f"best: the lowest geometric mean latency over batch sizes {', '.join(map(str, cfg['batch_sizes']))} "
                  f"among the models whose top-1 is at most {tolerance} below the baseline's; models within "
-                 f"{100 * TIE:.0f}% of the fastest count as equally fast and the latest of them is named"),
+                 f"{100 * TIE:.0f}% of the fastest, or within its or their timing noise (the median round over the "
+                 "best) when that is larger, count as equally fast and the latest of them is named"),
         "baseline": baseline_label, "final": final_label, "models": rows,
     }
     judge(comparison)
@@ -161,14 +164,18 @@ def judge(comparison: dict[str, Any]) -> None:
         r["eligible"] = (r["accuracy"] is None or base["accuracy"] is None
                          or base["accuracy"] - r["accuracy"] <= comparison["accuracy_tolerance"] + 1e-12)
     eligible = [r for r in rows if r["eligible"]]
-    fastest = min(r["geomean_ms"] for r in eligible)
-    best = [r for r in eligible if r["geomean_ms"] <= fastest * (1 + comparison["tie"])][-1]
+
+    def tie(r: dict[str, Any], other: dict[str, Any]) -> float:  # a busy machine's noise is a tie too
+        return 1 + max(comparison["tie"], r.get("spread", 0.0), other.get("spread", 0.0))
+
+    fastest = min(eligible, key=lambda r: r["geomean_ms"])
+    best = [r for r in eligible if r["geomean_ms"] <= fastest["geomean_ms"] * tie(r, fastest)][-1]
     sizes = comparison["batch_sizes"]
     fastest_at = {b: min(eligible, key=lambda r: r["latency_ms"][str(b)]) for b in sizes}
     for r in rows:
         r["best"] = r is best
         r["fastest_at"] = [b for b in sizes if r["eligible"] and r["latency_ms"][str(b)]
-                           <= fastest_at[b]["latency_ms"][str(b)] * (1 + comparison["tie"])]
+                           <= fastest_at[b]["latency_ms"][str(b)] * tie(r, fastest_at[b])]
     comparison["best"] = best["step"]
     comparison["final_is_best"] = best is final
     if best is final:

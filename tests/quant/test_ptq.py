@@ -180,8 +180,8 @@ def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, ex
     from mlopt.quant import ptq as ptq_step
 
     # INT8 timed twice as fast as FP32, so the quantized model is the one handed back
-    monkeypatch.setattr(ptq_step, "interleaved_latency", lambda paths, shape, provider, batch_sizes, iterations: [
-        {b: 2.0 if i == 0 else 1.0 for b in batch_sizes} for i in range(len(paths))])
+    monkeypatch.setattr(ptq_step, "interleaved_rounds", lambda paths, shape, provider, batch_sizes, iterations, *_: [
+        {b: [2.0 if i == 0 else 1.0] * 3 for b in batch_sizes} for i in range(len(paths))])
     out = tmp_path / "q"
     result = ptq("--model", exported_dir, "--data", "digits", "--out", out, "--mode", "static", "--format", fmt,
                  *FAST, "--json")
@@ -190,3 +190,61 @@ def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, ex
     assert m["quantized"] is True and m["chosen"] == name
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert kept in ops and gone not in ops, ops
+
+
+def _row(name, ms_rounds, cosine, path):
+    from mlopt.quant.ptq import Candidate
+
+    return Candidate(name, None, path, {b: min(v) for b, v in ms_rounds.items()}, {"cosine_mean": cosine}, 1.0,
+                     {}, faster_than_fp32=True, within_budget=True, rounds=ms_rounds)
+
+
+@pytest.mark.parametrize("again,expected", [(None, None), ((1.0, 1.0), "b"), ((0.8, 1.0), None)])
+def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_fp32(again, expected, tmp_path,
+                                                                                    monkeypatch):
+    """Two candidates within the timing noise are timed again; still tied, the one closer to FP32 is kept, whatever
+    their order; told apart, the choice is left to speed. Far apart (again=None: b is 1.5x slower), no retiming."""
+    from types import SimpleNamespace
+
+    from mlopt.quant import ptq as ptq_step
+
+    calls = []
+
+    def rounds(paths, shape, provider, batch_sizes, iterations, n):
+        calls.append(n)
+        return [{b: [ms] * n for b in batch_sizes} for ms in (2.0, *again)]
+
+    monkeypatch.setattr(ptq_step, "interleaved_rounds", rounds)
+    b_rounds = [1.5, 1.52, 1.5] if again is None else [1.01, 1.0, 1.02]
+    plan = ptq_step.Plan(SimpleNamespace(sample_shape=(4,)), tmp_path / "fp32.onnx", tmp_path / "fp32.onnx", [], [],
+                         False, False, tmp_path, [])
+    plan.fp32_row = _row("FP32", {1: [2.0] * 3}, 1.0, plan.fp32)
+    plan.candidates = [_row("a", {1: [1.0, 1.01, 1.0]}, 0.991, tmp_path / "a.onnx"),
+                       _row("b", {1: b_rounds}, 0.995, tmp_path / "b.onnx")]
+    tie = ptq_step._settle(plan, ptq_step.PTQConfig())
+    assert (tie.name if tie else None) == expected
+    assert calls == ([] if again is None else [6])
+    if again:
+        assert len(plan.candidates[0].rounds[1]) == 9  # decided on all rounds
+        assert any("within the timing noise" in n for n in plan.notes)
+
+
+@pytest.mark.slow
+def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path):
+    """auto mode chooses the same model on an idle machine and with two CPU-bound processes beside it."""
+    import subprocess
+    import sys
+
+    def chosen(out):
+        result = ptq("--model", wide_dir, "--data", "digits", "--out", out, *FAST, "--json", "--quiet")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["chosen"]
+
+    idle = chosen(tmp_path / "idle")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        loaded = chosen(tmp_path / "loaded")
+    finally:
+        for p in busy:
+            p.kill()
+    assert idle != "FP32" and loaded == idle

@@ -92,9 +92,9 @@ def fastest(latency: list[dict[int, float]]) -> int:
 
 def per_batch_note(batch: int, best: str, best_ms: float, kept: str, kept_ms: float) -> str:
     """Where one batch size alone would have chosen otherwise: one file serves every batch size, so the kept one
-    is the fastest over all of them (geometric mean), and the report says what that costs at this one."""
+    is chosen over all of them, and the report says what that costs at this one."""
     return (f"at batch {batch} alone the fastest was {best} ({best_ms:.3f} ms); kept {kept} ({kept_ms:.3f} ms, "
-            f"{kept_ms / best_ms:.2f}x), the fastest over all batch sizes timed")
+            f"{kept_ms / best_ms:.2f}x), chosen over all batch sizes timed")
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -88,21 +88,39 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
 TIMING_ROUNDS = 3
 
 
-def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
-                        iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, float]]:
-    """Median latency (ms) per batch size of each model, for deciding which is faster: the models take
-    turns over `rounds` rounds sharing `iterations`, and each keeps its best round, so a slow spell of a
-    shared machine hits every model alike instead of one."""
+def interleaved_rounds(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
+                       iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, list[float]]]:
+    """Each model's median latency (ms) per batch size in each of `rounds` rounds: the models take turns,
+    sharing `iterations`, so that a slow spell of a shared machine hits every model alike instead of one."""
     per_round = max(3, iterations // rounds)
     cfg = TimingSettings(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
-    best: list[dict[int, float]] = [{} for _ in paths]
+    medians: list[dict[int, list[float]]] = [{} for _ in paths]
     with console.quieted():
         for _ in range(rounds):
-            for i, path in enumerate(paths):
-                for r in time_model(Path(path), sample_shape, cfg, Path(path).name):
-                    b, ms = r["batch_size"], r["latency_ms"]["p50"]
-                    best[i][b] = min(best[i].get(b, ms), ms)
-    return best
+            for i in range(len(paths)):
+                for result in time_model(Path(paths[i]), sample_shape, cfg, Path(paths[i]).name):
+                    medians[i].setdefault(result["batch_size"], []).append(result["latency_ms"]["p50"])
+    return medians
+
+
+def best_of(medians: dict[int, list[float]]) -> dict[int, float]:
+    """A model's best round per batch size: what `interleaved_latency` reports."""
+    return {b: min(v) for b, v in medians.items()}
+
+
+def spread_of(medians: dict[int, list[float]]) -> float:
+    """How far a typical round of a model is above its best one: the median round over the best, minus 1, at the
+    batch size where that is largest (the timing noise its best-round latency carries)."""
+    import statistics
+
+    return max(statistics.median(v) / min(v) - 1 for v in medians.values())
+
+
+def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],
+                        iterations: int, rounds: int = TIMING_ROUNDS) -> list[dict[int, float]]:
+    """Median latency (ms) per batch size of each model, for deciding which is faster: interleaved rounds
+    (`interleaved_rounds`), each model keeping its best round."""
+    return [best_of(m) for m in interleaved_rounds(paths, sample_shape, provider, batch_sizes, iterations, rounds)]
 
 
 def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: TimingSettings) -> list[dict[str, Any]]:
