@@ -225,8 +225,15 @@ def test_static_ptq_on_text_smooths_and_keeps_the_matmuls_it_must_in_float(bert_
     quantized = {n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
     assert quantized  # static QDQ
     # Only MatMuls with a weight are quantized: no QDQ pair around Softmax, the attention scores or the adds.
-    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
-    assert {consumers[n.output[0]] for n in model.graph.node if n.op_type == "DequantizeLinear"} <= {"MatMul"}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    dequantized = [r for n in model.graph.node if n.op_type == "DequantizeLinear" for r in readers[n.output[0]]]
+    assert {r.op_type for r in dequantized} == {"MatMul"}
+    weights = {i.name for i in model.graph.initializer}
+    weight_dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    assert all(r.input[1] in weight_dq for r in dequantized)  # no MatMul of two activations (attention scores)
     if m["float_nodes"]:  # a fallback kept MatMuls in float: named, and the budget met
         assert m["within_budget"] is True and m["cosine_mean"] >= 0.999
         note = next(n for n in step["notes"] if n.startswith("kept in float"))

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
@@ -221,6 +221,11 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if not graph.has_float_weights(model):
         raise InputError(f"{artifact.origin} has no float Conv/MatMul/Gemm weights to quantize")
     text = hf.is_text_artifact(artifact)
+    if not text and float_attention(model):
+        notes.append(f"the model's {float_attention(model)} fused attention node(s) stay in float (onnxruntime's "
+                     "QAttention takes neither an attention bias nor unequal qkv_hidden_sizes, and "
+                     "MultiHeadAttention has no INT8 form)")
+        console.warn(notes[-1])
     if "smooth_alpha" in config.model_fields_set and not text:
         raise InputError("--smooth-alpha applies to transformer encoders (hf: text models); this model's static "
                          "candidates quantize every operator onnxruntime can")
@@ -240,7 +245,9 @@ def _plan(artifact: Any, config: PTQConfig, data: Any, work: Path) -> Plan:
     if note:
         console.warn(note)
         notes.append(note)
-    bases = text_bases(fp32, pre, work, notes) if text and config.preprocess else [("", pre)]
+    # static INT8 on text quantizes the model as given (`_static_text_base`): no other graphs to build
+    dynamic = any(s.method == "dynamic" for s in schemes)
+    bases = text_bases(fp32, pre, work, notes) if text and config.preprocess and dynamic else [("", pre)]
     return Plan(artifact, fp32, pre, schemes, feeds, reduce_range_for(config.reduce_range), text, work, notes, fusions,
                 bases=bases)
 
@@ -285,7 +292,14 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
             name = scheme.name + (f" on {label}" if label else "")
             path = plan.work / f"candidate{len(made)}.onnx"
             console.info(f"quantizing: {name}")
-            quantize(base, path, scheme, plan.feeds, plan.reduce_range)
+            try:
+                quantize(base, path, scheme, plan.feeds, plan.reduce_range)
+            except RunError as exc:
+                if not made and (scheme, base) == (plan.schemes[-1], bases[-1]):
+                    raise  # nothing else to measure
+                plan.notes.append(f"{name}: not a candidate ({exc})")
+                console.warn(plan.notes[-1])
+                continue
             made.append((name, scheme, path, base, False))
             split = path.with_name(f"split-{path.name}")
             if plan.text and split_fusions(path, split):
@@ -364,8 +378,13 @@ def _static_text_base(plan: Plan, config: PTQConfig) -> list[tuple[str, Path]]:
     from mlopt.quant.lib.smoothing import smooth
 
     smoothed = plan.work / "smoothed.onnx"
-    if config.smooth_alpha > 0 and smooth(plan.fp32, smoothed, plan.feeds, config.smooth_alpha):
-        return [(f"the model as given, SmoothQuant alpha {config.smooth_alpha:g}", smoothed)]
+    try:
+        if config.smooth_alpha > 0 and smooth(plan.fp32, smoothed, plan.feeds, config.smooth_alpha):
+            return [(f"the model as given, SmoothQuant alpha {config.smooth_alpha:g}", smoothed)]
+    except Exception as exc:  # static without smoothing is still a candidate; say why
+        plan.notes.append(f"SmoothQuant could not run ({type(exc).__name__}: {first_line(exc)[:120]}); static INT8 "
+                          "quantizes the model unsmoothed")
+        console.warn(plan.notes[-1])
     return [("the model as given", plan.fp32)]
 
 

@@ -21,8 +21,9 @@ def _model(path):
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "z")]
     gamma = np.ones(WIDTH, np.float32)
     gamma[3] = 40.0  # an outlier channel, as transformers' norms make
-    inits = [numpy_helper.from_array(gamma, "g1"), numpy_helper.from_array(np.zeros(WIDTH, np.float32), "b1"),
-             numpy_helper.from_array(gamma.copy(), "g2"), numpy_helper.from_array(np.zeros(WIDTH, np.float32), "b2")]
+    beta = np.linspace(-1, 1, WIDTH).astype(np.float32)  # not zero: a fold must divide it too
+    inits = [numpy_helper.from_array(gamma, "g1"), numpy_helper.from_array(beta, "b1"),
+             numpy_helper.from_array(gamma.copy(), "g2"), numpy_helper.from_array(beta.copy(), "b2")]
     inits += [numpy_helper.from_array(RNG.standard_normal((WIDTH, WIDTH)).astype(np.float32) / 4, w)
               for w in ("w1", "w2", "w3")]
     nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], axis=-1, name="ln1"),
