@@ -116,6 +116,13 @@ def _attention_model(path, bias_kind):
                   helper.make_node("Slice", ["tri0", "zero_i", "s", "one_i"], ["tri"]),
                   helper.make_node("And", ["keep4", "tri"], ["both"]),  # (b, 1, s, s)
                   helper.make_node("Where", ["both", "zero", "neg"], ["bias"])]
+    elif bias_kind == "window":  # padding and a local window of 128 keys either side, as local attention layers use
+        band = np.abs(np.arange(600)[:, None] - np.arange(600)[None, :]) <= 128
+        inits.append(numpy_helper.from_array(band, "band"))
+        nodes += [helper.make_node("Slice", ["band", "zero_i", "s", "zero_i"], ["band0"]),
+                  helper.make_node("Slice", ["band0", "zero_i", "s", "one_i"], ["near"]),
+                  helper.make_node("And", ["keep4", "near"], ["both"]),  # (b, 1, s, s)
+                  helper.make_node("Where", ["both", "zero", "neg"], ["bias"])]
     else:
         inputs.append(helper.make_tensor_value_info("position_bias", TensorProto.FLOAT, ["b", 1, "s", "s"]))
         nodes += [helper.make_node("Where", ["keep4", "zero", "neg"], ["pad"]),
@@ -143,7 +150,7 @@ def test_a_key_padding_attention_bias_becomes_a_mask_index_with_the_same_outputs
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["causal", "other input"])
+@pytest.mark.parametrize("kind", ["causal", "other input", "window"])
 def test_an_attention_bias_that_is_not_key_padding_is_left_alone(kind, tmp_path):
     src = _attention_model(tmp_path / "a.onnx", kind)
     assert attention_mask_index(src, tmp_path / "mi.onnx") == 0

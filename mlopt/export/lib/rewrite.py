@@ -200,8 +200,11 @@ def attention_mask_index(src: Path, dst: Path) -> int:
     biases = sorted({n.input[5] for n in nodes})
     if not biases:
         return 0
-    # Padding at the end, holes in the middle, and none: a bias built from lengths or causally fails one.
-    masks = [np.array([[1] * 8, [1] * 5 + [0] * 3]), np.array([[1, 0, 1, 1, 0, 1, 1, 1], [1] * 8])]
+    # Padding at the end, holes in the middle, and none: a bias built from lengths or causally fails one; and a
+    # long sequence, which a local (sliding-window) bias fails.
+    long = np.ones((2, 520), dtype=np.int64)
+    long[1, 300:] = 0
+    masks = [np.array([[1] * 8, [1] * 5 + [0] * 3]), np.array([[1, 0, 1, 1, 0, 1, 1, 1], [1] * 8]), long]
     values = _bias_values(model, biases, masks)
     if values is None:
         return 0
