@@ -318,6 +318,7 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
 
 
 NOISE_FLOOR = 0.02  # two models closer than this are never told apart by one set of rounds
+NOISE_CAP = 0.10  # nor are models this far apart ever a tie: a burst of load must not make a slow model "equal"
 
 
 def _geomean(row: Candidate) -> float:
@@ -330,10 +331,14 @@ def _quality_key(row: Candidate) -> float:
 
 def _tied(rows: list[Candidate]) -> list[Candidate]:
     """The rows as fast as the fastest one as far as their timing rounds can tell: within the larger of 2% and
-    either row's round spread."""
+    either row's round spread, and never more than 10%."""
     rows = sorted(rows, key=_geomean)
     first = rows[0] if rows else None
-    return [r for r in rows if _geomean(r) <= _geomean(first) * (1 + max(NOISE_FLOOR, first.spread, r.spread))]
+    return [r for r in rows if _geomean(r) <= _geomean(first) * (1 + _noise(first, r))]
+
+
+def _noise(*rows: Candidate) -> float:
+    return min(NOISE_CAP, max(NOISE_FLOOR, *(r.spread for r in rows)))
 
 
 SETTLE_AT_MOST = 4  # candidates timed again together
@@ -366,7 +371,7 @@ def _settle(plan: Plan, config: PTQConfig) -> Candidate | None:
     order = {id(r): i for i, r in enumerate(plan.candidates)}
     closest = max(still, key=lambda r: (_quality_key(r), -order[id(r)]))
     plan.notes.append(f"{', '.join(r.name for r in still)}: still within the timing noise ("
-                      f"{100 * max(NOISE_FLOOR, *(r.spread for r in still)):.1f}%); kept {closest.name}, the closest "
+                      f"{100 * _noise(*still):.1f}%); kept {closest.name}, the closest "
                       "to FP32")
     console.info(plan.notes[-1])
     return closest

@@ -143,7 +143,8 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "rule": (f"best: the lowest geometric mean latency over batch sizes {', '.join(map(str, cfg['batch_sizes']))} "
                  f"among the models whose top-1 is at most {tolerance} below the baseline's; models within "
                  f"{100 * TIE:.0f}% of the fastest, or within its or their timing noise (the median round over the "
-                 "best) when that is larger, count as equally fast and the latest of them is named"),
+                 f"best) when that is larger, up to {100 * SPREAD_CAP:.0f}%, count as equally fast and the latest of "
+                 "them is named"),
         "baseline": baseline_label, "final": final_label, "models": rows,
     }
     judge(comparison)
@@ -152,6 +153,9 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     if not comparison["final_is_best"]:
         console.warn(comparison["verdict"])
     return comparison
+
+
+SPREAD_CAP = 0.10  # timing noise widens the tie up to this much, never further
 
 
 def judge(comparison: dict[str, Any]) -> None:
@@ -165,8 +169,8 @@ def judge(comparison: dict[str, Any]) -> None:
                          or base["accuracy"] - r["accuracy"] <= comparison["accuracy_tolerance"] + 1e-12)
     eligible = [r for r in rows if r["eligible"]]
 
-    def tie(r: dict[str, Any], other: dict[str, Any]) -> float:  # a busy machine's noise is a tie too
-        return 1 + max(comparison["tie"], r.get("spread", 0.0), other.get("spread", 0.0))
+    def tie(r: dict[str, Any], other: dict[str, Any]) -> float:  # a busy machine's noise is a tie too, up to 10%
+        return 1 + max(comparison["tie"], min(SPREAD_CAP, max(r.get("spread", 0.0), other.get("spread", 0.0))))
 
     fastest = min(eligible, key=lambda r: r["geomean_ms"])
     best = [r for r in eligible if r["geomean_ms"] <= fastest["geomean_ms"] * tie(r, fastest)][-1]

@@ -248,3 +248,13 @@ def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path)
         for p in busy:
             p.kill()
     assert idle != "FP32" and loaded == idle
+
+
+def test_a_burst_of_load_never_makes_a_model_20_percent_slower_a_tie(tmp_path):
+    from mlopt.quant.ptq import _tied
+
+    fast = _row("fast", {1: [1.0, 1.7, 1.8]}, 0.99, tmp_path / "a.onnx")  # rounds that spread 70%
+    slow = _row("slow", {1: [1.2, 1.9, 2.0]}, 0.999, tmp_path / "b.onnx")
+    near = _row("near", {1: [1.05, 1.8, 1.9]}, 0.999, tmp_path / "c.onnx")
+    assert [r.name for r in _tied([slow, fast])] == ["fast"]  # the noise counts up to 10%, not 70%
+    assert [r.name for r in _tied([slow, near, fast])] == ["fast", "near"]
