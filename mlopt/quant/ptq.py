@@ -29,7 +29,7 @@ from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Strict, Bars, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.fusion import float_attention, per_batch_note
-from mlopt.export.lib.timing import TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
+from mlopt.export.lib.timing import NOISE_CAP, TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
 from mlopt.quant.lib import graph
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, latency_entries,
                                       not_faster_at, preprocess, quantize, reduce_range_for, speedups)
@@ -318,7 +318,6 @@ def _measure(plan: Plan, config: PTQConfig, data: Any) -> None:
 
 
 NOISE_FLOOR = 0.02  # two models closer than this are never told apart by one set of rounds
-NOISE_CAP = 0.10  # nor are models this far apart ever a tie: a burst of load must not make a slow model "equal"
 
 
 def _geomean(row: Candidate) -> float:

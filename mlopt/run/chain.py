@@ -24,7 +24,7 @@ from mlopt.core import console
 from mlopt.core.contracts import PASSES
 from mlopt.core.fsutil import file_size_mb
 from mlopt.export.lib.onnx import export_artifact
-from mlopt.export.lib.timing import TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
+from mlopt.export.lib.timing import NOISE_CAP, TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
 from mlopt.report.markdown import chain_table, rich_table
 from mlopt.report.schema import Chain
 from mlopt.run.recipe import GatesConfig
@@ -143,7 +143,7 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "rule": (f"best: the lowest geometric mean latency over batch sizes {', '.join(map(str, cfg['batch_sizes']))} "
                  f"among the models whose top-1 is at most {tolerance} below the baseline's; models within "
                  f"{100 * TIE:.0f}% of the fastest, or within its or their timing noise (the median round over the "
-                 f"best) when that is larger, up to {100 * SPREAD_CAP:.0f}%, count as equally fast and the latest of "
+                 f"best) when that is larger, up to {100 * NOISE_CAP:.0f}%, count as equally fast and the latest of "
                  "them is named"),
         "baseline": baseline_label, "final": final_label, "models": rows,
     }
@@ -153,9 +153,6 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     if not comparison["final_is_best"]:
         console.warn(comparison["verdict"])
     return comparison
-
-
-SPREAD_CAP = 0.10  # timing noise widens the tie up to this much, never further
 
 
 def judge(comparison: dict[str, Any]) -> None:
@@ -170,7 +167,7 @@ def judge(comparison: dict[str, Any]) -> None:
     eligible = [r for r in rows if r["eligible"]]
 
     def tie(r: dict[str, Any], other: dict[str, Any]) -> float:  # a busy machine's noise is a tie too, up to 10%
-        return 1 + max(comparison["tie"], min(SPREAD_CAP, max(r.get("spread", 0.0), other.get("spread", 0.0))))
+        return 1 + max(comparison["tie"], min(NOISE_CAP, max(r.get("spread", 0.0), other.get("spread", 0.0))))
 
     fastest = min(eligible, key=lambda r: r["geomean_ms"])
     best = [r for r in eligible if r["geomean_ms"] <= fastest["geomean_ms"] * tie(r, fastest)][-1]

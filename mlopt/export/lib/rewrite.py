@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mlopt.runtime.graph_edit import drop_dead, probe_session, readers, save_like
+
 MS = "com.microsoft"
 MASK_INPUT = "attention_mask"
 
@@ -31,26 +33,8 @@ def _load(path: Path) -> Any:
     return onnx.load(str(path))
 
 
-def _save(model: Any, src: Path, dst: Path) -> None:
-    """Write `model` like `src` was written: weights in an external `.data` file when src had one."""
-    import onnx
-
-    external = src.with_name(src.name + ".data").exists()
-    dst.with_name(dst.name + ".data").unlink(missing_ok=True)
-    onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=dst.name + ".data" if external else None)
-
-
 def _opset(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _consumers(model: Any) -> dict[str, list[Any]]:
-    users: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
 
 
 def _used(name: str, users: dict[str, list[Any]], outputs: set[str]) -> bool:
@@ -66,7 +50,7 @@ def split_fusions(src: Path, dst: Path) -> dict[str, int]:
     model = _load(src)
     if _opset(model) < 17:
         return {}
-    users, outputs = _consumers(model), {o.name for o in model.graph.output}
+    users, outputs = readers(model), {o.name for o in model.graph.output}
     changed = {"SkipLayerNormalization": 0, "BiasGelu": 0, "Add as Sum": 0}
     nodes = []
     for node in model.graph.node:
@@ -101,7 +85,7 @@ def split_fusions(src: Path, dst: Path) -> dict[str, int]:
         return {}
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _save(model, src, dst)
+    save_like(model, src, dst)
     return {k: v for k, v in changed.items() if v}
 
 
@@ -140,20 +124,9 @@ def _reads_only_the_mask(model: Any, tensor: str) -> bool:
 def _bias_values(model: Any, biases: list[str], masks: list[Any]) -> list[list[Any]] | None:
     """Each bias tensor's values for each test mask (batch 2), from onnxruntime; None when it cannot run."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, None) for b in biases)
-    _drop_dead(probe)  # only the bias subgraph runs
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session = probe_session(model, biases)
         types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
                  "tensor(bool)": np.bool_}
         values = []
@@ -226,20 +199,6 @@ def attention_mask_index(src: Path, dst: Path) -> int:
         node.attribute.extend(kept)
     model.graph.node.insert(0, helper.make_node("Cast", [MASK_INPUT], [mask_index], name="mask_index_cast",
                                                 to=onnx.TensorProto.INT32))
-    _drop_dead(model)
-    _save(model, src, dst)
+    drop_dead(model)
+    save_like(model, src, dst)
     return len(nodes)
-
-
-def _drop_dead(model: Any) -> None:
-    """Remove nodes none of whose outputs reach the graph's outputs (the attention-bias subgraph)."""
-    if any(a.type in (5, 10) for n in model.graph.node for a in n.attribute):  # GRAPH(S): outer-scope reads
-        return
-    needed = {o.name for o in model.graph.output}
-    alive = []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            alive.append(node)
-            needed.update(node.input)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(alive))

@@ -108,6 +108,10 @@ def best_of(medians: dict[int, list[float]]) -> dict[int, float]:
     return {b: min(v) for b, v in medians.items()}
 
 
+NOISE_CAP = 0.10  # timing noise widens a tie up to this much, never further: a burst of load must not make a slow
+# model "equal" (ptq's choice and the chain's verdict)
+
+
 def spread_of(medians: dict[int, list[float]]) -> float:
     """How far a typical round of a model is above its best one: the median round over the best, minus 1, at the
     batch size where that is largest (the timing noise its best-round latency carries)."""

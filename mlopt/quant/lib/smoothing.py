@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mlopt.runtime.graph_edit import probe_session, readers, save_like
+
 MS = "com.microsoft"
 NORMS = {("", "LayerNormalization"): (1, 2), (MS, "SkipLayerNormalization"): (2, 3)}  # scale, bias input indices
 
@@ -39,14 +41,11 @@ def _linear_weight(node: Any, inits: dict[str, Any]) -> str | None:
 def _groups(model: Any) -> dict[str, list[Any]]:
     """Activation -> the linear nodes that read it, for activations whose every reader of a weight owns it."""
     inits = {i.name: i for i in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = readers(model)
     groups: dict[str, list[Any]] = {}
     for node in model.graph.node:
         weight = _linear_weight(node, inits)
-        if weight and uses[weight] == 1 and node.input[0] not in inits:
+        if weight and len(uses[weight]) == 1 and node.input[0] not in inits:
             groups.setdefault(node.input[0], []).append(node)
     return groups
 
@@ -54,18 +53,8 @@ def _groups(model: Any) -> dict[str, list[Any]]:
 def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]]) -> dict[str, Any]:
     """max |x| per last-axis channel of each named tensor over the calibration feeds (onnxruntime, CPU)."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors keep their names
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = probe_session(model, names)
     wanted = {i.name for i in session.get_inputs()}
     peak: dict[str, Any] = {}
     for feed in feeds:
@@ -89,10 +78,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     peaks = _channel_max(model, sorted(groups), feeds)
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    reads = {name: len(nodes) for name, nodes in readers(model).items()}
     outputs = {o.name for o in model.graph.output}
     replaced: dict[str, Any] = {}
     inserted: list[tuple[Any, Any]] = []  # (node to insert before, Mul)
@@ -110,9 +96,9 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
             replaced[node.input[1]] = numpy_helper.from_array((w * scale[:, None]).astype(np.float32), node.input[1])
         norm = producer.get(name)
         where = NORMS.get((norm.domain if norm is not None else "", norm.op_type if norm is not None else ""))
-        foldable = (where is not None and norm.output[0] == name and readers.get(name) == len(nodes)
+        foldable = (where is not None and norm.output[0] == name and reads.get(name) == len(nodes)
                     and name not in outputs and all(i < len(norm.input) and norm.input[i] in inits
-                                                    and readers.get(norm.input[i]) == 1 for i in where))
+                                                    and reads.get(norm.input[i]) == 1 for i in where))
         if foldable:
             for i in where:
                 values = numpy_helper.to_array(inits[norm.input[i]])
@@ -135,7 +121,5 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         order.insert(order.index(before), mul)
     del model.graph.node[:]
     model.graph.node.extend(order)
-    external = src.with_name(src.name + ".data").exists()
-    onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=dst.name + ".data" if external else None)
+    save_like(model, src, dst)
     return smoothed
