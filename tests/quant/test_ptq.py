@@ -231,9 +231,13 @@ def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_f
 
 @pytest.mark.slow
 def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path):
-    """auto mode chooses the same model on an idle machine and with two CPU-bound processes beside it."""
+    """With two CPU-bound processes beside it, auto mode still hands back an INT8 model, and one that the idle run
+    timed as fast as its own choice: the same model, or one within the timing noise (at most 10%) of it. (Load
+    widens a tie, which then goes to the model closer to FP32; it must never hand back a clearly slower one.)"""
     import subprocess
     import sys
+
+    from mlopt.export.lib.timing import NOISE_CAP
 
     def chosen(out):
         result = ptq("--model", wide_dir, "--data", "digits", "--out", out, *FAST, "--json", "--quiet")
@@ -247,7 +251,13 @@ def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path)
     finally:
         for p in busy:
             p.kill()
-    assert idle != "FP32" and loaded == idle
+    assert idle != "FP32" and loaded != "FP32"
+    if loaded != idle:  # the idle run's own table: the loaded choice is as fast, within the noise
+        rows = {r["model"]: r for r in candidates(json.loads((tmp_path / "idle" / "report.json").read_text())["step"])}
+        a, b = rows[idle], rows[loaded]
+        speed = (b["batch 1 ms"] * b["batch 8 ms"] / (a["batch 1 ms"] * a["batch 8 ms"])) ** 0.5
+        assert speed <= 1 + NOISE_CAP + 0.05, (idle, loaded, speed)  # 5% for the idle run's own noise
+        assert b["within budget"] and b["faster than FP32"], (idle, loaded)
 
 
 def test_a_burst_of_load_never_makes_a_model_20_percent_slower_a_tie(tmp_path):
