@@ -22,7 +22,7 @@ WORDS = ("the quick brown fox jumps over lazy dog model data text line example q
          "small encoder token sentence").split()
 
 
-def _save_bert(out, classifier=False):
+def _save_bert(out, classifier=False, **config):
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
@@ -31,8 +31,8 @@ def _save_bert(out, classifier=False):
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    cfg = BertConfig(**{**dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, num_labels=3), **config})
     (BertForSequenceClassification if classifier else BertModel)(cfg).save_pretrained(out)
     return out
 
@@ -268,7 +268,7 @@ def test_sequence_classifier_exports_logits(tmp_path, text_file):
 
 
 @pytest.mark.parametrize("case", ["text-for-image-model", "image-data-for-text-model", "missing-dir", "not-a-model-dir",
-                                  "training-step", "one-line"])
+                                  "training-step", "distill-alpha", "prune-finetune", "one-line"])
 def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path):
     from conftest import TOY
 
@@ -280,6 +280,10 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "missing-dir": ["ptq", "--model", f"hf:{tmp_path / 'nope'}", "--data", f"text:{text_file}"],
         "not-a-model-dir": ["ptq", "--model", f"hf:{tmp_path}", "--data", f"text:{text_file}"],
         "training-step": ["train", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}"],
+        "distill-alpha": ["distill", "--student", f"hf:{bert_dir}", "--teacher", f"hf:{bert_dir}", "--data",
+                          f"text:{text_file}", "--alpha", "0.5"],
+        "prune-finetune": ["prune", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--head-ratio", "0.5",
+                           "--finetune-epochs", "1"],
         "one-line": ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{one}"],
     }[case]
     expected = {
@@ -288,6 +292,8 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "missing-dir": "never downloads",
         "not-a-model-dir": "no config.json",
         "training-step": "does not support hf: text models",
+        "distill-alpha": "alpha weighs the labels, and text:FILE has none",
+        "prune-finetune": "fine-tuning after pruning needs labelled data",
         "one-line": "at least 2 non-empty lines",
     }[case]
     out = tmp_path / "out"
@@ -321,3 +327,78 @@ def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tm
     gates = {g["gate"]: g for g in report["gates"]["results"]}
     assert gates["min_speedup"]["measured"] == 1.0 and gates["min_speedup"]["passed"] is False
     assert 0 < gates["max_size_mb"]["measured"] <= 30 and gates["max_size_mb"]["passed"] is True
+
+
+@pytest.fixture(scope="module")
+def varied_bert(tmp_path_factory):
+    """A tiny BERT whose sentence embeddings differ from sentence to sentence (wider initial weights), so that
+    pruning moves them measurably away from the unpruned model's."""
+    return _save_bert(tmp_path_factory.mktemp("hf") / "varied", num_attention_heads=4, initializer_range=0.5)
+
+
+@pytest.mark.slow
+def test_encoder_heads_and_widths_prune_then_distil_on_text_back_towards_the_teacher(varied_bert, tmp_path):
+    """prune (half the heads, half the FFN width) then label-free distillation on text, in a recipe; the student
+    learns the unpruned model's token states and its pooled embeddings come back towards the teacher's."""
+    rng = random.Random(1)
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(200)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+version: 1
+model: {{spec: "hf:{varied_bert}"}}
+data: {{source: "text:{text}", batch_size: 16}}
+steps:
+  - {{type: prune, head_ratio: 0.5, ratio: 0.5, measure_latency: false}}
+  - {{type: distill, epochs: 8, lr: 0.003}}
+  - {{type: export}}
+""")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "02-distill" / "model.json").read_text())["builder"]
+    pruned = meta["pruned"]
+    for layer in range(2):
+        attention = pruned[f"model.encoder.layer.{layer}.attention.self"]
+        assert attention["num_attention_heads"] == 2 and attention["all_head_size"] == 16
+        assert pruned[f"model.encoder.layer.{layer}.intermediate.dense"]["out_features"] == 32
+    assert meta["hf"]["num_heads"] == 2  # what onnxruntime's transformer optimizer is told
+    report = json.loads((out / "report.json").read_text())
+    prune, distill, export = report["steps"]
+    assert prune["metrics"]["macs_ratio"] > 1.8 and "accuracy" not in prune["metrics"]
+    m = distill["metrics"]
+    assert m["cosine_before"] < 0.8 and m["cosine"] > 0.9 and m["cosine"] > m["cosine_before"] + 0.15, m
+    history = table_rows(distill, "training history")
+    assert len(history) == 8 and all("val_cosine" in h and "train_accuracy" not in h for h in history)
+    assert export["metrics"]["max_abs_error"] <= export["metrics"]["tolerance"]  # the pruned model exports as it runs
+
+
+def test_text_distillation_of_a_model_into_itself_scores_cosine_one(varied_bert, text_file):
+    """The objective's pieces: a student that is the teacher has loss 0 and cosine 1; another model does not."""
+    import copy
+
+    import torch
+
+    from mlopt.compress.lib.distillation import text_distillation_objective
+    from mlopt.runtime import hf
+    from mlopt.runtime.data import DataConfig, load_data
+
+    spec = f"hf:{varied_bert}"
+    data = hf.tokenize(load_data(DataConfig(source=f"text:{text_file}")), spec, 32)
+    teacher = hf.build(spec)
+    objective = text_distillation_objective(teacher, data, 8, 4.0)
+    assert objective.labels is False and objective.metric == "cosine"
+    same = objective.validate(copy.deepcopy(teacher), torch.device("cpu"))
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-5) and same["loss"] == pytest.approx(0.0, abs=1e-5)
+    other = hf.build(f"hf:{varied_bert}")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    moved = objective.validate(other, torch.device("cpu"))
+    assert moved["cosine"] < 0.99 and moved["loss"] > 0.01
+    batch = {k: v[:4] for k, v in data.train.tensors.items()}
+    loss, out = objective.loss(other, batch, None, [0, 1, 2, 3])
+    assert float(loss) > 0 and out.shape[:2] == batch["input_ids"].shape
+    loss.backward()  # the student trains; the teacher stays frozen
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in other.parameters())
+    assert all(p.grad is None for p in teacher.parameters())

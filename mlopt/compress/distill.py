@@ -11,11 +11,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from mlopt.compress.lib.distillation import distillation_objective
+from mlopt.compress.lib.distillation import distillation_objective, text_distillation_objective
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table, shard_frozen
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, first_line
+from mlopt.runtime import hf
 from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, first_inputs
 from mlopt.runtime.evaluation import evaluate_torch
@@ -55,7 +56,9 @@ def resolve_teacher(config: DistillConfig, ctx: Any, current: Any) -> Any:
             if teacher.format != "torch":
                 raise InputError(f"the teacher {config.teacher} is ONNX; distillation needs a PyTorch teacher")
             return teacher.module, config.teacher
-        console.warn(f"teacher {config.teacher} is built with random weights; pass a trained mlopt directory instead")
+        if not hf.is_hf_spec(config.teacher):  # hf:DIR loads its saved weights
+            console.warn(f"teacher {config.teacher} is built with random weights; pass a trained mlopt directory "
+                         "instead")
         return build_module(config.teacher, ctx.data.num_classes), config.teacher
     if ctx.baseline is current and not config.student:
         raise InputError("distill needs a teacher: give --teacher, a --student different from the current model, "
@@ -69,15 +72,35 @@ class DistillPass(Pass):
     needs_data = True
     compresses = True
     trains = True
+    text_ok = True  # hf: models on text:FILE learn the teacher's outputs, without labels
     cli_model_option = ("--student",)
     cli_help = """Knowledge distillation: train the student to match the teacher's logits (and named features).
 
-    The report compares the student with the same student trained without distillation.
+    The report compares the student with the same student trained without distillation. On text (an hf: model
+    and text:FILE) no labels are needed: the student learns the teacher's token states (or logits), and the
+    report gives their cosine to the teacher's before and after.
     """
+
+    @classmethod
+    def check_text(cls, config: DistillConfig) -> None:
+        """On text there are no labels and no images: the options about them are refused, not ignored."""
+        given = config.model_fields_set
+        refused = [(f, why) for f, why in (
+            ("student", "the text is tokenized for the current model; prune it, then distil it"),
+            ("features", "feature pairs apply to image models"),
+            ("alpha", "alpha weighs the labels, and text:FILE has none"),
+            ("baseline", "the baseline trains on labels, and text:FILE has none"),
+            ("shard_teacher", "the teacher is sharded for image models only")) if f in given and getattr(config, f)
+            and (f != "alpha" or config.alpha < 1)]
+        if refused:
+            field, why = refused[0]
+            raise InputError(f"distill on text: {field.replace('_', '-')} is not supported ({why})")
 
     def run(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         import torch
 
+        if getattr(ctx.data, "text", False):
+            return self._run_text(artifact, config, ctx)
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
         teacher_note = shard_frozen(teacher, config, first_inputs(ctx.data, 1)) if config.shard_teacher else None
@@ -124,4 +147,34 @@ class DistillPass(Pass):
                          f"{base['accuracy']:.4f}; with distillation {result['accuracy']:.4f}")
         console.info(notes[-1])
         metrics["size_mb"] = new.size_mb()
+        return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])
+
+    def _run_text(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
+        """Label-free distillation of an hf: model on tokenized text (text_distillation_objective)."""
+        import torch
+
+        if not hf.is_text_artifact(artifact):
+            raise InputError("distill on text:FILE needs an hf: model (the student)")
+        teacher, teacher_name = resolve_teacher(config, ctx, artifact)
+        teacher = copy.deepcopy(teacher)
+        student = copy.deepcopy(artifact.require_torch("distill"))
+        new = artifact.derive("distill", module=student)
+        batch = config.batch_size or ctx.batch_size
+        try:
+            objective = text_distillation_objective(teacher, ctx.data, batch, config.temperature)
+        except (TypeError, RuntimeError) as exc:  # a teacher that does not take these tokens
+            raise InputError(f"the teacher {teacher_name} does not run on the student's tokens "
+                             f"({type(exc).__name__}: {first_line(exc)[:160]})") from None
+        before = objective.validate(student, torch.device("cpu"))["cosine"]
+        ckpt = ctx.checkpoint_dir
+        result = fit(student, ctx.data, config, batch, objective=objective, label="distill",
+                     checkpoint_dir=ckpt / "distill" if ckpt else None, resume=ctx.resume,
+                     fingerprint_extra=["distill", teacher_name])
+        history, notes = result.pop("history"), result.pop("notes")
+        metrics: dict[str, Any] = {**result, "cosine_before": before, "teacher_params": count_params(teacher),
+                                   "params": count_params(student), "size_mb": new.size_mb()}
+        notes.append(f"teacher: {teacher_name}; no labels: the student learned the teacher's outputs on the text. "
+                     f"Mean cosine of its pooled outputs to the teacher's on the validation split: {before:.4f} "
+                     f"before, {result['cosine']:.4f} after")
+        console.info(notes[-1])
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])

@@ -21,6 +21,7 @@ from mlopt.core.errors import InputError
 from mlopt.core.sections import Bars, Latency, Strict, Table
 from mlopt.export.lib.onnx import export_onnx
 from mlopt.export.lib.timing import interleaved_latency
+from mlopt.runtime import hf
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import changed_attributes, shape_attributes
 
@@ -68,13 +69,24 @@ class PrunePass(Pass):
     name = "prune"
     config_class = PruneConfig
     compresses = True
+    text_ok = True  # hf: encoders: heads (head_ratio) and widths; fine-tuning needs labels, so distil after it
     cli_help = "Prune channels with Torch-Pruning (or sparsify weights); the result reloads from its directory."
+
+    @classmethod
+    def check_text(cls, config: PruneConfig) -> None:
+        if config.finetune_epochs:
+            raise InputError("fine-tuning after pruning needs labelled data, and text:FILE has none: distil after "
+                             "pruning instead (a distill step learns the unpruned model's outputs)")
+        if config.importance == "taylor":
+            raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients), and "
+                             "text:FILE has none")
 
     def run(self, artifact: Any, config: PruneConfig, ctx: Any) -> StepResult:
         module = artifact.require_torch("prune")
         if config.sparsity != "structured":  # structured pruning works on copies; sparsity zeroes weights in place
             module = copy.deepcopy(module)
         shape = tuple(artifact.sample_shape)
+        sample = hf.example_inputs(artifact, 1) if hf.is_text_artifact(artifact) else shape  # what pruning traces
         data = ctx.data
         labeled = data is not None and data.labeled
         if config.finetune_epochs and not labeled:
@@ -83,15 +95,15 @@ class PrunePass(Pass):
             raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
         ignore = [*config.ignore]
         named_modules(module, ignore)  # unknown names are an error before any work
-        ignore += [n for n in classifier_names(module, artifact.num_classes, shape) if n not in ignore]
+        ignore += [n for n in classifier_names(module, artifact.num_classes, sample) if n not in ignore]
         batch = config.finetune.batch_size or ctx.batch_size
         metrics: dict[str, Any] = {"sparsity": config.sparsity}
         notes: list[str] = []
 
-        metrics["macs_before"], metrics["params_before"] = count_ops(module, shape)
+        metrics["macs_before"], metrics["params_before"] = count_ops(module, sample)
         if labeled:
             metrics["accuracy_before"] = evaluate_torch(module, data, batch)["accuracy"]
-        onnx_before = self._export_fp32(module, shape, Path(ctx.out_dir) / ".before.onnx") if config.measure_latency else None
+        onnx_before = self._export_fp32(module, artifact, Path(ctx.out_dir) / ".before.onnx") if config.measure_latency else None
 
         finetune_cfg = config.finetune.model_copy(update={"epochs": config.finetune_epochs or 1})
         history: list[dict[str, Any]] = []
@@ -109,20 +121,20 @@ class PrunePass(Pass):
             after_step.append(result["accuracy"])
 
         if config.sparsity == "structured":
-            module, builder = self._structured(module, artifact, config, ignore, batch, ctx, metrics, notes, sections,
-                                               finetune)
+            module, builder = self._structured(module, artifact, sample, config, ignore, batch, ctx, metrics, notes,
+                                               sections, finetune)
         else:
             self._sparsify(module, config, set(ignore), metrics, notes, finetune)
             builder = artifact.builder
 
         module.eval()
-        metrics["macs_after"], metrics["params_after"] = count_ops(module, shape)
+        metrics["macs_after"], metrics["params_after"] = count_ops(module, sample)
         metrics["macs_ratio"] = metrics["macs_before"] / metrics["macs_after"]
         metrics["params_ratio"] = metrics["params_before"] / metrics["params_after"]
         if labeled:
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
-        latency = self._latency_after(module, shape, ctx, onnx_before, metrics) if onnx_before is not None else []
+        latency = self._latency_after(module, artifact, ctx, onnx_before, metrics) if onnx_before is not None else []
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
@@ -134,30 +146,30 @@ class PrunePass(Pass):
             sections.append(history_table(history, "fine-tuning history"))
         return StepResult(artifact=new, metrics=metrics, notes=notes, latency=latency, sections=sections)
 
-    def _structured(self, module: Any, artifact: Any, config: PruneConfig, ignore: list[str], batch: int, ctx: Any,
-                    metrics: dict[str, Any], notes: list[str], sections: list[Any], finetune: Any) -> tuple[Any, dict]:
+    def _structured(self, module: Any, artifact: Any, sample: Any, config: PruneConfig, ignore: list[str], batch: int,
+                    ctx: Any, metrics: dict[str, Any], notes: list[str], sections: list[Any],
+                    finetune: Any) -> tuple[Any, dict]:
         """Remove channels (and heads) in `config.steps` steps, each from a fresh graph of the model as it is then;
         returns the pruned model and the builder with its pruned shapes."""
-        shape = tuple(artifact.sample_shape)
         before_shapes = shape_attributes(module)
         ratio, kept = config.ratio, {}
         if ratio is None and config.target_macs is None and config.target_params is None:
             ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
         elif ratio is None:
-            ratio, reached, kept = search_ratio(module, shape, config, ignore)
+            ratio, reached, kept = search_ratio(module, sample, config, ignore)
             notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
                          f"{'MACs' if config.target_macs else 'parameters'})")
         metrics["ratio"] = ratio
         for step in range(1, config.steps + 1):
             if config.importance == "taylor":
                 accumulate_gradients(module, ctx.data, batch)
-            outcome = prune_safely(module, shape, config, _step_ratio(ratio, step, config.steps),
+            outcome = prune_safely(module, sample, config, _step_ratio(ratio, step, config.steps),
                                    None if config.head_ratio is None else
                                    _step_ratio(config.head_ratio, step, config.steps), ignore, kept)
             module.zero_grad(set_to_none=True)  # Taylor's gradients on the model pruned from
             module, kept = outcome.module, outcome.kept
             module.zero_grad(set_to_none=True)
-            console.info(f"prune step {step}/{config.steps}: {count_ops(module, shape)[0] / metrics['macs_before']:.3f} "
+            console.info(f"prune step {step}/{config.steps}: {count_ops(module, sample)[0] / metrics['macs_before']:.3f} "
                          f"of the MACs left" + (f", {len(kept)} groups kept whole" if kept else ""))
             finetune(module, step)
         metrics["groups_kept_whole"] = len(kept)
@@ -172,7 +184,11 @@ class PrunePass(Pass):
             _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
             _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
             if bars.labels]
-        return module, {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+        builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+        if "hf" in builder:  # onnxruntime's transformer optimizer fuses attention with this head count (0: its own guess)
+            heads = {a["num_attention_heads"] for a in shape_attributes(module).values() if "num_attention_heads" in a}
+            builder["hf"] = {**builder["hf"], "num_heads": heads.pop() if len(heads) == 1 else 0}
+        return module, builder
 
     @staticmethod
     def _sparsify(module: Any, config: PruneConfig, ignored: set[str], metrics: dict[str, Any], notes: list[str],
@@ -190,14 +206,21 @@ class PrunePass(Pass):
         notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
                      "file, not the latency (both measured below)")
 
-    def _export_fp32(self, module: Any, shape: tuple[int, ...], path: Path) -> Path:
-        export_onnx(module.eval(), shape, path, opset=18, exporter="dynamo")  # no copy: memory is the limit on big models
+    def _export_fp32(self, module: Any, artifact: Any, path: Path) -> Path:
+        text: dict[str, Any] = {}
+        if hf.is_text_artifact(artifact):  # token inputs, dynamic sequence, the model's own output
+            info = artifact.builder["hf"]
+            text = {"example": hf.example_inputs(artifact, 2), "output": info["output"],
+                    "max_sequence": info["max_positions"]}
+        # no copy: memory is the limit on big models
+        export_onnx(module.eval(), tuple(artifact.sample_shape), path, opset=18, exporter="dynamo", **text)
         return path
 
-    def _latency_after(self, module: Any, shape: tuple[int, ...], ctx: Any, before: Path,
+    def _latency_after(self, module: Any, artifact: Any, ctx: Any, before: Path,
                        metrics: dict[str, Any]) -> list[Latency]:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
-        after = self._export_fp32(module, shape, Path(ctx.out_dir) / ".after.onnx")
+        shape = tuple(artifact.sample_shape)
+        after = self._export_fp32(module, artifact, Path(ctx.out_dir) / ".after.onnx")
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]
         metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = sp.gzip_mb(before), sp.gzip_mb(after)

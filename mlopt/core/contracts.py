@@ -112,6 +112,11 @@ class Pass:
         language model, or any other), instead of ignoring them. Raises InputError."""
 
     @classmethod
+    def check_text(cls, config: Any) -> None:
+        """Before any step runs, on an hf: text model: refuse the options that do not apply to text (no labels,
+        token inputs) instead of ignoring them. Raises InputError."""
+
+    @classmethod
     def cli_models(cls, models: list[str], step: dict[str, Any]) -> str:
         """With `cli_models_help`: the model spec from the positional arguments (may set step fields)."""
         raise NotImplementedError

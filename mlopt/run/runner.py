@@ -166,6 +166,8 @@ def _check_text_steps(recipe: "Recipe", text: bool) -> None:
     if unsupported:
         supported = ", ".join(sorted(n for n, p in PASSES.items() if p.text_ok))
         raise InputError(f"step {unsupported[0]!r} does not support hf: text models; these steps do: {supported}")
+    for step in recipe.steps if text else []:
+        PASSES[step.type].check_text(step)
 
 
 def execute_step(run: Run, index: int, step: Any) -> None:

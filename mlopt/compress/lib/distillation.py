@@ -14,6 +14,7 @@ from typing import Any
 from mlopt.compress.lib.engine import Objective
 from mlopt.compress.lib.pruning import submodule
 from mlopt.core.errors import InputError
+from mlopt.runtime.data import loader
 from mlopt.runtime.evaluation import predict_logits
 
 
@@ -91,3 +92,88 @@ def distillation_objective(teacher: Any, student: Any, data: Any, batch_size: in
             cache["logits"] = cache["logits"].to(dev)
 
     return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device)
+
+
+_CACHE_BYTES = 1 << 30  # the teacher's outputs on the train split are kept when they fit in this much memory
+
+
+def masked_mean(states: Any, mask: Any) -> Any:
+    """Mean of token states (N, L, H) over the real tokens (attention mask 1): sentence embeddings (N, H)."""
+    m = mask.to(states.dtype).unsqueeze(-1)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def text_distillation_objective(teacher: Any, data: Any, batch_size: int, temperature: float) -> Objective:
+    """Label-free distillation on tokenized text: the student learns the teacher's outputs on the same tokens.
+
+    Token states (an encoder's last_hidden_state, N x L x H): the mean squared error over real tokens, divided by
+    the teacher's mean square (scale-free), plus 1 - cosine of the mean-pooled sentence embeddings (what a sentence
+    encoder is used for). Logits (N x C, a classifier): KL divergence at `temperature`, as for images. Validation
+    scores the mean cosine of the student's pooled outputs to the teacher's on the validation split (1 = the same).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    first = data.train[0]
+    with torch.no_grad():
+        probe = teacher(**{k: v[None] for k, v in first.items()})
+    tokens = probe.dim() == 3
+    per_row = probe[0].numel() * 4
+    state: dict[str, Any] = {"dev": torch.device("cpu")}
+    if per_row * len(data.train) <= _CACHE_BYTES:
+        state["train"] = _outputs(teacher, data.train, batch_size)
+    val_teacher = _outputs(teacher, data.val, batch_size)
+
+    def teacher_out(x: Any, indices: Any) -> Any:
+        if "train" in state:
+            return state["train"][torch.as_tensor(indices)].to(state["dev"])
+        with torch.no_grad():
+            return teacher(**x).float()
+
+    def compare(out: Any, target: Any, mask: Any) -> Any:
+        out = out.float()
+        if not tokens:
+            T = temperature
+            return F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(target / T, -1), reduction="batchmean",
+                            log_target=True) * T * T
+        m = mask.to(out.dtype).unsqueeze(-1)
+        mse = ((out - target) ** 2 * m).sum() / (m.sum() * out.shape[-1])
+        scale = ((target ** 2) * m).sum() / (m.sum() * out.shape[-1])
+        cos = F.cosine_similarity(masked_mean(out, mask), masked_mean(target, mask), dim=-1)
+        return mse / scale.clamp_min(1e-12) + (1 - cos).mean()
+
+    def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+        out = model(**x)
+        return compare(out, teacher_out(x, indices), x["attention_mask"]), out
+
+    def validate(module: Any, dev: Any) -> dict[str, float]:
+        module.eval()
+        losses, cosines, start = [], [], 0
+        with torch.no_grad():
+            for batch in loader(data.val, batch_size):
+                x = {k: v.to(dev) for k, v in batch.items()}
+                out = module(**x).float().cpu()
+                target = val_teacher[start:start + len(out)]
+                start += len(out)
+                mask = batch["attention_mask"]
+                losses.append(float(compare(out, target, mask)) * len(out))
+                a, b = (masked_mean(out, mask), masked_mean(target, mask)) if tokens else (out, target)
+                cosines.append(F.cosine_similarity(a, b, dim=-1))
+        return {"loss": sum(losses) / start, "cosine": float(torch.cat(cosines).mean())}
+
+    def to_device(dev: Any) -> None:
+        teacher.to(dev)
+        state["dev"] = dev
+
+    return Objective(loss=loss, to_device=to_device, labels=False, validate=validate, metric="cosine")
+
+
+def _outputs(module: Any, dataset: Any, batch_size: int) -> Any:
+    """The module's outputs on a split of tokenized text, in order (CPU, float32)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([module(**batch).float() for batch in loader(dataset, batch_size)])

@@ -25,7 +25,8 @@ from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, RunError
 from mlopt.core.sections import Strict, Table
 from mlopt.runtime import distributed, sharding
-from mlopt.runtime.data import Dataset, first_inputs, require_labels
+from mlopt.runtime.data import Dataset, count, first_inputs, require_labels
+from mlopt.runtime.hf import TokenDataset
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import cpu_state_dict
 from mlopt.runtime.sharded_checkpoint import ShardedCheckpoints
@@ -71,11 +72,17 @@ def cross_entropy(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
 class Objective:
     """What the engine minimises: `loss(model, x, y, indices)` returns (loss, logits), `indices` being the
     batch's positions in the train split (for cached teacher outputs). `modules` are extra trainable modules
-    (feature projections) optimised, checkpointed and moved to the device with the model."""
+    (feature projections) optimised, checkpointed and moved to the device with the model.
+
+    A label-free objective (`labels` False: x is a dict of token tensors, y None) brings its own `validate(module,
+    device)`, which returns {"loss": ..., metric: ...}; the best epoch is the one with the highest `metric`."""
 
     loss: Callable[[Any, Any, Any, Any], tuple[Any, Any]] = cross_entropy
     modules: list[Any] = field(default_factory=list)
     to_device: Callable[[Any], None] | None = None
+    labels: bool = True
+    validate: Callable[[Any, Any], dict[str, float]] | None = None
+    metric: str = "accuracy"
 
 
 def _device(cfg: TrainingConfig) -> str:
@@ -191,9 +198,11 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
 
     Sharded (`cfg.shard` on several processes), a copy is trained and the module holds meta tensors until
     the trained weights are gathered back into it at the end: if training fails, the module is unusable."""
-    require_labels(data, "training")
+    objective = objective or Objective()
+    if objective.labels:
+        require_labels(data, "training")
     n = len(data.train)
-    run = _Training(module, objective or Objective(), cfg, n, batch_size, checkpoint_dir, fingerprint_extra,
+    run = _Training(module, objective, cfg, n, batch_size, checkpoint_dir, fingerprint_extra,
                     first_inputs(data, 1) if cfg.shard else None)
     if resume or distributed.restarted():
         run.resume()
@@ -421,6 +430,7 @@ class _Training:
         sums = torch.zeros(2, dtype=torch.float64, device=self.dev)  # loss * samples, correct
         for indices in batches[state.batch :]:
             x, y = _collate(train_set, indices, self.dev)
+            size = count(x)
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.device, dtype=amp or torch.float32, enabled=amp is not None):
@@ -436,16 +446,17 @@ class _Training:
             self.scaler.update()
             self.sched.step()
             with torch.no_grad():
-                sums[0] += loss.detach().double() * len(y)
-                sums[1] += (logits.detach().argmax(1) == y).sum()
-            state.count += len(y)
+                sums[0] += loss.detach().double() * size
+                if y is not None:
+                    sums[1] += (logits.detach().argmax(1) == y).sum()
+            state.count += size
             state.batch += 1
             state.step += 1
             if state.batch % _DISPLAY_EVERY == 0 or state.batch == len(batches):
                 _flush(state, sums)
                 elapsed = state.train_time + time.perf_counter() - started
                 bar.advance(0, epoch=f"{state.epoch + 1}/{cfg.epochs}", loss=f"{state.loss_sum / state.count:.4f}",
-                            acc=f"{state.correct / state.count:.3f}",
+                            acc=f"{state.correct / state.count:.3f}" if self.objective.labels else "-",
                             rate=f"{(state.seen + state.count) * self.dist.world_size / max(elapsed, 1e-9):.0f}/s")
             bar.advance(1)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < len(batches):
@@ -465,15 +476,18 @@ class _Training:
                                                                float(state.count)], self.dev)
         if self.sharded:
             sharding.sync_buffers(self.module)  # every rank validates (and keeps as best) rank 0's statistics
+        metric, validate = self.objective.metric, self.objective.validate
         with console.quieted():
-            val = evaluate_torch(self.module, data, batch_size, self.dev)
+            val = validate(self.module, self.dev) if validate else evaluate_torch(self.module, data, batch_size, self.dev)
         state.seen += state.count
         state.epoch += 1
-        state.history.append({"epoch": state.epoch, "train_loss": loss_sum / count, "train_accuracy": correct / count,
-                              "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+        train = {"train_loss": loss_sum / count}
+        if self.objective.labels:
+            train["train_accuracy"] = correct / count
+        state.history.append({"epoch": state.epoch, **train, "val_loss": val["loss"], f"val_{metric}": val[metric],
                               "lr": self.opt.param_groups[0]["lr"]})
-        if val["accuracy"] > state.best_acc:
-            state.best_acc, state.best_epoch, state.stale = val["accuracy"], state.epoch, 0
+        if val[metric] > state.best_acc:
+            state.best_acc, state.best_epoch, state.stale = val[metric], state.epoch, 0
             if cfg.early_stopping:
                 self.best_weights = self._snapshot()
         else:
@@ -500,7 +514,7 @@ class _Training:
         best_epoch = state.best_epoch if cfg.early_stopping else state.history[-1]["epoch"]
         chosen = state.history[best_epoch - 1]
         return {
-            "accuracy": chosen["val_accuracy"], "loss": chosen["val_loss"], "train_loss": chosen["train_loss"],
+            self.objective.metric: chosen[f"val_{self.objective.metric}"], "loss": chosen["val_loss"], "train_loss": chosen["train_loss"],
             "epochs": len(state.history), "best_epoch": best_epoch, "stopped_early": len(state.history) < cfg.epochs,
             "precision": cfg.amp if cfg.amp != "off" else "fp32", "device": self.device,
             "channels_last": self.channels_last, "processes": dist.world_size, "backend": distributed.backend(),
@@ -559,9 +573,13 @@ def _on_device(dataset: Any, dev: Any) -> Any:
 
 
 def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
+    """The batch at `indices` on the device: (inputs, labels), or for tokenized text ({name: tensor}, None)."""
     import torch
     from torch.utils.data import TensorDataset
 
+    if isinstance(dataset, TokenDataset):
+        idx = torch.as_tensor(indices)
+        return {k: v[idx].to(dev, non_blocking=True) for k, v in dataset.tensors.items()}, None
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors
         idx = torch.as_tensor(indices, device=x.device)

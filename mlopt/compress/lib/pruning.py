@@ -17,6 +17,26 @@ from mlopt.core.errors import InputError, first_line
 from mlopt.runtime.models import shape_attributes
 
 
+Sample = Any  # one sample's shape (tuple[int, ...]: a float input of that shape), or a model's named inputs
+# (dict[str, Tensor], batch of 1: token models)
+
+
+def example(sample: Sample) -> Any:
+    """The input pruning traces and probes the model with: zeros of the sample's shape (batch 1), or the named
+    inputs as given (`module(**inputs)`)."""
+    import torch
+
+    return dict(sample) if isinstance(sample, dict) else torch.zeros((1, *sample))
+
+
+def _quiet() -> Any:
+    """Torch-Pruning prints warnings on stdout (a model called with named inputs only); keep stdout for --json."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def submodule(module: Any, name: str, missing: str) -> Any:
     """`module`'s submodule called `name`; else an InputError `missing`, with the closest names."""
     modules = dict(module.named_modules())
@@ -30,7 +50,7 @@ def named_modules(module: Any, names: list[str]) -> list[Any]:
     return [submodule(module, name, f"--ignore {name!r}: the model has no module of that name") for name in names]
 
 
-def classifier_names(module: Any, num_classes: int | None, sample_shape: tuple[int, ...]) -> list[str]:
+def classifier_names(module: Any, num_classes: int | None, sample: Sample) -> list[str]:
     """The layers that produce the output stay untouched: the last Linear or convolution to run, when its width is
     the output's (a final 1x1 convolution too), and the last Linear with num_classes outputs."""
     import torch
@@ -39,7 +59,7 @@ def classifier_names(module: Any, num_classes: int | None, sample_shape: tuple[i
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append((n, o)))
              for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
     try:
-        out = outputs(module, torch.zeros((1, *sample_shape)))
+        out = outputs(module, example(sample))
     finally:
         for h in hooks:
             h.remove()
@@ -53,13 +73,14 @@ def classifier_names(module: Any, num_classes: int | None, sample_shape: tuple[i
     return names or [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
 
 
-def count_ops(module: Any, sample_shape: tuple[int, ...]) -> tuple[int, int]:
+def count_ops(module: Any, sample: Sample) -> tuple[int, int]:
     import torch
     import torch_pruning as tp
 
     module.eval()
     with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(module, torch.zeros((1, *sample_shape)))
+        with _quiet():
+            macs, params = tp.utils.count_ops_and_params(module, example(sample))
     return int(macs), int(params)
 
 
@@ -128,9 +149,8 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
                 setattr(m, attr, new.pop())
 
 
-def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, head_ratio: float | None,
+def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio: float | None,
                 ignored: list[Any]) -> Any:
-    import torch
     import torch_pruning as tp
 
     blocks = attention_blocks(module)
@@ -148,22 +168,21 @@ def make_pruner(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: flo
             heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
                          pruning_ratio_dict={layer: head_ratio for layer in layers})
     try:
-        return tp.pruner.BasePruner(
-            module, torch.zeros((1, *sample_shape)), importance=make_importance(cfg.importance),
-            global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
-            iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to, **heads,
-        )
+        with _quiet():
+            return tp.pruner.BasePruner(
+                module, example(sample), importance=make_importance(cfg.importance),
+                global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
+                iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to, **heads,
+            )
     except Exception as exc:
         raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
                          "leave the module that fails out with --ignore NAME") from exc
 
 
-def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: float, head_ratio: float | None,
+def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio: float | None,
                  ignore: list[str], kept: dict[str, Kept] | None = None) -> Outcome:
     """Prune a copy of `module` once at `ratio`, keeping whole every group that is unsafe (see safety.py)."""
-    import torch
-
-    x = torch.zeros((1, *sample_shape))
+    x = example(sample)
     reference = [tuple(t.shape) for t in outputs(module, x)]
     before = widths(module)
     kept = dict(kept or {})
@@ -175,7 +194,7 @@ def prune_safely(module: Any, sample_shape: tuple[int, ...], cfg: Any, ratio: fl
         layers = dict(trial.named_modules())
         ignored = [layers[n] for n in ignore] + [layers[n] for k in kept.values() for n in k.outputs]
         with guarded(trial) as trace:
-            pruner = make_pruner(trial, sample_shape, cfg, ratio, head_ratio, ignored)
+            pruner = make_pruner(trial, sample, cfg, ratio, head_ratio, ignored)
             screen(pruner, trace, kept)
             checked_importance(pruner, trace, kept)
             broke, pruned = _prune_groups(trial, pruner, trace, kept, x, reference, before, probe_each)
@@ -232,18 +251,18 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
     return None, pruned
 
 
-def search_ratio(module: Any, sample_shape: tuple[int, ...], cfg: Any,
+def search_ratio(module: Any, sample: Sample, cfg: Any,
                  ignore: list[str]) -> tuple[float, float, dict[str, Kept]]:
     """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params); returns the
     ratio, the fraction it keeps, and the groups kept whole."""
     which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
-    base = count_ops(module, sample_shape)[0 if which == "macs" else 1]
+    base = count_ops(module, sample)[0 if which == "macs" else 1]
     kept: dict[str, Kept] = {}
 
     def fraction(ratio: float) -> float:
-        outcome = prune_safely(module, sample_shape, cfg, ratio, cfg.head_ratio, ignore, kept)
+        outcome = prune_safely(module, sample, cfg, ratio, cfg.head_ratio, ignore, kept)
         kept.update(outcome.kept)
-        return count_ops(outcome.module, sample_shape)[0 if which == "macs" else 1] / base
+        return count_ops(outcome.module, sample)[0 if which == "macs" else 1] / base
 
     lo, hi = 0.0, 0.9
     reachable = fraction(hi)

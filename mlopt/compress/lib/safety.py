@@ -185,12 +185,12 @@ def checked_importance(pruner: Any, trace: Trace, kept: dict[str, Kept]) -> None
 
 
 def outputs(module: Any, x: Any) -> list[Any]:
-    """The tensors the module returns for x (nested tuples, lists and dicts flattened)."""
+    """The tensors the module returns for x (named inputs when a dict; nested tuples, lists and dicts flattened)."""
     import torch
 
     module.eval()
     with torch.no_grad():
-        y = module(x)
+        y = module(**x) if isinstance(x, dict) else module(x)
     flat, todo = [], [y]
     while todo:
         item = todo.pop(0)
