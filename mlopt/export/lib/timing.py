@@ -7,7 +7,6 @@ INT8 model look 40% slower than it is when timed alternately. Every report says 
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -80,9 +79,18 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
                         "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
                         "throughput_per_s": batch * 1000.0 / mean, "size_mb": file_size_mb(path),
                         "iterations": len(times)})
+    # The session is freed here by reference counting (it is in no cycle), its threads with it. No gc.collect() per
+    # model: with torch and transformers loaded one took 0.4 s, longer than timing a small model (see _collected).
     del session
-    gc.collect()
     return results
+
+
+def _collected() -> None:
+    """Before a measurement: free any session of an earlier step left in a reference cycle, whose idle intra-op
+    threads would spin and slow the models timed now."""
+    import gc
+
+    gc.collect()
 
 
 TIMING_ROUNDS = 3
@@ -95,6 +103,7 @@ def interleaved_rounds(paths: list[Path], sample_shape: Any, provider: str, batc
     per_round = max(3, iterations // rounds)
     cfg = TimingSettings(provider=provider, batch_sizes=batch_sizes, warmup=3, iterations=per_round)
     medians: list[dict[int, list[float]]] = [{} for _ in paths]
+    _collected()
     with console.quieted():
         for _ in range(rounds):
             for i in range(len(paths)):
@@ -130,6 +139,7 @@ def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, bat
 def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: TimingSettings) -> list[dict[str, Any]]:
     """Time each (label, path, sample shape) in turn; add each row's speed-up over the first model."""
     results: list[dict[str, Any]] = []
+    _collected()
     for label, path, shape in models:
         results += time_model(path, shape, cfg, label)
     first = models[0][0]
