@@ -109,3 +109,23 @@ def test_a_decoder_gate_on_an_image_model_stops_before_any_step(tmp_path):
     assert result.exit_code == 2, result.output
     assert "max_ppl_increase gate applies to decoder language models only" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cosine_gate_reads_the_chains_fidelity_to_the_baseline(final):
+    """min_cosine: the final model's cosine to the baseline's sentence embeddings, from the chain comparison."""
+    from mlopt.core.errors import InputError
+    from mlopt.run.gates import check_family
+
+    text = SimpleNamespace(text=True, labeled=False, name="text:lines.txt")
+    comparison = {"baseline": "input", "final": "03-ptq", "models": [
+        {"step": "input", "accuracy": None, "cosine": 1.0, "latency_ms": {"1": 9.0}},
+        {"step": "03-ptq", "accuracy": None, "cosine": 0.9812, "latency_ms": {"1": 3.0}}]}
+    for threshold, passed in ((0.98, True), (0.99, False)):
+        rows = evaluate_gates(GatesConfig(min_cosine=threshold, min_speedup=3.0), Artifact("torch", None, None),
+                              final, text, comparison)
+        assert rows[0] == {"gate": "min_cosine", "expected": f">= {threshold}", "measured": 0.9812, "passed": passed}
+        assert rows[1]["gate"] == "min_speedup" and rows[1]["passed"]
+    with pytest.raises(InputError, match="min_cosine gate compares encoders' outputs on text"):
+        check_family(GatesConfig(min_cosine=0.99), decoder=False, data=SimpleNamespace(text=False, labeled=True))
+    with pytest.raises(InputError, match="applies to decoder language models only|does not apply to a decoder"):
+        check_family(GatesConfig(min_cosine=0.99), decoder=True, data=text)

@@ -161,7 +161,7 @@ class DistillPass(Pass):
         new = artifact.derive("distill", module=student)
         batch = config.batch_size or ctx.batch_size
         try:
-            objective = text_distillation_objective(teacher, ctx.data, batch, config.temperature)
+            objective = text_distillation_objective(teacher, student, ctx.data, batch, config.temperature)
         except (TypeError, RuntimeError) as exc:  # a teacher that does not take these tokens
             raise InputError(f"the teacher {teacher_name} does not run on the student's tokens "
                              f"({type(exc).__name__}: {first_line(exc)[:160]})") from None

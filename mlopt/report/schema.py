@@ -44,6 +44,8 @@ class ChainModel(Strict):
     model: str | None
     format: str
     accuracy: float | None
+    cosine: float | None = Field(None, description="text encoders: mean cosine of the mean-pooled outputs to the "
+                                 "baseline's on the validation text")
     size_mb: float
     latency_ms: dict[int, float] = Field(description="batch size -> best round's median, ms")
     geomean_ms: float
@@ -63,6 +65,7 @@ class Chain(Strict):
     accuracy_method: str | None
     accuracy_tolerance: float
     accuracy_tolerance_from: str
+    min_cosine: float | None = None  # text encoders: the fidelity a model needs to be eligible
     tie: float
     rule: str
     baseline: str

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 TIE = 0.05  # relative geometric-mean latency difference treated as noise
 ROUNDS = 9  # interleaved rounds: more chances than the gates' default three for each model to meet a quiet spell
 DEFAULT_ACCURACY_TOLERANCE = 0.01  # top-1 drop from the baseline allowed when the recipe has no accuracy gate
+DEFAULT_MIN_COSINE = 0.99  # text encoders: fidelity to the baseline needed when the recipe has no min_cosine gate
 ACCURACY_BATCH = 64
 METHOD = ("onnxruntime, interleaved rounds with one session alive at a time, each model keeping its best "
           "round's median; every model as an ONNX file (torch models exported for it)")
@@ -74,15 +75,19 @@ def as_onnx(artifact: "Artifact", path: Path) -> Path:
 
 
 def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provider: str,
-            batch_sizes: list[int], per_round: int, rounds: int = ROUNDS) -> list[dict[str, Any]]:
+            batch_sizes: list[int], per_round: int, rounds: int = ROUNDS, reference: int = 0) -> list[dict[str, Any]]:
     """One row per (label, model): accuracy, latency per batch size and size, all measured alike.
 
-    With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None.
+    With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None. On text
+    (tokenized, unlabelled) each row gets its cosine to the outputs of `members[reference]` (the baseline).
     """
+    from mlopt.quant.lib.quantize import Quality
+
     labeled = data is not None and data.labeled
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
         with console.quieted():
             paths = [as_onnx(artifact, Path(tmp) / f"{i:02d}.onnx") for i, (_, artifact) in enumerate(members)]
+        fidelity = Quality(paths[reference], data, batch=ACCURACY_BATCH) if data is not None and data.text else None
         rows = []
         for (label, artifact), path in zip(members, paths):
             accuracy = None
@@ -90,7 +95,9 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
                 with console.quieted():
                     accuracy = evaluate_onnx(path, data, ACCURACY_BATCH)["accuracy"]
             rows.append({"step": label, "model": artifact.origin, "format": artifact.format, "accuracy": accuracy,
+                         "cosine": None if fidelity is None else round(fidelity.score(path)["cosine_mean"], 6),
                          "size_mb": round(file_size_mb(path), 4)})
+        del fidelity  # its inputs and outputs, before timing
         if batch_sizes:
             console.info(f"timing {len(paths)} model(s) of the chain at batch size(s) "
                          f"{', '.join(map(str, batch_sizes))} ({provider}, interleaved rounds)")
@@ -128,8 +135,14 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
     final_label = members[-1][0]
     baseline_label = baseline_label or final_label
     cfg = settings(recipe)
-    rows = measure(members, data, cfg["provider"], cfg["batch_sizes"], cfg["per_round"], cfg["rounds"])
+    reference = [label for label, _ in members].index(baseline_label)
+    rows = measure(members, data, cfg["provider"], cfg["batch_sizes"], cfg["per_round"], cfg["rounds"], reference)
     gates = recipe.gates
+    min_cosine, cosine_from = None, ""
+    if rows[0]["cosine"] is not None:
+        gated = gates is not None and gates.min_cosine is not None
+        min_cosine = gates.min_cosine if gated else DEFAULT_MIN_COSINE
+        cosine_from = "the min_cosine gate" if gated else "the default: the recipe has no min_cosine gate"
     if gates is not None and gates.max_accuracy_drop is not None:
         tolerance, source = gates.max_accuracy_drop, "the max_accuracy_drop gate"
     else:
@@ -139,9 +152,11 @@ def compare(recipe: "Recipe", run_dir: Path, steps: list[dict[str, Any]], fallba
         "iterations_per_round": cfg["per_round"],
         "accuracy_method": None if rows[0]["accuracy"] is None else
         f"top-1 on the validation split, onnxruntime on the same ONNX files, batch {ACCURACY_BATCH}",
-        "accuracy_tolerance": tolerance, "accuracy_tolerance_from": source, "tie": TIE,
+        "accuracy_tolerance": tolerance, "accuracy_tolerance_from": source, "tie": TIE, "min_cosine": min_cosine,
         "rule": (f"best: the lowest geometric mean latency over batch sizes {', '.join(map(str, cfg['batch_sizes']))} "
-                 f"among the models whose top-1 is at most {tolerance} below the baseline's; models within "
+                 + (f"among the models whose top-1 is at most {tolerance} below the baseline's; " if min_cosine is None
+                    else f"among the models whose cosine to the baseline is at least {min_cosine} ({cosine_from}); ")
+                 + "models within "
                  f"{100 * TIE:.0f}% of the fastest, or within its or their timing noise (the median round over the "
                  f"best) when that is larger, up to {100 * NOISE_CAP:.0f}%, count as equally fast and the latest of "
                  "them is named"),
@@ -164,6 +179,8 @@ def judge(comparison: dict[str, Any]) -> None:
         r["speedup"] = {b: base["latency_ms"][b] / ms for b, ms in r["latency_ms"].items()}
         r["eligible"] = (r["accuracy"] is None or base["accuracy"] is None
                          or base["accuracy"] - r["accuracy"] <= comparison["accuracy_tolerance"] + 1e-12)
+        if r.get("cosine") is not None and comparison.get("min_cosine") is not None:
+            r["eligible"] = r["eligible"] and r["cosine"] >= comparison["min_cosine"] - 1e-12
     eligible = [r for r in rows if r["eligible"]]
 
     def tie(r: dict[str, Any], other: dict[str, Any]) -> float:  # a busy machine's noise is a tie too, up to 10%
@@ -188,7 +205,10 @@ def judge(comparison: dict[str, Any]) -> None:
         return
     ratios = ", ".join(f"{final['latency_ms'][str(b)] / best['latency_ms'][str(b)]:.2f}x at batch {b}" for b in sizes)
     why = f"{best['step']} is faster (final/{best['step']} latency: {ratios})"
-    if not final["eligible"]:
+    if not final["eligible"] and final.get("cosine") is not None and final["accuracy"] is None:
+        why = (f"its cosine to the baseline, {final['cosine']:.4f}, is below {comparison['min_cosine']}; the best is "
+               f"{best['step']}")
+    elif not final["eligible"]:
         why = (f"its top-1 {final['accuracy']:.4f} is more than {comparison['accuracy_tolerance']} below the "
                f"baseline's {base['accuracy']:.4f}; the best is {best['step']}")
     elif best["accuracy"] is not None and final["accuracy"] is not None:

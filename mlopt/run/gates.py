@@ -38,7 +38,7 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
         base, last = rows[comparison["baseline"]], rows[comparison["final"]]
     else:
         timed = gates.min_speedup is not None or gates.max_latency_ms is not None
-        if timed or gates.max_accuracy_drop is not None:
+        if timed or gates.max_accuracy_drop is not None or gates.min_cosine is not None:
             base, last = measure([("baseline", baseline), ("final", final)], data, gates.provider,
                                  [gates.batch_size] if timed else [], runs_per_round(gates.iterations))
     out: list[dict[str, Any]] = []
@@ -47,6 +47,9 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
         out.append({"gate": "max_accuracy_drop", "expected": f"<= {gates.max_accuracy_drop}",
                     "measured": round(drop, 6), "baseline": base["accuracy"], "final": last["accuracy"],
                     "passed": drop <= gates.max_accuracy_drop + 1e-12})
+    if gates.min_cosine is not None:
+        out.append({"gate": "min_cosine", "expected": f">= {gates.min_cosine}", "measured": round(last["cosine"], 6),
+                    "passed": last["cosine"] >= gates.min_cosine - 1e-12})
     batch = str(gates.batch_size)
     if gates.min_speedup is not None:
         speedup = base["latency_ms"][batch] / last["latency_ms"][batch]
@@ -66,7 +69,7 @@ def evaluate_gates(gates: GatesConfig, baseline: Any, final: Any, data: Any,
 
 
 DECODER_GATES = ("min_decode_speedup", "max_ppl_increase")
-OTHER_GATES = ("max_accuracy_drop", "min_speedup", "max_latency_ms")
+OTHER_GATES = ("max_accuracy_drop", "min_speedup", "max_latency_ms", "min_cosine")
 
 
 def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported: bool = True) -> None:
@@ -88,6 +91,11 @@ def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported
                          "min_decode_speedup, max_ppl_increase and max_size_mb")
     if wrong:
         raise InputError(f"the {wrong[0]} gate applies to decoder language models only")
+    if gates.min_cosine is not None and data is not None and not data.text:
+        raise InputError("the min_cosine gate compares encoders' outputs on text: give 'data: {source: text:FILE}' "
+                         "(labelled data has the max_accuracy_drop gate)")
+    if gates.min_cosine is not None and data is None:
+        raise InputError("the min_cosine gate needs text: add 'data: {source: text:FILE}' to the recipe")
 DECODE_TOKENS, DECODE_ROUNDS = 64, 3
 
 

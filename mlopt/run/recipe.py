@@ -55,6 +55,8 @@ class GatesConfig(Strict):
     min_speedup: float | None = Field(None, gt=0, description="baseline latency / final latency on onnxruntime")
     max_size_mb: float | None = Field(None, gt=0, description="size of the final model file")
     max_latency_ms: float | None = Field(None, gt=0, description="final model latency (median)")
+    min_cosine: float | None = Field(None, gt=-1, le=1, description="text encoders: mean cosine of the final model's "
+                                     "mean-pooled outputs to the baseline's on the validation text")
     min_decode_speedup: float | None = Field(None, gt=0, description="decoders: final decode tokens/s over the baseline's")
     max_ppl_increase: float | None = Field(None, ge=0, description="decoders: perplexity increase over the baseline (0.05 = 5%)")
     batch_size: int = Field(1, gt=0, description="batch size of the latency measurements")
@@ -63,7 +65,7 @@ class GatesConfig(Strict):
 
     def any(self) -> bool:
         return any(v is not None for v in (self.max_accuracy_drop, self.min_speedup, self.max_size_mb, self.max_latency_ms,
-                                           self.min_decode_speedup, self.max_ppl_increase))
+                                           self.min_decode_speedup, self.max_ppl_increase, self.min_cosine))
 
 
 class ModelConfig(Strict):

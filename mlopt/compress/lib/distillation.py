@@ -103,13 +103,17 @@ def masked_mean(states: Any, mask: Any) -> Any:
     return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def text_distillation_objective(teacher: Any, data: Any, batch_size: int, temperature: float) -> Objective:
+def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_size: int,
+                                temperature: float) -> Objective:
     """Label-free distillation on tokenized text: the student learns the teacher's outputs on the same tokens.
 
     Token states (an encoder's last_hidden_state, N x L x H): the mean squared error over real tokens, divided by
     the teacher's mean square (scale-free), plus 1 - cosine of the mean-pooled sentence embeddings (what a sentence
-    encoder is used for). Logits (N x C, a classifier): KL divergence at `temperature`, as for images. Validation
-    scores the mean cosine of the student's pooled outputs to the teacher's on the validation split (1 = the same).
+    encoder is used for). Where pruning kept the layers and their width (heads and feed-forward width pruned), the
+    student also learns every layer's output from the teacher's same layer (layer-wise distillation, as in
+    TinyBERT and CoFi: a pruned layer is taught what it must hand on, not only the last one). Logits (N x C, a
+    classifier): KL divergence at `temperature`, as for images. Validation scores the mean cosine of the student's
+    pooled outputs to the teacher's on the validation split (1 = the same).
     """
     import torch
     import torch.nn.functional as F
@@ -117,13 +121,13 @@ def text_distillation_objective(teacher: Any, data: Any, batch_size: int, temper
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    first = data.train[0]
+    first = {k: v[None] for k, v in data.train[0].items()}
+    layers = _LayerOutputs.pair(teacher, student, first)
     with torch.no_grad():
-        probe = teacher(**{k: v[None] for k, v in first.items()})
+        probe = teacher(**first)
     tokens = probe.dim() == 3
-    per_row = probe[0].numel() * 4
     state: dict[str, Any] = {"dev": torch.device("cpu")}
-    if per_row * len(data.train) <= _CACHE_BYTES:
+    if layers is None and probe[0].numel() * 4 * len(data.train) <= _CACHE_BYTES:
         state["train"] = _outputs(teacher, data.train, batch_size)
     val_teacher = _outputs(teacher, data.val, batch_size)
 
@@ -133,21 +137,29 @@ def text_distillation_objective(teacher: Any, data: Any, batch_size: int, temper
         with torch.no_grad():
             return teacher(**x).float()
 
+    def token_mse(out: Any, target: Any, m: Any) -> Any:
+        """Mean squared error over real tokens, relative to the target's mean square."""
+        mse = ((out - target) ** 2 * m).sum() / (m.sum() * out.shape[-1])
+        scale = ((target ** 2) * m).sum() / (m.sum() * out.shape[-1])
+        return mse / scale.clamp_min(1e-12)
+
     def compare(out: Any, target: Any, mask: Any) -> Any:
         out = out.float()
         if not tokens:
             T = temperature
             return F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(target / T, -1), reduction="batchmean",
                             log_target=True) * T * T
-        m = mask.to(out.dtype).unsqueeze(-1)
-        mse = ((out - target) ** 2 * m).sum() / (m.sum() * out.shape[-1])
-        scale = ((target ** 2) * m).sum() / (m.sum() * out.shape[-1])
         cos = F.cosine_similarity(masked_mean(out, mask), masked_mean(target, mask), dim=-1)
-        return mse / scale.clamp_min(1e-12) + (1 - cos).mean()
+        return token_mse(out, target, mask.to(out.dtype).unsqueeze(-1)) + (1 - cos).mean()
 
     def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+        target = teacher_out(x, indices)  # with layers: the teacher's forward fills its layer outputs
         out = model(**x)
-        return compare(out, teacher_out(x, indices), x["attention_mask"]), out
+        total = compare(out, target, x["attention_mask"])
+        if layers is not None:
+            m = x["attention_mask"].float().unsqueeze(-1)
+            total = total + sum(token_mse(s.float(), t.float(), m) for s, t in layers.outputs()) / layers.count
+        return total, out
 
     def validate(module: Any, dev: Any) -> dict[str, float]:
         module.eval()
@@ -169,6 +181,54 @@ def text_distillation_objective(teacher: Any, data: Any, batch_size: int, temper
         state["dev"] = dev
 
     return Objective(loss=loss, to_device=to_device, labels=False, validate=validate, metric="cosine")
+
+
+class _LayerOutputs:
+    """Forward hooks on the teacher's and the student's stack of layers (the longest ModuleList: BERT's
+    encoder.layer, ...), which hold each layer's last output (its hidden states) after a forward pass."""
+
+    def __init__(self, teacher_layers: Any, student_layers: Any):
+        self.count = len(teacher_layers)
+        self.teacher: list[Any] = [None] * self.count
+        self.student: list[Any] = [None] * self.count
+        for i, (t, s) in enumerate(zip(teacher_layers, student_layers)):
+            t.register_forward_hook(lambda m, a, o, i=i: self.teacher.__setitem__(i, _first_tensor(o)))
+            s.register_forward_hook(lambda m, a, o, i=i: self.student.__setitem__(i, _first_tensor(o)))
+
+    def outputs(self) -> list[tuple[Any, Any]]:
+        return list(zip(self.student, self.teacher))
+
+    @classmethod
+    def pair(cls, teacher: Any, student: Any, sample: dict[str, Any]) -> "_LayerOutputs | None":
+        """Hooks on both models' layers, when they have the same number of layers and every layer's output has
+        the same shape in both (pruning kept the width); else None (the last output is learned alone)."""
+        import torch
+
+        t_name, t_layers = _layer_stack(teacher)
+        s_layers = dict(student.named_modules()).get(t_name) if t_name else None
+        if t_layers is None or not isinstance(s_layers, torch.nn.ModuleList) or len(s_layers) != len(t_layers):
+            return None
+        pairs = cls(t_layers, s_layers)
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            teacher(**sample), student(**sample)
+        student.train(was)
+        if all(isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.shape == t.shape
+               for s, t in pairs.outputs()):
+            return pairs
+        return None  # the hooks stay but are never read: cheap
+
+
+def _layer_stack(module: Any) -> tuple[str | None, Any]:
+    import torch
+
+    stacks = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    return max(stacks, key=lambda nm: len(nm[1]), default=(None, None))
+
+
+def _first_tensor(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _outputs(module: Any, dataset: Any, batch_size: int) -> Any:
