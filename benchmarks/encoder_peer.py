@@ -250,7 +250,9 @@ def run_recipe(recipe: Path, model_dir: Path, text: Path, work: Path) -> tuple[d
     last = next((s for s in reversed(run["steps"]) if (out / s["dir"] / "model.onnx").is_file()), None)
     if last is None:
         return {}, {"mlopt_small": f"mlopt run {recipe.name} wrote no ONNX model"}, []
-    notes = [f"mlopt recipe {recipe.name} ({minutes:.1f} min; gates {'passed' if rc == 0 else 'FAILED'}): "
+    chosen = next((s["metrics"].get("chosen") for s in run["steps"] if s["type"] == "ptq"), None)
+    notes = [f"mlopt recipe {recipe.name} ({minutes:.1f} min; gates {'passed' if rc == 0 else 'FAILED'}; its ptq "
+             f"chose {chosen if chosen and chosen != 'FP32' else 'FP32'}): "
              + "; ".join(f"{s['dir']}: " + ", ".join(f"{k} {s['metrics'][k]:.4g}" for k in
                                                     ("macs_ratio", "cosine_before", "cosine", "cosine_mean")
                                                     if isinstance(s["metrics"].get(k), (int, float)))
@@ -540,8 +542,10 @@ def main() -> None:
     for key, label, _ in ROWS:
         if key in written and written[key] != fused[key]:
             print(f"- {label}, ops of interest in the file as written: {describe(written[key])}")
+    small_int8 = not any("chose FP32" in n for n in notes if "recipe" in n)
     for key, peers, kind in (("mlopt_fp32", ("fp32", "o2"), "FP32"), ("mlopt_ptq", ("int8", "o2_int8"), "INT8"),
-                             ("mlopt_small", ("int8", "o2_int8"), "INT8")):
+                             ("mlopt_small", ("int8", "o2_int8") if small_int8 else ("fp32", "o2"),
+                              "INT8" if small_int8 else "FP32")):
         present = [k for k in peers if k in sessions]
         if key not in sessions or not present:
             continue

@@ -268,7 +268,8 @@ def test_sequence_classifier_exports_logits(tmp_path, text_file):
 
 
 @pytest.mark.parametrize("case", ["text-for-image-model", "image-data-for-text-model", "missing-dir", "not-a-model-dir",
-                                  "training-step", "distill-alpha", "prune-finetune", "one-line"])
+                                  "training-step", "distill-alpha", "distill-alpha-0", "prune-finetune",
+                                  "one-line"])
 def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path):
     from conftest import TOY
 
@@ -282,6 +283,8 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "training-step": ["train", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}"],
         "distill-alpha": ["distill", "--student", f"hf:{bert_dir}", "--teacher", f"hf:{bert_dir}", "--data",
                           f"text:{text_file}", "--alpha", "0.5"],
+        "distill-alpha-0": ["distill", "--student", f"hf:{bert_dir}", "--teacher", f"hf:{bert_dir}", "--data",
+                            f"text:{text_file}", "--alpha", "0"],
         "prune-finetune": ["prune", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--head-ratio", "0.5",
                            "--finetune-epochs", "1"],
         "one-line": ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{one}"],
@@ -293,6 +296,7 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "not-a-model-dir": "no config.json",
         "training-step": "does not support hf: text models",
         "distill-alpha": "alpha weighs the labels, and text:FILE has none",
+        "distill-alpha-0": "alpha weighs the labels, and text:FILE has none",
         "prune-finetune": "fine-tuning after pruning needs labelled data",
         "one-line": "at least 2 non-empty lines",
     }[case]

@@ -15,7 +15,7 @@ from mlopt.compress.lib.distillation import distillation_objective, text_distill
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table, shard_frozen
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
-from mlopt.core.errors import InputError, first_line
+from mlopt.core.errors import InputError
 from mlopt.runtime import hf
 from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, first_inputs
@@ -85,13 +85,14 @@ class DistillPass(Pass):
     def check_text(cls, config: DistillConfig) -> None:
         """On text there are no labels and no images: the options about them are refused, not ignored."""
         given = config.model_fields_set
-        refused = [(f, why) for f, why in (
-            ("student", "the text is tokenized for the current model; prune it, then distil it"),
-            ("features", "feature pairs apply to image models"),
-            ("alpha", "alpha weighs the labels, and text:FILE has none"),
-            ("baseline", "the baseline trains on labels, and text:FILE has none"),
-            ("shard_teacher", "the teacher is sharded for image models only")) if f in given and getattr(config, f)
-            and (f != "alpha" or config.alpha < 1)]
+        refused = [(f, why) for f, why, applies in (
+            ("student", "the text is tokenized for the current model; prune it, then distil it", config.student),
+            ("features", "feature pairs apply to image models", config.features),
+            ("feature_weight", "feature pairs apply to image models", True),
+            ("alpha", "alpha weighs the labels, and text:FILE has none", config.alpha < 1),
+            ("baseline", "the baseline trains on labels, and text:FILE has none", config.baseline),
+            ("shard_teacher", "the teacher is sharded for image models only", config.shard_teacher))
+            if f in given and applies]
         if refused:
             field, why = refused[0]
             raise InputError(f"distill on text: {field.replace('_', '-')} is not supported ({why})")
@@ -160,11 +161,13 @@ class DistillPass(Pass):
         student = copy.deepcopy(artifact.require_torch("distill"))
         new = artifact.derive("distill", module=student)
         batch = config.batch_size or ctx.batch_size
+        if "temperature" in config.model_fields_set and artifact.builder["hf"].get("output") != "logits":
+            raise InputError("distill on text: temperature applies to a classifier's logits; an encoder learns its "
+                             "teacher's token states")
         try:
             objective = text_distillation_objective(teacher, student, ctx.data, batch, config.temperature)
-        except (TypeError, RuntimeError) as exc:  # a teacher that does not take these tokens
-            raise InputError(f"the teacher {teacher_name} does not run on the student's tokens "
-                             f"({type(exc).__name__}: {first_line(exc)[:160]})") from None
+        except InputError as exc:
+            raise InputError(f"{teacher_name}: {exc}") from None
         before = objective.validate(student, torch.device("cpu"))["cosine"]
         ckpt = ctx.checkpoint_dir
         result = fit(student, ctx.data, config, batch, objective=objective, label="distill",

@@ -185,9 +185,10 @@ class PrunePass(Pass):
             _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
             if bars.labels]
         builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
-        if "hf" in builder:  # onnxruntime's transformer optimizer fuses attention with this head count (0: its own guess)
-            heads = {a["num_attention_heads"] for a in shape_attributes(module).values() if "num_attention_heads" in a}
-            builder["hf"] = {**builder["hf"], "num_heads": heads.pop() if len(heads) == 1 else 0}
+        heads = {a["num_attention_heads"] for a in pruned.values() if "num_attention_heads" in a}
+        if "hf" in builder and heads:  # onnxruntime's transformer optimizer fuses attention with this head count
+            left = {a["num_attention_heads"] for a in shape_attributes(module).values() if "num_attention_heads" in a}
+            builder["hf"] = {**builder["hf"], "num_heads": left.pop() if len(left) == 1 else 0}  # 0: its own guess
         return module, builder
 
     @staticmethod

@@ -91,6 +91,9 @@ def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported
                          "min_decode_speedup, max_ppl_increase and max_size_mb")
     if wrong:
         raise InputError(f"the {wrong[0]} gate applies to decoder language models only")
+    if gates.max_accuracy_drop is not None and data is not None and getattr(data, "text", False):
+        raise InputError("the max_accuracy_drop gate needs labelled data, and text:FILE has none: the min_cosine "
+                         "gate measures an encoder's fidelity to the baseline instead")
     if gates.min_cosine is not None and data is not None and not data.text:
         raise InputError("the min_cosine gate compares encoders' outputs on text: give 'data: {source: text:FILE}' "
                          "(labelled data has the max_accuracy_drop gate)")

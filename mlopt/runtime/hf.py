@@ -193,6 +193,15 @@ def pooled(output: Any, inputs: dict[str, Any]) -> Any:
     return (output.astype(np.float64) * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
 
 
+def pooled_torch(states: Any, mask: Any) -> Any:
+    """`pooled` in torch, differentiable: token states (N, L, H) averaged over the real tokens (attention mask 1);
+    other outputs (logits) pass unchanged."""
+    if states.dim() != 3:
+        return states
+    m = mask.to(states.dtype).unsqueeze(-1)
+    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str, int], str | None]:
     """onnxruntime's transformer graph optimizer (attention, layer-norm and GELU fusions).
 

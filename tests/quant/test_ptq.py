@@ -232,7 +232,8 @@ def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_f
 @pytest.mark.slow
 def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path):
     """With two CPU-bound processes beside it, auto mode still hands back an INT8 model, and one that the idle run
-    timed as fast as its own choice: the same model, or one within the timing noise (at most 10%) of it. (Load
+    timed as fast as its own choice: the same model, or one within the timing noise (at most 10%, plus 5% for the
+    idle run's own timing noise) of it. (Load
     widens a tie, which then goes to the model closer to FP32; it must never hand back a clearly slower one.)"""
     import subprocess
     import sys

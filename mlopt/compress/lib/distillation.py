@@ -13,9 +13,10 @@ from typing import Any
 
 from mlopt.compress.lib.engine import Objective
 from mlopt.compress.lib.pruning import submodule
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, first_line
 from mlopt.runtime.data import loader
 from mlopt.runtime.evaluation import predict_logits
+from mlopt.runtime.hf import pooled_torch
 
 
 class _FeaturePair:
@@ -29,8 +30,8 @@ class _FeaturePair:
         self.s_out: Any = None
         t_layer = submodule(teacher, t_name, f"the teacher has no layer named {t_name!r}")
         s_layer = submodule(student, s_name, f"the student has no layer named {s_name!r}")
-        t_layer.register_forward_hook(lambda m, i, o: setattr(self, "t_out", o))
-        s_layer.register_forward_hook(lambda m, i, o: setattr(self, "s_out", o))
+        self.handles = [t_layer.register_forward_hook(lambda m, i, o: setattr(self, "t_out", o)),
+                        s_layer.register_forward_hook(lambda m, i, o: setattr(self, "s_out", o))]
         with torch.no_grad():
             was_t, was_s = teacher.training, student.training
             teacher.eval(), student.eval()
@@ -91,16 +92,11 @@ def distillation_objective(teacher: Any, student: Any, data: Any, batch_size: in
         if "logits" in cache:
             cache["logits"] = cache["logits"].to(dev)
 
-    return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device)
+    return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device,
+                     hooks=[h for p in pairs for h in p.handles])
 
 
 _CACHE_BYTES = 1 << 30  # the teacher's outputs on the train split are kept when they fit in this much memory
-
-
-def masked_mean(states: Any, mask: Any) -> Any:
-    """Mean of token states (N, L, H) over the real tokens (attention mask 1): sentence embeddings (N, H)."""
-    m = mask.to(states.dtype).unsqueeze(-1)
-    return (states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_size: int,
@@ -122,10 +118,18 @@ def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_siz
     for p in teacher.parameters():
         p.requires_grad_(False)
     first = {k: v[None] for k, v in data.train[0].items()}
-    layers = _LayerOutputs.pair(teacher, student, first)
-    with torch.no_grad():
-        probe = teacher(**first)
+    try:
+        with torch.no_grad():
+            probe, mine = teacher(**first), student(**first)
+    except (TypeError, RuntimeError, IndexError) as exc:  # a teacher of another vocabulary or inputs
+        raise InputError(f"the teacher does not run on the student's tokens ({type(exc).__name__}: "
+                         f"{first_line(exc)[:160]})") from None
+    if not isinstance(probe, torch.Tensor) or not isinstance(mine, torch.Tensor) or probe.shape != mine.shape:
+        shapes = [tuple(getattr(t, "shape", ())) for t in (probe, mine)]
+        raise InputError(f"the teacher's output {shapes[0]} and the student's {shapes[1]} differ in shape: "
+                         "distillation on text learns the teacher's outputs as they are")
     tokens = probe.dim() == 3
+    layers = _LayerOutputs.pair(teacher, student, first)
     state: dict[str, Any] = {"dev": torch.device("cpu")}
     if layers is None and probe[0].numel() * 4 * len(data.train) <= _CACHE_BYTES:
         state["train"] = _outputs(teacher, data.train, batch_size)
@@ -149,7 +153,7 @@ def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_siz
             T = temperature
             return F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(target / T, -1), reduction="batchmean",
                             log_target=True) * T * T
-        cos = F.cosine_similarity(masked_mean(out, mask), masked_mean(target, mask), dim=-1)
+        cos = F.cosine_similarity(pooled_torch(out, mask), pooled_torch(target, mask), dim=-1)
         return token_mse(out, target, mask.to(out.dtype).unsqueeze(-1)) + (1 - cos).mean()
 
     def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
@@ -172,15 +176,34 @@ def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_siz
                 start += len(out)
                 mask = batch["attention_mask"]
                 losses.append(float(compare(out, target, mask)) * len(out))
-                a, b = (masked_mean(out, mask), masked_mean(target, mask)) if tokens else (out, target)
-                cosines.append(F.cosine_similarity(a, b, dim=-1))
+                cosines.append(F.cosine_similarity(pooled_torch(out, mask), pooled_torch(target, mask), dim=-1))
         return {"loss": sum(losses) / start, "cosine": float(torch.cat(cosines).mean())}
 
     def to_device(dev: Any) -> None:
         teacher.to(dev)
         state["dev"] = dev
 
-    return Objective(loss=loss, to_device=to_device, labels=False, validate=validate, metric="cosine")
+    objective = Objective(loss=loss, to_device=to_device, labels=False, validate=validate, metric="cosine",
+                          hooks=layers.handles if layers else [])
+    frozen = _freeze_unreached(student, lambda: loss(student, first, None, [0])[0])  # train[0] is `first`
+    if frozen:
+        objective.notes.append(f"{frozen} parameters of the student that its outputs do not depend on (such as a "
+                               "pooler beside the token states) are not trained")
+    return objective
+
+
+def _freeze_unreached(student: Any, loss: Any) -> int:
+    """Stop training the student's parameters the loss does not reach (a BERT pooler beside last_hidden_state):
+    data-parallel training expects every trainable parameter to get a gradient. Returns how many were frozen."""
+    was = student.training
+    student.train()
+    loss().backward()
+    frozen = [p for p in student.parameters() if p.requires_grad and p.grad is None]
+    for p in frozen:
+        p.requires_grad_(False)
+    student.zero_grad(set_to_none=True)
+    student.train(was)
+    return sum(p.numel() for p in frozen)
 
 
 class _LayerOutputs:
@@ -191,9 +214,11 @@ class _LayerOutputs:
         self.count = len(teacher_layers)
         self.teacher: list[Any] = [None] * self.count
         self.student: list[Any] = [None] * self.count
+        self.handles = []
         for i, (t, s) in enumerate(zip(teacher_layers, student_layers)):
-            t.register_forward_hook(lambda m, a, o, i=i: self.teacher.__setitem__(i, _first_tensor(o)))
-            s.register_forward_hook(lambda m, a, o, i=i: self.student.__setitem__(i, _first_tensor(o)))
+            self.handles += [
+                t.register_forward_hook(lambda m, a, o, i=i: self.teacher.__setitem__(i, _first_tensor(o))),
+                s.register_forward_hook(lambda m, a, o, i=i: self.student.__setitem__(i, _first_tensor(o)))]
 
     def outputs(self) -> list[tuple[Any, Any]]:
         return list(zip(self.student, self.teacher))
@@ -214,10 +239,12 @@ class _LayerOutputs:
         with torch.no_grad():
             teacher(**sample), student(**sample)
         student.train(was)
-        if all(isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.shape == t.shape
+        if all(isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.dim() == 3 and s.shape == t.shape
                for s, t in pairs.outputs()):
             return pairs
-        return None  # the hooks stay but are never read: cheap
+        for handle in pairs.handles:
+            handle.remove()
+        return None
 
 
 def _layer_stack(module: Any) -> tuple[str | None, Any]:

@@ -50,7 +50,7 @@ class TrainingConfig(Strict):
     step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     early_stopping: int | None = Field(None, gt=0, description="stop after this many epochs without a better "
-                                       "validation accuracy; keep the best weights")
+                                       "validation accuracy (on text: cosine to the teacher); keep the best weights")
     batch_size: int | None = Field(None, gt=0, description="per-process batch size; defaults to the data's batch_size")
     seed: int = 0
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision: bf16 (CPU, CUDA) or fp16 (CUDA)")
@@ -83,6 +83,14 @@ class Objective:
     labels: bool = True
     validate: Callable[[Any, Any], dict[str, float]] | None = None
     metric: str = "accuracy"
+    hooks: list[Any] = field(default_factory=list)  # forward hooks on the models: removed by close()
+    notes: list[str] = field(default_factory=list)  # what the objective decided, for the step's report
+
+    def close(self) -> None:
+        """Remove the objective's forward hooks: the trained student is handed on without them."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
 
 
 def _device(cfg: TrainingConfig) -> str:
@@ -207,13 +215,18 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
     if resume or distributed.restarted():
         run.resume()
     train_set = _on_device(data.train, run.dev)
-    with console.progress(label, total=cfg.epochs * run.steps_per_epoch) as bar:
-        bar.advance(run.progress.step)
-        while run.progress.epoch < cfg.epochs:
-            run.train_epoch(train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
-            run.end_epoch(data, batch_size)
-            run.checkpoint()
-    return run.finish()
+    try:
+        with console.progress(label, total=cfg.epochs * run.steps_per_epoch) as bar:
+            bar.advance(run.progress.step)
+            while run.progress.epoch < cfg.epochs:
+                run.train_epoch(train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
+                run.end_epoch(data, batch_size)
+                run.checkpoint()
+        result = run.finish()
+    finally:
+        objective.close()  # the module is handed on without the objective's hooks
+    result["notes"] = [*objective.notes, *result["notes"]]
+    return result
 
 
 class _Training:
@@ -431,7 +444,7 @@ class _Training:
         for indices in batches[state.batch :]:
             x, y = _collate(train_set, indices, self.dev)
             size = count(x)
-            if self.channels_last and x.dim() == 4:
+            if self.channels_last and not isinstance(x, dict) and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=self.device, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, logits = self.objective.loss(self.model, x, y, indices)
