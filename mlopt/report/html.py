@@ -37,11 +37,12 @@ def summary_table(report: RunReport | StepReportFile) -> Table:
     chain = report.chain if isinstance(report, RunReport) else None
     if chain is not None:
         sizes = chain.batch_sizes
-        rows = [[r.step, r.format, r.size_mb, *(r.latency_ms[b] for b in sizes), r.accuracy,
+        text = all(r.accuracy is None for r in chain.models) and any(r.cosine is not None for r in chain.models)
+        rows = [[r.step, r.format, r.size_mb, *(r.latency_ms[b] for b in sizes), r.cosine if text else r.accuracy,
                  *(f"{r.speedup[b]:.2f}x" for b in sizes)] for r in chain.models]
         return Table(title="Summary", rows=rows, note="Every model measured alike (the chain comparison below).",
-                     columns=["step", "format", "size MB", *(f"batch {b} ms" for b in sizes), "top-1",
-                              *(f"speed-up b{b}" for b in sizes)])
+                     columns=["step", "format", "size MB", *(f"batch {b} ms" for b in sizes),
+                              "cosine to the baseline" if text else "top-1", *(f"speed-up b{b}" for b in sizes)])
     sizes = sorted({b for s in steps_of(report) for b in step_latency(s)})
     rows = []
     for s in steps_of(report):

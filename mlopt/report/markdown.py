@@ -106,6 +106,7 @@ COSINE_METHOD = ("mean-pooled outputs of each ONNX file against the baseline's o
 def chain_table(chain: Chain) -> Table:
     sizes = chain.batch_sizes
     cosine = any(r.cosine is not None for r in chain.models)
+    top1 = not cosine or any(r.accuracy is not None for r in chain.models)  # text: cosine instead of top-1
     rows = []
     for r in chain.models:
         outside = "outside accuracy tolerance" if r.cosine is None or r.accuracy is not None else \
@@ -113,17 +114,17 @@ def chain_table(chain: Chain) -> Table:
         marks = [m for m, on in (("baseline", r.step == chain.baseline), ("final", r.step == chain.final),
                                  ("**best**", r.best), (outside, not r.eligible)) if on]
         marks += [f"fastest at batch {b}" for b in r.fastest_at if len(sizes) > 1]
-        rows.append([r.step, "n/a" if r.accuracy is None else f"{r.accuracy:.4f}",
+        rows.append([r.step, *(["n/a" if r.accuracy is None else f"{r.accuracy:.4f}"] if top1 else []),
                      *(["n/a" if r.cosine is None else f"{r.cosine:.4f}"] if cosine else []),
                      *(f"{r.latency_ms[b]:.3f}" for b in sizes), *(f"{r.speedup[b]:.2f}x" for b in sizes),
                      f"{r.size_mb:.2f}", ", ".join(marks)])
     note = (f"Latency: {chain.method}; {chain.provider}, {chain.rounds} rounds of {chain.iterations_per_round} runs per "
-            f"model and batch size ({chain.duration_s:.1f} s in all, exports included). Accuracy: "
-            f"{chain.accuracy_method or 'not measured (no labelled data)'}. Accuracy tolerance "
-            f"{chain.accuracy_tolerance} from {chain.accuracy_tolerance_from}. "
-            + (f"Cosine: {COSINE_METHOD}; at least {chain.min_cosine}. " if cosine else "") + f"Rule: {chain.rule}.")
+            f"model and batch size ({chain.duration_s:.1f} s in all, exports included). "
+            + (f"Cosine: {COSINE_METHOD}; at least {chain.min_cosine}. " if cosine else
+               f"Accuracy: {chain.accuracy_method or 'not measured (no labelled data)'}. Accuracy tolerance "
+               f"{chain.accuracy_tolerance} from {chain.accuracy_tolerance_from}. ") + f"Rule: {chain.rule}.")
     return Table(title="Chain: every model measured alike", note=note, rows=rows,
-                 columns=["step", "top-1", *(["cosine"] if cosine else []), *(f"batch {b} ms" for b in sizes), *(f"speed-up b{b}" for b in sizes),
+                 columns=["step", *(["top-1"] if top1 else []), *(["cosine"] if cosine else []), *(f"batch {b} ms" for b in sizes), *(f"speed-up b{b}" for b in sizes),
                           "size MB", ""])
 
 
