@@ -376,6 +376,7 @@ gates: {{min_cosine: 0.9}}
     assert m["cosine_before"] < 0.8 and m["cosine"] > 0.9 and m["cosine"] > m["cosine_before"] + 0.15, m
     history = table_rows(distill, "training history")
     assert len(history) == 8 and all("val_cosine" in h and "train_accuracy" not in h for h in history)
+    assert any(n.endswith("(such as a pooler beside the token states) are not trained") for n in distill["notes"])
     assert export["metrics"]["max_abs_error"] <= export["metrics"]["tolerance"]  # the pruned model exports as it runs
     # The chain measures every model's fidelity to the baseline alike (onnxruntime); the gate reads it.
     chain = {r["step"]: r for r in report["chain"]["models"]}

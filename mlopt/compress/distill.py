@@ -180,4 +180,8 @@ class DistillPass(Pass):
                      f"Mean cosine of its pooled outputs to the teacher's on the validation split: {before:.4f} "
                      f"before, {result['cosine']:.4f} after")
         console.info(notes[-1])
+        if result["cosine"] < before:
+            notes.append(f"distillation left the student further from the teacher than it started ({before:.4f} -> "
+                         f"{result['cosine']:.4f}): try a lower --lr or more epochs")
+            console.warn(notes[-1])
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])
