@@ -421,3 +421,27 @@ def test_text_distillation_of_a_model_into_itself_scores_cosine_one(varied_bert,
     grads = {n: p.grad for n, p in student.named_parameters()}
     assert all(g is not None for n, g in grads.items() if ".encoder.layer.0." in n and "pooler" not in n)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_training_batches_of_text_drop_trailing_padding_without_changing_outputs(bert_dir, text_file):
+    """Lines are padded to the file's longest; a training batch keeps only the columns its lines use, and the model's
+    outputs on the real tokens are the same as on the padded batch."""
+    import torch
+
+    from mlopt.compress.lib.engine import _collate
+    from mlopt.runtime import hf
+    from mlopt.runtime.data import DataConfig, load_data
+
+    spec = f"hf:{bert_dir}"
+    data = hf.tokenize(load_data(DataConfig(source=f"text:{text_file}")), spec, 64)
+    lengths = data.train.tensors["attention_mask"].sum(1)
+    short = [int(i) for i in torch.argsort(lengths)[:4]]  # the four shortest lines
+    x, y = _collate(data.train, short, torch.device("cpu"))
+    assert y is None and x["input_ids"].shape == (4, int(lengths[short].max()))
+    assert x["input_ids"].shape[1] < data.sample_shape[0]
+    full = {k: v[torch.as_tensor(short)] for k, v in data.train.tensors.items()}
+    model = hf.build(spec)
+    with torch.no_grad():
+        trimmed, padded = model(**x), model(**full)
+    mask = x["attention_mask"].bool()
+    assert torch.allclose(trimmed[mask], padded[:, :trimmed.shape[1]][mask], atol=1e-5)

@@ -136,8 +136,9 @@ def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_siz
     val_teacher = _outputs(teacher, data.val, batch_size)
 
     def teacher_out(x: Any, indices: Any) -> Any:
-        if "train" in state:
-            return state["train"][torch.as_tensor(indices)].to(state["dev"])
+        if "train" in state:  # the batch may be shorter than the cached lines (trailing padding dropped)
+            cached = state["train"][torch.as_tensor(indices)]
+            return (cached[:, :x["input_ids"].shape[1]] if cached.dim() == 3 else cached).to(state["dev"])
         with torch.no_grad():
             return teacher(**x).float()
 

@@ -592,7 +592,12 @@ def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
 
     if isinstance(dataset, TokenDataset):
         idx = torch.as_tensor(indices)
-        return {k: v[idx].to(dev, non_blocking=True) for k, v in dataset.tensors.items()}, None
+        batch = {k: v[idx] for k, v in dataset.tensors.items()}
+        if "attention_mask" in batch:  # every line is padded to the file's longest: drop the columns no line uses
+            used = batch["attention_mask"].any(0).nonzero()
+            end = int(used[-1]) + 1 if len(used) else 1
+            batch = {k: v[:, :end] for k, v in batch.items()}  # trailing columns only: positions stay as they were
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}, None
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors
         idx = torch.as_tensor(indices, device=x.device)
