@@ -445,3 +445,21 @@ def test_training_batches_of_text_drop_trailing_padding_without_changing_outputs
         trimmed, padded = model(**x), model(**full)
     mask = x["attention_mask"].bool()
     assert torch.allclose(trimmed[mask], padded[:, :trimmed.shape[1]][mask], atol=1e-5)
+
+
+def test_text_batches_group_lines_of_similar_length_and_cover_the_epoch():
+    from mlopt.compress.lib.engine import _epoch_batches
+    from mlopt.runtime.distributed import Dist
+
+    lengths = [(i * 37) % 120 + 3 for i in range(1000)]
+    one = Dist(rank=0, world_size=1, local_rank=0)
+    grouped = _epoch_batches(1000, 8, 0, 0, one, lengths)
+    plain = _epoch_batches(1000, 8, 0, 0, one)
+    assert sorted(i for b in grouped for i in b) == list(range(1000)) and len(grouped) == len(plain)
+
+    def padding(batches):  # padded tokens per real token
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths) - 1
+
+    assert padding(grouped) < 0.1 < 0.5 < padding(plain)
+    assert grouped != _epoch_batches(1000, 8, 1, 0, one, lengths)  # regrouped every epoch
+    assert grouped == _epoch_batches(1000, 8, 0, 0, one, lengths)  # the same epoch again (resume): the same batches

@@ -155,14 +155,31 @@ def _lr_factor(cfg: TrainingConfig, steps_per_epoch: int) -> Callable[[int], flo
     return factor
 
 
-def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dist: distributed.Dist) -> list[list[int]]:
-    """This rank's batches of sample indices for one epoch (torch's DistributedSampler order)."""
+def _epoch_batches(n: int, batch_size: int, epoch: int, seed: int, dist: distributed.Dist,
+                   lengths: list[int] | None = None) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch (torch's DistributedSampler order).
+
+    With `lengths` (tokens per line of text), lines of similar length share a batch, as Hugging Face's
+    group_by_length does: the shuffled order is cut into runs of GROUP_BATCHES batches, each run sorted by length,
+    and the batches shuffled again. A batch then carries little padding (the batch drops the columns no line uses),
+    and the epoch still sees every line once, in a different grouping every epoch."""
+    import random
+
     from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(range(n), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     idx = list(sampler)
-    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    if lengths is not None:
+        run = batch_size * GROUP_BATCHES
+        idx = [i for s in range(0, len(idx), run) for i in sorted(idx[s:s + run], key=lambda i: -lengths[i])]
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    if lengths is not None:
+        random.Random(seed * 100_003 + epoch).shuffle(batches)
+    return batches
+
+
+GROUP_BATCHES = 50  # batches per run of lines sorted by length
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -210,6 +227,9 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
     if objective.labels:
         require_labels(data, "training")
     n = len(data.train)
+    lengths = None
+    if isinstance(data.train, TokenDataset) and "attention_mask" in data.train.tensors:
+        lengths = data.train.tensors["attention_mask"].sum(1).tolist()
     run = _Training(module, objective, cfg, n, batch_size, checkpoint_dir, fingerprint_extra,
                     first_inputs(data, 1) if cfg.shard else None)
     if resume or distributed.restarted():
@@ -219,7 +239,8 @@ def fit(module: Any, data: Dataset, cfg: TrainingConfig, batch_size: int, *, obj
         with console.progress(label, total=cfg.epochs * run.steps_per_epoch) as bar:
             bar.advance(run.progress.step)
             while run.progress.epoch < cfg.epochs:
-                run.train_epoch(train_set, _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist), bar)
+                batches = _epoch_batches(n, batch_size, run.progress.epoch, cfg.seed, run.dist, lengths)
+                run.train_epoch(train_set, batches, bar)
                 run.end_epoch(data, batch_size)
                 run.checkpoint()
         result = run.finish()
