@@ -353,7 +353,7 @@ version: 1
 model: {{spec: "hf:{varied_bert}"}}
 data: {{source: "text:{text}", batch_size: 16}}
 steps:
-  - {{type: prune, head_ratio: 0.5, ratio: 0.5, measure_latency: false}}
+  - {{type: prune, head_ratio: 0.5, ratio: 0.5}}
   - {{type: distill, epochs: 8, lr: 0.003}}
   - {{type: export, fuse: "off"}}
   - {{type: bench, batch_sizes: [1], iterations: 6}}
@@ -372,6 +372,7 @@ gates: {{min_cosine: 0.9}}
     report = json.loads((out / "report.json").read_text())
     prune, distill, export, _ = report["steps"]
     assert prune["metrics"]["macs_ratio"] > 1.8 and "accuracy" not in prune["metrics"]
+    assert prune["metrics"]["latency_speedup"] > 0 and {lat["model"] for lat in prune["latency"]} == {"before", "after"}
     m = distill["metrics"]
     assert m["cosine_before"] < 0.8 and m["cosine"] > 0.9 and m["cosine"] > m["cosine_before"] + 0.15, m
     history = table_rows(distill, "training history")

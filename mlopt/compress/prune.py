@@ -19,7 +19,7 @@ from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Bars, Latency, Strict, Table
-from mlopt.export.lib.onnx import export_onnx
+from mlopt.export.lib.onnx import export_onnx, text_options
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
 from mlopt.runtime.evaluation import evaluate_torch
@@ -208,11 +208,7 @@ class PrunePass(Pass):
                      "file, not the latency (both measured below)")
 
     def _export_fp32(self, module: Any, artifact: Any, path: Path) -> Path:
-        text: dict[str, Any] = {}
-        if hf.is_text_artifact(artifact):  # token inputs, dynamic sequence, the model's own output
-            info = artifact.builder["hf"]
-            text = {"example": hf.example_inputs(artifact, 2), "output": info["output"],
-                    "max_sequence": info["max_positions"]}
+        text = text_options(artifact, hf.example_inputs(artifact, 2)) if hf.is_text_artifact(artifact) else {}
         # no copy: memory is the limit on big models
         export_onnx(module.eval(), tuple(artifact.sample_shape), path, opset=18, exporter="dynamo", **text)
         return path

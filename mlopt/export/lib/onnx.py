@@ -115,12 +115,15 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
     module = artifact.require_torch("export")
     if artifact.sample_shape is None:
         raise InputError("the model's input shape is unknown: give --input-shape")
-    text: dict[str, Any] = {}
-    if hf.is_text_artifact(artifact):
-        info = artifact.builder["hf"]
-        text = {"example": parity_inputs(artifact, data, 2)[0], "output": info["output"],
-                "max_sequence": info["max_positions"]}
+    text = text_options(artifact, parity_inputs(artifact, data, 2)[0]) if hf.is_text_artifact(artifact) else {}
     export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata, **text)
+
+
+def text_options(artifact: Any, example: dict[str, Any]) -> dict[str, Any]:
+    """export_onnx's options for an hf: text model: its token inputs (`example`), dynamic up to its longest
+    sequence, and its own output's name."""
+    info = artifact.builder["hf"]
+    return {"example": example, "output": info["output"], "max_sequence": info["max_positions"]}
 
 
 def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) -> StepResult:
