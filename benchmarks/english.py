@@ -70,3 +70,37 @@ def english_lines() -> list[str]:
                     seen.add(line)
                     lines.append(line)
     return lines
+
+
+def more_english_lines(limit: int | None = None) -> list[str]:
+    """english_lines() followed by the prose paragraphs of every other docstring in the standard library's
+    source (read with `ast`, nothing imported; test packages and site-packages left out), in a fixed order:
+    about 5,000 lines more (6,500 in all on CPython 3.11), for training on text (distillation), where
+    english_lines() is too little."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    lines = english_lines()
+    seen = set(lines)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        parts = set(path.relative_to(root).parts)
+        if parts & {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for paragraph in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+                line = _prose(paragraph)
+                if line and line not in seen:
+                    seen.add(line)
+                    lines.append(line)
+                    if limit is not None and len(lines) >= limit:
+                        return lines
+    return lines
+
