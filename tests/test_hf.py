@@ -464,3 +464,15 @@ def test_text_batches_group_lines_of_similar_length_and_cover_the_epoch():
     assert padding(grouped) < 0.1 < 0.5 < padding(plain)
     assert grouped != _epoch_batches(1000, 8, 1, 0, one, lengths)  # regrouped every epoch
     assert grouped == _epoch_batches(1000, 8, 0, 0, one, lengths)  # the same epoch again (resume): the same batches
+
+
+def test_a_teacher_whose_outputs_differ_in_shape_is_a_one_line_error(bert_dir, text_file, tmp_path):
+    from mlopt.compress.lib.distillation import text_distillation_objective
+    from mlopt.core.errors import InputError
+    from mlopt.runtime import hf
+    from mlopt.runtime.data import DataConfig, load_data
+
+    wider = _save_bert(tmp_path / "wider", hidden_size=48, num_attention_heads=2)
+    data = hf.tokenize(load_data(DataConfig(source=f"text:{text_file}")), f"hf:{bert_dir}", 32)
+    with pytest.raises(InputError, match=r"the teacher's output \(1, \d+, 48\) and the student's \(1, \d+, 32\)"):
+        text_distillation_objective(hf.build(f"hf:{wider}"), hf.build(f"hf:{bert_dir}"), data, 8, 4.0)
