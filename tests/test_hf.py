@@ -422,6 +422,10 @@ def test_text_distillation_of_a_model_into_itself_scores_cosine_one(varied_bert,
     grads = {n: p.grad for n, p in student.named_parameters()}
     assert all(g is not None for n, g in grads.items() if ".encoder.layer.0." in n and "pooler" not in n)
     assert all(p.grad is None for p in teacher.parameters())
+    pooler = [p for n, p in student.named_parameters() if "pooler" in n]
+    assert pooler and not any(p.requires_grad for p in pooler)  # frozen for training: its outputs do not reach it
+    objective.close()
+    assert all(p.requires_grad for p in student.parameters())  # handed on trainable, as it came
 
 
 def test_training_batches_of_text_drop_trailing_padding_without_changing_outputs(bert_dir, text_file):

@@ -187,15 +187,17 @@ def text_distillation_objective(teacher: Any, student: Any, data: Any, batch_siz
     objective = Objective(loss=loss, to_device=to_device, labels=False, validate=validate, metric="cosine",
                           hooks=layers.handles if layers else [])
     frozen = _freeze_unreached(student, lambda: loss(student, first, None, [0])[0])  # train[0] is `first`
+    objective.thawed += frozen
     if frozen:
-        objective.notes.append(f"{frozen} parameters of the student that its outputs do not depend on (such as a "
-                               "pooler beside the token states) are not trained")
+        objective.notes.append(f"{sum(p.numel() for p in frozen)} parameters of the student that its outputs do not "
+                               "depend on (such as a pooler beside the token states) are not trained")
     return objective
 
 
-def _freeze_unreached(student: Any, loss: Any) -> int:
+def _freeze_unreached(student: Any, loss: Any) -> list[Any]:
     """Stop training the student's parameters the loss does not reach (a BERT pooler beside last_hidden_state):
-    data-parallel training expects every trainable parameter to get a gradient. Returns how many were frozen."""
+    data-parallel training expects every trainable parameter to get a gradient. Returns those frozen (the objective
+    makes them trainable again when training ends)."""
     was = student.training
     student.train()
     loss().backward()
@@ -204,7 +206,7 @@ def _freeze_unreached(student: Any, loss: Any) -> int:
         p.requires_grad_(False)
     student.zero_grad(set_to_none=True)
     student.train(was)
-    return sum(p.numel() for p in frozen)
+    return frozen
 
 
 class _LayerOutputs:

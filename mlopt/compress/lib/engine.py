@@ -85,12 +85,17 @@ class Objective:
     metric: str = "accuracy"
     hooks: list[Any] = field(default_factory=list)  # forward hooks on the models: removed by close()
     notes: list[str] = field(default_factory=list)  # what the objective decided, for the step's report
+    thawed: list[Any] = field(default_factory=list)  # parameters frozen for training only: trainable again by close()
 
     def close(self) -> None:
-        """Remove the objective's forward hooks: the trained student is handed on without them."""
+        """Remove the objective's forward hooks and make trainable again what it froze for training: the trained
+        student is handed on as it came, apart from its weights."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
+        for p in self.thawed:
+            p.requires_grad_(True)
+        self.thawed.clear()
 
 
 def _device(cfg: TrainingConfig) -> str:
