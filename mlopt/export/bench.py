@@ -11,7 +11,7 @@ from mlopt.core.contracts import Pass, StepResult, names_file
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Latency, Table
 from mlopt.export.lib import decoder_bench
-from mlopt.export.lib.timing import TIMING_NOTE, TimingSettings, bench_models, show_table
+from mlopt.export.lib.timing import TimingSettings, timing_note, bench_models, show_table
 from mlopt.runtime.artifacts import ONNX_FILE, load_onnx_file
 from mlopt.runtime.decoder import is_genai_folder
 
@@ -93,7 +93,7 @@ class BenchPass(Pass):
         show_table(results)
         first = results[0]
         metrics = {"throughput_per_s": first["throughput_per_s"], "size_mb": first["size_mb"], "provider": config.provider}
-        latency = [Latency(batch_size=r["batch_size"], method=TIMING_NOTE, model=r["model"], output=r["model"] == labels[0],
+        latency = [Latency(batch_size=r["batch_size"], method=timing_note(config.spinning), model=r["model"], output=r["model"] == labels[0],
                            **{f"{k}_ms": ms for k, ms in r["latency_ms"].items()}) for r in results]
         columns = ["model", "provider", "batch_size", "throughput_per_s", "size_mb", "speedup"]
         table = Table(title="throughput and speed-up (mean latency against the first model's)", columns=columns,

@@ -88,6 +88,20 @@ def test_bench_json_contract(exported_dir, tmp_path):
     assert {lat["model"] for lat in step["latency"] if lat["output"]} == {str(onnx_path)}  # handed on unchanged
 
 
+@pytest.mark.parametrize("flag, spinning", [([], False), (["--spinning"], True)])
+def test_bench_spins_the_threads_only_when_asked(exported_dir, tmp_path, monkeypatch, flag, spinning):
+    from mlopt.export.lib import timing
+
+    made = []
+    real = timing.make_session
+    monkeypatch.setattr(timing, "make_session", lambda *a, **k: made.append(k.get("spinning")) or real(*a, **k))
+    result = invoke("bench", exported_dir / "model.onnx", "--iterations", 2, "--warmup", 0, *flag, "--json",
+                    "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert made == [spinning]
+    assert json.loads(result.stdout)["timing"].endswith(f"spinning {'on' if spinning else 'off'}")
+
+
 def test_export_without_data_uses_input_shape(tmp_path):
     out = tmp_path / "e"
     result = invoke("export", "--model", f"{TOY}:tiny_cnn", "--input-shape", "1x1x8x8", "--out", out,

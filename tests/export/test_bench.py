@@ -35,3 +35,16 @@ def test_unavailable_provider_lists_available(exported_dir, monkeypatch):
     assert available_providers() == ["cpu"]
     with pytest.raises(InputError, match="provider 'cuda' is not available.*available: cpu"):
         make_session(exported_dir / "model.onnx", "cuda")
+
+
+def test_decisions_time_without_spinning_threads(exported_dir, monkeypatch):
+    """ptq's choice and the chain's verdict time in interleaved rounds, with no spinning thread to lose to a busy
+    neighbour (mlopt.export.lib.timing's docstring has the measurement)."""
+    from mlopt.export.lib import timing
+
+    made = []
+    real = timing.make_session
+    monkeypatch.setattr(timing, "make_session", lambda *a, **k: made.append(k.get("spinning")) or real(*a, **k))
+    medians = timing.interleaved_rounds([exported_dir / "model.onnx"] * 2, (1, 8, 8), "cpu", [1, 2], 6, rounds=2)
+    assert made == [False] * 4
+    assert [sorted(m) for m in medians] == [[1, 2], [1, 2]] and all(len(v) == 2 for m in medians for v in m.values())

@@ -3,6 +3,13 @@
 Models are timed one after another with a single session alive at a time. Two live sessions
 interfere: idle intra-op threads of one spin and steal the cores of the other, which made an
 INT8 model look 40% slower than it is when timed alternately. Every report says how it timed.
+
+Intra-op threads do not spin while they wait (onnxruntime's default is to spin), unless asked. Beside another
+CPU-bound process a spinning thread holds a core while the thread it waits for is descheduled: measured on a
+MiniLM encoder (2 cores, one `while True: pass` beside it), FP32 at batch 16 went from 207 ms idle to 360-497 ms with
+spinning and from 210 ms to 260 ms without, and the quantized candidates changed order with spinning only. Idle,
+spinning off costs 2-6% on the same models and keeps their order. A decision (ptq's choice, the chain's verdict,
+a gate) must not turn on who else uses the machine, so every timing runs without spinning.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from mlopt.core.sections import Strict
 from mlopt.runtime.session import input_specs, make_session, synthetic_feed
 
 
-TIMING_NOTE = "sequential: one onnxruntime session alive at a time, intra-op thread spinning on"
+def timing_note(spinning: bool = False) -> str:
+    """How `time_model` timed, for reports."""
+    return f"sequential: one onnxruntime session alive at a time, intra-op thread spinning {'on' if spinning else 'off'}"
 
 
 class TimingSettings(Strict):
@@ -36,6 +45,8 @@ class TimingSettings(Strict):
                                    json_schema_extra=cli(short="-n"))
     duration_s: float | None = Field(None, gt=0, description="time budget per model and batch size instead of "
                                      "iterations", json_schema_extra=cli(flag="--duration"))
+    spinning: bool = Field(False, description="spin the intra-op threads while they wait (onnxruntime's default): a few "
+                           "percent faster on an idle machine, far slower and noisier beside other processes")
 
 
 def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSettings,
@@ -43,7 +54,7 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
     """Time one ONNX file at every batch size in cfg; the session is released afterwards."""
     import numpy as np
 
-    session = make_session(path, cfg.provider, cfg.threads)
+    session = make_session(path, cfg.provider, cfg.threads, spinning=cfg.spinning)
     _, shape, _ = input_specs(session)[0]
     if sample_shape is None:
         if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
@@ -78,7 +89,7 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
         results.append({"model": label, "provider": cfg.provider, "batch_size": batch,
                         "latency_ms": {"mean": mean, "p50": p50, "p90": p90, "p99": p99},
                         "throughput_per_s": batch * 1000.0 / mean, "size_mb": file_size_mb(path),
-                        "iterations": len(times)})
+                        "iterations": len(times), "spinning": cfg.spinning})
     # The session is freed here by reference counting (it is in no cycle), its threads with it. No gc.collect() per
     # model: with torch and transformers loaded one took 0.4 s, longer than timing a small model (see _collected).
     del session
@@ -152,7 +163,7 @@ def bench_models(models: list[tuple[str, Path, tuple[int, ...] | None]], cfg: Ti
 def show_table(results: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"onnxruntime latency ({TIMING_NOTE})")
+    table = Table(title=f"onnxruntime latency ({timing_note(results[0].get('spinning', False))})")
     for col in ("model", "provider", "batch", "mean ms", "p50 ms", "p90 ms", "p99 ms", "items/s", "size MB", "speed-up"):
         table.add_column(col, justify="left" if col in ("model", "provider") else "right")
     for r in results:
