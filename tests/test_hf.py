@@ -269,7 +269,7 @@ def test_sequence_classifier_exports_logits(tmp_path, text_file):
 
 @pytest.mark.parametrize("case", ["text-for-image-model", "image-data-for-text-model", "missing-dir", "not-a-model-dir",
                                   "training-step", "distill-alpha", "distill-alpha-0", "prune-finetune",
-                                  "one-line"])
+                                  "one-line", "qat-observer", "qat-no-teacher"])
 def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path):
     from conftest import TOY
 
@@ -288,6 +288,8 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "prune-finetune": ["prune", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--head-ratio", "0.5",
                            "--finetune-epochs", "1"],
         "one-line": ["ptq", "--model", f"hf:{bert_dir}", "--data", f"text:{one}"],
+        "qat-observer": ["qat", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--observer", "lsq"],
+        "qat-no-teacher": ["qat", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--no-teacher"],
     }[case]
     expected = {
         "text-for-image-model": "needs an hf: model",
@@ -299,6 +301,8 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
         "distill-alpha-0": "alpha weighs the labels, and text:FILE has none",
         "prune-finetune": "fine-tuning after pruning needs labelled data",
         "one-line": "at least 2 non-empty lines",
+        "qat-observer": "qat on text: observer is not supported",
+        "qat-no-teacher": "qat on text: no-teacher is not supported",
     }[case]
     out = tmp_path / "out"
     result = runner.invoke(app, [*args, "--out", str(out)])
@@ -311,7 +315,7 @@ def test_bad_text_inputs_are_one_line_errors(case, bert_dir, text_file, tmp_path
 def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from mlopt.quant import ptq
+    from mlopt.quant.lib import search
     from mlopt.run import chain
 
     recipe = Path(__file__).parents[1] / "recipes" / "minilm-dynamic-ptq.yaml"
@@ -319,7 +323,7 @@ def test_shipped_encoder_recipe_runs_ptq_bench_and_gates(bert_dir, text_file, tm
     monkeypatch.setenv("TEXT", str(text_file))
     # Every model times the same (1 ms), in PTQ's choice and in the chain comparison the gates read:
     # INT8 is then not the 1.5x faster the recipe's gate asks for.
-    monkeypatch.setattr(ptq, "interleaved_rounds",
+    monkeypatch.setattr(search, "interleaved_rounds",
                         lambda paths, shape, provider, batch_sizes, *_: [{b: [1.0] * 3 for b in batch_sizes} for _ in paths])
     monkeypatch.setattr(chain, "interleaved_rounds",
                         lambda paths, shape, provider, batch_sizes, *_: [{b: [1.0] * 3 for b in batch_sizes} for _ in paths])
@@ -480,3 +484,57 @@ def test_a_teacher_whose_outputs_differ_in_shape_is_a_one_line_error(bert_dir, t
     data = hf.tokenize(load_data(DataConfig(source=f"text:{text_file}")), f"hf:{bert_dir}", 32)
     with pytest.raises(InputError, match=r"the teacher's output \(1, \d+, 48\) and the student's \(1, \d+, 32\)"):
         text_distillation_objective(hf.build(f"hf:{wider}"), hf.build(f"hf:{bert_dir}"), data, 8, 4.0)
+
+
+@pytest.fixture(scope="module")
+def outlier_bert(tmp_path_factory):
+    """A tiny BERT with outlier channels in every layer norm's output (40x gain on two channels), as trained
+    encoders have: the per-tensor uint8 grid of dynamic INT8 then resolves the other channels coarsely."""
+    import torch
+    from transformers import BertModel
+
+    out = _save_bert(tmp_path_factory.mktemp("hf") / "outlier", num_attention_heads=4, initializer_range=0.5)
+    model = BertModel.from_pretrained(out)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight[:2] *= 40
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr, chosen", [(1e-3, "trained"), (0.3, "start")])
+def test_qat_on_text_simulates_onnxruntime_dynamic_int8_and_keeps_what_lands_closer(outlier_bert, text_file, tmp_path,
+                                                                                    lr, chosen):
+    """QAT of an encoder on text: the simulation fake-quantizes what onnxruntime's dynamic INT8 quantizes (every
+    Linear the output reaches, the embedding tables), on its grid: the same int8 codes and the same cosine before
+    and after training. Trained at a workable rate, the INT8 model lands closer to FP32 than ptq alone; at a rate
+    that wrecks it, the model QAT started from is quantized instead."""
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["qat", "--model", f"hf:{outlier_bert}", "--data", f"text:{text_file}", "--epochs",
+                                 "3", "--lr", str(lr), "--bench-batch-size", "1", "--keep-int8", "--out", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    # 2 layers x (Q, K, V, attention output, FFN in, FFN out) and 3 embedding tables; the pooler, which the token
+    # states do not reach, stays float in onnxruntime and in the simulation
+    assert m["simulated_layers"] == m["weight_layers"] == 15 and m["float_layers"] == 1
+    assert m["weight_codes_differing"] == 0 and m["weight_codes"] > 10000
+    assert m["simulated_cosine_before"] == pytest.approx(m["start_cosine"], abs=2e-5)
+    assert m["simulated_cosine"] == pytest.approx(m["trained_cosine"], abs=2e-5)
+    assert m["start_cosine"] < 0.9995  # the outliers cost dynamic INT8 something to win back
+    assert m["chosen"] == chosen
+    if chosen == "trained":
+        assert m["trained_cosine"] > m["start_cosine"]
+    else:
+        assert m["trained_cosine"] < m["start_cosine"] and m["cosine_mean"] == pytest.approx(m["start_cosine"], abs=1e-4)
+    assert m["quantized"] is True and m["integer_kernels"] > 0 and m["speedup_b1"] > 0
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "QAttention", "DynamicQuantizeMatMul"}, ops
+    report = json.loads((out / "report.json").read_text())["step"]
+    rows = table_rows(report, "PTQ candidates")
+    handed = next(r for r in rows if r["model"] == m["graph"])
+    assert handed["cosine mean"] == pytest.approx(m["cosine_mean"])
+    assert len(table_rows(report, "training history")) == 3
+    assert report["output"]["lineage"][-1] == "qat"

@@ -13,6 +13,11 @@ trained with; a tensor without a range is calibrated by onnxruntime and listed. 
 it (`mlopt.quant.lib.alignment`): integer and float kernel counts, per tensor the simulation against
 onnxruntime (in quantization steps), the int8 weight codes that differ, the top-1 agreement.
 QAT starts from PTQ's static min/max model, and hands back what `_finish` says.
+
+On hf: text encoders (`--data text:FILE`, no labels) QAT follows onnxruntime's dynamic INT8 instead, the scheme it
+runs fastest there (`mlopt.quant.lib.dynamic_sim`): the model learns the FP32 model's outputs through the simulation
+(label-free distillation, as `distill` on text), and the trained model goes through ptq's search of dynamic INT8
+graphs (`mlopt.quant.lib.search`), scored against the FP32 model it started from.
 """
 
 from __future__ import annotations
@@ -27,20 +32,22 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from mlopt.compress.lib.distillation import distillation_objective
+from mlopt.compress.lib.distillation import distillation_objective, text_distillation_objective
 from mlopt.compress.lib.engine import Objective, TrainingConfig, cross_entropy, fit, history_table
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
 from mlopt.core.sections import Table
+from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph, points
 from mlopt.quant.lib.alignment import (RUNTIME_SCHEME, RuntimePoints, export_fp32, point_tensors, range_overrides,
                                        runtime_points, runtime_ranges, simulation_error_sections, simulation_errors,
                                        weight_grid)
-from mlopt.quant.lib.quantize import INT8_RULE, Quality, latency_entries, not_faster_at, quantize, speedups
+from mlopt.quant.lib.quantize import (INT8_RULE, Quality, Scheme, latency_entries, not_faster_at, quantize,
+                                      reduce_range_for, speedups)
 from mlopt.quant.lib.simulation import Simulation, batchnorm_layers, not_simulated
-from mlopt.runtime import distributed
+from mlopt.runtime import distributed, hf
 from mlopt.runtime.data import first_inputs, require_labels
 from mlopt.runtime.evaluation import evaluate_torch, predict_logits
 
@@ -84,11 +91,27 @@ class QATPass(Pass):
     needs_data = True
     compresses = True
     trains = True
+    text_ok = True  # hf: encoders on text:FILE: dynamic INT8, learning the FP32 model's outputs
     cli_help = """Quantization-aware training; writes an INT8 ONNX model that onnxruntime fully fuses.
 
     Hands back the better (validation top-1) of the trained model and its calibrated starting point,
-    and the FP32 model it started from where INT8 is not faster (unless --keep-int8).
+    and the FP32 model it started from where INT8 is not faster (unless --keep-int8). On hf: encoders
+    with text:FILE: dynamic INT8, trained on the FP32 model's outputs (no labels), scored by cosine.
     """
+
+    @classmethod
+    def check_text(cls, config: QATConfig) -> None:
+        """On text, QAT simulates dynamic INT8 and learns the FP32 model's outputs: options of the static CNN
+        scheme, and training without the teacher, are refused, not ignored."""
+        static = ("observer", "freeze_observers_after", "freeze_bn_after", "ema", "calibration_samples",
+                  "runtime_points", "export_ranges")
+        given = [f for f in static if f in config.model_fields_set]
+        if given:
+            raise InputError(f"qat on text: {given[0].replace('_', '-')} is not supported (it sets the static "
+                             "activation ranges of image models; an encoder's dynamic INT8 computes its ranges as it runs)")
+        if not config.teacher:
+            raise InputError("qat on text: no-teacher is not supported (text:FILE has no labels; the model learns the "
+                             "FP32 model's outputs)")
 
     def run(self, artifact: Any, config: QATConfig, ctx: Any) -> StepResult:
         if artifact.format != "torch":
@@ -98,6 +121,12 @@ class QATPass(Pass):
                                  f"quantized ({', '.join(done[:3])}): start from the FP32 PyTorch model it came from")
             raise InputError(f"qat trains a PyTorch model; {artifact.origin} is ONNX (use ptq for ONNX files)")
 
+        if getattr(ctx.data, "text", False):
+            self.check_text(config)
+            if not hf.is_text_artifact(artifact):
+                raise InputError("qat on text:FILE needs an hf: model")
+            with tempfile.TemporaryDirectory(prefix="mlopt-qat-", ignore_cleanup_errors=True) as work:
+                return _run_text(artifact, config, ctx, Path(work))
         require_labels(ctx.data, "QAT")
         with tempfile.TemporaryDirectory(prefix="mlopt-qat-", ignore_cleanup_errors=True) as work:
             state = _prepare(artifact, config, ctx, Path(work))
@@ -336,3 +365,110 @@ def _simulation_notes(st: QATState, agreement: float) -> list[str]:
         console.warn(text)
         notes.append(text)
     return notes
+
+
+def _run_text(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepResult:
+    """QAT of an hf: encoder for onnxruntime's dynamic INT8: the Linear layers onnxruntime quantizes are located in
+    the exported model and simulated; the model learns the FP32 model's outputs through the simulation; then the
+    trained model or the one it started from (whichever onnxruntime's INT8 keeps closer to the FP32 model: training
+    is kept on a tie) goes through ptq's search of dynamic INT8 graphs, scored against the FP32 model. The fastest
+    INT8 graph is handed back where it is faster than FP32 (or --keep-int8), else the FP32 model QAT started from."""
+    import torch
+
+    from mlopt.quant.lib import search
+    from mlopt.quant.lib.dynamic_sim import DynamicSimulation, locate
+
+    data, batch = ctx.data, config.batch_size or ctx.batch_size
+    teacher = copy.deepcopy(artifact.require_torch("qat")).eval()
+    student = copy.deepcopy(teacher).train()
+    # No dropout while learning the FP32 model's own outputs: its noise dwarfs the quantization error to correct
+    # (measured on a tiny BERT: training loss 1.1 with dropout against a validation loss of 0.1). The student is not
+    # handed on as a torch model, only its ONNX export, which has no dropout.
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    reduce_range = reduce_range_for("auto")
+    scheme = Scheme("dynamic", "qoperator", "uint8", "int8", True, None)
+    start_fp32, start_int8 = work / "start-fp32.onnx", work / "start-int8.onnx"
+    export_checked(artifact.derive("qat-start", module=teacher), data, start_fp32, ExportOptions())
+    quantize(start_fp32, start_int8, scheme, [], reduce_range)
+    found = locate(start_fp32, start_int8, student)
+    notes = [f"onnxruntime's dynamic INT8 quantizes the weights and inputs of {len(found.layers)} Linear layer(s), "
+             "located by weight value in the exported model; the simulation fake-quantizes exactly those"]
+    if found.float_layers:
+        notes.append(f"{len(found.float_layers)} Linear layer(s) stay float in onnxruntime and in the simulation: "
+                     + ", ".join(found.float_layers[:5]) + (" ..." if len(found.float_layers) > 5 else ""))
+    if found.unmatched:
+        notes.append(f"{len(found.unmatched)} weight(s) onnxruntime quantizes belong to no Linear layer and are not "
+                     "simulated: " + ", ".join(found.unmatched[:5]))
+        console.warn(notes[-1])
+    quality = Quality(start_fp32, data)
+    start_cosine = quality.score(start_int8)["cosine_mean"]
+    sim = DynamicSimulation(student, list(found.layers), reduce_range)
+    sim.attach()
+    try:
+        objective = text_distillation_objective(copy.deepcopy(teacher), student, data, batch, 2.0)
+        simulated_before = objective.validate(student, torch.device("cpu"))["cosine"]
+        console.info(f"dynamic INT8 on onnxruntime before QAT: cosine {start_cosine:.5f} to FP32; simulated "
+                     f"{simulated_before:.5f}")
+        ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
+        train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
+        fitted = fit(student, data, train_cfg, batch, objective=objective, checkpoint_dir=ckpt, resume=ctx.resume,
+                     label="qat", fingerprint_extra=["qat", "text"])
+    finally:
+        sim.remove()
+    student.eval()
+    trained_fp32, trained_int8 = work / "trained-fp32.onnx", work / "trained-int8.onnx"
+    exported = export_checked(artifact.derive("qat", module=student), data, trained_fp32, ExportOptions())
+    quantize(trained_fp32, trained_int8, scheme, [], reduce_range)
+    trained_cosine = quality.score(trained_int8)["cosine_mean"]
+    codes = sim.weight_codes(trained_int8, found)
+    chosen = "trained" if trained_cosine >= start_cosine else "start"
+    picked = (f"kept the trained model: dynamic INT8 cosine to FP32 {trained_cosine:.5f} after QAT against "
+              f"{start_cosine:.5f} for ptq of the model it started from (onnxruntime, validation lines)"
+              if chosen == "trained" else
+              f"QAT training LOWERED the dynamic INT8 cosine to FP32 to {trained_cosine:.5f} from {start_cosine:.5f} "
+              "(ptq of the model it started from): the model it started from is quantized instead")
+    (console.info if chosen == "trained" else console.warn)(picked)
+    source = exported.artifact if chosen == "trained" else artifact.derive("qat-start", format="onnx", module=None,
+                                                                        onnx_path=start_fp32)
+    settings = search.Settings(batch_sizes=config.batch_sizes, iterations=config.iterations)
+    plan = search.prepare(source, settings, data, work / "search")
+    search.measure(plan, settings, data, reference=start_fp32)
+    faster = [r for r in plan.candidates if r.faster_than_fp32]
+    best = search.settle(plan, settings) or (search.fastest(faster) if faster else None)
+    if best is None and config.keep_int8:
+        best = search.fastest(plan.candidates)
+    out = Path(ctx.out_dir) / "model.onnx"
+    shutil.copyfile(best.path if best else start_fp32, out)
+    fp32_row = plan.fp32_row
+    timing = ", ".join(f"batch {b}: FP32 {ms:.3f} ms" for b, ms in fp32_row.latency.items())
+    if best is None:
+        precision = (f"handed back the FP32 model QAT started from: no dynamic INT8 graph ran faster ({timing}; "
+                     f"{INT8_RULE}); --keep-int8 forces INT8")
+    else:
+        speed = speedups(fp32_row.latency, best.latency)
+        precision = (f"handed back {best.name}: " + ", ".join(f"{s:.2f}x {'faster' if s >= 1 else 'SLOWER'} at batch {b}"
+                                                              for b, s in zip(fp32_row.latency, speed.values()))
+                     + f", cosine {best.quality['cosine_mean']:.5f} to the FP32 model")
+    (console.info if best is not None and best.faster_than_fp32 else console.warn)(precision)
+    notes += [picked, precision, f"int8 weights equal the simulation's on {codes['codes'] - codes['differing']} of "
+              f"{codes['codes']} codes in {codes['layers']} layers", *plan.notes]
+    handed = best.quality if best else {"cosine_mean": 1.0, "cosine_min": 1.0}
+    metrics = {
+        "quantized": best is not None, "chosen": chosen, "graph": best.name if best else "FP32",
+        "start_cosine": start_cosine, "trained_cosine": trained_cosine,
+        "simulated_cosine_before": simulated_before, "simulated_cosine": fitted["cosine"],
+        "cosine_mean": handed["cosine_mean"], "cosine_min": handed["cosine_min"],
+        "simulated_layers": len(found.layers), "float_layers": len(found.float_layers),
+        "weight_layers": codes["layers"], "weight_codes": codes["codes"], "weight_codes_differing": codes["differing"],
+        "integer_kernels": best.kernels["integer"] if best else 0, "float_kernels": (best or fp32_row).kernels["float"],
+        "size_mb": (best or fp32_row).size_mb, "sequence_length": artifact.sample_shape[0],
+        **(speedups(fp32_row.latency, best.latency) if best else {}),
+        **{k: fitted[k] for k in ("train_samples_per_s", "processes", "replica_max_abs_diff", "precision")},
+    }
+    latency = [entry for row in [fp32_row, *plan.candidates]
+               for entry in latency_entries(row.latency, row.name, "cpu", output=row is (best or fp32_row))]
+    new = artifact.derive("qat", format="onnx", module=None, onnx_path=out)
+    return StepResult(artifact=new, metrics=metrics, notes=[*fitted["notes"], *notes], latency=latency,
+                      sections=[*search.sections(plan), history_table(fitted["history"])])

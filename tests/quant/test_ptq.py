@@ -177,10 +177,10 @@ def test_candidates_are_timed_on_the_cuda_provider(exported_dir, tmp_path):
 @pytest.mark.parametrize("fmt,name,kept,gone", [("qoperator", "QOPERATOR U8S8 per-channel minmax", "QLinearConv", "Conv"),
                                                 ("qdq", "QDQ U8S8 per-channel minmax", "Conv", "QLinearConv")])
 def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, exported_dir, tmp_path, monkeypatch):
-    from mlopt.quant import ptq as ptq_step
+    from mlopt.quant.lib import search
 
     # INT8 timed twice as fast as FP32, so the quantized model is the one handed back
-    monkeypatch.setattr(ptq_step, "interleaved_rounds", lambda paths, shape, provider, batch_sizes, iterations, *_: [
+    monkeypatch.setattr(search, "interleaved_rounds", lambda paths, shape, provider, batch_sizes, iterations, *_: [
         {b: [2.0 if i == 0 else 1.0] * 3 for b in batch_sizes} for i in range(len(paths))])
     out = tmp_path / "q"
     result = ptq("--model", exported_dir, "--data", "digits", "--out", out, "--mode", "static", "--format", fmt,
@@ -193,7 +193,7 @@ def test_static_mode_writes_the_requested_graph_format(fmt, name, kept, gone, ex
 
 
 def _row(name, ms_rounds, cosine, path):
-    from mlopt.quant.ptq import Candidate
+    from mlopt.quant.lib.search import Candidate
 
     return Candidate(name, None, path, {b: min(v) for b, v in ms_rounds.items()}, {"cosine_mean": cosine}, 1.0,
                      {}, faster_than_fp32=True, within_budget=True, rounds=ms_rounds)
@@ -206,7 +206,8 @@ def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_f
     their order; told apart, the choice is left to speed. Far apart (again=None: b is 1.5x slower), no retiming."""
     from types import SimpleNamespace
 
-    from mlopt.quant import ptq as ptq_step
+    from mlopt.quant.lib import search
+    from mlopt.quant.ptq import PTQConfig
 
     calls = []
 
@@ -214,14 +215,14 @@ def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_f
         calls.append(n)
         return [{b: [ms] * n for b in batch_sizes} for ms in (2.0, *again)]
 
-    monkeypatch.setattr(ptq_step, "interleaved_rounds", rounds)
+    monkeypatch.setattr(search, "interleaved_rounds", rounds)
     b_rounds = [1.5, 1.52, 1.5] if again is None else [1.01, 1.0, 1.02]
-    plan = ptq_step.Plan(SimpleNamespace(sample_shape=(4,)), tmp_path / "fp32.onnx", tmp_path / "fp32.onnx", [], [],
+    plan = search.Plan(SimpleNamespace(sample_shape=(4,)), tmp_path / "fp32.onnx", tmp_path / "fp32.onnx", [], [],
                          False, False, tmp_path, [])
     plan.fp32_row = _row("FP32", {1: [2.0] * 3}, 1.0, plan.fp32)
     plan.candidates = [_row("a", {1: [1.0, 1.01, 1.0]}, 0.991, tmp_path / "a.onnx"),
                        _row("b", {1: b_rounds}, 0.995, tmp_path / "b.onnx")]
-    tie = ptq_step._settle(plan, ptq_step.PTQConfig())
+    tie = search.settle(plan, PTQConfig())
     assert (tie.name if tie else None) == expected
     assert calls == ([] if again is None else [6])
     if again:
@@ -262,10 +263,10 @@ def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path)
 
 
 def test_a_burst_of_load_never_makes_a_model_20_percent_slower_a_tie(tmp_path):
-    from mlopt.quant.ptq import _tied
+    from mlopt.quant.lib.search import tied
 
     fast = _row("fast", {1: [1.0, 1.7, 1.8]}, 0.99, tmp_path / "a.onnx")  # rounds that spread 70%
     slow = _row("slow", {1: [1.2, 1.9, 2.0]}, 0.999, tmp_path / "b.onnx")
     near = _row("near", {1: [1.05, 1.8, 1.9]}, 0.999, tmp_path / "c.onnx")
-    assert [r.name for r in _tied([slow, fast])] == ["fast"]  # the noise counts up to 10%, not 70%
-    assert [r.name for r in _tied([slow, near, fast])] == ["fast", "near"]
+    assert [r.name for r in tied([slow, fast])] == ["fast"]  # the noise counts up to 10%, not 70%
+    assert [r.name for r in tied([slow, near, fast])] == ["fast", "near"]

@@ -16,20 +16,21 @@ from mlopt.core.errors import InputError, first_line
 from mlopt.quant.lib.points import consumers
 
 
-def weight_fake_quant(per_channel: bool = True) -> Any:
-    """A parametrization fake-quantizing a weight (straight-through); a LayerNorm's bias stays float (int32
-    at a far finer step in onnxruntime). Built in a function so that importing this file imports no torch."""
+def weight_fake_quant(per_channel: bool = True, qmax: int = 127) -> Any:
+    """A parametrization fake-quantizing a weight (straight-through) on a symmetric grid [-qmax, qmax] (64:
+    onnxruntime's 7-bit weights, reduce_range); a LayerNorm's bias stays float (int32 at a far finer step in
+    onnxruntime). Built in a function so that importing this file imports no torch."""
     import torch
 
     class WeightFakeQuant(torch.nn.Module):
         def forward(self, w: Any) -> Any:
             if not per_channel:
-                scale = max(float(w.detach().abs().max()) / 127.0, 1e-12)
-                return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, -127, 127).to(w.dtype)
+                scale = max(float(w.detach().abs().max()) / qmax, 1e-12)
+                return torch.fake_quantize_per_tensor_affine(w.float(), scale, 0, -qmax, qmax).to(w.dtype)
             flat = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
-            scale = torch.clamp(flat / 127.0, min=1e-12).float()
+            scale = torch.clamp(flat / qmax, min=1e-12).float()
             zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-            return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -127, 127).to(w.dtype)
+            return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -qmax, qmax).to(w.dtype)
 
     return WeightFakeQuant()
 
