@@ -538,3 +538,49 @@ def test_qat_on_text_simulates_onnxruntime_dynamic_int8_and_keeps_what_lands_clo
     assert handed["cosine mean"] == pytest.approx(m["cosine_mean"])
     assert len(table_rows(report, "training history")) == 3
     assert report["output"]["lineage"][-1] == "qat"
+
+
+def _save_encoder(out, family):
+    """A tiny encoder of another family than BERT (the BERT tokenizer files serve all)."""
+    import torch
+    from transformers import (BertTokenizerFast, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel)
+
+    out.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    torch.manual_seed(0)
+    if family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                 max_position_embeddings=64))
+    else:
+        model = DebertaV2Model(DebertaV2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, blocks, attr", [
+    ("distilbert", "model.transformer.layer.{}.attention", "n_heads"),  # q_lin/k_lin/v_lin
+    ("deberta", "model.encoder.layer.{}.attention.self", "num_attention_heads"),  # query_proj/key_proj/value_proj
+])
+def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, attr, text_file, tmp_path):
+    """Head pruning finds the attention blocks of encoders beyond BERT's layout; the pruned model reloads from its
+    recorded shapes and exports with parity."""
+    model = _save_encoder(tmp_path / family, family)
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model}", "--data", f"text:{text_file}", "--head-ratio", "0.5",
+                                 "--no-latency", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["params_ratio"] > 1.2
+    report = json.loads((out / "report.json").read_text())["step"]
+    bars = next(s for s in report["sections"] if s["title"] == "attention heads per block")
+    assert bars["labels"] == [blocks.format(i) for i in range(2)]
+    assert bars["series"] == {"before": [4, 4], "after": [2, 2]}
+    pruned = json.loads((out / "model.json").read_text())["builder"]["pruned"]
+    assert all(pruned[blocks.format(i)][attr] == 2 for i in range(2))
+    exported = runner.invoke(app, ["export", "--model", str(out), "--data", f"text:{text_file}", "--out",
+                                   str(tmp_path / "e"), "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["max_abs_error"] < 1e-4

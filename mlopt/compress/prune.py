@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from mlopt.compress.lib import sparsity as sp
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.compress.lib.importance import accumulate_gradients
-from mlopt.compress.lib.pruning import classifier_names, count_ops, named_modules, prune_safely, search_ratio
+from mlopt.compress.lib.pruning import (HEAD_COUNTS, classifier_names, count_ops, named_modules, prune_safely,
+                                        search_ratio)
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
@@ -36,7 +37,8 @@ class PruneConfig(Strict):
     target_params: float | None = Field(None, gt=0, lt=1, description="structured: keep this fraction of the parameters")
     head_ratio: float | None = Field(
         None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
-        "and `num_heads` (timm's ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's)")
+        "and `num_heads` (timm's ViT layout) or separate query/key/value Linears and a head count (BERT's "
+        "`query`/`key`/`value` and `num_attention_heads`, DistilBERT's `q_lin`/`k_lin`/`v_lin` and `n_heads`, ...)")
     importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
     global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer",
                                  json_schema_extra=cli(flag="--global/--per-layer"))
@@ -182,12 +184,12 @@ class PrunePass(Pass):
         pruned = changed_attributes(before_shapes, shape_attributes(module))
         sections += [bars for bars in (
             _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
-            _before_after(before_shapes, pruned, ("num_heads", "num_attention_heads"), "attention heads per block"))
+            _before_after(before_shapes, pruned, HEAD_COUNTS, "attention heads per block"))
             if bars.labels]
         builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
-        heads = {a["num_attention_heads"] for a in pruned.values() if "num_attention_heads" in a}
+        heads = [k for a in pruned.values() for k in HEAD_COUNTS if k in a]
         if "hf" in builder and heads:  # onnxruntime's transformer optimizer fuses attention with this head count
-            left = {a["num_attention_heads"] for a in shape_attributes(module).values() if "num_attention_heads" in a}
+            left = {a[heads[0]] for a in shape_attributes(module).values() if heads[0] in a}
             builder["hf"] = {**builder["hf"], "num_heads": left.pop() if len(left) == 1 else 0}  # 0: its own guess
         return module, builder
 

@@ -84,11 +84,20 @@ def count_ops(module: Any, sample: Sample) -> tuple[int, int]:
     return int(macs), int(params)
 
 
+# Separate query/key/value Linears as Hugging Face encoders spell them (BERT, RoBERTa, ELECTRA; DistilBERT; MPNet;
+# DeBERTa-v2; CLIP, BART, Whisper), and the attribute holding the head count. The head size stays (whole heads go).
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"),
+             ("query_proj", "key_proj", "value_proj"), ("q_proj", "k_proj", "v_proj"))
+HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads")
+
+
 def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
     """Multi-head attention blocks whose heads can be pruned: (name, block, its q/k/v Linears, head-count attribute).
 
-    Two layouts: timm's ViT (a `qkv` Linear and `num_heads`, with `head_dim`) and BERT's self-attention
-    (`query`, `key`, `value` Linears and `num_attention_heads`, with `attention_head_size` and `all_head_size`).
+    timm's ViT layout (a `qkv` Linear and `num_heads`, with `head_dim`), and separate query, key and value Linears
+    of equal width with a head count (`QKV_NAMES`, `HEAD_COUNTS`: BERT's `query`/`key`/`value` and
+    `num_attention_heads`, DistilBERT's `q_lin`/`k_lin`/`v_lin` and `n_heads`, ...). Blocks whose key/value heads
+    differ from the query's (grouped-query attention) are not listed.
     """
     import torch
 
@@ -99,8 +108,13 @@ def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
     for n, m in module.named_modules():
         if linear(m, "qkv") and isinstance(getattr(m, "num_heads", None), int):
             found.append((n, m, [m.qkv], "num_heads"))
-        elif all(linear(m, k) for k in ("query", "key", "value")) and isinstance(getattr(m, "num_attention_heads", None), int):
-            found.append((n, m, [m.query, m.key, m.value], "num_attention_heads"))
+            continue
+        names = next((q for q in QKV_NAMES if all(linear(m, k) for k in q)), None)
+        count = next((a for a in HEAD_COUNTS if type(vars(m).get(a)) is int), None)
+        if names and count:
+            qkv = [getattr(m, k) for k in names]
+            if len({l.out_features for l in qkv}) == 1 and qkv[0].out_features % vars(m)[count] == 0:
+                found.append((n, m, qkv, count))
     return found
 
 
@@ -130,11 +144,13 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
     for _, m, layers, attr in attention_blocks(module):
         heads = int(pruner.num_heads[layers[0]])
         setattr(m, attr, heads)
-        if attr == "num_heads" and isinstance(getattr(m, "head_dim", None), int):
-            m.head_dim = m.qkv.out_features // (3 * heads)
-        if attr == "num_attention_heads":
-            m.attention_head_size = m.query.out_features // heads
-            m.all_head_size = m.query.out_features
+        width = layers[0].out_features // (3 if len(layers) == 1 else 1)  # all heads' q width after pruning
+        if type(vars(m).get("head_dim")) is int:
+            m.head_dim = width // heads
+        if type(vars(m).get("attention_head_size")) is int:
+            m.attention_head_size = width // heads
+        if type(vars(m).get("all_head_size")) is int:
+            m.all_head_size = width
     after = widths(module)
     changed = [(n, before[n], w) for n, w in after.items() if n in before and before[n] != w]
     if not changed:
@@ -156,8 +172,10 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
     blocks = attention_blocks(module)
     if head_ratio is not None and not blocks:
         raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and `num_heads` (timm's "
-                         "ViT layout) or `query`/`key`/`value` Linears and `num_attention_heads` (BERT's); "
-                         "nn.MultiheadAttention heads shrink with the width (ratio)")
+                         "ViT layout) or separate query/key/value Linears and a head count (`query`/`key`/`value` "
+                         "and `num_attention_heads` as in BERT, `q_lin`/`k_lin`/`v_lin` and `n_heads`, `q_proj`/"
+                         "`k_proj`/`v_proj` and `num_heads`, ...); nn.MultiheadAttention heads shrink with the width "
+                         "(ratio)")
     heads: dict[str, Any] = {}
     if blocks:
         # Torch-Pruning keeps heads whole: with heads given, it prunes the same dims in every head
