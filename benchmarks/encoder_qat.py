@@ -54,7 +54,7 @@ def main() -> None:
         text.write_text("\n".join(more_english_lines()) + "\n")
         common = ["--model", f"hf:{model_dir}", "--data", f"text:{text}", "--max-length", str(SEQ), "--overwrite"]
         ptq, ptq_min = mlopt("ptq", *common, "-b", "1", "-b", "16", "--out", str(work / "ptq"))
-        print(f"ptq: {ptq['chosen']}, cosine {ptq['cosine_mean']:.4f} ({ptq_min:.1f} min)", flush=True)
+        print(f"ptq: {ptq['chosen']}, cosine {ptq.get('cosine_mean', 1):.4f} ({ptq_min:.1f} min)", flush=True)
         qat, qat_min = mlopt("qat", *common, "--bench-batch-size", "1", "--bench-batch-size", "16", "--epochs",
                              args.epochs, "--lr", args.lr, "--out", str(work / "qat"))
         print(f"qat: {qat['graph']}, cosine {qat['cosine_mean']:.4f} ({qat_min:.1f} min)", flush=True)
@@ -64,8 +64,8 @@ def main() -> None:
     print()
     print("| step | INT8 graph handed back | cosine mean | cosine min | speed-up b1 / b16 over FP32 | minutes |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| ptq (auto) | {ptq['chosen']} | {ptq['cosine_mean']:.4f} | {ptq['cosine_min']:.4f} | "
-          f"{ptq['speedup_b1']:.2f}x / {ptq['speedup_b16']:.2f}x | {ptq_min:.1f} |")
+    print(f"| ptq (auto) | {ptq['chosen']} | {ptq.get('cosine_mean', 1):.4f} | {ptq.get('cosine_min', 1):.4f} | "
+          f"{ptq.get('speedup_b1', 1):.2f}x / {ptq.get('speedup_b16', 1):.2f}x | {ptq_min:.1f} |")
     print(f"| qat ({qat['chosen']} model) | {qat['graph']} | {qat['cosine_mean']:.4f} | {qat['cosine_min']:.4f} | "
           f"{qat.get('speedup_b1', 1):.2f}x / {qat.get('speedup_b16', 1):.2f}x | {qat_min:.1f} |")
     print()

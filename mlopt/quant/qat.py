@@ -382,11 +382,15 @@ def _run_text(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepRes
     teacher = copy.deepcopy(artifact.require_torch("qat")).eval()
     student = copy.deepcopy(teacher).train()
     # No dropout while learning the FP32 model's own outputs: its noise dwarfs the quantization error to correct
-    # (measured on a tiny BERT: training loss 1.1 with dropout against a validation loss of 0.1). The student is not
+    # (measured on a tiny BERT: training loss 1.1 with dropout against a validation loss of 0.1). Dropout modules,
+    # and the dropout rates some attention blocks hold as plain floats (CLIP, BART), go to 0. The student is not
     # handed on as a torch model, only its ONNX export, which has no dropout.
     for m in student.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and type(value) is float:
+                setattr(m, name, 0.0)
     reduce_range = reduce_range_for("auto")
     scheme = Scheme("dynamic", "qoperator", "uint8", "int8", True, None)
     start_fp32, start_int8 = work / "start-fp32.onnx", work / "start-int8.onnx"
@@ -402,19 +406,19 @@ def _run_text(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepRes
         notes.append(f"{len(found.unmatched)} weight(s) onnxruntime quantizes belong to no Linear layer and are not "
                      "simulated: " + ", ".join(found.unmatched[:5]))
         console.warn(notes[-1])
-    quality = Quality(start_fp32, data)
+    quality = Quality(start_fp32, data, max_drop=1.0, min_cosine=0.0)  # no budget: QAT keeps the closer model
     start_cosine = quality.score(start_int8)["cosine_mean"]
     sim = DynamicSimulation(student, list(found.layers), reduce_range)
     sim.attach()
     try:
-        objective = text_distillation_objective(copy.deepcopy(teacher), student, data, batch, 2.0)
+        objective = text_distillation_objective(teacher, student, data, batch, 2.0)
         simulated_before = objective.validate(student, torch.device("cpu"))["cosine"]
         console.info(f"dynamic INT8 on onnxruntime before QAT: cosine {start_cosine:.5f} to FP32; simulated "
                      f"{simulated_before:.5f}")
         ckpt = ctx.checkpoint_dir / "qat" if ctx.checkpoint_dir else None
         train_cfg = TrainingConfig(**config.model_dump(include=set(TrainingConfig.model_fields)))
         fitted = fit(student, data, train_cfg, batch, objective=objective, checkpoint_dir=ckpt, resume=ctx.resume,
-                     label="qat", fingerprint_extra=["qat", "text"])
+                     label="qat", fingerprint_extra=["qat", "text", sim.qmax])
     finally:
         sim.remove()
     student.eval()
@@ -432,14 +436,26 @@ def _run_text(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepRes
     (console.info if chosen == "trained" else console.warn)(picked)
     source = exported.artifact if chosen == "trained" else artifact.derive("qat-start", format="onnx", module=None,
                                                                         onnx_path=start_fp32)
+    out = Path(ctx.out_dir) / "model.onnx"
+    if not distributed.current().is_main:
+        # Under torchrun the other ranks wait while rank 0 times the INT8 graphs alone (their sessions would share
+        # its cores); they carry on with the model as exported, which only their own later steps read.
+        shutil.copyfile(trained_int8 if chosen == "trained" else start_int8, out)
+        distributed.barrier()
+        return StepResult(artifact=artifact.derive("qat", format="onnx", module=None, onnx_path=out),
+                          metrics={"chosen": chosen}, notes=[picked])
     settings = search.Settings(batch_sizes=config.batch_sizes, iterations=config.iterations)
+    (work / "search").mkdir()
     plan = search.prepare(source, settings, data, work / "search")
-    search.measure(plan, settings, data, reference=start_fp32)
+    search.measure(plan, settings, data, quality)
+    plan.fp32_row.quality = quality.score(plan.fp32)  # the FP32 model searched: trained or QAT's start
+    plan.fp32_row.name = f"FP32 ({'trained' if chosen == 'trained' else 'as QAT started'})"
+    tie = search.settle(plan, settings)  # times near-equal graphs again: it can find one no faster than FP32
     faster = [r for r in plan.candidates if r.faster_than_fp32]
-    best = search.settle(plan, settings) or (search.fastest(faster) if faster else None)
+    best = tie or (search.fastest(faster) if faster else None)
     if best is None and config.keep_int8:
         best = search.fastest(plan.candidates)
-    out = Path(ctx.out_dir) / "model.onnx"
+    distributed.barrier()
     shutil.copyfile(best.path if best else start_fp32, out)
     fp32_row = plan.fp32_row
     timing = ", ".join(f"batch {b}: FP32 {ms:.3f} ms" for b, ms in fp32_row.latency.items())

@@ -20,7 +20,7 @@ from mlopt.runtime.generation import load_model, peak_rss_mb, prompt_of, time_ge
 DECODER_TIMING = ("interleaved rounds, every model loaded once, intra-op spinning off; a round is one greedy "
                   "generation of the prompt then the new tokens")
 # Settings that time plain ONNX models and those that time decoders: each kind refuses the other's.
-PLAIN_ONLY = ("batch_sizes", "iterations", "duration_s", "warmup")
+PLAIN_ONLY = ("batch_sizes", "iterations", "duration_s", "warmup", "spinning")  # decoders never spin (generation.py)
 DECODER_ONLY = ("prompt_tokens", "new_tokens", "rounds")
 FIXED_PROMPT = (
     "The river runs through the middle of the old town, and for most of its history the town has lived from it. "
@@ -76,7 +76,7 @@ def check_settings(config: Any, decoders: bool) -> None:
     if given:
         kind = "decoder folders" if decoders else "plain ONNX models"
         raise InputError(f"{', '.join(given)} do not apply to {kind}; decoders take prompt_tokens, new_tokens and "
-                         "rounds, plain models batch_sizes, iterations, duration_s and warmup")
+                         "rounds, plain models batch_sizes, iterations, duration_s, warmup and spinning")
 
 
 def prompt_source(folder: Path, data: Any, model: Any) -> list[int]:

@@ -1,12 +1,13 @@
-"""The torch side of QAT for onnxruntime's dynamic INT8, the scheme it runs fastest on transformer encoders.
+"""The torch side of QAT for onnxruntime's dynamic INT8, the scheme it runs fastest on encoders.
 
 onnxruntime's dynamic quantizer turns every MatMul with a weight into an integer kernel (MatMulInteger, or
 QAttention inside a fused attention): the weight int8, symmetric, per output column (7 bits with reduce_range), the
 input uint8 over the whole tensor's range as it runs (DynamicQuantizeLinear). Those MatMuls are the model's Linear
-layers. It also stores the embedding tables (Gather) in uint8, per tensor, on a grid stretched to hold zero. Rather than tracing the model (Hugging Face encoders defeat torch.fx), `locate` finds each quantized weight's
-Linear by value in the exported graph, so the simulation fake-quantizes exactly what onnxruntime quantizes and names
-what it does not. The activation grid needs no range to learn or hand over: onnxruntime computes it per run, and so
-does the simulation. Written by hand: torch.ao's dynamic quantization follows fbgemm's grid, not onnxruntime's.
+layers. It also stores the embedding tables (Gather) in uint8, per tensor, on a grid stretched to hold zero. Rather
+than tracing the model (Hugging Face encoders defeat torch.fx), `locate` finds each quantized weight's layer by value
+in the exported graph, so the simulation fake-quantizes exactly what onnxruntime quantizes and names what it does
+not. The activation grid needs no range to learn or hand over: onnxruntime computes it per run, and so does the
+simulation. Written by hand: torch.ao's dynamic quantization follows fbgemm's grid, not onnxruntime's.
 """
 
 from __future__ import annotations
@@ -104,9 +105,8 @@ class DynamicSimulation:
         self.handles: list[Any] = []
 
     def attach(self) -> None:
-        import torch.nn.utils.parametrize as P
-
         import torch
+        import torch.nn.utils.parametrize as P
 
         for _, m in self.layers:
             if isinstance(m, torch.nn.Embedding):
@@ -136,8 +136,11 @@ class DynamicSimulation:
 
         theirs = {i.name.removesuffix(QUANTIZED_SUFFIX): i for i in onnx.load(str(int8)).graph.initializer
                   if i.name.endswith(QUANTIZED_SUFFIX)}
-        codes = differing = 0
+        codes = differing = layers = 0
         for name, m in self.layers:
+            other = theirs.get(located.layers[name])
+            if other is None:  # not quantized in this export (its weight is named otherwise): not compared
+                continue
             w = torch.as_tensor(m.weight.detach().float().cpu())  # the float weight (after remove)
             if isinstance(m, torch.nn.Embedding):
                 scale, zero = uint8_grid(w)
@@ -146,7 +149,8 @@ class DynamicSimulation:
                 w = w.T  # (in, out), as in ONNX
                 scale = torch.clamp(w.abs().amax(dim=0) / self.qmax, min=1e-12)
                 mine = torch.clamp(torch.round(w / scale), -self.qmax, self.qmax).numpy()
-            other = numpy_helper.to_array(theirs[located.layers[name]]).astype(np.float32)
+            other = numpy_helper.to_array(other).astype(np.float32)
+            layers += 1
             codes += mine.size
             differing += int((mine != other).sum())
-        return {"layers": len(self.layers), "codes": codes, "differing": differing}
+        return {"layers": layers, "codes": codes, "differing": differing}

@@ -63,6 +63,7 @@ class Candidate:
     base: Path | None = None  # the float graph it was quantized from
     split: bool = False  # its fused layer norms and GELUs split after quantizing (rewrite.split_fusions)
     rounds: dict[int, list[float]] = field(default_factory=dict)  # batch size -> each timing round's median ms
+    timed_with: int = 0  # rows with the same number were timed in the same interleaved rounds (`_paired`)
 
     @property
     def spread(self) -> float:
@@ -165,9 +166,9 @@ def text_bases(fp32: Path, pre: Path, work: Path, notes: list[str]) -> list[tupl
     return bases
 
 
-def measure(plan: Plan, config: Any, data: Any, reference: Path | None = None) -> None:
+def measure(plan: Plan, config: Any, data: Any, quality: Quality | None = None) -> None:
     """Quantize every candidate scheme on every base graph, time them beside FP32 in interleaved rounds, score
-    them all, against the model at `reference` (default: the plan's FP32 model). A quantized transformer whose fused
+    them all by `quality` (default: against the plan's FP32 model). A quantized transformer whose fused
     layer norm or GELU onnxruntime runs slower than the plain operators is a candidate again with them split
     (`split_fusions`): measured, not assumed."""
     from mlopt.export.lib.rewrite import split_fusions
@@ -195,7 +196,7 @@ def measure(plan: Plan, config: Any, data: Any, reference: Path | None = None) -
     fp32_rounds, *timed = interleaved_rounds([plan.fp32, *(m[2] for m in made)], plan.artifact.sample_shape,
                                              config.provider, config.batch_sizes, config.iterations)
     fp32_latency = best_of(fp32_rounds)
-    plan.quality = Quality(reference or plan.fp32, data, config.max_drop, config.min_cosine)
+    plan.quality = quality or Quality(plan.fp32, data, config.max_drop, config.min_cosine)
     plan.fp32_row = Candidate("FP32", None, plan.fp32, fp32_latency, plan.quality.baseline, file_size_mb(plan.fp32),
                               graph.kernel_counts(plan.fp32), rounds=fp32_rounds)
     _log(plan.fp32_row)
@@ -216,15 +217,44 @@ def _quality_key(row: Candidate) -> float:
 
 
 def tied(rows: list[Candidate]) -> list[Candidate]:
-    """The rows as fast as the fastest one as far as their timing rounds can tell: within the larger of 2% and
-    either row's round spread, and never more than 10%."""
+    """The rows as fast as the fastest one as far as their timing rounds can tell. Rows timed in the same rounds
+    are compared round by round (`_paired`): within the larger of 2% and the noise of their per-round ratios.
+    Others by their best rounds: within the larger of 2% and either row's round spread. Never more than 10%."""
     rows = sorted(rows, key=_geomean)
     first = rows[0] if rows else None
-    return [r for r in rows if _geomean(r) <= _geomean(first) * (1 + _noise(first, r))]
+    return [r for r in rows if _slower_by(first, r) <= _noise(first, r)]
+
+
+def _slower_by(first: Candidate, row: Candidate) -> float:
+    paired = _paired(first, row)
+    return (paired[0] if paired else _geomean(row) / _geomean(first)) - 1
 
 
 def _noise(*rows: Candidate) -> float:
-    return min(NOISE_CAP, max(NOISE_FLOOR, *(r.spread for r in rows)))
+    """The timing noise two rows carry (of their per-round ratios where `_paired`), between 2% and 10%."""
+    paired = _paired(*rows) if len(rows) == 2 else None
+    return min(NOISE_CAP, max(NOISE_FLOOR, *([paired[1]] if paired else (r.spread for r in rows))))
+
+
+def _paired(a: Candidate, b: Candidate) -> tuple[float, float] | None:
+    """b's latency over a's, round by round, where both were timed in the same interleaved rounds: each round times
+    the models one after the other, so a slow spell of a shared machine weighs on both, and their ratio keeps what
+    their own medians lose. Returns the geometric mean over batch sizes of the median per-round ratio, and its
+    noise: twice the largest median absolute deviation of the ratios, relative. None where not timed together.
+    Measured on MiniLM beside a busy process: two INT8 graphs 8% apart spread 12-26% round to round, which made
+    them a tie half the time; their per-round ratio held."""
+    import statistics
+
+    if (a.timed_with != b.timed_with or not a.rounds or set(a.rounds) != set(b.rounds)
+            or any(len(a.rounds[k]) != len(b.rounds[k]) for k in a.rounds)):
+        return None
+    medians, deviations = [], []
+    for k in a.rounds:
+        ratios = [y / x for x, y in zip(a.rounds[k], b.rounds[k])]
+        m = statistics.median(ratios)
+        medians.append(m)
+        deviations.append(statistics.median(abs(r - m) for r in ratios) / m)
+    return math.prod(medians) ** (1 / len(medians)), 2 * max(deviations)
 
 
 SETTLE_AT_MOST = 4  # candidates timed again together
@@ -257,7 +287,7 @@ def settle(plan: Plan, config: Any) -> Candidate | None:
     order = {id(r): i for i, r in enumerate(plan.candidates)}
     closest = max(still, key=lambda r: (_quality_key(r), -order[id(r)]))
     plan.notes.append(f"{', '.join(r.name for r in still)}: still within the timing noise ("
-                      f"{100 * _noise(*still):.1f}%); kept {closest.name}, the closest "
+                      f"{100 * max(_noise(still[0], r) for r in still[1:]):.1f}%); kept {closest.name}, the closest "
                       "to FP32")
     console.info(plan.notes[-1])
     return closest
@@ -363,6 +393,7 @@ def _fallback(plan: Plan, cfg: Any) -> Candidate | None:
         row = _score(plan, base.scheme, path, best_of(rounds), fp32_latency, kept, name=base.name, base=base.base,
                      split=base.split)
         row.rounds = rounds
+        row.timed_with = g  # its own rounds beside FP32: not paired with the others
         if not row.faster_than_fp32:
             break
         if row.within_budget:
