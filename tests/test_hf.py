@@ -584,3 +584,22 @@ def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, 
                                    str(tmp_path / "e"), "--json"])
     assert exported.exit_code == 0, exported.output
     assert json.loads(exported.stdout)["max_abs_error"] < 1e-4
+
+
+@pytest.mark.slow
+def test_qat_on_text_hands_back_the_fp32_model_it_started_from_when_no_int8_graph_is_faster(bert_dir, text_file,
+                                                                                            tmp_path, monkeypatch):
+    from mlopt.quant.lib import search
+
+    monkeypatch.setattr(search, "interleaved_rounds",  # every graph times alike: none is faster than FP32
+                        lambda paths, shape, provider, batch_sizes, *_: [{b: [1.0] * 3 for b in batch_sizes} for _ in paths])
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["qat", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--epochs", "1",
+                                 "--bench-batch-size", "1", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert m["quantized"] is False and m["graph"] == "FP32" and m["cosine_mean"] == 1.0
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert not ops & {"MatMulInteger", "QAttention", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}, ops
+    report = json.loads((out / "report.json").read_text())["step"]
+    assert any(n.startswith("handed back the FP32 model QAT started from") for n in report["notes"])

@@ -41,8 +41,8 @@ ROUNDS = 9  # interleaved rounds: more chances than the gates' default three for
 DEFAULT_ACCURACY_TOLERANCE = 0.01  # top-1 drop from the baseline allowed when the recipe has no accuracy gate
 DEFAULT_MIN_COSINE = 0.99  # text encoders: fidelity to the baseline needed when the recipe has no min_cosine gate
 ACCURACY_BATCH = 64
-METHOD = ("onnxruntime, interleaved rounds with one session alive at a time, each model keeping its best "
-          "round's median; every model as an ONNX file (torch models exported for it)")
+METHOD = ("onnxruntime, interleaved rounds with one session alive at a time, intra-op spinning off, each model "
+          "keeping its best round's median; every model as an ONNX file (torch models exported for it)")
 
 
 def wanted(recipe: "Recipe") -> bool:

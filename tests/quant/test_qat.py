@@ -453,3 +453,29 @@ def test_qat_with_learned_scales_under_two_process_ddp(tmp_path):
     assert m["processes"] == 2 and m["replica_max_abs_diff"] == 0
     assert m["activation_points"] == m["quantized_tensors"] == m["ranges_handed_to_onnxruntime"] == 7
     assert m["integer_kernels"] == 4 and m["float_kernels"] == 0
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_dynamic_int8_simulation_grids_are_onnxruntimes(reduce_range):
+    """The grids QAT on encoders trains with are the ones onnxruntime's quantizer computes: a Linear's weight int8,
+    symmetric, per output column (7 bits with reduce_range); an input or embedding table uint8 over its range
+    stretched to hold zero."""
+    import numpy as np
+    import torch
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    from mlopt.quant.lib.dynamic_sim import dynamic_fake_quant
+    from mlopt.quant.lib.simulation import weight_fake_quant
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(24, 8)).astype(np.float32)  # as a MatMul holds it: (in, out)
+    w[:, 3] *= 50  # columns of very different ranges
+    mine = weight_fake_quant(qmax=64 if reduce_range else 127)(torch.from_numpy(w.T.copy())).numpy().T
+    for col in range(w.shape[1]):
+        zero, scale, q = quantize_data(w[:, col], TensorProto.INT8, symmetric=True, reduce_range=reduce_range)
+        np.testing.assert_allclose(mine[:, col], (q.astype(np.float32) - zero) * scale, rtol=1e-6, atol=1e-7)
+    x = (rng.normal(size=(4, 16)) + 0.7).astype(np.float32)  # mostly positive: the grid must still hold zero
+    zero, scale, q = quantize_data(x.ravel(), TensorProto.UINT8, symmetric=False)
+    np.testing.assert_allclose(dynamic_fake_quant(torch.from_numpy(x)).numpy().ravel(),
+                               (q.astype(np.float32) - zero) * scale, rtol=1e-6, atol=1e-6)

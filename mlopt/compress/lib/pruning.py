@@ -149,8 +149,9 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
             m.head_dim = width // heads
         if type(vars(m).get("attention_head_size")) is int:
             m.attention_head_size = width // heads
-        if type(vars(m).get("all_head_size")) is int:
-            m.all_head_size = width
+        for attr in ("all_head_size", "inner_dim"):  # BERT's, T5's
+            if type(vars(m).get(attr)) is int:
+                setattr(m, attr, width)
     after = widths(module)
     changed = [(n, before[n], w) for n, w in after.items() if n in before and before[n] != w]
     if not changed:

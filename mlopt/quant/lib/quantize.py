@@ -177,8 +177,8 @@ class Quality:
 
 def latency_entries(timed: dict[int, float], model: str, provider: str, output: bool) -> list[Latency]:
     """One model's medians from `interleaved_latency` as report entries (`output`: the model handed on)."""
-    method = (f"interleaved rounds on onnxruntime ({provider}): one session alive at a time, each model keeping "
-              "its best round's median")
+    method = (f"interleaved rounds on onnxruntime ({provider}): one session alive at a time, intra-op spinning off, "
+              "each model keeping its best round's median")
     return [Latency(batch_size=b, p50_ms=ms, method=method, model=model, output=output) for b, ms in timed.items()]
 
 
