@@ -240,21 +240,23 @@ def _paired(a: Candidate, b: Candidate) -> tuple[float, float] | None:
     """b's latency over a's, round by round, where both were timed in the same interleaved rounds: each round times
     the models one after the other, so a slow spell of a shared machine weighs on both, and their ratio keeps what
     their own medians lose. Returns the geometric mean over batch sizes of the median per-round ratio, and its
-    noise: twice the largest median absolute deviation of the ratios, relative. None where not timed together.
-    Measured on MiniLM beside a busy process: two INT8 graphs 8% apart spread 12-26% round to round, which made
-    them a tie half the time; their per-round ratio held."""
+    noise: twice the standard error of that median (about a 95% interval; from the median absolute deviation of
+    the ratios, 1.4826 MAD estimating sigma and 1.253 sigma / sqrt(rounds) a median's error), at the batch size
+    where it is largest. None where not timed together. Measured on MiniLM beside a busy process: two INT8 graphs
+    6-8% apart spread 12-26% round to round, which made them a tie half the time; their per-round ratio held."""
     import statistics
 
     if (a.timed_with != b.timed_with or not a.rounds or set(a.rounds) != set(b.rounds)
             or any(len(a.rounds[k]) != len(b.rounds[k]) for k in a.rounds)):
         return None
-    medians, deviations = [], []
+    medians, errors = [], []
     for k in a.rounds:
         ratios = [y / x for x, y in zip(a.rounds[k], b.rounds[k])]
         m = statistics.median(ratios)
+        mad = statistics.median(abs(r - m) for r in ratios)
         medians.append(m)
-        deviations.append(statistics.median(abs(r - m) for r in ratios) / m)
-    return math.prod(medians) ** (1 / len(medians)), 2 * max(deviations)
+        errors.append(1.253 * 1.4826 * mad / m / math.sqrt(len(ratios)))
+    return math.prod(medians) ** (1 / len(medians)), 2 * max(errors)
 
 
 SETTLE_AT_MOST = 4  # candidates timed again together
