@@ -286,3 +286,26 @@ def test_models_timed_in_the_same_rounds_are_compared_round_by_round(tmp_path):
     assert [r.name for r in tied([scattered, fast])] == ["fast", "scattered"]  # 6% slower; per-round ratios 0.92 to 1.17
     apart = replace(steady, timed_with=1)  # its own rounds: the spreads (25-40%, capped at 10%) make it a tie
     assert [r.name for r in tied([apart, fast])] == ["fast", "steady"]
+
+
+def test_a_tie_between_equally_close_models_goes_to_the_fastest_best_round(tmp_path, monkeypatch):
+    """Graphs that differ only in fused operators score alike (cosine within 1e-4): still tied after the second
+    timing, the one with the fastest best round is kept, whatever the candidates' order."""
+    from types import SimpleNamespace
+
+    from mlopt.quant.lib import search
+    from mlopt.quant.ptq import PTQConfig
+
+    scattered = [[1.0, 1.3, 1.1, 1.2, 1.0, 1.25], [1.08, 1.1, 1.3, 1.0, 1.2, 1.1]]  # 6 more rounds, no order
+    monkeypatch.setattr(search, "interleaved_rounds", lambda paths, shape, provider, batch_sizes, iterations, n: [
+        {b: ([2.0] * n if i == 0 else scattered[i - 1]) for b in batch_sizes} for i in range(len(paths))])
+    for order in ([0, 1], [1, 0]):
+        plan = search.Plan(SimpleNamespace(sample_shape=(4,)), tmp_path / "f.onnx", tmp_path / "f.onnx", [], [],
+                           False, False, tmp_path, [])
+        plan.fp32_row = _row("FP32", {1: [2.0] * 3}, 1.0, plan.fp32)
+        rows = [_row("a", {1: [0.97, 1.2, 1.05]}, 0.99302, tmp_path / "a.onnx"),  # the fastest best round (0.97)
+                _row("b", {1: [1.02, 1.0, 1.25]}, 0.993025, tmp_path / "b.onnx")]
+        plan.candidates = [rows[i] for i in order]
+        tie = search.settle(plan, PTQConfig())
+        assert tie is not None and tie.name == "a", order
+        assert "the fastest best round" in plan.notes[-1]
