@@ -397,14 +397,17 @@ def _run_text(artifact: Any, config: QATConfig, ctx: Any, work: Path) -> StepRes
     export_checked(artifact.derive("qat-start", module=teacher), data, start_fp32, ExportOptions())
     quantize(start_fp32, start_int8, scheme, [], reduce_range)
     found = locate(start_fp32, start_int8, student)
-    notes = [f"onnxruntime's dynamic INT8 quantizes the weights and inputs of {len(found.layers)} Linear layer(s), "
-             "located by weight value in the exported model; the simulation fake-quantizes exactly those"]
+    modules = dict(student.named_modules())
+    tables = sum(isinstance(modules[name], torch.nn.Embedding) for name in found.layers)
+    notes = [f"onnxruntime's dynamic INT8 quantizes the weights and inputs of {len(found.layers) - tables} Linear "
+             f"layer(s) and {tables} embedding table(s), located by weight value in the exported model; the "
+             "simulation fake-quantizes exactly those"]
     if found.float_layers:
         notes.append(f"{len(found.float_layers)} Linear layer(s) stay float in onnxruntime and in the simulation: "
                      + ", ".join(found.float_layers[:5]) + (" ..." if len(found.float_layers) > 5 else ""))
     if found.unmatched:
-        notes.append(f"{len(found.unmatched)} weight(s) onnxruntime quantizes belong to no Linear layer and are not "
-                     "simulated: " + ", ".join(found.unmatched[:5]))
+        notes.append(f"{len(found.unmatched)} weight(s) onnxruntime quantizes belong to no Linear or Embedding layer "
+                     "and are not simulated: " + ", ".join(found.unmatched[:5]))
         console.warn(notes[-1])
     quality = Quality(start_fp32, data, max_drop=1.0, min_cosine=0.0)  # no budget: QAT keeps the closer model
     start_cosine = quality.score(start_int8)["cosine_mean"]
