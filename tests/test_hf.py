@@ -529,7 +529,7 @@ def test_qat_on_text_simulates_onnxruntime_dynamic_int8_and_keeps_what_lands_clo
         assert m["trained_cosine"] > m["start_cosine"]
     else:
         assert m["trained_cosine"] < m["start_cosine"] and m["cosine_mean"] == pytest.approx(m["start_cosine"], abs=1e-4)
-    assert m["quantized"] is True and m["integer_kernels"] > 0 and m["speedup_b1"] > 0
+    assert m["quantized"] is True and m["integer_kernels"] > 0  # --keep-int8: INT8 whatever its speed
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert ops & {"MatMulInteger", "QAttention", "DynamicQuantizeMatMul"}, ops
     report = json.loads((out / "report.json").read_text())["step"]
