@@ -193,9 +193,12 @@ def _gguf_tokenizer(writer, tok) -> None:
     writer.add_add_bos_token(False)
 
 
-def write_llama_gguf(model, tok, path: Path, architecture: str = "llama") -> Path:
-    """A transformers Llama and its tokenizer as a GGUF file with float32 tensors, named as llama.cpp names them."""
+def write_llama_gguf(model, tok, path: Path, architecture: str = "llama", kinds: dict[str, str] | None = None) -> Path:
+    """A transformers Llama and its tokenizer as a GGUF file, named as llama.cpp names them: float32 tensors, or
+    `kinds` maps "embedding" (token_embd and output) and "weights" (the block projections) to a gguf block format
+    (e.g. "Q8_0", "Q4_1"), quantized by the gguf package as llama.cpp's quantizer stores them."""
     import gguf
+    from gguf.quants import quantize
 
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), architecture)
@@ -210,7 +213,7 @@ def write_llama_gguf(model, tok, path: Path, architecture: str = "llama") -> Pat
     writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1 if kinds else gguf.LlamaFileType.ALL_F32)
     _gguf_tokenizer(writer, tok)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     for name, tensor in model.state_dict().items():
@@ -218,7 +221,13 @@ def write_llama_gguf(model, tok, path: Path, architecture: str = "llama") -> Pat
         weight = tensor.detach().float().numpy()
         if base.endswith(("q_proj", "k_proj")):
             weight = _gguf_permute(weight, cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads)
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", weight.copy())
+        gguf_name = names.get_name(base)
+        kind = (kinds or {}).get("embedding" if gguf_name in ("token_embd", "output") else "weights")
+        if kind and weight.ndim == 2:
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            writer.add_tensor(f"{gguf_name}.{suffix}", quantize(weight, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(f"{gguf_name}.{suffix}", weight.copy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

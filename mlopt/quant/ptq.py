@@ -56,10 +56,13 @@ class PTQConfig(Strict):
     iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size", json_schema_extra=cli(short="-n"))
     # Decoder language models: weight-only INT4/INT8 (mlopt.quant.lib.weightsearch).
     max_ppl_increase: float = Field(0.05, ge=0, description="decoders: allowed perplexity increase over FP32 (0.05 = 5%)")
+    max_ttft_ratio: float = Field(1.1, gt=0, description="decoders: time to first token at most this many times FP32's "
+                                                         "(1.1: 10% slower at most)")
     algorithms: list[str] = Field(
-        default_factory=lambda: ["rtn", "hqq", "k_quant"], min_length=1,
-        description="decoders: INT4 weight algorithms measured; gptq (calibrated on the training lines) is not a "
-                    "default: it takes minutes even on a 135M-parameter decoder on 2 cores",
+        default_factory=lambda: ["grid", "rtn", "hqq", "k_quant"], min_length=1,
+        description="decoders: INT4 weight algorithms measured (grid: weights that lie on a block grid, as a GGUF "
+                    "file's do, stored on it exactly; measured only when they do); gptq (calibrated on the training "
+                    "lines) is not a default: it takes minutes even on a 135M-parameter decoder on 2 cores",
         json_schema_extra=cli(flag="--algorithm"))
     block_sizes: list[int] = Field(
         default_factory=lambda: [32, 128], min_length=1, description="decoders: block sizes measured (INT4 and INT8)",
@@ -77,7 +80,7 @@ class PTQConfig(Strict):
     @field_validator("algorithms", "block_sizes", "accuracy_levels")
     @classmethod
     def _decoder_choices(cls, values: list[Any], info: Any) -> list[Any]:
-        allowed = {"algorithms": ("rtn", "hqq", "gptq", "k_quant"), "block_sizes": (16, 32, 64, 128, 256),
+        allowed = {"algorithms": ("grid", "rtn", "hqq", "gptq", "k_quant"), "block_sizes": (16, 32, 64, 128, 256),
                    "accuracy_levels": (0, 1, 2, 3, 4)}[info.field_name]
         wrong = [v for v in values if v not in allowed]
         if wrong:
@@ -119,7 +122,7 @@ class PTQPass(Pass):
             return _finish(plan, choose(plan, config), config, Path(ctx.out_dir) / "model.onnx")
 
 
-DECODER_FIELDS = ("max_ppl_increase", "algorithms", "block_sizes", "accuracy_levels", "window", "max_windows",
+DECODER_FIELDS = ("max_ppl_increase", "max_ttft_ratio", "algorithms", "block_sizes", "accuracy_levels", "window", "max_windows",
                   "prompt_tokens", "new_tokens", "rounds")
 
 

@@ -138,3 +138,97 @@ def test_a_text_too_short_for_one_perplexity_window_is_one_line(llama_genai_dir,
     assert result.exit_code == 2, result.output
     assert "tokens; one perplexity window needs 128" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_gguf_decoder_is_stored_on_its_own_grid(llama_dir, decoder_tokenizer, decoder_text, tmp_path):
+    """A Llama shipped as Q4_1 projections and Q8_0 embeddings (as SmolLM2-135M's GGUF file is): the grid
+    candidate holds those very integers (MatMulNBits, the Q4_1 offsets added back; GatherBlockQuantized), so
+    its perplexity is the FP32 export's, while round-to-nearest INT4 puts the weights on another grid."""
+    from transformers import AutoModelForCausalLM
+
+    from mlopt.runtime import generation
+
+    from decoders import write_llama_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    gguf_file = write_llama_gguf(model, decoder_tokenizer, tmp_path / "tiny-q4_1.gguf",
+                                 kinds={"embedding": "Q8_0", "weights": "Q4_1"})
+    fp32 = tmp_path / "fp32"
+    result = runner.invoke(app, ["export", "--model", f"gguf:{gguf_file}", "--out", str(fp32), "--quiet"])
+    assert result.exit_code == 0, result.output
+    ids = generation.token_ids(fp32, [decoder_text.read_text()])[:2048]
+    base = generation.perplexity(fp32, ids, 128)["perplexity"]
+    exact = quantize_folder(fp32, tmp_path / "grid", WeightScheme(algorithm="grid", accuracy_level=0)).parent
+    ops = _ops(exact)
+    weights = _ops(fp32).count("MatMul")  # every MatMul of the builder's graph reads a weight (attention is fused)
+    assert ops.count("MatMulNBits") == weights and ops.count("GatherBlockQuantized") == 1
+    assert ops.count("Gather") == _ops(fp32).count("Gather") - 1  # the embedding's; the others read shapes
+    assert generation.perplexity(exact, ids, 128)["perplexity"] == pytest.approx(base, rel=1e-4)
+    rtn = quantize_folder(fp32, tmp_path / "rtn", WeightScheme(algorithm="rtn", accuracy_level=0)).parent
+    assert generation.perplexity(rtn, ids, 128)["perplexity"] > base * 1.001
+    size = lambda f: sum(p.stat().st_size for p in f.glob("model.onnx*"))  # noqa: E731
+    assert size(exact) < 0.4 * size(fp32)
+
+    out = tmp_path / "ptq"  # the search measures the grid candidate beside the others, and says what it is
+    result = runner.invoke(app, ["ptq", "--model", str(fp32), "--data", f"text:{decoder_text}", "--out", str(out),
+                                 "--algorithm", "grid", "--block-size", "32", "--accuracy-level", "4",
+                                 "--max-windows", "8", "--new-tokens", "16", "--rounds", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    names = [row[0] for row in _report(out)["sections"][0]["rows"]]
+    assert names[0] == "FP32" and any(n.startswith("grid") for n in names) and any(n.startswith("int8") for n in names)
+
+
+@pytest.mark.slow
+def test_a_tied_decoder_on_a_grid_stores_its_embedding_once(qwen3_dir, tmp_path):
+    """Qwen3 with tied embeddings whose weights lie on Q8_0 (table) and Q4_0 (projections) grids: the LM head's
+    8-bit codes serve the embedding Gather too (one copy, as the builder's shared embeddings), exactly."""
+    import numpy as np
+    import torch
+    from gguf.quants import GGMLQuantizationType, dequantize, quantize
+    from transformers import AutoModelForCausalLM
+
+    from mlopt.runtime import generation
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
+    with torch.no_grad():  # the weights as transformers reads them from a GGUF file of these block formats
+        for name, param in model.named_parameters():
+            if param.ndim == 2:
+                kind = GGMLQuantizationType.Q8_0 if "embed" in name or "lm_head" in name else GGMLQuantizationType.Q4_0
+                param.copy_(torch.from_numpy(dequantize(quantize(param.numpy().astype(np.float32), kind), kind)))
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    for f in qwen3_dir.glob("tokenizer*"):
+        (hf / f.name).write_bytes(f.read_bytes())
+    fp32 = build_genai(hf, tmp_path / "fp32", tmp_path / "cache")
+    grid = quantize_folder(fp32, tmp_path / "grid", WeightScheme(algorithm="grid", accuracy_level=0)).parent
+    stored = onnx.load(str(grid / "model.onnx"))
+    codes = [i.name for i in stored.graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    gather = next(n for n in stored.graph.node if n.op_type == "GatherBlockQuantized")
+    head = [n for n in stored.graph.node if n.op_type == "MatMulNBits" and ("bits", 8) in
+            [(a.name, a.i) for a in n.attribute]]
+    assert len(head) == 1 and head[0].input[1] in codes and "Transpose" not in _ops(grid)
+    reshape = next(n for n in stored.graph.node if n.output[0] == gather.input[0])
+    assert reshape.input[0] == head[0].input[1]  # the same bytes, seen as the table
+    ids = generation.token_ids(fp32, ["The module provides a way to read and write files. " * 20])
+    base = generation.perplexity(fp32, ids, 64)["perplexity"]
+    assert generation.perplexity(grid, ids, 64)["perplexity"] == pytest.approx(base, rel=1e-4)
+
+
+@pytest.mark.parametrize("ratio,kept", [(1.1, "int8"), (2.0, "int4")])
+def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
+    """The fastest decoder is kept only when its time to first token is within --max-ttft-ratio of FP32's."""
+    from mlopt.quant.lib.weightsearch import Row, Search, Settings
+
+    def row(scheme, decode, ttft):
+        return Row(scheme, tmp_path, perplexity=10.0, agreement=1.0, size_mb=1.0, base_decode=10.0,
+                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": ttft}})
+
+    search = object.__new__(Search)
+    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=ratio, algorithms=["rtn"], block_sizes=[32],
+                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1)
+    search.base, search.notes, search.budget = row(None, 10.0, 100.0), [], 10.5
+    search.rows = [row(WeightScheme(), 30.0, 150.0), row(int8_scheme(32), 20.0, 105.0)]
+    chosen = search._choose(search.rows)
+    assert chosen.name.startswith(kept)
+    assert any("time to first token was 1.50x" in n for n in search.notes) == (kept == "int8")

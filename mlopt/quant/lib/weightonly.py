@@ -24,7 +24,7 @@ from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import onnx_name
 
-Algorithm = Literal["rtn", "hqq", "gptq", "k_quant"]
+Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
 Precision = Literal["int4", "int8", "float"]
 #: the groups of weights whose precision a scheme may raise, by what their nodes are named in the builder's graph
 GROUPS = ("embedding", "lm_head", "first_block", "last_block", "attention", "mlp")
@@ -43,6 +43,8 @@ class WeightScheme:
 
     @property
     def label(self) -> str:
+        if self.algorithm == "grid":
+            return f"grid (the weights' own 4/8-bit grid, the rest int8) acc{self.accuracy_level}"
         parts = [f"int{self.bits}", self.algorithm if self.bits == 4 else "", f"b{self.block_size}",
                  "sym" if self.symmetric else "asym", f"acc{self.accuracy_level}"]
         extras = [f"embedding:{self.embedding}"] if self.embedding != "int4" else []
@@ -252,6 +254,24 @@ def _check_bits(model: Any, scheme: WeightScheme, planned_int8: int) -> None:
                        "planned (it does not honour the layers left out)")
 
 
+def _store_grids(model: Any, scheme: WeightScheme, work: Path) -> None:
+    """The "grid" scheme, in place: weights that lie on a block grid (a GGUF file's) stored on it exactly
+    (`sourcegrid`); the MatMuls on none at 8 bits, and a table on no symmetric grid at 4 bits (rtn)."""
+    from mlopt.quant.lib.sourcegrid import store_on_grids
+
+    stored = store_on_grids(model, scheme.accuracy_level)
+    if not stored.int4 and not stored.int8:
+        raise RunError("no weight of this decoder lies on a block grid (it was not dequantized from one)")
+    rest = _quantize_pass(model, int8_scheme(32, scheme.accuracy_level), stored.off_grid, None, work) \
+        if stored.off_grid else model
+    if scheme.embedding == "int4":
+        untie_embedding(rest)  # a tied table on no symmetric grid gets its own copy, quantized as rtn's are
+        if _embedding_gathers(rest):
+            rest = _quantize_pass(rest, replace(scheme, algorithm="rtn", bits=4), _embedding_gathers(rest), None, work)
+    if rest is not model:
+        model.CopyFrom(rest)
+
+
 def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any = None) -> Path:
     """Write `dst`: the genai folder `src` with its weights quantized by `scheme`. Returns dst/model.onnx."""
     import onnx
@@ -263,12 +283,20 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
         raise InputError(f"cannot read the decoder graph in {src}: {first_line(exc)}") from exc
     if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in model.graph.node):
         raise InputError(f"{src} is already quantized (MatMulNBits); give the FP32 decoder")
-    if scheme.embedding != "float":
-        untie_embedding(model)
-    nodes = plan_nodes(model, scheme)
     dst.mkdir(parents=True, exist_ok=True)
     work = dst / ".work"
     work.mkdir(exist_ok=True)
+    if scheme.algorithm == "grid":
+        try:
+            _store_grids(model, scheme, work)
+            onnx.save_model(model, str(dst / name), save_as_external_data=True, location=f"{name}.data")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        copy_genai_files(src, dst, weights=False)
+        return dst / name
+    if scheme.embedding != "float":
+        untie_embedding(model)
+    nodes = plan_nodes(model, scheme)
     try:
         model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
         if nodes.get("int8"):

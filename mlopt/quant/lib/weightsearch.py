@@ -22,6 +22,7 @@ from typing import Any
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError
+from mlopt.quant.lib.sourcegrid import lies_on_grids
 from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
 from mlopt.runtime import generation
 from mlopt.runtime.artifacts import copy_genai_files, folder_size_mb
@@ -35,6 +36,7 @@ CALIBRATION_WINDOWS = 16
 @dataclass
 class Settings:
     max_ppl_increase: float
+    max_ttft_ratio: float
     algorithms: list[str]
     block_sizes: list[int]
     accuracy_levels: list[int]
@@ -144,9 +146,12 @@ class Search:
         level = self.s.accuracy_levels[0]
         for block in self.s.block_sizes:
             self.candidate(int8_scheme(block, level))
+        if "grid" in self.s.algorithms and lies_on_grids(self.fp32 / onnx_name(self.fp32)):
+            # weights dequantized from a block format (a GGUF file): stored again on their own grid, exactly
+            self.candidate(WeightScheme(algorithm="grid", accuracy_level=level))
         int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym,
                                                         accuracy_level=0 if a == "hqq" else level))
-                            for a in self.s.algorithms for b in self.s.block_sizes
+                            for a in self.s.algorithms if a != "grid" for b in self.s.block_sizes
                             for sym in ((False, True) if a == "rtn" else (False,))) if r is not None]
         self._screen()  # a slow kernel (hqq's float zero points) shows here
         if int4 and not any(r.within_budget for r in int4):
@@ -205,18 +210,31 @@ class Search:
 
     def _choose(self, finalists: list[Row]) -> Row:
         """The finalist (within budget, faster than FP32 when screened) that decodes fastest in the final rounds,
-        and faster than FP32 there; else FP32. The notes say why no INT4 one was kept when none was."""
+        faster than FP32 there, with a time to first token within --max-ttft-ratio of FP32's in those rounds; else
+        FP32. The notes say why no INT4 one was kept when none was."""
+        limit = self.s.max_ttft_ratio * _ttft(self.base)
         faster = [r for r in finalists if r.decode > self.base.decode]
+        for slow in [r for r in faster if _ttft(r) > limit]:
+            self.notes.append(f"{slow.name} decoded {slow.decode / self.base.decode:.2f}x FP32's rate but its time to "
+                              f"first token was {_ttft(slow) / _ttft(self.base):.2f}x FP32's (at most "
+                              f"{self.s.max_ttft_ratio:g}x: --max-ttft-ratio)")
+        faster = [r for r in faster if _ttft(r) <= limit]
         chosen = max(faster, key=lambda r: r.decode) if faster else self.base
         if chosen.scheme is None or chosen.scheme.bits != 4:
             if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
                 self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
                                   f"at most {self.budget:.3f}), even with its most sensitive weight groups at 8 bits")
             elif chosen.scheme is not None:
-                self.notes.append("an INT4 candidate met the budget, but this one decodes faster")
+                self.notes.append("an INT4 candidate met the perplexity budget; this one decodes faster, or the INT4 "
+                                  "one's time to first token was over --max-ttft-ratio (above)")
         if chosen is self.base:
-            self.notes.append("no quantized candidate within budget decoded faster than FP32: FP32 is handed back")
+            self.notes.append("no quantized candidate within budget decoded faster than FP32 with a time to first token "
+                              "within --max-ttft-ratio: FP32 is handed back")
         return chosen
+
+
+def _ttft(row: Row) -> float:
+    return float(row.timing.get("ttft_ms", {}).get("p50") or 0.0)
 
 
 def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
@@ -268,7 +286,7 @@ def _raised(scheme: WeightScheme) -> list[str]:
 
 def _metrics(search: Search, chosen: Row) -> dict[str, Any]:
     base = search.base
-    ttft = lambda r: float(r.timing.get("ttft_ms", {}).get("p50") or 0.0)  # noqa: E731
+    ttft = _ttft
     return {
         "chosen": chosen.name, "quantized": chosen.scheme is not None,
         "perplexity": chosen.perplexity, "fp32_perplexity": base.perplexity,
@@ -278,7 +296,8 @@ def _metrics(search: Search, chosen: Row) -> dict[str, Any]:
         "ttft_ms": ttft(chosen), "fp32_ttft_ms": ttft(base), "ttft_ratio": ttft(chosen) / ttft(base) if ttft(base) else None,
         "size_mb": chosen.size_mb, "fp32_size_mb": base.size_mb, "size_ratio": base.size_mb / chosen.size_mb,
         "peak_rss_mb": chosen.peak_rss_mb, "fp32_peak_rss_mb": base.peak_rss_mb,
-        "candidates": len(search.rows), "budget": f"perplexity +{100 * search.s.max_ppl_increase:.1f}% at most",
+        "candidates": len(search.rows), "budget": f"perplexity +{100 * search.s.max_ppl_increase:.1f}% at most, time to first token "
+                  f"{search.s.max_ttft_ratio:g}x FP32's at most",
         "perplexity_windows": search.windows,
         "window": search.s.window,
     }
