@@ -67,16 +67,16 @@ def find_grid(weight: Any, bits: int) -> Grid | None:
     lo, hi = x.min(-1), x.max(-1)
     span, amax = hi - lo, np.maximum(np.abs(lo), np.abs(hi))
     levels, zero = (1 << bits) - 1, 1 << (bits - 1)
-    # Candidate steps, tried in turn on the blocks not placed yet: how ggml's formats set them (the span over all
-    # the levels of b bits: Q4_1, Q5_1; the largest magnitude over the extreme code: Q8_0, Q4_0, Q5_0), then the
-    # smallest gap between a block's distinct values and its halves and thirds (k-quants, whose optimised
-    # scales need not reach the extremes).
-    ordered = np.sort(x, -1)
-    gaps = np.diff(ordered, axis=-1)
+    # Candidate steps, tried in turn on the blocks not placed yet: how ggml's formats set them (the largest
+    # magnitude over the extreme code: Q8_0, Q4_0, Q5_0, first, so that a symmetric block such as {0, 8d} stays
+    # symmetric; the span over all the levels of b bits: Q4_1, Q5_1), then the smallest gap between a block's
+    # distinct values and its halves and thirds (k-quants, whose optimised scales need not reach the extremes).
+    gaps = np.diff(np.sort(x, -1), axis=-1)
     gap = np.where(gaps > np.maximum(span, 1e-30)[..., None] * 1e-6, gaps, np.inf).min(-1)
     gap = np.where(np.isfinite(gap), gap, 0.0)
-    candidates = [span / ((1 << b) - 1) for b in range(bits, 1, -1)]
-    candidates += [amax / c for b in range(bits, 1, -1) for c in ((1 << (b - 1)) - 1, 1 << (b - 1))]
+    del gaps
+    candidates = [amax / c for b in range(bits, 1, -1) for c in ((1 << (b - 1)) - 1, 1 << (b - 1))]
+    candidates += [span / ((1 << b) - 1) for b in range(bits, 1, -1)]
     candidates += [gap, gap / 2, gap / 3]
     step = np.zeros_like(lo)
     found = span == 0  # a constant block: one level
@@ -132,13 +132,29 @@ def _sample_fits(weight: Any, bits: int) -> bool:
     return weight.ndim == 2 and find_grid(weight[:, :64], bits) is not None
 
 
+_CHUNK = 1 << 21  # weights searched at a time: find_grid holds several float64 copies of what it reads
+
+
 def grid_of(weight: Any) -> Grid | None:
-    """The weight's grid at 4 bits, else at 8; None when it lies on neither."""
+    """The weight's grid at 4 bits, else at 8; None when it lies on neither. Searched a slice of output units
+    at a time, so that an LM head of a large vocabulary needs no more memory than a small matrix."""
+    import numpy as np
+
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    width = max(1, _CHUNK // max(weight.shape[0], 1))
     for bits in (4, 8):
-        if _sample_fits(weight, bits):
-            grid = find_grid(weight, bits)
-            if grid is not None:
-                return grid
+        if not _sample_fits(weight, bits):
+            continue
+        parts = []
+        for start in range(0, weight.shape[1], width):
+            part = find_grid(weight[:, start:start + width], bits)
+            if part is None:
+                break
+            parts.append(part)
+        else:
+            return Grid(bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.steps for p in parts]),
+                        np.concatenate([p.rests for p in parts], axis=1))
     return None
 
 
@@ -161,7 +177,8 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    # A graph input with a default value (an initializer of that name) can be fed another: it is no constant
+    inits = {i.name: i for i in graph.initializer if i.name not in {v.name for v in graph.input}}
     stored = Stored([], [], [], [], [])
     nodes: list[Any] = []
     added: list[Any] = []
@@ -170,12 +187,12 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
     grids: dict[str, Grid | None] = {}
     producers = {o: n for n in graph.node for o in n.output}
     written: set[str] = set()
+    tables: dict[str, tuple[str, str]] = {}  # table -> (codes, scales) of its GatherBlockQuantized
 
     def grid_for(key: str, tensor: Any, transpose: bool) -> Grid | None:
         if key not in grids:  # a weight read by several nodes (tied) is searched once
             values = numpy_helper.to_array(tensor)
-            values = values.T if transpose and values.ndim == 2 else values
-            grids[key] = grid_of(values) if values.ndim == 2 and values.dtype == np.float32 else None
+            grids[key] = grid_of(values.T if transpose and values.ndim == 2 else values)
         return grids[key]
 
     def matmul_initializers(name: str, grid: Grid) -> tuple[str, str]:
@@ -228,7 +245,9 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
             if grid is None or not grid.symmetric:  # GatherBlockQuantized takes integer zero points only
                 nodes.append(node)
                 continue
-            if via_transpose and grid.bits == 8:
+            if matrix.name in tables:  # a table read by several Gathers is stored once
+                data_name, scale_name = tables[matrix.name]
+            elif via_transpose and grid.bits == 8:
                 # A tied LM head: its MatMulNBits' 8-bit codes and scales are this table's, byte for byte
                 # (as onnxruntime-genai's builder shares them): the [V, blocks, BLOCK] codes seen as [V, H]
                 codes, scale_name = matmul_initializers(matrix.name, grid)
@@ -240,6 +259,7 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
                 data.name, scale_name = f"{matrix.name}_table_q{grid.bits}", f"{matrix.name}_table_scales"
                 data_name = data.name
                 added += [data, numpy_helper.from_array(scales, scale_name)]
+            tables[matrix.name] = (data_name, scale_name)
             nodes.append(helper.make_node("GatherBlockQuantized", [data_name, node.input[1], scale_name],
                                           list(node.output), name=f"{node.name or node.output[0]}_Q{grid.bits}",
                                           domain="com.microsoft", gather_axis=0, quantize_axis=1,
@@ -251,11 +271,22 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
     del graph.node[:]
     graph.node.extend(nodes)
     drop_dead(model)  # the Transpose that fed a tied table to its Gather
-    still_read = {i for n in graph.node for i in n.input}
+    still_read = _read_anywhere(graph)
     kept = [i for i in graph.initializer if i.name not in dropped or i.name in still_read]
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     return stored
+
+
+def _read_anywhere(graph: Any) -> set[str]:
+    """The tensors any node reads, in the graph and in the bodies of its If, Loop and Scan nodes."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == 5 else list(attribute.graphs):  # GRAPH, GRAPHS
+                names |= _read_anywhere(body)
+    return names
 
 
 def _table_source(node: Any, inits: dict[str, Any], producers: dict[str, Any]) -> tuple[Any, bool] | None:
@@ -293,16 +324,23 @@ def _table_layout(grid: Grid) -> tuple[Any, Any]:
 
 
 def lies_on_grids(path: Any) -> bool:
-    """Whether any MatMul weight of the ONNX model at `path` lies on a block grid (a quick look at its first
-    output units): the sign of a decoder dequantized from a GGUF file, where the "grid" candidate applies."""
+    """Whether the first MatMul weight of the ONNX model at `path` lies on a block grid (a quick look at its
+    first output units; only that tensor is read): the sign of a decoder dequantized from a GGUF file, where
+    the "grid" candidate applies."""
+    from pathlib import Path
+
+    import numpy as np
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
-            values = numpy_helper.to_array(inits[node.input[1]])
-            if values.ndim == 2 and values.dtype.kind == "f" and any(_sample_fits(values, b) for b in (4, 8)):
-                return True
+            tensor = inits[node.input[1]]
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(Path(path).parent))
+            values = numpy_helper.to_array(tensor)
+            return values.ndim == 2 and values.dtype == np.float32 and any(_sample_fits(values, b) for b in (4, 8))
     return False

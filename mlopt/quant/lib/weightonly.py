@@ -290,6 +290,11 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
         try:
             _store_grids(model, scheme, work)
             onnx.save_model(model, str(dst / name), save_as_external_data=True, location=f"{name}.data")
+        except (InputError, RunError):
+            raise
+        except Exception as exc:
+            raise RunError(f"storing the weights on their grid failed: {type(exc).__name__}: {first_line(exc)[:200]}") \
+                from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
         copy_genai_files(src, dst, weights=False)

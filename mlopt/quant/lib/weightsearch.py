@@ -146,13 +146,14 @@ class Search:
         level = self.s.accuracy_levels[0]
         for block in self.s.block_sizes:
             self.candidate(int8_scheme(block, level))
+        grid = None
         if "grid" in self.s.algorithms and lies_on_grids(self.fp32 / onnx_name(self.fp32)):
             # weights dequantized from a block format (a GGUF file): stored again on their own grid, exactly
-            self.candidate(WeightScheme(algorithm="grid", accuracy_level=level))
-        int4 = [r for r in (self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym,
+            grid = self.candidate(WeightScheme(algorithm="grid", accuracy_level=level))
+        int4 = [r for r in (grid, *(self.candidate(WeightScheme(algorithm=a, block_size=b, symmetric=sym,
                                                         accuracy_level=0 if a == "hqq" else level))
                             for a in self.s.algorithms if a != "grid" for b in self.s.block_sizes
-                            for sym in ((False, True) if a == "rtn" else (False,))) if r is not None]
+                            for sym in ((False, True) if a == "rtn" else (False,)))) if r is not None]
         self._screen()  # a slow kernel (hqq's float zero points) shows here
         if int4 and not any(r.within_budget for r in int4):
             fast = [r for r in int4 if r.decode > r.base_decode]
@@ -212,13 +213,14 @@ class Search:
         """The finalist (within budget, faster than FP32 when screened) that decodes fastest in the final rounds,
         faster than FP32 there, with a time to first token within --max-ttft-ratio of FP32's in those rounds; else
         FP32. The notes say why no INT4 one was kept when none was."""
-        limit = self.s.max_ttft_ratio * _ttft(self.base)
         faster = [r for r in finalists if r.decode > self.base.decode]
-        for slow in [r for r in faster if _ttft(r) > limit]:
-            self.notes.append(f"{slow.name} decoded {slow.decode / self.base.decode:.2f}x FP32's rate but its time to "
-                              f"first token was {_ttft(slow) / _ttft(self.base):.2f}x FP32's (at most "
-                              f"{self.s.max_ttft_ratio:g}x: --max-ttft-ratio)")
-        faster = [r for r in faster if _ttft(r) <= limit]
+        if _ttft(self.base) > 0:  # FP32 timed in these rounds: the first-token limit applies
+            limit = self.s.max_ttft_ratio * _ttft(self.base)
+            for slow in [r for r in faster if _ttft(r) > limit]:
+                self.notes.append(f"{slow.name} decoded {slow.decode / self.base.decode:.2f}x FP32's rate but its time "
+                                  f"to first token was {_ttft(slow) / _ttft(self.base):.2f}x FP32's (at most "
+                                  f"{self.s.max_ttft_ratio:g}x: --max-ttft-ratio)")
+            faster = [r for r in faster if _ttft(r) <= limit]
         chosen = max(faster, key=lambda r: r.decode) if faster else self.base
         if chosen.scheme is None or chosen.scheme.bits != 4:
             if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
@@ -318,8 +320,9 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                                       f"{search.s.window}-token windows of the held-out text; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
-                                      "that decoded faster than FP32 in one round (the choice reads only these); one "
-                                      "round beside FP32 for the others; speed-ups against FP32 in the same rounds")]
+                                      "that decoded faster than FP32 in one round (the choice reads only these, and keeps "
+                                      f"none whose time to first token is over {search.s.max_ttft_ratio:g}x FP32's); "
+                                      "one round beside FP32 for the others; speed-ups against FP32 in the same rounds")]
     if search.sensitivity:
         sections.append(Bars(title="weight-group sensitivity (perplexity recovered by raising the group alone)",
                              labels=[s["group"] for s in search.sensitivity],
