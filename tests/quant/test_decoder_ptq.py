@@ -57,7 +57,8 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
 
 @pytest.mark.slow
 def test_quantized_folder_keeps_perplexity_close_and_untied_embedding_is_quantized(qwen3_dir, tmp_path):
-    """Qwen3 with tied embeddings: the embedding Gather gets its own (quantized) weight; int8 stays close."""
+    """Qwen3 with tied embeddings: at INT8 the embedding reads the LM head's 8-bit codes (one copy); at INT4 it gets
+    its own 4-bit copy; both stay close."""
     from mlopt.runtime import generation
 
     fp32 = build_genai(qwen3_dir, tmp_path / "fp32", tmp_path / "cache")
@@ -68,9 +69,20 @@ def test_quantized_folder_keeps_perplexity_close_and_untied_embedding_is_quantiz
     q8 = quantize_folder(fp32, tmp_path / "int8", int8_scheme(32)).parent
     ops = _ops(q8)
     assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops and "Transpose" not in ops
+    graph = onnx.load(str(q8 / "model.onnx")).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    table = next(n for n in graph.node if gather.input[0] in n.output)  # a Reshape of the head's codes
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    assert table.op_type == "Reshape" and table.input[0] == head.input[1] and gather.input[2] == head.input[2]
+    shape = {a.name: a.i for a in head.attribute}
+    shape = sorted([shape["K"], shape["N"]])  # no float copy of the [H, V] matrix is left, for the table or else
+    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and sorted(i.dims) == shape]
     assert generation.perplexity(q8, ids, 64)["perplexity"] <= base * 1.05
     size = lambda f: sum(p.stat().st_size for p in f.glob("model.onnx*"))  # noqa: E731
     assert size(q8) < 0.6 * size(fp32)
+    q4 = quantize_folder(fp32, tmp_path / "int4", WeightScheme(algorithm="rtn", block_size=32)).parent
+    assert _ops(q4).count("GatherBlockQuantized") == 1 and "Transpose" not in _ops(q4)
+    assert size(q4) < size(q8)
 
 
 def test_mixed_precision_plan_routes_groups():

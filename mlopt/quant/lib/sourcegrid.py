@@ -29,7 +29,6 @@ from typing import Any
 from mlopt.runtime.graph_edit import drop_dead
 
 BLOCK = 32  # every GGUF block format that stores 4 or 8 bits groups 32 weights (k-quants: 32 per sub-block)
-_TOLERANCE = 1e-3  # in steps: the dequantized values are float32 products of float16 scales and small integers
 
 
 @dataclass
@@ -87,7 +86,9 @@ def find_grid(weight: Any, bits: int) -> Grid | None:
             continue
         size = candidate.reshape(-1)[open_]
         q = (x.reshape(-1, BLOCK)[open_] - lo.reshape(-1)[open_, None]) / size[:, None]
-        fits = (np.abs(q - np.rint(q)).max(-1) <= _TOLERANCE) & (np.rint(span.reshape(-1)[open_] / size) <= levels)
+        # exact to float32's rounding, not merely close: a step 1e-4 off still rounds 15 levels to integers
+        off = np.abs(q - np.rint(q)).max(-1) * size
+        fits = (off <= 1e-6 * amax.reshape(-1)[open_]) & (np.rint(span.reshape(-1)[open_] / size) <= levels)
         step.reshape(-1)[open_[fits]] = size[fits]
         found.reshape(-1)[open_[fits]] = True
         if found.all():
@@ -249,11 +250,16 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
                 data_name, scale_name = tables[matrix.name]
             elif via_transpose and grid.bits == 8:
                 # A tied LM head: its MatMulNBits' 8-bit codes and scales are this table's, byte for byte
-                # (as onnxruntime-genai's builder shares them): the [V, blocks, BLOCK] codes seen as [V, H]
                 codes, scale_name = matmul_initializers(matrix.name, grid)
-                shape, data_name = f"{codes}_table_shape", f"{codes}_as_table"
-                added.append(numpy_helper.from_array(np.array([grid.codes.shape[0], -1], np.int64), shape))
-                nodes.append(helper.make_node("Reshape", [codes, shape], [data_name], name=f"{data_name}/reshape"))
+                vocab, blocks, _ = grid.codes.shape
+                more_nodes, more = gather_from_head(codes, scale_name, vocab, blocks * BLOCK, BLOCK, node.input[1],
+                                                    node.output[0], f"{node.name or node.output[0]}_Q8")
+                nodes += more_nodes
+                added += more
+                tables[matrix.name] = (f"{codes}_as_table", scale_name)  # for another reader of this table
+                stored.tables.append(node.name or node.output[0])
+                dropped.add(matrix.name)
+                continue
             else:
                 data, scales = _table_layout(grid)
                 data.name, scale_name = f"{matrix.name}_table_q{grid.bits}", f"{matrix.name}_table_scales"
@@ -344,3 +350,26 @@ def lies_on_grids(path: Any) -> bool:
             values = numpy_helper.to_array(tensor)
             return values.ndim == 2 and values.dtype == np.float32 and any(_sample_fits(values, b) for b in (4, 8))
     return False
+
+
+def gather_from_head(codes: str, scales: str, vocab: int, hidden: int, block: int, ids: str, output: str,
+                     name: str) -> tuple[list[Any], list[Any]]:
+    """The nodes and initializers of an embedding lookup that reads a tied LM head's 8-bit MatMulNBits codes
+    ([V, blocks, block] uint8, zero point 128) and scales ([V, blocks]) as its table, as onnxruntime-genai's
+    builder shares them: the codes seen as [V, blocks * block], GatherBlockQuantized, and the padding of the
+    last block sliced off when the hidden size is not a whole number of blocks."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    padded = -(-hidden // block) * block
+    table, gathered = f"{codes}_as_table", output if padded == hidden else f"{name}/padded"
+    initializers = [numpy_helper.from_array(np.array([vocab, padded], np.int64), f"{codes}_table_shape")]
+    nodes = [helper.make_node("Reshape", [codes, initializers[0].name], [table], name=f"{table}/reshape"),
+             helper.make_node("GatherBlockQuantized", [table, ids, scales], [gathered], name=name,
+                              domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=8)]
+    if padded != hidden:
+        bounds = [numpy_helper.from_array(np.array([v], np.int64), f"{name}/{label}")
+                  for v, label in ((0, "start"), (hidden, "end"), (-1, "axis"))]
+        initializers += bounds
+        nodes.append(helper.make_node("Slice", [gathered, *(b.name for b in bounds)], [output], name=f"{name}/slice"))
+    return nodes, initializers

@@ -254,6 +254,60 @@ def _check_bits(model: Any, scheme: WeightScheme, planned_int8: int) -> None:
                        "planned (it does not honour the layers left out)")
 
 
+def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) -> Any:
+    """The passes of onnxruntime's quantizer a scheme asks for; returns the quantized ModelProto. A tied embedding
+    reads the LM head's 8-bit codes when the head gets 8 bits (`share_tied_head`), else gets its own copy."""
+    share = scheme.embedding != "float" and (scheme.bits == 8 or scheme.lm_head == "int8")
+    if scheme.embedding != "float" and not share:
+        untie_embedding(model)
+    nodes = plan_nodes(model, scheme)
+    model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
+    if nodes.get("int8"):
+        model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
+    if nodes.get("int4"):
+        model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
+    if share and not share_tied_head(model) and untie_embedding(model):  # the head was not 8-bit after all
+        model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), _embedding_gathers(model), None, work)
+    _check_bits(model, scheme, len(nodes.get("int8", [])))
+    return model
+
+
+def share_tied_head(model: Any) -> bool:
+    """Where the embedding Gather reads the LM head's float matrix through a Transpose (tied embeddings) and the
+    head is an 8-bit MatMulNBits of onnxruntime's quantizer, the Gather reads the head's codes instead
+    (GatherBlockQuantized, as the builder's shared embeddings do) and the float matrix leaves the file: one
+    8-bit copy serves both, where untying stores a second, 4-bit one. Returns whether it changed the graph."""
+    from mlopt.quant.lib.sourcegrid import gather_from_head
+    from mlopt.runtime.graph_edit import drop_dead
+
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for index, node in enumerate(graph.node):
+        source = producers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
+            continue
+        head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{source.input[0]}_Q8"),
+                    None)
+        attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
+        if attrs.get("bits") != 8 or any(head.input[3:]):  # no 8-bit head, or one with zero points
+            return False
+        nodes, initializers = gather_from_head(head.input[1], head.input[2], attrs["N"], attrs["K"],
+                                               attrs["block_size"], node.input[1], node.output[0],
+                                               f"{node.name or node.output[0]}_Q8")
+        graph.node.remove(node)
+        for offset, new in enumerate(nodes):
+            graph.node.insert(index + offset, new)
+        graph.initializer.extend(initializers)
+        drop_dead(model)  # the Transpose
+        read = {i for n in graph.node for i in n.input}
+        kept = [i for i in graph.initializer if i.name in read or i.name != source.input[0]]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        return True
+    return False
+
+
 def _store_grids(model: Any, scheme: WeightScheme, work: Path) -> None:
     """The "grid" scheme, in place: weights that lie on a block grid (a GGUF file's) stored on it exactly
     (`sourcegrid`); the MatMuls on none at 8 bits, and a table on no symmetric grid at 4 bits (rtn)."""
@@ -286,35 +340,16 @@ def quantize_folder(src: Path, dst: Path, scheme: WeightScheme, calibration: Any
     dst.mkdir(parents=True, exist_ok=True)
     work = dst / ".work"
     work.mkdir(exist_ok=True)
-    if scheme.algorithm == "grid":
-        try:
-            _store_grids(model, scheme, work)
-            onnx.save_model(model, str(dst / name), save_as_external_data=True, location=f"{name}.data")
-        except (InputError, RunError):
-            raise
-        except Exception as exc:
-            raise RunError(f"storing the weights on their grid failed: {type(exc).__name__}: {first_line(exc)[:200]}") \
-                from exc
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        copy_genai_files(src, dst, weights=False)
-        return dst / name
-    if scheme.embedding != "float":
-        untie_embedding(model)
-    nodes = plan_nodes(model, scheme)
     try:
-        model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
-        if nodes.get("int8"):
-            model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
-        if nodes.get("int4"):
-            model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
-        _check_bits(model, scheme, len(nodes.get("int8", [])))
+        if scheme.algorithm == "grid":
+            _store_grids(model, scheme, work)
+        else:
+            model = _quantize(model, scheme, calibration, work)
         onnx.save_model(model, str(dst / name), save_as_external_data=True, location=f"{name}.data")
     except (InputError, RunError):
         raise
     except Exception as exc:
-        raise RunError(f"onnxruntime's weight quantizer failed on {scheme.label}: {type(exc).__name__}: "
-                       f"{first_line(exc)[:200]}") from exc
+        raise RunError(f"quantizing {scheme.label} failed: {type(exc).__name__}: {first_line(exc)[:200]}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
     copy_genai_files(src, dst, weights=False)  # genai_config.json, the tokenizer files
