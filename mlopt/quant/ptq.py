@@ -27,6 +27,7 @@ from mlopt.core.sections import Strict
 from mlopt.export.lib.fusion import per_batch_note
 from mlopt.quant.lib.quantize import latency_entries, speedups
 from mlopt.quant.lib.search import Candidate, Plan, choose, float_nodes, measure, prepare, sections
+from mlopt.runtime import generation
 
 class PTQConfig(Strict):
     """Quantize to INT8 with onnxruntime; in auto mode, keep the fastest candidate within budget."""
@@ -71,11 +72,11 @@ class PTQConfig(Strict):
         default_factory=lambda: [4, 0], min_length=1,
         description="decoders: MatMulNBits accuracy levels (4: int8 activations); the first screens, the rest are "
                     "tried on the candidates within budget", json_schema_extra=cli(flag="--accuracy-level"))
-    window: int = Field(128, ge=8, description="decoders: tokens per perplexity window")
-    max_windows: int = Field(40, gt=0, description="decoders: perplexity windows at most")
+    window: int = Field(generation.WINDOW, ge=8, description="decoders: tokens per perplexity window")
+    max_windows: int = Field(generation.MAX_WINDOWS, gt=0, description="decoders: perplexity windows at most")
     prompt_tokens: int = Field(128, gt=0, description="decoders: prompt length timed")
-    new_tokens: int = Field(64, gt=0, description="decoders: tokens generated when timing")
-    rounds: int = Field(3, gt=0, description="decoders: interleaved timing rounds")
+    new_tokens: int = Field(generation.NEW_TOKENS, gt=0, description="decoders: tokens generated when timing")
+    rounds: int = Field(generation.ROUNDS, gt=0, description="decoders: interleaved timing rounds")
 
     @field_validator("algorithms", "block_sizes", "accuracy_levels")
     @classmethod

@@ -99,7 +99,6 @@ def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported
                          "(labelled data has the max_accuracy_drop gate)")
     if gates.min_cosine is not None and data is None:
         raise InputError("the min_cosine gate needs text: add 'data: {source: text:FILE}' to the recipe")
-DECODE_TOKENS, DECODE_ROUNDS = 64, 3
 
 
 def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) -> list[dict[str, Any]]:
@@ -109,6 +108,7 @@ def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) ->
     from pathlib import Path
 
     from mlopt.export.lib.decoder import export_decoder
+    from mlopt.export.lib.decoder_bench import prompt_source
     from mlopt.runtime import generation
 
     out: list[dict[str, Any]] = []
@@ -118,17 +118,17 @@ def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) ->
                 baseline = export_decoder(baseline, Path(work) / "baseline").artifact
         folders = [baseline.folder, final.folder]
         if gates.max_ppl_increase is not None:
-            # the windows ptq's search scores by default (--window 128, --max-windows 40), so both read one figure
-            ppl = [generation.perplexity(f, generation.token_ids(f, list(data.val)), 128, 40)["perplexity"]
-                   for f in folders]
+            # the windows ptq's search scores by default, so both read one figure
+            ppl = [generation.perplexity(f, generation.token_ids(f, list(data.val)), generation.WINDOW,
+                                         generation.MAX_WINDOWS)["perplexity"] for f in folders]
             increase = ppl[1] / ppl[0] - 1
             out.append({"gate": "max_ppl_increase", "expected": f"<= {gates.max_ppl_increase}", "measured": round(increase, 5),
                         "baseline": ppl[0], "final": ppl[1], "passed": increase <= gates.max_ppl_increase + 1e-12})
         if gates.min_decode_speedup is not None:
-            lines = list(data.val) if data is not None and data.text else ["The"]
-            prompt = generation.token_ids(folders[0], lines)[:128]
+            text = data if data is not None and data.text else None  # the prompt bench and ptq time with
+            prompt = generation.prompt_of(prompt_source(folders[0], text, None), 128, real_text=text is not None)
             rates = [t["decode_tokens_per_s"] for t in
-                     generation.time_generation(folders, prompt, DECODE_TOKENS, DECODE_ROUNDS)]
+                     generation.time_generation(folders, prompt, generation.NEW_TOKENS, generation.ROUNDS)]
             speedup = rates[1] / rates[0]
             out.append({"gate": "min_decode_speedup", "expected": f">= {gates.min_decode_speedup}",
                         "measured": round(speedup, 3), "baseline": rates[0], "final": rates[1],

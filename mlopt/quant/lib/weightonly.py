@@ -25,7 +25,7 @@ from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import onnx_name
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
-Precision = Literal["int4", "int8", "float"]
+Precision = Literal["int4", "int8"]
 #: the groups of weights whose precision a scheme may raise, by what their nodes are named in the builder's graph
 GROUPS = ("embedding", "lm_head", "first_block", "last_block", "attention", "mlp")
 
@@ -133,7 +133,7 @@ def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
     for name in matmuls:
         groups = _group_of(name, layers)
         precision = scheme.lm_head if "lm_head" in groups else ("int8" if groups & set(scheme.raised) else f"int{scheme.bits}")
-        (low if precision == f"int{scheme.bits}" else high if precision == "int8" else []).append(name)
+        (low if precision == f"int{scheme.bits}" else high).append(name)
     gather = gathers if scheme.embedding == "int4" else []
     if scheme.bits == 8:
         return {"low": low + high, "int4": gather}
