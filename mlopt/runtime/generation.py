@@ -30,10 +30,10 @@ from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.runtime.decoder import GENAI_CONFIG, genai, onnx_name
 
-# Rows of logits turned into float64 at once when scoring.
 # What a decoder is scored and timed on unless told otherwise (ptq's options and the recipe gates alike): perplexity
 # on windows of WINDOW tokens (at most MAX_WINDOWS), decode timed over NEW_TOKENS in ROUNDS interleaved rounds.
 WINDOW, MAX_WINDOWS, NEW_TOKENS, ROUNDS = 128, 40, 64, 3
+# Rows of logits turned into float64 at once when scoring.
 _ROWS = 16
 # The timed parts of one generation, in seconds.
 _PARTS = ("prefill", "ttft", "decode")
