@@ -31,6 +31,26 @@ def drop_dead(model: Any) -> None:
     model.graph.node.extend(reversed(alive))
 
 
+def read_anywhere(graph: Any) -> set[str]:
+    """The tensors any node reads, in the graph and in the bodies of its If, Loop and Scan nodes."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == 5 else list(attribute.graphs):  # GRAPH, GRAPHS
+                names |= read_anywhere(body)
+    return names
+
+
+def drop_unread(model: Any, names: set[str]) -> None:
+    """Drop the dead nodes (`drop_dead`), then those of the initializers `names` that no node reads any more."""
+    drop_dead(model)
+    read = read_anywhere(model.graph)
+    kept = [i for i in model.graph.initializer if i.name not in names or i.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def probe_session(model: Any, names: list[str]) -> Any:
     """An onnxruntime CPU session whose outputs are the named float tensors of `model` (only the nodes they need
     kept, no graph optimization, so every tensor keeps its name)."""

@@ -173,3 +173,15 @@ def test_a_table_with_two_readers_and_weights_that_are_not_constants():
     assert [n.op_type for n in model.graph.node].count("GatherBlockQuantized") == 2
     for got, want in zip(_run(model, feed), expected):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_lies_on_grids_looks_past_a_first_weight_on_no_grid(tmp_path):
+    """A GGUF file may keep some projections in a format of no 4/8-bit block grid (Q6_K): one of the first weights
+    on a grid is enough."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("MatMul", ["x", "dense"], ["h"]), helper.make_node("MatMul", ["h", "q41"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])], ["y"],
+                   {"dense": rng.normal(size=(64, 64)).astype(np.float32),
+                    "q41": _through("Q4_1", rng.normal(size=(64, 80)).astype(np.float32))})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert lies_on_grids(tmp_path / "m.onnx")

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mlopt.runtime.graph_edit import drop_dead
+from mlopt.runtime.graph_edit import drop_unread
 
 BLOCK = 32  # every GGUF block format that stores 4 or 8 bits groups 32 weights (k-quants: 32 per sub-block)
 
@@ -207,7 +207,7 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
 
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        source = _table_source(node, inits, producers) if node.op_type == "Gather" and node.input else None
+        source = table_source(node, inits, producers) if node.op_type == "Gather" and node.input else None
         if weight is not None:
             grid = grid_for(weight.name, weight, transpose=False)
             if grid is None:
@@ -276,26 +276,24 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    drop_dead(model)  # the Transpose that fed a tied table to its Gather
-    still_read = _read_anywhere(graph)
-    kept = [i for i in graph.initializer if i.name not in dropped or i.name in still_read]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
+    graph.initializer.extend(added)
+    drop_unread(model, dropped)  # and the Transpose that fed a tied table to its Gather
     return stored
 
 
-def _read_anywhere(graph: Any) -> set[str]:
-    """The tensors any node reads, in the graph and in the bodies of its If, Loop and Scan nodes."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == 5 else list(attribute.graphs):  # GRAPH, GRAPHS
-                names |= _read_anywhere(body)
-    return names
+def tied_gather(model: Any) -> tuple[Any, Any] | None:
+    """The embedding Gather that reads a constant [H, V] matrix through a Transpose (tied embeddings: the
+    builder feeds it the LM head's weight), and that Transpose; None when no Gather does."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        source = table_source(node, inits, producers) if node.op_type == "Gather" and node.input else None
+        if source is not None and source[1]:
+            return node, producers[node.input[0]]
+    return None
 
 
-def _table_source(node: Any, inits: dict[str, Any], producers: dict[str, Any]) -> tuple[Any, bool] | None:
+def table_source(node: Any, inits: dict[str, Any], producers: dict[str, Any]) -> tuple[Any, bool] | None:
     """The constant a Gather reads its rows from, and whether through a Transpose of it (a tied embedding: the
     LM head's [H, V] matrix)."""
     if node.input[0] in inits:
@@ -329,10 +327,13 @@ def _table_layout(grid: Grid) -> tuple[Any, Any]:
     return data, grid.steps
 
 
+_LOOKED_AT = 8  # MatMul weights lies_on_grids reads at most: a file may keep its first projections off every grid
+
+
 def lies_on_grids(path: Any) -> bool:
-    """Whether the first MatMul weight of the ONNX model at `path` lies on a block grid (a quick look at its
-    first output units; only that tensor is read): the sign of a decoder dequantized from a GGUF file, where
-    the "grid" candidate applies."""
+    """Whether any of the first MatMul weights of the ONNX model at `path` lies on a block grid (a quick look at
+    their first output units; only those tensors are read): the sign of a decoder dequantized from a GGUF file,
+    where the "grid" candidate applies."""
     from pathlib import Path
 
     import numpy as np
@@ -342,13 +343,14 @@ def lies_on_grids(path: Any) -> bool:
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
-            tensor = inits[node.input[1]]
-            if uses_external_data(tensor):
-                load_external_data_for_tensor(tensor, str(Path(path).parent))
-            values = numpy_helper.to_array(tensor)
-            return values.ndim == 2 and values.dtype == np.float32 and any(_sample_fits(values, b) for b in (4, 8))
+    weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    for name in list(dict.fromkeys(weights))[:_LOOKED_AT]:
+        tensor = inits[name]
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(Path(path).parent))
+        values = numpy_helper.to_array(tensor)
+        if values.ndim == 2 and values.dtype == np.float32 and any(_sample_fits(values, b) for b in (4, 8)):
+            return True
     return False
 
 

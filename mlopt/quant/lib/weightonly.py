@@ -21,6 +21,7 @@ from typing import Any, Iterable, Literal
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
+from mlopt.quant.lib.sourcegrid import tied_gather
 from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import onnx_name
 
@@ -91,22 +92,17 @@ def untie_embedding(model: Any) -> bool:
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        source = producers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
-            continue
-        weight = numpy_helper.to_array(inits[source.input[0]])
-        if weight.ndim != 2:
-            continue
-        name = f"{source.input[0]}.embedding"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
-        node.input[0] = name
-        if not any(source.output[0] in n.input for n in graph.node):
-            graph.node.remove(source)
-        return True
-    return False
+    tied = tied_gather(model)
+    if tied is None:
+        return False
+    node, source = tied
+    weight = numpy_helper.to_array(next(i for i in graph.initializer if i.name == source.input[0]))
+    name = f"{source.input[0]}.embedding"
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), name))
+    node.input[0] = name
+    if not any(source.output[0] in n.input for n in graph.node):
+        graph.node.remove(source)
+    return True
 
 
 def _matmuls(model: Any) -> list[str]:
@@ -258,7 +254,8 @@ def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) ->
     """The passes of onnxruntime's quantizer a scheme asks for; returns the quantized ModelProto. A tied embedding
     reads the LM head's 8-bit codes when the head gets 8 bits (`share_tied_head`), else gets its own copy."""
     share = scheme.embedding != "float" and (scheme.bits == 8 or scheme.lm_head == "int8")
-    if scheme.embedding != "float" and not share:
+    head = _tied_head_output(model) if share else None
+    if scheme.embedding != "float" and head is None:
         untie_embedding(model)
     nodes = plan_nodes(model, scheme)
     model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
@@ -266,46 +263,44 @@ def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) ->
         model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
     if nodes.get("int4"):
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
-    if share and not share_tied_head(model) and untie_embedding(model):  # the head was not 8-bit after all
+    if head is not None and not share_tied_head(model, head) and untie_embedding(model):  # the head is not 8-bit
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), _embedding_gathers(model), None, work)
     _check_bits(model, scheme, len(nodes.get("int8", [])))
     return model
 
 
-def share_tied_head(model: Any) -> bool:
+def _tied_head_output(model: Any) -> str | None:
+    """The output of the LM head's MatMul whose weight a tied embedding Gather reads (through a Transpose); the
+    quantizer keeps that tensor's name on the node it writes in the MatMul's place."""
+    tied = tied_gather(model)
+    weight = tied[1].input[0] if tied is not None else None
+    return next((n.output[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1:2] == [weight]), None)
+
+
+def share_tied_head(model: Any, head_output: str) -> bool:
     """Where the embedding Gather reads the LM head's float matrix through a Transpose (tied embeddings) and the
-    head is an 8-bit MatMulNBits of onnxruntime's quantizer, the Gather reads the head's codes instead
+    head (the node writing `head_output`) is now an 8-bit MatMulNBits, the Gather reads the head's codes instead
     (GatherBlockQuantized, as the builder's shared embeddings do) and the float matrix leaves the file: one
     8-bit copy serves both, where untying stores a second, 4-bit one. Returns whether it changed the graph."""
     from mlopt.quant.lib.sourcegrid import gather_from_head
-    from mlopt.runtime.graph_edit import drop_dead
+    from mlopt.runtime.graph_edit import drop_unread
 
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    for index, node in enumerate(graph.node):
-        source = producers.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if source is None or source.op_type != "Transpose" or source.input[0] not in inits:
-            continue
-        head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{source.input[0]}_Q8"),
-                    None)
-        attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
-        if attrs.get("bits") != 8 or any(head.input[3:]):  # no 8-bit head, or one with zero points
-            return False
-        nodes, initializers = gather_from_head(head.input[1], head.input[2], attrs["N"], attrs["K"],
-                                               attrs["block_size"], node.input[1], node.output[0],
-                                               f"{node.name or node.output[0]}_Q8")
-        graph.node.remove(node)
-        for offset, new in enumerate(nodes):
-            graph.node.insert(index + offset, new)
-        graph.initializer.extend(initializers)
-        drop_dead(model)  # the Transpose
-        read = {i for n in graph.node for i in n.input}
-        kept = [i for i in graph.initializer if i.name in read or i.name != source.input[0]]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        return True
-    return False
+    tied = tied_gather(model)
+    head = next((n for n in graph.node if n.op_type == "MatMulNBits" and head_output in n.output), None)
+    attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
+    if tied is None or attrs.get("bits") != 8 or any(head.input[3:]):  # no 8-bit head, or one with zero points
+        return False
+    node, source = tied
+    index = list(graph.node).index(node)
+    nodes, initializers = gather_from_head(head.input[1], head.input[2], attrs["N"], attrs["K"], attrs["block_size"],
+                                           node.input[1], node.output[0], f"{node.name or node.output[0]}_Q8")
+    graph.node.remove(node)
+    for offset, new in enumerate(nodes):
+        graph.node.insert(index + offset, new)
+    graph.initializer.extend(initializers)
+    drop_unread(model, {source.input[0]})  # the Transpose and the float matrix
+    return True
 
 
 def _store_grids(model: Any, scheme: WeightScheme, work: Path) -> None:

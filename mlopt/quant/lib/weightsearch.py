@@ -288,14 +288,14 @@ def _raised(scheme: WeightScheme) -> list[str]:
 
 def _metrics(search: Search, chosen: Row) -> dict[str, Any]:
     base = search.base
-    ttft = _ttft
     return {
         "chosen": chosen.name, "quantized": chosen.scheme is not None,
         "perplexity": chosen.perplexity, "fp32_perplexity": base.perplexity,
         "ppl_increase": chosen.perplexity / base.perplexity - 1, "greedy_agreement": chosen.agreement,
         "decode_tokens_per_s": chosen.decode, "fp32_decode_tokens_per_s": base.decode,
         "decode_speedup": chosen.decode / chosen.base_decode if chosen.scheme is not None else 1.0,
-        "ttft_ms": ttft(chosen), "fp32_ttft_ms": ttft(base), "ttft_ratio": ttft(chosen) / ttft(base) if ttft(base) else None,
+        "ttft_ms": _ttft(chosen), "fp32_ttft_ms": _ttft(base),
+        "ttft_ratio": _ttft(chosen) / _ttft(base) if _ttft(base) else None,
         "size_mb": chosen.size_mb, "fp32_size_mb": base.size_mb, "size_ratio": base.size_mb / chosen.size_mb,
         "peak_rss_mb": chosen.peak_rss_mb, "fp32_peak_rss_mb": base.peak_rss_mb,
         "candidates": len(search.rows), "budget": f"perplexity +{100 * search.s.max_ppl_increase:.1f}% at most, time to first token "
