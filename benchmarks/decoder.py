@@ -11,8 +11,9 @@ score every model in the table, so no model is judged on text the search saw.
 Steps, as a user runs them: `mlopt export --model gguf:FILE` (FP32 onnxruntime-genai folder),
 `mlopt ptq` on it (default settings: the measured search), and again told to favour decoding over
 the first token (`--max-ttft-ratio 2`, INT4 candidates rtn and grid at block 32, the grid one storing
-the GGUF file's own Q4_1/Q8_0 integers); the builder's default INT4 (`-p int4`)
-and its INT8 (`-p int8`) from the same HF folder. Then every model is measured here, in one run, by
+the GGUF file's own Q4_1/Q8_0 integers); the builder's default FP32 (`-p fp32`: the graph a user of the
+builder gets, whose LM head runs on every prompt token, where mlopt's export runs it on the last one only),
+INT4 (`-p int4`) and INT8 (`-p int8`) from the same HF folder. Then every model is measured here, in one run, by
 the same code: perplexity on the held-out text (128-token windows), greedy agreement with FP32,
 time to first token and decode tokens/s (all models loaded, taking turns in interleaved rounds),
 peak RSS of a fresh process per model, and the folder's size.
@@ -136,7 +137,7 @@ def main() -> None:
         from mlopt.runtime.gguf import to_hf_folder
 
         hf_dir = to_hf_folder(gguf)
-        for precision in ("int4", "int8"):
+        for precision in ("fp32", "int4", "int8"):
             models[f"builder {precision}"] = work / f"builder-{precision}"
             times[f"builder {precision}"] = builder(hf_dir, models[f"builder {precision}"], precision, work)
         chosen = json.loads((models["mlopt ptq"] / "report.json").read_text())["step"]["metrics"]["chosen"]

@@ -6,8 +6,9 @@ For a decoder shipped as a GGUF file (for example Gemma 3 270M: the `gemma3-270m
 wheels, their `data/*.part0N` files joined in order), this exports the FP32 folder (`mlopt export --model
 gguf:FILE`), writes the variants ptq's search measures with the search's own code (`quantize_folder`):
 INT8 with blocks of 128 and of 32 (a tied embedding reading the LM head's 8-bit codes), the grid candidate
-(the file's own integers) and round-to-nearest INT4 (block 32, symmetric), and the builder's INT8 (`-p
-int8`, run by mlopt's builder wrapper, which carries its fixes for Gemma 3), and measures every folder
+(the file's own integers) and round-to-nearest INT4 (block 32, symmetric), and the builder's FP32 and INT8
+(`-p fp32`, `-p int8`, its defaults, run by mlopt's builder wrapper, which carries its fixes for Gemma 3;
+their LM head runs on every prompt token, where mlopt's export runs it on the last), and measures every folder
 in one process: perplexity on held-out windows of benchmarks/english.py's prose (every fifth line; 128
 tokens, BOS first when the tokenizer adds one), time to first token for a 128-token prompt and decode
 tokens/s for 64 new tokens (all models loaded, interleaved rounds), and the size of the weights.
@@ -59,9 +60,10 @@ def main() -> None:
             models[label] = work / label.replace(" ", "-").replace(",", "")
             if not (models[label] / "genai_config.json").exists():
                 quantize_folder(fp32, models[label], scheme)
-        models["builder INT8"] = work / "builder-int8"
-        if not (models["builder INT8"] / "genai_config.json").exists():
-            build(to_hf_folder(args.gguf), models["builder INT8"], "int8")
+        for precision in ("fp32", "int8"):  # the builder's defaults: its LM head runs on every prompt token
+            models[f"builder {precision.upper()}"] = folder = work / f"builder-{precision}"
+            if not (folder / "genai_config.json").exists():
+                build(to_hf_folder(args.gguf), folder, precision)
 
         ids = generation.token_ids(fp32, _english()[::5])
         bos = generation.bos_token(fp32)

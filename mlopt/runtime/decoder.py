@@ -77,3 +77,62 @@ def supported_architectures() -> list[str]:
         return []
     text = Path(spec.origin).read_text(encoding="utf-8", errors="replace")
     return sorted(set(re.findall(r'architectures\[0\] == "(\w+)"', text)))
+
+
+#: The extra option that makes onnxruntime-genai's model builder compute logits for the last token only: prefill
+#: then runs the LM head on one row instead of every prompt token (exact, and onnxruntime-genai reads such
+#: graphs as they are). mlopt's export asks for it.
+PRUNE_LM_HEAD = "prune_lm_head"
+
+
+def last_token_only(model: Any) -> bool:
+    """Whether a decoder graph's logits output covers the last position only (its dimension 1 is fixed at 1)."""
+    for output in model.graph.output:
+        if output.name == "logits":
+            dims = output.type.tensor_type.shape.dim
+            return len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
+    return False
+
+
+def all_positions(model: Any) -> bool:
+    """Undo the builder's LM-head pruning in `model` (in memory) so that its logits cover every position again, as
+    teacher-forced perplexity needs: the Gather(axis=1, index -1) + Unsqueeze(axis 1) before the head is
+    bypassed. Returns False when the graph is not pruned; a pruned graph in another shape is refused."""
+    from onnx import numpy_helper
+
+    from mlopt.runtime.graph_edit import drop_dead, readers
+
+    if not last_token_only(model):
+        return False
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name: i for i in model.graph.initializer}
+    constants.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+
+    def picks_last(gather: Any) -> bool:
+        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        index = constants.get(gather.input[1])
+        return axis == 1 and index is not None and numpy_helper.to_array(index).tolist() in (-1, [-1])
+
+    # Walk up from the logits through the head (MatMul, MatMulNBits) and what follows it (bias, soft-capping,
+    # casts) to the selection: each of those nodes reads the hidden state as its first input.
+    name, unsqueeze = "logits", None
+    for _ in range(16):
+        node = producer.get(name)
+        if node is None:
+            break
+        if node.op_type == "Unsqueeze":
+            unsqueeze = node
+            break
+        name = node.input[0]
+    gather = producer.get(unsqueeze.input[0]) if unsqueeze is not None else None
+    if gather is None or gather.op_type != "Gather" or not picks_last(gather):
+        raise InputError("the decoder's logits cover only the last token, in a graph mlopt cannot widen back to every "
+                         "position (perplexity needs them all)")
+    for node in readers(model).get(unsqueeze.output[0], []):
+        node.input[:] = [gather.input[0] if i == unsqueeze.output[0] else i for i in node.input]
+    for output in model.graph.output:
+        if output.name == "logits":
+            output.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+    drop_dead(model)
+    return True

@@ -150,14 +150,28 @@ def _past_shape(meta: Any, config: dict[str, Any]) -> tuple[int, int]:
     return heads, dim
 
 
+def _every_position_session(graph: Path, threads: int | None) -> Any:
+    """An onnxruntime session on a genai folder's graph whose logits cover every position: a graph whose LM head
+    runs on the last token only (mlopt's export) is widened back in memory; the folder is never written."""
+    import onnx
+
+    from mlopt.runtime.decoder import all_positions
+    from mlopt.runtime.session import make_session
+
+    model = onnx.load(str(graph), load_external_data=False)
+    if not all_positions(model):
+        return make_session(graph, "cpu", threads)
+    return make_session(model.SerializeToString(), "cpu", threads, weights_dir=graph.parent)
+
+
 def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any]:
     """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
     import numpy as np
 
-    from mlopt.runtime.session import input_specs, make_session
+    from mlopt.runtime.session import input_specs
 
     graph = folder / onnx_name(folder)
-    session = make_session(graph, "cpu", threads)
+    session = _every_position_session(graph, threads)
     config = _genai_config(folder)
     dtypes = {name: dtype for name, _, dtype in input_specs(session)}
     pasts = {meta.name: _past_shape(meta, config) for meta in session.get_inputs()

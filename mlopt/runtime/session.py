@@ -17,8 +17,10 @@ def available_providers() -> list[str]:
     return [names[p] for p in ort.get_available_providers() if p in names]
 
 
-def make_session(path: Path | str, provider: str = "cpu", threads: int | None = None, spinning: bool = True) -> Any:
-    """An InferenceSession on exactly the requested provider.
+def make_session(path: Path | str | bytes, provider: str = "cpu", threads: int | None = None, spinning: bool = True,
+                 weights_dir: Path | None = None) -> Any:
+    """An InferenceSession on exactly the requested provider. `path` may be a serialized model instead, whose
+    external weights lie in `weights_dir`.
 
     onnxruntime silently falls back to the CPU when a GPU provider fails to load (missing CUDA or
     cuDNN libraries); mlopt checks and raises instead, so a CUDA benchmark is never a CPU one.
@@ -38,11 +40,15 @@ def make_session(path: Path | str, provider: str = "cpu", threads: int | None = 
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if weights_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     chain = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    source = path if isinstance(path, bytes) else str(path)
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
+        session = ort.InferenceSession(source, sess_options=opts, providers=chain)
     except Exception as exc:
-        raise InputError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
+        shown = f"the graph of {weights_dir}" if isinstance(path, bytes) else path
+        raise InputError(f"onnxruntime cannot load {shown}: {first_line(exc)}") from exc
     if session.get_providers()[0] != PROVIDERS[provider]:
         raise RunError(f"onnxruntime could not start {PROVIDERS[provider]} (it fell back to "
                        f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries")

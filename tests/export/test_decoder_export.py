@@ -30,6 +30,8 @@ def test_export_writes_a_genai_folder_that_generates_like_the_builder(llama_dir,
     report = json.loads((out / "report.json").read_text())
     metrics = report["steps"][0]["metrics"] if "steps" in report else report["step"]["metrics"]
     assert metrics["architecture"] == "LlamaForCausalLM" and metrics["check_tokens"] > 0
+    # Prefill runs the LM head on the last token only; the builder's default graph runs it on every token.
+    assert metrics["last_token_logits"] is True and _logits_rows(out) == 1 and _logits_rows(llama_genai_dir) is None
     # The folder mlopt wrote generates exactly what the builder's own output does.
     prompt = "The module provides functions"
     assert og_greedy(out, prompt, 12) == og_greedy(llama_genai_dir, prompt, 12)
@@ -42,6 +44,15 @@ def test_gguf_file_exports_like_its_hf_folder(llama_gguf, llama_genai_dir, tmp_p
     assert result.exit_code == 0, result.output
     prompt = "Return the value"
     assert og_greedy(out, prompt, 10) == og_greedy(llama_genai_dir, prompt, 10)
+
+
+def _logits_rows(folder):
+    """The logits output's fixed sequence dimension (None: symbolic, every position)."""
+    import onnx
+
+    dims = [o for o in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.output
+            if o.name == "logits"][0].type.tensor_type.shape.dim
+    return dims[1].dim_value if dims[1].HasField("dim_value") else None
 
 
 def _save_gpt2(out):
@@ -113,6 +124,7 @@ def test_sliding_window_families_export_and_match_torch(family, decoder_tokenize
     hf_dir = _save_gemma(tmp_path / family, family, decoder_tokenizer)
     out = tmp_path / "exported"
     assert _export(f"hf:{hf_dir}", out).exit_code == 0
+    assert _logits_rows(out) == 1  # the graph computes the last token's logits; perplexity widens it back
     ppl = []
     for model in (f"hf:{hf_dir}", str(out)):
         result = runner.invoke(app, ["eval", "--model", model, "--data", f"text:{decoder_text}", "--json", "--quiet"])

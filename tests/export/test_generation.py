@@ -331,3 +331,50 @@ def test_a_genai_folder_that_names_its_graph_otherwise(llama_genai_dir, tmp_path
     (folder / "genai_config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="must be a file in that folder"):
         load_artifact(folder)
+
+
+def _head_graph(select):
+    """x [1, S, 4] -> (the selection `select` makes) -> MatMul -> Tanh -> logits [1, 1, 6]."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(-1, np.int64), "last"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array([-2], np.int64), "minus2")]
+    nodes = {"gather": [helper.make_node("Gather", ["x", "last"], ["g"], axis=1),
+                        helper.make_node("Unsqueeze", ["g", "axis1"], ["h"])],
+             "second to last": [helper.make_node("Gather", ["x", "minus2"], ["g"], axis=1),
+                                helper.make_node("Unsqueeze", ["g", "axis1"], ["h"])]}[select]
+    nodes += [helper.make_node("MatMul", ["h", "W"], ["z"]), helper.make_node("Tanh", ["z"], ["logits"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 6])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_last_token_head_is_widened_to_every_position_exactly():
+    """mlopt's export computes the last token's logits only; perplexity widens the graph back in memory, and the
+    widened graph's last row is the pruned graph's output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mlopt.runtime.decoder import all_positions, last_token_only
+
+    model = _head_graph("gather")
+    assert last_token_only(model)
+    x = np.random.default_rng(1).standard_normal((1, 5, 4)).astype(np.float32)
+    pruned = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert all_positions(model) and not last_token_only(model)
+    wide = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert pruned.shape == (1, 1, 6) and wide.shape == (1, 5, 6)
+    np.testing.assert_allclose(wide[:, -1:], pruned, rtol=1e-6)
+    assert not all_positions(model)  # already every position: nothing to do
+
+
+def test_a_head_pruned_another_way_is_refused_in_one_line():
+    from mlopt.runtime.decoder import all_positions
+
+    with pytest.raises(InputError, match="cannot widen"):
+        all_positions(_head_graph("second to last"))

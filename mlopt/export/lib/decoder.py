@@ -40,8 +40,9 @@ def check_architecture(config: dict[str, Any], origin: str) -> str:
     return arch
 
 
-def build(src: Path, out: Path, precision: str = FP32, provider: str = "cpu") -> None:
-    """Run the model builder on the HF folder `src`, writing the genai folder `out`.
+def build(src: Path, out: Path, precision: str = FP32, provider: str = "cpu",
+          options: dict[str, str] | None = None) -> None:
+    """Run the model builder on the HF folder `src`, writing the genai folder `out`; `options`: its extra options.
 
     A child process: the builder prints progress on stdout, may call sys.exit, and loads native
     libraries in an order that must not leak into mlopt's process (onnxruntime_genai before
@@ -51,7 +52,7 @@ def build(src: Path, out: Path, precision: str = FP32, provider: str = "cpu") ->
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with tempfile.TemporaryDirectory(prefix="mlopt-builder-") as cache:
         cmd = [sys.executable, "-c", _BUILDER, "-i", str(src), "-o", str(out), "-p", precision, "-e", provider,
-               "-c", cache]
+               "-c", cache, *(["--extra_options", *(f"{k}={v}" for k, v in options.items())] if options else [])]
         started = time.time()
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               errors="replace")
@@ -116,12 +117,23 @@ def export_decoder(artifact: Any, out: Path) -> Any:
     spec = artifact.builder["spec"]
     src = hf.model_dir(spec)
     arch = check_architecture(hf.read_config(spec), artifact.origin)
-    build(src, out, FP32)
+    build(src, out, FP32, options={decoder.PRUNE_LM_HEAD: "true"})
     tokens = check_generates(out)
+    last_only = _last_token_only(out)
     exported = artifact.derive("export", format="genai", onnx_path=out / "model.onnx")
     size = exported.size_mb()
     console.info(f"{arch} exported to an onnxruntime-genai folder ({size:.1f} MB); it loads and generates")
+    notes = [f"onnxruntime-genai's model builder wrote the graph; onnxruntime-genai loaded it and "
+             f"generated {len(tokens)} tokens greedily before the step succeeded"]
+    if last_only:
+        notes.append("the LM head runs on the last prompt token only (the builder's prune_lm_head): the first token "
+                     "comes sooner, generation is unchanged, and perplexity is scored on every position as before")
     return StepResult(artifact=exported, metrics={"architecture": arch, "precision": FP32, "size_mb": round(size, 3),
-                                                  "check_tokens": len(tokens)},
-                      notes=[f"onnxruntime-genai's model builder wrote the graph; onnxruntime-genai loaded it and "
-                             f"generated {len(tokens)} tokens greedily before the step succeeded"])
+                                                  "check_tokens": len(tokens), "last_token_logits": last_only},
+                      notes=notes)
+
+
+def _last_token_only(folder: Path) -> bool:
+    import onnx
+
+    return decoder.last_token_only(onnx.load(str(folder / decoder.onnx_name(folder)), load_external_data=False))
