@@ -309,3 +309,44 @@ def test_a_tie_between_equally_close_models_goes_to_the_fastest_best_round(tmp_p
         tie = search.settle(plan, PTQConfig())
         assert tie is not None and tie.name == "a", order
         assert "the fastest best round" in plan.notes[-1]
+
+
+def test_sensitivity_matches_onnxruntime_s_qdq_debugger_on_the_same_rows(tmp_path):
+    """mlopt measures each quantized activation's SQNR from the QDQ model alone, a few rows at a time (onnxruntime's
+    qdq_loss_debug keeps every intermediate tensor of both models in memory); on the same rows the figures agree."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    from mlopt.quant.lib.calibration import FeedReader
+    from mlopt.quant.lib.sensitivity import ROWS, node_sqnr
+
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal(shape).astype(np.float32) for shape in ((16, 32), (32, 32), (32, 8))]
+    w[1][:, 3] *= 40  # an outlier channel in mm2's output: that activation quantizes worst
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w1"], ["r"], name="mm2"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm3")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
+    fp32, qdq = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(fp32))
+    feeds = [{"x": rng.standard_normal((2 * ROWS, 16)).astype(np.float32)} for _ in range(2)]
+    reader: CalibrationDataReader = FeedReader(feeds)
+    quantize_static(str(fp32), str(qdq), reader, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+    ours = node_sqnr(fp32, qdq, feeds)
+    assert [(r["node"], r["readers"]) for r in ours] == [("mm2", ["mm3"]), ("mm1", ["mm2"])]  # worst first
+    assert ours[0]["sqnr_db"] < ours[1]["sqnr_db"] - 3
+    rows = [{k: v[:ROWS] for k, v in f.items()} for f in feeds]
+    acts = []
+    for model in (qdq, fp32):
+        modify_model_output_intermediate_tensors(str(model), str(tmp_path / f"aug-{model.name}"))
+        acts.append(collect_activations(str(tmp_path / f"aug-{model.name}"), FeedReader(rows)))
+    theirs = compute_activation_error(create_activation_matching(*acts))
+    for r in ours:
+        assert r["sqnr_db"] == pytest.approx(theirs[r["tensor"]]["qdq_err"], abs=1e-3)
