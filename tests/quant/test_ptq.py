@@ -311,11 +311,28 @@ def test_a_tie_between_equally_close_models_goes_to_the_fastest_best_round(tmp_p
         assert "the fastest best round" in plan.notes[-1]
 
 
+def _three_matmuls(path):
+    """x -> mm1 -> h -> mm2 -> r -> mm3 -> y, with an outlier channel in mm2's output (r quantizes worst)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal(shape).astype(np.float32) for shape in ((16, 32), (32, 32), (32, 8))]
+    w[1][:, 3] *= 40
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w1"], ["r"], name="mm2"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm3")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
 def test_sensitivity_matches_onnxruntime_s_qdq_debugger_on_the_same_rows(tmp_path):
     """mlopt measures each quantized activation's SQNR from the QDQ model alone, a few rows at a time (onnxruntime's
     qdq_loss_debug keeps every intermediate tensor of both models in memory); on the same rows the figures agree."""
     import numpy as np
-    from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
     from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
                                                          create_activation_matching,
@@ -325,16 +342,7 @@ def test_sensitivity_matches_onnxruntime_s_qdq_debugger_on_the_same_rows(tmp_pat
     from mlopt.quant.lib.sensitivity import ROWS, node_sqnr
 
     rng = np.random.default_rng(0)
-    w = [rng.standard_normal(shape).astype(np.float32) for shape in ((16, 32), (32, 32), (32, 8))]
-    w[1][:, 3] *= 40  # an outlier channel in mm2's output: that activation quantizes worst
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w1"], ["r"], name="mm2"),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm3")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
-        [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)])
-    fp32, qdq = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(fp32))
+    fp32, qdq = _three_matmuls(tmp_path / "f.onnx"), tmp_path / "q.onnx"
     feeds = [{"x": rng.standard_normal((2 * ROWS, 16)).astype(np.float32)} for _ in range(2)]
     reader: CalibrationDataReader = FeedReader(feeds)
     quantize_static(str(fp32), str(qdq), reader, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -350,3 +358,88 @@ def test_sensitivity_matches_onnxruntime_s_qdq_debugger_on_the_same_rows(tmp_pat
     theirs = compute_activation_error(create_activation_matching(*acts))
     for r in ours:
         assert r["sqnr_db"] == pytest.approx(theirs[r["tensor"]]["qdq_err"], abs=1e-3)
+
+
+def test_dynamic_sensitivity_puts_each_tensor_on_dynamicquantizelinear_s_grid(tmp_path):
+    """Dynamic INT8's ranking: each weight MatMul's input on the uint8 grid onnxruntime's DynamicQuantizeLinear
+    gives it at run time (bit for bit), worst first; the MatMul after an outlier channel ranks first."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mlopt.quant.lib.sensitivity import _dynamic_uint8, dynamic_sqnr
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 40)) * 3 + 1).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 40])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    ours = _dynamic_uint8(x)
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+
+    _three_matmuls(tmp_path / "f.onnx")
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(2)]
+    ranking = dynamic_sqnr(tmp_path / "f.onnx", feeds)
+    # x, a graph input, has no node that makes it and is not ranked (as in the static ranking)
+    assert [(r["tensor"], r["readers"]) for r in ranking] == [("r", ["mm3"]), ("h", ["mm2"])]
+    assert ranking[0]["sqnr_db"] < ranking[1]["sqnr_db"] - 3
+
+
+def test_fallback_starts_from_the_closest_candidate_of_each_method_the_faster_method_first(monkeypatch):
+    """all-mpnet-base-v2: the fastest dynamic candidate (per-tensor) scored 0.70, per-channel 0.88; keeping nodes in
+    float starts from the closer one, and a candidate slower than FP32 is never a base."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from mlopt.quant.lib import search
+    from mlopt.quant.lib.quantize import Scheme
+
+    def row(name, method, ms, cosine, faster=True):
+        return search.Candidate(name, Scheme(method, per_channel="channel" in name), Path(name), {1: ms},
+                                {"cosine_mean": cosine}, 1.0, {}, faster_than_fp32=faster, within_budget=False)
+
+    rows = [row("dyn tensor", "dynamic", 18.7, 0.70), row("dyn channel", "dynamic", 19.9, 0.88),
+            row("dyn channel split", "dynamic", 20.1, 0.88), row("static", "static", 22.4, 0.84),
+            row("static slow", "static", 80.0, 0.95, faster=False)]
+    plan = SimpleNamespace(candidates=rows)
+    tried = []
+    monkeypatch.setattr(search, "_fallback_of", lambda plan, cfg, base, tag: tried.append((base.name, tag)))
+    assert search._fallback(plan, None) is None
+    assert tried == [("dyn channel", 1), ("static", 2)]
+
+
+def test_when_both_methods_meet_the_budget_they_are_timed_together_and_the_faster_is_kept(monkeypatch):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from mlopt.quant.lib import search
+    from mlopt.quant.lib.quantize import Scheme
+
+    def row(name, method, ms):
+        return search.Candidate(name, Scheme(method), Path(name), {1: ms}, {"cosine_mean": 0.995}, 1.0, {},
+                                faster_than_fp32=True, within_budget=True,
+                                sensitivity=[{"node": f"{name}-mm", "sqnr_db": 12.0}])
+
+    found = {"dynamic": row("dyn + 10 nodes in float", "dynamic", 20.0),
+             "static": row("static + 10 nodes in float", "static", 25.0)}
+    plan = SimpleNamespace(candidates=[row("dyn", "dynamic", 18.0), row("static", "static", 21.0)], notes=[],
+                           artifact=SimpleNamespace(onnx_path="fp32.onnx", sample_shape=(4,)))
+    for r in plan.candidates:
+        r.within_budget = False
+    monkeypatch.setattr(search, "_fallback_of", lambda plan, cfg, base, tag: found[base.scheme.method])
+    # in their own rounds the dynamic one looked faster; timed together, the static one is
+    monkeypatch.setattr(search, "interleaved_rounds", lambda paths, *a: [{1: [30.0]}, {1: [24.0, 23.0]}, {1: [19.0]}])
+    cfg = SimpleNamespace(provider="cpu", batch_sizes=[1], iterations=3)
+    kept = search._fallback(plan, cfg)
+    assert kept is found["static"] and kept.latency == {1: 19.0} and found["dynamic"].latency == {1: 23.0}
+    assert "timed together beside FP32, kept the faster: static + 10 nodes in float" in plan.notes[0]
+    assert plan.notes[1] == "kept in float (lowest SQNR first): static + 10 nodes in float-mm (12.0 dB)"
+    # within the timing noise of each other: the closer to FP32 is kept, whichever was a hair faster
+    found["dynamic"].quality["cosine_mean"] = 0.999
+    plan.notes.clear()
+    monkeypatch.setattr(search, "interleaved_rounds",
+                        lambda paths, *a: [{1: [30.0, 30.0, 30.0]}, {1: [20.2, 20.1, 20.3]}, {1: [20.0, 20.1, 20.0]}])
+    assert search._fallback(plan, cfg) is found["dynamic"]
+    assert "within the timing noise of each other, the closer to FP32: dyn + 10 nodes in float" in plan.notes[0]

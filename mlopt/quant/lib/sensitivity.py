@@ -1,6 +1,6 @@
 """Per-node quantization sensitivity: the SQNR (dB) of each activation a QDQ model quantizes against its
-dequantized value (what onnxruntime's qdq_loss_debug calls qdq_err); PTQ keeps the lowest in float when it misses
-its budget.
+dequantized value (what onnxruntime's qdq_loss_debug calls qdq_err), or that dynamic INT8 quantizes at run time;
+PTQ keeps the lowest in float when it misses its budget.
 
 Written by hand rather than with qdq_loss_debug: that helper makes every intermediate tensor of the float and
 the QDQ models a graph output and keeps them all, for every input, in memory. On a 110M-parameter encoder with
@@ -21,13 +21,7 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
     """[{"node", "tensor", "sqnr_db", "readers"}] for the nodes whose outputs the QDQ model quantizes, worst
     first; "readers": the MatMul, Gemm and Conv nodes of the float model that read the tensor (where only those
     are quantized, keeping them in float is what leaves the tensor unquantized)."""
-    import math
-
-    import numpy as np
     import onnx
-    from onnx import helper
-
-    from mlopt.runtime.session import make_session
 
     nodes = onnx.load(str(float_path), load_external_data=False).graph.node
     producers = {out: node.name for node in nodes for out in node.output}
@@ -43,26 +37,76 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
     pairs = {n.input[0]: dequantized[n.output[0]] for n in qdq.graph.node
              if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.output[0] in dequantized
              and producers.get(n.input[0])}
-    if not pairs:
-        return []
-    declared = {o.name for o in qdq.graph.output}
-    qdq.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                            for pair in pairs.items() for name in pair if name not in declared)
-    session = make_session(qdq.SerializeToString(), "cpu", weights_dir=Path(qdq_path).parent)
-    names = [name for pair in pairs.items() for name in pair]
-    signal = dict.fromkeys(pairs, 0.0)
-    noise = dict.fromkeys(pairs, 0.0)
+    totals = _accumulate(qdq, Path(qdq_path).parent, [name for pair in pairs.items() for name in pair], feeds,
+                         lambda values: {t: (values[t], values[after]) for t, after in pairs.items()})
+    return _ranked(totals, producers, readers)
+
+
+def dynamic_sqnr(float_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same ranking for dynamic INT8: the tensors onnxruntime's dynamic quantizer quantizes at run time (the
+    inputs of nodes with a weight: MatMul, Gemm, Attention), each on the uint8 grid of its own range as
+    DynamicQuantizeLinear puts it, measured on the float model; "readers": the nodes that read it."""
+    import onnx
+
+    model = onnx.load(str(float_path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    producers = {out: node.name for node in model.graph.node for out in node.output}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Attention") and len(node.input) > 1 and node.input[1] in weights \
+                and node.name and producers.get(node.input[0]):
+            readers.setdefault(node.input[0], []).append(node.name)
+    totals = _accumulate(model, Path(float_path).parent, list(readers), feeds,
+                         lambda values: {t: (values[t], _dynamic_uint8(values[t])) for t in readers})
+    return _ranked(totals, producers, readers)
+
+
+def _dynamic_uint8(x: Any) -> Any:
+    """x through DynamicQuantizeLinear and back: the uint8 grid of its range stretched to hold zero."""
+    import numpy as np
+
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = float(np.clip(np.rint(-lo / scale), 0, 255))
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _accumulate(model: Any, weights_dir: Path, names: list[str], feeds: list[dict[str, Any]],
+                pairs_of: Any) -> dict[str, list[float]]:
+    """Run `model` with the tensors `names` as outputs on a few rows of each feed; `pairs_of(values)` gives each
+    measured tensor's (value, value after quantization). Returns tensor -> [signal energy, noise energy]."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from mlopt.runtime.session import make_session
+
+    if not names:
+        return {}
+    declared = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in dict.fromkeys(names) if name not in declared)
+    session = make_session(model.SerializeToString(), "cpu", weights_dir=weights_dir)
+    names = list(dict.fromkeys(names))
+    totals: dict[str, list[float]] = {}
     for feed in feeds:
         values = dict(zip(names, session.run(names, {k: _rows(v) for k, v in feed.items()})))
-        for tensor, after in pairs.items():
-            x = values[tensor].astype(np.float64)
-            signal[tensor] += float(np.sum(x * x))
-            noise[tensor] += float(np.sum((x - values[after]) ** 2))
-    eps = float(np.finfo(np.float32).eps)
-    rows = []
-    for tensor in pairs:
-        sqnr = 10 * math.log10(max(signal[tensor], eps ** 2) / max(noise[tensor], eps ** 2))
-        rows.append({"node": producers[tensor], "tensor": tensor, "sqnr_db": sqnr, "readers": readers.get(tensor, [])})
+        for tensor, (before, after) in pairs_of(values).items():
+            x = before.astype(np.float64)
+            total = totals.setdefault(tensor, [0.0, 0.0])
+            total[0] += float(np.sum(x * x))
+            total[1] += float(np.sum((x - after) ** 2))
+    return totals
+
+
+def _ranked(totals: dict[str, list[float]], producers: dict[str, str],
+            readers: dict[str, list[str]]) -> list[dict[str, Any]]:
+    import math
+
+    eps = 1.1920929e-07  # float32's, as onnxruntime's SQNR helper floors both norms
+    rows = [{"node": producers[tensor], "tensor": tensor,
+             "sqnr_db": 10 * math.log10(max(signal, eps ** 2) / max(noise, eps ** 2)),
+             "readers": readers.get(tensor, [])} for tensor, (signal, noise) in totals.items()]
     return sorted(rows, key=lambda r: r["sqnr_db"])
 
 
