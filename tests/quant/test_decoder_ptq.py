@@ -244,3 +244,19 @@ def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
     chosen = search._choose(search.rows)
     assert chosen.name.startswith(kept)
     assert any("time to first token was 1.50x" in n for n in search.notes) == (kept == "int8")
+
+
+@pytest.mark.slow
+def test_gptq_mixes_keep_their_8_bit_layers(llama_genai_dir, decoder_text, tmp_path):
+    """gptq quantizes every MatMul whatever it is asked to leave out: a mix's 8-bit layers are quantized first, so
+    that gptq finds only its own; every mix the sensitivity stage asks for is built, with the planned 8-bit count."""
+    out = tmp_path / "ptq"
+    result = runner.invoke(app, ["ptq", "--model", str(llama_genai_dir), "--data", f"text:{decoder_text}",
+                                 "--out", str(out), "--algorithm", "gptq", "--block-size", "32",
+                                 "--accuracy-level", "4", "--max-windows", "4", "--new-tokens", "8", "--rounds", "1",
+                                 "--max-ppl-increase", "0.000001"])
+    assert result.exit_code == 0, result.output
+    assert "could not be built" not in result.output
+    names = [row[0] for row in _report(out)["sections"][0]["rows"]]
+    mixes = [n for n in names if "gptq" in n and "int8)" in n]
+    assert any("lm_head:int8" in n for n in mixes) and any("first_block:int8" in n for n in mixes), names

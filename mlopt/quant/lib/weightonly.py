@@ -258,11 +258,13 @@ def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) ->
     if scheme.embedding != "float" and head is None:
         untie_embedding(model)
     nodes = plan_nodes(model, scheme)
-    model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
+    # The layers a mix keeps at other precisions go first: gptq quantizes every MatMul it finds, whatever it was
+    # asked to leave out, and a MatMulNBits is no longer one.
     if nodes.get("int8"):
         model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
     if nodes.get("int4"):
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
+    model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
     if head is not None and not share_tied_head(model, head) and untie_embedding(model):  # the head is not 8-bit
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), _embedding_gathers(model), None, work)
     _check_bits(model, scheme, len(nodes.get("int8", [])))
