@@ -87,11 +87,7 @@ PRUNE_LM_HEAD = "prune_lm_head"
 
 def last_token_only(model: Any) -> bool:
     """Whether a decoder graph's logits output covers the last position only (its dimension 1 is fixed at 1)."""
-    for output in model.graph.output:
-        if output.name == "logits":
-            dims = output.type.tensor_type.shape.dim
-            return len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
-    return False
+    return any(output.name == "logits" and _one_position(output) for output in model.graph.output)
 
 
 def all_positions(model: Any) -> bool:
@@ -114,25 +110,49 @@ def all_positions(model: Any) -> bool:
         index = constants.get(gather.input[1])
         return axis == 1 and index is not None and numpy_helper.to_array(index).tolist() in (-1, [-1])
 
-    # Walk up from the logits through the head (MatMul, MatMulNBits) and what follows it (bias, soft-capping,
-    # casts) to the selection: each of those nodes reads the hidden state as its first input.
-    name, unsqueeze = "logits", None
-    for _ in range(16):
-        node = producer.get(name)
-        if node is None:
-            break
-        if node.op_type == "Unsqueeze":
-            unsqueeze = node
-            break
-        name = node.input[0]
-    gather = producer.get(unsqueeze.input[0]) if unsqueeze is not None else None
-    if gather is None or gather.op_type != "Gather" or not picks_last(gather):
+    heads = ("MatMul", "MatMulNBits", "Gemm")
+    read_by = readers(model)
+    # The selection: Gather(axis 1, index -1) + Unsqueeze, read by the LM head (a MatMul with a weight).
+    found = [(producer[u.input[0]], u) for u in model.graph.node if u.op_type == "Unsqueeze"
+             and u.input[0] in producer and producer[u.input[0]].op_type == "Gather" and picks_last(producer[u.input[0]])
+             and any(r.op_type in heads for r in read_by.get(u.output[0], []))]
+    if len(found) != 1:
         raise InputError("the decoder's logits cover only the last token, in a graph mlopt cannot widen back to every "
                          "position (perplexity needs them all)")
-    for node in readers(model).get(unsqueeze.output[0], []):
+    gather, unsqueeze = found[0]
+    for node in read_by[unsqueeze.output[0]]:
         node.input[:] = [gather.input[0] if i == unsqueeze.output[0] else i for i in node.input]
     for output in model.graph.output:
         if output.name == "logits":
             output.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+    # shapes recorded with one position (the head's tensors): onnxruntime infers them again
+    kept = [v for v in model.graph.value_info if not _one_position(v)]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     drop_dead(model)
     return True
+
+
+def _one_position(value: Any) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return len(dims) == 3 and dims[1].HasField("dim_value") and dims[1].dim_value == 1
+
+
+def lm_head(model: Any) -> str | None:
+    """The name of the LM head (the MatMul or MatMulNBits whose output the logits come from), or None. Walks up from
+    the logits through what follows the head (casts, bias, soft-capping, a vocabulary mask), following at each node
+    the one input another node computes, the data input where there are several."""
+    heads = ("MatMul", "MatMulNBits", "Gemm")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = "logits"
+    for _ in range(16):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type in heads:
+            return node.name
+        computed = [i for i in node.input if i in producer and producer[i].op_type != "Constant"]
+        if not computed:
+            return None
+        name = computed[-1] if node.op_type == "Where" else computed[0]  # Where(mask, fill, x)
+    return None

@@ -348,9 +348,15 @@ def _head_graph(select):
                         helper.make_node("Unsqueeze", ["g", "axis1"], ["h"])],
              "second to last": [helper.make_node("Gather", ["x", "minus2"], ["g"], axis=1),
                                 helper.make_node("Unsqueeze", ["g", "axis1"], ["h"])]}[select]
-    nodes += [helper.make_node("MatMul", ["h", "W"], ["z"]), helper.make_node("Tanh", ["z"], ["logits"])]
+    # the head, then what builders put after it: a cast, a vocabulary mask (Where(mask, fill, x)), soft-capping
+    inits.append(numpy_helper.from_array(np.array([True] * 5 + [False]), "keep"))
+    inits.append(numpy_helper.from_array(np.array(-1e4, np.float32), "fill"))
+    nodes += [helper.make_node("MatMul", ["h", "W"], ["z"], name="head"), helper.make_node("Cast", ["z"], ["c"], to=1),
+              helper.make_node("Where", ["keep", "c", "fill"], ["m"]), helper.make_node("Tanh", ["m"], ["logits"])]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 6])], inits)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 6])], inits,
+                              value_info=[helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, 1, 6])
+                                          for t in ("z", "c", "m")])
     return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -360,16 +366,17 @@ def test_a_last_token_head_is_widened_to_every_position_exactly():
     import numpy as np
     import onnxruntime as ort
 
-    from mlopt.runtime.decoder import all_positions, last_token_only
+    from mlopt.runtime.decoder import all_positions, last_token_only, lm_head
 
     model = _head_graph("gather")
-    assert last_token_only(model)
+    assert last_token_only(model) and lm_head(model) == "head"
     x = np.random.default_rng(1).standard_normal((1, 5, 4)).astype(np.float32)
     pruned = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert all_positions(model) and not last_token_only(model)
     wide = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert pruned.shape == (1, 1, 6) and wide.shape == (1, 5, 6)
     np.testing.assert_allclose(wide[:, -1:], pruned, rtol=1e-6)
+    assert not model.graph.value_info  # the shapes recorded with one position are gone
     assert not all_positions(model)  # already every position: nothing to do
 
 

@@ -247,11 +247,14 @@ def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
 
 
 @pytest.mark.slow
-def test_gptq_mixes_keep_their_8_bit_layers(llama_genai_dir, decoder_text, tmp_path):
+def test_gptq_mixes_keep_their_8_bit_layers(llama_dir, decoder_text, tmp_path):
     """gptq quantizes every MatMul whatever it is asked to leave out: a mix's 8-bit layers are quantized first, so
-    that gptq finds only its own; every mix the sensitivity stage asks for is built, with the planned 8-bit count."""
+    that gptq finds only its own; every mix the sensitivity stage asks for is built, with the planned 8-bit count.
+    On mlopt's export, whose LM head sees one row per window, the head gets round-to-nearest instead."""
+    exported = tmp_path / "fp32"
+    assert runner.invoke(app, ["export", "--model", f"hf:{llama_dir}", "--out", str(exported), "--quiet"]).exit_code == 0
     out = tmp_path / "ptq"
-    result = runner.invoke(app, ["ptq", "--model", str(llama_genai_dir), "--data", f"text:{decoder_text}",
+    result = runner.invoke(app, ["ptq", "--model", str(exported), "--data", f"text:{decoder_text}",
                                  "--out", str(out), "--algorithm", "gptq", "--block-size", "32",
                                  "--accuracy-level", "4", "--max-windows", "4", "--new-tokens", "8", "--rounds", "1",
                                  "--max-ppl-increase", "0.000001"])

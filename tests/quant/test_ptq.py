@@ -330,7 +330,7 @@ def _three_matmuls(path):
 
 
 def test_sensitivity_matches_onnxruntime_s_qdq_debugger_on_the_same_rows(tmp_path):
-    """mlopt measures each quantized activation's SQNR from the QDQ model alone, a few rows at a time (onnxruntime's
+    """mlopt measures each quantized activation's SQNR from the QDQ model alone, on ROWS rows per batch (onnxruntime's
     qdq_loss_debug keeps every intermediate tensor of both models in memory); on the same rows the figures agree."""
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static

@@ -117,9 +117,8 @@ def export_decoder(artifact: Any, out: Path) -> Any:
     spec = artifact.builder["spec"]
     src = hf.model_dir(spec)
     arch = check_architecture(hf.read_config(spec), artifact.origin)
-    build(src, out, FP32, options={decoder.PRUNE_LM_HEAD: "true"})
+    last_only = _build_last_token(src, out)
     tokens = check_generates(out)
-    last_only = _last_token_only(out)
     exported = artifact.derive("export", format="genai", onnx_path=out / "model.onnx")
     size = exported.size_mb()
     console.info(f"{arch} exported to an onnxruntime-genai folder ({size:.1f} MB); it loads and generates")
@@ -133,7 +132,21 @@ def export_decoder(artifact: Any, out: Path) -> Any:
                       notes=notes)
 
 
-def _last_token_only(folder: Path) -> bool:
+def _build_last_token(src: Path, out: Path) -> bool:
+    """Build with the LM head on the last prompt token only where the builder can and mlopt can widen the graph
+    back for perplexity; else build the builder's default graph. Returns whether the head runs on the last only."""
     import onnx
 
-    return decoder.last_token_only(onnx.load(str(folder / decoder.onnx_name(folder)), load_external_data=False))
+    try:
+        build(src, out, FP32, options={decoder.PRUNE_LM_HEAD: "true"})
+        model = onnx.load(str(out / decoder.onnx_name(out)), load_external_data=False)
+        if not decoder.last_token_only(model):
+            return False
+        decoder.all_positions(model)
+        return True
+    except (RunError, InputError) as exc:  # an architecture the option does not combine with (Qwen3.5 with MTP)
+        if isinstance(exc, RunError) and "prune" not in str(exc).lower():
+            raise
+        console.warn(f"building the LM head for the last token only failed ({first_line(exc)}); building every token's")
+    build(src, out, FP32)
+    return False

@@ -118,10 +118,15 @@ def prepare(artifact: Any, config: Any, data: Any, work: Path) -> Plan:
                          "candidates quantize every operator onnxruntime can")
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []
-    # dynamic quantization needs no calibration, but its fallback ranks the tensors it quantizes on these inputs
-    if any(s.method == "static" for s in schemes) or config.fallback:
-        name, shape, _ = input_specs(make_session(fp32, "cpu"))[0]
-        feeds = calibration_batches(data, name, shape, config.calibration_samples)
+    static = any(s.method == "static" for s in schemes)
+    if static or config.fallback:  # dynamic quantization needs none, but its fallback ranks what it quantizes on them
+        try:
+            name, shape, _ = input_specs(make_session(fp32, "cpu"))[0]
+            feeds = calibration_batches(data, name, shape, config.calibration_samples)
+        except InputError as exc:
+            if static:
+                raise
+            notes.append(f"no fallback for dynamic INT8: no calibration inputs ({first_line(exc)})")
     fusions: dict[str, int] = {}
     if not config.preprocess:
         pre, note = fp32, None
@@ -371,12 +376,18 @@ def choose(plan: Plan, config: Any) -> Candidate | None:
 
 
 def _fallback(plan: Plan, cfg: Any) -> Candidate | None:
-    """Keep the most sensitive nodes in float, a group at a time, in the candidate closest to FP32 of each method
-    (static, dynamic; of those as close, the fastest) that is faster than FP32, the faster method first, until one
-    is within budget and still faster than FP32. (On all-mpnet-base-v2 the fastest dynamic candidate, per-tensor,
-    scored 0.70 and per-channel 0.88: the fallback starts from the closer one.)"""
-    fast = sorted((r for r in plan.candidates if r.faster_than_fp32), key=lambda r: (_quality_key(r), -_geomean(r)))
-    bases = sorted({r.scheme.method: r for r in fast}.values(), key=_geomean)
+    """Keep the most sensitive nodes in float, a group at a time, in each method's candidate (dynamic, static) that
+    is closest to FP32 among those faster than FP32 (of those as close, the fastest), until it is within budget or
+    no longer faster. (On all-mpnet-base-v2 the fastest dynamic candidate, per-tensor, scored 0.70 and per-channel
+    0.88: the fallback starts from the closer one.) When both methods get within budget, they are timed together
+    beside FP32 and the faster is kept (within the timing noise, the closer to FP32)."""
+    bases = []
+    for method in ("dynamic", "static"):
+        rows = [r for r in plan.candidates if r.faster_than_fp32 and r.scheme.method == method]
+        if rows:  # the closest to FP32 (scores within QUALITY_TIE are as close), of those the fastest
+            best = max(_quality_key(r) for r in rows)
+            bases.append(min((r for r in rows if _quality_key(r) >= best - QUALITY_TIE), key=_geomean))
+    bases.sort(key=_geomean)
     found = [row for tag, base in enumerate(bases, 1) if (row := _fallback_of(plan, cfg, base, tag)) is not None]
     if not found:
         return None
@@ -385,9 +396,17 @@ def _fallback(plan: Plan, cfg: Any) -> Candidate | None:
         # Both methods met the budget, each timed in rounds of its own: time them together beside FP32, keep the faster.
         timed = interleaved_rounds([Path(plan.artifact.onnx_path), *(r.path for r in found)], plan.artifact.sample_shape,
                                    cfg.provider, cfg.batch_sizes, cfg.iterations)
+        fp32_latency = best_of(timed[0])
         for row, rounds in zip(found, timed[1:]):
             row.rounds, row.latency, row.timed_with = rounds, best_of(rounds), -1
-        near = tied(found)  # as fast as each other as far as the rounds tell: the closer to FP32
+            row.faster_than_fp32 = not not_faster_at(row.latency, fp32_latency)
+        faster = [r for r in found if r.faster_than_fp32]
+        if not faster:
+            plan.notes.append(" and ".join(r.name for r in found) + " met the budget, but timed together beside FP32 "
+                              "neither was faster")
+            console.info(plan.notes[-1])
+            return None
+        near = tied(faster)  # as fast as each other as far as the rounds tell: the closer to FP32
         kept = max(near, key=_quality_key) if len(near) > 1 else near[0]
         why = "within the timing noise of each other, the closer to FP32" if len(near) > 1 else "the faster"
         plan.notes.append(" and ".join(r.name for r in found)

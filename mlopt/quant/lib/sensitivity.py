@@ -5,7 +5,7 @@ PTQ keeps the lowest in float when it misses its budget.
 Written by hand rather than with qdq_loss_debug: that helper makes every intermediate tensor of the float and
 the QDQ models a graph output and keeps them all, for every input, in memory. On a 110M-parameter encoder with
 two batches of 128-token text that passed 24 GB. Here only the quantized activations and their dequantized
-values are read, from the QDQ model alone, a few rows at a time, and summed as they come.
+values are read, from the QDQ model alone, on the first ROWS rows of each batch, and summed batch by batch.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def node_sqnr(float_path: Path, qdq_path: Path, feeds: list[dict[str, Any]]) -> 
 
 def dynamic_sqnr(float_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same ranking for dynamic INT8: the tensors onnxruntime's dynamic quantizer quantizes at run time (the
-    inputs of nodes with a weight: MatMul, Gemm, Attention), each on the uint8 grid of its own range as
-    DynamicQuantizeLinear puts it, measured on the float model; "readers": the nodes that read it."""
+    inputs of the nodes with a weight it quantizes: MatMul, Attention, Conv), each on the uint8 grid of its own
+    range as DynamicQuantizeLinear puts it, measured on the float model; "readers": the nodes that read it."""
     import onnx
 
     model = onnx.load(str(float_path), load_external_data=False)
@@ -53,7 +53,7 @@ def dynamic_sqnr(float_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str
     producers = {out: node.name for node in model.graph.node for out in node.output}
     readers: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Attention") and len(node.input) > 1 and node.input[1] in weights \
+        if node.op_type in ("MatMul", "Attention", "Conv") and len(node.input) > 1 and node.input[1] in weights \
                 and node.name and producers.get(node.input[0]):
             readers.setdefault(node.input[0], []).append(node.name)
     totals = _accumulate(model, Path(float_path).parent, list(readers), feeds,

@@ -23,7 +23,7 @@ from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.quant.lib.sourcegrid import tied_gather
 from mlopt.runtime.artifacts import copy_genai_files
-from mlopt.runtime.decoder import onnx_name
+from mlopt.runtime.decoder import last_token_only, lm_head, onnx_name
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
 Precision = Literal["int4", "int8"]
@@ -121,8 +121,8 @@ def _layer_count(names: Iterable[str]) -> int:
 
 
 def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
-    """Which nodes each pass of the quantizer takes: "low" at scheme.bits, then "int8" or "int4" (an embedding
-    Gather, which onnxruntime quantizes to 4 bits only) in a second pass."""
+    """Which nodes each pass of the quantizer takes: "low" at scheme.bits, and "int8" (run before it, see
+    `_quantize`) or "int4" (an embedding Gather, which onnxruntime quantizes to 4 bits only) in a pass of their own."""
     matmuls, gathers = _matmuls(model), _embedding_gathers(model)
     layers = _layer_count(matmuls)
     low, high = [], []
@@ -258,13 +258,18 @@ def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) ->
     if scheme.embedding != "float" and head is None:
         untie_embedding(model)
     nodes = plan_nodes(model, scheme)
-    # The layers a mix keeps at other precisions go first: gptq quantizes every MatMul it finds, whatever it was
-    # asked to leave out, and a MatMulNBits is no longer one.
+    # The MatMuls a mix keeps at 8 bits go first: gptq quantizes every MatMul it finds, whatever it was asked to
+    # leave out, and a MatMulNBits is no longer one.
     if nodes.get("int8"):
         model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
+    last = lm_head(model) if scheme.algorithm == "gptq" and last_token_only(model) else None
+    if last in nodes["low"]:
+        # The LM head of a last-token graph sees one row per calibration window: too few for gptq's Hessian.
+        model = _quantize_pass(model, replace(scheme, algorithm="rtn"), [last], None, work)
+        nodes["low"] = [n for n in nodes["low"] if n != last]
+    model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
     if nodes.get("int4"):
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), nodes["int4"], None, work)
-    model = _quantize_pass(model, scheme, nodes["low"], calibration, work)
     if head is not None and not share_tied_head(model, head) and untie_embedding(model):  # the head is not 8-bit
         model = _quantize_pass(model, replace(scheme, bits=4, algorithm="rtn"), _embedding_gathers(model), None, work)
     _check_bits(model, scheme, len(nodes.get("int8", [])))
