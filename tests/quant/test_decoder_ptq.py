@@ -263,3 +263,22 @@ def test_gptq_mixes_keep_their_8_bit_layers(llama_dir, decoder_text, tmp_path):
     names = [row[0] for row in _report(out)["sections"][0]["rows"]]
     mixes = [n for n in names if "gptq" in n and "int8)" in n]
     assert any("lm_head:int8" in n for n in mixes) and any("first_block:int8" in n for n in mixes), names
+
+
+@pytest.mark.parametrize("algorithm", ["k_quant", "gptq"])
+def test_gptq_and_k_quant_need_whole_blocks_said_in_one_line(algorithm, tmp_path):
+    """A K that is not a multiple of the block size (576 with blocks of 128 on SmolLM2) is named, before onnxruntime's
+    quantizer fails inside with numpy's reshape error."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mlopt.core.errors import RunError
+    from mlopt.quant.lib.weightonly import _quantize_pass
+
+    weight = numpy_helper.from_array(np.ones((48, 16), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(RunError, match="proj has K = 48, not a multiple of the block size 32"):
+        _quantize_pass(model, WeightScheme(algorithm=algorithm, block_size=32), ["proj"], object(), tmp_path)

@@ -172,6 +172,8 @@ def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibrati
         return model
     ops = tuple(sorted({types[n] for n in wanted}))
     config = _algo_config(scheme, ops, calibration)
+    if config.algorithm in ("GPTQ", "k_quant"):  # their block layout needs whole blocks (a reshape error otherwise)
+        _check_whole_blocks(model, wanted, scheme)
     excluded = sorted(n for n, op in types.items() if op in ops and n not in wanted)
     source: Any = model
     in_work = contextlib.nullcontext()
@@ -193,6 +195,17 @@ def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibrati
 
             load_external_data_for_model(result, str(work))
     return result
+
+
+def _check_whole_blocks(model: Any, nodes: set[str], scheme: WeightScheme) -> None:
+    """onnxruntime's gptq and k_quant split each weight's input dimension K into whole blocks: a K that is not a
+    multiple of the block size is one line here instead of numpy's reshape error from inside the quantizer."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        dims = shapes.get(node.input[1]) if node.name in nodes and len(node.input) > 1 else None
+        if dims and len(dims) == 2 and dims[0] % scheme.block_size:
+            raise RunError(f"{scheme.algorithm} needs whole blocks: {node.name} has K = {dims[0]}, not a multiple of "
+                           f"the block size {scheme.block_size}")
 
 
 @contextlib.contextmanager
