@@ -51,9 +51,9 @@ def drop_unread(model: Any, names: set[str]) -> None:
     model.graph.initializer.extend(kept)
 
 
-def probe_session(model: Any, names: list[str]) -> Any:
+def probe_session(model: Any, names: list[str], weights_dir: Path | None = None) -> Any:
     """An onnxruntime CPU session whose outputs are the named float tensors of `model` (only the nodes they need
-    kept, no graph optimization, so every tensor keeps its name)."""
+    kept, no graph optimization, so every tensor keeps its name); `weights_dir`: where its external weights lie."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -66,6 +66,8 @@ def probe_session(model: Any, names: list[str]) -> Any:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if weights_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     return ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

@@ -76,21 +76,17 @@ def _accumulate(model: Any, weights_dir: Path, names: list[str], feeds: list[dic
     """Run `model` with the tensors `names` as outputs on a few rows of each feed; `pairs_of(values)` gives each
     measured tensor's (value, value after quantization). Returns tensor -> [signal energy, noise energy]."""
     import numpy as np
-    import onnx
-    from onnx import helper
 
-    from mlopt.runtime.session import make_session
+    from mlopt.runtime.graph_edit import probe_session
 
     if not names:
         return {}
-    declared = {o.name for o in model.graph.output}
-    model.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in dict.fromkeys(names) if name not in declared)
-    session = make_session(model.SerializeToString(), "cpu", weights_dir=weights_dir)
     names = list(dict.fromkeys(names))
+    session = probe_session(model, names, weights_dir)
+    wanted = {i.name for i in session.get_inputs()}
     totals: dict[str, list[float]] = {}
     for feed in feeds:
-        values = dict(zip(names, session.run(names, {k: _rows(v) for k, v in feed.items()})))
+        values = dict(zip(names, session.run(names, {k: _rows(v) for k, v in feed.items() if k in wanted})))
         for tensor, (before, after) in pairs_of(values).items():
             x = before.astype(np.float64)
             total = totals.setdefault(tensor, [0.0, 0.0])
