@@ -47,8 +47,9 @@ class PTQConfig(Strict):
     preprocess: bool = Field(True, description="shape inference and graph fusion by onnxruntime before quantizing")
     max_drop: float = Field(0.01, ge=0, le=1, description="allowed top-1 drop (0.01 = 1 point)")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="fidelity floor when the data has no labels")
-    smooth_alpha: float = Field(0.5, ge=0, le=1, description="static INT8 on transformer encoders: SmoothQuant's "
-                                "migration strength (activation outliers moved into the weights); 0: no smoothing")
+    smooth_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant's migration strength (activation outliers "
+                                "moved into the weights) for static INT8 on transformer encoders and for decoders' "
+                                "candidates with int8 activations (accuracy level 4); 0: no smoothing")
     fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
     fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
@@ -130,7 +131,7 @@ DECODER_FIELDS = ("max_ppl_increase", "max_ttft_ratio", "algorithms", "block_siz
 def _check_family(config: PTQConfig, decoder: bool) -> None:
     """Options of the other model family are errors: a decoder's are weight-only, an encoder's are INT8 graphs."""
     given = config.model_fields_set - {"type"}
-    wrong = sorted(given - set(DECODER_FIELDS) - {"mode"} if decoder else given & set(DECODER_FIELDS))
+    wrong = sorted(given - set(DECODER_FIELDS) - {"mode", "smooth_alpha"} if decoder else given & set(DECODER_FIELDS))
     if wrong:
         kind = "a decoder language model (weight-only quantization)" if decoder else "a model that is not a decoder language model"
         raise InputError(f"ptq option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to {kind}")
@@ -143,7 +144,7 @@ def quantize_decoder(artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
     from mlopt.export.lib.decoder import export_decoder
     from mlopt.quant.lib.weightsearch import Settings, search_decoder
 
-    settings = Settings(**{name: getattr(config, name) for name in DECODER_FIELDS})
+    settings = Settings(**{name: getattr(config, name) for name in (*DECODER_FIELDS, "smooth_alpha")})
     with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
         notes = []
         if artifact.format == "causal-lm":

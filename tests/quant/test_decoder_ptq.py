@@ -41,6 +41,10 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     # every candidate is reported: FP32, INT8 and both INT4 algorithms at least
     assert names[0] == "FP32" and any(n.startswith("int8") for n in names)
     assert any("rtn" in n for n in names) and any("hqq" in n for n in names)
+    # the INT8 candidate within budget (int8 activations at level 4) got its SmoothQuant twin, and one of the two
+    # was set aside as the worse of a pair that runs the same kernels
+    assert "int8 b32 sym acc4 (smoothed 0.5)" in names, names
+    assert any(n.startswith("smoothing (SmoothQuant, alpha 0.5) took int8 b32 sym acc4 from") for n in step["notes"])
     assert metrics["ppl_increase"] <= 0.05 + 1e-9
     if metrics["quantized"]:
         assert metrics["decode_tokens_per_s"] > metrics["fp32_decode_tokens_per_s"]
@@ -244,6 +248,37 @@ def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
     chosen = search._choose(search.rows)
     assert chosen.name.startswith(kept)
     assert any("time to first token was 1.50x" in n for n in search.notes) == (kept == "int8")
+
+
+@pytest.mark.parametrize("twin_ppl,kept", [(10.1, "smoothed"), (10.3, "plain")])
+def test_of_a_smoothing_pair_only_the_lower_perplexity_stays_in_the_running(twin_ppl, kept, tmp_path):
+    """A SmoothQuant twin runs the same kernels as its plain candidate: the choice reads perplexity between the two,
+    never their decode timings (noise), so the plain one is not kept for decoding 1% faster in one round."""
+    from dataclasses import replace
+
+    from mlopt.quant.lib.weightsearch import Row, Search, Settings
+
+    def row(scheme, ppl, decode):
+        return Row(scheme, tmp_path, perplexity=ppl, agreement=1.0, size_mb=1.0, base_decode=10.0,
+                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": 100.0}})
+
+    plain = int8_scheme(128)
+    search = object.__new__(Search)
+    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=1.1, algorithms=["rtn"], block_sizes=[128],
+                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1,
+                        smooth_alpha=0.5)
+    search.base, search.notes, search.budget = row(None, 10.0, 10.0), [], 10.5
+    search.rows = [row(plain, 10.2, 30.3)]
+    search.candidate = lambda scheme: search.rows.append(row(scheme, twin_ppl, 30.0)) or search.rows[-1]
+    search._smooth_within_budget()
+    assert [r.scheme for r in search.rows] == [plain, replace(plain, smooth=0.5)]
+    finalists = [r for r in search.rows if not r.outranked]
+    chosen = search._choose(finalists)
+    assert ("smoothed" in chosen.name) == (kept == "smoothed")
+    assert "from perplexity 10.200 to" in search.notes[0]
+    search.s.smooth_alpha, search.rows = 0.0, search.rows[:1]  # --smooth-alpha 0: no twin
+    search._smooth_within_budget()
+    assert len(search.rows) == 1
 
 
 @pytest.mark.slow

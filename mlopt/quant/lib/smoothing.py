@@ -7,9 +7,14 @@ SmoothQuant moves the outliers into the weights, which are quantized per output 
 well: for each input channel j of a MatMul, X_j is divided by s_j and row j of the weight multiplied
 by it, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); the product is unchanged.
 
-Where X is the output of a LayerNormalization that feeds nothing but such MatMuls, 1/s is folded into
-the norm's scale and bias; elsewhere (a post-norm encoder's norm output is also its residual) a Mul by
-1/s is inserted before the MatMuls, which costs one elementwise pass.
+Where X is the output of a LayerNormalization (or RMS norm: SimplifiedLayerNormalization and its Skip
+form) that feeds nothing but such MatMuls, 1/s is folded into the norm's scale and bias. Where X is a
+gated MLP's product act(gate) * up, 1/s is folded into the columns of the up projection's weight.
+Elsewhere (a post-norm encoder's norm output is also its residual) a Mul by 1/s is inserted before the
+MatMuls, which costs one elementwise pass; `fold_only` leaves such activations alone instead.
+
+Decoders' weight-only INT8 at accuracy level 4 uses it too: onnxruntime's MatMulNBits kernels quantize
+each row of the activation in blocks along K, and an outlier channel flattens the rest of its block.
 
 Written by hand on the ONNX graph: onnxruntime's own SmoothQuant runs Intel Neural Compressor's ONNX code,
 which is being deprecated, and would make it a dependency for one transform.
@@ -23,7 +28,9 @@ from typing import Any
 from mlopt.runtime.graph_edit import probe_session, readers, save_like
 
 MS = "com.microsoft"
-NORMS = {("", "LayerNormalization"): (1, 2), (MS, "SkipLayerNormalization"): (2, 3)}  # scale, bias input indices
+NORMS = {("", "LayerNormalization"): (1, 2), (MS, "SkipLayerNormalization"): (2, 3),  # scale, bias input indices
+         ("", "SimplifiedLayerNormalization"): (1,), (MS, "SimplifiedLayerNormalization"): (1,),
+         (MS, "SkipSimplifiedLayerNormalization"): (2,)}
 
 
 def _linear_weight(node: Any, inits: dict[str, Any]) -> str | None:
@@ -64,9 +71,26 @@ def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]]) -> d
     return peak
 
 
-def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5) -> int:
-    """Write `src` smoothed for static INT8 to `dst` (see the module's docstring). Returns how many activations
-    were smoothed; 0 (nothing written) when no MatMul weight qualifies."""
+def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int], inits: dict[str, Any]) -> str | None:
+    """The weight of the MatMul whose output is one factor of the Mul writing `name` (a gated MLP's up
+    projection), when that weight and that output have no other reader: its columns can take 1/s."""
+    mul = producer.get(name)
+    if mul is None or (mul.domain, mul.op_type) not in (("", "Mul"), ("ai.onnx", "Mul")) or len(mul.input) != 2:
+        return None
+    if mul.input[0] == mul.input[1]:
+        return None
+    for factor in mul.input:
+        up = producer.get(factor)
+        weight = _linear_weight(up, inits) if up is not None and up.op_type == "MatMul" else None
+        if weight and reads.get(factor) == 1 and reads.get(weight) == 1 and up.input[0] not in inits:
+            return weight
+    return None
+
+
+def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5, fold_only: bool = False) -> int:
+    """Write `src` smoothed to `dst` (see the module's docstring). Returns how many activations were smoothed;
+    0 (nothing written) when no MatMul weight qualifies. `fold_only`: smooth only where 1/s folds into a norm
+    or an up projection (no Mul inserted)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -80,7 +104,12 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     producer = {o: n for n in model.graph.node for o in n.output}
     reads = {name: len(nodes) for name, nodes in readers(model).items()}
     outputs = {o.name for o in model.graph.output}
-    replaced: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}  # the weights changed so far (a row scale and a column scale may meet in one)
+
+    def _scaled(name: str, factor: Any) -> None:
+        base = arrays[name] if name in arrays else numpy_helper.to_array(inits[name])
+        arrays[name] = (base * factor).astype(np.float32)
+
     inserted: list[tuple[Any, Any]] = []  # (node to insert before, Mul)
     smoothed = 0
     for name, nodes in groups.items():
@@ -92,17 +121,24 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         scale = np.where((peaks[name] > 0) & (w_peak > 0),
                          peaks[name] ** alpha / np.maximum(w_peak, 1e-12) ** (1 - alpha), 1.0)
         scale = np.clip(scale, 1e-5, 1e5).astype(np.float32)
-        for node, w in zip(nodes, weights):
-            replaced[node.input[1]] = numpy_helper.from_array((w * scale[:, None]).astype(np.float32), node.input[1])
         norm = producer.get(name)
         where = NORMS.get((norm.domain if norm is not None else "", norm.op_type if norm is not None else ""))
         foldable = (where is not None and norm.output[0] == name and reads.get(name) == len(nodes)
                     and name not in outputs and all(i < len(norm.input) and norm.input[i] in inits
                                                     and reads.get(norm.input[i]) == 1 for i in where))
-        if foldable:
+        up = None if foldable or reads.get(name) != len(nodes) or name in outputs \
+            else _gated_up_weight(name, producer, reads, inits)
+        if up is not None and list(inits[up].dims)[-1] != channels:
+            up = None
+        if fold_only and not foldable and up is None:
+            continue
+        for node in nodes:
+            _scaled(node.input[1], scale[:, None])
+        if up is not None:
+            _scaled(up, 1.0 / scale[None, :])
+        elif foldable:
             for i in where:
-                values = numpy_helper.to_array(inits[norm.input[i]])
-                replaced[norm.input[i]] = numpy_helper.from_array((values / scale).astype(np.float32), norm.input[i])
+                _scaled(norm.input[i], 1.0 / scale)
         else:
             inverse = f"{name}/smooth_inverse"
             model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inverse))
@@ -114,8 +150,8 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     if not smoothed:
         return 0
     for init in model.graph.initializer:
-        if init.name in replaced:
-            init.CopyFrom(replaced[init.name])
+        if init.name in arrays:
+            init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
     order = list(model.graph.node)
     for before, mul in inserted:  # each Mul right before the first of its MatMuls (graph order stays topological)
         order.insert(order.index(before), mul)

@@ -41,6 +41,7 @@ class WeightScheme:
     embedding: Literal["int4", "float"] = "int4"  # onnxruntime quantizes a Gather to 4 bits only
     lm_head: Precision = "int4"
     raised: tuple[str, ...] = field(default=())  # groups of MatMuls kept at 8 bits (mixed precision)
+    smooth: float = 0.0  # SmoothQuant's alpha, applied to the FP32 graph before quantizing (0: none)
 
     @property
     def label(self) -> str:
@@ -51,6 +52,7 @@ class WeightScheme:
         extras = [f"embedding:{self.embedding}"] if self.embedding != "int4" else []
         extras += [f"lm_head:{self.lm_head}"] if self.lm_head != f"int{self.bits}" else []
         extras += [f"{g}:int8" for g in self.raised]
+        extras += [f"smoothed {self.smooth:g}"] if self.smooth else []
         return " ".join(p for p in parts if p) + (f" ({', '.join(extras)})" if extras else "")
 
     def with_raised(self, group: str) -> "WeightScheme":

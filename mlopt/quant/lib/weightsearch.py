@@ -11,17 +11,21 @@ screened that way, two models loaded at a time. Then the candidates within budge
 than FP32 are timed again, together with FP32 in interleaved rounds with onnxruntime-genai (time to
 first token, decode tokens/s), and the one that decodes fastest there, and faster than FP32, is kept
 (INT4 or INT8), else FP32, with the reason.
+
+Before that, each candidate within budget whose kernels quantize activations (accuracy level 4) gets a
+SmoothQuant twin (`smoothing`, scales folded into the norms and up projections: the same kernels at the
+same speed), and of each pair the one with the lower perplexity stays in the running.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, RunError
+from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.quant.lib.sourcegrid import lies_on_grids
 from mlopt.quant.lib.weightonly import GROUPS, TextCalibration, WeightScheme, int8_scheme, quantize_folder
 from mlopt.runtime import generation
@@ -45,6 +49,7 @@ class Settings:
     prompt_tokens: int
     new_tokens: int
     rounds: int
+    smooth_alpha: float = 0.0  # SmoothQuant for candidates with int8 activations (accuracy level 4); 0: none
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Row:
     timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
     peak_rss_mb: float | None = None
     base_decode: float = 0.0  # FP32's decode tokens/s in the same rounds as `timing`
+    outranked: bool = False  # its twin with or without smoothing (the same kernels) scored a lower perplexity
 
     @property
     def name(self) -> str:
@@ -103,6 +109,7 @@ class Search:
         self.sensitivity: list[dict[str, Any]] = []
         self.failed: list[WeightScheme] = []
         self.reference: list[list[int]] = []  # FP32's greedy continuations, set by _score(None, ...)
+        self._smoothed_folders: dict[float, Path | None] = {}
         self.base = self._score(None, fp32)
         self.budget = self.base.perplexity * (1 + settings.max_ppl_increase)
 
@@ -134,7 +141,10 @@ class Search:
         if scheme.algorithm == "gptq" and scheme.bits == 4:
             calibration = _calibration(self.fp32, self.text.calibration)
         try:
-            quantize_folder(self.fp32, folder, scheme, calibration)
+            source = self._smoothed(scheme.smooth) if scheme.smooth else self.fp32
+            if source is None:
+                return None
+            quantize_folder(source, folder, scheme, calibration)
         except RunError as exc:  # one algorithm's limits (k_quant's block layout on a narrow model) end no search
             self.notes.append(f"{scheme.label} could not be built: {exc}")
             console.warn(self.notes[-1])
@@ -164,11 +174,56 @@ class Search:
         for row in [r for r in self.rows if r.within_budget and r.scheme.algorithm != "hqq"]:  # hqq has no levels
             for other in self.s.accuracy_levels[1:]:
                 self.candidate(_at_level(row.scheme, other))
+        self._smooth_within_budget()
         self._screen()
-        finalists = [r for r in self.rows if r.within_budget and r.decode > r.base_decode]
+        finalists = [r for r in self.rows if r.within_budget and r.decode > r.base_decode and not r.outranked]
         if finalists:  # beside FP32 again, all in the same interleaved rounds: the only timings the choice reads
             self._time(finalists, self.s.rounds)
         return self._choose(finalists)
+
+    def _smoothed(self, alpha: float) -> Path | None:
+        """The FP32 folder smoothed with `alpha` (written once, in the work folder); None, with a note, when no
+        activation's scale folds into a norm or an up projection."""
+        from mlopt.quant.lib.smoothing import smooth
+
+        if alpha in self._smoothed_folders:
+            return self._smoothed_folders[alpha]
+        folder: Path | None = self.work / f"smoothed-{alpha:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        feeds = list(_calibration(self.fp32, self.text.calibration))
+        try:
+            smoothed = smooth(self.fp32 / onnx_name(self.fp32), folder / onnx_name(self.fp32), feeds, alpha, fold_only=True)
+            note = "" if smoothed else ("no activation of this decoder reaches its MatMuls from a norm or a gated "
+                                        "product alone: nothing to smooth")
+        except Exception as exc:  # a twin that cannot be built ends no search; the note says why
+            note = f"smoothing (alpha {alpha:g}) failed: {type(exc).__name__}: {first_line(exc)[:200]}"
+        if note:
+            self.notes.append(note)
+            console.warn(note)
+            folder = None
+        else:
+            copy_genai_files(self.fp32, folder, weights=False)
+        self._smoothed_folders[alpha] = folder
+        return folder
+
+    def _smooth_within_budget(self) -> None:
+        """SmoothQuant twins of the candidates within budget whose kernels quantize activations to int8 (accuracy
+        level 4, where an outlier channel flattens the rest of its block): the scales fold into the norms and up
+        projections, so a twin runs the same kernels at the same speed, and of each pair only the one with the
+        lower perplexity stays in the running. Weights on a source grid stay on it (not smoothed)."""
+        alpha = self.s.smooth_alpha
+        if not alpha:
+            return
+        for row in [r for r in self.rows if r.within_budget and r.scheme.accuracy_level == 4
+                    and not r.scheme.smooth and r.scheme.algorithm not in ("grid", "hqq")]:
+            twin = self.candidate(replace(row.scheme, smooth=alpha))
+            if twin is None:
+                continue
+            worse, better = (row, twin) if twin.perplexity < row.perplexity else (twin, row)
+            worse.outranked = True
+            self.notes.append(f"smoothing (SmoothQuant, alpha {alpha:g}) took {row.name} from perplexity "
+                              f"{row.perplexity:.3f} to {twin.perplexity:.3f}; the same kernels, so only "
+                              f"{better.name} stays in the running")
 
     def _screen(self) -> None:
         """Time each candidate not timed yet once, beside FP32 (two models loaded at a time, whatever their size)."""
@@ -240,8 +295,6 @@ def _ttft(row: Row) -> float:
 
 
 def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
-    from dataclasses import replace
-
     return replace(scheme, accuracy_level=level)
 
 
