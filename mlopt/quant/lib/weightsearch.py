@@ -184,15 +184,11 @@ class Search:
     def _smoothed(self, alpha: float) -> Path | None:
         """The FP32 folder smoothed with `alpha` (written once, in the work folder); None, with a note, when no
         activation's scale folds into a norm or an up projection."""
-        from mlopt.quant.lib.smoothing import smooth
-
         if alpha in self._smoothed_folders:
             return self._smoothed_folders[alpha]
         folder: Path | None = self.work / f"smoothed-{alpha:g}"
-        folder.mkdir(parents=True, exist_ok=True)
-        feeds = list(_calibration(self.fp32, self.text.calibration))
         try:
-            smoothed = smooth(self.fp32 / onnx_name(self.fp32), folder / onnx_name(self.fp32), feeds, alpha, fold_only=True)
+            smoothed = smooth_folder(self.fp32, folder, self.text.calibration, alpha)
             note = "" if smoothed else ("no activation of this decoder reaches its MatMuls from a norm or a gated "
                                         "product alone: nothing to smooth")
         except Exception as exc:  # a twin that cannot be built ends no search; the note says why
@@ -201,8 +197,6 @@ class Search:
             self.notes.append(note)
             console.warn(note)
             folder = None
-        else:
-            copy_genai_files(self.fp32, folder, weights=False)
         self._smoothed_folders[alpha] = folder
         return folder
 
@@ -305,6 +299,20 @@ def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
     config = json.loads((folder / "genai_config.json").read_text())
     head_size = int(config["model"]["decoder"]["head_size"])
     return TextCalibration(list(graph.input), windows, head_size, generation.sliding_window(config))
+
+
+def smooth_folder(fp32: Path, dst: Path, windows: list[list[int]], alpha: float) -> int:
+    """Write `dst`: the genai folder `fp32` smoothed (SmoothQuant, `alpha`, folded into norms and up projections
+    only) on the channel ranges of calibration `windows`. Returns how many activations were smoothed (0: nothing
+    written but the folder)."""
+    from mlopt.quant.lib.smoothing import smooth
+
+    dst.mkdir(parents=True, exist_ok=True)
+    name = onnx_name(fp32)
+    smoothed = smooth(fp32 / name, dst / name, list(_calibration(fp32, windows)), alpha, fold_only=True)
+    if smoothed:
+        copy_genai_files(fp32, dst, weights=False)
+    return smoothed
 
 
 def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out: Path) -> Any:
