@@ -11,7 +11,9 @@ Where X is the output of a LayerNormalization (or RMS norm: SimplifiedLayerNorma
 form) that feeds nothing but such MatMuls, 1/s is folded into the norm's scale and bias. Where X is a
 gated MLP's product act(gate) * up, 1/s is folded into the columns of the up projection's weight.
 Elsewhere (a post-norm encoder's norm output is also its residual) a Mul by 1/s is inserted before the
-MatMuls, which costs one elementwise pass; `fold_only` leaves such activations alone instead.
+MatMuls, which costs one elementwise pass; `fold_only` leaves such activations alone instead (on two
+decoders, folding the attention output's scale into the value projection, one s per key-value head,
+gained nothing measurable, so it is not done).
 
 Decoders' weight-only INT8 at accuracy level 4 uses it too: onnxruntime's MatMulNBits kernels quantize
 each row of the activation in blocks along K, and an outlier channel flattens the rest of its block.
@@ -87,6 +89,14 @@ def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int],
     return None
 
 
+def _scale(act: Any, w_peak: Any, alpha: float) -> Any:
+    """SmoothQuant's s = max|X_j|^alpha / max|W_j|^(1 - alpha), 1 where either is zero, kept within 1e-5..1e5."""
+    import numpy as np
+
+    scale = np.where((act > 0) & (w_peak > 0), act ** alpha / np.maximum(w_peak, 1e-12) ** (1 - alpha), 1.0)
+    return np.clip(scale, 1e-5, 1e5).astype(np.float32)
+
+
 def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5, fold_only: bool = False) -> int:
     """Write `src` smoothed to `dst` (see the module's docstring). Returns how many activations were smoothed;
     0 (nothing written) when no MatMul weight qualifies. `fold_only`: smooth only where 1/s folds into a norm
@@ -118,9 +128,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         if any(w.shape[0] != channels for w in weights):
             continue
         w_peak = np.max([np.abs(w).max(1) for w in weights], axis=0)
-        scale = np.where((peaks[name] > 0) & (w_peak > 0),
-                         peaks[name] ** alpha / np.maximum(w_peak, 1e-12) ** (1 - alpha), 1.0)
-        scale = np.clip(scale, 1e-5, 1e5).astype(np.float32)
+        scale = _scale(peaks[name], w_peak, alpha)
         norm = producer.get(name)
         where = NORMS.get((norm.domain if norm is not None else "", norm.op_type if norm is not None else ""))
         foldable = (where is not None and norm.output[0] == name and reads.get(name) == len(nodes)
