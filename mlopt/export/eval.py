@@ -54,6 +54,7 @@ class EvalPass(Pass):
         if not ctx.data.text:
             raise InputError(f"perplexity of a decoder needs text:FILE data, not {ctx.data.name}")
         metrics = artifact_perplexity(artifact, ctx.data.val, config.window)
+        metrics.pop("window_nll", None)  # per-window figures (for paired intervals) stay out of the report
         console.info(f"perplexity {metrics['perplexity']:.3f}  nll {metrics['nll']:.4f}  ({metrics['windows']} windows "
                      f"of {metrics['window']} tokens, {metrics['tokens']} scored)")
         return StepResult(artifact=artifact, metrics=metrics)

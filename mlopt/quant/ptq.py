@@ -67,7 +67,7 @@ class PTQConfig(Strict):
                     "lines) is not a default: it takes minutes even on a 135M-parameter decoder on 2 cores",
         json_schema_extra=cli(flag="--algorithm"))
     block_sizes: list[int] = Field(
-        default_factory=lambda: [32, 128], min_length=1, description="decoders: block sizes measured (INT4 and INT8)",
+        default_factory=lambda: [32, 64, 128], min_length=1, description="decoders: block sizes measured (INT4 and INT8)",
         json_schema_extra=cli(flag="--block-size"))
     accuracy_levels: list[int] = Field(
         default_factory=lambda: [4, 0], min_length=1,

@@ -42,6 +42,24 @@ def test_scorer_on_known_logits():
     assert sure["nll"] == pytest.approx(np.log1p(49 * np.exp(-20.0)), rel=1e-6) and sure["tokens"] == 38
 
 
+def test_per_window_nll_and_the_paired_interval():
+    """Each window's mean NLL is kept; a model a constant 1% worse on every window has the interval [1%, 1%],
+    one worse on some windows and better on others an interval that holds zero."""
+    import math
+
+    import numpy as np
+
+    uniform = generation._scored(lambda chunk: np.zeros((len(chunk), 50), np.float32), list(range(40)), 10, None, "u")
+    assert uniform["window_nll"] == pytest.approx([math.log(50)] * 4)
+    base = [3.0, 3.2, 2.9, 3.1, 3.0]
+    low, high = generation.ppl_change_interval([x + math.log(1.01) for x in base], base)
+    assert low == pytest.approx(0.01) and high == pytest.approx(0.01)
+    low, high = generation.ppl_change_interval([x + d for x, d in zip(base, (0.02, -0.02, 0.01, -0.01, 0.0))], base)
+    assert low < 0 < high and math.log1p(high) == pytest.approx(-math.log1p(low))  # mean difference 0
+    with pytest.raises(InputError, match="two windows or more"):
+        generation.ppl_change_interval([1.0], [1.0])
+
+
 def test_too_short_text_is_input_error():
     with pytest.raises(InputError, match="the text has 5 tokens; one perplexity window needs 8"):
         generation._windows(list(range(5)), 8, None)
@@ -133,6 +151,7 @@ def test_eval_step_on_a_genai_folder(tiny_decoder):
     ctx = _ctx(tiny_decoder.lines)
     result = EvalPass().run(_artifact(tiny_decoder.folder), EvalConfig(window=16), ctx)
     expected = generation.perplexity(tiny_decoder.folder, generation.token_ids(tiny_decoder.folder, ctx.data.val), 16)
+    assert len(expected.pop("window_nll")) == expected["windows"]  # per-window figures stay out of the report
     assert result.metrics == expected
     shown = EvalPass.cli_json({"metrics": result.metrics})
     assert set(shown) == {"perplexity", "nll", "windows", "window", "tokens"} and shown["window"] == 16

@@ -38,6 +38,8 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     metrics = step["metrics"]
     table = step["sections"][0]
     names = [row[0] for row in table["rows"]]
+    interval = table["columns"].index("95% interval %")  # paired over the windows: FP32 against itself is exact
+    assert table["rows"][0][interval] == "+0.00 to +0.00" and all(" to " in row[interval] for row in table["rows"])
     # every candidate is reported: FP32, INT8 and both INT4 algorithms at least
     assert names[0] == "FP32" and any(n.startswith("int8") for n in names)
     assert any("rtn" in n for n in names) and any("hqq" in n for n in names)
@@ -248,6 +250,27 @@ def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
     chosen = search._choose(search.rows)
     assert chosen.name.startswith(kept)
     assert any("time to first token was 1.50x" in n for n in search.notes) == (kept == "int8")
+
+
+def test_of_candidates_tied_on_decode_speed_the_lower_perplexity_is_kept(tmp_path):
+    """Decode rates within DECODE_TIE of the fastest are the timing noise: the closer of those is kept, said in a
+    note; a candidate further behind is not kept for its perplexity."""
+    from mlopt.quant.lib.weightsearch import Row, Search, Settings
+
+    def row(scheme, ppl, decode):
+        return Row(scheme, tmp_path, perplexity=ppl, agreement=1.0, size_mb=1.0, base_decode=10.0,
+                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": 100.0}})
+
+    search = object.__new__(Search)
+    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=1.1, algorithms=["rtn"], block_sizes=[64, 128],
+                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1)
+    search.base, search.notes, search.budget = row(None, 10.0, 10.0), [], 10.5
+    fast, close, slow = row(int8_scheme(128), 10.3, 50.0), row(int8_scheme(64), 10.1, 48.0), row(int8_scheme(32), 10.0, 40.0)
+    search.rows = [fast, close, slow]
+    assert search._choose(search.rows) is close
+    assert any("int8 b64 sym acc4 decoded within 5% of the fastest, int8 b128 sym acc4" in n for n in search.notes)
+    search.notes, close.timing["decode_tokens_per_s"] = [], 47.0  # 6% behind: speed decides
+    assert search._choose(search.rows) is fast and not any("within 5%" in n for n in search.notes)
 
 
 @pytest.mark.parametrize("twin_ppl,kept", [(10.1, "smoothed"), (10.3, "plain")])

@@ -10,7 +10,8 @@ than FP32 when timed once beside it (hqq's float zero points run on a slow kerne
 screened that way, two models loaded at a time. Then the candidates within budget that decoded faster
 than FP32 are timed again, together with FP32 in interleaved rounds with onnxruntime-genai (time to
 first token, decode tokens/s), and the one that decodes fastest there, and faster than FP32, is kept
-(INT4 or INT8), else FP32, with the reason.
+(INT4 or INT8; of those within DECODE_TIE of the fastest, the one with the lowest perplexity), else
+FP32, with the reason.
 
 Before that, each candidate within budget whose kernels quantize activations (accuracy level 4) gets a
 SmoothQuant twin (`smoothing`, scales folded into the norms and up projections: the same kernels at the
@@ -35,6 +36,9 @@ from mlopt.runtime.decoder import onnx_name
 PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
 CALIBRATION_WINDOWS = 16
+#: Candidates decoding within this fraction of the fastest are tied on speed (the run-to-run spread of decode
+#: rates on a shared 2-core machine); of those the one with the lowest perplexity is kept.
+DECODE_TIE = 0.05
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Row:
     timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
     peak_rss_mb: float | None = None
     base_decode: float = 0.0  # FP32's decode tokens/s in the same rounds as `timing`
+    window_nll: list[float] = field(default_factory=list)  # mean NLL per perplexity window (paired intervals)
     outranked: bool = False  # its twin with or without smoothing (the same kernels) scored a lower perplexity
 
     @property
@@ -115,14 +120,14 @@ class Search:
 
     def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
         scored = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows, bos=self.text.bos)
-        ppl, self.windows = scored["perplexity"], scored["windows"]
+        ppl, self.windows, window_nll = scored["perplexity"], scored["windows"], scored["window_nll"]
         model = generation.load_model(folder)
         greedy = [generation.greedy(folder, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
         if scheme is None:
             self.reference = greedy
         agree = sum(map(generation.agreement, self.reference, greedy)) / len(greedy)
         size = folder_size_mb(folder)
-        row = Row(scheme, folder, ppl, agree, size)
+        row = Row(scheme, folder, ppl, agree, size, window_nll=window_nll)
         if scheme is not None:
             row.within_budget = ppl <= self.budget
             self.rows.append(row)
@@ -260,8 +265,9 @@ class Search:
 
     def _choose(self, finalists: list[Row]) -> Row:
         """The finalist (within budget, faster than FP32 when screened) that decodes fastest in the final rounds,
-        faster than FP32 there, with a time to first token within --max-ttft-ratio of FP32's in those rounds; else
-        FP32. The notes say why no INT4 one was kept when none was."""
+        faster than FP32 there, with a time to first token within --max-ttft-ratio of FP32's in those rounds (of
+        those within DECODE_TIE of the fastest, the lowest perplexity); else FP32. The notes say why no INT4 one
+        was kept when none was."""
         faster = [r for r in finalists if r.decode > self.base.decode]
         if _ttft(self.base) > 0:  # FP32 timed in these rounds: the first-token limit applies
             limit = self.s.max_ttft_ratio * _ttft(self.base)
@@ -271,6 +277,13 @@ class Search:
                                   f"{self.s.max_ttft_ratio:g}x: --max-ttft-ratio)")
             faster = [r for r in faster if _ttft(r) <= limit]
         chosen = max(faster, key=lambda r: r.decode) if faster else self.base
+        tied = [r for r in faster if r.decode >= (1 - DECODE_TIE) * chosen.decode]
+        closer = min(tied, key=lambda r: r.perplexity) if tied else chosen
+        if closer is not chosen:
+            self.notes.append(f"{closer.name} decoded within {DECODE_TIE:.0%} of the fastest, {chosen.name} "
+                              f"({closer.decode:.1f} against {chosen.decode:.1f} tokens/s, within the timing noise), "
+                              f"at a lower perplexity ({closer.perplexity:.3f} against {chosen.perplexity:.3f}): kept")
+            chosen = closer
         if chosen.scheme is None or chosen.scheme.bits != 4:
             if not any(r.within_budget for r in self.rows if r.scheme.bits == 4):
                 self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
@@ -282,6 +295,13 @@ class Search:
             self.notes.append("no quantized candidate within budget decoded faster than FP32 with a time to first token "
                               "within --max-ttft-ratio: FP32 is handed back")
         return chosen
+
+
+def _interval(row: Row, base: Row) -> str | None:
+    if len(row.window_nll) < 2 or len(row.window_nll) != len(base.window_nll):
+        return None
+    low, high = generation.ppl_change_interval(row.window_nll, base.window_nll)
+    return f"{100 * low:+.2f} to {100 * high:+.2f}"
 
 
 def _ttft(row: Row) -> float:
@@ -370,15 +390,17 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
     from mlopt.core.sections import Bars, Table
 
     base = search.base
-    columns = ["model", "within budget", "perplexity", "ppl increase %", "greedy agreement", "ttft p50 ms",
-               "decode tokens/s", "decode speed-up", "size MB", "chosen"]
+    columns = ["model", "within budget", "perplexity", "ppl increase %", "95% interval %", "greedy agreement",
+               "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
-             round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
+             _interval(r, base), round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
              round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2), r is chosen]
             for r in [base, *search.rows]]
     sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
-                                      f"{search.s.window}-token windows of the held-out text; timing: "
+                                      f"{search.s.window}-token windows of the held-out text (95% interval: "
+                                      "paired over the windows; candidates whose intervals overlap are not told apart "
+                                      "by this text); timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
                                       "that decoded faster than FP32 in one round (the choice reads only these, and keeps "
