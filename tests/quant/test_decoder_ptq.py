@@ -340,3 +340,22 @@ def test_gptq_and_k_quant_need_whole_blocks_said_in_one_line(algorithm, tmp_path
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(RunError, match="proj has K = 48, not a multiple of the block size 32"):
         _quantize_pass(model, WeightScheme(algorithm=algorithm, block_size=32), ["proj"], object(), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,smoothed", [("llama", 7), ("qwen3", 6)])
+def test_smoothing_a_builder_decoder_keeps_its_perplexity(family, smoothed, request, decoder_lines, tmp_path):
+    """On the builder's graphs of two families: per layer the q/k/v input (RMS norm), the gate/up input (the skip
+    RMS norm) and the down projection's input (the gated product) are smoothed, and the LM head's input where the
+    head owns its weight (Llama, untied; Qwen3's head shares the embedding's); the model scores what it did."""
+    from mlopt.quant.lib.weightsearch import smooth_folder
+    from mlopt.runtime import generation
+
+    fp32 = build_genai(request.getfixturevalue(f"{family}_dir"), tmp_path / "fp32", tmp_path / "cache")
+    train, val = decoder_lines
+    ids = generation.token_ids(fp32, train)
+    assert smooth_folder(fp32, tmp_path / "smoothed", [ids[i:i + 64] for i in range(0, 256, 64)], 0.5) == smoothed
+    val_ids = generation.token_ids(fp32, val)
+    before, after = (generation.perplexity(f, val_ids, 64, 8)["perplexity"] for f in (fp32, tmp_path / "smoothed"))
+    assert after == pytest.approx(before, rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "smoothed").iterdir()) == sorted(p.name for p in fp32.iterdir())
