@@ -126,17 +126,22 @@ class PTQPass(Pass):
 
 DECODER_FIELDS = ("max_ppl_increase", "max_ttft_ratio", "algorithms", "block_sizes", "accuracy_levels", "window", "max_windows",
                   "prompt_tokens", "new_tokens", "rounds")
+#: the decoder search's settings: its own fields and the ones it shares with encoders
+DECODER_SETTINGS = (*DECODER_FIELDS, "smooth_alpha")
 
 
 def _check_family(config: PTQConfig, decoder: bool) -> None:
     """Options of the other model family are errors: a decoder's are weight-only, an encoder's are INT8 graphs."""
     given = config.model_fields_set - {"type"}
-    wrong = sorted(given - set(DECODER_FIELDS) - {"mode", "smooth_alpha"} if decoder else given & set(DECODER_FIELDS))
+    wrong = sorted(given - set(DECODER_SETTINGS) - {"mode"} if decoder else given & set(DECODER_FIELDS))
     if wrong:
         kind = "a decoder language model (weight-only quantization)" if decoder else "a model that is not a decoder language model"
         raise InputError(f"ptq option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to {kind}")
     if decoder and config.mode != "auto":
         raise InputError("a decoder language model is quantized in mode auto (weight-only candidates, measured)")
+    if decoder and "smooth_alpha" in given and config.smooth_alpha and 4 not in config.accuracy_levels:
+        raise InputError("--smooth-alpha on a decoder smooths the candidates whose kernels quantize activations "
+                         "(--accuracy-level 4), and none is measured")
 
 
 def quantize_decoder(artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
@@ -144,7 +149,7 @@ def quantize_decoder(artifact: Any, config: PTQConfig, ctx: Any) -> StepResult:
     from mlopt.export.lib.decoder import export_decoder
     from mlopt.quant.lib.weightsearch import Settings, search_decoder
 
-    settings = Settings(**{name: getattr(config, name) for name in (*DECODER_FIELDS, "smooth_alpha")})
+    settings = Settings(**{name: getattr(config, name) for name in DECODER_SETTINGS})
     with tempfile.TemporaryDirectory(prefix="mlopt-ptq-", ignore_cleanup_errors=True) as work:
         notes = []
         if artifact.format == "causal-lm":

@@ -145,7 +145,8 @@ def _scored(logits_of: Callable[[list[int]], Any], ids: Sequence[int], window: i
 def ppl_change_interval(window_nll: Sequence[float], base_window_nll: Sequence[float]) -> tuple[float, float]:
     """A 95% interval of the relative perplexity change of a model against a base scored on the same windows
     (paired: the mean per-window NLL difference, +-1.96 standard errors, as exp(.) - 1). Two quantized models
-    whose intervals overlap are not told apart by these windows."""
+    whose intervals overlap are not told apart by these windows. A normal approximation that treats windows as
+    independent: with few windows (under about 30) or neighbouring windows that share a topic it is too narrow."""
     import numpy as np
 
     diff = np.asarray(window_nll, dtype=np.float64) - np.asarray(base_window_nll, dtype=np.float64)

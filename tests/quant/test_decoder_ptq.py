@@ -32,7 +32,7 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     result = runner.invoke(app, ["ptq", "--model", f"hf:{llama_dir}", "--data", f"text:{decoder_text}", "--out", str(out),
                                  "--algorithm", "rtn", "--algorithm", "hqq", "--block-size", "32",
                                  "--accuracy-level", "4", "--max-windows", "8", "--new-tokens", "24", "--rounds", "2",
-                                 "--quiet"])
+                                 "--smooth-alpha", "0.3", "--quiet"])
     assert result.exit_code == 0, result.output
     step = _report(out)
     metrics = step["metrics"]
@@ -45,8 +45,10 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     assert any("rtn" in n for n in names) and any("hqq" in n for n in names)
     # the INT8 candidate within budget (int8 activations at level 4) got its SmoothQuant twin, and one of the two
     # was set aside as the worse of a pair that runs the same kernels
-    assert "int8 b32 sym acc4 (smoothed 0.5)" in names, names
-    assert any(n.startswith("smoothing (SmoothQuant, alpha 0.5) took int8 b32 sym acc4 from") for n in step["notes"])
+    assert "int8 b32 sym acc4 (smoothed 0.3)" in names, names  # --smooth-alpha reached the decoder's search
+    assert any(n.startswith("smoothing (SmoothQuant, alpha 0.3) took int8 b32 sym acc4 from") for n in step["notes"])
+    aside = table["columns"].index("set aside for its twin")
+    assert sum(row[aside] for row in table["rows"] if "int8 b32 sym acc4" in row[0]) == 1
     assert metrics["ppl_increase"] <= 0.05 + 1e-9
     if metrics["quantized"]:
         assert metrics["decode_tokens_per_s"] > metrics["fp32_decode_tokens_per_s"]
@@ -233,20 +235,31 @@ def test_a_tied_decoder_on_a_grid_stores_its_embedding_once(qwen3_dir, tmp_path)
     assert generation.perplexity(grid, ids, 64)["perplexity"] == pytest.approx(base, rel=1e-4)
 
 
+def _row(folder, scheme, ppl=10.0, decode=10.0, ttft=100.0):
+    from mlopt.quant.lib.weightsearch import Row
+
+    return Row(scheme, folder, perplexity=ppl, agreement=1.0, size_mb=1.0, base_decode=10.0,
+               timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": ttft}})
+
+
+def _search(folder, max_ttft_ratio=1.1, smooth_alpha=0.0):
+    """A Search with no model behind it: what _choose and the smoothing pairs read, set by hand."""
+    from mlopt.quant.lib.weightsearch import Search, Settings
+
+    search = object.__new__(Search)
+    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=max_ttft_ratio, algorithms=["rtn"], block_sizes=[32],
+                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1,
+                        smooth_alpha=smooth_alpha)
+    search.base, search.notes, search.budget = _row(folder, None), [], 10.5
+    return search
+
+
 @pytest.mark.parametrize("ratio,kept", [(1.1, "int8"), (2.0, "int4")])
 def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
     """The fastest decoder is kept only when its time to first token is within --max-ttft-ratio of FP32's."""
-    from mlopt.quant.lib.weightsearch import Row, Search, Settings
-
-    def row(scheme, decode, ttft):
-        return Row(scheme, tmp_path, perplexity=10.0, agreement=1.0, size_mb=1.0, base_decode=10.0,
-                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": ttft}})
-
-    search = object.__new__(Search)
-    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=ratio, algorithms=["rtn"], block_sizes=[32],
-                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1)
-    search.base, search.notes, search.budget = row(None, 10.0, 100.0), [], 10.5
-    search.rows = [row(WeightScheme(), 30.0, 150.0), row(int8_scheme(32), 20.0, 105.0)]
+    search = _search(tmp_path, max_ttft_ratio=ratio)
+    search.rows = [_row(tmp_path, WeightScheme(), decode=30.0, ttft=150.0),
+                   _row(tmp_path, int8_scheme(32), decode=20.0, ttft=105.0)]
     chosen = search._choose(search.rows)
     assert chosen.name.startswith(kept)
     assert any("time to first token was 1.50x" in n for n in search.notes) == (kept == "int8")
@@ -255,18 +268,9 @@ def test_a_candidate_slow_to_its_first_token_is_not_kept(ratio, kept, tmp_path):
 def test_of_candidates_tied_on_decode_speed_the_lower_perplexity_is_kept(tmp_path):
     """Decode rates within DECODE_TIE of the fastest are the timing noise: the closer of those is kept, said in a
     note; a candidate further behind is not kept for its perplexity."""
-    from mlopt.quant.lib.weightsearch import Row, Search, Settings
-
-    def row(scheme, ppl, decode):
-        return Row(scheme, tmp_path, perplexity=ppl, agreement=1.0, size_mb=1.0, base_decode=10.0,
-                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": 100.0}})
-
-    search = object.__new__(Search)
-    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=1.1, algorithms=["rtn"], block_sizes=[64, 128],
-                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1)
-    search.base, search.notes, search.budget = row(None, 10.0, 10.0), [], 10.5
-    fast, close, slow = row(int8_scheme(128), 10.3, 50.0), row(int8_scheme(64), 10.1, 48.0), row(int8_scheme(32), 10.0, 40.0)
-    search.rows = [fast, close, slow]
+    search = _search(tmp_path)
+    fast, close = _row(tmp_path, int8_scheme(128), 10.3, 50.0), _row(tmp_path, int8_scheme(64), 10.1, 48.0)
+    search.rows = [fast, close, _row(tmp_path, int8_scheme(32), 10.0, 40.0)]
     assert search._choose(search.rows) is close
     assert any("int8 b64 sym acc4 decoded within 5% of the fastest, int8 b128 sym acc4" in n for n in search.notes)
     search.notes, close.timing["decode_tokens_per_s"] = [], 47.0  # 6% behind: speed decides
@@ -275,33 +279,33 @@ def test_of_candidates_tied_on_decode_speed_the_lower_perplexity_is_kept(tmp_pat
 
 @pytest.mark.parametrize("twin_ppl,kept", [(10.1, "smoothed"), (10.3, "plain")])
 def test_of_a_smoothing_pair_only_the_lower_perplexity_stays_in_the_running(twin_ppl, kept, tmp_path):
-    """A SmoothQuant twin runs the same kernels as its plain candidate: the choice reads perplexity between the two,
-    never their decode timings (noise), so the plain one is not kept for decoding 1% faster in one round."""
+    """A SmoothQuant twin runs the same kernels as its plain candidate: between the two only perplexity counts, so
+    the worse is set aside before the timing, even when it decoded faster in its round (beyond DECODE_TIE here)."""
     from dataclasses import replace
 
-    from mlopt.quant.lib.weightsearch import Row, Search, Settings
-
-    def row(scheme, ppl, decode):
-        return Row(scheme, tmp_path, perplexity=ppl, agreement=1.0, size_mb=1.0, base_decode=10.0,
-                   timing={"decode_tokens_per_s": decode, "ttft_ms": {"p50": 100.0}})
-
     plain = int8_scheme(128)
-    search = object.__new__(Search)
-    search.s = Settings(max_ppl_increase=0.05, max_ttft_ratio=1.1, algorithms=["rtn"], block_sizes=[128],
-                        accuracy_levels=[4], window=128, max_windows=8, prompt_tokens=128, new_tokens=16, rounds=1,
-                        smooth_alpha=0.5)
-    search.base, search.notes, search.budget = row(None, 10.0, 10.0), [], 10.5
-    search.rows = [row(plain, 10.2, 30.3)]
-    search.candidate = lambda scheme: search.rows.append(row(scheme, twin_ppl, 30.0)) or search.rows[-1]
+    search = _search(tmp_path, smooth_alpha=0.5)
+    search.rows = [_row(tmp_path, plain, 10.2, 33.0)]
+    search.candidate = lambda scheme: search.rows.append(_row(tmp_path, scheme, twin_ppl, 30.0)) or search.rows[-1]
     search._smooth_within_budget()
     assert [r.scheme for r in search.rows] == [plain, replace(plain, smooth=0.5)]
-    finalists = [r for r in search.rows if not r.outranked]
-    chosen = search._choose(finalists)
+    assert [r.outranked for r in search.rows] == ([True, False] if kept == "smoothed" else [False, True])
+    chosen = search._choose([r for r in search.rows if not r.outranked])
     assert ("smoothed" in chosen.name) == (kept == "smoothed")
     assert "from perplexity 10.200 to" in search.notes[0]
     search.s.smooth_alpha, search.rows = 0.0, search.rows[:1]  # --smooth-alpha 0: no twin
     search._smooth_within_budget()
     assert len(search.rows) == 1
+
+
+def test_smooth_alpha_on_a_decoder_needs_int8_activations():
+    """--smooth-alpha is never silently dropped: on a decoder measured only at float-activation levels it is refused."""
+    from mlopt.core.errors import InputError
+    from mlopt.quant.ptq import PTQConfig, _check_family
+
+    _check_family(PTQConfig(smooth_alpha=0.3), decoder=True)
+    with pytest.raises(InputError, match="--smooth-alpha on a decoder smooths the candidates"):
+        _check_family(PTQConfig(smooth_alpha=0.3, accuracy_levels=[0]), decoder=True)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """SmoothQuant on ONNX graphs (mlopt.quant.lib.smoothing): the smoothed graph computes the same outputs, the
-scale folds into a LayerNormalization only when nothing else reads its output, and static INT8 of a graph
-with an outlier activation channel loses less after smoothing."""
+scale folds into a LayerNormalization (or a decoder's RMS norms and gated up projection) only when nothing else
+reads its output, and INT8 (static QDQ, or MatMulNBits' int8 activations) of a graph with an outlier activation
+channel loses less after smoothing."""
 
 import numpy as np
 import onnx
@@ -87,7 +88,7 @@ def test_nothing_to_smooth_writes_nothing(tmp_path):
     assert not (tmp_path / "s.onnx").exists()
 
 
-def _decoder_block(path, width=64, hidden=128):
+def _decoder_block(path, width=64, hidden=128, up_read_elsewhere=False):
     """A decoder block as onnxruntime-genai's builder writes it: RMS norm -> qkv MatMul -> (attention stand-in)
     -> o_proj; SkipSimplifiedLayerNormalization -> gate and up MatMuls -> SiLU(gate) * up -> down MatMul.
     Channel 5 of the residual stream carries an outlier, as trained decoders' do."""
@@ -113,7 +114,10 @@ def _decoder_block(path, width=64, hidden=128):
              helper.make_node("Mul", ["act", "up"], ["prod"], name="gated"),
              helper.make_node("MatMul", ["prod", "wdown"], ["down"], name="down_proj"),
              helper.make_node("Add", ["res", "down"], ["y"], name="residual")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+    outputs = [y]
+    if up_read_elsewhere:  # the up projection's output is also a graph output: its columns must keep their scale
+        outputs.append(helper.make_tensor_value_info("up", TensorProto.FLOAT, None))
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     onnx.save(model, str(path))
     return path
@@ -144,6 +148,19 @@ def test_decoder_smoothing_folds_into_rms_norms_and_the_up_projection_only(tmp_p
     assert [n.op_type for n in smoothed.graph.node].count("Mul") == 2  # SiLU's and the gate's, nothing inserted
 
 
+def test_decoder_smoothing_leaves_an_up_projection_read_elsewhere(tmp_path):
+    """Where the up projection's output has another reader, 1/s cannot go into its columns: the down projection's
+    input is left alone (fold_only), the norms are still smoothed, and every output is what it was."""
+    src = _decoder_block(tmp_path / "d.onnx", up_read_elsewhere=True)
+    assert smooth(src, tmp_path / "s.onnx", _stream(), alpha=0.5, fold_only=True) == 2  # n1, n2
+    feed = _stream(1)[0]
+    for want, got in zip(_run(src, feed), _run(tmp_path / "s.onnx", feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "s.onnx")).graph.initializer}
+    before = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(src)).graph.initializer}
+    np.testing.assert_array_equal(after["wdown"], before["wdown"])
+
+
 def test_decoder_smoothing_lowers_the_error_of_int8_activation_kernels(tmp_path):
     """MatMulNBits at accuracy level 4 quantizes each activation row in blocks: with the outlier channel moved into
     the weights, the 8-bit block after smoothing is closer to float than the one before."""
@@ -151,13 +168,12 @@ def test_decoder_smoothing_lowers_the_error_of_int8_activation_kernels(tmp_path)
 
     src = _decoder_block(tmp_path / "d.onnx")
     smooth(src, tmp_path / "s.onnx", _stream(8), alpha=0.5, fold_only=True)
-    errors = []
+    errors, feed = [], _stream(1)[0]
     for name in ("d", "s"):
         config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
         quantizer = MatMulNBitsQuantizer(onnx.load(str(tmp_path / f"{name}.onnx")), bits=8, block_size=32,
                                          is_symmetric=True, accuracy_level=4, algo_config=config)
         quantizer.process()
         onnx.save(quantizer.model.model, str(tmp_path / f"{name}q.onnx"))
-        feed = _stream(1)[0]
         errors.append(np.abs(_run(tmp_path / f"{name}q.onnx", feed)[0] - _run(src, feed)[0]).mean())
     assert errors[1] < 0.8 * errors[0], errors

@@ -114,8 +114,8 @@ def prepare(artifact: Any, config: Any, data: Any, work: Path) -> Plan:
                      "MultiHeadAttention has no INT8 form)")
         console.warn(notes[-1])
     if "smooth_alpha" in config.model_fields_set and not text:
-        raise InputError("--smooth-alpha applies to transformer encoders (hf: text models); this model's static "
-                         "candidates quantize every operator onnxruntime can")
+        raise InputError("--smooth-alpha applies to transformer encoders (hf: text models) and decoder language "
+                         "models; this model's static candidates quantize every operator onnxruntime can")
     schemes = candidate_schemes(config, any(n.op_type == "Conv" for n in model.graph.node), text)
     feeds = []
     static = any(s.method == "static" for s in schemes)

@@ -59,11 +59,11 @@ def _groups(model: Any) -> dict[str, list[Any]]:
     return groups
 
 
-def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]]) -> dict[str, Any]:
+def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]], weights_dir: Path) -> dict[str, Any]:
     """max |x| per last-axis channel of each named tensor over the calibration feeds (onnxruntime, CPU)."""
     import numpy as np
 
-    session = probe_session(model, names)
+    session = probe_session(model, names, weights_dir)
     wanted = {i.name for i in session.get_inputs()}
     peak: dict[str, Any] = {}
     for feed in feeds:
@@ -73,7 +73,8 @@ def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]]) -> d
     return peak
 
 
-def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int], inits: dict[str, Any]) -> str | None:
+def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int], inits: dict[str, Any],
+                     outputs: set[str]) -> str | None:
     """The weight of the MatMul whose output is one factor of the Mul writing `name` (a gated MLP's up
     projection), when that weight and that output have no other reader: its columns can take 1/s."""
     mul = producer.get(name)
@@ -84,7 +85,8 @@ def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int],
     for factor in mul.input:
         up = producer.get(factor)
         weight = _linear_weight(up, inits) if up is not None and up.op_type == "MatMul" else None
-        if weight and reads.get(factor) == 1 and reads.get(weight) == 1 and up.input[0] not in inits:
+        if weight and reads.get(factor) == 1 and factor not in outputs and reads.get(weight) == 1 \
+                and up.input[0] not in inits:
             return weight
     return None
 
@@ -105,11 +107,14 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=False)  # the probe reads the weights where they lie (> 2 GB)
     groups = _groups(model)
     if not groups or not feeds:
         return 0
-    peaks = _channel_max(model, sorted(groups), feeds)
+    peaks = _channel_max(model, sorted(groups), feeds, Path(src).parent)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(Path(src).parent))
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     reads = {name: len(nodes) for name, nodes in readers(model).items()}
@@ -135,7 +140,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
                     and name not in outputs and all(i < len(norm.input) and norm.input[i] in inits
                                                     and reads.get(norm.input[i]) == 1 for i in where))
         up = None if foldable or reads.get(name) != len(nodes) or name in outputs \
-            else _gated_up_weight(name, producer, reads, inits)
+            else _gated_up_weight(name, producer, reads, inits, outputs)
         if up is not None and list(inits[up].dims)[-1] != channels:
             up = None
         if fold_only and not foldable and up is None:

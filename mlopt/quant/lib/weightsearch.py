@@ -101,8 +101,17 @@ def cut_text(folder: Path, data: Any, s: Settings) -> Text:
     bos = generation.bos_token(folder)  # read once: every candidate shares the tokenizer
     prompts = generation.prompts_from(val, PROMPTS, AGREEMENT_PROMPT, bos)
     timing = generation.prompt_of(val, s.prompt_tokens)
-    calibration = [train[i:i + s.window] for i in range(0, len(train) - s.window + 1, s.window)][:CALIBRATION_WINDOWS]
-    return Text(val, bos, prompts, timing, calibration or [val[:s.window]])
+    calibration = calibration_windows(train, s.window, bos) or calibration_windows(val, s.window, bos)[:1]
+    return Text(val, bos, prompts, timing, calibration)
+
+
+def calibration_windows(ids: list[int], window: int, bos: int | None) -> list[list[int]]:
+    """Up to CALIBRATION_WINDOWS windows of `window` tokens cut from the ids, each after the BOS token where the
+    tokenizer starts every text with one (a model that always sees BOS first has its activations shaped by it)."""
+    head = [bos] if bos is not None else []
+    body = window - len(head)
+    ids = [t for t in ids if t != bos] if bos is not None else ids
+    return [head + ids[i:i + body] for i in range(0, len(ids) - body + 1, body)][:CALIBRATION_WINDOWS]
 
 
 class Search:
@@ -213,8 +222,12 @@ class Search:
         alpha = self.s.smooth_alpha
         if not alpha:
             return
-        for row in [r for r in self.rows if r.within_budget and r.scheme.accuracy_level == 4
-                    and not r.scheme.smooth and r.scheme.algorithm not in ("grid", "hqq")]:
+        rows = [r for r in self.rows if r.within_budget and r.scheme.accuracy_level == 4
+                and not r.scheme.smooth and r.scheme.algorithm not in ("grid", "hqq")]
+        if not rows:
+            self.notes.append("no candidate within budget quantizes its activations (accuracy level 4, not the grid "
+                              "one): nothing was smoothed")
+        for row in rows:
             twin = self.candidate(replace(row.scheme, smooth=alpha))
             if twin is None:
                 continue
@@ -289,8 +302,9 @@ class Search:
                 self.notes.append(f"no INT4 candidate met the perplexity budget (+{100 * self.s.max_ppl_increase:.1f}%, "
                                   f"at most {self.budget:.3f}), even with its most sensitive weight groups at 8 bits")
             elif chosen.scheme is not None:
-                self.notes.append("an INT4 candidate met the perplexity budget; this one decodes faster, or the INT4 "
-                                  "one's time to first token was over --max-ttft-ratio (above)")
+                self.notes.append("an INT4 candidate met the perplexity budget; this one decodes faster, or as fast "
+                                  "at a lower perplexity, or the INT4 one's time to first token was over "
+                                  "--max-ttft-ratio (above)")
         if chosen is self.base:
             self.notes.append("no quantized candidate within budget decoded faster than FP32 with a time to first token "
                               "within --max-ttft-ratio: FP32 is handed back")
@@ -391,10 +405,11 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
 
     base = search.base
     columns = ["model", "within budget", "perplexity", "ppl increase %", "95% interval %", "greedy agreement",
-               "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "chosen"]
+               "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "set aside for its twin", "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
              _interval(r, base), round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
-             round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2), r is chosen]
+             round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2),
+             r.outranked, r is chosen]
             for r in [base, *search.rows]]
     sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
