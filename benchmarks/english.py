@@ -56,7 +56,27 @@ def _prose(paragraph: str) -> str | None:
 
 
 def english_lines() -> list[str]:
-    """About 1,400 paragraphs (190k characters) of English prose, one a line, in a fixed order."""
+    """About 1,400 paragraphs (190k characters) of English prose, one a line, in a fixed order.
+
+    Read in a fresh, isolated interpreter: a library imported into the caller's process can replace a standard
+    module's function with one of its own (and its own docstring), which moved one line and so every held-out
+    fifth after it, and with them the perplexity windows, between runs of one benchmark."""
+    global _CACHED
+    if _CACHED is None:
+        import json
+        import subprocess
+        import sys
+
+        done = subprocess.run([sys.executable, "-I", __file__], capture_output=True, text=True, check=True)
+        _CACHED = json.loads(done.stdout)
+    return list(_CACHED)
+
+
+_CACHED: list[str] | None = None
+
+
+def _english_lines_here() -> list[str]:
+    """english_lines() of this process, as its imports leave the standard library."""
     lines, seen = [], set()
     for module_name in MODULES:
         try:
@@ -104,3 +124,8 @@ def more_english_lines(limit: int | None = None) -> list[str]:
                         return lines
     return lines
 
+
+if __name__ == "__main__":  # english_lines() runs this in a fresh interpreter
+    import json
+
+    print(json.dumps(_english_lines_here()))
