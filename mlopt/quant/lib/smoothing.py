@@ -59,10 +59,8 @@ def _groups(model: Any) -> dict[str, list[Any]]:
     return groups
 
 
-def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]], weights_dir: Path,
-                 skip_first: int = 0) -> dict[str, Any]:
-    """max |x| per last-axis channel of each named tensor over the calibration feeds (onnxruntime, CPU), leaving
-    out the first `skip_first` positions of each [batch, sequence, channel] tensor."""
+def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]], weights_dir: Path) -> dict[str, Any]:
+    """max |x| per last-axis channel of each named tensor over the calibration feeds (onnxruntime, CPU)."""
     import numpy as np
 
     session = probe_session(model, names, weights_dir)
@@ -70,8 +68,6 @@ def _channel_max(model: Any, names: list[str], feeds: list[dict[str, Any]], weig
     peak: dict[str, Any] = {}
     for feed in feeds:
         for name, value in zip(names, session.run(None, {k: v for k, v in feed.items() if k in wanted})):
-            if skip_first and value.ndim == 3 and value.shape[1] > skip_first:
-                value = value[:, skip_first:]
             flat = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             peak[name] = flat if name not in peak else np.maximum(peak[name], flat)
     return peak
@@ -103,13 +99,10 @@ def _scale(act: Any, w_peak: Any, alpha: float) -> Any:
     return np.clip(scale, 1e-5, 1e5).astype(np.float32)
 
 
-def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5, fold_only: bool = False,
-           skip_first: int = 0) -> int:
+def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5, fold_only: bool = False) -> int:
     """Write `src` smoothed to `dst` (see the module's docstring). Returns how many activations were smoothed;
     0 (nothing written) when no MatMul weight qualifies. `fold_only`: smooth only where 1/s folds into a norm
-    or an up projection (no Mul inserted). `skip_first`: positions of each sequence the ranges leave out (a
-    decoder's BOS token, whose activations are tens of times the text's: ranges taken over it smoothed Gemma 3's
-    INT8 to +0.7% perplexity where ranges over the text alone gave +0.2%)."""
+    or an up projection (no Mul inserted)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -118,7 +111,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     groups = _groups(model)
     if not groups or not feeds:
         return 0
-    peaks = _channel_max(model, sorted(groups), feeds, Path(src).parent, skip_first)
+    peaks = _channel_max(model, sorted(groups), feeds, Path(src).parent)
     from onnx.external_data_helper import load_external_data_for_model
 
     load_external_data_for_model(model, str(Path(src).parent))

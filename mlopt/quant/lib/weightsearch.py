@@ -202,7 +202,7 @@ class Search:
             return self._smoothed_folders[alpha]
         folder: Path | None = self.work / f"smoothed-{alpha:g}"
         try:
-            smoothed = smooth_folder(self.fp32, folder, self.text.calibration, alpha, self.text.bos)
+            smoothed = smooth_folder(self.fp32, folder, self.text.calibration, alpha)
             note = "" if smoothed else ("no activation of this decoder reaches its MatMuls from a norm or a gated "
                                         "product alone: nothing to smooth")
         except Exception as exc:  # a twin that cannot be built ends no search; the note says why
@@ -335,17 +335,15 @@ def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
     return TextCalibration(list(graph.input), windows, head_size, generation.sliding_window(config))
 
 
-def smooth_folder(fp32: Path, dst: Path, windows: list[list[int]], alpha: float, bos: int | None = None) -> int:
+def smooth_folder(fp32: Path, dst: Path, windows: list[list[int]], alpha: float) -> int:
     """Write `dst`: the genai folder `fp32` smoothed (SmoothQuant, `alpha`, folded into norms and up projections
-    only) on the channel ranges of calibration `windows`, over their text (not the `bos` token each starts with).
-    Returns how many activations were smoothed (0: nothing written but the folder)."""
+    only) on the channel ranges of calibration `windows`. Returns how many activations were smoothed (0: nothing
+    written but the folder)."""
     from mlopt.quant.lib.smoothing import smooth
 
     dst.mkdir(parents=True, exist_ok=True)
     name = onnx_name(fp32)
-    skip = int(bos is not None and all(w and w[0] == bos for w in windows))
-    smoothed = smooth(fp32 / name, dst / name, list(_calibration(fp32, windows)), alpha, fold_only=True,
-                      skip_first=skip)
+    smoothed = smooth(fp32 / name, dst / name, list(_calibration(fp32, windows)), alpha, fold_only=True)
     if smoothed:
         copy_genai_files(fp32, dst, weights=False)
     return smoothed
