@@ -6,8 +6,8 @@ For a decoder shipped as a GGUF file (for example Gemma 3 270M: the `gemma3-270m
 wheels, their `data/*.part0N` files joined in order), this exports the FP32 folder (`mlopt export --model
 gguf:FILE`), writes the variants ptq's search measures with the search's own code (`quantize_folder`):
 INT8 with blocks of 128, 64 and 32 (a tied embedding reading the LM head's 8-bit codes), each also after
-SmoothQuant (alpha 0.5, calibrated on 16 windows of the training lines, BOS first where the tokenizer
-adds one, as ptq's twins are), the grid candidate
+SmoothQuant (alpha 0.5, calibrated on 16 windows of the training lines, as ptq's
+twins are), the grid candidate
 (the file's own integers) and round-to-nearest INT4 (block 32, symmetric), and the builder's FP32 and INT8
 (`-p fp32`, `-p int8`, its defaults, run by mlopt's builder wrapper, which carries its fixes for Gemma 3;
 their LM head runs on every prompt token, where mlopt's export runs it on the last), and measures every folder
@@ -60,7 +60,7 @@ def main() -> None:
         smoothed = work / "smoothed-0.5"
         if not (smoothed / "genai_config.json").exists():
             train = generation.token_ids(fp32, [x for i, x in enumerate(_english()) if i % 5])
-            if not smooth_folder(fp32, smoothed, calibration_windows(train, 128, generation.bos_token(fp32)), 0.5):
+            if not smooth_folder(fp32, smoothed, calibration_windows(train, 128), 0.5):
                 raise SystemExit(f"nothing in {fp32} can be smoothed")
         for label, scheme, source in [
                 ("INT8 block 128", int8_scheme(128), fp32), ("INT8 block 128, smoothed", int8_scheme(128), smoothed),

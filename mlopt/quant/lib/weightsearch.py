@@ -101,17 +101,16 @@ def cut_text(folder: Path, data: Any, s: Settings) -> Text:
     bos = generation.bos_token(folder)  # read once: every candidate shares the tokenizer
     prompts = generation.prompts_from(val, PROMPTS, AGREEMENT_PROMPT, bos)
     timing = generation.prompt_of(val, s.prompt_tokens)
-    calibration = calibration_windows(train, s.window, bos) or calibration_windows(val, s.window, bos)[:1]
+    calibration = calibration_windows(train, s.window) or calibration_windows(val, s.window)[:1]
     return Text(val, bos, prompts, timing, calibration)
 
 
-def calibration_windows(ids: list[int], window: int, bos: int | None) -> list[list[int]]:
-    """Up to CALIBRATION_WINDOWS windows of `window` tokens cut from the ids, each after the BOS token where the
-    tokenizer starts every text with one (a model that always sees BOS first has its activations shaped by it)."""
-    head = [bos] if bos is not None else []
-    body = window - len(head)
-    ids = [t for t in ids if t != bos] if bos is not None else ids
-    return [head + ids[i:i + body] for i in range(0, len(ids) - body + 1, body)][:CALIBRATION_WINDOWS]
+def calibration_windows(ids: list[int], window: int) -> list[list[int]]:
+    """Up to CALIBRATION_WINDOWS windows of `window` tokens cut from the ids, as they come: no BOS token first.
+    (Measured on Gemma 3, whose tokenizer adds one: smoothing calibrated on windows that start with BOS made its
+    INT8 with blocks of 128 worse, +0.7% perplexity with the BOS position in the ranges and +0.9% without it,
+    where windows of text alone made it better, +0.4% to +0.2%; 60 held-out windows, one run each.)"""
+    return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:CALIBRATION_WINDOWS]
 
 
 class Search:
