@@ -222,7 +222,7 @@ class Search:
         if not alpha:
             return
         rows = [r for r in self.rows if r.within_budget and r.scheme.accuracy_level == 4
-                and not r.scheme.smooth and r.scheme.algorithm not in ("grid", "hqq")]
+                and not r.scheme.smooth and r.scheme.algorithm != "grid"]  # hqq runs at level 0 only
         if not rows:
             self.notes.append("no candidate within budget quantizes its activations (accuracy level 4, not the grid "
                               "one): nothing was smoothed")
