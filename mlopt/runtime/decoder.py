@@ -96,18 +96,16 @@ def all_positions(model: Any) -> bool:
     bypassed. Returns False when the graph is not pruned; a pruned graph in another shape is refused."""
     from onnx import numpy_helper
 
-    from mlopt.runtime.graph_edit import drop_dead, readers
+    from mlopt.runtime.graph_edit import constants, drop_dead, readers
 
     if not last_token_only(model):
         return False
     producer = {o: n for n in model.graph.node for o in n.output}
-    constants = {i.name: i for i in model.graph.initializer}
-    constants.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
-                      for a in n.attribute if a.name == "value"})
+    known = constants(model)
 
     def picks_last(gather: Any) -> bool:
         axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-        index = constants.get(gather.input[1])
+        index = known.get(gather.input[1])
         return axis == 1 and index is not None and numpy_helper.to_array(index).tolist() in (-1, [-1])
 
     heads = ("MatMul", "MatMulNBits", "Gemm")

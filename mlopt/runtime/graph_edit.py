@@ -16,6 +16,14 @@ def readers(model: Any) -> dict[str, list[Any]]:
     return found
 
 
+def constants(model: Any) -> dict[str, Any]:
+    """Tensor name -> TensorProto of the main graph's initializers and Constant nodes (their `value`)."""
+    found = {i.name: i for i in model.graph.initializer}
+    found.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"})
+    return found
+
+
 def drop_dead(model: Any) -> None:
     """Remove nodes none of whose outputs reach the graph's outputs; a graph with subgraphs (If, Loop, Scan), whose
     bodies can read any outer tensor, is left as it is."""

@@ -347,18 +347,25 @@ def test_gptq_and_k_quant_need_whole_blocks_said_in_one_line(algorithm, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,smoothed", [("llama", 7), ("qwen3", 6)])
-def test_smoothing_a_builder_decoder_keeps_its_perplexity(family, smoothed, request, decoder_lines, tmp_path):
+@pytest.mark.parametrize("family,last_token", [("llama", False), ("qwen3", False), ("qwen3", True)])
+def test_smoothing_a_builder_decoder_keeps_its_perplexity(family, last_token, request, decoder_lines, tmp_path):
     """On the builder's graphs of two families: per layer the q/k/v input (RMS norm), the gate/up input (the skip
-    RMS norm) and the down projection's input (the gated product) are smoothed, and the LM head's input where the
-    head owns its weight (Llama, untied; Qwen3's head shares the embedding's); the model scores what it did."""
+    RMS norm) and the down projection's input (the gated product) are smoothed, and the LM head's input (Llama's
+    head owns its weight; Qwen3's shares the embedding's, which a Mul after the embedding gives back its values),
+    also where the head reads the last position only (mlopt's export); the model scores what it did."""
+    from mlopt.export.lib.decoder import build
     from mlopt.quant.lib.weightsearch import smooth_folder
-    from mlopt.runtime import generation
+    from mlopt.runtime import decoder, generation
 
-    fp32 = build_genai(request.getfixturevalue(f"{family}_dir"), tmp_path / "fp32", tmp_path / "cache")
+    fp32 = tmp_path / "fp32"
+    if last_token:
+        build(request.getfixturevalue(f"{family}_dir"), fp32, options={decoder.PRUNE_LM_HEAD: "true"})
+        assert decoder.last_token_only(onnx.load(str(fp32 / decoder.onnx_name(fp32)), load_external_data=False))
+    else:
+        build_genai(request.getfixturevalue(f"{family}_dir"), fp32, tmp_path / "cache")
     train, val = decoder_lines
     ids = generation.token_ids(fp32, train)
-    assert smooth_folder(fp32, tmp_path / "smoothed", [ids[i:i + 64] for i in range(0, 256, 64)], 0.5) == smoothed
+    assert smooth_folder(fp32, tmp_path / "smoothed", [ids[i:i + 64] for i in range(0, 256, 64)], 0.5) == 7
     val_ids = generation.token_ids(fp32, val)
     before, after = (generation.perplexity(f, val_ids, 64, 8)["perplexity"] for f in (fp32, tmp_path / "smoothed"))
     assert after == pytest.approx(before, rel=1e-4)

@@ -177,3 +177,70 @@ def test_decoder_smoothing_lowers_the_error_of_int8_activation_kernels(tmp_path)
         onnx.save(quantizer.model.model, str(tmp_path / f"{name}q.onnx"))
         errors.append(np.abs(_run(tmp_path / f"{name}q.onnx", feed)[0] - _run(src, feed)[0]).mean())
     assert errors[1] < 0.8 * errors[0], errors
+
+
+def _tied_head(path, vocab=48, width=64):
+    """Tied embeddings and a last-token LM head, as mlopt's decoder export writes them: ids -> Gather(Transpose(W))
+    -> RMS norm (an outlier channel) -> Gather(axis 1, index -1) -> Unsqueeze(axis 1) -> MatMul W -> logits."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    rng = np.random.default_rng(2)
+    gamma = np.ones(width, np.float32)
+    gamma[5] = 30.0
+    inits = [numpy_helper.from_array((rng.standard_normal((width, vocab)) / 8).astype(np.float32), "w"),
+             numpy_helper.from_array(gamma, "g")]
+    nodes = [helper.make_node("Transpose", ["w"], ["table"], perm=[1, 0], name="tie"),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0, name="embed"),
+             helper.make_node("SimplifiedLayerNormalization", ["emb", "g"], ["n"], axis=-1, epsilon=1e-6, name="norm"),
+             helper.make_node("Constant", [], ["last"], value=numpy_helper.from_array(np.array(-1, np.int64))),
+             helper.make_node("Constant", [], ["axis1"], value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Gather", ["n", "last"], ["picked"], axis=1, name="prune"),
+             helper.make_node("Unsqueeze", ["picked", "axis1"], ["x"], name="unsqueeze"),
+             helper.make_node("MatMul", ["x", "w"], ["logits"], name="lm_head")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [ids], [logits], inits),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _ids(n, vocab=48):
+    return [{"ids": RNG.integers(0, vocab, (2, 12)).astype(np.int64)} for _ in range(n)]
+
+
+def test_a_tied_last_token_head_is_smoothed_through_its_norm_and_the_embedding_undone(tmp_path):
+    """The LM head of a tied decoder shares its weight with the token embedding, and reads the final norm through
+    the last-position pick: the scale folds into the norm, the shared weight takes s, a Mul by 1/s after the
+    embedding Gather gives the table back its values, and the logits are what they were. The level-4 (int8
+    activation) head loses less after it."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    src = _tied_head(tmp_path / "t.onnx")
+    assert smooth(src, tmp_path / "s.onnx", _ids(4), alpha=0.5, fold_only=True) == 1
+    feed = _ids(1)[0]
+    np.testing.assert_allclose(_run(tmp_path / "s.onnx", feed)[0], _run(src, feed)[0], rtol=1e-4, atol=1e-4)
+    smoothed = onnx.load(str(tmp_path / "s.onnx"))
+    after = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
+    assert after["g"][5] < 30.0
+    inserted = [n for n in smoothed.graph.node if n.op_type == "Mul"]
+    assert [n.input[0] for n in inserted] == ["emb"]  # one Mul, on the embedding's output
+    assert next(n for n in smoothed.graph.node if n.name == "norm").input[0] == inserted[0].output[0]
+    errors = []
+    for name in ("t", "s"):
+        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(tmp_path / f"{name}.onnx")), bits=8, block_size=32,
+                                         is_symmetric=True, accuracy_level=4, algo_config=config)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(tmp_path / f"{name}q.onnx"))
+        errors.append(np.abs(_run(tmp_path / f"{name}q.onnx", feed)[0] - _run(src, feed)[0]).mean())
+    assert errors[1] < 0.8 * errors[0], errors
+
+
+def test_a_head_whose_norm_output_is_read_elsewhere_is_left_alone(tmp_path):
+    """When the picked norm output has another reader (here a graph output), 1/s cannot go into the norm: nothing
+    is smoothed and nothing is written."""
+    src = _tied_head(tmp_path / "t.onnx")
+    model = onnx.load(str(src))
+    model.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
+    onnx.save(model, str(src))
+    assert smooth(src, tmp_path / "s.onnx", _ids(2), alpha=0.5, fold_only=True) == 0
+    assert not (tmp_path / "s.onnx").exists()
