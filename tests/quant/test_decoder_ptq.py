@@ -277,6 +277,26 @@ def test_of_candidates_tied_on_decode_speed_the_lower_perplexity_is_kept(tmp_pat
     assert search._choose(search.rows) is fast and not any("within 5%" in n for n in search.notes)
 
 
+@pytest.mark.parametrize("int4_agreement,noted", [(0.17, True), (0.9, False)])
+def test_a_choice_whose_greedy_text_parts_sooner_says_so(int4_agreement, noted, tmp_path):
+    """The budget reads perplexity; where the kept candidate's greedy agreement with FP32 is AGREEMENT_GAP or more
+    below another's within budget, a note names both, and none where they are close."""
+    from types import SimpleNamespace
+
+    from mlopt.quant.lib.weightsearch import _agreement_note
+
+    search = _search(tmp_path)
+    int4, int8 = _row(tmp_path, WeightScheme(), 10.3, 30.0), _row(tmp_path, int8_scheme(128), 10.1, 20.0)
+    int4.agreement = int4_agreement
+    search.rows, search.text = [int4, int8], SimpleNamespace(prompts=[[1]] * 8)
+    assert search._choose(search.rows) is int4
+    note = _agreement_note(search, int4)
+    assert (note is not None) == noted
+    if noted:
+        assert f"{int4_agreement:.2f} for the chosen int4 rtn b32 asym acc4, 1.00 for int8 b128 sym acc4" in note
+    assert _agreement_note(search, search.base) is None  # FP32 kept: nothing parted
+
+
 @pytest.mark.parametrize("twin_ppl,kept", [(10.1, "smoothed"), (10.3, "plain")])
 def test_of_a_smoothing_pair_only_the_lower_perplexity_stays_in_the_running(twin_ppl, kept, tmp_path):
     """A SmoothQuant twin runs the same kernels as its plain candidate: between the two only perplexity counts, so

@@ -33,9 +33,11 @@ from mlopt.runtime import generation
 from mlopt.runtime.artifacts import copy_genai_files, folder_size_mb
 from mlopt.runtime.decoder import onnx_name
 
-PROMPTS = 3  # greedy-agreement prompts cut from the held-out text
+PROMPTS = 8  # greedy-agreement prompts cut from the held-out text
 AGREEMENT_PROMPT, AGREEMENT_TOKENS = 32, 32
 CALIBRATION_WINDOWS = 16
+#: a chosen candidate whose greedy agreement is this much below another's within budget gets a note saying so
+AGREEMENT_GAP = 0.25
 #: Candidates decoding within this fraction of the fastest are tied on speed (the run-to-run spread of decode
 #: rates on a shared 2-core machine); of those the one with the lowest perplexity is kept.
 DECODE_TIE = 0.05
@@ -364,6 +366,9 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
                f"{metrics['ttft_ratio']:.2f}x FP32's, {metrics['size_ratio']:.2f}x smaller, perplexity "
                f"{chosen.perplexity:.3f} ({100 * metrics['ppl_increase']:+.1f}%)")
     search.notes.append(verdict)
+    parted = _agreement_note(search, chosen)
+    if parted:
+        search.notes.append(parted)
     raised = _raised(chosen.scheme) if chosen.scheme is not None and chosen.scheme.bits == 4 else []
     if raised:
         search.notes.append("kept at higher precision, by measured sensitivity (most sensitive first in the bar chart): "
@@ -372,6 +377,23 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
         console.info(note)
     return StepResult(artifact=artifact.derive("ptq", onnx_path=out / onnx_name(out)), metrics=metrics,
                       notes=search.notes, sections=_sections(search, chosen))
+
+
+def _agreement_note(search: Search, chosen: Row) -> str | None:
+    """Where the chosen candidate's greedy continuations part from FP32's much sooner than another candidate's
+    within budget (AGREEMENT_GAP of the tokens or more), a note that says so: the budget reads perplexity, and a
+    quantized decoder can keep its perplexity while its greedy text drifts (an INT4 one most of all)."""
+    if chosen.scheme is None:
+        return None
+    others = [r for r in search.rows if r.within_budget and not r.outranked]
+    best = max(others, key=lambda r: r.agreement, default=chosen)
+    if best.agreement - chosen.agreement < AGREEMENT_GAP:
+        return None
+    return (f"greedy agreement with FP32 (the share of {AGREEMENT_TOKENS} greedy tokens before the first "
+            f"difference, {len(search.text.prompts)} prompts): {chosen.agreement:.2f} for the chosen {chosen.name}, "
+            f"{best.agreement:.2f} for {best.name} ({100 * (best.perplexity / search.base.perplexity - 1):+.1f}% "
+            "perplexity): the chosen model's text parts from FP32's sooner; the budget reads perplexity only "
+            "(--max-ppl-increase)")
 
 
 def _raised(scheme: WeightScheme) -> list[str]:
