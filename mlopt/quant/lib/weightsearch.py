@@ -1,7 +1,8 @@
 """The decoder PTQ search: measure weight-only candidates on the runtime and keep the fastest within budget.
 
 Quality first (cheap): every INT4 algorithm and block size, and INT8, is quantized and scored by
-teacher-forced perplexity on held-out windows of the text and by greedy-token agreement with FP32.
+teacher-forced perplexity on held-out windows of the text (the finalists also by greedy-token agreement
+with FP32: generating with a candidate on a slow kernel would take minutes).
 When no INT4 candidate is within the perplexity budget, the weight groups (embedding, LM head,
 first and last blocks, attention, MLP) are ranked by how much raising each one alone to 8 bits (the
 embedding: to float) recovers, and raised in that order until the budget is met: the measured
@@ -65,7 +66,7 @@ class Row:
     scheme: WeightScheme | None
     folder: Path
     perplexity: float
-    agreement: float
+    agreement: float | None  # greedy agreement with FP32; measured for FP32's finalists only (Search._agree)
     size_mb: float
     within_budget: bool = True
     timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
@@ -131,20 +132,30 @@ class Search:
     def _score(self, scheme: WeightScheme | None, folder: Path) -> Row:
         scored = generation.perplexity(folder, self.text.ppl_ids, self.s.window, self.s.max_windows, bos=self.text.bos)
         ppl, self.windows, window_nll = scored["perplexity"], scored["windows"], scored["window_nll"]
-        model = generation.load_model(folder)
-        greedy = [generation.greedy(folder, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
-        if scheme is None:
-            self.reference = greedy
-        agree = sum(map(generation.agreement, self.reference, greedy)) / len(greedy)
         size = folder_size_mb(folder)
-        row = Row(scheme, folder, ppl, agree, size, window_nll=window_nll)
-        if scheme is not None:
+        row = Row(scheme, folder, ppl, None, size, window_nll=window_nll)
+        if scheme is None:
+            self.reference = self._greedy(folder)
+            row.agreement = 1.0
+        else:
             row.within_budget = ppl <= self.budget
             self.rows.append(row)
             increase = 100 * (ppl / self.base.perplexity - 1)
-            console.info(f"{scheme.label}: perplexity {ppl:.3f} ({increase:+.1f}%), agreement {agree:.2f}, {size:.1f} MB"
+            console.info(f"{scheme.label}: perplexity {ppl:.3f} ({increase:+.1f}%), {size:.1f} MB"
                          + ("" if row.within_budget else "  [over budget]"))
         return row
+
+    def _greedy(self, folder: Path) -> list[list[int]]:
+        model = generation.load_model(folder)
+        return [generation.greedy(folder, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
+
+    def _agree(self, rows: list[Row]) -> None:
+        """Greedy agreement with FP32 for `rows` (the finalists: a candidate slower than FP32, which cannot be
+        kept, is not generated with; on its slow kernels that would take minutes)."""
+        for row in [r for r in rows if r.agreement is None]:
+            greedy = self._greedy(row.folder)
+            row.agreement = sum(map(generation.agreement, self.reference, greedy)) / len(greedy)
+            console.info(f"{row.name}: greedy agreement with FP32 {row.agreement:.2f}")
 
     def candidate(self, scheme: WeightScheme) -> Row | None:
         """The measured row of a scheme (quantized once); None when onnxruntime's quantizer cannot build it."""
@@ -192,6 +203,7 @@ class Search:
         self._smooth_within_budget()
         self._screen()
         finalists = [r for r in self.rows if r.within_budget and r.decode > r.base_decode and not r.outranked]
+        self._agree(finalists)
         if finalists:  # beside FP32 again, all in the same interleaved rounds: the only timings the choice reads
             self._time(finalists, self.s.rounds)
         return self._choose(finalists)
@@ -385,9 +397,9 @@ def _agreement_note(search: Search, chosen: Row) -> str | None:
     quantized decoder can keep its perplexity while its greedy text drifts (an INT4 one most of all)."""
     if chosen.scheme is None:
         return None
-    others = [r for r in search.rows if r.within_budget and not r.outranked]
+    others = [r for r in search.rows if r.within_budget and not r.outranked and r.agreement is not None]
     best = max(others, key=lambda r: r.agreement, default=chosen)
-    if best.agreement - chosen.agreement < AGREEMENT_GAP:
+    if chosen.agreement is None or best.agreement - chosen.agreement < AGREEMENT_GAP:
         return None
     return (f"greedy agreement with FP32 (the share of {AGREEMENT_TOKENS} greedy tokens before the first "
             f"difference, {len(search.text.prompts)} prompts): {chosen.agreement:.2f} for the chosen {chosen.name}, "
@@ -428,7 +440,7 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
     columns = ["model", "within budget", "perplexity", "ppl increase %", "95% interval %", "greedy agreement",
                "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "set aside for its twin", "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
-             _interval(r, base), round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
+             _interval(r, base), None if r.agreement is None else round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
              round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2),
              r.outranked, r is chosen]
             for r in [base, *search.rows]]
@@ -436,7 +448,7 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text (95% interval: "
                                       "paired over the windows; candidates whose intervals overlap are not told apart "
-                                      "by this text); timing: "
+                                      "by this text); greedy agreement: the finalists only; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
                                       "that decoded faster than FP32 in one round (the choice reads only these, and keeps "
