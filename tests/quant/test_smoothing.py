@@ -164,19 +164,26 @@ def test_decoder_smoothing_leaves_an_up_projection_read_elsewhere(tmp_path):
 def test_decoder_smoothing_lowers_the_error_of_int8_activation_kernels(tmp_path):
     """MatMulNBits at accuracy level 4 quantizes each activation row in blocks: with the outlier channel moved into
     the weights, the 8-bit block after smoothing is closer to float than the one before."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     src = _decoder_block(tmp_path / "d.onnx")
     smooth(src, tmp_path / "s.onnx", _stream(8), alpha=0.5, fold_only=True)
-    errors, feed = [], _stream(1)[0]
-    for name in ("d", "s"):
-        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(tmp_path / f"{name}.onnx")), bits=8, block_size=32,
-                                         is_symmetric=True, accuracy_level=4, algo_config=config)
-        quantizer.process()
-        onnx.save(quantizer.model.model, str(tmp_path / f"{name}q.onnx"))
-        errors.append(np.abs(_run(tmp_path / f"{name}q.onnx", feed)[0] - _run(src, feed)[0]).mean())
+    errors = _level4_errors(src, tmp_path / "s.onnx", _stream(1)[0])
     assert errors[1] < 0.8 * errors[0], errors
+
+
+def _level4_errors(src, smoothed, feed):
+    """Mean |error| of the first output against float `src`, for `src` and `smoothed` each quantized to INT8
+    MatMulNBits with blocks of 32 at accuracy level 4 (int8 activations)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    errors = []
+    for path in (src, smoothed):
+        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=32, is_symmetric=True,
+                                         accuracy_level=4, algo_config=config)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(path) + ".q.onnx")
+        errors.append(np.abs(_run(str(path) + ".q.onnx", feed)[0] - _run(src, feed)[0]).mean())
+    return errors
 
 
 def _tied_head(path, vocab=48, width=64):
@@ -212,8 +219,6 @@ def test_a_tied_last_token_head_is_smoothed_through_its_norm_and_the_embedding_u
     the last-position pick: the scale folds into the norm, the shared weight takes s, a Mul by 1/s after the
     embedding Gather gives the table back its values, and the logits are what they were. The level-4 (int8
     activation) head loses less after it."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     src = _tied_head(tmp_path / "t.onnx")
     assert smooth(src, tmp_path / "s.onnx", _ids(4), alpha=0.5, fold_only=True) == 1
     feed = _ids(1)[0]
@@ -224,14 +229,7 @@ def test_a_tied_last_token_head_is_smoothed_through_its_norm_and_the_embedding_u
     inserted = [n for n in smoothed.graph.node if n.op_type == "Mul"]
     assert [n.input[0] for n in inserted] == ["emb"]  # one Mul, on the embedding's output
     assert next(n for n in smoothed.graph.node if n.name == "norm").input[0] == inserted[0].output[0]
-    errors = []
-    for name in ("t", "s"):
-        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(tmp_path / f"{name}.onnx")), bits=8, block_size=32,
-                                         is_symmetric=True, accuracy_level=4, algo_config=config)
-        quantizer.process()
-        onnx.save(quantizer.model.model, str(tmp_path / f"{name}q.onnx"))
-        errors.append(np.abs(_run(tmp_path / f"{name}q.onnx", feed)[0] - _run(src, feed)[0]).mean())
+    errors = _level4_errors(src, tmp_path / "s.onnx", feed)
     assert errors[1] < 0.8 * errors[0], errors
 
 
