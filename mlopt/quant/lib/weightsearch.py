@@ -1,8 +1,9 @@
 """The decoder PTQ search: measure weight-only candidates on the runtime and keep the fastest within budget.
 
 Quality first (cheap): every INT4 algorithm and block size, and INT8, is quantized and scored by
-teacher-forced perplexity on held-out windows of the text (the finalists also by greedy-token agreement
-with FP32: generating with a candidate on a slow kernel would take minutes).
+teacher-forced perplexity on held-out windows of the text and, once timed, by greedy-token agreement
+with FP32 (not a candidate slower than FP32: it cannot be kept, and generating on its slow kernel takes
+minutes).
 When no INT4 candidate is within the perplexity budget, the weight groups (embedding, LM head,
 first and last blocks, attention, MLP) are ranked by how much raising each one alone to 8 bits (the
 embedding: to float) recovers, and raised in that order until the budget is met: the measured
@@ -66,7 +67,7 @@ class Row:
     scheme: WeightScheme | None
     folder: Path
     perplexity: float
-    agreement: float | None  # greedy agreement with FP32; measured for FP32's finalists only (Search._agree)
+    agreement: float | None  # greedy agreement with FP32; None for a candidate slower than FP32 (Search._agree)
     size_mb: float
     within_budget: bool = True
     timing: dict[str, Any] = field(default_factory=dict)  # ttft_ms {p50, p90}, decode_tokens_per_s, prompt_tokens_per_s
@@ -150,8 +151,8 @@ class Search:
         return [generation.greedy(folder, p, AGREEMENT_TOKENS, model) for p in self.text.prompts]
 
     def _agree(self, rows: list[Row]) -> None:
-        """Greedy agreement with FP32 for `rows` (the finalists: a candidate slower than FP32, which cannot be
-        kept, is not generated with; on its slow kernels that would take minutes)."""
+        """Greedy agreement with FP32 for `rows` (those that decoded faster than FP32 when screened: a slower one
+        cannot be kept, and generating with it on its slow kernel would take minutes)."""
         for row in [r for r in rows if r.agreement is None]:
             greedy = self._greedy(row.folder)
             row.agreement = sum(map(generation.agreement, self.reference, greedy)) / len(greedy)
@@ -202,8 +203,8 @@ class Search:
                 self.candidate(_at_level(row.scheme, other))
         self._smooth_within_budget()
         self._screen()
+        self._agree([r for r in self.rows if r.decode > r.base_decode])
         finalists = [r for r in self.rows if r.within_budget and r.decode > r.base_decode and not r.outranked]
-        self._agree(finalists)
         if finalists:  # beside FP32 again, all in the same interleaved rounds: the only timings the choice reads
             self._time(finalists, self.s.rounds)
         return self._choose(finalists)
@@ -448,7 +449,7 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text (95% interval: "
                                       "paired over the windows; candidates whose intervals overlap are not told apart "
-                                      "by this text); greedy agreement: the finalists only; timing: "
+                                      "by this text); greedy agreement: not measured for a candidate slower than FP32; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
                                       "that decoded faster than FP32 in one round (the choice reads only these, and keeps "
