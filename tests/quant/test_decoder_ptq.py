@@ -56,6 +56,8 @@ def test_auto_keeps_a_candidate_within_budget_that_decodes_faster(llama_dir, dec
     assert table["rows"][0][agree] == 1
     assert all(row[speedup] is None or row[speedup] <= 1 for row in table["rows"] if row[agree] is None)
     assert all(0 <= row[agree] <= 1 for row in table["rows"] if row[chosen])
+    rss = table["columns"].index("peak RSS MB")  # measured wherever agreement is, FP32 and the chosen one included
+    assert all((row[rss] is None) == (row[agree] is None) for row in table["rows"]) and table["rows"][0][rss] > 50
     if metrics["quantized"]:
         assert 0 <= metrics["greedy_agreement"] <= 1
         assert metrics["decode_tokens_per_s"] > metrics["fp32_decode_tokens_per_s"]

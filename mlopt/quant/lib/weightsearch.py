@@ -370,7 +370,8 @@ def search_decoder(artifact: Any, settings: Settings, data: Any, work: Path, out
     search = Search(artifact.folder, data, settings, work)
     chosen = search.run()
     base = search.base
-    for row in {id(r): r for r in (base, chosen)}.values():
+    # a fresh process each: FP32, the chosen one, and every candidate that could have been (faster than FP32)
+    for row in {id(r): r for r in (base, chosen, *(r for r in search.rows if r.agreement is not None))}.values():
         row.peak_rss_mb = generation.peak_rss_mb(row.folder, search.text.timing_prompt, settings.new_tokens)
     out.mkdir(parents=True, exist_ok=True)
     copy_genai_files(chosen.folder, out)
@@ -439,17 +440,19 @@ def _sections(search: Search, chosen: Row) -> list[Any]:
 
     base = search.base
     columns = ["model", "within budget", "perplexity", "ppl increase %", "95% interval %", "greedy agreement",
-               "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "set aside for its twin", "chosen"]
+               "ttft p50 ms", "decode tokens/s", "decode speed-up", "size MB", "peak RSS MB", "set aside for its twin",
+               "chosen"]
     rows = [[r.name, r.within_budget, round(r.perplexity, 4), round(100 * (r.perplexity / base.perplexity - 1), 2),
              _interval(r, base), None if r.agreement is None else round(r.agreement, 3), r.timing.get("ttft_ms", {}).get("p50"), round(r.decode, 2) if r.timing else None,
              round(r.decode / (r.base_decode or r.decode), 3) if r.timing else None, round(r.size_mb, 2),
-             r.outranked, r is chosen]
+             None if r.peak_rss_mb is None else round(r.peak_rss_mb, 1), r.outranked, r is chosen]
             for r in [base, *search.rows]]
     sections: list[Any] = [Table(title="decoder PTQ candidates (weight-only)", columns=columns, rows=rows,
                                  note=f"budget: {search.s.max_ppl_increase:.0%} perplexity over FP32 on "
                                       f"{search.s.window}-token windows of the held-out text (95% interval: "
                                       "paired over the windows; candidates whose intervals overlap are not told apart "
-                                      "by this text); greedy agreement: not measured for a candidate slower than FP32; timing: "
+                                      "by this text); greedy agreement and peak RSS (a fresh process each): not measured for a candidate slower "
+                                      "than FP32; timing: "
                                       f"{search.s.prompt_tokens}-token prompt, {search.s.new_tokens} new tokens, "
                                       f"{search.s.rounds} interleaved rounds for FP32 and the candidates within budget "
                                       "that decoded faster than FP32 in one round (the choice reads only these, and keeps "
