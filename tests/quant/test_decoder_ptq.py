@@ -422,6 +422,11 @@ def test_k_quant_with_an_odd_number_of_blocks_is_said_in_one_line(tmp_path):
     scheme = WeightScheme(algorithm="k_quant", block_size=32)
     with pytest.raises(RunError, match="proj has K = 96, 3 blocks of 32"):
         _quantize_pass(model(96), scheme, ["proj"], None, tmp_path)
+    from mlopt.quant.lib.weightonly import _check_whole_blocks
+
+    with pytest.raises(RunError, match="3 blocks of 32"):  # asymmetric gptq writes zero points too
+        _check_whole_blocks(model(96), {"proj"}, WeightScheme(algorithm="gptq", block_size=32))
+    _check_whole_blocks(model(96), {"proj"}, WeightScheme(algorithm="gptq", block_size=32, symmetric=True))  # none
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     raw = MatMulNBitsQuantizer(model(96), bits=4, block_size=32, algo_config=KQuantWeightOnlyQuantConfig())

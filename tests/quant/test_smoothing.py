@@ -6,6 +6,7 @@ channel loses less after smoothing."""
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mlopt.quant.lib.quantize import Scheme, quantize
@@ -214,31 +215,38 @@ def _ids(n, vocab=48):
     return [{"ids": RNG.integers(0, vocab, (2, 12)).astype(np.int64)} for _ in range(n)]
 
 
-def test_a_tied_last_token_head_is_smoothed_through_its_norm_and_the_embedding_undone(tmp_path):
+def test_a_tied_last_token_head_is_smoothed_through_its_norm_and_the_embedding_undone(tmp_path, monkeypatch):
     """The LM head of a tied decoder shares its weight with the token embedding, and reads the final norm through
     the last-position pick: the scale folds into the norm, the shared weight takes s, a Mul by 1/s after the
     embedding Gather gives the table back its values, and the logits are what they were. The level-4 (int8
     activation) head loses less after it."""
+    import mlopt.quant.lib.smoothing as smoothing
+
     src = _tied_head(tmp_path / "t.onnx")
+    probed = []
+    real = smoothing._channel_max
+    monkeypatch.setattr(smoothing, "_channel_max", lambda model, names, *a: probed.extend(names) or real(model, names, *a))
     assert smooth(src, tmp_path / "s.onnx", _ids(4), alpha=0.5, fold_only=True) == 1
+    assert probed == ["n"]  # the ranges come from every position of the norm output, not the one picked
     feed = _ids(1)[0]
     np.testing.assert_allclose(_run(tmp_path / "s.onnx", feed)[0], _run(src, feed)[0], rtol=1e-4, atol=1e-4)
     smoothed = onnx.load(str(tmp_path / "s.onnx"))
     after = {i.name: numpy_helper.to_array(i) for i in smoothed.graph.initializer}
     assert after["g"][5] < 30.0
     inserted = [n for n in smoothed.graph.node if n.op_type == "Mul"]
-    assert [n.input[0] for n in inserted] == ["emb"]  # one Mul, on the embedding's output
+    assert [(n.input[0], n.input[1]) for n in inserted] == [("emb", "emb/untie_smooth_inverse")]  # one Mul
     assert next(n for n in smoothed.graph.node if n.name == "norm").input[0] == inserted[0].output[0]
     errors = _level4_errors(src, tmp_path / "s.onnx", feed)
     assert errors[1] < 0.8 * errors[0], errors
 
 
-def test_a_head_whose_norm_output_is_read_elsewhere_is_left_alone(tmp_path):
-    """When the picked norm output has another reader (here a graph output), 1/s cannot go into the norm: nothing
-    is smoothed and nothing is written."""
+@pytest.mark.parametrize("also_out", ["n", "picked", "x"])
+def test_a_head_whose_norm_output_is_read_elsewhere_is_left_alone(also_out, tmp_path):
+    """When the norm output, the picked position or the head's input is also a graph output, 1/s cannot go into the
+    norm without changing that output: nothing is smoothed and nothing is written."""
     src = _tied_head(tmp_path / "t.onnx")
     model = onnx.load(str(src))
-    model.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(also_out, TensorProto.FLOAT, None))
     onnx.save(model, str(src))
     assert smooth(src, tmp_path / "s.onnx", _ids(2), alpha=0.5, fold_only=True) == 0
     assert not (tmp_path / "s.onnx").exists()

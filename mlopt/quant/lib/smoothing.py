@@ -78,7 +78,8 @@ def _table_gathers(weight: str, node: Any, uses: dict[str, list[Any]], outputs: 
     gathers = uses.get(transpose.output[0], [])
     if perm != [1, 0] or transpose.output[0] in outputs or not gathers or any(
             g.op_type != "Gather" or g.input[0] != transpose.output[0] or g.output[0] in outputs
-            or next((a.i for a in g.attribute if a.name == "axis"), 0) != 0 for g in gathers):
+            or not uses.get(g.output[0]) or next((a.i for a in g.attribute if a.name == "axis"), 0) != 0
+            for g in gathers):
         return []
     return gathers
 
@@ -115,11 +116,12 @@ def _gated_up_weight(name: str, producer: dict[str, Any], reads: dict[str, int],
     return None
 
 
-def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], known: dict[str, Any]) -> str | None:
+def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], known: dict[str, Any],
+                   outputs: set[str]) -> str | None:
     """The tensor `name` was picked from by positions along axis 1 (Gather with a constant index, then Unsqueeze
     of axis 1: the input of an LM head that runs on the last token only), when the Gather's output has no other
-    reader; the channels (the last axis) are the same, so a norm that wrote that tensor can take 1/s (the caller
-    checks that the norm's scale has as many). Else None."""
+    reader and neither it nor `name` is a graph output; the channels (the last axis) are the same, so a norm that
+    wrote that tensor can take 1/s (the caller checks that the norm's scale has as many). Else None."""
     from onnx import numpy_helper
 
     unsqueeze = producer.get(name)
@@ -129,7 +131,8 @@ def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], k
     axes = numpy_helper.to_array(axes).tolist() if axes is not None else \
         next((list(a.ints) for a in unsqueeze.attribute if a.name == "axes"), None)
     gather = producer.get(unsqueeze.input[0])
-    if axes not in ([1], 1) or gather is None or gather.op_type != "Gather" or reads.get(gather.output[0]) != 1:
+    if axes not in ([1], 1) or gather is None or gather.op_type != "Gather" or reads.get(gather.output[0]) != 1 \
+            or {name, gather.output[0]} & outputs:
         return None
     index = known.get(gather.input[1])
     axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
@@ -138,12 +141,13 @@ def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], k
     return gather.input[0]
 
 
-def _after(name: str, readers_of: list[Any]) -> tuple[Any, Any]:
-    """A Mul of tensor `name` by the constant `name`/smooth_inverse (not written yet), read by `readers_of` in
-    its place; returns (the first of them in graph order, the Mul, not in the graph yet)."""
+def _after(name: str, readers_of: list[Any], tag: str = "smooth") -> tuple[Any, Any]:
+    """A Mul of tensor `name` by the constant `name`/`tag`_inverse (not written yet), read by `readers_of` in its
+    place; returns (the first of them in graph order, the Mul, not in the graph yet). `tag` keeps two Muls after
+    one tensor apart (a tied embedding's output that is also a smoothed activation)."""
     from onnx import helper
 
-    mul = helper.make_node("Mul", [name, f"{name}/smooth_inverse"], [f"{name}/smoothed"], name=f"{name}/smooth")
+    mul = helper.make_node("Mul", [name, f"{name}/{tag}_inverse"], [f"{name}/{tag}ed"], name=f"{name}/{tag}")
     for node in readers_of:
         node.input[:] = [mul.output[0] if i == name else i for i in node.input]
     return readers_of[0], mul
@@ -169,16 +173,21 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
     groups = _groups(model)
     if not groups or not feeds:
         return 0
-    peaks = _channel_max(model, sorted(groups), feeds, Path(src).parent)
-    from onnx.external_data_helper import load_external_data_for_model
-
-    load_external_data_for_model(model, str(Path(src).parent))
-    inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     uses = readers(model)
     reads = {name: len(nodes) for name, nodes in uses.items()}
     outputs = {o.name for o in model.graph.output}
     known = constants(model)
+    # a last-token head's input is one position per window: its ranges are read on the norm output it was picked
+    # from, every position of the same channels
+    picks = {name: _position_pick(name, producer, reads, known, outputs) if reads.get(name) == len(nodes) else None
+             for name, nodes in groups.items()}
+    probed = _channel_max(model, sorted({picks[n] or n for n in groups}), feeds, Path(src).parent)
+    peaks = {name: probed[picks[name] or name] for name in groups}
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(model, str(Path(src).parent))
+    inits = {i.name: i for i in model.graph.initializer}
     arrays: dict[str, Any] = {}  # the weights changed so far (a row scale and a column scale may meet in one)
 
     def _scaled(name: str, factor: Any) -> None:
@@ -193,7 +202,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         channels = peaks[name].shape[0]
         if any(w.shape[0] != channels for w in weights):
             continue
-        picked = _position_pick(name, producer, reads, known) if reads.get(name) == len(nodes) else None
+        picked = picks[name]
         source = picked or name  # the norm output a last-token head's input was picked from, or the input itself
         norm = producer.get(source)
         where = NORMS.get((norm.domain if norm is not None else "", norm.op_type if norm is not None else ""))
@@ -214,7 +223,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         for node in nodes:
             _scaled(node.input[1], scale[:, None])
             for gather in _table_gathers(node.input[1], node, uses, outputs):
-                inserted.append(_after(gather.output[0], uses[gather.output[0]]))
+                inserted.append(_after(gather.output[0], uses[gather.output[0]], tag="untie_smooth"))
                 inverses[inserted[-1][1].input[1]] = 1.0 / scale
         if up is not None:
             _scaled(up, 1.0 / scale[None, :])

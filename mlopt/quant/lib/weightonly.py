@@ -201,9 +201,10 @@ def _quantize_pass(model: Any, scheme: WeightScheme, nodes: list[str], calibrati
 
 def _check_whole_blocks(model: Any, nodes: set[str], scheme: WeightScheme) -> None:
     """onnxruntime's gptq and k_quant split each weight's input dimension K into whole blocks, and pack the 4-bit
-    zero points of all output columns as one run of nibbles before cutting it into a row per column, which holds
-    only for an even number of blocks per column: either kind of K is one line here instead of numpy's reshape
-    error from inside the quantizer (SmolLM2's K = 576 in blocks of 64: "cannot reshape array of size 4320")."""
+    zero points (k_quant's, asymmetric gptq's) of all output columns as one run of nibbles before cutting it into
+    a row per column, which holds only for an even number of blocks per column: either kind of K is one line here
+    instead of numpy's reshape error from inside the quantizer (SmolLM2's K = 576 in blocks of 64: "cannot
+    reshape array of size 4320")."""
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
         dims = shapes.get(node.input[1]) if node.name in nodes and len(node.input) > 1 else None
@@ -213,7 +214,7 @@ def _check_whole_blocks(model: Any, nodes: set[str], scheme: WeightScheme) -> No
             raise RunError(f"{scheme.algorithm} needs whole blocks: {node.name} has K = {dims[0]}, not a multiple of "
                            f"the block size {scheme.block_size}")
         blocks = dims[0] // scheme.block_size
-        if scheme.bits == 4 and blocks % 2 and dims[1] > 1:
+        if scheme.bits == 4 and blocks % 2 and dims[1] > 1 and (scheme.algorithm == "k_quant" or not scheme.symmetric):
             raise RunError(f"{scheme.algorithm} needs an even number of blocks per column at 4 bits: {node.name} has "
                            f"K = {dims[0]}, {blocks} blocks of {scheme.block_size} (onnxruntime packs the zero points "
                            "of all columns as one run of nibbles)")
