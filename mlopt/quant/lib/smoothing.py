@@ -141,16 +141,18 @@ def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], k
     return gather.input[0]
 
 
-def _after(name: str, readers_of: list[Any], tag: str = "smooth") -> tuple[Any, Any]:
-    """A Mul of tensor `name` by the constant `name`/`tag`_inverse (not written yet), read by `readers_of` in its
-    place; returns (the first of them in graph order, the Mul, not in the graph yet). `tag` keeps two Muls after
-    one tensor apart (a tied embedding's output that is also a smoothed activation)."""
-    from onnx import helper
+def _after(name: str, readers_of: list[Any], inverse: Any, tag: str = "smooth") -> tuple[Any, Any, Any]:
+    """A Mul of tensor `name` by the constant `inverse` (`name`/`tag`_inverse), read by `readers_of` in its place;
+    returns (the first of them in graph order, the Mul, its constant), neither in the graph yet. `tag` keeps two
+    Muls after one tensor apart (a tied embedding's output that is also a smoothed activation)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
 
-    mul = helper.make_node("Mul", [name, f"{name}/{tag}_inverse"], [f"{name}/{tag}ed"], name=f"{name}/{tag}")
+    constant = numpy_helper.from_array(np.asarray(inverse, np.float32), f"{name}/{tag}_inverse")
+    mul = helper.make_node("Mul", [name, constant.name], [f"{name}/{tag}ed"], name=f"{name}/{tag}")
     for node in readers_of:
         node.input[:] = [mul.output[0] if i == name else i for i in node.input]
-    return readers_of[0], mul
+    return readers_of[0], mul, constant
 
 
 def _scale(act: Any, w_peak: Any, alpha: float) -> Any:
@@ -194,8 +196,7 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         base = arrays[name] if name in arrays else numpy_helper.to_array(inits[name])
         arrays[name] = (base * factor).astype(np.float32)
 
-    inserted: list[tuple[Any, Any]] = []  # (node to insert before, Mul)
-    inverses: dict[str, Any] = {}  # each Mul's constant 1/s
+    inserted: list[tuple[Any, Any, Any]] = []  # (node to insert before, Mul, its constant 1/s)
     smoothed = 0
     for name, nodes in groups.items():
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
@@ -223,25 +224,23 @@ def smooth(src: Path, dst: Path, feeds: list[dict[str, Any]], alpha: float = 0.5
         for node in nodes:
             _scaled(node.input[1], scale[:, None])
             for gather in _table_gathers(node.input[1], node, uses, outputs):
-                inserted.append(_after(gather.output[0], uses[gather.output[0]], tag="untie_smooth"))
-                inverses[inserted[-1][1].input[1]] = 1.0 / scale
+                inserted.append(_after(gather.output[0], uses[gather.output[0]], 1.0 / scale, tag="untie_smooth"))
         if up is not None:
             _scaled(up, 1.0 / scale[None, :])
         elif foldable:
             for i in where:
                 _scaled(norm.input[i], 1.0 / scale)
         else:
-            inserted.append(_after(name, nodes))
-            inverses[inserted[-1][1].input[1]] = 1.0 / scale
+            inserted.append(_after(name, nodes, 1.0 / scale))
         smoothed += 1
     if not smoothed:
         return 0
     for init in model.graph.initializer:
         if init.name in arrays:
             init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
-    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inverses.items())
+    model.graph.initializer.extend(constant for _, _, constant in inserted)
     order = list(model.graph.node)
-    for before, mul in inserted:  # each Mul right before the first reader of its input (order stays topological)
+    for before, mul, _ in inserted:  # each Mul right before the first reader of its input (order stays topological)
         order.insert(order.index(before), mul)
     del model.graph.node[:]
     model.graph.node.extend(order)
