@@ -392,7 +392,7 @@ def test_npz_larger_than_memory_is_refused_before_loading(tmp_path, monkeypatch)
     from mlopt.runtime import data
 
     np.savez_compressed(tmp_path / "zeros.npz", x=np.zeros((1000, 1, 32, 32), np.float32), y=np.zeros(1000, np.int64))
-    monkeypatch.setattr(data, "_available_memory", lambda: 1_000_000)  # 4 MB of zeros in a 20 kB file
+    monkeypatch.setattr(data, "available_memory", lambda: 1_000_000)  # 4 MB of zeros in a 20 kB file
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("loaded"))
     result = runner.invoke(app, ["eval", "--model", f"{TOY}:tiny_cnn", "--data", f"npz:{tmp_path / 'zeros.npz'}", "-q"])
     assert result.exit_code == 2

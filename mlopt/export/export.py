@@ -41,7 +41,7 @@ class ExportPass(Pass):
 
     def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
         if artifact.format == "causal-lm":
-            return export_decoder(artifact, Path(ctx.out_dir))
+            return export_decoder(artifact, Path(ctx.out_dir), config)
         if artifact.format == "genai":
             raise InputError(f"{artifact.origin} is already an exported decoder (an onnxruntime-genai folder)")
         path = Path(ctx.out_dir) / "model.onnx"

@@ -207,15 +207,16 @@ def _check_npz(path: Path) -> None:
                                  "arrays only (save them with a numeric dtype, e.g. x.astype('float32'))")
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             if nbytes > info.file_size:
-                raise InputError(f"{path}: array {name!r} declares shape {tuple(shape)} ({_gb(nbytes)}) but the "
-                                 f"archive holds {_gb(info.file_size)} for it (truncated or forged)")
+                raise InputError(f"{path}: array {name!r} declares shape {tuple(shape)} ({readable_size(nbytes)}) "
+                                 f"but the archive holds {readable_size(info.file_size)} for it (truncated or forged)")
             total += nbytes
-    available = _available_memory()
+    available = available_memory()
     if available is not None and total > available:
-        raise InputError(f"{path}: its arrays need {_gb(total)} once unpacked, more than the {_gb(available)} of memory available")
+        raise InputError(f"{path}: its arrays need {readable_size(total)} once unpacked, more than the "
+                         f"{readable_size(available)} of memory available")
 
 
-def _gb(nbytes: int) -> str:
+def readable_size(nbytes: int) -> str:
     """1234567 -> '1.23 MB'."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
@@ -223,7 +224,7 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Memory the system can give without swapping: MemAvailable (free memory counts the page cache as
     used, and would refuse ordinary files on a machine that has read a lot), else the physical total."""
     import contextlib

@@ -182,7 +182,7 @@ def _every_position_session(graph: Path, threads: int | None) -> Any:
     return make_session(model.SerializeToString(), "cpu", threads, weights_dir=graph.parent)
 
 
-def _onnx_logits(folder: Path, threads: int | None) -> Callable[[list[int]], Any]:
+def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[int]], Any]:
     """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
     import numpy as np
 
@@ -223,7 +223,7 @@ def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_wi
     if isinstance(context, int) and window > context:
         raise InputError(f"a perplexity window of {window} tokens is longer than {folder.name}'s context ({context})")
     bos = bos_token(folder) if bos == "auto" else bos
-    return _scored(_onnx_logits(folder, threads), ids, window, max_windows, folder.name, bos)
+    return _scored(window_logits(folder, threads), ids, window, max_windows, folder.name, bos)
 
 
 def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_windows: int | None = None,

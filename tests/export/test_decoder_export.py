@@ -30,6 +30,9 @@ def test_export_writes_a_genai_folder_that_generates_like_the_builder(llama_dir,
     report = json.loads((out / "report.json").read_text())
     metrics = report["steps"][0]["metrics"] if "steps" in report else report["step"]["metrics"]
     assert metrics["architecture"] == "LlamaForCausalLM" and metrics["check_tokens"] > 0
+    # Its logits were compared with transformers' at every position of a passage.
+    assert metrics["parity_tokens"] >= 32 and metrics["max_abs_error"] <= metrics["tolerance"] < 0.1
+    assert metrics["top1_agreement"] == 1.0
     # Prefill runs the LM head on the last token only; the builder's default graph runs it on every token.
     assert metrics["last_token_logits"] is True and _logits_rows(out) == 1 and _logits_rows(llama_genai_dir) is None
     # The folder mlopt wrote generates exactly what the builder's own output does.
@@ -53,6 +56,98 @@ def _logits_rows(folder):
     dims = [o for o in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.output
             if o.name == "logits"][0].type.tensor_type.shape.dim
     return dims[1].dim_value if dims[1].HasField("dim_value") else None
+
+
+def _tampered(genai_dir, tmp_path, factor):
+    """A copy of a genai folder whose final norm's weight is scaled by `factor`: it loads, generates, and computes
+    other logits."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "tampered"
+    shutil.copytree(genai_dir, out)
+    model = onnx.load(str(out / "model.onnx"))
+    norm = [n for n in model.graph.node if "LayerNorm" in n.op_type][-1]
+    weight = next(i for i in model.graph.initializer if i.name == norm.input[-1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(factor), weight.name))
+    for f in out.glob("model.onnx*"):
+        f.unlink()
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return out
+
+
+def test_parity_catches_a_graph_that_computes_other_logits(llama_dir, llama_genai_dir, tmp_path):
+    from mlopt.core.errors import ParityError
+    from mlopt.export.lib.decoder import check_parity
+
+    assert check_parity(llama_dir, llama_genai_dir, 1e-4, 1e-3)["top1_agreement"] == 1.0
+    tampered = _tampered(llama_genai_dir, tmp_path, 1.02)
+    with pytest.raises(ParityError, match="computes other logits than transformers: max abs error"):
+        check_parity(llama_dir, tampered, 1e-4, 1e-3)
+    relaxed = check_parity(llama_dir, tampered, 1e-4, 0.5)  # --rtol: the user's call, measured all the same
+    assert 1e-3 < relaxed["max_abs_error"] <= relaxed["tolerance"]
+
+
+def test_parity_is_skipped_with_a_note_when_memory_is_short(llama_dir, tmp_path, monkeypatch):
+    from mlopt.runtime import data
+
+    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    result = _export(f"hf:{llama_dir}", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    step = report["steps"][0] if "steps" in report else report["step"]
+    assert "max_abs_error" not in step["metrics"]
+    assert any("parity with transformers not checked" in n and "is available" in n for n in step["notes"])
+
+
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Phi3", "Granite", "SmolLM3", "Ernie4_5", "Lfm2", "Gemma"])
+def test_other_families_export_with_their_logits_checked(family, decoder_tokenizer, tmp_path):
+    """Small random models of more of the builder's families: each export passes the parity check (its logits
+    are transformers' at every position, the same top-1 token everywhere)."""
+    import torch
+    import transformers
+
+    tok = decoder_tokenizer
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    config.original_max_position_embeddings = 4096  # Phi-3: no LongRoPE
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    with torch.no_grad():  # weights four times the initializer's: logits that differ from token to token
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() == 2 else None
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    result = _export(f"hf:{tmp_path / 'hf'}", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    metrics = (report["steps"][0] if "steps" in report else report["step"])["metrics"]
+    assert metrics["architecture"] == f"{family}ForCausalLM"
+    assert metrics["max_abs_error"] <= metrics["tolerance"] and metrics["top1_agreement"] == 1.0
+
+
+def test_a_builder_graph_that_differs_from_the_model_fails_the_export(decoder_tokenizer, tmp_path):
+    """onnxruntime-genai 0.18's builder writes OLMo's non-parametric LayerNorm as an RMSNorm: the folder loads and
+    generates, and its logits are not OLMo's. The export fails (exit 1) and writes nothing. Should the builder get
+    OLMo right, this test fails: make it a plain export test then."""
+    import torch
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    config = OlmoConfig(vocab_size=len(decoder_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        bos_token_id=decoder_tokenizer.bos_token_id, eos_token_id=decoder_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    OlmoForCausalLM(config).save_pretrained(tmp_path / "olmo")
+    decoder_tokenizer.save_pretrained(tmp_path / "olmo")
+    result = runner.invoke(app, ["export", "--model", f"hf:{tmp_path / 'olmo'}", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "computes other logits than transformers" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def _save_gpt2(out):

@@ -5,7 +5,9 @@ embeddings) for the architectures it knows; mlopt never writes a second exporter
 the architecture is checked before anything runs (one line with the supported list instead of a
 traceback), the builder runs offline in a child process (its crashes and its output stay there),
 and the folder it writes must load and generate with onnxruntime-genai before export succeeds:
-the builder has exited 0 on models that then failed to load.
+the builder has exited 0 on models that then failed to load, and the logits of the graph it writes must
+match transformers' on one passage (`check_parity`): it has written graphs that load, generate and compute
+something else (OLMo's non-parametric LayerNorm as an RMSNorm).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from mlopt.runtime import decoder
 #: the builder's "precision" for an exported model that later steps quantize themselves.
 FP32 = "fp32"
 CHECK_TOKENS = 8  # tokens generated from a prompt to prove the written folder runs
+PARITY_TOKENS = 64  # the longest passage whose logits are compared with transformers'
+#: the passage compared (any tokenizer encodes English; the ids, not their meaning, are what is checked)
+PARITY_TEXT = ("The module provides a portable way of using operating system dependent functionality. If you just "
+               "want to read or write a file, see open(); if you want to manipulate paths, see the path module; and "
+               "if you want to read all the lines in all the files on the command line, see the fileinput module.")
 
 
 def check_architecture(config: dict[str, Any], origin: str) -> str:
@@ -109,8 +116,49 @@ def check_generates(folder: Path, prompt: str = "The") -> list[int]:
         raise RunError(f"the decoder written to {folder} does not run in onnxruntime-genai: {first_line(exc)}") from exc
 
 
-def export_decoder(artifact: Any, out: Path) -> Any:
-    """The export step on a causal-lm artifact: build the genai folder into `out`, check that it generates."""
+def check_parity(src: Path, out: Path, atol: float, rtol: float) -> dict[str, Any]:
+    """The exported graph's logits at every position of PARITY_TEXT against transformers' (float32) on the same
+    ids: a ParityError where any differs by more than atol + rtol * max |transformers' logit|, as the encoder
+    export checks. Skipped, with the reason in "skipped", when the two models would not fit in the memory
+    available (transformers in float32 beside onnxruntime's copy: about twice the folder's weights)."""
+    import numpy as np
+    import torch
+
+    from mlopt.core.errors import ParityError
+    from mlopt.runtime import generation
+    from mlopt.runtime.data import available_memory, readable_size
+
+    needed, available = 2 * sum(f.stat().st_size for f in out.glob("*.onnx*")), available_memory()
+    if available is not None and needed > available:
+        return {"skipped": f"transformers and onnxruntime would need about {readable_size(needed)} together, "
+                           f"{readable_size(available)} is available"}
+    bos = generation.bos_token(out)
+    ids = ([] if bos is None else [bos]) + generation.token_ids(out, [PARITY_TEXT])[:PARITY_TOKENS]
+    model, _ = generation.load_causal_lm(f"hf:{src}")
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    del model
+    got = generation.window_logits(out)(ids)
+    if got.shape != ref.shape:
+        raise ParityError(f"the exported decoder's logits have shape {got.shape}, transformers' {ref.shape}")
+    error, largest = float(np.abs(got - ref).max()), float(np.abs(ref).max())
+    tolerance = atol + rtol * largest
+    result = {"max_abs_error": error, "max_abs_output": largest, "tolerance": tolerance,
+              "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()), "parity_tokens": len(ids)}
+    if not np.isfinite(error) or error > tolerance:
+        raise ParityError(f"the decoder onnxruntime-genai's model builder wrote computes other logits than "
+                          f"transformers: max abs error {error:.3g} > tolerance {tolerance:.3g} (atol {atol} + rtol "
+                          f"{rtol} x max |logit| {largest:.3g}) over {len(ids)} tokens; top-1 agreement "
+                          f"{result['top1_agreement']:.3f} (--atol/--rtol relax the check)")
+    return result
+
+
+def export_decoder(artifact: Any, out: Path, options: Any = None) -> Any:
+    """The export step on a causal-lm artifact: build the genai folder into `out`, check that it generates and
+    that its logits match transformers' (`check_parity`, with the tolerances of `options`, an ExportOptions)."""
+    from mlopt.export.lib.onnx import ExportOptions
+
+    options = options or ExportOptions()
     from mlopt.core.contracts import StepResult
     from mlopt.runtime import hf
 
@@ -119,16 +167,26 @@ def export_decoder(artifact: Any, out: Path) -> Any:
     arch = check_architecture(hf.read_config(spec), artifact.origin)
     last_only = _build_last_token(src, out)
     tokens = check_generates(out)
+    parity = check_parity(src, out, options.atol, options.rtol)
     exported = artifact.derive("export", format="genai", onnx_path=out / "model.onnx")
     size = exported.size_mb()
     console.info(f"{arch} exported to an onnxruntime-genai folder ({size:.1f} MB); it loads and generates")
     notes = [f"onnxruntime-genai's model builder wrote the graph; onnxruntime-genai loaded it and "
              f"generated {len(tokens)} tokens greedily before the step succeeded"]
+    if "skipped" in parity:
+        notes.append(f"parity with transformers not checked: {parity['skipped']}")
+        console.warn(notes[-1])
+    else:
+        notes.append(f"parity checked on the logits of {parity['parity_tokens']} tokens: max abs error "
+                     f"{parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g}), top-1 agreement "
+                     f"{parity['top1_agreement']:.3f}")
+        console.info(f"parity: {notes[-1].removeprefix('parity checked on ')}")
     if last_only:
         notes.append("the LM head runs on the last prompt token only (the builder's prune_lm_head): the first token "
                      "comes sooner, generation is unchanged, and perplexity is scored on every position as before")
     return StepResult(artifact=exported, metrics={"architecture": arch, "precision": FP32, "size_mb": round(size, 3),
-                                                  "check_tokens": len(tokens), "last_token_logits": last_only},
+                                                  "check_tokens": len(tokens), "last_token_logits": last_only,
+                                                  **{k: v for k, v in parity.items() if k != "skipped"}},
                       notes=notes)
 
 
