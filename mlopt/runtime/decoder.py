@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import InputError
+from mlopt.runtime.graph_edit import attribute
 
 GENAI_CONFIG = "genai_config.json"
 GGUF_PREFIX = "gguf:"
@@ -104,7 +105,7 @@ def all_positions(model: Any) -> bool:
     known = constants(model)
 
     def picks_last(gather: Any) -> bool:
-        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        axis = attribute(gather, "axis", 0)
         index = known.get(gather.input[1])
         return axis == 1 and index is not None and numpy_helper.to_array(index).tolist() in (-1, [-1])
 

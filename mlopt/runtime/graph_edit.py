@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import Any
 
 
+def attribute(node: Any, name: str, default: Any = None) -> Any:
+    """The value of a node's attribute (ints as a list), `default` when the node does not set it."""
+    from onnx import AttributeProto, helper
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    if found is None:
+        return default
+    value = helper.get_attribute_value(found)
+    return list(value) if found.type == AttributeProto.INTS else value
+
+
 def readers(model: Any) -> dict[str, list[Any]]:
     """Tensor name -> the nodes of the main graph that read it."""
     found: dict[str, list[Any]] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.runtime.graph_edit import drop_dead, probe_session, readers, save_like
+from mlopt.runtime.graph_edit import attribute, drop_dead, probe_session, readers, save_like
 
 MS = "com.microsoft"
 MASK_INPUT = "attention_mask"
@@ -60,7 +60,7 @@ def split_fusions(src: Path, dst: Path) -> dict[str, int]:
             x, skip, gamma = node.input[:3]
             beta = node.input[3] if len(node.input) > 3 else ""
             bias = node.input[4] if len(node.input) > 4 else ""
-            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+            eps = attribute(node, "epsilon", 1e-12)
             if bias:
                 nodes.append(helper.make_node("Add", [x, bias], [f"{name}/biased"], name=f"{name}/bias"))
                 x = f"{name}/biased"

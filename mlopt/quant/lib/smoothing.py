@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlopt.runtime.graph_edit import constants, probe_session, readers, save_like
+from mlopt.runtime.graph_edit import attribute, constants, probe_session, readers, save_like
 
 MS = "com.microsoft"
 NORMS = {("", "LayerNormalization"): (1, 2), (MS, "SkipLayerNormalization"): (2, 3),  # scale, bias input indices
@@ -74,11 +74,11 @@ def _table_gathers(weight: str, node: Any, uses: dict[str, list[Any]], outputs: 
     if len(others) != 1 or others[0].op_type != "Transpose" or others[0].domain not in ("", "ai.onnx"):
         return []
     transpose = others[0]
-    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+    perm = attribute(transpose, "perm", [1, 0])
     gathers = uses.get(transpose.output[0], [])
     if perm != [1, 0] or transpose.output[0] in outputs or not gathers or any(
             g.op_type != "Gather" or g.input[0] != transpose.output[0] or g.output[0] in outputs
-            or not uses.get(g.output[0]) or next((a.i for a in g.attribute if a.name == "axis"), 0) != 0
+            or not uses.get(g.output[0]) or attribute(g, "axis", 0) != 0
             for g in gathers):
         return []
     return gathers
@@ -129,13 +129,13 @@ def _position_pick(name: str, producer: dict[str, Any], reads: dict[str, int], k
         return None
     axes = known.get(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else None
     axes = numpy_helper.to_array(axes).tolist() if axes is not None else \
-        next((list(a.ints) for a in unsqueeze.attribute if a.name == "axes"), None)
+        attribute(unsqueeze, "axes")
     gather = producer.get(unsqueeze.input[0])
     if axes not in ([1], 1) or gather is None or gather.op_type != "Gather" or reads.get(gather.output[0]) != 1 \
             or {name, gather.output[0]} & outputs:
         return None
     index = known.get(gather.input[1])
-    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+    axis = attribute(gather, "axis", 0)
     if axis != 1 or index is None or len(index.dims) > 1:
         return None
     return gather.input[0]

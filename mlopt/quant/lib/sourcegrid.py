@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mlopt.runtime.graph_edit import drop_unread
+from mlopt.runtime.graph_edit import attribute, drop_unread
 
 BLOCK = 32  # every GGUF block format that stores 4 or 8 bits groups 32 weights (k-quants: 32 per sub-block)
 
@@ -239,7 +239,7 @@ def store_on_grids(model: Any, accuracy_level: int) -> Stored:
                                               name=f"{name}/grid_add"))
                 stored.with_rests.append(node.name)
             dropped.add(weight.name)
-        elif source is not None and _gather_axis(node) == 0:
+        elif source is not None and attribute(node, "axis", 0) == 0:
             matrix, via_transpose = source
             # through a Transpose the matrix is [H, V] already, the MatMul's layout; a table itself is [V, H]
             grid = grid_for(matrix.name if via_transpose else f"{matrix.name}:table", matrix, transpose=not via_transpose)
@@ -299,14 +299,10 @@ def table_source(node: Any, inits: dict[str, Any], producers: dict[str, Any]) ->
     if node.input[0] in inits:
         return inits[node.input[0]], False
     source = producers.get(node.input[0])
-    perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0]) if source is not None else None
+    perm = attribute(source, "perm", [1, 0]) if source is not None else None
     if source is not None and source.op_type == "Transpose" and source.input[0] in inits and perm == [1, 0]:
         return inits[source.input[0]], True
     return None
-
-
-def _gather_axis(node: Any) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
 def _table_layout(grid: Grid) -> tuple[Any, Any]:

@@ -24,6 +24,7 @@ from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.quant.lib.sourcegrid import tied_gather
 from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import last_token_only, lm_head, onnx_name
+from mlopt.runtime.graph_edit import attribute
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
 Precision = Literal["int4", "int8"]
@@ -269,7 +270,7 @@ class TextCalibration:
 def _check_bits(model: Any, scheme: WeightScheme, planned_int8: int) -> None:
     """The quantized graph keeps the planned MatMuls at 8 bits: gptq, for one, quantizes every MatMul whatever it
     was asked to leave out, and a mix it ignored must not be reported under the mix's name."""
-    bits = [next((a.i for a in n.attribute if a.name == "bits"), 4) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    bits = [attribute(n, "bits", 4) for n in model.graph.node if n.op_type == "MatMulNBits"]
     if scheme.bits == 4 and bits.count(8) != planned_int8:
         raise RunError(f"{scheme.algorithm} quantized {bits.count(8)} MatMul(s) to 8 bits where {planned_int8} were "
                        "planned (it does not honour the layers left out)")
