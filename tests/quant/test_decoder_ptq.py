@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlopt.cli.main import app
+from mlopt.core.errors import InputError
 from mlopt.quant.lib.weightonly import WeightScheme, int8_scheme, plan_nodes, quantize_folder, untie_embedding
 
 from decoders import build_genai
@@ -118,6 +119,102 @@ def test_mixed_precision_plan_routes_groups():
     plan = plan_nodes(model, WeightScheme().with_raised("mlp").with_raised("last_block"))
     assert set(plan["int8"]) == {n for n in names if "mlp" in n} | {"/model/layers.2/attn/qkv_proj/MatMul"}
     assert WeightScheme().with_raised("embedding").embedding == "float"
+
+
+def _layered_graph(parallel=False):
+    """MatMuls named as the builder names them, reading what they read in its graphs: q/k/v from the attention
+    norm, gate and up from the MLP norm (from the same norm as q/k/v where `parallel`, as in Phi), down from the
+    gated product; an LM head."""
+    from onnx import TensorProto, helper
+
+    nodes, inits = [], []
+
+    def matmul(name, x):
+        inits.append(helper.make_tensor(f"{name}.w", TensorProto.FLOAT, [2, 2], [0.0] * 4))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.y"], name=name))
+
+    for i in range(2):
+        p = f"/model/layers.{i}"
+        matmul(f"{p}/attn/qkv_proj/MatMul", f"norm{i}")
+        matmul(f"{p}/attn/o_proj/MatMul", f"attn{i}")
+        for part in ("gate_proj", "up_proj"):
+            matmul(f"{p}/mlp/{part}/MatMul", f"norm{i}" if parallel else f"post{i}")
+        matmul(f"{p}/mlp/down_proj/MatMul", f"act{i}")
+    matmul("/lm_head/MatMul", "final")
+    return helper.make_model(helper.make_graph(nodes, "g", [], [], initializer=inits))
+
+
+def test_block_roles_group_the_matmuls_that_read_one_activation():
+    from dataclasses import replace
+
+    from mlopt.quant.lib.weightonly import block_roles
+
+    roles = block_roles(_layered_graph())
+    assert {k: len(v) for k, v in roles.items()} == {"qkv_proj": 2, "o_proj": 2, "gate_proj+up_proj": 4, "down_proj": 2}
+    assert roles["qkv_proj"] == ["/model/layers.0/attn/qkv_proj/MatMul", "/model/layers.1/attn/qkv_proj/MatMul"]
+    assert set(block_roles(_layered_graph(parallel=True))) == {"gate_proj+qkv_proj+up_proj", "o_proj", "down_proj"}
+    plan = plan_nodes(_layered_graph(), replace(int8_scheme(128), fine=("qkv_proj", "down_proj"), fine_block=32))
+    assert set(plan["fine"]) == set(roles["qkv_proj"] + roles["down_proj"])
+    assert "/lm_head/MatMul" in plan["low"] and not set(plan["fine"]) & set(plan["low"])
+    with pytest.raises(InputError, match="not mlp"):
+        plan_nodes(_layered_graph(), replace(int8_scheme(128), fine=("mlp",), fine_block=32))
+    with pytest.raises(InputError, match="not int4"):
+        plan_nodes(_layered_graph(), replace(WeightScheme(), fine=("qkv_proj",), fine_block=32))
+
+
+@pytest.mark.slow
+def test_a_role_at_a_finer_block_is_quantized_so(qwen3_dir, tmp_path):
+    """The roles a scheme names get MatMulNBits with blocks of fine_block, the rest the scheme's block; perplexity
+    stays by INT8's."""
+    from dataclasses import replace
+
+    import onnx
+
+    from mlopt.runtime.generation import perplexity, token_ids
+
+    fp32 = build_genai(qwen3_dir, tmp_path / "fp32", tmp_path / "cache")
+    scheme = replace(int8_scheme(64), fine=("qkv_proj",), fine_block=32)
+    assert "qkv_proj:b32" in scheme.label
+    folder = quantize_folder(fp32, tmp_path / "fine", scheme).parent
+    blocks = {n.name: next(a.i for a in n.attribute if a.name == "block_size")
+              for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits"}
+    assert {b for n, b in blocks.items() if "qkv_proj" in n} == {32}
+    assert {b for n, b in blocks.items() if "qkv_proj" not in n} == {64} and len(blocks) > 4
+    ids = token_ids(fp32, ["The module provides functions for working with text and files."] * 6)
+    base = perplexity(fp32, ids, 32)["perplexity"]
+    assert perplexity(folder, ids, 32)["perplexity"] == pytest.approx(base, rel=0.02)
+
+
+@pytest.mark.parametrize("gains,together", [((0.3, 0.0, 0.1, -0.1), True), ((0.3, 0.0, -0.1, -0.2), False)])
+def test_finer_blocks_are_measured_one_role_at_a_time_then_together(gains, together, tmp_path):
+    """On the INT8 candidate with the largest block, each role of the layers' MatMuls is measured at the smallest
+    block alone; the roles that lowered perplexity are measured together when there are two or more."""
+    import json as _json
+    from dataclasses import replace
+
+    import onnx
+
+    onnx.save(_layered_graph(), str(tmp_path / "model.onnx"))
+    (tmp_path / "genai_config.json").write_text(_json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    search = _search(tmp_path)
+    search.fp32, search.s.block_sizes = tmp_path, [32, 128]
+    base = _row(tmp_path, int8_scheme(128), ppl=10.4)
+    search.rows = [_row(tmp_path, int8_scheme(32), ppl=10.1), base]
+    role_gain = dict(zip(["qkv_proj", "o_proj", "gate_proj+up_proj", "down_proj"], gains))
+    search.candidate = lambda scheme: search.rows.append(_row(
+        tmp_path, scheme, ppl=10.4 - sum(role_gain[r] for r in scheme.fine))) or search.rows[-1]
+    search._refine_blocks()
+    asked = [r.scheme for r in search.rows[2:]]
+    assert asked[:4] == [replace(base.scheme, fine=(role,), fine_block=32) for role in role_gain]
+    helpful = tuple(sorted(r for r, g in role_gain.items() if g > 0))
+    assert (asked[4:] == [replace(base.scheme, fine=helpful, fine_block=32)]) == together and len(asked) <= 5
+    assert [r["role"] for r in search.refinement][0] == "qkv_proj"
+    assert "blocks of 32 instead of 128" in search.notes[-1] and "qkv_proj -0.300" in search.notes[-1]
+    search.rows, search.refinement = [base], []
+    search.s.block_sizes = [128]  # one block size: nothing finer to try
+    search._refine_blocks()
+    assert search.rows == [base] and not search.refinement
 
 
 def test_decoder_options_on_an_encoder_are_refused(tmp_path):

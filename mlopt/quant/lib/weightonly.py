@@ -43,6 +43,8 @@ class WeightScheme:
     lm_head: Precision = "int4"
     raised: tuple[str, ...] = field(default=())  # groups of MatMuls kept at 8 bits (mixed precision)
     smooth: float = 0.0  # SmoothQuant's alpha, applied to the FP32 graph before quantizing (0: none)
+    fine: tuple[str, ...] = field(default=())  # roles (see block_roles) whose MatMuls get blocks of fine_block
+    fine_block: int = 0
 
     @property
     def label(self) -> str:
@@ -53,6 +55,7 @@ class WeightScheme:
         extras = [f"embedding:{self.embedding}"] if self.embedding != "int4" else []
         extras += [f"lm_head:{self.lm_head}"] if self.lm_head != f"int{self.bits}" else []
         extras += [f"{g}:int8" for g in self.raised]
+        extras += [f"{role}:b{self.fine_block}" for role in self.fine]
         extras += [f"smoothed {self.smooth:g}"] if self.smooth else []
         return " ".join(p for p in parts if p) + (f" ({', '.join(extras)})" if extras else "")
 
@@ -123,11 +126,45 @@ def _layer_count(names: Iterable[str]) -> int:
     return max(found) + 1 if found else 0
 
 
+def block_roles(model: Any) -> dict[str, list[str]]:
+    """The MatMuls of the layers by role: one role per node name with the layer index taken out, merged with the
+    roles whose nodes read the same activation (a gated MLP's gate and up projections), named by the projections'
+    own names ("qkv_proj", "gate_proj+up_proj"). The LM head is no role's. A finer block for a role's weights is
+    a finer block for the activation its kernels quantize to int8 (accuracy level 4) too."""
+    matmuls = set(_matmuls(model))
+    reads: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.name in matmuls and re.search(r"layers\.\d+/", node.name):
+            reads.setdefault(node.input[0], set()).add(re.sub(r"layers\.\d+/", "layers.N/", node.name))
+    merged: list[set[str]] = []
+    for roles in reads.values():
+        joined = [m for m in merged if m & roles]
+        merged = [m for m in merged if not m & roles] + [set(roles).union(*joined)]
+    labels = {}
+    for roles in merged:
+        label = "+".join(sorted({r.rstrip("/").split("/")[-2] for r in roles}))
+        labels.update({r: label for r in roles})
+    found: dict[str, list[str]] = {}
+    for name in sorted(matmuls, key=_matmuls(model).index):
+        role = labels.get(re.sub(r"layers\.\d+/", "layers.N/", name))
+        if role is not None:
+            found.setdefault(role, []).append(name)
+    return found
+
+
 def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
-    """Which nodes each pass of the quantizer takes: "low" at scheme.bits, and "int8" (run before it, see
-    `_quantize`) or "int4" (an embedding Gather, which onnxruntime quantizes to 4 bits only) in a pass of their own."""
+    """Which nodes each pass of the quantizer takes: "low" at scheme.bits, "int8" (run before it, see `_quantize`),
+    "fine" (roles at a finer block, INT8 only) and "int4" (an embedding Gather, which onnxruntime quantizes to 4 bits
+    only) in passes of their own."""
     matmuls, gathers = _matmuls(model), _embedding_gathers(model)
     layers = _layer_count(matmuls)
+    roles = block_roles(model) if scheme.fine else {}
+    missing = [role for role in scheme.fine if role not in roles]
+    if missing or (scheme.fine and scheme.bits != 8):
+        raise InputError(f"finer blocks are for INT8 schemes and the roles of this graph ({', '.join(roles) or 'none'}): "
+                         f"not {', '.join(missing) or f'int{scheme.bits}'}")
+    fine = [name for role in scheme.fine for name in roles[role]]
+    matmuls = [name for name in matmuls if name not in set(fine)]
     low, high = [], []
     for name in matmuls:
         groups = _group_of(name, layers)
@@ -135,7 +172,7 @@ def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
         (low if precision == f"int{scheme.bits}" else high).append(name)
     gather = gathers if scheme.embedding == "int4" else []
     if scheme.bits == 8:
-        return {"low": low + high, "int4": gather}
+        return {"low": low + high, "fine": fine, "int4": gather}
     return {"low": low + gather, "int8": high}
 
 
@@ -288,6 +325,8 @@ def _quantize(model: Any, scheme: WeightScheme, calibration: Any, work: Path) ->
     # leave out, and a MatMulNBits is no longer one.
     if nodes.get("int8"):
         model = _quantize_pass(model, int8_scheme(scheme.block_size, scheme.accuracy_level), nodes["int8"], None, work)
+    if nodes.get("fine"):
+        model = _quantize_pass(model, replace(scheme, block_size=scheme.fine_block, fine=()), nodes["fine"], None, work)
     last = lm_head(model) if scheme.algorithm == "gptq" and last_token_only(model) else None
     if last in nodes["low"]:
         # The LM head of a last-token graph sees one row per calibration window: too few for gptq's Hessian.
