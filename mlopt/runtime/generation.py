@@ -47,6 +47,12 @@ def _genai_config(folder: str | Path) -> dict[str, Any]:
         raise InputError(f"{path} is not a readable onnxruntime-genai config: {first_line(exc)}") from None
 
 
+def context_length(folder: str | Path) -> int | None:
+    """The longest sequence the folder's model takes (genai_config's context_length); None where it names none."""
+    context = _genai_config(folder).get("model", {}).get("context_length")
+    return context if isinstance(context, int) and context > 0 else None
+
+
 def sliding_window(config: dict[str, Any]) -> int:
     """The sliding attention window a genai_config.json declares (0: none)."""
     return int((config.get("model", {}).get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
@@ -182,6 +188,13 @@ def _every_position_session(graph: Path, threads: int | None) -> Any:
     return make_session(model.SerializeToString(), "cpu", threads, weights_dir=graph.parent)
 
 
+def fresh_state(name: str, shape: Sequence[Any]) -> tuple[int, ...] | None:
+    """The shape of a recurrent state input other than the KV cache (``past.N.conv``) for one sequence, where its
+    dimensions past the batch are fixed; None where they are not (nothing mlopt knows how to feed)."""
+    rest = list(shape)[1:]
+    return (1, *rest) if name.startswith("past.") and rest and all(isinstance(d, int) and d > 0 for d in rest) else None
+
+
 def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[int]], Any]:
     """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
     import numpy as np
@@ -194,6 +207,9 @@ def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[in
     dtypes = {name: dtype for name, _, dtype in input_specs(session)}
     pasts = {meta.name: _past_shape(meta, config) for meta in session.get_inputs()
              if meta.name.startswith("past_key_values")}
+    # Other recurrent state of a fresh window (LFM2's convolution states, [batch, hidden, kernel - 1]): zeros.
+    states = {meta.name: fresh_state(meta.name, meta.shape) for meta in session.get_inputs()
+              if meta.name.startswith("past.")}
     # Sliding-window attention wants a KV buffer at least as long as its window, even when the past is empty
     # (the attention mask says how much of it is real: none).
     sliding = sliding_window(config)
@@ -202,7 +218,8 @@ def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[in
         n = len(chunk)
         capacity = max(sliding, n) if sliding else 0
         feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                **{name: np.zeros((1, heads, capacity, dim), dtypes[name]) for name, (heads, dim) in pasts.items()}}
+                **{name: np.zeros((1, heads, capacity, dim), dtypes[name]) for name, (heads, dim) in pasts.items()},
+                **{name: np.zeros(shape, dtypes[name]) for name, shape in states.items() if shape is not None}}
         if "position_ids" in dtypes:
             feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
         try:
@@ -219,8 +236,8 @@ def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_wi
     BOS token each window starts with (None: none); "auto" reads it from the folder (see bos_token), which
     callers scoring many variants of one model do once instead."""
     folder = Path(folder)
-    context = _genai_config(folder).get("model", {}).get("context_length")
-    if isinstance(context, int) and window > context:
+    context = context_length(folder)
+    if context and window > context:
         raise InputError(f"a perplexity window of {window} tokens is longer than {folder.name}'s context ({context})")
     bos = bos_token(folder) if bos == "auto" else bos
     return _scored(window_logits(folder, threads), ids, window, max_windows, folder.name, bos)

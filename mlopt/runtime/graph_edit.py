@@ -8,14 +8,13 @@ from typing import Any
 
 
 def attribute(node: Any, name: str, default: Any = None) -> Any:
-    """The value of a node's attribute (ints as a list), `default` when the node does not set it."""
+    """The value of a node's attribute (ints as a list), `default` where the node does not set it."""
     from onnx import AttributeProto, helper
 
     found = next((a for a in node.attribute if a.name == name), None)
-    if found is None:
+    if found is None or found.type == AttributeProto.UNDEFINED:
         return default
-    value = helper.get_attribute_value(found)
-    return list(value) if found.type == AttributeProto.INTS else value
+    return helper.get_attribute_value(found)
 
 
 def readers(model: Any) -> dict[str, list[Any]]:

@@ -103,10 +103,11 @@ def test_parity_is_skipped_with_a_note_when_memory_is_short(llama_dir, tmp_path,
     assert any("parity with transformers not checked" in n and "is available" in n for n in step["notes"])
 
 
-@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Phi3", "Granite", "SmolLM3", "Ernie4_5", "Lfm2", "Gemma"])
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3", "Phi3", "Granite", "SmolLM3", "Ernie4_5", "Lfm2",
+                                    "Gemma"])
 def test_other_families_export_with_their_logits_checked(family, decoder_tokenizer, tmp_path):
     """Small random models of more of the builder's families: each export passes the parity check (its logits
-    are transformers' at every position, the same top-1 token everywhere)."""
+    are transformers' at every position, the same top-1 token everywhere), LFM2's convolution state fed as zeros."""
     import torch
     import transformers
 
@@ -114,7 +115,8 @@ def test_other_families_export_with_their_logits_checked(family, decoder_tokeniz
     config = getattr(transformers, f"{family}Config")(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        **({"layer_types": ["conv", "full_attention"]} if family == "Lfm2" else {}))  # LFM2: a convolution state
     config.original_max_position_embeddings = 4096  # Phi-3: no LongRoPE
     torch.manual_seed(0)
     model = getattr(transformers, f"{family}ForCausalLM")(config)

@@ -31,11 +31,21 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
         if ref.ndim == 2:
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
         n += len(ref)
+    agreement = agree / n if n and ref.ndim == 2 else None
+    tolerance = within_tolerance("exported model disagrees with PyTorch", max_err, max_ref, atol, rtol, agreement)
+    return {"max_abs_error": max_err, "max_abs_output": max_ref, "tolerance": tolerance, "top1_agreement": agreement,
+            "parity_samples": n}
+
+
+def within_tolerance(subject: str, max_err: float, max_ref: float, atol: float, rtol: float,
+                     agreement: float | None = None, hint: str = "") -> float:
+    """The tolerance atol + rtol * max_ref; a ParityError, one line beginning with `subject`, where max_err is over
+    it (or not finite)."""
+    import math
+
     tolerance = atol + rtol * max_ref
-    result = {"max_abs_error": max_err, "max_abs_output": max_ref, "tolerance": tolerance,
-              "top1_agreement": agree / n if n and ref.ndim == 2 else None, "parity_samples": n}
-    if not np.isfinite(max_err) or max_err > tolerance:
-        agreement = "" if result["top1_agreement"] is None else f"; top-1 agreement {result['top1_agreement']:.3f}"
-        raise ParityError(f"exported model disagrees with PyTorch: max abs error {max_err:.3g} > tolerance "
-                          f"{tolerance:.3g} (atol {atol} + rtol {rtol} x max |output| {max_ref:.3g}){agreement}")
-    return result
+    if not math.isfinite(max_err) or max_err > tolerance:
+        agreed = "" if agreement is None else f"; top-1 agreement {agreement:.3f}"
+        raise ParityError(f"{subject}: max abs error {max_err:.3g} > tolerance {tolerance:.3g} (atol {atol} + rtol "
+                          f"{rtol} x max |output| {max_ref:.3g}){agreed}{hint}")
+    return tolerance

@@ -24,6 +24,7 @@ from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.quant.lib.sourcegrid import tied_gather
 from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import last_token_only, lm_head, onnx_name
+from mlopt.runtime.generation import fresh_state
 from mlopt.runtime.graph_edit import attribute
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
@@ -129,26 +130,32 @@ def _layer_count(names: Iterable[str]) -> int:
 def block_roles(model: Any) -> dict[str, list[str]]:
     """The MatMuls of the layers by role: one role per node name with the layer index taken out, merged with the
     roles whose nodes read the same activation (a gated MLP's gate and up projections), named by the projections'
-    own names ("qkv_proj", "gate_proj+up_proj"). The LM head is no role's. A finer block for a role's weights is
-    a finer block for the activation its kernels quantize to int8 (accuracy level 4) too."""
-    matmuls = set(_matmuls(model))
+    own names ("qkv_proj", "gate_proj+up_proj"; with their parents where two roles would share a name). The LM
+    head is no role's. A finer block for a role's weights is a finer block for the activation its kernels quantize
+    to int8 (accuracy level 4) too."""
+    def role(name: str) -> str:
+        return re.sub(r"layers\.\d+/", "layers.N/", name)
+
+    matmuls = [name for name in _matmuls(model) if re.search(r"layers\.\d+/", name)]
+    layered = set(matmuls)
     reads: dict[str, set[str]] = {}
     for node in model.graph.node:
-        if node.name in matmuls and re.search(r"layers\.\d+/", node.name):
-            reads.setdefault(node.input[0], set()).add(re.sub(r"layers\.\d+/", "layers.N/", node.name))
+        if node.name in layered:
+            reads.setdefault(node.input[0], set()).add(role(node.name))
     merged: list[set[str]] = []
     for roles in reads.values():
         joined = [m for m in merged if m & roles]
         merged = [m for m in merged if not m & roles] + [set(roles).union(*joined)]
-    labels = {}
-    for roles in merged:
-        label = "+".join(sorted({r.rstrip("/").split("/")[-2] for r in roles}))
-        labels.update({r: label for r in roles})
+
+    def named(group: set[str], parts: int) -> str:
+        return "+".join(sorted({"/".join(r.split("/")[-1 - parts:-1]) for r in group}))
+
+    short = [named(group, 1) for group in merged]
+    labels = {r: named(group, 2) if short.count(label) > 1 else label
+              for group, label in zip(merged, short) for r in group}
     found: dict[str, list[str]] = {}
-    for name in sorted(matmuls, key=_matmuls(model).index):
-        role = labels.get(re.sub(r"layers\.\d+/", "layers.N/", name))
-        if role is not None:
-            found.setdefault(role, []).append(name)
+    for name in matmuls:
+        found.setdefault(labels[role(name)], []).append(name)
     return found
 
 
@@ -160,9 +167,11 @@ def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
     layers = _layer_count(matmuls)
     roles = block_roles(model) if scheme.fine else {}
     missing = [role for role in scheme.fine if role not in roles]
-    if missing or (scheme.fine and scheme.bits != 8):
-        raise InputError(f"finer blocks are for INT8 schemes and the roles of this graph ({', '.join(roles) or 'none'}): "
-                         f"not {', '.join(missing) or f'int{scheme.bits}'}")
+    if scheme.fine and scheme.bits != 8:
+        raise RunError(f"finer blocks are for INT8 schemes, not int{scheme.bits}")
+    if missing:
+        raise RunError(f"no MatMuls of the role(s) {', '.join(missing)} in this graph (its roles: "
+                       f"{', '.join(roles) or 'none'})")
     fine = [name for role in scheme.fine for name in roles[role]]
     matmuls = [name for name in matmuls if name not in set(fine)]
     low, high = [], []
@@ -289,6 +298,8 @@ class TextCalibration:
                 feed[value.name] = np.zeros((1, dims[1], capacity, dims[3] or self.head_size), dtype=np.float32)
             elif value.name == "position_ids":
                 feed[value.name] = np.arange(len(ids), dtype=np.int64)[None]
+            elif fresh_state(value.name, dims) is not None:  # LFM2's convolution states
+                feed[value.name] = np.zeros(fresh_state(value.name, dims), dtype=np.float32)
         return feed
 
     def get_next(self) -> dict[str, Any] | None:

@@ -260,9 +260,11 @@ class Search:
         block (the fastest kernels; of it and its smoothed twin, the one in the running) gets, one role of the
         layers' MatMuls at a time (`block_roles`: q/k/v, the attention output, the MLP's input and output
         projections), the smallest block size instead, for that role's weights and the activation its kernels
-        quantize; then every role that lowered perplexity together. Measured, not assumed: such a mix runs nearly
-        at the large block's speed (the LM head, most of a small decoder's decode time, keeps its block), and
-        `_choose` keeps it only when it decodes within DECODE_TIE of the fastest at a lower perplexity. (Gemma 3
+        quantize; then every role that lowered perplexity together. Of these mixes only the one with the lowest
+        perplexity, and only if lower than its base's, stays in the running (the others are set aside like a
+        smoothing pair's worse twin). Such a mix runs nearly at the large block's speed (the LM head, most of a
+        small decoder's decode time, keeps its block), so `_choose` keeps it over its base when it decodes within
+        DECODE_TIE of it, and the base otherwise. (Gemma 3
         270M, INT8 blocks of 128, smoothed: q/k/v at 32 took held-out perplexity from +0.34% to -0.10% over 74
         windows, paired change -0.44%, -0.68..-0.21%, at 0.98x the decode rate.)"""
         blocks = sorted(set(self.s.block_sizes))
@@ -277,20 +279,30 @@ class Search:
 
         base = min(bases, key=lambda r: r.perplexity)
         roles = block_roles(onnx.load(str(self.fp32 / onnx_name(self.fp32)), load_external_data=False))
+        if not roles:  # MatMuls not named by layer (a graph the builder did not write)
+            return
         console.info(f"measuring blocks of {blocks[0]} for each role of {base.name}'s MatMuls: {', '.join(roles)}")
-        gains = []
+        gains, refined = [], []
         for role in roles:
             row = self.candidate(replace(base.scheme, fine=(role,), fine_block=blocks[0]))
             if row is not None:
                 gains.append((base.perplexity - row.perplexity, role))
+                refined.append(row)
         gains.sort(reverse=True)
         self.refinement = [{"role": role, "perplexity_recovered": round(gain, 4)} for gain, role in gains]
         helpful = tuple(sorted(role for gain, role in gains if gain > 0))
-        if len(helpful) > 1:
-            self.candidate(replace(base.scheme, fine=helpful, fine_block=blocks[0]))
+        together = self.candidate(replace(base.scheme, fine=helpful, fine_block=blocks[0])) if len(helpful) > 1 else None
+        refined += [together] if together is not None else []
+        best = min(refined, key=lambda r: r.perplexity, default=None)
+        for row in refined:  # one mix stays in the running beside its base: the lowest perplexity, if below the base's
+            row.outranked = row is not best or row.perplexity >= base.perplexity
+        kept = best if best is not None and not best.outranked else None
         self.notes.append(f"blocks of {blocks[0]} instead of {blocks[-1]} on {base.name}, one role at a time: "
                           + ", ".join(f"{role} {-gain:+.3f}" for gain, role in gains) + " perplexity"
-                          + (f"; together ({', '.join(helpful)}) measured too" if len(helpful) > 1 else ""))
+                          + (f"; together ({', '.join(helpful)}) {together.perplexity - base.perplexity:+.3f}"
+                             if together is not None else "")
+                          + (f"; {kept.name} stays in the running" if kept else "; none lowered it: none stays in "
+                             "the running"))
 
     def _screen(self) -> None:
         """Time each candidate not timed yet once, beside FP32 (two models loaded at a time, whatever their size)."""
