@@ -103,8 +103,7 @@ def test_parity_is_skipped_with_a_note_when_memory_is_short(llama_dir, tmp_path,
     assert any("parity with transformers not checked" in n and "is available" in n for n in step["notes"])
 
 
-@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3", "Phi3", "Granite", "SmolLM3", "Ernie4_5", "Lfm2",
-                                    "Gemma"])
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Phi3", "Lfm2", "Gemma"])
 def test_other_families_export_with_their_logits_checked(family, decoder_tokenizer, tmp_path):
     """Small random models of more of the builder's families: each export passes the parity check (its logits
     are transformers' at every position, the same top-1 token everywhere), LFM2's convolution state fed as zeros."""

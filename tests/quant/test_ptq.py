@@ -61,8 +61,17 @@ def test_auto_keeps_the_fastest_candidate_within_budget(wide_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path):
-    # A tiny 8x8 network: the quantize/dequantize overhead outweighs the INT8 arithmetic.
+def test_int8_slower_than_fp32_is_not_handed_back(exported_dir, tmp_path, monkeypatch):
+    # Every INT8 graph times twice FP32's. (On a tiny network the quantize/dequantize overhead can outweigh the INT8
+    # arithmetic, but whether it does moves with the CPU and its load: a CI run on another 2-core machine measured
+    # INT8 faster, so the timings are set here; test_the_choice_holds_while_another_process_uses_the_cpu times for real.)
+    from pathlib import Path
+
+    from mlopt.quant.lib import search
+
+    fp32 = (exported_dir / "model.onnx").resolve()
+    monkeypatch.setattr(search, "interleaved_rounds", lambda paths, shape, provider, batch_sizes, *_: [
+        {b: [1.0 if Path(p).resolve() == fp32 else 2.0] * 3 for b in batch_sizes} for p in paths])
     out = tmp_path / "q"
     result = ptq("--model", exported_dir, "--data", "digits", "--out", out, *FAST, "--json")
     assert result.exit_code == 0, result.output
