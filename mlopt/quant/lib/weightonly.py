@@ -173,7 +173,8 @@ def plan_nodes(model: Any, scheme: WeightScheme) -> dict[str, list[str]]:
         raise RunError(f"no MatMuls of the role(s) {', '.join(missing)} in this graph (its roles: "
                        f"{', '.join(roles) or 'none'})")
     fine = [name for role in scheme.fine for name in roles[role]]
-    matmuls = [name for name in matmuls if name not in set(fine)]
+    taken = set(fine)
+    matmuls = [name for name in matmuls if name not in taken]
     low, high = [], []
     for name in matmuls:
         groups = _group_of(name, layers)
@@ -298,8 +299,8 @@ class TextCalibration:
                 feed[value.name] = np.zeros((1, dims[1], capacity, dims[3] or self.head_size), dtype=np.float32)
             elif value.name == "position_ids":
                 feed[value.name] = np.arange(len(ids), dtype=np.int64)[None]
-            elif fresh_state(value.name, dims) is not None:  # LFM2's convolution states
-                feed[value.name] = np.zeros(fresh_state(value.name, dims), dtype=np.float32)
+            elif (state := fresh_state(value.name, dims)) is not None:  # LFM2's convolution states
+                feed[value.name] = np.zeros(state, dtype=np.float32)
         return feed
 
     def get_next(self) -> dict[str, Any] | None:
