@@ -162,14 +162,14 @@ def ppl_change_interval(window_nll: Sequence[float], base_window_nll: Sequence[f
     return math.exp(diff.mean() - half) - 1, math.exp(diff.mean() + half) - 1
 
 
-def _past_shape(meta: Any, config: dict[str, Any]) -> tuple[int, int]:
+def _past_shape(name: str, shape: Sequence[Any], config: dict[str, Any]) -> tuple[int, int]:
     """(kv_heads, head_dim) of a past_key_values input: its shape where fixed, else genai_config's."""
     decoder = config.get("model", {}).get("decoder", {})
-    heads, dim = meta.shape[1], meta.shape[3]
-    heads = heads if isinstance(heads, int) else decoder.get("num_key_value_heads")
-    dim = dim if isinstance(dim, int) else decoder.get("head_size")
+    heads, dim = shape[1], shape[3]
+    heads = heads if isinstance(heads, int) and heads > 0 else decoder.get("num_key_value_heads")
+    dim = dim if isinstance(dim, int) and dim > 0 else decoder.get("head_size")
     if not (isinstance(heads, int) and isinstance(dim, int)):
-        raise InputError(f"cannot tell the KV-cache shape of {meta.name} (shape {meta.shape}; "
+        raise InputError(f"cannot tell the KV-cache shape of {name} (shape {list(shape)}; "
                          f"genai_config.json gives no num_key_value_heads/head_size)")
     return heads, dim
 
@@ -195,35 +195,46 @@ def fresh_state(name: str, shape: Sequence[Any]) -> tuple[int, ...] | None:
     return (1, *rest) if name.startswith("past.") and rest and all(isinstance(d, int) and d > 0 for d in rest) else None
 
 
-def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[int]], Any]:
-    """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
+def window_feed(specs: Sequence[tuple[str, Sequence[Any], Any]],
+                config: dict[str, Any]) -> Callable[[list[int]], dict[str, Any]]:
+    """A function from one window of ids to the feed that runs it from an empty state, for a decoder graph whose
+    inputs are `specs` (name, shape, numpy dtype: `session.input_specs`, `session.value_info_specs`) and whose
+    genai_config.json is `config`. Scoring (perplexity, parity) and calibration (smoothing, gptq) share it."""
     import numpy as np
 
-    from mlopt.runtime.session import input_specs
-
-    graph = folder / onnx_name(folder)
-    session = _every_position_session(graph, threads)
-    config = _genai_config(folder)
-    dtypes = {name: dtype for name, _, dtype in input_specs(session)}
-    pasts = {meta.name: _past_shape(meta, config) for meta in session.get_inputs()
-             if meta.name.startswith("past_key_values")}
+    dtypes = {name: dtype for name, _, dtype in specs}
+    pasts = {name: _past_shape(name, shape, config) for name, shape, _ in specs if name.startswith("past_key_values")}
     # Other recurrent state of a fresh window (LFM2's convolution states, [batch, hidden, kernel - 1]): zeros.
-    states = {meta.name: fresh_state(meta.name, meta.shape) for meta in session.get_inputs()
-              if meta.name.startswith("past.")}
+    states = {name: state for name, shape, _ in specs
+              if name.startswith("past.") and (state := fresh_state(name, shape)) is not None}
     # Sliding-window attention wants a KV buffer at least as long as its window, even when the past is empty
     # (the attention mask says how much of it is real: none).
     sliding = sliding_window(config)
 
-    def logits_of(chunk: list[int]) -> Any:
+    def feed_of(chunk: list[int]) -> dict[str, Any]:
         n = len(chunk)
         capacity = max(sliding, n) if sliding else 0
         feed = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                **{name: np.zeros((1, heads, capacity, dim), dtypes[name]) for name, (heads, dim) in pasts.items()},
-                **{name: np.zeros(shape, dtypes[name]) for name, shape in states.items() if shape is not None}}
+                **{name: np.zeros((1, heads, capacity, dim)) for name, (heads, dim) in pasts.items()},
+                **{name: np.zeros(shape) for name, shape in states.items()}}
         if "position_ids" in dtypes:
             feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        return {k: v.astype(dtypes[k], copy=False) for k, v in feed.items() if k in dtypes}
+
+    return feed_of
+
+
+def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[int]], Any]:
+    """A function from one window of ids to its logits, on a plain onnxruntime session of model.onnx."""
+    from mlopt.runtime.session import input_specs
+
+    graph = folder / onnx_name(folder)
+    session = _every_position_session(graph, threads)
+    feed_of = window_feed(input_specs(session), _genai_config(folder))
+
+    def logits_of(chunk: list[int]) -> Any:
         try:
-            return session.run(["logits"], {k: v.astype(dtypes[k], copy=False) for k, v in feed.items()})[0][0]
+            return session.run(["logits"], feed_of(chunk))[0][0]
         except Exception as exc:
             raise RunError(f"onnxruntime failed on {graph}: {first_line(exc)}") from exc
 
@@ -246,14 +257,20 @@ def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_wi
 def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_windows: int | None = None,
                      bos: int | None = None) -> dict[str, Any]:
     """The same perplexity for a transformers causal LM in torch (before export)."""
+    return _scored(torch_logits(model), ids, window, max_windows, type(model).__name__, bos)
+
+
+def torch_logits(model: Any) -> Callable[[list[int]], Any]:
+    """A function from one window of ids to a transformers causal LM's float32 logits (numpy, [tokens, vocab])."""
     import torch
+
+    model.eval()
 
     def logits_of(chunk: list[int]) -> Any:
         with torch.no_grad():
             return model(input_ids=torch.tensor([chunk])).logits[0].float().numpy()
 
-    model.eval()
-    return _scored(logits_of, ids, window, max_windows, type(model).__name__, bos)
+    return logits_of
 
 
 def load_causal_lm(spec: str) -> tuple[Any, Any]:

@@ -71,6 +71,15 @@ def input_specs(session: Any) -> list[tuple[str, list[Any], Any]]:
     return specs
 
 
+def value_info_specs(values: Any) -> list[tuple[str, list[Any], Any]]:
+    """`input_specs` of an ONNX graph's inputs (ValueInfoProtos) without a session: a dimension is its size where
+    fixed, else its symbolic name."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return [(v.name, [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim],
+             tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in values]
+
+
 def make_feed(session: Any, x: Any) -> dict[str, Any]:
     """The feed for one batch: a numpy array for a single-input model, or a dict by input name."""
     specs = input_specs(session)

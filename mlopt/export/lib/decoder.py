@@ -123,8 +123,6 @@ def check_parity(src: Path, out: Path, atol: float, rtol: float) -> dict[str, An
     "skipped", where the memory available would not hold one model's weights with room to run (transformers'
     copy, then onnxruntime's), where transformers cannot load the model class (a vision-language folder), or
     where the graph wants state inputs beside its KV cache that a plain session is not fed (convolution states)."""
-    import torch
-
     from mlopt.core.fsutil import file_size_mb
     from mlopt.export.lib.parity import within_tolerance
     from mlopt.runtime import generation
@@ -141,8 +139,7 @@ def check_parity(src: Path, out: Path, atol: float, rtol: float) -> dict[str, An
     ids = ([] if bos is None else [bos]) + tokenizer(PARITY_TEXT, add_special_tokens=False)["input_ids"][:PARITY_TOKENS]
     context = generation.context_length(out)
     ids = ids[:context] if context else ids
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    ref = generation.torch_logits(model)(ids)
     del model
     try:
         got = generation.window_logits(out)(ids)

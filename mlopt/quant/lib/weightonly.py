@@ -17,14 +17,13 @@ import shutil
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, RunError, first_line
 from mlopt.quant.lib.sourcegrid import tied_gather
 from mlopt.runtime.artifacts import copy_genai_files
 from mlopt.runtime.decoder import last_token_only, lm_head, onnx_name
-from mlopt.runtime.generation import fresh_state
 from mlopt.runtime.graph_edit import attribute
 
 Algorithm = Literal["rtn", "hqq", "gptq", "k_quant", "grid"]
@@ -281,27 +280,12 @@ def _working_directory(path: Path) -> Any:
 
 
 class TextCalibration:
-    """GPTQ's calibration data: windows of token ids fed to the decoder graph with an empty KV cache."""
+    """GPTQ's calibration data: windows of token ids fed to the decoder graph with an empty KV cache
+    (`generation.window_feed`)."""
 
-    def __init__(self, graph_inputs: list[Any], windows: list[list[int]], head_size: int, sliding: int = 0):
-        self.inputs, self.windows, self.head_size, self.sliding = graph_inputs, windows, head_size, sliding
+    def __init__(self, feed_of: Callable[[list[int]], dict[str, Any]], windows: list[list[int]]):
+        self._feed, self.windows = feed_of, windows
         self._iter: Any = None
-
-    def _feed(self, ids: list[int]) -> dict[str, Any]:
-        import numpy as np
-
-        x = np.asarray([ids], dtype=np.int64)
-        feed: dict[str, Any] = {"input_ids": x, "attention_mask": np.ones_like(x)}
-        capacity = max(self.sliding, len(ids)) if self.sliding else 0  # a sliding window wants its buffer (generation)
-        for value in self.inputs:
-            dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
-            if value.name.startswith("past_key_values"):
-                feed[value.name] = np.zeros((1, dims[1], capacity, dims[3] or self.head_size), dtype=np.float32)
-            elif value.name == "position_ids":
-                feed[value.name] = np.arange(len(ids), dtype=np.int64)[None]
-            elif (state := fresh_state(value.name, dims)) is not None:  # LFM2's convolution states
-                feed[value.name] = np.zeros(state, dtype=np.float32)
-        return feed
 
     def get_next(self) -> dict[str, Any] | None:
         if self._iter is None:

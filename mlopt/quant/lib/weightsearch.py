@@ -396,10 +396,11 @@ def _at_level(scheme: WeightScheme, level: int) -> WeightScheme:
 def _calibration(folder: Path, windows: list[list[int]]) -> TextCalibration:
     import onnx
 
+    from mlopt.runtime.session import value_info_specs
+
     graph = onnx.load(str(folder / onnx_name(folder)), load_external_data=False).graph
     config = json.loads((folder / "genai_config.json").read_text())
-    head_size = int(config["model"]["decoder"]["head_size"])
-    return TextCalibration(list(graph.input), windows, head_size, generation.sliding_window(config))
+    return TextCalibration(generation.window_feed(value_info_specs(graph.input), config), windows)
 
 
 def smooth_folder(fp32: Path, dst: Path, windows: list[list[int]], alpha: float) -> int:
