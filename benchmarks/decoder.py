@@ -14,11 +14,11 @@ the first token (`--max-ttft-ratio 2`, INT4 candidates rtn and grid at block 32,
 the GGUF file's own Q4_1/Q8_0 integers); the builder's default FP32 (`-p fp32`: the graph a user of the
 builder gets, whose LM head runs on every prompt token, where mlopt's export runs it on the last one only),
 INT4 (`-p int4`) and INT8 (`-p int8`) from the same HF folder (through mlopt's wrapper, which only flattens
-the rotary settings transformers 5 nests per layer type: the builder alone stops on Gemma 3 there). Then every model is measured here, in one run, by
-the same code: perplexity on the held-out text (128-token windows; with a paired 95% interval of its change against
-FP32 over the windows), greedy agreement with FP32,
-time to first token and decode tokens/s (all models loaded, taking turns in interleaved rounds),
-peak RSS of a fresh process per model, and the folder's size.
+the rotary settings transformers 5 nests per layer type: the builder alone stops on Gemma 3 there). Then every
+model is measured here, in one run, by the same code: perplexity on the held-out text (128-token windows; with
+a paired 95% interval of its change against FP32 over the windows), greedy agreement with FP32, time to first
+token and decode tokens/s (all models loaded, taking turns in interleaved rounds), peak RSS of a fresh process
+per model, and the folder's size.
 """
 
 from __future__ import annotations
