@@ -263,3 +263,32 @@ def test_a_file_system_without_locks_still_writes_and_says_so(tmp_path, monkeypa
     result = export(out)
     assert result.exit_code == 0 and "cannot lock --out" in result.stderr
     assert (out / "model.onnx").is_file() and (out / MARKER).is_file()
+
+
+def test_a_write_a_killed_run_left_unfinished_does_not_block_the_next(tmp_path):
+    # A process killed between an atomic write's temporary file and its rename (a torchrun restart) leaves the
+    # temporary file: it is mlopt's when the file it was to replace is, and the next run removes it.
+    out = tmp_path / "out"
+    assert export(out).exit_code == 0
+    ours = [out / "..mlopt-output.json.yb74ksxv.tmp", out / ".report.json.a_1b2c3d.tmp"]
+    for path in ours:
+        path.write_text("{")
+    theirs = out / ".notes.txt.abcd1234.tmp"  # the temporary file of a write mlopt never recorded
+    theirs.write_text("precious")
+    result = export(out, "--overwrite")
+    assert result.exit_code == 2 and "'.notes.txt.abcd1234.tmp'" in one_line(result)
+    assert all(path.exists() for path in ours)  # a refused run removes nothing
+    theirs.unlink()
+    assert export(out, "--overwrite").exit_code == 0
+    assert not any(path.exists() for path in ours)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "model.json", "model.onnx", "report.json",
+                                                             "report.md"])
+
+
+@pytest.mark.parametrize("name, target", [("..mlopt-output.json.yb74ksxv.tmp", ".mlopt-output.json"),
+                                          ("a/.b.json.x1y2z3w4.tmp", "a/b.json"), (".b.json.tmp", None),
+                                          (".b.json.X1Y2Z3W4.tmp", None), ("b.json.x1y2z3w4.tmp", None)])
+def test_the_temporary_file_of_an_atomic_write_names_its_target(name, target):
+    from mlopt.core.fsutil import atomic_write_target
+
+    assert atomic_write_target(name) == target

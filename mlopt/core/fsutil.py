@@ -5,9 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+#: The temporary file an atomic write fills before it takes the final name: "." + name + "." + mkstemp's eight
+#: random characters + ".tmp". A process killed between the two (SIGKILL, a torchrun restart) leaves it behind.
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -23,6 +29,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # a full disk is reported with the file it was writing
         raise
+
+
+def atomic_write_target(name: str) -> str | None:
+    """The file name an unfinished atomic write of `name` (a temporary file, see _TEMP) was to replace; None when
+    `name` is not such a temporary file. Directories are kept: "a/.b.json.x1y2z3w4.tmp" gives "a/b.json"."""
+    head, slash, base = name.rpartition("/")
+    match = _TEMP.fullmatch(base)
+    return f"{head}{slash}{match['name']}" if match else None
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

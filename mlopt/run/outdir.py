@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from mlopt.core import console
 from mlopt.core.errors import InputError
-from mlopt.core.fsutil import atomic_write_json
+from mlopt.core.fsutil import atomic_write_json, atomic_write_target
 
 MARKER = ".mlopt-output.json"
 MARKER_VERSION = 1
@@ -62,7 +62,10 @@ class OutputDir:
         return True
 
     def owns(self, rel: str) -> bool:
-        return rel == MARKER or rel in self._entries or _under(rel, self._trees)
+        """Whether mlopt recorded writing `rel`; also the temporary file of an atomic write of such an entry
+        (`atomic_write_target`) that a killed run left unfinished."""
+        target = atomic_write_target(rel)
+        return any(r == MARKER or r in self._entries or _under(r, self._trees) for r in (rel, target) if r)
 
     def _walk(self, rel_dir: str = "") -> Iterator[tuple[str, os.DirEntry]]:
         """Every entry below the folder (sorted, parents first), never descending into a link."""
@@ -144,6 +147,9 @@ class OutputDir:
             self._read_marker()
             for stale in sorted(t for t in self._trees if t.endswith(".partial")):
                 self.remove(stale)  # a step a killed run left half-written: nobody else holds the lock
+            for rel, entry in list(self._walk()):
+                if atomic_write_target(rel) and entry.is_file(follow_symlinks=False) and self.owns(rel):
+                    self.remove(rel)  # a write a killed run left unfinished (its final file is whole or absent)
             self._write_marker()
         except BaseException:
             self.close()
