@@ -93,11 +93,12 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
     prompts = generation.prompts_from(ids, PROMPTS, AGREE_TOKENS, generation.bos_token(fp32))
     prompt = generation.prompt_of(ids, PROMPT_TOKENS)
     reference = [generation.greedy(fp32, p, AGREE_TOKENS) for p in prompts]
-    rows, base_nll = [], None
+    rows, nll = [], {}
     for label, folder in models.items():
         model = generation.load_model(folder)
         ppl = generation.perplexity(folder, ids, 128, WINDOWS)
-        base_nll = base_nll or ppl["window_nll"]
+        nll[label] = ppl["window_nll"]
+        base_nll = nll["FP32"]
         agree = sum(generation.agreement(r, generation.greedy(folder, p, AGREE_TOKENS, model))
                     for r, p in zip(reference, prompts)) / PROMPTS
         rows.append({"model": label, "perplexity": ppl["perplexity"], "windows": ppl["windows"],
@@ -105,6 +106,10 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
                      "greedy_agreement": agree, "size_mb": folder_size_mb(folder),
                      "peak_rss_mb": generation.peak_rss_mb(folder, prompt, NEW_TOKENS)})
         del model
+    for row in rows:  # mlopt's choices against the builder's INT8, paired over the same windows
+        if row["model"].startswith("mlopt"):
+            row["ppl_change_vs_builder_int8_95"] = generation.ppl_change_interval(nll[row["model"]],
+                                                                                 nll["builder int8"])
     timed = generation.time_generation(list(models.values()), prompt, NEW_TOKENS, ROUNDS)
     for row, t in zip(rows, timed):
         row.update(ttft_ms=t["ttft_ms"]["p50"], decode_tokens_per_s=t["decode_tokens_per_s"],
@@ -170,6 +175,13 @@ def main() -> None:
         print(f"{DECODE_FIRST} chose: {decode_first}")
         print(f"seconds: {', '.join(f'{k} {v:.0f}' for k, v in times.items())}")
         print(table(rows))
+        builder_int8 = next(r for r in rows if r["model"] == "builder int8")
+        for r in rows:
+            if "ppl_change_vs_builder_int8_95" in r:
+                low, high = r["ppl_change_vs_builder_int8_95"]
+                print(f"{r['model']} against builder int8, paired over the windows: perplexity "
+                      f"{100 * (r['perplexity'] / builder_int8['perplexity'] - 1):+.2f}% "
+                      f"(95% interval {100 * low:+.2f}% to {100 * high:+.2f}%)")
         if args.json:
             args.json.write_text(json.dumps({"chosen": chosen, "decode_first": decode_first, "seconds": times,
                                              "rows": rows}, indent=2))
