@@ -78,10 +78,10 @@ def builder(hf_dir: Path, out: Path, precision: str) -> float:
     return time.time() - started
 
 
-def _built(folder: Path, reuse: bool) -> bool:
-    """With --reuse: whether a previous run finished this folder (a ptq folder also has its report)."""
-    return reuse and (folder / "genai_config.json").is_file() and (
-        not folder.name.startswith("mlopt") or (folder / "report.json").is_file())
+def _built(folder: Path, reuse: bool, report: bool = False) -> bool:
+    """With --reuse: whether a previous run finished this folder (`report`: a step's folder, finished when its
+    report is written last)."""
+    return reuse and (folder / "genai_config.json").is_file() and (not report or (folder / "report.json").is_file())
 
 
 def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
@@ -98,11 +98,10 @@ def measure(models: dict[str, Path], heldout: list[str]) -> list[dict]:
         model = generation.load_model(folder)
         ppl = generation.perplexity(folder, ids, 128, WINDOWS)
         nll[label] = ppl["window_nll"]
-        base_nll = nll["FP32"]
         agree = sum(generation.agreement(r, generation.greedy(folder, p, AGREE_TOKENS, model))
                     for r, p in zip(reference, prompts)) / PROMPTS
         rows.append({"model": label, "perplexity": ppl["perplexity"], "windows": ppl["windows"],
-                     "ppl_change_95": generation.ppl_change_interval(ppl["window_nll"], base_nll),
+                     "ppl_change_95": generation.ppl_change_interval(nll[label], nll["FP32"]),
                      "greedy_agreement": agree, "size_mb": folder_size_mb(folder),
                      "peak_rss_mb": generation.peak_rss_mb(folder, prompt, NEW_TOKENS)})
         del model
@@ -154,12 +153,12 @@ def main() -> None:
         gguf = args.gguf or packaged_gguf(work / "wheel")
         if not _built(models["FP32"], args.reuse):
             times["export"] = mlopt("export", "--model", f"gguf:{gguf}", "--out", str(models["FP32"]), "--overwrite")
-        if not _built(models["mlopt ptq"], args.reuse):
+        if not _built(models["mlopt ptq"], args.reuse, report=True):
             times["ptq"] = mlopt("ptq", "--model", str(models["FP32"]), "--data", f"text:{work / 'ptq.txt'}",
                                  "--out", str(models["mlopt ptq"]), "--overwrite")
         # The same search told to favour decoding over the first token (a chat server's long answers): the
         # INT4 candidates, whose 4-bit kernels are slower than FP32's on a 128-token prompt here, may be kept.
-        if not _built(models[DECODE_FIRST], args.reuse):
+        if not _built(models[DECODE_FIRST], args.reuse, report=True):
             times["ptq, decode first"] = mlopt("ptq", "--model", str(models["FP32"]), "--data",
                                                f"text:{work / 'ptq.txt'}", "--out", str(models[DECODE_FIRST]),
                                                "--overwrite", *DECODE_FIRST_OPTIONS)
