@@ -123,9 +123,12 @@ def test_export_keeps_the_graph_onnxruntime_runs_fastest(bert_dir, text_file, tm
     assert m["max_abs_error"] < 1e-4 and m["max_abs_error"] <= m["tolerance"]  # the kept graph's own parity
     assert any(n.startswith(f"kept {best['graph']} (") for n in step["notes"])
     for b in (1, 4):  # where one batch size alone would have kept another graph, the report says so
-        alone = min(rows, key=lambda r: r[f"batch {b} ms"])["graph"]
+        ms = {r["graph"]: r[f"batch {b} ms"] for r in rows}  # rounded as shown: two graphs may tie here
         said = [n for n in step["notes"] if n.startswith(f"at batch {b} alone the fastest was ")]
-        assert said == ([] if alone == best["graph"] else [said[0]]) and all(alone in n for n in said)
+        assert len(said) <= 1
+        named = [g for g in ms if said and said[0].startswith(f"at batch {b} alone the fastest was {g} (")]
+        assert ms[named[0] if said else best["graph"]] == min(ms.values())
+        assert not said or (named[0] != best["graph"] and f"kept {best['graph']} (" in said[0])
     assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.onnx", "report.json",
                                                      "report.md"]  # the other candidates are gone
 
