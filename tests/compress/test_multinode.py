@@ -180,7 +180,7 @@ def test_two_nodes_train_one_model(uninterrupted):
                                                      "report.md"]
 
 
-@pytest.mark.parametrize("uninterrupted,killed_rank", [("ddp", 0), ("ddp", 1), ("shard", 1)],
+@pytest.mark.parametrize("uninterrupted,killed_rank", [("ddp", 1), ("shard", 0)],
                          indirect=["uninterrupted"])
 def test_two_nodes_resume_when_only_the_failed_node_counts_a_restart(tmp_path, uninterrupted, killed_rank):
     """torchrun --max-restarts on both nodes, one worker killed (SIGKILL) mid-epoch after the first checkpoint.
@@ -188,8 +188,9 @@ def test_two_nodes_resume_when_only_the_failed_node_counts_a_restart(tmp_path, u
     torchrun counts a restart only on the node whose worker failed; the other node's agent restarts its
     worker uncounted, because the membership changed. Its worker is held (SIGSTOP) until its agent has
     begun that restart, so that it cannot fail on its own (which the agent would count) and the two nodes'
-    TORCHELASTIC_RESTART_COUNT differ in the restarted round, every time. Sharded, one case: the restart
-    logic is DDP's, the checkpoint is not."""
+    TORCHELASTIC_RESTART_COUNT differ in the restarted round, every time. One case each: replicated with the
+    worker of rank 1 killed, sharded with that of rank 0 (the one that writes the checkpoint's marker); the restart
+    logic is the same, the checkpoint is not."""
     mode, reference, _ = uninterrupted
     out = tmp_path / "restarted"
     with two_nodes(out, MODES[mode], max_restarts=1) as nodes:
