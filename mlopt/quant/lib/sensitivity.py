@@ -62,13 +62,13 @@ def dynamic_sqnr(float_path: Path, feeds: list[dict[str, Any]]) -> list[dict[str
 
 
 def _dynamic_uint8(x: Any) -> Any:
-    """x through DynamicQuantizeLinear and back: the uint8 grid of its range stretched to hold zero."""
+    """x through DynamicQuantizeLinear and back: the grid QAT simulates (dynamic_sim.dynamic_fake_quant)."""
     import numpy as np
+    import torch
 
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = float(np.clip(np.rint(-lo / scale), 0, 255))
-    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+    from mlopt.quant.lib.dynamic_sim import dynamic_fake_quant
+
+    return dynamic_fake_quant(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
 def _accumulate(model: Any, weights_dir: Path, names: list[str], feeds: list[dict[str, Any]],
