@@ -41,7 +41,7 @@ def test_npz_with_and_without_val(tmp_path, npz_file):
         ({"x": np.zeros((4, 2))}, "must hold arrays 'x' and 'y'"),
         ({"x": np.zeros((4, 2)), "y": np.zeros(3, np.int64)}, "different lengths"),
         ({"x": np.zeros((4, 2)), "y": np.array([0.5, 1, 0, 1])}, "integer"),
-        ({"x": np.zeros((4, 2)), "y": np.array([0, -1, 0, 1])}, ">= 0"),
+        ({"x": np.zeros((4, 2)), "y": np.array([0, -1, 0, 1])}, "class indices 0..999999, found -1"),
     ],
 )
 def test_npz_errors(tmp_path, arrays, match):
@@ -83,3 +83,32 @@ def test_bad_sources(source, match):
 def test_channels_must_be_1_or_3():
     with pytest.raises(InputError, match="channels must be 1 or 3"):
         load_data(DataConfig(source="digits", channels=2))
+
+
+def test_npz_with_more_classes_than_the_validation_share_is_split_without_stratifying(tmp_path):
+    """40 samples of 10 classes: 8 validation samples cannot hold every class, so the split is a plain one."""
+    y = np.arange(40) % 10
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((40, 1, 8, 8), np.float32), y=y)
+    d = load_data(DataConfig(source=f"npz:{tmp_path / 'd.npz'}"))
+    assert len(d.train) == 32 and len(d.val) == 8 and d.num_classes == 10
+    np.savez(tmp_path / "e.npz", x=np.zeros((100, 1, 8, 8), np.float32), y=np.arange(100) % 10)
+    d = load_data(DataConfig(source=f"npz:{tmp_path / 'e.npz'}"))  # room for every class: stratified
+    assert sorted(int(label) for _, label in d.val) == sorted(list(range(10)) * 2)
+
+
+def test_an_image_named_in_another_encoding_is_read_and_fingerprinted(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from mlopt.core.fsutil import path_fingerprint
+
+    for cls, value in (("a", 30), ("b", 220)):
+        (tmp_path / cls).mkdir()
+        for name in ("0.png", "1.png", os.fsdecode(b"\xff.png")):
+            Image.new("L", (8, 8), value).save(tmp_path / cls / name)
+    d = load_data(DataConfig(source=f"imagefolder:{tmp_path}", val_fraction=0.5))
+    assert len(d.train) + len(d.val) == 6
+    first = path_fingerprint(tmp_path)
+    (tmp_path / "a" / os.fsdecode(b"\xff.png")).unlink()
+    assert first != path_fingerprint(tmp_path)  # the recipe's resume fingerprint reads every file name

@@ -178,7 +178,7 @@ def _onnx(path: Path, dims=("N", 1, 8, 8), location: str | None = None) -> Path:
             entry.key, entry.value = key, value
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None if dims is None else list(dims))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
@@ -355,6 +355,106 @@ def case_model_folder_weights_link_elsewhere(d):  # a model.pt that is a link to
 def case_channels_differ_from_first_conv(d):
     args = ["train", "--model", "torchvision:resnet18", "--data", "digits", "--out", d.parent / "out", "-q"]
     return args, "its first convolution (conv1) takes 3 channels but the data has 1: give --channels 3"
+
+
+def case_bench_for_ever(d):  # nan fails gt=0 by itself; infinity passed it and timed for ever
+    return ["bench", _onnx(d / "m.onnx"), "--duration", "inf", "-q"], "duration_s: Input should be a finite number"
+
+
+def case_bench_on_a_hundred_thousand_threads(d):
+    return ["bench", _onnx(d / "m.onnx"), "--threads", "100000", "-q"], "threads: Input should be less than or equal"
+
+
+def case_bench_at_an_absurd_batch_size(d):
+    return ["bench", _onnx(d / "m.onnx"), "-b", str(10**12), "-q"], "batch_sizes.0: Input should be less than or equal"
+
+
+def case_bench_without_an_input_rank(d):
+    return ["bench", _onnx(d / "m.onnx", dims=None), "-q"], "does not say its input's shape (no rank): give --input-shape"
+
+
+def case_onnx_named_in_another_encoding(d):
+    path = _onnx(d / os.fsdecode(b"\xff.onnx"))
+    return ["bench", path, "-q"], "the path is not valid UTF-8; rename it"
+
+
+def case_ptq_at_batch_size_zero(d):
+    args = ["ptq", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "-b", "0", "--out", d.parent / "out", "-q"]
+    return args, "ptq.batch_sizes.0: Input should be greater than 0"
+
+
+def case_qat_benching_at_batch_size_zero(d):  # refused before it trains (and leaves a checkpoint)
+    args = ["qat", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--bench-batch-size", "0", "--out", d.parent / "out",
+            "-q"]
+    return args, "qat.batch_sizes.0: Input should be greater than 0"
+
+
+def case_export_fusing_at_a_negative_batch_size(d):
+    args = ["export", "--model", f"{TOY}:tiny_cnn", "--fuse-batch-size", "-3", "--out", d.parent / "out", "-q"]
+    return args, "export.fuse_batch_sizes.0: Input should be greater than 0"
+
+
+def case_train_at_an_infinite_rate(d):
+    args = ["train", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--lr", "inf", "--out", d.parent / "out", "-q"]
+    return args, "train.lr: Input should be a finite number"
+
+
+def case_train_with_a_negative_seed(d):
+    args = ["train", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--seed", "-1", "--out", d.parent / "out", "-q"]
+    return args, "seed: Input should be greater than or equal to 0"
+
+
+def case_recipe_with_a_seed_past_32_bits(d):
+    text = "version: 1\nmodel: {spec: torchvision:resnet18}\ndata: {source: digits, seed: 4294967296}\nsteps: [{type: eval}]\n"
+    return _recipe(text)(d), "data.seed: Input should be less than 4294967296"
+
+
+def case_images_resized_past_the_limit(d):
+    return ["eval", "--model", f"{TOY}:tiny_cnn", "--data", "digits", "--image-size", "100000", "-q"], "image_size"
+
+
+def case_a_hundred_billion_classes(d):
+    args = ["eval", "--model", "torchvision:resnet18", "--data", "digits", "--channels", "3", "--num-classes",
+            str(10**11), "-q"]
+    return args, "model.num_classes: Input should be less than or equal to 1000000"
+
+
+def case_compare_with_a_nan_tolerance(d):  # every comparison with NaN is false: nothing would ever regress
+    return ["report", "compare", d, d, "--accuracy-tolerance", "nan"], "--accuracy-tolerance must be a finite number"
+
+
+def case_compare_with_a_negative_tolerance(d):
+    return ["report", "compare", d, d, "--tolerance", "-1"], "--tolerance must be a finite number >= 0"
+
+
+def case_junit_in_a_missing_folder(d):  # checked before the run, not after it
+    (d / "r.yaml").write_text("version: 1\nmodel: {spec: torchvision:resnet18}\nsteps: [{type: eval}]\n")
+    args = ["run", d / "r.yaml", "--out", d.parent / "out", "--junit", d / "nodir" / "j.xml", "-q"]
+    return args, "nodir is not an existing folder"
+
+
+def case_junit_under_a_file(d):
+    (d / "r.yaml").write_text("version: 1\nmodel: {spec: torchvision:resnet18}\nsteps: [{type: eval}]\n")
+    (d / "j.xml").write_text("mine")
+    return ["run", d / "r.yaml", "--out", d.parent / "out", "--junit", d / "j.xml" / "x.xml", "-q"], "is not an existing folder"
+
+
+def case_npz_without_samples(d):
+    return _npz(d, x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64)), "x/y hold no samples"
+
+
+def case_npz_with_a_label_past_the_class_limit(d):
+    y = np.arange(4) * 10**12
+    return _npz(d, x=np.zeros((4, 1, 8, 8), np.float32), y=y), "labels must be class indices 0..999999, found 3000000000000"
+
+
+def case_npz_with_unsigned_labels_past_int64(d):
+    y = np.arange(4, dtype=np.uint64) + np.uint64(2**63 + 5)
+    return _npz(d, x=np.zeros((4, 1, 8, 8), np.float32), y=y), "labels must be class indices 0..999999"
+
+
+def case_npz_of_complex_numbers(d):
+    return _npz(d, x=np.zeros((4, 1, 8, 8), np.complex64), y=np.arange(4)), "x must be real numbers, got complex64"
 
 
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}

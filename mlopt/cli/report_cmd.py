@@ -34,9 +34,14 @@ def compare(
     json_out: o.Json = False,
 ) -> None:
     """Show what changed between two runs; exit 3 when NEW regresses beyond the tolerances."""
+    import math
+
     from mlopt.core.sections import Table
     from mlopt.report.markdown import compare_runs, load_run_report, rich_table
 
+    for flag, value in (("--tolerance", tolerance), ("--accuracy-tolerance", accuracy_tolerance)):
+        if not (math.isfinite(value) and value >= 0):  # a NaN bound would pass every comparison: no regression ever
+            raise InputError(f"{flag} must be a finite number >= 0, not {value}")
     rows = compare_runs(load_run_report(old), load_run_report(new), tolerance, accuracy_tolerance)
     if json_out:
         console.emit_json({"rows": rows, "regressed": any(r["regressed"] for r in rows)})

@@ -51,6 +51,9 @@ def _option_type(info: FieldInfo) -> tuple[Any, str | None]:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+    if typing.get_origin(annotation) is list:  # list[BatchSize]: the bounds are the config's to check, not Typer's
+        (item,) = typing.get_args(annotation)
+        annotation = list[typing.get_args(item)[0] if typing.get_origin(item) is Annotated else item]
     choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
     return (type(choices[0]), "<" + "|".join(map(str, choices)) + ">") if choices else (annotation, None)
 

@@ -19,7 +19,7 @@ from mlopt.compress.lib.pruning import (HEAD_COUNTS, classifier_names, count_ops
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Bars, Latency, Strict, Table
+from mlopt.core.sections import Bars, Config, Latency, Table
 from mlopt.export.lib.onnx import export_onnx, text_options
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
@@ -27,7 +27,7 @@ from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import changed_attributes, shape_attributes
 
 
-class PruneConfig(Strict):
+class PruneConfig(Config):
     """Remove channels (structured) or zero weights (unstructured, 2:4), with optional fine-tuning."""
 
     type: Literal["prune"] = "prune"

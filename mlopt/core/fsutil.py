@@ -67,7 +67,7 @@ def path_fingerprint(path: Path) -> str | None:
             rel = f.relative_to(path)
             if f.is_file() and not any(part.startswith(".") for part in rel.parts):
                 st = f.stat()
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(rel) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # any file name
         return h.hexdigest()
     return None
 

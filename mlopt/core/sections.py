@@ -20,6 +20,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Config(Strict):
+    """Every step's and recipe's configuration: besides an unknown key, an infinite or NaN number is an error (a
+    bound such as gt=0 lets infinity through, which would time for ever or train on nothing)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: A batch size a step runs or times at: beyond 65536 onnxruntime and torch only fail to allocate.
+BatchSize = Annotated[int, Field(gt=0, le=65536)]
+#: A seed: numpy and scikit-learn take 0..2**32-1.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class Latency(Strict):
     """One model's latency at one batch size, and how it was measured. A step that times several models times
     the one it started from first, and marks those of the one it hands on `output` (the summary and compare read them)."""

@@ -29,8 +29,6 @@ class BenchConfig(TimingSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "BenchConfig":
-        if any(b <= 0 for b in self.batch_sizes):
-            raise ValueError("batch sizes must be positive")
         if any(n <= 0 for n in self.prompt_tokens) or any(n < 2 for n in self.new_tokens):
             raise ValueError("prompt_tokens must be positive and new_tokens at least 2")
         if self.duration_s is not None:

@@ -9,11 +9,11 @@ from pydantic import Field
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Strict
+from mlopt.core.sections import Config
 from mlopt.runtime.evaluation import evaluate_artifact
 from mlopt.runtime.generation import artifact_perplexity
 
-class EvalConfig(Strict):
+class EvalConfig(Config):
     """Measure top-1 accuracy and cross-entropy loss on the validation split (perplexity for decoders)."""
 
     type: Literal["eval"] = "eval"

@@ -11,6 +11,7 @@ from pydantic import Field
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError, MloptError
 from mlopt.core.fsutil import file_size_mb
+from mlopt.core.sections import BatchSize
 from mlopt.export.lib.decoder import export_decoder
 from mlopt.export.lib.fusion import choose
 from mlopt.export.lib.onnx import ExportOptions, export_artifact, export_checked, parity_inputs
@@ -25,7 +26,7 @@ class ExportConfig(ExportOptions):
         "auto", description="auto: the export, its version with onnxruntime's fused operators (attention, skip layer "
         "norm, bias GELU; onnxscript's rewriter) and, for transformer encoders, the other exporter's graphs are "
         "checked and timed, and the fastest is kept; on: the fused export whenever it passes parity; off: the export")
-    fuse_batch_sizes: list[int] = Field(default_factory=lambda: [1, 16], min_length=1,
+    fuse_batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 16], min_length=1,
                                         description="batch sizes at which the candidate graphs are timed",
                                         json_schema_extra=cli(flag="--fuse-batch-size"))
     fuse_iterations: int = Field(30, gt=0, description="timed runs per graph and batch size (in interleaved rounds)")

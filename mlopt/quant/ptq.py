@@ -23,13 +23,13 @@ from pydantic import Field, field_validator, model_validator
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Strict
+from mlopt.core.sections import BatchSize, Config
 from mlopt.export.lib.fusion import per_batch_note
 from mlopt.quant.lib.quantize import latency_entries, speedups
 from mlopt.quant.lib.search import Candidate, Plan, choose, float_nodes, measure, prepare, sections
 from mlopt.runtime import generation
 
-class PTQConfig(Strict):
+class PTQConfig(Config):
     """Quantize to INT8 with onnxruntime; in auto mode, keep the fastest candidate within budget."""
 
     type: Literal["ptq"] = "ptq"
@@ -53,7 +53,7 @@ class PTQConfig(Strict):
     fallback: bool = Field(True, description="keep the most sensitive nodes in float until the budget is met")
     fallback_groups: int = Field(5, gt=0, description="at most this many groups of nodes are kept in float")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, description="batch sizes timed",
+    batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 32], min_length=1, description="batch sizes timed",
                                    json_schema_extra=cli(flag="--batch-size", short="-b"))
     iterations: int = Field(30, gt=0, description="timed runs per candidate and batch size", json_schema_extra=cli(short="-n"))
     # Decoder language models: weight-only INT4/INT8 (mlopt.quant.lib.weightsearch).

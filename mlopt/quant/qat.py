@@ -37,7 +37,7 @@ from mlopt.compress.lib.engine import Objective, TrainingConfig, cross_entropy, 
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
-from mlopt.core.sections import Table
+from mlopt.core.sections import BatchSize, Table
 from mlopt.export.lib.onnx import ExportOptions, export_checked
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.quant.lib import graph, points
@@ -69,7 +69,7 @@ class QATConfig(TrainingConfig):
                                  "picks (found in the torch.fx graph); false: at Conv/Linear inputs only")
     export_ranges: bool = Field(True, description="hand the learned input ranges to onnxruntime's quantizer "
                                 "(otherwise it calibrates the trained model afresh)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1,
+    batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1, 32], min_length=1,
                                    description="batch sizes at which INT8 and FP32 are timed against each other",
                                    json_schema_extra=cli(flag="--bench-batch-size"))
     iterations: int = Field(30, gt=0, description="timed runs per batch size (in three interleaved rounds)")

@@ -295,6 +295,11 @@ def check_replaceable_file(path: Path, written_by_mlopt: Callable[[str], bool], 
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise InputError(f"{what} {path} exists and is not a plain file; choose another path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{what} {path}: {folder} is not an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in {folder} (permission denied)")
     if not path.exists() or overwrite:
         return
     try:

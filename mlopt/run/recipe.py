@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from mlopt.core.contracts import PASSES, names_file, on_register
 from mlopt.core.errors import InputError, first_line
-from mlopt.core.sections import Strict
-from mlopt.runtime.data import DataConfig
+from mlopt.core.sections import Config, Seed
+from mlopt.runtime.data import MAX_CLASSES, DataConfig
 
 #: Packages whose modules define the built-in step types (one module per step type).
 PASS_HOMES = ("mlopt.compress", "mlopt.quant", "mlopt.export")
@@ -48,7 +48,7 @@ import_passes()
 StepConfig = _step_union()
 
 
-class GatesConfig(Strict):
+class GatesConfig(Config):
     """Thresholds the final model must meet; any subset."""
 
     max_accuracy_drop: float | None = Field(None, ge=0, description="top-1 drop from the baseline (0.01 = 1 point)")
@@ -68,17 +68,17 @@ class GatesConfig(Strict):
                                            self.min_decode_speedup, self.max_ppl_increase, self.min_cosine))
 
 
-class ModelConfig(Strict):
+class ModelConfig(Config):
     """The model a run starts from."""
 
     spec: str = Field(json_schema_extra=names_file("model"), description="torchvision:NAME, FILE.py:FACTORY, package.module:FACTORY, hf:DIR, an mlopt directory or FILE.onnx")
-    num_classes: int | None = Field(None, gt=0, description="defaults to the data's class count")
+    num_classes: int | None = Field(None, gt=0, le=MAX_CLASSES, description="defaults to the data's class count")
     weights: str | None = Field(None, json_schema_extra=names_file(), description="a state dict file, read with torch.load(weights_only=True)")
     input_shape: str | None = Field(None, description="e.g. 1x3x224x224, where neither model nor data implies one")
-    seed: int = Field(0, description="seed of the random initialisation")
+    seed: Seed = Field(0, description="seed of the random initialisation")
 
 
-class Recipe(Strict):
+class Recipe(Config):
     version: Literal[1] = 1
     model: ModelConfig
     data: DataConfig | None = None

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from pydantic import Field
 
 from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
-from mlopt.core.sections import Strict
+from mlopt.core.sections import Config, Seed
 from mlopt.runtime.models import parse_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,16 +31,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class DataConfig(Strict):
+class DataConfig(Config):
     """Where the data comes from and how it is shaped; shared by every step of a recipe."""
 
 
     source: str = Field(json_schema_extra=names_file("data"), description="digits | npz:FILE | imagefolder:DIR | random:SHAPE | text:FILE")
-    image_size: int | None = Field(None, gt=0, description="resize images to this height and width")
+    image_size: int | None = Field(None, gt=0, le=8192, description="resize images to this height and width")
     channels: int | None = Field(None, description="convert images to 1 or 3 channels")
     batch_size: int = Field(64, gt=0)
     val_fraction: float = Field(0.2, gt=0, lt=1, description="validation share when the source has no split")
-    seed: int = 0
+    seed: Seed = 0
     samples: int = Field(256, gt=0, description="number of samples for random:SHAPE")
     max_length: int = Field(128, gt=0, description="text: tokens per example at most (longer lines are truncated)")
 
@@ -95,7 +96,9 @@ def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None,
 
         idx = np.arange(len(y))
         counts = np.bincount(y)
-        stratify = y if counts[counts > 0].min() >= 2 else None
+        classes, n_val = int((counts > 0).sum()), math.ceil(cfg.val_fraction * len(y))
+        # stratified only where each class has two samples and each side has room for every class (sklearn's terms)
+        stratify = y if counts[counts > 0].min() >= 2 and classes <= min(n_val, len(y) - n_val) else None
         tr, va = train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=stratify)
         tr, va = np.sort(tr), np.sort(va)
         x, x_val, y, y_val = x[tr], x[va], y[tr], y[va]
@@ -162,10 +165,13 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
             raise InputError(f"{path}: labels must be a 1-D integer array, got {ys.dtype} {ys.shape}")
         if len(xs) != len(ys):
             raise InputError(f"{path}: {label} have different lengths ({len(xs)} vs {len(ys)})")
-        if ys.min() < 0:
-            raise InputError(f"{path}: labels must be >= 0, found {ys.min()}")
-        if not np.issubdtype(xs.dtype, np.number):
-            raise InputError(f"{path}: x must be numeric, got {xs.dtype}")
+        if not len(ys):
+            raise InputError(f"{path}: {label} hold no samples")
+        if ys.min() < 0 or ys.max() >= MAX_CLASSES:
+            raise InputError(f"{path}: labels must be class indices 0..{MAX_CLASSES - 1}, found "
+                             f"{ys.min() if ys.min() < 0 else ys.max()}")
+        if not np.issubdtype(xs.dtype, np.number) or np.issubdtype(xs.dtype, np.complexfloating):
+            raise InputError(f"{path}: x must be real numbers, got {xs.dtype}")
     if len(y) < 2:
         raise InputError(f"{path}: needs at least 2 samples")
     return _tensor_split(cfg, f"npz:{path}", x.astype(np.float32), y.astype(np.int64),
@@ -174,6 +180,8 @@ def _npz(cfg: DataConfig, path: Path) -> Dataset:
 
 
 NPZ_ARRAYS = ("x", "y", "x_val", "y_val")
+#: Labels are class indices below this (a larger one would size a classifier head, and its counts, by itself).
+MAX_CLASSES = 1_000_000
 
 
 def _check_npz(path: Path) -> None:

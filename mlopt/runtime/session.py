@@ -44,6 +44,11 @@ def make_session(path: Path | str | bytes, provider: str = "cpu", threads: int |
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     chain = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     source = path if isinstance(path, bytes) else str(path)
+    if isinstance(source, str) and not source.isascii():
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:  # a name in another encoding: onnxruntime takes UTF-8 paths only
+            raise InputError(f"onnxruntime cannot open {source!r}: the path is not valid UTF-8; rename it") from None
     try:
         session = ort.InferenceSession(source, sess_options=opts, providers=chain)
     except Exception as exc:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from mlopt.core import console
 from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, RunError
-from mlopt.core.sections import Strict, Table
+from mlopt.core.sections import Config, Table
 from mlopt.runtime import distributed, sharding
 from mlopt.runtime.data import Dataset, count, first_inputs, require_labels
 from mlopt.runtime.hf import TokenDataset
@@ -36,7 +36,7 @@ _DISPLAY_EVERY = 10  # steps between progress-bar refreshes (each one waits for 
 _DEVICE_DATA_LIMIT = 4 * 1024**3  # in-memory data up to this size is copied to the GPU once
 
 
-class TrainingConfig(Strict):
+class TrainingConfig(Config):
     """Optimiser, schedule, precision and checkpoint settings shared by every pass that trains."""
 
     epochs: int = Field(5, gt=0, description="training epochs", json_schema_extra=cli(short="-e"))

@@ -13,7 +13,7 @@ from mlopt.core import console
 from mlopt.core.contracts import StepResult
 from mlopt.core.errors import InputError, RunError, first_line, storage_error
 from mlopt.core.fsutil import file_size_mb
-from mlopt.core.sections import Strict
+from mlopt.core.sections import Config
 from mlopt.export.lib.parity import compare
 from mlopt.runtime import hf
 from mlopt.runtime.data import first_inputs
@@ -21,7 +21,7 @@ from mlopt.runtime.data import first_inputs
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-class ExportOptions(Strict):
+class ExportOptions(Config):
     """How a model is exported and checked (the `export` step's settings; other steps use the defaults)."""
 
     opset: int = Field(18, ge=17, le=23)

@@ -24,7 +24,7 @@ from mlopt.core import console
 from mlopt.core.contracts import cli
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.fsutil import file_size_mb
-from mlopt.core.sections import Strict
+from mlopt.core.sections import BatchSize, Config
 from mlopt.runtime.session import input_specs, make_session, synthetic_feed
 
 
@@ -33,12 +33,12 @@ def timing_note(spinning: bool = False) -> str:
     return f"sequential: one onnxruntime session alive at a time, intra-op thread spinning {'on' if spinning else 'off'}"
 
 
-class TimingSettings(Strict):
+class TimingSettings(Config):
     """How models are timed: the options of the `bench` step (BenchConfig), used by other steps too."""
 
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
-    threads: int | None = Field(None, gt=0, description="intra-op threads (default: onnxruntime's choice)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
+    threads: int | None = Field(None, gt=0, le=1024, description="intra-op threads (default: onnxruntime's choice)")
+    batch_sizes: list[BatchSize] = Field(default_factory=lambda: [1], min_length=1, description="batch sizes timed",
                                    json_schema_extra=cli(flag="--batch-size", short="-b"))
     warmup: int = Field(10, ge=0, description="untimed runs before timing")
     iterations: int | None = Field(100, gt=0, description="timed runs per model and batch size",
@@ -57,10 +57,12 @@ def time_model(path: Path, sample_shape: tuple[int, ...] | None, cfg: TimingSett
     session = make_session(path, cfg.provider, cfg.threads, spinning=cfg.spinning)
     _, shape, _ = input_specs(session)[0]
     if sample_shape is None:
+        if not shape:
+            raise InputError(f"{path} does not say its input's shape (no rank): give --input-shape")
         if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             raise InputError(f"{path} has symbolic input dimensions {shape}: give --input-shape")
         sample_shape = tuple(shape[1:])
-    if isinstance(shape[0], int) and shape[0] > 0 and any(b != shape[0] for b in cfg.batch_sizes):
+    if shape and isinstance(shape[0], int) and shape[0] > 0 and any(b != shape[0] for b in cfg.batch_sizes):
         raise InputError(f"{path} has a fixed batch size of {shape[0]}; it cannot run batch sizes {cfg.batch_sizes}")
     rng = np.random.default_rng(0)
     results = []
