@@ -72,17 +72,21 @@ def test_random_has_no_labels():
 
 @pytest.mark.parametrize(
     "source,match",
-    [("mnist", "unrecognised data"), ("npz:/no/such.npz", "does not exist"), ("imagefolder:/no/dir", "does not exist"),
-     ("random:3xq", "invalid shape")],
+    [("npz:/no/such.npz", "does not exist"), ("imagefolder:/no/dir", "does not exist"), ("random:3xq", "invalid shape")],
 )
 def test_bad_sources(source, match):
     with pytest.raises(InputError, match=match):
         load_data(DataConfig(source=source))
 
 
-def test_channels_must_be_1_or_3():
-    with pytest.raises(InputError, match="channels must be 1 or 3"):
-        load_data(DataConfig(source="digits", channels=2))
+@pytest.mark.parametrize("fields,match", [
+    ({"source": "mnist"}, "unrecognised data 'mnist'"), ({"source": "text:"}, "unrecognised data 'text:'"),
+    ({"source": "digits:x"}, "unrecognised data"), ({"source": "digits", "channels": 2}, "channels must be 1 or 3")])
+def test_what_the_config_tells_without_reading_is_refused_by_the_config(fields, match):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=match):
+        DataConfig(**fields)
 
 
 def test_npz_with_more_classes_than_the_validation_share_is_split_without_stratifying(tmp_path):

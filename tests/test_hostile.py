@@ -268,6 +268,18 @@ def case_image_truncated(d):
     return _image_folder(d, "cut.jpg", buf.getvalue()[:300]), "cannot read image"
 
 
+def case_image_class_only_in_val(d):  # its images would have been dropped in silence
+    args = _image_folder(d, "1.png", _png(8, 8))
+    (d / "img" / "val" / "c").mkdir()
+    (d / "img" / "val" / "c" / "0.png").write_bytes(_png(8, 8))
+    return args, "has class folder(s) that"
+
+
+def case_text_for_an_image_model(d):  # not "image_size and channels apply to images": neither was given
+    (d / "t.txt").write_text("a line\nanother line\n")
+    return ["bench", _onnx(d / "m.onnx"), "--data", f"text:{d / 't.txt'}", "-q"], "needs an hf: model"
+
+
 def case_text_not_utf8(d):
     (d / "t.txt").write_bytes(b"a fine line\n\xff\xfe binary\n")
     return ["export", "--model", "hf:nowhere", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"], \
@@ -437,6 +449,16 @@ def case_junit_under_a_file(d):
     (d / "r.yaml").write_text("version: 1\nmodel: {spec: torchvision:resnet18}\nsteps: [{type: eval}]\n")
     (d / "j.xml").write_text("mine")
     return ["run", d / "r.yaml", "--out", d.parent / "out", "--junit", d / "j.xml" / "x.xml", "-q"], "is not an existing folder"
+
+
+def case_recipe_with_a_key_given_twice(d):  # YAML keeps the last: the first setting would be lost in silence
+    text = "version: 1\nmodel: {spec: torchvision:resnet18}\nsteps:\n  - type: train\n    epochs: 5\n    epochs: 1\n"
+    return _recipe(text)(d), "r.yaml:6: key 'epochs' is given twice in one mapping"
+
+
+def case_recipe_with_an_unknown_data_source(d):  # told by recipe validate, not only by run
+    text = "version: 1\nmodel: {spec: torchvision:resnet18}\ndata: {source: mnist}\nsteps: [{type: eval}]\n"
+    return _recipe(text)(d), "unrecognised data 'mnist'"
 
 
 def case_npz_without_samples(d):

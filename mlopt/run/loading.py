@@ -29,7 +29,7 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
             raise InputError("--weights applies to a model spec, not to an mlopt directory or ONNX file")
         loaded = load_artifact(recipe.model.spec)
     shape = loaded.sample_shape if loaded is not None else None
-    if data_cfg is not None and shape is not None and len(shape) == 3:
+    if data_cfg is not None and shape is not None and len(shape) == 3 and not data_cfg.source.startswith("text:"):
         fill = {}
         if data_cfg.channels is None:
             fill["channels"] = shape[0]

@@ -194,7 +194,8 @@ MAX_RECIPE_DEPTH = 32
 
 
 def _expanded_size(node: Any, where: str) -> int:
-    """How many values `node` stands for once every alias is expanded (shared nodes counted once each use)."""
+    """How many values `node` stands for once every alias is expanded (shared nodes counted once each use); a key
+    given twice in one mapping is refused on the way."""
     import yaml
 
     sizes: dict[int, int] = {}
@@ -208,6 +209,13 @@ def _expanded_size(node: Any, where: str) -> int:
         if isinstance(n, yaml.SequenceNode):
             total += sum(size(child, depth + 1) for child in n.value)
         elif isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, _ in n.value:  # YAML keeps the last of two equal keys without a word: a setting silently lost
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        raise InputError(f"{where}:{k.start_mark.line + 1}: key {k.value!r} is given twice in one "
+                                         "mapping; keep one")
+                    seen.add(k.value)
             total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
         if total > MAX_RECIPE_VALUES:
             raise InputError(f"{where}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
@@ -43,6 +43,16 @@ class DataConfig(Config):
     seed: Seed = 0
     samples: int = Field(256, gt=0, description="number of samples for random:SHAPE")
     max_length: int = Field(128, gt=0, description="text: tokens per example at most (longer lines are truncated)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":  # what can be told without reading anything (recipe validate says it)
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        kind, _, arg = self.source.partition(":")
+        if (kind == "digits") == bool(arg) or kind not in SOURCES:
+            raise ValueError(f"unrecognised data {self.source!r}: expected digits, npz:FILE, imagefolder:DIR, "
+                             "random:SHAPE or text:FILE")
+        return self
 
 
 @dataclass
@@ -68,22 +78,21 @@ def require_labels(data: Dataset, why: str) -> None:
         raise InputError(f"{why} needs labelled data; {data.name!r} has no labels{hint}")
 
 
+#: The data sources; DataConfig checks the source's form.
+SOURCES = ("digits", "npz", "imagefolder", "random", "text")
+
+
 def load_data(cfg: DataConfig) -> Dataset:
-    if cfg.channels not in (None, 1, 3):
-        raise InputError(f"channels must be 1 or 3, not {cfg.channels}")
     kind, _, arg = cfg.source.partition(":")
-    if kind == "digits" and not arg:
+    if kind == "digits":
         return _digits(cfg)
-    if kind == "npz" and arg:
+    if kind == "npz":
         return _npz(cfg, Path(arg))
-    if kind == "imagefolder" and arg:
+    if kind == "imagefolder":
         return _imagefolder(cfg, Path(arg))
-    if kind == "random" and arg:
+    if kind == "random":
         return _random(cfg, arg)
-    if kind == "text" and arg:
-        return _text(cfg, Path(arg))
-    raise InputError(f"unrecognised data {cfg.source!r}: expected digits, npz:FILE, imagefolder:DIR, random:SHAPE "
-                     "or text:FILE")
+    return _text(cfg, Path(arg))
 
 
 def _tensor_split(cfg: DataConfig, name: str, x: Any, y: Any, x_val: Any = None, y_val: Any = None) -> Dataset:
@@ -301,6 +310,10 @@ def _imagefolder(cfg: DataConfig, root: Path) -> Dataset:
     size = cfg.image_size or 224
     channels = cfg.channels or 3
     if split:
+        extra = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in classes)
+        if extra:  # its images would be dropped without a word: the classes are train/'s folders
+            raise InputError(f"image folder {root / 'val'} has class folder(s) that {root / 'train'} lacks: "
+                             f"{', '.join(extra[:5])}")
         train, val = _list_images(root / "train", classes), _list_images(root / "val", classes)
     else:
         train, val = _split_list(_list_images(root, classes), cfg)
