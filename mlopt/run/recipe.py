@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from mlopt.core.contracts import PASSES, names_file, on_register
 from mlopt.core.errors import InputError, first_line
-from mlopt.core.sections import Config, Seed
+from mlopt.core.sections import BatchSize, Config, Seed
 from mlopt.runtime.data import MAX_CLASSES, DataConfig
 
 #: Packages whose modules define the built-in step types (one module per step type).
@@ -59,7 +59,7 @@ class GatesConfig(Config):
                                      "mean-pooled outputs to the baseline's on the validation text")
     min_decode_speedup: float | None = Field(None, gt=0, description="decoders: final decode tokens/s over the baseline's")
     max_ppl_increase: float | None = Field(None, ge=0, description="decoders: perplexity increase over the baseline (0.05 = 5%)")
-    batch_size: int = Field(1, gt=0, description="batch size of the latency measurements")
+    batch_size: BatchSize = Field(1, description="batch size of the latency measurements")
     provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
     iterations: int = Field(30, gt=0)
 
