@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -155,18 +156,27 @@ def _checkpointed(out: Path, mode: str) -> bool:
     return ShardedCheckpoints(out / ".checkpoint").latest()[0] is not None
 
 
-@pytest.fixture(scope="module", params=list(MODES))
-def uninterrupted(request, tmp_path_factory) -> tuple[str, Path, list[Node]]:
-    """One uninterrupted two-node job (--json), replicated (DDP) or sharded (FSDP2): the reference for the
-    restarted ones."""
-    out = tmp_path_factory.mktemp("multinode") / f"uninterrupted-{request.param}"
-    with two_nodes(out, [*MODES[request.param], "--json"]) as nodes:
-        _wait(nodes)
-    return request.param, out, nodes
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Callable[[str], tuple[Path, list[Node]]]:
+    """One uninterrupted two-node job (--json) per mode, replicated (DDP) or sharded (FSDP2), run when first asked
+    for and kept for the module: the reference for the restarted ones. (A parametrized module fixture would be
+    torn down and run again whenever the tests' order alternates between its values.)"""
+    jobs: dict[str, tuple[Path, list[Node]]] = {}
+
+    def job(mode: str) -> tuple[Path, list[Node]]:
+        if mode not in jobs:
+            out = tmp_path_factory.mktemp("multinode") / f"uninterrupted-{mode}"
+            with two_nodes(out, [*MODES[mode], "--json"]) as nodes:
+                _wait(nodes)
+            jobs[mode] = out, nodes
+        return jobs[mode]
+
+    return job
 
 
-def test_two_nodes_train_one_model(uninterrupted):
-    mode, out, nodes = uninterrupted
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_nodes_train_one_model(uninterrupted, mode):
+    out, nodes = uninterrupted(mode)
     _assert_succeeded(nodes)
     printed = [n.stdout for n in nodes if n.stdout.strip()]
     assert len(printed) == 1, "exactly one node (the one with rank 0) prints the metrics"
@@ -180,9 +190,8 @@ def test_two_nodes_train_one_model(uninterrupted):
                                                      "report.md"]
 
 
-@pytest.mark.parametrize("uninterrupted,killed_rank", [("ddp", 1), ("shard", 0)],
-                         indirect=["uninterrupted"])
-def test_two_nodes_resume_when_only_the_failed_node_counts_a_restart(tmp_path, uninterrupted, killed_rank):
+@pytest.mark.parametrize("mode,killed_rank", [("ddp", 1), ("shard", 0)])
+def test_two_nodes_resume_when_only_the_failed_node_counts_a_restart(tmp_path, uninterrupted, mode, killed_rank):
     """torchrun --max-restarts on both nodes, one worker killed (SIGKILL) mid-epoch after the first checkpoint.
 
     torchrun counts a restart only on the node whose worker failed; the other node's agent restarts its
@@ -191,7 +200,7 @@ def test_two_nodes_resume_when_only_the_failed_node_counts_a_restart(tmp_path, u
     TORCHELASTIC_RESTART_COUNT differ in the restarted round, every time. One case each: replicated with the
     worker of rank 1 killed, sharded with that of rank 0 (the one that writes the checkpoint's marker); the restart
     logic is the same, the checkpoint is not."""
-    mode, reference, _ = uninterrupted
+    reference, _ = uninterrupted(mode)
     out = tmp_path / "restarted"
     with two_nodes(out, MODES[mode], max_restarts=1) as nodes:
         _wait_for("the first checkpoint", lambda: _checkpointed(out, mode), nodes)
