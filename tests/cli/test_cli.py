@@ -36,6 +36,24 @@ def test_subcommand_help(cmd):
     assert result.exit_code == 0 and "Usage" in result.output
 
 
+@pytest.mark.parametrize("args,message", [
+    (["train", "--epochs", "abc", "-m", "x", "-d", "digits"], "error: Invalid value for '--epochs' / '-e': Input should be a "
+     "valid integer, unable to parse string as an integer (see 'mlopt train --help')"),
+    (["train", "-m", "x"], "error: Missing option '--data' / '-d' (see 'mlopt train --help')"),
+    (["nosuchcmd"], "error: No such command 'nosuchcmd' (see 'mlopt --help')"),
+    (["recipe", "validate"], "error: Missing argument 'RECIPE' (see 'mlopt recipe validate --help')"),
+    (["report", "nosuch"], "error: No such command 'nosuch' (see 'mlopt report --help')"),
+])
+def test_usage_errors_are_one_line_like_every_error(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stderr.strip() == message and not result.stdout
+
+
+def test_no_command_still_shows_the_help():
+    result = invoke()
+    assert result.exit_code == 2 and "Usage: mlopt [OPTIONS] COMMAND" in result.output and "bench" in result.output
+
+
 def test_train_writes_artifact_and_report(trained_dir):
     assert {p.name for p in trained_dir.iterdir()} == {"model.pt", "model.json", "report.json", "report.md", MARKER}
     meta = json.loads((trained_dir / "model.json").read_text())
