@@ -220,12 +220,13 @@ def test_debug_env_raises_instead_of_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_debug_env_prints_the_traceback():
-    cmd = [sys.executable, "-m", "mlopt", "eval", "--model", "torchvision:resnet81", "--data", "digits"]
+    # an error found before torch is imported: two fresh interpreters in a second or two
+    cmd = [sys.executable, "-m", "mlopt", "recipe", "validate", "no-such-recipe.yaml"]
     plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     debug = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "MLOPT_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
-    assert debug.stderr.rstrip().splitlines()[-1].startswith("mlopt.core.errors.InputError: unknown torchvision")
+    assert debug.stderr.rstrip().splitlines()[-1] == "mlopt.core.errors.InputError: recipe no-such-recipe.yaml does not exist"
 
 
 def test_weights_flag_loads_state_dict(tmp_path, trained_dir):
