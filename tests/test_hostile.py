@@ -275,6 +275,11 @@ def case_image_class_only_in_val(d):  # its images would have been dropped in si
     return args, "has class folder(s) that"
 
 
+def case_onnx_of_four_channels_on_digits(d):  # images convert to 1 or 3 channels, never repeated to 4
+    return ["eval", "--model", _onnx(d / "m.onnx", dims=("N", 4, 8, 8)), "--data", "digits", "-q"], \
+        "takes inputs of shape 4x8x8 per sample, but the data gives 1x8x8"
+
+
 def case_text_for_an_image_model(d):  # not "image_size and channels apply to images": neither was given
     (d / "t.txt").write_text("a line\nanother line\n")
     return ["bench", _onnx(d / "m.onnx"), "--data", f"text:{d / 't.txt'}", "-q"], "needs an hf: model"

@@ -31,7 +31,7 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     shape = loaded.sample_shape if loaded is not None else None
     if data_cfg is not None and shape is not None and len(shape) == 3 and not data_cfg.source.startswith("text:"):
         fill = {}
-        if data_cfg.channels is None:
+        if data_cfg.channels is None and shape[0] in (1, 3):  # what images convert to; else the shapes disagree below
             fill["channels"] = shape[0]
         if data_cfg.image_size is None and shape[1] == shape[2]:
             fill["image_size"] = shape[1]
