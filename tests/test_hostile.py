@@ -275,6 +275,11 @@ def case_image_class_only_in_val(d):  # its images would have been dropped in si
     return args, "has class folder(s) that"
 
 
+def case_onnx_whose_input_size_would_resize_digits_past_memory(d):  # its input fills image_size unasked
+    return ["eval", "--model", _onnx(d / "m.onnx", dims=("N", 1, 16000, 16000)), "--data", "digits", "-q"], \
+        "images resized to 16000x16000 need"
+
+
 def case_onnx_of_four_channels_on_digits(d):  # images convert to 1 or 3 channels, never repeated to 4
     return ["eval", "--model", _onnx(d / "m.onnx", dims=("N", 4, 8, 8)), "--data", "digits", "-q"], \
         "takes inputs of shape 4x8x8 per sample, but the data gives 1x8x8"

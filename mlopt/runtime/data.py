@@ -123,6 +123,11 @@ def _shape_images(x: Any, cfg: DataConfig) -> Any:
     import torch.nn.functional as F
 
     if x.dim() == 4 and cfg.image_size is not None and tuple(x.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        nbytes = x.shape[0] * max(x.shape[1], cfg.channels or 1) * cfg.image_size ** 2 * 4
+        available = available_memory()
+        if available is not None and nbytes > available:  # a model's input size fills image_size unasked
+            raise InputError(f"{x.shape[0]} images resized to {cfg.image_size}x{cfg.image_size} need "
+                             f"{readable_size(nbytes)}, more than the {readable_size(available)} of memory available")
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
     if x.dim() == 4 and cfg.channels is not None and x.shape[1] != cfg.channels:
         if x.shape[1] == 1:
