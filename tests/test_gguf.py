@@ -15,12 +15,13 @@ def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-def _small_gguf(path, architecture="llama", tensors=True):
-    """A valid GGUF file of a few float32 tensors (not a loadable model), written without torch."""
+def _small_gguf(path, architecture="llama", tensors=True, blocks=0):
+    """A valid GGUF file of a few float32 tensors and no block (not a loadable model), written without torch;
+    `blocks`: the block count it declares."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(1)
+    writer.add_block_count(blocks)
     if tensors:
         writer.add_tensor("token_embd.weight", np.arange(64 * 16, dtype=np.float32).reshape(64, 16))
         writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
@@ -63,6 +64,8 @@ BAD_FILES = {
     "garbage after the magic": (lambda p: p.write_bytes(b"GGUF" + np.random.default_rng(0).bytes(4000)),
                                 "truncated or corrupt GGUF"),
     "vocabulary only": (lambda p: _small_gguf(p, tensors=False), "no tensors"),
+    "a million blocks declared": (lambda p: _small_gguf(p, blocks=10**6),  # transformers would build them all
+                                  "declares 1,000,000 blocks .llama.block_count. but holds tensors for 0"),
 }
 
 

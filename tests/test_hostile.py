@@ -290,6 +290,23 @@ def case_text_for_an_image_model(d):  # not "image_size and channels apply to im
     return ["bench", _onnx(d / "m.onnx"), "--data", f"text:{d / 't.txt'}", "-q"], "needs an hf: model"
 
 
+def case_hf_config_of_a_million_layers(d):  # transformers would build them for minutes, memory climbing
+    (d / "m").mkdir()
+    (d / "m" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                                                      "num_hidden_layers": 10**6, "hidden_size": 32}))
+    (d / "t.txt").write_text("a line\nanother line\n")
+    args = ["export", "--model", f"hf:{d / 'm'}", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"]
+    return args, "describes 1,000,000 layers; mlopt builds models of at most 4,096"
+
+
+def case_hf_config_larger_than_memory(d):
+    (d / "m").mkdir()
+    (d / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                      "num_hidden_layers": 2, "hidden_size": 10**6,
+                                                      "vocab_size": 10**6}))
+    return ["export", "--model", f"hf:{d / 'm'}", "--out", d.parent / "out", "-q"], "more than the"
+
+
 def case_text_not_utf8(d):
     (d / "t.txt").write_bytes(b"a fine line\n\xff\xfe binary\n")
     return ["export", "--model", "hf:nowhere", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"], \

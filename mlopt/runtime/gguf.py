@@ -73,12 +73,18 @@ def read_architecture(path: Path) -> str:
         field = reader.fields.get("general.architecture")
         architecture = str(field.contents()) if field is not None else None
         tensors = len(reader.tensors)
+        count = reader.fields.get(f"{architecture}.block_count") if architecture else None
+        declared = int(count.contents()) if count is not None else None
+        blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
     except Exception as exc:  # the reader raises ValueError, IndexError... on a cut or garbled file
         raise InputError(f"{path} is a truncated or corrupt GGUF file ({first_line(exc)})") from None
     if not architecture:
         raise InputError(f"{path} is a GGUF file without general.architecture; it does not describe a model")
     if tensors == 0:
         raise InputError(f"{path} is a GGUF file with no tensors (a vocabulary-only file?); it holds no model")
+    if declared is not None and declared > len(blocks):  # transformers would build every declared block
+        raise InputError(f"{path} declares {declared:,} blocks ({architecture}.block_count) but holds tensors for "
+                         f"{len(blocks)}: a corrupt GGUF file")
     return architecture
 
 

@@ -70,7 +70,38 @@ def _transformers() -> Any:
 
 
 def read_config(spec: str) -> dict[str, Any]:
-    return _read_json(model_dir(spec) / "config.json")
+    path = model_dir(spec) / "config.json"
+    config = _read_json(path)
+    _check_size(config, path)
+    return config
+
+
+#: More layers than any released model has: transformers would build them one module at a time, without end.
+MAX_LAYERS = 4096
+
+
+def _check_size(config: dict[str, Any], path: Path) -> None:
+    """Refuse a config whose model could not be built in this machine's memory, before transformers builds it
+    (it allocates layer by layer: a million layers grow memory for minutes before failing). The estimate is the
+    embedding table and, per layer, four hidden x hidden projections and three hidden x intermediate ones."""
+    from mlopt.runtime.data import available_memory, readable_size
+
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+    def size(*keys: str) -> int:
+        value = next((cfg[k] for k in keys if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), 0)
+        return max(value, 0)
+
+    layers = size("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    if layers > MAX_LAYERS:
+        raise InputError(f"{path} describes {layers:,} layers; mlopt builds models of at most {MAX_LAYERS:,}")
+    hidden = size("hidden_size", "n_embd", "d_model", "dim")
+    inner = size("intermediate_size", "n_inner", "ffn_dim", "hidden_dim") or 4 * hidden
+    nbytes = 4 * (size("vocab_size") * hidden + layers * (4 * hidden * hidden + 3 * hidden * inner))
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise InputError(f"{path} describes a model of about {readable_size(nbytes)} in float32, more than the "
+                         f"{readable_size(available)} of memory available")
 
 
 def is_classifier(config: dict[str, Any]) -> bool:
