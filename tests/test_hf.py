@@ -640,3 +640,28 @@ def test_dynamic_ptq_keeps_the_matmul_after_an_outlier_channel_in_float(text_fil
     # the first group is the FFN MatMul that reads the outlier channel: the largest single gain
     assert fallback[0]["nodes in float"] == 1
     assert fallback[0]["cosine mean"] - plain["cosine mean"] > 0.5 * (1 - plain["cosine mean"])
+
+
+def test_a_huge_max_length_still_cuts_lines_at_what_the_model_takes(bert_dir, tmp_path, monkeypatch):
+    """--max-length far past the model's positions: an enormous line reaches the tokenizer cut at the model's
+    positions, not at --max-length's (it took 4 GB and a minute on an 18 MB line)."""
+    from mlopt.runtime import hf
+    from mlopt.runtime.data import CHARS_PER_TOKEN, DataConfig, load_data
+
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(["the a of " * 200_000, *(f"line {i} of text" for i in range(9))]) + "\n")
+    real, longest = hf.tokenizer, []
+
+    def recording(spec):
+        tok = real(spec)
+
+        def call(lines, **kwargs):
+            longest.append(max(map(len, lines)))
+            return tok(lines, **kwargs)
+        return type("Recorded", (), {"__call__": staticmethod(call), "__getattr__": lambda self, n: getattr(tok, n)})()
+
+    monkeypatch.setattr(hf, "tokenizer", recording)
+    data = load_data(DataConfig(source=f"text:{path}", max_length=2**20, val_fraction=0.3))
+    positions = json.loads((bert_dir / "config.json").read_text())["max_position_embeddings"]
+    tokens = hf.tokenize(data, f"hf:{bert_dir}", 2**20)
+    assert longest and max(longest) == positions * CHARS_PER_TOKEN and tokens.sample_shape == (positions,)

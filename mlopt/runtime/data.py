@@ -42,7 +42,8 @@ class DataConfig(Config):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="validation share when the source has no split")
     seed: Seed = 0
     samples: int = Field(256, gt=0, description="number of samples for random:SHAPE")
-    max_length: int = Field(128, gt=0, description="text: tokens per example at most (longer lines are truncated)")
+    max_length: int = Field(128, ge=2, le=2**20, description="text: tokens per example at most (longer lines are "
+                            "truncated; at least 2, an encoder's two special tokens)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":  # what can be told without reading anything (recipe validate says it)

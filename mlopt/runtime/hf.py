@@ -200,12 +200,16 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
 
     tok = tokenizer(spec)
     names = input_names(tok)
+    from mlopt.runtime.data import CHARS_PER_TOKEN
+
     limit = min(max_length, _max_positions(read_config(spec)))
-    encoded = tok(list(data.train) + list(data.val), truncation=True, max_length=limit)["input_ids"]
+    chars = limit * CHARS_PER_TOKEN  # the lines were cut at --max-length's; the model may take far fewer tokens
+    encoded = tok([line[:chars] for line in [*data.train, *data.val]], truncation=True, max_length=limit)["input_ids"]
     length = max(len(ids) for ids in encoded)
 
     def encode(lines: list[str]) -> TokenDataset:
-        enc = tok(lines, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+        enc = tok([line[:chars] for line in lines], padding="max_length", truncation=True, max_length=length,
+                  return_tensors="pt")
         return TokenDataset({n: enc[n].long() for n in names})
 
     return replace(data, train=encode(list(data.train)), val=encode(list(data.val)), sample_shape=(length,))
