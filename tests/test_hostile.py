@@ -307,6 +307,29 @@ def case_hf_config_larger_than_memory(d):
     return ["export", "--model", f"hf:{d / 'm'}", "--out", d.parent / "out", "-q"], "more than the"
 
 
+def _decoder_config(d: Path) -> Path:
+    """A decoder's folder as far as mlopt reads it before any weight: its config."""
+    (d / "llama").mkdir()
+    (d / "llama" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64,
+        "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 300}))
+    return d / "llama"
+
+
+@pytest.mark.parametrize("option", [["--fuse", "on"], ["--opset", "21"], ["--exporter", "torchscript"],
+                                    ["--parity-samples", "3"], ["--fuse-batch-size", "4"], ["--debug-metadata"]])
+def test_export_settings_a_decoder_export_does_not_read_are_refused(option, tmp_path):
+    """onnxruntime-genai's builder writes a decoder's graph: these settings would be dropped without a word."""
+    args = ["export", "--model", f"hf:{_decoder_config(tmp_path)}", "--out", tmp_path / "out", *option, "-q"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "does not apply to a decoder language model" in _one_error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def case_data_option_without_data(d):  # it was dropped in silence
+    return ["bench", _onnx(d / "m.onnx"), "--image-size", "8", "-q"], "--image-size applies to the data: give --data"
+
+
 def case_text_not_utf8(d):
     (d / "t.txt").write_bytes(b"a fine line\n\xff\xfe binary\n")
     return ["export", "--model", "hf:nowhere", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"], \

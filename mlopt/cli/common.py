@@ -58,6 +58,9 @@ def build_recipe(model: dict[str, Any], data: dict[str, Any] | None, step: dict[
     raw: dict[str, Any] = {"version": 1, "model": given(model), "steps": [given(step)]}
     if data is not None and data.get("source") is not None:
         raw["data"] = given(data)
+    elif data is not None and [k for k in given(data) if k != "seed"]:  # never dropped in silence (--seed seeds
+        name = next(k for k in given(data) if k != "seed")                # the model's initialisation too)
+        raise InputError(f"--{name.replace('_', '-')} applies to the data: give --data as well")
     return recipe_from_dict(raw, "command line")
 
 

@@ -40,6 +40,15 @@ class ExportPass(Pass):
     cli_help = ("Export to ONNX (dynamic batch), check it, and compare onnxruntime with PyTorch on real inputs; "
                 "a decoder language model becomes an onnxruntime-genai folder (KV cache) that must load and generate.")
 
+    @classmethod
+    def check_family(cls, config: ExportConfig, decoder: bool) -> None:
+        # onnxruntime-genai's builder writes a decoder's graph; of these settings only atol and rtol (its logits'
+        # parity) reach it, so any other one given is refused rather than dropped
+        given = sorted(config.model_fields_set - {"type", "atol", "rtol"}) if decoder else []
+        if given:
+            raise InputError(f"export's {given[0]} does not apply to a decoder language model (onnxruntime-genai's "
+                             "builder writes its graph; atol and rtol set its parity check)")
+
     def run(self, artifact: Any, config: ExportConfig, ctx: Any) -> StepResult:
         if artifact.format == "causal-lm":
             return export_decoder(artifact, Path(ctx.out_dir), config)
