@@ -330,6 +330,12 @@ def case_data_option_without_data(d):  # it was dropped in silence
     return ["bench", _onnx(d / "m.onnx"), "--image-size", "8", "-q"], "--image-size applies to the data: give --data"
 
 
+def case_text_with_a_nul_byte(d):  # onnxruntime-genai's tokenizer dropped everything after it
+    (d / "t.txt").write_bytes(b"a fine line\nhalf a line\x00 and the rest\n")
+    return ["export", "--model", "hf:nowhere", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"], \
+        "is not text: line 2 holds a NUL byte"
+
+
 def case_text_not_utf8(d):
     (d / "t.txt").write_bytes(b"a fine line\n\xff\xfe binary\n")
     return ["export", "--model", "hf:nowhere", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"], \

@@ -362,6 +362,8 @@ def _read_lines(path: Path, limit: int) -> list[str]:
                 text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
             except UnicodeDecodeError as exc:
                 raise InputError(f"{path} is not UTF-8 text ({exc.reason} on line {len(lines) + 1})") from None
+            if "\0" in text:  # tokenizers differ on it: onnxruntime-genai's stops reading at the first one
+                raise InputError(f"{path} is not text: line {len(lines) + 1} holds a NUL byte")
             lines.append(text.rstrip("\r\n")[:limit])
     return lines
 

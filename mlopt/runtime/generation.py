@@ -257,6 +257,11 @@ def perplexity(folder: str | Path, ids: Sequence[int], window: int = 128, max_wi
 def perplexity_torch(model: Any, ids: Sequence[int], window: int = 128, max_windows: int | None = None,
                      bos: int | None = None) -> dict[str, Any]:
     """The same perplexity for a transformers causal LM in torch (before export)."""
+    config = getattr(model, "config", None)
+    context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                      "max_position_embeddings", None)
+    if isinstance(context, int) and 0 < context < window:  # as for an exported folder (perplexity)
+        raise InputError(f"a perplexity window of {window} tokens is longer than the model's context ({context})")
     return _scored(torch_logits(model), ids, window, max_windows, type(model).__name__, bos)
 
 

@@ -404,3 +404,14 @@ def test_a_head_pruned_another_way_is_refused_in_one_line():
 
     with pytest.raises(InputError, match="cannot widen"):
         all_positions(_head_graph("second to last"))
+
+
+def test_a_torch_window_longer_than_the_model_context_is_refused():
+    """As for an exported folder: past its positions a model scores nonsense, without a word (it did, 303.4)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, vocab_size=50, max_position_embeddings=16))
+    with pytest.raises(InputError, match=r"window of 32 tokens is longer than the model's context \(16\)"):
+        generation.perplexity_torch(model, list(range(40)) * 4, 32, 2)
+    assert generation.perplexity_torch(model, list(range(40)) * 4, 16, 2)["windows"] == 2
