@@ -157,6 +157,10 @@ def load_genai_folder(path: Path, meta: dict[str, Any] | None = None) -> Artifac
     if not (path / GENAI_CONFIG).is_file():
         raise InputError(f"{path} is not a decoder folder: it has no {GENAI_CONFIG}")
     graph = path / onnx_name(path)
+    for file in (path / GENAI_CONFIG, graph):  # as for external data: a link may not lead out of the folder
+        if not file.resolve().is_relative_to(path.resolve()):
+            raise InputError(f"{file} is a link to {file.resolve()}, outside the decoder's folder; mlopt reads a "
+                             "decoder's graph and genai_config.json only from files in its folder")
     load_onnx_file(graph)  # refuses a broken file or external data outside the folder
     meta = meta or {}
     return Artifact(format="genai", sample_shape=None, num_classes=None, lineage=list(meta.get("lineage") or []),

@@ -227,3 +227,17 @@ def test_sliding_window_families_export_and_match_torch(family, decoder_tokenize
         assert result.exit_code == 0, result.output
         ppl.append(json.loads(result.output)["perplexity"])
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+def test_a_decoder_folder_whose_graph_links_out_of_it_is_refused(llama_genai_dir, decoder_text, tmp_path):
+    import shutil
+
+    from mlopt.runtime.decoder import onnx_name
+
+    folder = tmp_path / "linked"
+    shutil.copytree(llama_genai_dir, folder)
+    graph = folder / onnx_name(folder)
+    graph.unlink()
+    graph.symlink_to(llama_genai_dir / graph.name)  # the same graph, elsewhere
+    result = runner.invoke(app, ["eval", "--model", str(folder), "--data", f"text:{decoder_text}", "--quiet"])
+    assert result.exit_code == 2 and "outside the decoder's folder" in result.stderr, result.output
