@@ -24,6 +24,8 @@ from pydantic import Field, model_validator
 from mlopt.core.contracts import names_file
 from mlopt.core.errors import InputError, first_line
 from mlopt.core.sections import Config, Seed
+from mlopt.core.memory import available_memory, readable_size
+from mlopt.runtime.hf import CHARS_PER_TOKEN
 from mlopt.runtime.models import parse_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,30 +241,6 @@ def _check_npz(path: Path) -> None:
                          f"{readable_size(available)} of memory available")
 
 
-def readable_size(nbytes: int) -> str:
-    """1234567 -> '1.23 MB'."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes} bytes"
-
-
-def available_memory() -> int | None:
-    """Memory the system can give without swapping: MemAvailable (free memory counts the page cache as
-    used, and would refuse ordinary files on a machine that has read a lot), else the physical total."""
-    import contextlib
-    import os
-
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class _ImageFiles:
     """A lazily loaded list of (image path, label); a torch-style map dataset."""
 
@@ -338,9 +316,6 @@ def _random(cfg: DataConfig, shape_text: str) -> Dataset:
     return Dataset(name=f"random:{shape_text}", train=ds, val=ds, sample_shape=shape, num_classes=None)
 
 
-#: No tokenizer's token spans more characters than this (BERT's WordPiece gives up on longer words), so
-#: a line cut at max_length times it keeps every token the tokenizer would keep.
-CHARS_PER_TOKEN = 100
 
 
 def _read_lines(path: Path, limit: int) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from mlopt.core import console
 from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
+from mlopt.core.memory import available_memory, readable_size
 
 PREFIX = "hf:"
 # The order of the exported model's inputs; a tokenizer that gives no token_type_ids drops it.
@@ -76,6 +77,10 @@ def read_config(spec: str) -> dict[str, Any]:
     return config
 
 
+#: No tokenizer's token spans more characters than this (BERT's WordPiece gives up on longer words), so
+#: a line cut at max_length times it keeps every token the tokenizer would keep.
+CHARS_PER_TOKEN = 100
+
 #: More layers than any released model has: transformers would build them one module at a time, without end.
 MAX_LAYERS = 4096
 
@@ -84,8 +89,6 @@ def _check_size(config: dict[str, Any], path: Path) -> None:
     """Refuse a config whose model could not be built in this machine's memory, before transformers builds it
     (it allocates layer by layer: a million layers grow memory for minutes before failing). The estimate is the
     embedding table and, per layer, four hidden x hidden projections and three hidden x intermediate ones."""
-    from mlopt.runtime.data import available_memory, readable_size
-
     cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
 
     def size(*keys: str) -> int:
@@ -200,8 +203,6 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
 
     tok = tokenizer(spec)
     names = input_names(tok)
-    from mlopt.runtime.data import CHARS_PER_TOKEN
-
     limit = min(max_length, _max_positions(read_config(spec)))
     chars = limit * CHARS_PER_TOKEN  # the lines were cut at --max-length's; the model may take far fewer tokens
     encoded = tok([line[:chars] for line in [*data.train, *data.val]], truncation=True, max_length=limit)["input_ids"]

@@ -92,9 +92,9 @@ def test_parity_catches_a_graph_that_computes_other_logits(llama_dir, llama_gena
 
 
 def test_parity_is_skipped_with_a_note_when_memory_is_short(llama_dir, tmp_path, monkeypatch):
-    from mlopt.runtime import data
+    from mlopt.core import memory
 
-    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     result = _export(f"hf:{llama_dir}", tmp_path / "out")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())

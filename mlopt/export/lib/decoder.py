@@ -126,7 +126,7 @@ def check_parity(src: Path, out: Path, atol: float, rtol: float) -> dict[str, An
     from mlopt.core.fsutil import file_size_mb
     from mlopt.export.lib.parity import within_tolerance
     from mlopt.runtime import generation
-    from mlopt.runtime.data import available_memory, readable_size
+    from mlopt.core.memory import available_memory, readable_size
 
     needed, available = int(1.5 * file_size_mb(out / decoder.onnx_name(out)) * 1e6), available_memory()
     if available is not None and needed > available:
