@@ -304,7 +304,7 @@ def case_hf_config_larger_than_memory(d):
     (d / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                                                       "num_hidden_layers": 2, "hidden_size": 10**6,
                                                       "vocab_size": 10**6}))
-    return ["export", "--model", f"hf:{d / 'm'}", "--out", d.parent / "out", "-q"], "more than the"
+    return ["export", "--model", f"hf:{d / 'm'}", "--out", d.parent / "out", "-q"], "more than 8 times the"
 
 
 def _decoder_config(d: Path) -> Path:

@@ -85,10 +85,15 @@ CHARS_PER_TOKEN = 100
 MAX_LAYERS = 4096
 
 
+#: A decoder larger than memory still exports (its parity check is skipped, said in the report); one larger than
+#: this many times the memory cannot be loaded even in 16 bits a layer at a time.
+MEMORY_FACTOR = 8
+
+
 def _check_size(config: dict[str, Any], path: Path) -> None:
-    """Refuse a config whose model could not be built in this machine's memory, before transformers builds it
-    (it allocates layer by layer: a million layers grow memory for minutes before failing). The estimate is the
-    embedding table and, per layer, four hidden x hidden projections and three hidden x intermediate ones."""
+    """Refuse a config of absurd size before transformers builds it (it allocates layer by layer: a million layers
+    grew memory for minutes before failing). The estimate is the embedding table and, per layer, four hidden x
+    hidden projections and three hidden x intermediate ones."""
     cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
 
     def size(*keys: str) -> int:
@@ -102,9 +107,9 @@ def _check_size(config: dict[str, Any], path: Path) -> None:
     inner = size("intermediate_size", "n_inner", "ffn_dim", "hidden_dim") or 4 * hidden
     nbytes = 4 * (size("vocab_size") * hidden + layers * (4 * hidden * hidden + 3 * hidden * inner))
     available = available_memory()
-    if available is not None and nbytes > available:
-        raise InputError(f"{path} describes a model of about {readable_size(nbytes)} in float32, more than the "
-                         f"{readable_size(available)} of memory available")
+    if available is not None and nbytes > MEMORY_FACTOR * available:
+        raise InputError(f"{path} describes a model of about {readable_size(nbytes)} in float32, more than "
+                         f"{MEMORY_FACTOR} times the {readable_size(available)} of memory available")
 
 
 def is_classifier(config: dict[str, Any]) -> bool:
