@@ -210,15 +210,14 @@ def tokenize(data: Any, spec: str, max_length: int) -> Any:
     names = input_names(tok)
     limit = min(max_length, _max_positions(read_config(spec)))
     chars = limit * CHARS_PER_TOKEN  # the lines were cut at --max-length's; the model may take far fewer tokens
-    encoded = tok([line[:chars] for line in [*data.train, *data.val]], truncation=True, max_length=limit)["input_ids"]
-    length = max(len(ids) for ids in encoded)
+    train, val = ([line[:chars] for line in lines] for lines in (data.train, data.val))
+    length = max(len(ids) for ids in tok(train + val, truncation=True, max_length=limit)["input_ids"])
 
     def encode(lines: list[str]) -> TokenDataset:
-        enc = tok([line[:chars] for line in lines], padding="max_length", truncation=True, max_length=length,
-                  return_tensors="pt")
+        enc = tok(lines, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         return TokenDataset({n: enc[n].long() for n in names})
 
-    return replace(data, train=encode(list(data.train)), val=encode(list(data.val)), sample_shape=(length,))
+    return replace(data, train=encode(train), val=encode(val), sample_shape=(length,))
 
 
 def pooled(output: Any, inputs: dict[str, Any]) -> Any:
