@@ -665,3 +665,49 @@ def test_a_huge_max_length_still_cuts_lines_at_what_the_model_takes(bert_dir, tm
     positions = json.loads((bert_dir / "config.json").read_text())["max_position_embeddings"]
     tokens = hf.tokenize(data, f"hf:{bert_dir}", 2**20)
     assert longest and max(longest) == positions * CHARS_PER_TOKEN and tokens.sample_shape == (positions,)
+
+
+def _pooled_cosine(original, pruned_dir, lines):
+    """Mean cosine of the pruned model's mean-pooled outputs to the original's, on `lines`."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from mlopt.runtime.artifacts import load_artifact
+
+    batch = AutoTokenizer.from_pretrained(original)(lines, padding=True, return_tensors="pt")
+    batch.pop("token_type_ids", None)
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(original).eval()(**batch).last_hidden_state
+        out = load_artifact(pruned_dir).module.eval()(**batch)
+    pool = lambda t: (t * mask).sum(1) / mask.sum(1)  # noqa: E731
+    return float(torch.nn.functional.cosine_similarity(pool(out), pool(ref)).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_activation_importance_and_the_refit_keep_a_pruned_encoder_closer_to_the_original(family, tmp_path):
+    """Half the heads and half the FFN width pruned three ways, on the same text: by weight magnitude, by what the
+    channels carry on the text, and by that plus the least-squares refit of the attention outputs and FFN second
+    layers. The cosine to the unpruned model on other lines rises at each, and every such Linear of both layers
+    was refitted."""
+    model = _save_bert(tmp_path / family, num_attention_heads=4, initializer_range=0.5) if family == "bert" \
+        else _save_encoder(tmp_path / family, family)
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(240)]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines[:200]))
+    cosines = {}
+    for name, extra in (("l1", []), ("activation", ["--importance", "activation"]),
+                        ("refit", ["--importance", "activation", "--reconstruct"])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["prune", "--model", f"hf:{model}", "--data", f"text:{text}", "--head-ratio", "0.5",
+                                     "--ratio", "0.5", "--no-latency", "--out", str(out), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        metrics = json.loads(result.stdout)
+        assert metrics["macs_ratio"] > 1.5
+        if name == "refit":
+            assert metrics["refitted_linears"] == 4 and metrics["calibration_samples"] == 160
+        cosines[name] = _pooled_cosine(model, out, lines[200:])
+    assert cosines["l1"] < cosines["activation"] < cosines["refit"], cosines
+    assert 1 - cosines["refit"] < 0.5 * (1 - cosines["l1"]), cosines  # at least half the distance gone

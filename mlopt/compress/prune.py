@@ -12,8 +12,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mlopt.compress.lib import sparsity as sp
+from mlopt.compress.lib.calibration import calibration
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
-from mlopt.compress.lib.importance import accumulate_gradients
+from mlopt.compress.lib.importance import accumulate_gradients, measure_energy
 from mlopt.compress.lib.pruning import (HEAD_COUNTS, classifier_names, count_ops, named_modules, prune_safely,
                                         search_ratio)
 from mlopt.core import console
@@ -23,6 +24,7 @@ from mlopt.core.sections import Bars, Config, Latency, Table
 from mlopt.export.lib.onnx import export_onnx, text_options
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
+from mlopt.runtime.data import count
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import changed_attributes, shape_attributes
 
@@ -39,7 +41,16 @@ class PruneConfig(Config):
         None, gt=0, lt=1, description="structured: fraction of attention heads to remove, in blocks with a `qkv` Linear "
         "and `num_heads` (timm's ViT layout) or separate query/key/value Linears and a head count (BERT's "
         "`query`/`key`/`value` and `num_attention_heads`, DistilBERT's `q_lin`/`k_lin`/`v_lin` and `n_heads`, ...)")
-    importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random"] = "l1"
+    importance: Literal["l1", "l2", "bn-scale", "taylor", "lamp", "random", "activation"] = Field(
+        "l1", description="how channels are ranked: weight magnitude (l1, l2, lamp), batch-norm scale, weight x "
+        "gradient (taylor: labelled data), random, or activation: the energy a channel hands the Linear that reads "
+        "it on --data's inputs (labels unused; other channels by l2)")
+    reconstruct: bool = Field(False, description="refit each Linear that alone reads pruned channels (an attention "
+                              "output, a feed-forward's second layer) by least squares on --data's inputs, so it "
+                              "keeps its output; labels unused",
+                              json_schema_extra=cli(flag="--reconstruct/--no-reconstruct"))
+    calibration_samples: int = Field(256, ge=1, le=65536,
+                                     description="inputs that activation importance and the refit read")
     global_ranking: bool = Field(False, description="rank channels (or weights) across layers instead of per layer",
                                  json_schema_extra=cli(flag="--global/--per-layer"))
     round_to: int | None = Field(None, gt=0, description="keep channel counts multiples of this")
@@ -95,6 +106,12 @@ class PrunePass(Pass):
             raise InputError("fine-tuning after pruning needs labelled data: give --data")
         if config.importance == "taylor" and not labeled:
             raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
+        if (config.importance == "activation" or config.reconstruct) and data is None:
+            raise InputError(f"{'--reconstruct' if config.reconstruct else 'importance activation'} reads the "
+                             "model's inputs (labels unused): give --data")
+        if config.reconstruct and config.sparsity != "structured":
+            raise InputError("--reconstruct refits Linears after structured pruning; it does not apply to "
+                             f"{config.sparsity} sparsity")
         ignore = [*config.ignore]
         named_modules(module, ignore)  # unknown names are an error before any work
         ignore += [n for n in classifier_names(module, artifact.num_classes, sample) if n not in ignore]
@@ -155,26 +172,43 @@ class PrunePass(Pass):
         returns the pruned model and the builder with its pruned shapes."""
         before_shapes = shape_attributes(module)
         ratio, kept = config.ratio, {}
+        cal = None
+        if config.importance == "activation" or config.reconstruct:
+            cal = calibration(ctx.data, batch, config.calibration_samples, config.reconstruct)
+            if config.importance == "activation":
+                measure_energy(module, cal)
         if ratio is None and config.target_macs is None and config.target_params is None:
             ratio = 0.0  # head_ratio alone (the validator allows nothing else): heads only
         elif ratio is None:
-            ratio, reached, kept = search_ratio(module, sample, config, ignore)
+            ratio, reached, kept = search_ratio(module, sample, config, ignore, cal)
             notes.append(f"searched channel ratio {ratio:.4f} (keeps {reached:.3f} of the "
                          f"{'MACs' if config.target_macs else 'parameters'})")
         metrics["ratio"] = ratio
         for step in range(1, config.steps + 1):
             if config.importance == "taylor":
                 accumulate_gradients(module, ctx.data, batch)
+            if cal is not None and config.importance == "activation" and step > 1:
+                measure_energy(module, cal)  # the model as the last step left it
             outcome = prune_safely(module, sample, config, _step_ratio(ratio, step, config.steps),
                                    None if config.head_ratio is None else
-                                   _step_ratio(config.head_ratio, step, config.steps), ignore, kept)
+                                   _step_ratio(config.head_ratio, step, config.steps), ignore, kept, cal)
             module.zero_grad(set_to_none=True)  # Taylor's gradients on the model pruned from
             module, kept = outcome.module, outcome.kept
             module.zero_grad(set_to_none=True)
             console.info(f"prune step {step}/{config.steps}: {count_ops(module, sample)[0] / metrics['macs_before']:.3f} "
                          f"of the MACs left" + (f", {len(kept)} groups kept whole" if kept else ""))
+            if cal is not None and cal.reconstruct:
+                console.info(f"prune step {step}/{config.steps}: refitted {len(cal.refitted)} Linears by least "
+                             f"squares on {sum(count(b) for b in cal.batches)} inputs")
             finetune(module, step)
         metrics["groups_kept_whole"] = len(kept)
+        if cal is not None:
+            metrics["calibration_samples"] = sum(count(b) for b in cal.batches)
+        if cal is not None and cal.reconstruct:
+            metrics["refitted_linears"] = len(cal.refitted)
+            notes.append(f"refitted {len(cal.refitted)} Linears that read pruned channels by least squares on "
+                         f"{metrics['calibration_samples']} inputs (the last step's)" if cal.refitted else
+                         "--reconstruct found no Linear that alone reads pruned channels: nothing was refitted")
         if kept:
             console.warn(f"{len(kept)} groups of layers kept whole (Torch-Pruning cannot prune them safely): "
                          + "; ".join(f"{k.layers[0]}: {k.reason}" for k in list(kept.values())[:3])

@@ -7,10 +7,13 @@ together (not re-implemented here); importance.py scores the channels.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 from typing import Any
 
-from mlopt.compress.lib.importance import make_importance
+from mlopt.compress.lib.calibration import Calibration
+from mlopt.compress.lib.importance import activation_importance, make_importance
+from mlopt.compress.lib.reconstruction import refit, sole_reader
 from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_problem, guarded, keep,
                                        kept_group, outputs, probe, screen)
 from mlopt.core.errors import InputError, first_line
@@ -141,7 +144,10 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
     """After pruning, tell blocks their new widths: attention blocks their head count and head size, and a module
     whose width attribute (`hidden_dim`, `embed_dim`, ...) held the old width of layers inside it that all
     changed to one new width (torchvision's ViT reshapes with `hidden_dim`)."""
+    names = {m: n for n, m in module.named_modules()}
     for _, m, layers, attr in attention_blocks(module):
+        if before.get(names[layers[0]]) == layers[0].out_features:
+            continue  # not cut (yet: the pruner counts a group's heads gone when it hands the group out)
         heads = int(pruner.num_heads[layers[0]])
         setattr(m, attr, heads)
         width = layers[0].out_features // (3 if len(layers) == 1 else 1)  # all heads' q width after pruning
@@ -167,7 +173,7 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
 
 
 def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio: float | None,
-                ignored: list[Any]) -> Any:
+                ignored: list[Any], cal: Calibration | None = None) -> Any:
     import torch_pruning as tp
 
     blocks = attention_blocks(module)
@@ -189,7 +195,9 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
     try:
         with _quiet():
             return tp.pruner.BasePruner(
-                module, example(sample), importance=make_importance(cfg.importance),
+                module, example(sample),
+                importance=activation_importance(module, cal) if cal is not None and cal.energy
+                else make_importance(cfg.importance),
                 global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
                 iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to, **heads,
             )
@@ -199,8 +207,12 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
 
 
 def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio: float | None,
-                 ignore: list[str], kept: dict[str, Kept] | None = None) -> Outcome:
-    """Prune a copy of `module` once at `ratio`, keeping whole every group that is unsafe (see safety.py)."""
+                 ignore: list[str], kept: dict[str, Kept] | None = None, cal: Calibration | None = None) -> Outcome:
+    """Prune a copy of `module` once at `ratio`, keeping whole every group that is unsafe (see safety.py); with
+    `cal`, channels are scored on its inputs, and with cal.reconstruct the Linears that read them are refitted."""
+    if cal is not None and cal.reconstruct:  # find the groups to keep whole without paying for a refit each round
+        kept = prune_safely(module, sample, cfg, ratio, head_ratio, ignore, kept,
+                            dataclasses.replace(cal, reconstruct=False)).kept
     x = example(sample)
     reference = [tuple(t.shape) for t in outputs(module, x)]
     before = widths(module)
@@ -213,10 +225,10 @@ def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio
         layers = dict(trial.named_modules())
         ignored = [layers[n] for n in ignore] + [layers[n] for k in kept.values() for n in k.outputs]
         with guarded(trial) as trace:
-            pruner = make_pruner(trial, sample, cfg, ratio, head_ratio, ignored)
+            pruner = make_pruner(trial, sample, cfg, ratio, head_ratio, ignored, cal)
             screen(pruner, trace, kept)
             checked_importance(pruner, trace, kept)
-            broke, pruned = _prune_groups(trial, pruner, trace, kept, x, reference, before, probe_each)
+            broke, pruned = _prune_groups(trial, pruner, trace, kept, x, reference, before, probe_each, cal)
         del pruner, trace, layers, ignored  # they hold the copy: free it before another round copies the model
         if broke is None:
             problem = probe(trial, x, reference)
@@ -245,10 +257,22 @@ def _nothing_prunable(kept: dict[str, Kept]) -> str:
 
 
 def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x: Any, reference: Any,
-                  before: dict[str, int], probe_each: bool) -> tuple[Kept | None, int]:
-    """Prune the pruner's groups one by one; returns (the group that broke the model, or None; groups pruned)."""
+                  before: dict[str, int], probe_each: bool,
+                  cal: Calibration | None = None) -> tuple[Kept | None, int]:
+    """Prune the pruner's groups one by one; returns (the group that broke the model, or None; groups pruned).
+    With cal.reconstruct, every group is chosen first and the Linears that alone read a group's channels are
+    refitted on the uncut model (reconstruction.py), then the groups are cut."""
     pruned = 0
-    for grp in pruner.step(interactive=True):
+    groups = pruner.step(interactive=True)
+    if cal is not None and cal.reconstruct:
+        groups = list(groups)
+        cuts: dict[Any, list[int]] = {}
+        for grp in groups:
+            reader = sole_reader(pruner.DG, grp) if group_problem(pruner.DG, grp, trace) is None else None
+            if reader is not None:
+                cuts.setdefault(reader[0], []).extend(reader[1])
+        refit(trial, cuts, cal)
+    for grp in groups:
         problem = group_problem(pruner.DG, grp, trace)
         if problem is not None:
             keep(pruner, grp, problem, kept)
@@ -270,16 +294,17 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
     return None, pruned
 
 
-def search_ratio(module: Any, sample: Sample, cfg: Any,
-                 ignore: list[str]) -> tuple[float, float, dict[str, Kept]]:
+def search_ratio(module: Any, sample: Sample, cfg: Any, ignore: list[str],
+                 cal: Calibration | None = None) -> tuple[float, float, dict[str, Kept]]:
     """Bisect the channel ratio whose pruned model keeps the target fraction of MACs (or params); returns the
-    ratio, the fraction it keeps, and the groups kept whole."""
+    ratio, the fraction it keeps, and the groups kept whole. `cal` scores channels; nothing is refitted here."""
+    cal = dataclasses.replace(cal, reconstruct=False) if cal is not None else None
     which, target = ("macs", cfg.target_macs) if cfg.target_macs is not None else ("params", cfg.target_params)
     base = count_ops(module, sample)[0 if which == "macs" else 1]
     kept: dict[str, Kept] = {}
 
     def fraction(ratio: float) -> float:
-        outcome = prune_safely(module, sample, cfg, ratio, cfg.head_ratio, ignore, kept)
+        outcome = prune_safely(module, sample, cfg, ratio, cfg.head_ratio, ignore, kept, cal)
         kept.update(outcome.kept)
         return count_ops(outcome.module, sample)[0 if which == "macs" else 1] / base
 
