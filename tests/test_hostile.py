@@ -353,6 +353,16 @@ def _hf_folder(d: Path, config: str | dict, tokenizer: dict | None = None) -> li
     return ["export", "--model", f"hf:{folder}", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"]
 
 
+def case_hf_encoder_without_tokenizer_files(d):  # transformers built an empty tokenizer: every word [UNK]
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(d / "m")
+    (d / "t.txt").write_text("one line\nanother line\n")
+    args = ["ptq", "--model", f"hf:{d / 'm'}", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"]
+    return args, "has no tokenizer vocabulary (no tokenizer.json, vocab.txt or the like; only 5 special tokens)"
+
+
 def case_hf_remote_code(d):
     args = _hf_folder(d, {"model_type": "evilbert", "auto_map": {"AutoModel": "evil.make"}})
     return args, "names code shipped with the model (auto_map: evil.make)"

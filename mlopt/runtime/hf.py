@@ -157,9 +157,15 @@ def tokenizer(spec: str) -> Any:
     path = model_dir(spec)
     transformers = _transformers()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
+    special = set(getattr(tok, "all_special_tokens", None) or [])
+    if len(set(tok.get_vocab()) - special) == 0:  # transformers builds an empty one from config.json alone
+        raise InputError(f"{path} has no tokenizer vocabulary (no tokenizer.json, vocab.txt or the like; only "
+                         f"{len(special)} special tokens): every word would become unknown. Save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained)")
+    return tok
 
 
 def input_names(tok: Any) -> list[str]:
