@@ -316,6 +316,23 @@ def _decoder_config(d: Path) -> Path:
     return d / "llama"
 
 
+def case_hf_decoder_weights_cut_short(d):  # the builder failed deep inside (exit 1)
+    folder = _decoder_config(d)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(100))
+    return ["export", "--model", f"hf:{folder}", "--out", d.parent / "out", "-q"], \
+        "model.safetensors: it is cut short: its tensors end at byte"
+
+
+def case_hf_config_vocab_size_zero(d):
+    return _hf_folder(d, {"model_type": "bert", "vocab_size": 0}), "config.json: vocab_size is 0; a model needs at least 1"
+
+
+def case_hf_unknown_model_type(d):
+    return _hf_folder(d, {"model_type": "nosuchbert", "architectures": ["BertModel"]}), \
+        "model_type 'nosuchbert' is not one transformers"
+
+
 @pytest.mark.parametrize("option", [["--fuse", "on"], ["--opset", "21"], ["--exporter", "torchscript"],
                                     ["--parity-samples", "3"], ["--fuse-batch-size", "4"], ["--debug-metadata"]])
 def test_export_settings_a_decoder_export_does_not_read_are_refused(option, tmp_path):

@@ -112,6 +112,59 @@ def _check_size(config: dict[str, Any], path: Path) -> None:
                          f"{MEMORY_FACTOR} times the {readable_size(available)} of memory available")
 
 
+#: Config sizes that must be at least 1 where a config gives them (transformers and the decoder builder fail deep
+#: inside, or build an empty model, on 0 or a negative size).
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+                  "num_attention_heads", "n_head", "intermediate_size")
+
+
+def check_folder(spec: str) -> dict[str, Any]:
+    """What can be told of an hf: folder before anything builds from it: its config (read_config's checks, sizes
+    of at least 1, a model_type transformers knows) and its safetensors files whole. Returns the config."""
+    path = model_dir(spec)
+    config = read_config(spec)
+    for cfg in (config, config.get("text_config")):
+        for key in POSITIVE_SIZES if isinstance(cfg, dict) else ():
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise InputError(f"{path / 'config.json'}: {key} is {value}; a model needs at least 1")
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in _transformers().CONFIG_MAPPING:
+        raise InputError(f"{path / 'config.json'}: model_type {model_type!r} is not one transformers "
+                         f"{_transformers().__version__} knows")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights)
+    return config
+
+
+#: A safetensors header larger than this is not one (the largest released checkpoints' are a few MB).
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file holds its header and every tensor its header places (a copy cut short fails deep in the loader)."""
+    size = path.stat().st_size
+    problem = None
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+            problem = "its header is cut short or not a safetensors header"
+        else:
+            try:
+                header = json.loads(f.read(length).decode("utf-8"))
+                ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                header, ends = None, []
+            if not isinstance(header, dict):
+                problem = "its header is not valid safetensors JSON"
+            elif ends and 8 + length + max(ends) > size:
+                problem = (f"it is cut short: its tensors end at byte {8 + length + max(ends):,} but the file has "
+                           f"{size:,}")
+    if problem:
+        raise InputError(f"{path}: {problem}")
+
+
 def is_classifier(config: dict[str, Any]) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
 
@@ -139,7 +192,7 @@ def build(spec: str) -> Any:
     """The torch module of an ``hf:DIR`` spec, with its saved weights."""
     path = model_dir(spec)  # refuses a folder that names its own code before transformers is imported
     transformers = _transformers()
-    config = read_config(spec)
+    config = check_folder(spec)
     auto = transformers.AutoModelForSequenceClassification if is_classifier(config) else transformers.AutoModel
     try:
         # Eager attention: the SDPA path's masking does not survive every exporter.
@@ -155,6 +208,7 @@ def build(spec: str) -> Any:
 
 def tokenizer(spec: str) -> Any:
     path = model_dir(spec)
+    check_folder(spec)  # the model's own faults first: they say more than its tokenizer's
     transformers = _transformers()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

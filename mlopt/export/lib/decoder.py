@@ -167,7 +167,7 @@ def export_decoder(artifact: Any, out: Path, options: Any = None) -> Any:
 
     spec = artifact.builder["spec"]
     src = hf.model_dir(spec)
-    arch = check_architecture(hf.read_config(spec), artifact.origin)
+    arch = check_architecture(hf.check_folder(spec), artifact.origin)
     last_only = _build_last_token(src, out)
     tokens = check_generates(out)
     parity = check_parity(src, out, options.atol, options.rtol)
