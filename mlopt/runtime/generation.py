@@ -84,8 +84,18 @@ _WINDOWS: dict[int, int] = {}
 def token_ids(folder: str | Path, lines: Sequence[str], model: Any = None) -> list[int]:
     """The folder's tokenizer (onnxruntime-genai's) on the lines joined with newlines."""
     og = genai()
-    tokenizer = og.Tokenizer(model if model is not None else load_model(folder))
-    return [int(t) for t in tokenizer.encode("\n".join(lines))]
+    model = model if model is not None else load_model(folder)
+    text = "\n".join(lines)
+    try:
+        ids = [int(t) for t in og.Tokenizer(model).encode(text)]
+    except Exception as exc:  # no tokenizer.json, or one onnxruntime-genai cannot read
+        raise InputError(f"onnxruntime-genai cannot load or run the tokenizer in {folder}: {first_line(exc)}") from exc
+    vocab = _genai_config(folder).get("model", {}).get("vocab_size")
+    bad = [t for t in ids if t < 0 or (isinstance(vocab, int) and t >= vocab)]
+    if bad:  # an empty vocabulary gives -1 for every token, and the graph gathered the last row for it
+        raise InputError(f"the tokenizer in {folder} gives token ids outside the model's vocabulary (such as "
+                         f"{bad[0]}, {len(bad):,} of {len(ids):,} tokens): its vocabulary is empty or not the model's")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------- perplexity

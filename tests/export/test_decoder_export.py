@@ -241,3 +241,25 @@ def test_a_decoder_folder_whose_graph_links_out_of_it_is_refused(llama_genai_dir
     graph.symlink_to(llama_genai_dir / graph.name)  # the same graph, elsewhere
     result = runner.invoke(app, ["eval", "--model", str(folder), "--data", f"text:{decoder_text}", "--quiet"])
     assert result.exit_code == 2 and "outside the decoder's folder" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer.json", "empty vocabulary"])
+def test_a_decoder_folder_whose_tokenizer_is_missing_or_empty_is_one_line_exit_2(damage, llama_genai_dir,
+                                                                                  decoder_text, tmp_path):
+    """onnxruntime-genai's tokenizer raised deep inside (exit 1), or gave no tokens to score."""
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(llama_genai_dir, folder)
+    tok = folder / "tokenizer.json"
+    if damage == "no tokenizer.json":
+        tok.unlink()
+    else:
+        spec = json.loads(tok.read_text())
+        spec["model"]["vocab"] = {} if isinstance(spec["model"].get("vocab"), dict) else []
+        spec["model"]["merges"] = []
+        spec["added_tokens"] = []
+        tok.write_text(json.dumps(spec))
+    result = runner.invoke(app, ["eval", "--model", str(folder), "--data", f"text:{decoder_text}", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "tokenizer in" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
