@@ -240,6 +240,10 @@ def window_logits(folder: Path, threads: int | None = None) -> Callable[[list[in
 
     graph = folder / onnx_name(folder)
     session = _every_position_session(graph, threads)
+    inputs, outputs = {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise InputError(f"{graph} is not a decoder language model's graph: a decoder takes input_ids and gives "
+                         f"logits; it takes {', '.join(sorted(inputs))} and gives {', '.join(sorted(outputs))}")
     feed_of = window_feed(input_specs(session), _genai_config(folder))
 
     def logits_of(chunk: list[int]) -> Any:

@@ -263,3 +263,27 @@ def test_a_decoder_folder_whose_tokenizer_is_missing_or_empty_is_one_line_exit_2
     result = runner.invoke(app, ["eval", "--model", str(folder), "--data", f"text:{decoder_text}", "--quiet"])
     assert result.exit_code == 2, result.output
     assert "tokenizer in" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_decoder_folder_holding_another_graph_is_one_line_exit_2(llama_genai_dir, decoder_text, tmp_path):
+    """A genai folder whose graph is not a decoder's (an encoder's, here a one-node graph): eval failed inside
+    onnxruntime (exit 1), where bench already refused it."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mlopt.runtime.decoder import onnx_name
+
+    folder = tmp_path / "other"
+    shutil.copytree(llama_genai_dir, folder)
+    graph = folder / onnx_name(folder)
+    for data in folder.glob(graph.name + ".data"):
+        data.unlink()
+    node = helper.make_node("Identity", ["input_ids"], ["last_hidden_state"])
+    other = helper.make_graph([node], "encoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"])],
+                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.INT64, ["N", "S"])])
+    onnx.save(helper.make_model(other, opset_imports=[helper.make_opsetid("", 17)]), graph)
+    result = runner.invoke(app, ["eval", "--model", str(folder), "--data", f"text:{decoder_text}", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "is not a decoder language model's graph" in result.stderr, result.stderr
