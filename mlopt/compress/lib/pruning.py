@@ -268,7 +268,7 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
         groups = list(groups)
         cuts: dict[Any, list[int]] = {}
         for grp in groups:
-            reader = sole_reader(pruner.DG, grp) if group_problem(pruner.DG, grp, trace) is None else None
+            reader = sole_reader(grp) if group_problem(pruner.DG, grp, trace) is None else None
             if reader is not None:
                 cuts.setdefault(reader[0], []).extend(reader[1])
         refit(trial, cuts, cal)

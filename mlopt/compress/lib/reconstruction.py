@@ -26,7 +26,7 @@ class _Stop(Exception):
     """Raised in a hook once it has what it came for: the rest of the forward pass is not needed."""
 
 
-def sole_reader(graph: Any, group: Any) -> tuple[Any, list[int]] | None:
+def sole_reader(group: Any) -> tuple[Any, list[int]] | None:
     """The Linear that alone reads a group's channels and the channel indices it loses, when the group is channels
     Linear layers write (their outputs) and one Linear reads (its inputs), nothing else holding parameters: cutting
     them is then the same as zeroing that Linear's columns. Else None (a norm between them, a residual stream,
@@ -70,13 +70,11 @@ def refit(module: Any, cuts: dict[Any, list[int]], cal: Calibration) -> None:
     finally:
         for h in handles:
             h.remove()
-    cal.refitted = []  # this prune's (a step that retries after keeping a group whole refits its fresh copy again)
-    for layer in order:
-        _refit_one(module, layer, cuts[layer], cal)
-        cal.refitted.append(names[layer])
+    cal.refitted = [names[layer] for layer in order if _refit_one(module, layer, cuts[layer], cal)]
 
 
-def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> None:
+def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> bool:
+    """Refit `layer`; False where it was left as it was (never reached on the inputs, or no finite solution)."""
     import torch
 
     state: dict[str, Any] = {"gram": None}
@@ -102,7 +100,7 @@ def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> Non
         handle.remove()
     gram = state["gram"]
     if gram is None:  # never reached on these inputs: leave it, the cut still happens
-        return
+        return False
     weight = layer.weight.detach().double()
     full = torch.cat([weight, layer.bias.detach().double()[:, None]], 1) if layer.bias is not None else weight
     keep = torch.ones(full.shape[1], dtype=torch.bool)
@@ -113,10 +111,11 @@ def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> Non
     solved = torch.linalg.solve(kept_gram + ridge * torch.eye(int(keep.sum()), dtype=gram.dtype),
                                 (full @ gram[:, keep]).T).T
     if not bool(torch.isfinite(solved).all()):
-        return
+        return False
     new = torch.zeros_like(full)
     new[:, keep] = solved
     with torch.no_grad():
         layer.weight.copy_(new[:, :weight.shape[1]].to(layer.weight.dtype))
         if layer.bias is not None:
             layer.bias.copy_(new[:, -1].to(layer.bias.dtype))
+    return True
