@@ -20,6 +20,7 @@ from mlopt.compress.lib.pruning import (HEAD_COUNTS, classifier_names, count_ops
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
 from mlopt.core.errors import InputError
+from mlopt.core.memory import readable_size
 from mlopt.core.sections import Bars, Config, Latency, Table
 from mlopt.export.lib.onnx import export_onnx, text_options
 from mlopt.export.lib.timing import interleaved_latency
@@ -206,9 +207,19 @@ class PrunePass(Pass):
             metrics["calibration_samples"] = sum(count(b) for b in cal.batches)
         if cal is not None and cal.reconstruct:
             metrics["refitted_linears"] = len(cal.refitted)
-            notes.append(f"refitted {len(cal.refitted)} Linears that read pruned channels by least squares on "
-                         f"{metrics['calibration_samples']} inputs (the last step's)" if cal.refitted else
-                         "--reconstruct found no Linear that alone reads pruned channels: nothing was refitted")
+            if cal.refitted:
+                notes.append(f"refitted {len(cal.refitted)} Linears that read pruned channels by least squares on "
+                             f"{metrics['calibration_samples']} inputs (the last step's)")
+            elif not cal.too_wide:
+                notes.append("--reconstruct found no Linear that alone reads pruned channels: nothing was refitted")
+            if cal.too_wide:
+                metrics["linears_too_wide_to_refit"] = len(cal.too_wide)
+                name, need = max(cal.too_wide, key=lambda t: t[1])
+                message = (f"{len(cal.too_wide)} Linears that read pruned channels were cut without a refit: the "
+                           f"refit needs more than half the memory this machine can give (up to "
+                           f"{readable_size(need)}, for {name})")
+                notes.append(message)
+                console.warn(message)
         if kept:
             console.warn(f"{len(kept)} groups of layers kept whole (Torch-Pruning cannot prune them safely): "
                          + "; ".join(f"{k.layers[0]}: {k.reason}" for k in list(kept.values())[:3])

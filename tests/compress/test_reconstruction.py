@@ -107,3 +107,86 @@ def test_reconstruct_on_a_cnn_says_it_found_nothing_to_refit(tmp_path):
     step = json.loads((out / "report.json").read_text())["step"]
     assert step["metrics"]["refitted_linears"] == 0 and step["metrics"]["calibration_samples"] == 64
     assert "--reconstruct found no Linear that alone reads pruned channels: nothing was refitted" in step["notes"]
+
+
+def test_a_linear_too_wide_for_the_memory_left_is_cut_without_a_refit_and_the_report_says_so(tmp_path, monkeypatch):
+    """The refit holds a float64 Gram matrix of a Linear's inputs ((C+1)^2 x 8 bytes, twice that at the solve): a
+    Linear whose refit would take more than half the memory the machine can give is cut without it, and the report
+    names the count and the size instead of claiming a refit. The same command with the memory there refits."""
+    import mlopt.compress.lib.reconstruction as reconstruction
+
+    args = ["prune", "--model", f"{TOY}:tiny_vit", "--data", "digits", "--input-shape", "1x1x8x8", "--ratio", "0.5",
+            "--importance", "activation", "--reconstruct", "--calibration-samples", "64", "--no-latency"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "room")])
+    assert result.exit_code == 0, result.output
+    room = json.loads((tmp_path / "room" / "report.json").read_text())["step"]
+    assert room["metrics"]["refitted_linears"] > 0 and "linears_too_wide_to_refit" not in room["metrics"]
+
+    # 65 inputs (64 channels and the bias) need 2 x 8 x 65^2 = 67,600 bytes: leave less than twice that
+    monkeypatch.setattr(reconstruction, "available_memory", lambda: 100_000)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "tight")])
+    assert result.exit_code == 0, result.output
+    tight = json.loads((tmp_path / "tight" / "report.json").read_text())["step"]
+    assert tight["metrics"]["refitted_linears"] == room["metrics"]["refitted_linears"] - 2  # the two mlp.2 (64 wide)
+    assert tight["metrics"]["linears_too_wide_to_refit"] == 2
+    assert any("2 Linears that read pruned channels were cut without a refit" in n and "67.6 kB" in n
+               for n in tight["notes"]), tight["notes"]
+    assert reconstruction.refit_bytes(torch.nn.Linear(64, 8)) == 67_600
+
+
+class Shared(torch.nn.Module):
+    """fc2 called twice per forward pass (ALBERT shares its layers so), reading channels two writers make: on the
+    first call channel 8+i is half of channel i (a refit folds it back exactly), on the second they are unrelated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 8)
+        with torch.no_grad():
+            self.a.weight[8:] = 0.5 * self.a.weight[:8]
+            self.a.bias[8:] = 0.5 * self.a.bias[:8]
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.a(x))) + self.fc2(torch.relu(self.b(x)))
+
+
+def test_a_linear_shared_across_layers_is_refitted_on_every_call():
+    """Least squares over both calls' inputs: on held-out inputs, fc2's error summed over its two calls (each
+    against the original fc2 on the same input) is well below that of a refit on the first call's inputs only,
+    which folds the cut channels back as if every call saw the first writer's channels."""
+    import copy
+
+    from mlopt.compress.lib import reconstruction
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    cal = Calibration(batches=[torch.randn(64, 8) for _ in range(4)], reconstruct=True)
+    cut = list(range(8, 16))
+    fits = {}
+    for shared in (True, False):
+        fits[shared] = copy.deepcopy(model)
+        assert reconstruction._refit_one(fits[shared], fits[shared].fc2, cut, cal, shared=shared)
+
+    def fc2_error(fitted):
+        seen = {"orig": [], "fit": []}
+        hooks = [m.fc2.register_forward_hook(lambda mod, i, o, k=k: seen[k].append((i[0], o)))
+                 for m, k in ((model, "orig"), (fitted, "fit"))]
+        torch.manual_seed(3)
+        with torch.no_grad():
+            x = torch.randn(512, 8)
+            model(x)
+            fitted(x)
+        for h in hooks:
+            h.remove()
+        # each call of the fitted fc2 against the original fc2 on the same input
+        with torch.no_grad():
+            return sum(float(((model.fc2(i) - o) ** 2).sum()) for i, o in seen["fit"])
+
+    errors = {shared: fc2_error(fit) for shared, fit in fits.items()}
+    assert errors[True] < 0.7 * errors[False], errors  # measured 66 against 122
+    assert float((fits[True].fc2.weight[:, 8:]).abs().max()) == 0.0
+    # refit() counts the calls and takes the shared path by itself
+    whole = copy.deepcopy(model)
+    reconstruction.refit(whole, {whole.fc2: cut}, cal)
+    assert cal.refitted == ["fc2"] and torch.allclose(whole.fc2.weight, fits[True].fc2.weight)

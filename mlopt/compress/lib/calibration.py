@@ -18,6 +18,7 @@ class Calibration:
     reconstruct: bool = False
     energy: dict[str, Any] = field(default_factory=dict)  # Linear name -> mean square of each input channel
     refitted: list[str] = field(default_factory=list)  # Linears refitted, by name (filled by reconstruction.refit)
+    too_wide: list[tuple[str, int]] = field(default_factory=list)  # Linears cut without a refit: name, bytes needed
 
 
 def calibration(data: Any, batch_size: int, samples: int, reconstruct: bool) -> Calibration:

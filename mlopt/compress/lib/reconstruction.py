@@ -16,10 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from mlopt.compress.lib.calibration import Calibration, batch_mask, run_model, token_rows
+from mlopt.core.memory import available_memory
 
 #: Ridge term of the least-squares refit, relative to the mean diagonal of the kept channels' Gram matrix:
 #: keeps the solve well posed when kept channels are nearly collinear on the calibration tokens.
 RIDGE = 1e-3
+
+#: Share of the memory the machine can give that one Linear's refit may take: its (C+1)^2 float64 Gram matrix and
+#: the kept block solved from it, about twice the Gram at the peak. A Linear wider than that is cut without a refit.
+MEMORY_SHARE = 0.5
 
 
 class _Stop(Exception):
@@ -54,15 +59,12 @@ def refit(module: Any, cuts: dict[Any, list[int]], cal: Calibration) -> None:
     import torch
 
     names = {m: n for n, m in module.named_modules()}
-    order: list[Any] = []
-    seen = set()
+    calls: dict[Any, int] = {}  # in the order of first calls; a Linear shared across layers is called more than once
 
-    def first_call(m: Any, inputs: tuple) -> None:
-        if m not in seen:
-            seen.add(m)
-            order.append(m)
+    def count_call(m: Any, inputs: tuple) -> None:
+        calls[m] = calls.get(m, 0) + 1
 
-    handles = [m.register_forward_pre_hook(first_call) for m in cuts]
+    handles = [m.register_forward_pre_hook(count_call) for m in cuts]
     module.eval()
     try:
         with torch.no_grad():
@@ -70,11 +72,26 @@ def refit(module: Any, cuts: dict[Any, list[int]], cal: Calibration) -> None:
     finally:
         for h in handles:
             h.remove()
-    cal.refitted = [names[layer] for layer in order if _refit_one(module, layer, cuts[layer], cal)]
+    budget = available_memory()
+    cal.refitted, cal.too_wide = [], []
+    for layer, n in calls.items():
+        need = refit_bytes(layer)
+        if budget is not None and need > MEMORY_SHARE * budget:
+            cal.too_wide.append((names[layer], need))
+        elif _refit_one(module, layer, cuts[layer], cal, shared=n > 1):
+            cal.refitted.append(names[layer])
 
 
-def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> bool:
-    """Refit `layer`; False where it was left as it was (never reached on the inputs, or no finite solution)."""
+def refit_bytes(layer: Any) -> int:
+    """Peak memory of one Linear's refit: the float64 Gram of its inputs (and bias) and the kept block of it."""
+    width = layer.in_features + (layer.bias is not None)
+    return 2 * 8 * width * width
+
+
+def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration, shared: bool = False) -> bool:
+    """Refit `layer`; False where it was left as it was (never reached on the inputs, or no finite solution). A
+    `shared` Linear (called more than once per forward pass, as ALBERT's layers are) is fitted on every call's
+    inputs; else the forward pass stops at its first call."""
     import torch
 
     state: dict[str, Any] = {"gram": None}
@@ -83,9 +100,12 @@ def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> boo
         rows = token_rows(inputs[0].detach(), state["mask"]).double()
         if layer.bias is not None:
             rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
-        gram = rows.T @ rows
-        state["gram"] = gram if state["gram"] is None else state["gram"] + gram
-        raise _Stop
+        if state["gram"] is None:
+            state["gram"] = rows.T @ rows
+        else:
+            state["gram"].addmm_(rows.T, rows)  # in place: one Gram matrix in memory, not two
+        if not shared:
+            raise _Stop
 
     handle = layer.register_forward_pre_hook(capture)
     try:
@@ -105,11 +125,12 @@ def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration) -> boo
     full = torch.cat([weight, layer.bias.detach().double()[:, None]], 1) if layer.bias is not None else weight
     keep = torch.ones(full.shape[1], dtype=torch.bool)
     keep[torch.tensor(cut, dtype=torch.long)] = False
-    kept_gram = gram[keep][:, keep]
-    ridge = RIDGE * kept_gram.diagonal().mean().clamp_min(1e-12)
     # min_W' sum over tokens ||W x - W' x_kept||^2:  W' (G_kk + ridge I) = W G_:k
-    solved = torch.linalg.solve(kept_gram + ridge * torch.eye(int(keep.sum()), dtype=gram.dtype),
-                                (full @ gram[:, keep]).T).T
+    target = (full @ gram)[:, keep]
+    kept_gram = gram[keep][:, keep]
+    del gram, state["gram"]
+    kept_gram.diagonal().add_(RIDGE * kept_gram.diagonal().mean().clamp_min(1e-12))
+    solved = torch.linalg.solve(kept_gram, target.T).T
     if not bool(torch.isfinite(solved).all()):
         return False
     new = torch.zeros_like(full)
