@@ -547,7 +547,8 @@ def test_qat_on_text_simulates_onnxruntime_dynamic_int8_and_keeps_what_lands_clo
 def _save_encoder(out, family):
     """A tiny encoder of another family than BERT (the BERT tokenizer files serve all)."""
     import torch
-    from transformers import (BertTokenizerFast, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel)
+    from transformers import (BertTokenizerFast, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel,
+                              ModernBertConfig, ModernBertModel)
 
     out.mkdir(parents=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
@@ -557,6 +558,11 @@ def _save_encoder(out, family):
     if family == "distilbert":
         model = DistilBertModel(DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                  max_position_embeddings=64))
+    elif family == "modernbert":  # one fused Wqkv (heads inferred from its width), a GeGLU chunked from one Wi
+        model = ModernBertModel(ModernBertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3, cls_token_id=2, sep_token_id=3))
     else:
         model = DebertaV2Model(DebertaV2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                                num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
@@ -568,6 +574,7 @@ def _save_encoder(out, family):
 @pytest.mark.parametrize("family, blocks, attr", [
     ("distilbert", "model.transformer.layer.{}.attention", "n_heads"),  # q_lin/k_lin/v_lin
     ("deberta", "model.encoder.layer.{}.attention.self", "num_attention_heads"),  # query_proj/key_proj/value_proj
+    ("modernbert", "model.layers.{}.attn", None),  # one Wqkv, no head count: its forward infers it
 ])
 def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, attr, text_file, tmp_path):
     """Head pruning finds the attention blocks of encoders beyond BERT's layout; the pruned model reloads from its
@@ -583,7 +590,7 @@ def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, 
     assert bars["labels"] == [blocks.format(i) for i in range(2)]
     assert bars["series"] == {"before": [4, 4], "after": [2, 2]}
     pruned = json.loads((out / "model.json").read_text())["builder"]["pruned"]
-    assert all(pruned[blocks.format(i)][attr] == 2 for i in range(2))
+    assert attr is None or all(pruned[blocks.format(i)][attr] == 2 for i in range(2))
     exported = runner.invoke(app, ["export", "--model", str(out), "--data", f"text:{text_file}", "--out",
                                    str(tmp_path / "e"), "--json"])
     assert exported.exit_code == 0, exported.output
@@ -713,3 +720,58 @@ def test_activation_importance_and_the_refit_keep_a_pruned_encoder_closer_to_the
     # benchmarks/encoder_prune_importance.py); the refit on top of it is, by far.
     assert cosines["refit"] > max(cosines["l1"], cosines["activation"]), cosines
     assert 1 - cosines["refit"] < 0.5 * (1 - cosines["l1"]), cosines  # at least half the distance gone
+
+
+@pytest.mark.slow
+def test_modernbert_heads_go_whole_from_its_fused_qkv_and_its_geglu_width_is_cut_as_asked(text_file, tmp_path):
+    """ModernBERT splits one Wqkv with view(..., 3, -1, head_dim).unbind(dim=-3) and chunks one Wi into a GeGLU.
+    Removing a head must remove its query, key and value rows together: the pruned model computes exactly what the
+    original computes with that head's columns of Wo zeroed. A quarter of the feed-forward width asked is a quarter
+    cut (Torch-Pruning alone cut half: each chosen channel went with its partner in the other half)."""
+    import torch
+    from transformers import AutoModel
+
+    from mlopt.runtime.artifacts import load_artifact
+
+    model_dir = _save_encoder(tmp_path / "modernbert", "modernbert")
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model_dir}", "--data", f"text:{text_file}",
+                                 "--head-ratio", "0.5", "--ratio", "0.25", "--no-latency", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pruned = load_artifact(out).module.model
+    original = AutoModel.from_pretrained(model_dir).eval()
+    head_dim = original.layers[0].attn.head_dim
+    ids = torch.tensor([[2, 7, 9, 11, 5, 3], [2, 8, 6, 3, 0, 0]])
+    mask = (ids != 0).long()
+    for layer, (before, after) in enumerate(zip(original.layers, pruned.layers)):
+        assert after.attn.Wqkv.out_features == 3 * 2 * head_dim and after.attn.Wo.in_features == 2 * head_dim
+        assert before.mlp.Wi.out_features == 128 and after.mlp.Wi.out_features == 96
+        assert after.mlp.Wo.in_features == 48
+        # the heads kept: the columns of Wo that remain, matched to the original's
+        cols = before.attn.Wo.weight.T.reshape(4, head_dim, -1)
+        kept = [h for h in range(4) if any(torch.equal(cols[h], c) for c in
+                                           after.attn.Wo.weight.T.reshape(2, head_dim, -1))]
+        assert len(kept) == 2, kept
+        # each kept head's query, key and value rows are the original head's
+        q, k, v = before.attn.Wqkv.weight.reshape(3, 4, head_dim, -1)
+        q2, k2, v2 = after.attn.Wqkv.weight.reshape(3, 2, head_dim, -1)
+        for new, old in enumerate(kept):
+            assert torch.equal(q2[new], q[old]) and torch.equal(k2[new], k[old]) and torch.equal(v2[new], v[old])
+
+    # heads only, no width: the pruned encoder is the original with the cut heads' output columns zeroed
+    heads_only = tmp_path / "h"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model_dir}", "--data", f"text:{text_file}",
+                                 "--head-ratio", "0.5", "--no-latency", "--out", str(heads_only)])
+    assert result.exit_code == 0, result.output
+    cut = load_artifact(heads_only).module.model.eval()
+    masked = AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        for before, after in zip(masked.layers, cut.layers):
+            cols = before.attn.Wo.weight.T.reshape(4, head_dim, -1)
+            left = after.attn.Wo.weight.T.reshape(2, head_dim, -1)
+            for h in range(4):
+                if not any(torch.equal(cols[h], c) for c in left):
+                    before.attn.Wo.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+        want = masked(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = cut(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

@@ -15,7 +15,7 @@ from mlopt.compress.lib import sparsity as sp
 from mlopt.compress.lib.calibration import calibration
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table
 from mlopt.compress.lib.importance import accumulate_gradients, measure_energy
-from mlopt.compress.lib.pruning import (HEAD_COUNTS, classifier_names, count_ops, named_modules, prune_safely,
+from mlopt.compress.lib.pruning import (classifier_names, count_ops, head_counts, named_modules, prune_safely,
                                         search_ratio)
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
@@ -171,7 +171,7 @@ class PrunePass(Pass):
                     finetune: Any) -> tuple[Any, dict]:
         """Remove channels (and heads) in `config.steps` steps, each from a fresh graph of the model as it is then;
         returns the pruned model and the builder with its pruned shapes."""
-        before_shapes = shape_attributes(module)
+        before_shapes, before_heads = shape_attributes(module), head_counts(module)
         ratio, kept = config.ratio, {}
         cal = None
         if config.importance == "activation" or config.reconstruct:
@@ -227,14 +227,16 @@ class PrunePass(Pass):
             sections.append(Table(title="groups kept whole", columns=["layers", "reason"],
                                   rows=[[", ".join(k.layers), k.reason] for k in kept.values()]))
         pruned = changed_attributes(before_shapes, shape_attributes(module))
+        heads = head_counts(module)
+        cut = [n for n, h in heads.items() if before_heads.get(n, h) != h]
         sections += [bars for bars in (
             _before_after(before_shapes, pruned, ("out_channels", "out_features", "embed_dim"), "output channels per layer"),
-            _before_after(before_shapes, pruned, HEAD_COUNTS, "attention heads per block"))
+            Bars(title="attention heads per block", labels=cut,
+                 series={"before": [before_heads[n] for n in cut], "after": [heads[n] for n in cut]}))
             if bars.labels]
         builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
-        heads = [k for a in pruned.values() for k in HEAD_COUNTS if k in a]
-        if "hf" in builder and heads:  # onnxruntime's transformer optimizer fuses attention with this head count
-            left = {a[heads[0]] for a in shape_attributes(module).values() if heads[0] in a}
+        if "hf" in builder and cut:  # onnxruntime's transformer optimizer fuses attention with this head count
+            left = set(heads.values())
             builder["hf"] = {**builder["hf"], "num_heads": left.pop() if len(left) == 1 else 0}  # 0: its own guess
         return module, builder
 

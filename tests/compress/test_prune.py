@@ -249,3 +249,36 @@ def test_width_pruning_keeps_heads_whole_and_shrinks_each_head(tmp_path):
         attn = blk["attn"]
         assert attn.num_heads == 4 and attn.head_dim == 6 and attn.qkv.out_features == 3 * 4 * 6
     assert art.module(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+class GatedFFN(torch.nn.Module):
+    """A feed-forward whose one Linear writes both halves of a gated unit (ModernBERT's Wi, Phi-3's gate_up_proj):
+    channel i of the first half multiplies channel i of the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = torch.nn.Linear(16, 64)
+        self.wo = torch.nn.Linear(32, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        a, gate = self.wi(x).chunk(2, dim=-1)
+        return self.head(self.wo(torch.nn.functional.gelu(a) * gate))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_a_gated_feed_forward_loses_the_share_of_its_width_asked_for(ratio):
+    """Torch-Pruning counts the ratio on all 64 outputs of wi and cuts each chosen channel with its partner in the
+    other half: twice what was asked (half at 0.25, all but a sliver at 0.5). make_pruner gives such a layer half
+    the ratio, and the hidden width loses exactly `ratio`."""
+    from mlopt.compress.lib.pruning import make_pruner, self_coupled
+    from mlopt.compress.prune import PruneConfig
+
+    torch.manual_seed(0)
+    model = GatedFFN()
+    pruner = make_pruner(model, (5, 16), PruneConfig(ratio=ratio), ratio, None, [model.head])
+    assert self_coupled(pruner) == {model.wi: 2}
+    pruner.step()
+    assert model.wo.in_features == round(32 * (1 - ratio)) and model.wi.out_features == 2 * model.wo.in_features
+    assert model(torch.randn(3, 5, 16)).shape == (3, 5, 4)
+    assert torch.Tensor.unbind is torch._C.TensorBase.unbind  # the trace's unbind spelling is undone

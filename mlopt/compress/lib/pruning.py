@@ -6,10 +6,12 @@ together (not re-implemented here); importance.py scores the channels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from mlopt.compress.lib.calibration import Calibration
 from mlopt.compress.lib.importance import activation_importance, make_importance
@@ -38,6 +40,29 @@ def _quiet() -> Any:
     import io
 
     return contextlib.redirect_stdout(io.StringIO())
+
+
+@contextlib.contextmanager
+def _unbind_along_dim_0() -> Iterator[None]:
+    """While Torch-Pruning traces the model, `x.unbind(d)` of 2 or 3 (key/value or query/key/value) along a dim d
+    other than 0 is spelt `x.movedim(d, 0).unbind(0)`: the same tensors. Torch-Pruning 1.6 maps an unbind's
+    channels (thirds of a fused qkv Linear's output) only along dim 0, timm's `qkv.permute(2, 0, ...).unbind(0)`;
+    ModernBERT's `qkv.view(..., 3, -1, head_dim).unbind(dim=-3)` splits the same thirds along another dim, and its
+    heads mapped onto nothing. Written here because Torch-Pruning has no hook for it."""
+    import torch
+
+    original = torch.Tensor.unbind
+
+    def unbind(self: Any, dim: int = 0) -> Any:
+        if dim % max(self.dim(), 1) != 0 and self.shape[dim] in (2, 3):
+            return original(self.movedim(dim, 0), 0)
+        return original(self, dim)
+
+    torch.Tensor.unbind = unbind  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.unbind = original  # type: ignore[method-assign]
 
 
 def submodule(module: Any, name: str, missing: str) -> Any:
@@ -91,16 +116,31 @@ def count_ops(module: Any, sample: Sample) -> tuple[int, int]:
 # DeBERTa-v2; CLIP, BART, Whisper), and the attribute holding the head count. The head size stays (whole heads go).
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q", "k", "v"),
              ("query_proj", "key_proj", "value_proj"), ("q_proj", "k_proj", "v_proj"))
+# One Linear writing query, key and value (in thirds): timm's ViT `qkv`, ModernBERT's and MosaicBERT's `Wqkv`,
+# Phi-3's `qkv_proj`.
+FUSED_QKV_NAMES = ("qkv", "Wqkv", "qkv_proj")
 HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads")
 
 
-def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
-    """Multi-head attention blocks whose heads can be pruned: (name, block, its q/k/v Linears, head-count attribute).
+class Block(NamedTuple):
+    """A multi-head attention block whose heads can be pruned."""
 
-    timm's ViT layout (a `qkv` Linear and `num_heads`, with `head_dim`), and separate query, key and value Linears
-    of equal width with a head count (`QKV_NAMES`, `HEAD_COUNTS`: BERT's `query`/`key`/`value` and
+    name: str
+    module: Any
+    layers: list[Any]  # its query/key/value Linears (one, when fused)
+    attr: str | None  # the attribute holding its head count; None where its forward infers it (ModernBERT)
+    heads: int
+
+
+def attention_blocks(module: Any) -> list[Block]:
+    """Multi-head attention blocks whose heads can be pruned.
+
+    A fused query/key/value Linear (`FUSED_QKV_NAMES`) with a head count (`HEAD_COUNTS`, timm's ViT layout) or,
+    without one, a `head_dim` (ModernBERT reshapes by head size and infers the count); or separate query, key and
+    value Linears of equal width with a head count (`QKV_NAMES`: BERT's `query`/`key`/`value` and
     `num_attention_heads`, DistilBERT's `q_lin`/`k_lin`/`v_lin` and `n_heads`, ...). Blocks whose key/value heads
-    differ from the query's (grouped-query attention) are not listed.
+    differ from the query's (grouped-query attention) are not listed. A block whose forward still uses an old
+    count after pruning fails the pruned model's trial run, and its heads are kept whole (prune_safely).
     """
     import torch
 
@@ -109,16 +149,27 @@ def attention_blocks(module: Any) -> list[tuple[str, Any, list[Any], str]]:
 
     found = []
     for n, m in module.named_modules():
-        if linear(m, "qkv") and isinstance(getattr(m, "num_heads", None), int):
-            found.append((n, m, [m.qkv], "num_heads"))
+        count = next((a for a in HEAD_COUNTS if type(vars(m).get(a)) is int and vars(m)[a] > 0), None)
+        fused = next((getattr(m, k) for k in FUSED_QKV_NAMES if linear(m, k)), None)
+        if fused is not None and fused.out_features % 3 == 0:
+            width = fused.out_features // 3
+            if count and width % vars(m)[count] == 0:
+                found.append(Block(n, m, [fused], count, vars(m)[count]))
+            elif not count and type(vars(m).get("head_dim")) is int and 0 < m.head_dim < width \
+                    and width % m.head_dim == 0:
+                found.append(Block(n, m, [fused], None, width // m.head_dim))
             continue
         names = next((q for q in QKV_NAMES if all(linear(m, k) for k in q)), None)
-        count = next((a for a in HEAD_COUNTS if type(vars(m).get(a)) is int), None)
         if names and count:
             qkv = [getattr(m, k) for k in names]
             if len({l.out_features for l in qkv}) == 1 and qkv[0].out_features % vars(m)[count] == 0:
-                found.append((n, m, qkv, count))
+                found.append(Block(n, m, qkv, count, vars(m)[count]))
     return found
+
+
+def head_counts(module: Any) -> dict[str, int]:
+    """Each prunable attention block's head count, by name."""
+    return {b.name: b.heads for b in attention_blocks(module)}
 
 
 WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "hidden_size", "num_features", "channels", "width")
@@ -145,10 +196,12 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
     whose width attribute (`hidden_dim`, `embed_dim`, ...) held the old width of layers inside it that all
     changed to one new width (torchvision's ViT reshapes with `hidden_dim`)."""
     names = {m: n for n, m in module.named_modules()}
-    for _, m, layers, attr in attention_blocks(module):
+    for _, m, layers, attr, _ in attention_blocks(module):
         if before.get(names[layers[0]]) == layers[0].out_features:
             continue  # not cut (yet: the pruner counts a group's heads gone when it hands the group out)
         heads = int(pruner.num_heads[layers[0]])
+        if attr is None:  # its forward infers the count from the width and its head size, which stays
+            continue
         setattr(m, attr, heads)
         width = layers[0].out_features // (3 if len(layers) == 1 else 1)  # all heads' q width after pruning
         if type(vars(m).get("head_dim")) is int:
@@ -178,32 +231,84 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
 
     blocks = attention_blocks(module)
     if head_ratio is not None and not blocks:
-        raise InputError("head_ratio: the model has no attention block with a `qkv` Linear and `num_heads` (timm's "
-                         "ViT layout) or separate query/key/value Linears and a head count (`query`/`key`/`value` "
+        raise InputError("head_ratio: the model has no attention block with a fused `qkv` (or `Wqkv`, `qkv_proj`) "
+                         "Linear and `num_heads` or `head_dim` (timm's ViT, ModernBERT) or separate query/key/value Linears and a head count (`query`/`key`/`value` "
                          "and `num_attention_heads` as in BERT, `q_lin`/`k_lin`/`v_lin` and `n_heads`, `q_proj`/"
                          "`k_proj`/`v_proj` and `num_heads`, ...); nn.MultiheadAttention heads shrink with the width "
                          "(ratio)")
-    heads: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    ratios: dict[Any, float] = {}
     if blocks:
         # Torch-Pruning keeps heads whole: with heads given, it prunes the same dims in every head
         # (ratio) or whole heads (head_ratio); the q/k/v layers' own ratio triggers the head step.
-        layers = {layer: getattr(m, attr) for _, m, qkv, attr in blocks for layer in qkv}
-        heads = {"num_heads": layers}
+        layers = {layer: block.heads for block in blocks for layer in block.layers}
+        options["num_heads"] = layers
         if head_ratio is not None:
-            heads.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
-                         pruning_ratio_dict={layer: head_ratio for layer in layers})
-    try:
-        with _quiet():
-            return tp.pruner.BasePruner(
-                module, example(sample),
-                importance=activation_importance(module, cal) if cal is not None and cal.energy
-                else make_importance(cfg.importance),
-                global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
-                iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to, **heads,
-            )
-    except Exception as exc:
-        raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
-                         "leave the module that fails out with --ignore NAME") from exc
+            options.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio)
+            ratios = {layer: head_ratio for layer in layers}
+
+    def build() -> Any:
+        try:
+            with _quiet(), _unbind_along_dim_0():
+                return tp.pruner.BasePruner(
+                    module, example(sample),
+                    importance=activation_importance(module, cal) if cal is not None and cal.energy
+                    else make_importance(cfg.importance),
+                    global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
+                    iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to,
+                    **options, **({"pruning_ratio_dict": dict(ratios)} if ratios else {}),
+                )
+        except Exception as exc:
+            raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
+                             "leave the module that fails out with --ignore NAME") from exc
+
+    pruner = build()
+    heads = options.get("num_heads", {})  # a fused qkv's thirds go together too; Torch-Pruning handles heads itself
+    paired = {m: k for m, k in self_coupled(pruner).items() if m not in ratios and m not in heads}
+    if not paired or ratio <= 0:
+        return pruner
+    ratios.update({m: ratio / k for m, k in paired.items()})
+    return build()
+
+
+def self_coupled(pruner: Any) -> dict[Any, int]:
+    """Layers whose output channels Torch-Pruning couples with others of the same layer, and how many go with each:
+    a gated feed-forward's fused Linear (ModernBERT's `Wi`, Phi-3's `gate_up_proj`) whose output is chunked in two
+    halves that multiply, so that channel i goes with channel i + half. Torch-Pruning 1.6 counts the ratio on all
+    the layer's channels and then cuts each chosen one with its partner: twice the asked ratio. make_pruner divides
+    the ratio of such a layer by the count, and the cut is what was asked for."""
+    import torch
+    from torch_pruning import ops
+
+    layer_types = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    graph = pruner.DG
+    # Only a layer whose output reaches a split (chunk, unbind) through parameter-free ops can pair its own channels:
+    # a pruning group per layer of a large model would cost seconds on every trial.
+    candidates, seen = set(), set()
+    stack = [i for n in graph.module2node.values() if n.type in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND) for i in n.inputs]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, layer_types):
+            candidates.add(node.module)
+        elif next(iter(getattr(node.module, "parameters", lambda **_: iter(()))(recurse=False)), None) is None:
+            stack.extend(node.inputs)
+    found = {}
+    for m in candidates:
+        if m in pruner.ignored_layers:
+            continue
+        fn = graph.get_pruner_of_module(m).prune_out_channels
+        try:
+            group = graph.get_pruning_group(m, fn, [0])
+        except Exception:  # a layer Torch-Pruning cannot group: the safety rounds deal with it
+            continue
+        k = sum(len(idxs) for dep, idxs in group
+                if dep.target.module is m and graph.is_out_channel_pruning_fn(dep.handler))
+        if k > 1:
+            found[m] = k
+    return found
 
 
 def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio: float | None,
