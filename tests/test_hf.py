@@ -775,3 +775,13 @@ def test_modernbert_heads_go_whole_from_its_fused_qkv_and_its_geglu_width_is_cut
         want = masked(input_ids=ids, attention_mask=mask).last_hidden_state
         got = cut(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+    # width only: ModernBERT reshapes by a fixed head size (and rotates by it), so its heads cannot lose dims;
+    # --ratio leaves the attention whole (cutting every head to 6 of 8 dims ran, reading 3 mixed heads of 8)
+    width_only = tmp_path / "w"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model_dir}", "--data", f"text:{text_file}",
+                                 "--ratio", "0.25", "--no-latency", "--out", str(width_only)])
+    assert result.exit_code == 0, result.output
+    for layer in load_artifact(width_only).module.model.layers:
+        assert layer.attn.Wqkv.out_features == 96 and layer.attn.Wo.in_features == 32
+        assert layer.mlp.Wi.out_features == 96 and layer.mlp.Wo.in_features == 48

@@ -246,6 +246,8 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
         if head_ratio is not None:
             options.update(prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio)
             ratios = {layer: head_ratio for layer in layers}
+        else:  # a block that infers its head count reshapes by a fixed head size: its heads cannot lose dims
+            ignored = [*ignored, *(layer for block in blocks if block.attr is None for layer in block.layers)]
 
     def build() -> Any:
         try:
