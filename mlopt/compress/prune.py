@@ -215,9 +215,9 @@ class PrunePass(Pass):
             if cal.too_wide:
                 metrics["linears_too_wide_to_refit"] = len(cal.too_wide)
                 name, need = max(cal.too_wide, key=lambda t: t[1])
-                message = (f"{len(cal.too_wide)} Linears that read pruned channels were cut without a refit: the "
-                           f"refit needs more than half the memory this machine can give (up to "
-                           f"{readable_size(need)}, for {name})")
+                message = (f"{len(cal.too_wide)} Linears that read pruned channels were not refitted (they lose "
+                           f"those channels as they are): the refit needs more than half the memory this machine "
+                           f"can give (up to {readable_size(need)}, for {name})")
                 notes.append(message)
                 console.warn(message)
         if kept:

@@ -266,19 +266,44 @@ class GatedFFN(torch.nn.Module):
         return self.head(self.wo(torch.nn.functional.gelu(a) * gate))
 
 
+@pytest.mark.parametrize("importance", ["l2", "random"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_a_gated_feed_forward_loses_the_share_of_its_width_asked_for(ratio):
+def test_a_gated_feed_forward_loses_the_share_of_its_width_asked_for(ratio, importance):
     """Torch-Pruning counts the ratio on all 64 outputs of wi and cuts each chosen channel with its partner in the
-    other half: twice what was asked (half at 0.25, all but a sliver at 0.5). make_pruner gives such a layer half
-    the ratio, and the hidden width loses exactly `ratio`."""
+    other half: twice what was asked (half at 0.25, all but a sliver at 0.5), and a score that does not rank the
+    halves alike (random) picks some units twice. make_pruner gives such a layer half the ratio and scores each
+    pair as one: the hidden width loses exactly `ratio`, whatever the seed."""
     from mlopt.compress.lib.pruning import make_pruner, self_coupled
+    from mlopt.compress.prune import PruneConfig
+
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = GatedFFN()
+        pruner = make_pruner(model, (5, 16), PruneConfig(ratio=ratio, importance=importance), ratio, None,
+                             [model.head])
+        assert self_coupled(pruner) == {model.wi: 2}
+        pruner.step()
+        assert model.wo.in_features == round(32 * (1 - ratio)), seed
+        assert model.wi.out_features == 2 * model.wo.in_features
+        assert model(torch.randn(3, 5, 16)).shape == (3, 5, 4)
+    assert torch.Tensor.unbind is torch._C.TensorBase.unbind  # the trace's unbind spelling is undone
+
+
+def test_a_gated_feed_forward_loses_the_units_that_carry_least_in_both_halves():
+    """Units 0-7 are tiny in both halves of wi and in wo's columns: those eight go, and each unit's two halves go
+    together (what is left of wo reads the units whose wi rows are left)."""
+    from mlopt.compress.lib.pruning import make_pruner
     from mlopt.compress.prune import PruneConfig
 
     torch.manual_seed(0)
     model = GatedFFN()
-    pruner = make_pruner(model, (5, 16), PruneConfig(ratio=ratio), ratio, None, [model.head])
-    assert self_coupled(pruner) == {model.wi: 2}
-    pruner.step()
-    assert model.wo.in_features == round(32 * (1 - ratio)) and model.wi.out_features == 2 * model.wo.in_features
-    assert model(torch.randn(3, 5, 16)).shape == (3, 5, 4)
-    assert torch.Tensor.unbind is torch._C.TensorBase.unbind  # the trace's unbind spelling is undone
+    with torch.no_grad():
+        model.wi.weight[:8] *= 1e-3
+        model.wi.weight[32:40] *= 1e-3
+        model.wo.weight[:, :8] *= 1e-3
+    before = model.wi.weight.detach().clone()
+    make_pruner(model, (5, 16), PruneConfig(ratio=0.25, importance="l2"), 0.25, None, [model.head]).step()
+    rows = model.wi.weight.detach()
+    first = [j for j in range(32) if any(torch.equal(before[j], r) for r in rows[:24])]
+    second = [j - 32 for j in range(32, 64) if any(torch.equal(before[j], r) for r in rows[24:])]
+    assert first == second == list(range(8, 32))

@@ -129,7 +129,7 @@ def test_a_linear_too_wide_for_the_memory_left_is_cut_without_a_refit_and_the_re
     tight = json.loads((tmp_path / "tight" / "report.json").read_text())["step"]
     assert tight["metrics"]["refitted_linears"] == room["metrics"]["refitted_linears"] - 2  # the two mlp.2 (64 wide)
     assert tight["metrics"]["linears_too_wide_to_refit"] == 2
-    assert any("2 Linears that read pruned channels were cut without a refit" in n and "67.6 kB" in n
+    assert any("2 Linears that read pruned channels were not refitted" in n and "67.6 kB" in n
                for n in tight["notes"]), tight["notes"]
     assert reconstruction.refit_bytes(torch.nn.Linear(64, 8)) == 67_600
 

@@ -45,16 +45,17 @@ def _quiet() -> Any:
 @contextlib.contextmanager
 def _unbind_along_dim_0() -> Iterator[None]:
     """While Torch-Pruning traces the model, `x.unbind(d)` of 2 or 3 (key/value or query/key/value) along a dim d
-    other than 0 is spelt `x.movedim(d, 0).unbind(0)`: the same tensors. Torch-Pruning 1.6 maps an unbind's
-    channels (thirds of a fused qkv Linear's output) only along dim 0, timm's `qkv.permute(2, 0, ...).unbind(0)`;
-    ModernBERT's `qkv.view(..., 3, -1, head_dim).unbind(dim=-3)` splits the same thirds along another dim, and its
-    heads mapped onto nothing. Written here because Torch-Pruning has no hook for it."""
+    other than the first and the last (an interleaved pair along the last is no split of channels) is spelt
+    `x.movedim(d, 0).unbind(0)`: the same tensors. Torch-Pruning 1.6 maps an unbind's channels (thirds of a fused
+    qkv Linear's output) only along dim 0, timm's `qkv.permute(2, 0, ...).unbind(0)`; ModernBERT's
+    `qkv.view(..., 3, -1, head_dim).unbind(dim=-3)` splits the same thirds along another dim, and its heads mapped
+    onto nothing. Written here because Torch-Pruning has no hook for it. Not for threads tracing at once."""
     import torch
 
     original = torch.Tensor.unbind
 
     def unbind(self: Any, dim: int = 0) -> Any:
-        if dim % max(self.dim(), 1) != 0 and self.shape[dim] in (2, 3):
+        if dim % max(self.dim(), 1) not in (0, self.dim() - 1) and self.shape[dim] in (2, 3):
             return original(self.movedim(dim, 0), 0)
         return original(self, dim)
 
@@ -153,10 +154,12 @@ def attention_blocks(module: Any) -> list[Block]:
         fused = next((getattr(m, k) for k in FUSED_QKV_NAMES if linear(m, k)), None)
         if fused is not None and fused.out_features % 3 == 0:
             width = fused.out_features // 3
+            if _grouped_query(m):  # its qkv is not in thirds (Phi-3 with fewer key/value heads)
+                continue
             if count and width % vars(m)[count] == 0:
                 found.append(Block(n, m, [fused], count, vars(m)[count]))
-            elif not count and type(vars(m).get("head_dim")) is int and 0 < m.head_dim < width \
-                    and width % m.head_dim == 0:
+            elif not count and type(vars(m).get("head_dim")) is int and 0 < m.head_dim <= width \
+                    and width % m.head_dim == 0 and not _grouped_query(m):
                 found.append(Block(n, m, [fused], None, width // m.head_dim))
             continue
         names = next((q for q in QKV_NAMES if all(linear(m, k) for k in q)), None)
@@ -165,6 +168,15 @@ def attention_blocks(module: Any) -> list[Block]:
             if len({l.out_features for l in qkv}) == 1 and qkv[0].out_features % vars(m)[count] == 0:
                 found.append(Block(n, m, qkv, count, vars(m)[count]))
     return found
+
+
+def _grouped_query(m: Any) -> bool:
+    """Whether an attention block has fewer key/value heads than query heads (its own attributes or its config)."""
+    if (vars(m).get("num_key_value_groups") or 1) != 1:
+        return True
+    config = getattr(m, "config", None)
+    kv, q = getattr(config, "num_key_value_heads", None), getattr(config, "num_attention_heads", None)
+    return isinstance(kv, int) and isinstance(q, int) and kv != q
 
 
 def head_counts(module: Any) -> dict[str, int]:
@@ -249,13 +261,14 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
         else:  # a block that infers its head count reshapes by a fixed head size: its heads cannot lose dims
             ignored = [*ignored, *(layer for block in blocks if block.attr is None for layer in block.layers)]
 
+    importance = activation_importance(module, cal) if cal is not None and cal.energy \
+        else make_importance(cfg.importance)
+
     def build() -> Any:
         try:
             with _quiet(), _unbind_along_dim_0():
                 return tp.pruner.BasePruner(
-                    module, example(sample),
-                    importance=activation_importance(module, cal) if cal is not None and cal.energy
-                    else make_importance(cfg.importance),
+                    module, example(sample), importance=importance,
                     global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
                     iterative_steps=1, ignored_layers=ignored, round_to=cfg.round_to,
                     **options, **({"pruning_ratio_dict": dict(ratios)} if ratios else {}),
@@ -270,7 +283,29 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
     if not paired or ratio <= 0:
         return pruner
     ratios.update({m: ratio / k for m, k in paired.items()})
+    importance = _paired_importance(importance, paired)
     return build()
+
+
+def _paired_importance(importance: Any, paired: dict[Any, int]) -> Any:
+    """`importance`, with the channels of a self-coupled layer (self_coupled: channel j goes with j + n/k, ...)
+    scored as one: the first of each set takes the set's summed score and the others a score above every set's,
+    so that Torch-Pruning picks whole sets by what they carry together and never one set twice."""
+    import torch
+    import torch_pruning as tp
+
+    class Paired(tp.importance.Importance):
+        def __call__(self, group: Any) -> Any:
+            imp = importance(group)
+            k = paired.get(group[0][0].target.module)
+            if imp is None or k is None or len(imp) % k:
+                return imp
+            summed = imp.reshape(k, -1).sum(0)
+            scores = imp.new_full(imp.shape, float(summed.max()) + 1.0)
+            scores[:len(summed)] = summed
+            return scores
+
+    return Paired()
 
 
 def self_coupled(pruner: Any) -> dict[Any, int]:
@@ -306,9 +341,11 @@ def self_coupled(pruner: Any) -> dict[Any, int]:
             group = graph.get_pruning_group(m, fn, [0])
         except Exception:  # a layer Torch-Pruning cannot group: the safety rounds deal with it
             continue
-        k = sum(len(idxs) for dep, idxs in group
-                if dep.target.module is m and graph.is_out_channel_pruning_fn(dep.handler))
-        if k > 1:
+        own = sorted(int(i) for dep, idxs in group
+                     if dep.target.module is m and graph.is_out_channel_pruning_fn(dep.handler) for i in idxs)
+        # channel 0 goes with 0, n/k, 2n/k, ... (a chunk into k parts); another pattern is left to Torch-Pruning
+        k, width = len(own), m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+        if k > 1 and width % k == 0 and own == [i * (width // k) for i in range(k)]:
             found[m] = k
     return found
 

@@ -127,7 +127,8 @@ def _refit_one(module: Any, layer: Any, cut: list[int], cal: Calibration, shared
     keep[torch.tensor(cut, dtype=torch.long)] = False
     # min_W' sum over tokens ||W x - W' x_kept||^2:  W' (G_kk + ridge I) = W G_:k
     target = (full @ gram)[:, keep]
-    kept_gram = gram[keep][:, keep]
+    idx = keep.nonzero().squeeze(1)
+    kept_gram = gram[idx[:, None], idx]  # one copy of the kept block (gram[keep][:, keep] made two)
     del gram, state["gram"]
     kept_gram.diagonal().add_(RIDGE * kept_gram.diagonal().mean().clamp_min(1e-12))
     solved = torch.linalg.solve(kept_gram, target.T).T
