@@ -321,7 +321,8 @@ def optimize(src: Path, dst: Path, info: dict[str, Any]) -> tuple[Path, dict[str
             model.save_model_to_file(str(dst))
         return dst, fused, None
     except Exception as exc:
-        return src, {}, f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: {first_line(exc)[:120]}); quantized the model as exported"
+        return src, {}, (f"onnxruntime's transformer optimizer failed ({type(exc).__name__}: "
+                         f"{first_line(exc)[:120]}): its graph is no candidate; the model as exported is")
 
 
 def example_inputs(artifact: Any, n: int) -> dict[str, Any]:

@@ -135,8 +135,8 @@ def prepare(artifact: Any, config: Any, data: Any, work: Path) -> Plan:
         console.info("transformer optimizer fusions: " + (", ".join(f"{k} {v}" for k, v in fusions.items()) or "none"))
     else:
         pre, note = preprocess(fp32, work / "pre.onnx")
-    if note:
-        console.warn(note)
+    if note:  # on text the other graphs are still candidates: said in the report, not warned
+        (console.info if text else console.warn)(note)
         notes.append(note)
     # static INT8 on text quantizes the model as given (`_static_text_base`): no other graphs to build
     dynamic = any(s.method == "dynamic" for s in schemes)
