@@ -159,7 +159,7 @@ def attention_blocks(module: Any) -> list[Block]:
             if count and width % vars(m)[count] == 0:
                 found.append(Block(n, m, [fused], count, vars(m)[count]))
             elif not count and type(vars(m).get("head_dim")) is int and 0 < m.head_dim <= width \
-                    and width % m.head_dim == 0 and not _grouped_query(m):
+                    and width % m.head_dim == 0:
                 found.append(Block(n, m, [fused], None, width // m.head_dim))
             continue
         names = next((q for q in QKV_NAMES if all(linear(m, k) for k in q)), None)
@@ -244,10 +244,10 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
     blocks = attention_blocks(module)
     if head_ratio is not None and not blocks:
         raise InputError("head_ratio: the model has no attention block with a fused `qkv` (or `Wqkv`, `qkv_proj`) "
-                         "Linear and `num_heads` or `head_dim` (timm's ViT, ModernBERT) or separate query/key/value Linears and a head count (`query`/`key`/`value` "
-                         "and `num_attention_heads` as in BERT, `q_lin`/`k_lin`/`v_lin` and `n_heads`, `q_proj`/"
-                         "`k_proj`/`v_proj` and `num_heads`, ...); nn.MultiheadAttention heads shrink with the width "
-                         "(ratio)")
+                         "Linear and `num_heads` or `head_dim` (timm's ViT, ModernBERT) or separate query/key/value "
+                         "Linears and a head count (`query`/`key`/`value` and `num_attention_heads` as in BERT, "
+                         "`q_lin`/`k_lin`/`v_lin` and `n_heads`, `q_proj`/`k_proj`/`v_proj` and `num_heads`, ...); "
+                         "nn.MultiheadAttention heads shrink with the width (ratio)")
     options: dict[str, Any] = {}
     ratios: dict[Any, float] = {}
     if blocks:
