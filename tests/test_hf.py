@@ -436,6 +436,30 @@ def test_text_distillation_of_a_model_into_itself_scores_cosine_one(varied_bert,
     assert all(p.requires_grad for p in student.parameters())  # handed on trainable, as it came
 
 
+def test_distillation_that_moves_the_student_away_hands_it_on_as_it_came(varied_bert, text_file, tmp_path):
+    """A student that starts as its teacher (cosine 1) and is trained at a learning rate far too high ends
+    further away: distill says so and hands on the student's weights unchanged, not the worse ones."""
+    import torch
+
+    from mlopt.runtime import hf
+    from mlopt.runtime.artifacts import load_artifact
+
+    out = tmp_path / "d"
+    result = runner.invoke(app, ["distill", "--student", f"hf:{varied_bert}", "--teacher", f"hf:{varied_bert}",
+                                 "--data", f"text:{text_file}", "--epochs", "1", "--lr", "0.5", "-b", "8",
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    m = step["metrics"]
+    assert m["cosine_before"] == pytest.approx(1.0, abs=1e-5) and m["cosine_trained"] < 0.99, m
+    assert m["cosine"] == m["cosine_before"]
+    assert any("handed on as it came" in n for n in step["notes"])
+    handed = load_artifact(str(out)).module.state_dict()
+    original = hf.build(f"hf:{varied_bert}").state_dict()
+    assert handed.keys() == original.keys()
+    assert all(torch.equal(handed[k], original[k]) for k in original)
+
+
 def test_training_batches_of_text_drop_trailing_padding_without_changing_outputs(bert_dir, text_file):
     """Lines are padded to the file's longest; a training batch keeps only the columns its lines use, and the model's
     outputs on the real tokens are the same as on the padded batch."""

@@ -180,8 +180,11 @@ class DistillPass(Pass):
                      f"Mean cosine of its pooled outputs to the teacher's on the validation split: {before:.4f} "
                      f"before, {result['cosine']:.4f} after")
         console.info(notes[-1])
-        if result["cosine"] < before:
+        if result["cosine"] < before:  # hand on the better model: the student as it came
+            new = artifact.derive("distill", module=copy.deepcopy(artifact.require_torch("distill")))
+            metrics.update(cosine=before, cosine_trained=result["cosine"], size_mb=new.size_mb())
             notes.append(f"distillation left the student further from the teacher than it started ({before:.4f} -> "
-                         f"{result['cosine']:.4f}): try a lower --lr or more epochs")
+                         f"{result['cosine']:.4f}), so the student is handed on as it came: try a lower --lr or "
+                         "more epochs")
             console.warn(notes[-1])
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])
