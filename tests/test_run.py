@@ -194,6 +194,34 @@ def test_recipe_validate_and_schema(tmp_path):
     assert "prune" in json.dumps(schema["$defs"]["PruneConfig"])
 
 
+@pytest.mark.parametrize("spec, step, message", [
+    ("torchvision:resnet1", {"type": "train"}, "model: spec: unknown torchvision classification model 'resnet1'; did you mean resnet18"),
+    ("torch vision:resnet18", {"type": "train"}, "model: spec: unrecognised model 'torch vision:resnet18': unknown prefix"),
+    ("torchvision:resnet18", {"type": "distill", "teacher": "torchvision:resnet05"},
+     "steps[0] (distill): teacher: unknown torchvision classification model 'resnet05'"),
+])
+def test_recipe_validate_refuses_model_specs_that_cannot_name_a_model(tmp_path, spec, step, message):
+    """A spec's form is checked without any file: an unknown prefix or a torchvision name torchvision lacks is
+    refused (exit 2) by validate, not first by the run."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": spec}, "data": {"source": "digits"},
+                                    "steps": [step]}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_recipe_validate_warns_of_a_path_spec_that_does_not_exist(tmp_path, monkeypatch):
+    """A spec without a scheme is a path (a run's output may not exist yet): valid, with a warning naming it."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "model": {"spec": "garbage"}, "steps": [{"type": "export"}]}))
+    result = CliRunner().invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0 and "'garbage' is read as a path" in result.stderr, result.output
+    (tmp_path / "garbage").mkdir()
+    monkeypatch.chdir(tmp_path)
+    here = CliRunner().invoke(app, ["recipe", "validate", str(path)])
+    assert here.exit_code == 0 and "valid (1 steps: export)" in here.stderr and "warning" not in here.stderr
+
+
 def test_resume_reruns_steps_whose_inputs_changed(tmp_path, npz_file):
     import numpy as np
 

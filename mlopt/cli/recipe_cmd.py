@@ -17,9 +17,25 @@ recipe_app = typer.Typer(help="Check recipes and print their JSON Schema.", no_a
 @handle_errors
 def validate(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="A YAML recipe.")]) -> None:
     """Validate a recipe completely without running it (exit 2 and the problems if it is invalid)."""
+    from mlopt.core.contracts import file_fields
+    from mlopt.core.errors import InputError
     from mlopt.run.recipe import load_recipe
+    from mlopt.runtime.models import spec_problem
 
     recipe = load_recipe(recipe_file)
+    places = [("model", recipe.model)] + [(f"steps[{i}] ({step.type})", step) for i, step in enumerate(recipe.steps)]
+    for where, config in places:  # the model specs' form: files are read when the recipe runs
+        for name, kind in file_fields(type(config)).items():
+            value = getattr(config, name)
+            for spec in value if isinstance(value, list) else [value]:
+                if kind != "model" or not isinstance(spec, str):
+                    continue
+                problem = spec_problem(spec)
+                if problem:
+                    raise InputError(f"{recipe_file}: {where}: {name}: {problem}")
+                if ":" not in spec and not Path(spec).expanduser().exists():
+                    console.warn(f"{recipe_file}: {where}: {name}: {spec!r} is read as a path (an mlopt directory, "
+                                 "a folder or FILE.onnx), which does not exist now")
     console.info(f"{recipe_file}: valid ({len(recipe.steps)} steps: {', '.join(s.type for s in recipe.steps)})")
 
 

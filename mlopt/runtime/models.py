@@ -73,6 +73,25 @@ def split_spec(spec: str) -> tuple[str, str]:
     return prefix, name
 
 
+def spec_problem(spec: str) -> str | None:
+    """What makes a PREFIX:NAME model spec unusable whatever files exist (`mlopt recipe validate`): an unknown
+    prefix, a torchvision name torchvision does not have. None where the spec's form is fine; files are read
+    when the model is built, and a spec without ':' is a path (an mlopt directory, a folder, FILE.onnx)."""
+    from mlopt.runtime.decoder import GGUF_PREFIX
+
+    if hf.is_hf_spec(spec) or spec.startswith(GGUF_PREFIX) or ":" not in spec or spec.endswith(".onnx"):
+        return None
+    try:
+        prefix, name = split_spec(spec)
+        if prefix == "torchvision":
+            _build_torchvision_name(name)
+        elif not prefix.endswith(".py") and not _MODULE_PATH.match(prefix):
+            raise InputError(f"unrecognised model {spec!r}: unknown prefix {prefix!r}")
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
 def build_module(spec: str, num_classes: int | None) -> Any:
     """Build an untrained torch module from a spec string (hf: models come with their weights)."""
     if hf.is_hf_spec(spec):
@@ -91,7 +110,8 @@ def build_module(spec: str, num_classes: int | None) -> Any:
     raise InputError(f"unrecognised model {spec!r}: unknown prefix {prefix!r}")
 
 
-def _build_torchvision(name: str, num_classes: int | None) -> Any:
+def _build_torchvision_name(name: str) -> None:
+    """Refuse a name torchvision has no classification model for, with the closest names."""
     import torchvision
 
     names = sorted(torchvision.models.list_models(module=torchvision.models))
@@ -99,6 +119,12 @@ def _build_torchvision(name: str, num_classes: int | None) -> Any:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise InputError(f"unknown torchvision classification model {name!r}{hint}")
+
+
+def _build_torchvision(name: str, num_classes: int | None) -> Any:
+    import torchvision
+
+    _build_torchvision_name(name)
     kwargs: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
