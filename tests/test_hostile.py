@@ -380,6 +380,21 @@ def case_hf_encoder_without_tokenizer_files(d):  # transformers built an empty t
     return args, "has no tokenizer vocabulary (no tokenizer.json, vocab.txt or the like; only 5 special tokens)"
 
 
+def case_hf_weights_that_do_not_fit_the_config(d):  # transformers pointed at a log the user did not see
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "one", "line", "another"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d / "m")
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(d / "m")
+    config = json.loads((d / "m" / "config.json").read_text())
+    (d / "m" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**7}))
+    (d / "t.txt").write_text("one line\nanother line\n")
+    args = ["export", "--model", f"hf:{d / 'm'}", "--data", f"text:{d / 't.txt'}", "--out", d.parent / "out", "-q"]
+    return args, ("its weights do not fit its config.json: embeddings.position_embeddings.weight is 32x16 in "
+                  "model.safetensors, 10000000x16 by config.json")
+
+
 def case_hf_remote_code(d):
     args = _hf_folder(d, {"model_type": "evilbert", "auto_map": {"AutoModel": "evil.make"}})
     return args, "names code shipped with the model (auto_map: evil.make)"

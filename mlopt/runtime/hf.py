@@ -141,8 +141,9 @@ def check_folder(spec: str) -> dict[str, Any]:
 MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
-def _check_safetensors(path: Path) -> None:
-    """The file holds its header and every tensor its header places (a copy cut short fails deep in the loader)."""
+def _check_safetensors(path: Path) -> dict[str, Any]:
+    """The file holds its header and every tensor its header places (a copy cut short fails deep in the loader).
+    Returns the header (each tensor's dtype, shape and offsets)."""
     size = path.stat().st_size
     problem = None
     with path.open("rb") as f:
@@ -163,6 +164,34 @@ def _check_safetensors(path: Path) -> None:
                            f"{size:,}")
     if problem:
         raise InputError(f"{path}: {problem}")
+    return header
+
+
+def _shape_mismatches(path: Path, auto: Any) -> list[str]:
+    """The saved tensors whose shapes differ from those the folder's config.json builds (on the meta device, no
+    memory), as 'NAME is AxB in FILE, CxD by config.json': transformers only points at a log. A checkpoint's
+    names may carry the base model's prefix or lack it."""
+    import torch
+
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=False)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = f"{getattr(model, 'base_model_prefix', '') or ''}."
+    found = []
+    for weights in sorted(path.glob("*.safetensors")):
+        for key, entry in _check_safetensors(weights).items():
+            if key == "__metadata__" or not isinstance(entry, dict):
+                continue
+            saved = tuple(entry.get("shape", ()))
+            for name in (key, key.removeprefix(prefix), prefix + key):
+                if name in shapes:
+                    if shapes[name] != saved:
+                        found.append(f"{key} is {'x'.join(map(str, saved)) or 'a scalar'} in {weights.name}, "
+                                     f"{'x'.join(map(str, shapes[name])) or 'a scalar'} by config.json")
+                    break
+    return found
 
 
 def is_classifier(config: dict[str, Any]) -> bool:
@@ -201,6 +230,16 @@ def build(spec: str) -> Any:
     except Exception as exc:
         if refused_pickle(exc):  # a pytorch_model.bin that is more than tensors
             raise pickled_objects_error(f"the weights in {path}", exc) from None
+        mismatched = []
+        if "mismatched" in str(exc):
+            try:
+                mismatched = _shape_mismatches(path, auto)
+            except Exception:  # the message below stays as transformers gave it
+                mismatched = []
+        if mismatched:
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            raise InputError(f"cannot load the Hugging Face model in {path}: its weights do not fit its config.json: "
+                             f"{mismatched[0]}{more}") from None
         raise InputError(f"cannot load the Hugging Face model in {path}: {first_line(exc)}") from exc
     model.eval()
     return _text_module_class()(model, "logits" if is_classifier(config) else "last_hidden_state")
