@@ -572,7 +572,7 @@ def _save_encoder(out, family):
     """A tiny encoder of another family than BERT (the BERT tokenizer files serve all)."""
     import torch
     from transformers import (BertTokenizerFast, DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel,
-                              ModernBertConfig, ModernBertModel)
+                              ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel)
 
     out.mkdir(parents=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
@@ -587,6 +587,9 @@ def _save_encoder(out, family):
             vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=2,
             eos_token_id=3, cls_token_id=2, sep_token_id=3))
+    elif family == "mpnet":  # one relative position bias table (a column per head) shared by every layer
+        model = MPNetModel(MPNetConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=80))
     else:
         model = DebertaV2Model(DebertaV2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                                                num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
@@ -619,6 +622,66 @@ def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, 
                                    str(tmp_path / "e"), "--json"])
     assert exported.exit_code == 0, exported.output
     assert json.loads(exported.stdout)["max_abs_error"] < 1e-4
+
+
+@pytest.mark.slow
+def test_mpnet_loses_the_same_heads_in_every_layer_and_its_shared_position_bias_loses_their_columns(text_file,
+                                                                                                     tmp_path):
+    """MPNet adds one relative position bias table (a column per head) to every layer's scores: its heads go only
+    if every layer loses the same ones, chosen by their summed scores (layer 0 prefers heads 0 and 1 more strongly
+    than layer 1 prefers 2 and 3), and the table loses their columns. The pruned model computes exactly what the
+    original does with those heads' output columns zeroed, reloads from its recorded shapes and exports with
+    parity; a width ratio alone cuts head dims in every layer and keeps the table."""
+    import torch
+
+    from mlopt.runtime import hf
+    from mlopt.runtime.artifacts import load_artifact
+
+    model_dir = _save_encoder(tmp_path / "mpnet", "mpnet")
+    original = hf.build(f"hf:{model_dir}")
+    with torch.no_grad():  # head h's q/k/v rows and o columns: 8 channels each
+        for layer, heads, scale in ((0, (0, 1), 3.0), (1, (2, 3), 2.0)):
+            attn = original.model.encoder.layer[layer].attention.attn
+            for h in heads:
+                for lin in (attn.q, attn.k, attn.v):
+                    lin.weight[h * 8:(h + 1) * 8] *= scale
+                attn.o.weight[:, h * 8:(h + 1) * 8] *= scale
+    original.model.save_pretrained(model_dir)
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model_dir}", "--data", f"text:{text_file}",
+                                 "--head-ratio", "0.5", "--importance", "l2", "--no-latency", "--out", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    pruned = json.loads((out / "model.json").read_text())["builder"]["pruned"]
+    assert pruned["model.encoder.relative_attention_bias"] == {"embedding_dim": 2}
+    assert pruned["model.encoder"] == {"n_heads": 2}
+    assert all(pruned[f"model.encoder.layer.{i}.attention.attn"]["num_attention_heads"] == 2 for i in range(2))
+    report = json.loads((out / "report.json").read_text())["step"]
+    assert not any("kept whole" in n and "attention.attn" in n for n in report["notes"]), report["notes"]
+    small = load_artifact(str(out)).module.eval()
+    table = small.model.encoder.relative_attention_bias.weight
+    assert torch.equal(table, original.model.encoder.relative_attention_bias.weight[:, [0, 1]])
+    reference = hf.build(f"hf:{model_dir}").eval()
+    with torch.no_grad():
+        for layer in reference.model.encoder.layer:
+            layer.attention.attn.o.weight[:, 16:] = 0  # heads 2 and 3 gone from every layer
+    ids = torch.randint(5, original.model.config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        got, want = small(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    exported = runner.invoke(app, ["export", "--model", str(out), "--data", f"text:{text_file}", "--fuse", "off",
+                                   "--out", str(tmp_path / "e"), "--json"])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["max_abs_error"] < 1e-4
+    dims = tmp_path / "d"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{model_dir}", "--data", f"text:{text_file}",
+                                 "--ratio", "0.25", "--no-latency", "--out", str(dims), "--json"])
+    assert result.exit_code == 0, result.output
+    pruned = json.loads((dims / "model.json").read_text())["builder"]["pruned"]
+    assert "model.encoder.relative_attention_bias" not in pruned
+    assert all(pruned[f"model.encoder.layer.{i}.attention.attn"]["attention_head_size"] == 6 for i in range(2))
 
 
 @pytest.mark.slow

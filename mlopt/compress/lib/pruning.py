@@ -184,6 +184,132 @@ def head_counts(module: Any) -> dict[str, int]:
     return {b.name: b.heads for b in attention_blocks(module)}
 
 
+class SharedBias(NamedTuple):
+    """A relative position bias table (an Embedding with one column per head) that several attention blocks add
+    to their scores: MPNet's encoder computes it once and hands it to every layer."""
+
+    table: Any
+    owner: Any  # the module holding the table (its head count attribute, if any, follows the table)
+    blocks: list[Block]
+
+
+def shared_position_biases(module: Any, blocks: list[Block]) -> list[SharedBias]:
+    """The `relative_attention_bias` Embeddings whose columns are the heads of the attention blocks of their stack
+    (the nearest module above the table that holds more than one block), every block with that head count."""
+    import torch
+
+    found = []
+    for name, m in module.named_modules():
+        if not isinstance(m, torch.nn.Embedding) or name.rpartition(".")[2] != "relative_attention_bias":
+            continue
+        parts, members = name.split(".")[:-1], []
+        for i in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:i])
+            members = [b for b in blocks if not prefix or b.name == prefix or b.name.startswith(prefix + ".")]
+            if len(members) > 1:
+                break
+        if members and all(b.heads == m.embedding_dim and b.attr for b in members):
+            found.append(SharedBias(m, module.get_submodule(".".join(parts)), members))
+    return found
+
+
+@contextlib.contextmanager
+def _detached(tables: list[Any]) -> Iterator[None]:
+    """While Torch-Pruning traces the model, these Embeddings' outputs are detached, so that its graph does not
+    reach them: Torch-Pruning 1.6 maps a head's channels (head_dim of them) onto the bias table's one column of
+    that head one to one, out of range, and kept every attention group whole. mlopt cuts the tables itself
+    (slice_shared_biases). Written here because Torch-Pruning has no mapping from channels to heads."""
+    import torch
+
+    own = {t: vars(t)["forward"] for t in tables if "forward" in vars(t)}  # an instance's own forward, if any
+    for t in tables:
+        t.forward = (lambda t, f: lambda *a, **k: f(*a, **k).detach())(t, t.forward)
+    try:
+        yield
+    finally:
+        for t in tables:
+            if t in own:
+                t.forward = own[t]
+            else:
+                del t.forward  # back to the class's
+
+
+def _shared_heads_importance(importance: Any, shared: list[SharedBias], module: Any, pruner_of: dict[str, Any]) -> Any:
+    """`importance`, with every block of a shared bias table scored alike: a head group's channel scores are those
+    of the same group in every block of the table (rooted at the same layer of each block, by name; each block's
+    normalised to sum 1 so that every layer counts alike), summed. Torch-Pruning then takes the same heads out of
+    every block, and the one table loses the same columns."""
+    import torch_pruning as tp
+
+    names = {m: n for n, m in module.named_modules()}
+    block_of = {layer: (i, block) for i, bias in enumerate(shared) for block in bias.blocks for layer in block.layers}
+
+    class SharedHeads(tp.importance.Importance):
+        def __call__(self, group: Any) -> Any:
+            if "pruner" not in pruner_of:
+                return importance(group)
+            graph = pruner_of["pruner"].DG
+            found = next((block_of[d.target.module] for d, _ in group if d.target.module in block_of
+                          and graph.is_out_channel_pruning_fn(d.handler)), None)
+            root, handler, idxs = group[0][0].target.module, group[0][0].handler, group[0][1]
+            if found is None or not names.get(root, "").startswith(found[1].name + "."):
+                return importance(group)
+            suffix, total = names[root][len(found[1].name):], None
+            for block in shared[found[0]].blocks:
+                layer = module.get_submodule(block.name + suffix)
+                imp = importance(graph.get_pruning_group(layer, handler, list(range(len(idxs)))))
+                if imp is None or (total is not None and imp.shape != total.shape):
+                    return importance(group)
+                imp = imp / imp.sum().clamp_min(1e-12)
+                total = imp if total is None else total + imp
+            return total
+
+    return SharedHeads()
+
+
+def slice_shared_biases(pruner: Any, removed: dict[Any, list[int]]) -> dict[int, str]:
+    """Cut from each shared bias table the columns of the heads its blocks lost (`removed`: the output channels
+    each pruned layer lost, by layer), once every block lost the same heads. Returns the tables that cannot be cut
+    (by index): "pending" while some blocks lost heads and others not yet (the model cannot run until all did),
+    "mismatch" where blocks lost different heads."""
+    import torch
+
+    state: dict[int, str] = {}
+    for index, bias in enumerate(getattr(pruner, "mlopt_shared_biases", [])):
+        if bias.table.embedding_dim != bias.blocks[0].heads:
+            continue  # cut already
+        lost = []  # per block cut so far: the heads it lost whole (head dims cut by a ratio lose no head)
+        for block in bias.blocks:  # block.heads: the count before pruning
+            layer = block.layers[0]
+            if layer not in removed:
+                continue
+            gone = set(removed[layer])
+            head_dim = (len(gone) + layer.out_features) // ((3 if len(block.layers) == 1 else 1) * block.heads)
+            lost.append([h for h in range(block.heads) if all(h * head_dim + d in gone for d in range(head_dim))])
+        if not any(lost):
+            continue
+        if len(lost) < len(bias.blocks) or any(heads != lost[0] for heads in lost):
+            state[index] = "pending" if len(lost) < len(bias.blocks) else "mismatch"
+            continue
+        keep = [h for h in range(bias.table.embedding_dim) if h not in set(lost[0])]
+        with torch.no_grad():
+            bias.table.weight = torch.nn.Parameter(bias.table.weight[:, keep].clone())
+        old, bias.table.embedding_dim = bias.table.embedding_dim, len(keep)
+        for attr in HEAD_COUNTS:  # MPNet's encoder.n_heads
+            if vars(bias.owner).get(attr) == old:
+                setattr(bias.owner, attr, len(keep))
+    return state
+
+
+def _shared_bias_kept(module: Any, pruner: Any, index: int) -> Kept:
+    """All the attention blocks of a shared bias table kept whole at once (their heads could not go alike)."""
+    names = {m: n for n, m in module.named_modules()}
+    bias = pruner.mlopt_shared_biases[index]
+    layers = [names[layer] for block in bias.blocks for layer in block.layers]
+    return Kept(layers, f"its blocks share the position bias table {names[bias.table]} (a column per head) and "
+                        "could not lose the same heads", layers)
+
+
 WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "dim", "hidden_size", "num_features", "channels", "width")
 
 
@@ -263,10 +389,14 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
 
     importance = activation_importance(module, cal) if cal is not None and cal.energy \
         else make_importance(cfg.importance)
+    shared = shared_position_biases(module, blocks) if blocks else []
+    pruner_of: dict[str, Any] = {}
+    if shared and head_ratio is not None:
+        importance = _shared_heads_importance(importance, shared, module, pruner_of)
 
     def build() -> Any:
         try:
-            with _quiet(), _unbind_along_dim_0():
+            with _quiet(), _unbind_along_dim_0(), _detached([b.table for b in shared]):
                 return tp.pruner.BasePruner(
                     module, example(sample), importance=importance,
                     global_pruning=cfg.global_ranking, pruning_ratio=ratio, max_pruning_ratio=0.95,
@@ -277,14 +407,17 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
             raise InputError(f"Torch-Pruning cannot trace the model ({type(exc).__name__}: {first_line(exc)}); "
                              "leave the module that fails out with --ignore NAME") from exc
 
-    pruner = build()
+    pruner = pruner_of["pruner"] = build()
+    pruner.mlopt_shared_biases = shared
     heads = options.get("num_heads", {})  # a fused qkv's thirds go together too; Torch-Pruning handles heads itself
     paired = {m: k for m, k in self_coupled(pruner).items() if m not in ratios and m not in heads}
     if not paired or ratio <= 0:
         return pruner
     ratios.update({m: ratio / k for m, k in paired.items()})
     importance = _paired_importance(importance, paired)
-    return build()
+    pruner = pruner_of["pruner"] = build()
+    pruner.mlopt_shared_biases = shared
+    return pruner
 
 
 def _paired_importance(importance: Any, paired: dict[Any, int]) -> Any:
@@ -416,24 +549,37 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
             if reader is not None:
                 cuts.setdefault(reader[0], []).extend(reader[1])
         refit(trial, cuts, cal)
+    removed: dict[Any, list[int]] = {}  # output channels the layers of shared-bias attention blocks lost
+    watched = {layer for bias in getattr(pruner, "mlopt_shared_biases", []) for b in bias.blocks for layer in b.layers}
     for grp in groups:
         problem = group_problem(pruner.DG, grp, trace)
         if problem is not None:
             keep(pruner, grp, problem, kept)
             continue
         unpruned = kept_group(pruner.DG, grp, "")
+        lost = {dep.target.module: [int(i) for i in idxs] for dep, idxs in grp
+                if dep.target.module in watched and pruner.DG.is_out_channel_pruning_fn(dep.handler)}
         try:
             grp.prune()
         except Exception as exc:
             unpruned.reason = f"pruning it raised {type(exc).__name__}: {first_line(exc)[:120]}"
             return unpruned, pruned
+        removed.update(lost)
         pruned += 1
         if probe_each:
+            state = slice_shared_biases(pruner, removed)
+            if "mismatch" in state.values():
+                return _shared_bias_kept(trial, pruner, next(i for i, v in state.items() if v == "mismatch")), pruned
+            if state:
+                continue  # a shared bias table's heads are cut in some of its blocks only: the model runs once all are
             sync_attributes(trial, pruner, before)
             problem = probe(trial, x, reference)
             if problem is not None:
                 unpruned.reason = f"the model pruned with it {problem}"
                 return unpruned, pruned
+    state = slice_shared_biases(pruner, removed)
+    if state:  # blocks of a table lost different heads, or some none: keep them all whole (the next round)
+        return _shared_bias_kept(trial, pruner, next(iter(state))), pruned
     sync_attributes(trial, pruner, before)
     return None, pruned
 
