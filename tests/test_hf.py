@@ -624,6 +624,22 @@ def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, 
     assert json.loads(exported.stdout)["max_abs_error"] < 1e-4
 
 
+def test_an_encoders_output_width_is_left_alone_and_its_pooler_breaks_nothing(bert_dir, text_file, tmp_path):
+    """The final LayerNorm's output is the model's output (last_hidden_state): its width, the residual stream every
+    layer adds to, stays, without a trial that breaks on the pooler reading it (which ran after it and was taken for
+    the output layer, and each prune of a BERT warned of a group kept whole)."""
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"hf:{bert_dir}", "--data", f"text:{text_file}", "--ratio", "0.5",
+                                 "--no-latency", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["groups_kept_whole"] == 0 and metrics["macs_ratio"] > 1.3, metrics
+    pruned = json.loads((out / "model.json").read_text())["builder"]["pruned"]
+    hidden = [n for n, p in pruned.items() if n.endswith("LayerNorm") or "embedding_dim" in p
+              or (n.endswith(("pooler.dense", "output.dense")) and "out_features" in p)]
+    assert not hidden and pruned["model.encoder.layer.1.intermediate.dense"]["out_features"] == 32, hidden
+
+
 @pytest.mark.slow
 def test_mpnet_loses_the_same_heads_in_every_layer_and_its_shared_position_bias_loses_their_columns(text_file,
                                                                                                      tmp_path):

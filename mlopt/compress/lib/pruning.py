@@ -81,12 +81,20 @@ def named_modules(module: Any, names: list[str]) -> list[Any]:
 
 def classifier_names(module: Any, num_classes: int | None, sample: Sample) -> list[str]:
     """The layers that produce the output stay untouched: the last Linear or convolution to run, when its width is
-    the output's (a final 1x1 convolution too), and the last Linear with num_classes outputs."""
+    the output's (a final 1x1 convolution too), the last Linear with num_classes outputs, and the last layer with
+    parameters and no submodules whose output is the model's output itself (an encoder's final LayerNorm: its
+    width is the output's, which a pooler running after it would not keep)."""
     import torch
 
     ran: list[tuple[str, Any]] = []
+    written: list[tuple[str, Any]] = []
+    layer_types = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append((n, o)))
-             for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))]
+             for n, m in module.named_modules() if isinstance(m, layer_types)]
+    hooks += [m.register_forward_hook(lambda m, i, o, n=n: written.append((n, o)))
+              for n, m in module.named_modules()
+              if not isinstance(m, layer_types) and next(m.children(), None) is None
+              and next(m.parameters(recurse=False), None) is not None]  # leaves: a container's output is its last
     try:
         out = outputs(module, example(sample))
     finally:
@@ -94,6 +102,7 @@ def classifier_names(module: Any, num_classes: int | None, sample: Sample) -> li
             h.remove()
     names = [n for n, m in module.named_modules()
              if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes][-1:]
+    names += [n for n, o in written if out and o is out[0]][-1:]
     if ran and out and isinstance(ran[-1][1], torch.Tensor) and ran[-1][1].dim() > 1:
         name, y = ran[-1]
         width = y.shape[-1] if isinstance(dict(module.named_modules())[name], torch.nn.Linear) else y.shape[1]
