@@ -436,6 +436,7 @@ def test_text_distillation_of_a_model_into_itself_scores_cosine_one(varied_bert,
     assert all(p.requires_grad for p in student.parameters())  # handed on trainable, as it came
 
 
+@pytest.mark.slow
 def test_distillation_that_moves_the_student_away_hands_it_on_as_it_came(varied_bert, text_file, tmp_path):
     """A student that starts as its teacher (cosine 1) and is trained at a learning rate far too high ends
     further away: distill says so and hands on the student's weights unchanged, not the worse ones."""
@@ -624,6 +625,7 @@ def test_heads_prune_on_encoders_that_spell_attention_otherwise(family, blocks, 
     assert json.loads(exported.stdout)["max_abs_error"] < 1e-4
 
 
+@pytest.mark.slow
 def test_an_encoders_output_width_is_left_alone_and_its_pooler_breaks_nothing(bert_dir, text_file, tmp_path):
     """The final LayerNorm's output is the model's output (last_hidden_state): its width, the residual stream every
     layer adds to, stays, without a trial that breaks on the pooler reading it (which ran after it and was taken for
