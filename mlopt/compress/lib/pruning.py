@@ -232,7 +232,7 @@ def _detached(tables: list[Any]) -> Iterator[None]:
 
     own = {t: vars(t)["forward"] for t in tables if "forward" in vars(t)}  # an instance's own forward, if any
     for t in tables:
-        t.forward = (lambda t, f: lambda *a, **k: f(*a, **k).detach())(t, t.forward)
+        t.forward = (lambda f: lambda *a, **k: f(*a, **k).detach())(t.forward)
     try:
         yield
     finally:
