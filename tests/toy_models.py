@@ -155,12 +155,14 @@ def untraceable(num_classes: int = 10) -> nn.Module:
 
 
 class HeadAttention(nn.Module):
-    """Multi-head self-attention in timm's layout: one qkv Linear, num_heads and head_dim attributes."""
+    """Multi-head self-attention in timm's layout: one qkv Linear, num_heads, head_dim and attn_dim attributes
+    (timm 1.0 reshapes the heads' output with attn_dim)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.attn_dim = dim
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -168,7 +170,7 @@ class HeadAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attn = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
 
 
 class TinyViT(nn.Module):

@@ -355,7 +355,7 @@ def sync_attributes(module: Any, pruner: Any, before: dict[str, int]) -> None:
             m.head_dim = width // heads
         if type(vars(m).get("attention_head_size")) is int:
             m.attention_head_size = width // heads
-        for attr in ("all_head_size", "inner_dim"):  # BERT's, T5's
+        for attr in ("all_head_size", "inner_dim", "attn_dim"):  # BERT's, T5's, timm's ViT
             if type(vars(m).get(attr)) is int:
                 setattr(m, attr, width)
     after = widths(module)
