@@ -1,7 +1,10 @@
 """Structured pruning of every torchvision classifier: prune, export with parity, one Markdown table.
 
     python benchmarks/prune_torchvision.py [--models resnet18,mnasnet0_5] [--out prune_torchvision.md]
-        [--timeout 600] [--memory-gb 12] [--jobs 1]
+        [--timeout 600] [--memory-gb 12] [--jobs 1] [--timm]
+
+With --timm, timm's classifiers instead (`pip install timm`; a spread of families by default, TIMM_MODELS),
+built by `benchmarks/timm_model.py` with random weights.
 
 For each model of `torchvision.models.list_models(module=torchvision.models)`, in child processes:
 `mlopt prune --model torchvision:NAME --num-classes 10 --ratio 0.5 --input-shape 1x3xSxS --json`
@@ -36,8 +39,23 @@ ROOT = Path(__file__).resolve().parents[1]
 GOOD_MACS_RATIO = 1.5
 
 
+# timm classifiers (--timm): a spread of families, CNNs and transformers, the small variant of each
+TIMM_MODELS = ("resnet18,convnext_atto,efficientnet_b0,mobilenetv3_small_050,regnetx_002,vit_tiny_patch16_224,"
+               "deit_tiny_patch16_224,swin_tiny_patch4_window7_224,mobilevit_xxs,levit_128s,poolformer_s12,"
+               "coatnet_nano_rw_224,ghostnet_100,repvgg_a0,densenet121,dla34,cspresnet50,edgenext_xx_small,fastvit_t8,"
+               "efficientformer_l1,tiny_vit_5m_224,hrnet_w18_small,mixer_b16_224,resmlp_12_224,xcit_nano_12_p16_224,"
+               "gcvit_xxtiny,maxvit_nano_rw_256,nfnet_l0,rexnet_100").split(",")
+# timm models whose position embeddings, windows or token grids are built for their input size
+TIMM_FIXED_SIZE = ("vit", "deit", "swin", "levit", "mobilevit", "coatnet", "fastvit", "efficientformer", "mixer",
+                   "resmlp", "xcit", "gcvit", "maxvit")
+
+
 def input_size(name: str) -> int:
     """The smallest square input that keeps a model meaningful (small, so each model takes minutes)."""
+    if name.startswith("timm:"):
+        name = name.removeprefix("timm:")
+        return next((int(p) for p in name.split("_")[::-1] if p.isdigit() and int(p) >= 64), 224) \
+            if any(f in name for f in TIMM_FIXED_SIZE) else 64
     if name.startswith(("vit_", "maxvit_")):
         return 224  # vit: the position embedding is sized for 224x224; maxvit: its window grid is built for 224
     if name == "inception_v3":
@@ -115,8 +133,9 @@ def measure(name: str, timeout: float, limit: int) -> dict:
     size, classes = input_size(name), 10
     row = {"model": name, "input": size, "metrics": {}, "parity": None, "peak": 0, "seconds": 0.0}
     mlopt = [sys.executable, "-m", "mlopt"]
-    with tempfile.TemporaryDirectory(prefix=f"prune-{name}-") as tmp:
-        steps = [("prune", [*mlopt, "prune", "--model", f"torchvision:{name}", "--num-classes", str(classes),
+    with tempfile.TemporaryDirectory(prefix=f"prune-{name.replace(':', '-')}-") as tmp:
+        spec = f"benchmarks.timm_model:{name.removeprefix('timm:')}" if name.startswith("timm:") else f"torchvision:{name}"
+        steps = [("prune", [*mlopt, "prune", "--model", spec, "--num-classes", str(classes),
                             "--ratio", "0.5", "--input-shape", f"1x3x{size}x{size}", "--out", f"{tmp}/pruned", "--json"]),
                  ("export", [*mlopt, "export", "--model", f"{tmp}/pruned", "--out", f"{tmp}/onnx", "--json"]),
                  ("output", [sys.executable, "-c", CHECK_OUTPUT, f"{tmp}/onnx/model.onnx", f"1x3x{size}x{size}"])]
@@ -199,12 +218,16 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", help="comma-separated names (default: every torchvision classifier)")
+    p.add_argument("--timm", action="store_true", help="timm classifiers instead (pip install timm; default: "
+                   "TIMM_MODELS, a spread of families)")
     p.add_argument("--out", type=Path, help="write the Markdown table there too")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model, prune and export together")
     p.add_argument("--memory-gb", type=float, default=12, help="resident memory above which a model is stopped")
     p.add_argument("--jobs", type=int, default=1, help="models measured at once")
     args = p.parse_args()
-    if args.models:
+    if args.timm:
+        names = [f"timm:{n}" for n in (args.models.split(",") if args.models else TIMM_MODELS)]
+    elif args.models:
         names = args.models.split(",")
     else:
         import torchvision

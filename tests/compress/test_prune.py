@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,6 +250,27 @@ def test_width_pruning_keeps_heads_whole_and_shrinks_each_head(tmp_path):
         attn = blk["attn"]
         assert attn.num_heads == 4 and attn.head_dim == 6 and attn.qkv.out_features == 3 * 4 * 6
     assert art.module(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_group_that_breaks_every_repeated_block_is_kept_whole_in_all_of_them_after_two_failures():
+    """Torch-Pruning's head pruning of 3 heads leaves a fused qkv and its head count out of step, so every block's
+    attention breaks the pruned model alike; one more group kept whole per round ran out of rounds on 14 blocks (an
+    error). After the same layers of two blocks broke it, they are kept whole in every block, and the rest (the
+    MLPs) is still pruned."""
+    from toy_models import TinyViT
+
+    from mlopt.compress.lib.pruning import prune_safely
+
+    cfg = SimpleNamespace(importance="l2", global_ranking=False, round_to=None)
+    outcome = prune_safely(TinyViT(10, dim=24, heads=3, depth=14).eval(), (1, 8, 8), cfg, 0.25, 0.5, ["head"])
+    assert len(outcome.kept) == 2
+    widened = [k for k in outcome.kept.values() if "kept whole in every block" in k.reason]
+    assert len(widened) == 1 and {f"blocks.{i}.attn.qkv" for i in range(14)} <= set(widened[0].outputs)
+    blocks = outcome.module.blocks
+    assert all(b["attn"].num_heads == 3 and b["attn"].qkv.out_features == 72 for b in blocks)
+    assert all(b["mlp"][0].out_features < 48 for b in blocks)
+    assert outcome.module(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 class GatedFFN(torch.nn.Module):

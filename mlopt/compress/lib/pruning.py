@@ -528,10 +528,29 @@ def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio
             raise InputError(f"pruning the group of {', '.join(broke.layers[:3])} fails: {broke.reason}; "
                              "leave it out with --ignore NAME")
         else:
-            kept.setdefault(broke.layers[0], broke)
+            kept.setdefault(broke.layers[0], _alike(module, broke, kept))
             del trial
     raise InputError(f"pruning still breaks the model after keeping {len(kept)} groups whole; "
                      "leave the failing modules out with --ignore NAME")
+
+
+def _alike(module: Any, broke: Kept, kept: dict[str, Kept]) -> Kept:
+    """The group that broke the pruned model, widened to the same layers of every repeated block when a group of
+    the same layers of another block (the same names but for their indices: blocks.3.attn.qkv, blocks.7.attn.qkv)
+    broke it before: blocks built by the same code fail alike, and keeping one more group whole per round ran out
+    of rounds on a 12-block ViT. One failure alone keeps only its group."""
+    import re
+
+    def pattern(name: str) -> str:
+        return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+    shapes = {pattern(n) for n in broke.outputs}
+    if not broke.outputs or not any({pattern(n) for n in k.outputs} == shapes for k in kept.values()):
+        return broke
+    outputs = [n for n, _ in module.named_modules() if n and pattern(n) in shapes]
+    return Kept([*broke.layers, *(n for n in outputs if n not in broke.layers)],
+                f"{broke.reason} (and so did the same layers of another repeated block: kept whole in every block)",
+                outputs)
 
 
 def _nothing_prunable(kept: dict[str, Kept]) -> str:
