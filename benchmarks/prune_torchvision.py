@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def status(run: dict) -> str:
     if not errors:
         tail = run["stderr"].strip().splitlines()
         return f"crashed: exit {run['rc']}" + (f", {tail[-1]}" if tail else "")
-    line = errors[-1].removeprefix("error: ")
+    line = re.sub(r"\x1b\[[0-9;]*m", "", errors[-1].removeprefix("error: "))  # colours an exporter printed
     # an exception mlopt did not expect: handle_errors points to the traceback
     return f"crashed: {line}" if "MLOPT_DEBUG=1" in line else f"refused: {line}"
 
