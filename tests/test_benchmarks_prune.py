@@ -13,6 +13,8 @@ _spec.loader.exec_module(bench)
 def test_input_size_per_family():
     assert [bench.input_size(n) for n in ("resnet18", "swin_t", "googlenet", "inception_v3", "vit_b_16", "maxvit_t")] \
         == [64, 64, 64, 75, 224, 224]
+    timm = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:maxvit_nano_rw_256", "timm:levit_128s")
+    assert [bench.input_size(n) for n in timm] == [64, 224, 256, 224]
 
 
 def _run(rc, stderr="", killed=None):
@@ -27,6 +29,7 @@ def test_status_of_a_child_run():
         == "crashed: IndexError: index 96 is out of bounds (set MLOPT_DEBUG=1 for the traceback)"
     assert bench.status(_run(1, "Traceback (most recent call last):\nValueError: bad\n")) == "crashed: exit 1, ValueError: bad"
     assert bench.status(_run(-11)) == "crashed: signal SIGSEGV"
+    assert bench.status(_run(2, "error: export failed: \x1b[96mstep 2/3\x1b[0m of it\n")) == "refused: export failed: step 2/3 of it"
 
 
 def test_json_result_after_noise_on_stdout():
