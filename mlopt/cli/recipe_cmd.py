@@ -25,11 +25,9 @@ def validate(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help=
     recipe = load_recipe(recipe_file)
     places = [("model", recipe.model)] + [(f"steps[{i}] ({step.type})", step) for i, step in enumerate(recipe.steps)]
     for where, config in places:  # the model specs' form: files are read when the recipe runs
-        for name, kind in file_fields(type(config)).items():
+        for name in (n for n, kind in file_fields(type(config)).items() if kind == "model"):
             value = getattr(config, name)
-            for spec in value if isinstance(value, list) else [value]:
-                if kind != "model" or not isinstance(spec, str):
-                    continue
+            for spec in (v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)):
                 problem = spec_problem(spec)
                 if problem:
                     raise InputError(f"{recipe_file}: {where}: {name}: {problem}")

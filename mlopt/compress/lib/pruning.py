@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -539,7 +540,6 @@ def _alike(module: Any, broke: Kept, kept: dict[str, Kept]) -> Kept:
     the same layers of another block (the same names but for their indices: blocks.3.attn.qkv, blocks.7.attn.qkv)
     broke it before: blocks built by the same code fail alike, and keeping one more group whole per round ran out
     of rounds on a 12-block ViT. One failure alone keeps only its group."""
-    import re
 
     def pattern(name: str) -> str:
         return re.sub(r"\.\d+(?=\.|$)", ".#", name)
