@@ -38,6 +38,19 @@ def export_drift(num_classes: int = 10) -> nn.Module:
     return ExportDrift(num_classes=num_classes)
 
 
+class DynamoBreaks(TinyCNN):
+    """TinyCNN with control flow on a tensor's value: torch.export refuses it, the TorchScript exporter traces the
+    branch the example input takes (always this one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if x.abs().sum() >= 0 else -y
+
+
+def dynamo_breaks(num_classes: int = 10) -> nn.Module:
+    return DynamoBreaks(num_classes=num_classes)
+
+
 def tiny_cnn_rgb(num_classes: int = 10) -> nn.Module:
     return TinyCNN(num_classes=num_classes, channels=3)
 

@@ -19,10 +19,10 @@ from mlopt.compress.lib.pruning import (classifier_names, count_ops, head_counts
                                         search_ratio)
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, RunError
 from mlopt.core.memory import readable_size
 from mlopt.core.sections import Bars, Config, Latency, Table
-from mlopt.export.lib.onnx import export_onnx, text_options
+from mlopt.export.lib.onnx import export_either, text_options
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
 from mlopt.runtime.data import count
@@ -123,7 +123,8 @@ class PrunePass(Pass):
         metrics["macs_before"], metrics["params_before"] = count_ops(module, sample)
         if labeled:
             metrics["accuracy_before"] = evaluate_torch(module, data, batch)["accuracy"]
-        onnx_before = self._export_fp32(module, artifact, Path(ctx.out_dir) / ".before.onnx") if config.measure_latency else None
+        onnx_before = (self._export_fp32(module, artifact, Path(ctx.out_dir) / ".before.onnx", "the model", notes)
+                       if config.measure_latency else None)
 
         finetune_cfg = config.finetune.model_copy(update={"epochs": config.finetune_epochs or 1})
         history: list[dict[str, Any]] = []
@@ -154,7 +155,7 @@ class PrunePass(Pass):
         if labeled:
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
-        latency = self._latency_after(module, artifact, ctx, onnx_before, metrics) if onnx_before is not None else []
+        latency = self._latency_after(module, artifact, ctx, onnx_before, metrics, notes) if onnx_before else []
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"
@@ -256,17 +257,34 @@ class PrunePass(Pass):
         notes.append("onnxruntime on the CPU runs zeroed weights as dense: sparsity shrinks the compressed "
                      "file, not the latency (both measured below)")
 
-    def _export_fp32(self, module: Any, artifact: Any, path: Path) -> Path:
+    def _export_fp32(self, module: Any, artifact: Any, path: Path, what: str, notes: list[str],
+                     exporter: str = "dynamo") -> tuple[Path, str] | None:
+        """(`path`, the exporter used) for the latency figures; None, with a warning, when neither exporter can
+        export `what` (the latency is then not measured: pruning does not need it)."""
         text = text_options(artifact, hf.example_inputs(artifact, 2)) if hf.is_text_artifact(artifact) else {}
-        # no copy: memory is the limit on big models
-        export_onnx(module.eval(), tuple(artifact.sample_shape), path, opset=18, exporter="dynamo", **text)
-        return path
+        try:  # no copy: memory is the limit on big models
+            used, fell_back = export_either(module.eval(), tuple(artifact.sample_shape), path, 18, exporter, **text)
+        except RunError as exc:
+            path.unlink(missing_ok=True)
+            message = f"latency not measured: {what} does not export to ONNX ({exc})"
+            console.warn(message)
+            notes.append(message)
+            return None
+        if fell_back:
+            notes.append(fell_back)
+        return path, used
 
-    def _latency_after(self, module: Any, artifact: Any, ctx: Any, before: Path,
-                       metrics: dict[str, Any]) -> list[Latency]:
+    def _latency_after(self, module: Any, artifact: Any, ctx: Any, exported: tuple[Path, str],
+                       metrics: dict[str, Any], notes: list[str]) -> list[Latency]:
         """onnxruntime FP32 latency and gzip size of the model before and after, measured side by side."""
         shape = tuple(artifact.sample_shape)
-        after = self._export_fp32(module, artifact, Path(ctx.out_dir) / ".after.onnx")
+        before, exporter = exported
+        done = self._export_fp32(module, artifact, Path(ctx.out_dir) / ".after.onnx", "the pruned model", notes,
+                                 exporter)
+        if done is None:
+            before.unlink()
+            return []
+        after = done[0]
         lat_before, lat_after = interleaved_latency([before, after], shape, "cpu", [1], 30)
         metrics["latency_speedup"] = lat_before[1] / lat_after[1]
         metrics["onnx_gzip_mb_before"], metrics["onnx_gzip_mb_after"] = sp.gzip_mb(before), sp.gzip_mb(after)

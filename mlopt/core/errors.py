@@ -43,8 +43,11 @@ class GateError(MloptError):
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name): for one-line error messages."""
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()  # libraries colour their messages for a terminal (torch.onnx does)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 #: Why a write failed, for the errors that are about the place written to, not about mlopt.

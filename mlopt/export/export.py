@@ -60,13 +60,14 @@ class ExportPass(Pass):
             return result
         inputs, _ = parity_inputs(artifact, ctx.data, config.parity_samples)
         others = []
-        if config.fuse == "auto" and hf.is_text_artifact(artifact):
+        if config.fuse == "auto" and hf.is_text_artifact(artifact) and result.metrics["exporter"] == config.exporter:
             # Transformer encoders: the other exporter's graph is a candidate too (on all-MiniLM-L6-v2 onnxruntime
             # ran the TorchScript exporter's graph 1.18x faster than the dynamo one's, in one run).
-            other = "torchscript" if config.exporter == "dynamo" else "dynamo"
+            other = "torchscript" if result.metrics["exporter"] == "dynamo" else "dynamo"
             label, other_path = f"the {other} exporter's graph", path.with_name(f"{other}-{path.name}")
             try:
-                export_artifact(artifact, other_path, config.opset, other, ctx.data, config.debug_metadata)
+                export_artifact(artifact, other_path, config.opset, other, ctx.data, config.debug_metadata,
+                                fallback=False)
                 others.append((label, other_path))
             except MloptError as exc:  # a candidate, not the export: the export stands without it
                 result.notes.append(f"{label}: not a candidate ({exc})")

@@ -329,3 +329,30 @@ def test_a_gated_feed_forward_loses_the_units_that_carry_least_in_both_halves():
     first = [j for j in range(32) if any(torch.equal(before[j], r) for r in rows[:24])]
     second = [j - 32 for j in range(32, 64) if any(torch.equal(before[j], r) for r in rows[24:])]
     assert first == second == list(range(8, 32))
+
+
+def test_latency_uses_the_exporter_that_works_and_is_skipped_when_none_does(tmp_path, monkeypatch):
+    out = tmp_path / "p"
+    result = prune("--model", f"{TOY}:dynamo_breaks", "--input-shape", "1x1x8x8", "--ratio", 0.5, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["latency_speedup"] > 0
+    step = json.loads((out / "report.json").read_text())["step"]
+    assert "exported with the torchscript exporter instead" in " ".join(step["notes"])
+
+    import mlopt.export.lib.onnx as onnx_lib
+    from mlopt.core.errors import RunError
+
+    def fails(*args, **kwargs):
+        raise RunError("ONNX export failed: nothing exports this")
+
+    monkeypatch.setattr(onnx_lib, "export_onnx", fails)
+    out = tmp_path / "q"
+    result = prune("--model", f"{TOY}:tiny_cnn", "--input-shape", "1x1x8x8", "--ratio", 0.5, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert "latency_speedup" not in metrics and metrics["macs_ratio"] > 1.5
+    step = json.loads((out / "report.json").read_text())["step"]
+    assert any(n.startswith("latency not measured: the model does not export to ONNX (ONNX export failed: nothing "
+                            "exports this; the torchscript exporter failed too") for n in step["notes"])
+    assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.pt", "report.json",
+                                                     "report.md"]

@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import onnx
 import pytest
@@ -68,3 +69,38 @@ def test_exporter_debug_metadata_is_dropped_unless_asked(trained_dir, tmp_path, 
     traces = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.stack_trace"]
     assert bool(traces) == keep
     assert str(TOY) not in str(model) or keep  # no local source paths in a shipped model
+
+
+def test_export_falls_back_to_the_other_exporter_unless_one_was_chosen(tmp_path):
+    out = tmp_path / "e"
+    args = ["export", "--model", f"{TOY}:dynamo_breaks", "--input-shape", "1x1x8x8", "--fuse", "off", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "report.json").read_text())["step"]
+    assert step["metrics"]["exporter"] == "torchscript"
+    assert any(n.startswith("the dynamo exporter failed (") and n.endswith("exported with the torchscript exporter "
+                                                                          "instead") for n in step["notes"])
+    chosen = CliRunner().invoke(app, [*args, "--exporter", "dynamo", "--out", str(tmp_path / "d")])
+    assert chosen.exit_code == 1
+    assert "ONNX export failed" in chosen.output and "torchscript exporter failed too" not in chosen.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_both_exporters_failing_is_one_line_naming_both(tmp_path, monkeypatch):
+    import mlopt.export.lib.onnx as onnx_lib
+
+    def fails(module, shape, path, opset, exporter, **options):
+        raise RunError(f"ONNX export failed: {exporter} cannot (try exporter: other)")
+
+    monkeypatch.setattr(onnx_lib, "export_onnx", fails)
+    with pytest.raises(RunError) as info:
+        onnx_lib.export_either(None, (1,), tmp_path / "m.onnx", 18, "dynamo")
+    assert str(info.value) == ("ONNX export failed: dynamo cannot; the torchscript exporter failed too: torchscript "
+                               "cannot")
+
+
+def test_error_lines_lose_terminal_colours():
+    from mlopt.core.errors import first_line
+
+    assert first_line(RuntimeError("Failed. \x1b[96mThis is step 2/3\x1b[0m of exporting\nmore")) == \
+        "Failed. This is step 2/3 of exporting"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -47,9 +50,12 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
     module.eval()
     example = example or {"input": torch.randn((2, *sample_shape))}
     names, args = list(example), tuple(example.values())
+    printed = io.StringIO()
     try:
-        # The exporters print progress on stdout; keep stdout clean for --json output.
-        with contextlib.redirect_stdout(sys.stderr), _quiet_warnings():
+        # The exporters print progress, and on failure the whole traced graph: kept out of --json output and the
+        # terminal (the error says what failed), shown on stderr under MLOPT_DEBUG=1.
+        shown = sys.stderr if os.environ.get("MLOPT_DEBUG") else printed
+        with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown), _quiet_warnings():
             if exporter == "dynamo":
                 dims = {0: torch.export.Dim("batch", min=1)}
                 if max_sequence:
@@ -76,7 +82,7 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
         if full is not None:  # the disk, not the exporter: suggesting the other exporter would mislead
             raise full from exc
         hint = " (try exporter: torchscript)" if exporter == "dynamo" else " (try exporter: dynamo)"
-        raise RunError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)[:300]}{hint}") from exc
+        raise RunError(f"ONNX export failed: {export_reason(exc)}{hint}") from exc
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -88,11 +94,37 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                        + (hint if exporter == "dynamo" else ""))
 
 
+def export_reason(exc: BaseException) -> str:
+    """Why an export failed, in one line: the innermost exception of the chain (torch.onnx wraps the real reason
+    in "Failed to export the model with torch.export. This is step 1/3 ... Next steps:", and names it in an
+    "## Exception summary" when it is not chained), and the line of the user's code that raised it when torch
+    names one."""
+    chain, current = [exc], exc
+    while current.__cause__ is not None and current.__cause__ not in chain:
+        current = current.__cause__
+        chain.append(current)
+    root = chain[-1]
+    reason = f"{type(root).__name__}: {first_line(root)}"
+    if len(chain) == 1:
+        summary = re.search(r"## Exception summary\s+<class '(?:[\w.]*\.)?(\w+)'>: ([^\n]*)", _ANSI.sub("", str(exc)))
+        reason = f"{summary.group(1)}: {summary.group(2)}" if summary else reason
+    reason = re.sub(r"\s*Next steps:$", "", reason.strip())[:300]
+    for e in chain:
+        where = re.search(r'The following call raised this error:\s+File "([^"]+)", line (\d+), in \w+\s+([^\n]+)',
+                          str(e))
+        if where:
+            return f"{reason} (at {where.group(1)}:{where.group(2)}: {where.group(3).strip()[:120]})"
+    return reason
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 @contextlib.contextmanager
 def _quiet_warnings():
     import warnings
 
-    with console.muted_loggers("torch.onnx", "torch.export", "onnxscript"), warnings.catch_warnings():
+    with console.muted_loggers("torch.onnx", "torch.export", "torch.fx", "onnxscript"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
@@ -110,13 +142,44 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
 
 
 def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
-                    debug_metadata: bool = False) -> None:
-    """Export a torch artifact to `path` (no parity check): image models and hf: text models alike."""
+                    debug_metadata: bool = False, fallback: bool = True) -> tuple[str, str | None]:
+    """Export a torch artifact to `path` (no parity check): image models and hf: text models alike. When
+    `exporter` fails and `fallback` is on (the user did not choose the exporter), the other exporter is tried;
+    returns (the exporter used, a note saying why when it is not `exporter`)."""
     module = artifact.require_torch("export")
     if artifact.sample_shape is None:
         raise InputError("the model's input shape is unknown: give --input-shape")
     text = text_options(artifact, parity_inputs(artifact, data, 2)[0]) if hf.is_text_artifact(artifact) else {}
-    export_onnx(module, tuple(artifact.sample_shape), path, opset, exporter, debug_metadata=debug_metadata, **text)
+    return export_either(module, tuple(artifact.sample_shape), path, opset, exporter, fallback,
+                         debug_metadata=debug_metadata, **text)
+
+
+def export_either(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
+                  fallback: bool = True, **options: Any) -> tuple[str, str | None]:
+    """export_onnx with `exporter`, then (with `fallback`) the other one if it fails for a reason other than the
+    disk; returns (the exporter used, a note saying why when it is not `exporter`). Both failing raises the
+    first error with the second's named in it."""
+    try:  # a full disk is an InputError, not a RunError: it is raised as it is
+        export_onnx(module, sample_shape, path, opset, exporter, **options)
+        return exporter, None
+    except RunError as exc:
+        if not fallback:
+            raise
+        first = exc
+    other = "torchscript" if exporter == "dynamo" else "dynamo"
+    try:
+        export_onnx(module, sample_shape, path, opset, other, **options)
+    except RunError as exc:
+        raise RunError(f"{_without_hint(first)}; the {other} exporter failed too: "
+                       f"{_without_hint(exc).removeprefix('ONNX export failed: ')}") from first
+    note = (f"the {exporter} exporter failed ({_without_hint(first).removeprefix('ONNX export failed: ')[:200]}); "
+            f"exported with the {other} exporter instead")
+    console.warn(note)
+    return other, note
+
+
+def _without_hint(exc: Exception) -> str:
+    return re.sub(r" \(try exporter: \w+\)$|\(the dynamo exporter needs.*\)$", "", str(exc)).rstrip()
 
 
 def text_options(artifact: Any, example: dict[str, Any]) -> dict[str, Any]:
@@ -131,12 +194,14 @@ def export_checked(artifact: Any, data: Any, path: Path, config: ExportOptions) 
     if artifact.format == "onnx":
         raise InputError(f"the model is already ONNX ({artifact.origin}); export takes a PyTorch model")
     console.info(f"exporting to ONNX (opset {config.opset}, {config.exporter} exporter)")
-    export_artifact(artifact, path, config.opset, config.exporter, data, config.debug_metadata)
+    # the exporter falls back to the other one only when the user did not choose it
+    used, fell_back = export_artifact(artifact, path, config.opset, config.exporter, data, config.debug_metadata,
+                                      fallback="exporter" not in config.model_fields_set)
     inputs, source = parity_inputs(artifact, data, config.parity_samples)
     parity = compare(artifact.module, path, inputs, config.atol, config.rtol)
     agreement = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.4f}"
     console.info(f"parity: max abs error {parity['max_abs_error']:.3g} (tolerance {parity['tolerance']:.3g})"
                  f"{agreement} on {parity['parity_samples']} inputs")
     return StepResult(artifact=artifact.derive("export", format="onnx", module=None, onnx_path=path),
-                      metrics={**parity, "opset": config.opset, "size_mb": file_size_mb(path)},
-                      notes=[f"parity checked on {parity['parity_samples']} {source}"])
+                      metrics={**parity, "opset": config.opset, "exporter": used, "size_mb": file_size_mb(path)},
+                      notes=[*([fell_back] if fell_back else []), f"parity checked on {parity['parity_samples']} {source}"])
