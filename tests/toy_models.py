@@ -82,6 +82,32 @@ class ResidualNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class GainConv2d(nn.Conv2d):
+    """A convolution with its own per-output-channel gain (as timm's ScaledStdConv2d in NFNet)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).view(-1, 1, 1, 1))
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.gain, self.bias)
+
+
+class GainNet(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(GainConv2d(3, 16, 3, padding=1), nn.ReLU(), GainConv2d(16, 32, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def gain_net(num_classes: int = 10) -> nn.Module:
+    return GainNet(num_classes)
+
+
 class ConcatSplitNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()

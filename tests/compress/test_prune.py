@@ -356,3 +356,45 @@ def test_latency_uses_the_exporter_that_works_and_is_skipped_when_none_does(tmp_
                             "exports this; the torchscript exporter failed too") for n in step["notes"])
     assert sorted(p.name for p in out.iterdir()) == [".mlopt-output.json", "model.json", "model.pt", "report.json",
                                                      "report.md"]
+
+
+def test_a_layers_own_per_channel_parameters_are_cut_with_its_channels(tmp_path):
+    out = tmp_path / "p"
+    result = prune("--model", f"{TOY}:gain_net", "--input-shape", "1x3x8x8", "--ratio", 0.5, "--no-latency",
+                   "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert "kept whole" not in result.output
+    art, y = reload_and_run(out, (3, 8, 8))
+    first, second = art.module.features[0], art.module.features[2]
+    assert first.gain.shape == (8, 1, 1, 1) and second.gain.shape == (16, 1, 1, 1)
+    assert y.shape == (2, 10)
+    # the gains kept are those of the channels kept: a subset of the original's, in order
+    original = torch.linspace(0.5, 1.5, 16)
+    kept = first.gain.flatten()
+    assert all(any(torch.isclose(g, original)) for g in kept) and bool((kept[1:] > kept[:-1]).all())
+
+
+def test_two_broken_groups_listed_from_the_same_layer_are_both_kept_whole(monkeypatch):
+    """An attention's output projection comes first in the group of its q/k/v channels and in the residual
+    stream's: both groups breaking the model must both be kept whole, not the second dropped for the first."""
+    from mlopt.compress.lib import pruning
+    from mlopt.compress.lib.safety import Kept
+    from mlopt.runtime.models import build_module
+
+    real = pruning._prune_groups
+    groups = [Kept(["mix", "left"], "breaks the model", ["left"]), Kept(["mix", "right"], "breaks the model", ["right"])]
+
+    def broken_first(trial, pruner, trace, kept, *args, **kwargs):
+        ignored = {n for k in kept.values() for n in k.outputs}
+        for group in groups:
+            if not set(group.outputs) <= ignored:
+                return Kept(list(group.layers), group.reason, list(group.outputs)), 0
+        return real(trial, pruner, trace, kept, *args, **kwargs)
+
+    monkeypatch.setattr(pruning, "_prune_groups", broken_first)
+    model = build_module(f"{TOY}:concat_split_net", 10)
+    outcome = pruning.prune_safely(model, (3, 8, 8), SimpleNamespace(importance="l1", global_ranking=False,
+                                                                     round_to=None), 0.5, None, ["head"])
+    assert sorted(tuple(k.outputs) for k in outcome.kept.values()) == [("left",), ("right",)]
+    assert outcome.module.left.out_channels == outcome.module.right.out_channels == 8
+    assert outcome.module.mix.out_channels < 16

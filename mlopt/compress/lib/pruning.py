@@ -18,7 +18,7 @@ from mlopt.compress.lib.calibration import Calibration
 from mlopt.compress.lib.importance import activation_importance, make_importance
 from mlopt.compress.lib.reconstruction import refit, sole_reader
 from mlopt.compress.lib.safety import (ROUNDS, Kept, Outcome, checked_importance, group_problem, guarded, keep,
-                                       kept_group, outputs, probe, screen)
+                                       kept_group, kept_key, outputs, probe, screen)
 from mlopt.core.errors import InputError, first_line
 from mlopt.runtime.models import shape_attributes
 
@@ -529,7 +529,7 @@ def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio
             raise InputError(f"pruning the group of {', '.join(broke.layers[:3])} fails: {broke.reason}; "
                              "leave it out with --ignore NAME")
         else:
-            kept.setdefault(broke.layers[0], _alike(module, broke, kept))
+            kept.setdefault(kept_key(broke), _alike(module, broke, kept))
             del trial
     raise InputError(f"pruning still breaks the model after keeping {len(kept)} groups whole; "
                      "leave the failing modules out with --ignore NAME")
@@ -579,6 +579,7 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
         refit(trial, cuts, cal)
     removed: dict[Any, list[int]] = {}  # output channels the layers of shared-bias attention blocks lost
     watched = {layer for bias in getattr(pruner, "mlopt_shared_biases", []) for b in bias.blocks for layer in b.layers}
+    extras = extra_out_parameters(trial)
     for grp in groups:
         problem = group_problem(pruner.DG, grp, trace)
         if problem is not None:
@@ -586,13 +587,15 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
             continue
         unpruned = kept_group(pruner.DG, grp, "")
         lost = {dep.target.module: [int(i) for i in idxs] for dep, idxs in grp
-                if dep.target.module in watched and pruner.DG.is_out_channel_pruning_fn(dep.handler)}
+                if (dep.target.module in watched or dep.target.module in extras)
+                and pruner.DG.is_out_channel_pruning_fn(dep.handler)}
         try:
             grp.prune()
         except Exception as exc:
             unpruned.reason = f"pruning it raised {type(exc).__name__}: {first_line(exc)[:120]}"
             return unpruned, pruned
-        removed.update(lost)
+        cut_extra_parameters(extras, lost)
+        removed.update((m, idxs) for m, idxs in lost.items() if m in watched)
         pruned += 1
         if probe_each:
             state = slice_shared_biases(pruner, removed)
@@ -610,6 +613,38 @@ def _prune_groups(trial: Any, pruner: Any, trace: Any, kept: dict[str, Kept], x:
         return _shared_bias_kept(trial, pruner, next(iter(state))), pruned
     sync_attributes(trial, pruner, before)
     return None, pruned
+
+
+def extra_out_parameters(module: Any) -> dict[Any, list[str]]:
+    """Conv and Linear subclasses' own parameters besides weight and bias that run along their output channels
+    (timm's ScaledStdConv2d `gain` in NFNet), by layer. Torch-Pruning counts them as the layer's and cuts only its
+    weight and bias, so the pruned layer fails to run; cut_extra_parameters cuts them with the same channels.
+    Written here: Torch-Pruning's only hook for them is a customized pruner per class, which would drop the
+    coupling it builds for a (depthwise) convolution's channels."""
+    import torch
+
+    found = {}
+    for m in module.modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) or getattr(m, "transposed", False):
+            continue
+        width = m.weight.shape[0]
+        names = [n for n, p in m.named_parameters(recurse=False)
+                 if n not in ("weight", "bias") and p.dim() > 0 and p.shape[0] == width]
+        if names:
+            found[m] = names
+    return found
+
+
+def cut_extra_parameters(extras: dict[Any, list[str]], lost: dict[Any, list[int]]) -> None:
+    """Remove the output channels `lost[layer]` from the extra parameters (extra_out_parameters) of each layer."""
+    import torch
+
+    for layer, idxs in lost.items():
+        for name in extras.get(layer, []):
+            param = getattr(layer, name)
+            gone = set(idxs)
+            keep = torch.tensor([i for i in range(param.shape[0]) if i not in gone], dtype=torch.long)
+            setattr(layer, name, torch.nn.Parameter(param.data[keep].clone(), requires_grad=param.requires_grad))
 
 
 def search_ratio(module: Any, sample: Sample, cfg: Any, ignore: list[str],

@@ -156,10 +156,16 @@ def kept_group(dg: Any, grp: Any, reason: str) -> Kept:
     return Kept(group_layers(dg, grp), reason, list(dict.fromkeys(n for n in outputs if n)))
 
 
+def kept_key(record: Kept) -> str:
+    """What a kept group is filed under: the layers whose outputs it prunes (two groups can start with the same
+    layer: an attention's output projection reads one group's channels and writes the residual stream's)."""
+    return " ".join(record.outputs) or " ".join(record.layers)
+
+
 def keep(pruner: Any, grp: Any, reason: str, kept: dict[str, Kept]) -> None:
     """Keep a group whole: ignoring the layers whose output channels it prunes skips it."""
     record = kept_group(pruner.DG, grp, reason)
-    kept.setdefault(record.layers[0], record)
+    kept.setdefault(kept_key(record), record)
     modules = dict(pruner.DG.model.named_modules())
     pruner.ignored_layers.extend(modules[n] for n in record.outputs)
 
