@@ -48,7 +48,9 @@ TIMM_MODELS = ("resnet18,convnext_atto,efficientnet_b0,mobilenetv3_small_050,reg
                "gcvit_xxtiny,maxvit_nano_rw_256,nfnet_l0,rexnet_100").split(",")
 # timm models whose position embeddings, windows or token grids are built for their input size
 TIMM_FIXED_SIZE = ("vit", "deit", "swin", "levit", "mobilevit", "coatnet", "fastvit", "efficientformer", "mixer",
-                   "resmlp", "xcit", "gcvit", "maxvit")
+                   "resmlp", "xcit", "gcvit", "maxvit", "cait", "pvt", "eva", "convit", "crossvit", "efficientvit_m",
+                   "sebotnet", "botnet", "halonet", "sequencer", "davit", "hiera", "pit_", "gmlp", "swiftformer",
+                   "focalnet", "inception_v3", "nest_", "coat_", "twins", "volo", "visformer", "shvit", "tnt_")
 
 
 def input_size(name: str) -> int:

@@ -47,6 +47,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def format_shape(shape: tuple[int | None, ...] | list[int | None]) -> str:
+    """A shape as messages spell it: 1x3x224x224 (an unknown dimension is ?)."""
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

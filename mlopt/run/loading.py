@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
@@ -97,15 +97,15 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
     if data is not None:
         if shape is not None and tuple(shape) != tuple(data.sample_shape):
             raise InputError(f"--input-shape {cfg.input_shape} disagrees with the data's samples "
-                             f"({'x'.join(map(str, data.sample_shape))})")
+                             f"({format_shape(data.sample_shape)})")
         shape = tuple(data.sample_shape)
     if loaded is not None:
         if shape is not None:
             # A text model's sequence axis is dynamic: it takes the data's length.
             fixed = loaded.sample_shape is not None and not hf.is_text_artifact(loaded)
             if fixed and tuple(loaded.sample_shape) != tuple(shape):
-                raise InputError(f"{cfg.spec} takes inputs of shape {'x'.join(map(str, loaded.sample_shape))} per "
-                                 f"sample, but the data gives {'x'.join(map(str, shape))}")
+                raise InputError(f"{cfg.spec} takes inputs of shape {format_shape(loaded.sample_shape)} per "
+                                 f"sample, but the data gives {format_shape(shape)}")
             loaded.sample_shape = tuple(shape)
         if loaded.num_classes is not None and data is not None:
             check_labels(data, loaded.num_classes)

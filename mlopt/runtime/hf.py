@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core import console
-from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
+from mlopt.core.errors import InputError, first_line, format_shape, pickled_objects_error, refused_pickle
 from mlopt.core.memory import available_memory, readable_size
 
 PREFIX = "hf:"
@@ -188,8 +188,8 @@ def _shape_mismatches(path: Path, auto: Any) -> list[str]:
             for name in (key, key.removeprefix(prefix), prefix + key):
                 if name in shapes:
                     if shapes[name] != saved:
-                        found.append(f"{key} is {'x'.join(map(str, saved)) or 'a scalar'} in {weights.name}, "
-                                     f"{'x'.join(map(str, shapes[name])) or 'a scalar'} by config.json")
+                        found.append(f"{key} is {format_shape(saved) or 'a scalar'} in {weights.name}, "
+                                     f"{format_shape(shapes[name]) or 'a scalar'} by config.json")
                     break
     return found
 

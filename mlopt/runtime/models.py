@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mlopt.core.errors import InputError, first_line, pickled_objects_error, refused_pickle
+from mlopt.core.errors import InputError, first_line, format_shape, pickled_objects_error, refused_pickle
 from mlopt.runtime import hf
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -56,10 +56,6 @@ def check_shape_size(dims: Any, what: str) -> None:
     if total > MAX_SHAPE_VALUES:
         raise InputError(f"{what} holds {total:,} values ({format_shape(list(dims))}); mlopt takes at most "
                          f"{MAX_SHAPE_VALUES:,} (1 GiB of float32) per shape")
-
-
-def format_shape(shape: tuple[int, ...] | list[int]) -> str:
-    return "x".join(str(d) for d in shape)
 
 
 def split_spec(spec: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 from onnxruntime.quantization import CalibrationDataReader
 
 from mlopt.core import console
-from mlopt.core.errors import InputError
+from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime.data import count, inputs_of, loader, take, to_numpy
 
 
@@ -19,8 +19,8 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
     sample = list(data.sample_shape)
     if len(expected) != len(sample) or any(e is not None and e != s for e, s in zip(expected, sample)):
-        raise InputError(f"calibration data {data.name!r} gives samples of shape {'x'.join(map(str, sample))}, but "
-                         f"the model expects {'x'.join('?' if e is None else str(e) for e in expected)}")
+        raise InputError(f"calibration data {data.name!r} gives samples of shape {format_shape(sample)}, but "
+                         f"the model expects {format_shape(expected)}")
     feeds, seen = [], 0
     for items in loader(data.train, batch):
         x = to_numpy(inputs_of(items))
