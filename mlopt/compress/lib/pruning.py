@@ -248,16 +248,21 @@ def _shared_heads_importance(importance: Any, shared: list[SharedBias], module: 
     """`importance`, with every block of a shared bias table scored alike: a head group's channel scores are those
     of the same group in every block of the table (rooted at the same layer of each block, by name; each block's
     normalised to sum 1 so that every layer counts alike), summed. Torch-Pruning then takes the same heads out of
-    every block, and the one table loses the same columns."""
+    every block, and the one table loses the same columns. The sum is the same for the same layer of every block:
+    it is computed once per pruner (Torch-Pruning scores every group before it cuts any)."""
     import torch_pruning as tp
 
     names = {m: n for n, m in module.named_modules()}
     block_of = {layer: (i, block) for i, bias in enumerate(shared) for block in bias.blocks for layer in block.layers}
+    sums: dict[Any, Any] = {}  # (table, layer name in its block, handler, width) -> the summed scores
 
     class SharedHeads(tp.importance.Importance):
         def __call__(self, group: Any) -> Any:
             if "pruner" not in pruner_of:
                 return importance(group)
+            if sums.get("pruner") is not pruner_of["pruner"]:  # a new pruner (a new round): new scores
+                sums.clear()
+                sums["pruner"] = pruner_of["pruner"]
             graph = pruner_of["pruner"].DG
             found = next((block_of[d.target.module] for d, _ in group if d.target.module in block_of
                           and graph.is_out_channel_pruning_fn(d.handler)), None)
@@ -265,6 +270,9 @@ def _shared_heads_importance(importance: Any, shared: list[SharedBias], module: 
             if found is None or not names.get(root, "").startswith(found[1].name + "."):
                 return importance(group)
             suffix, total = names[root][len(found[1].name):], None
+            key = (found[0], suffix, handler, len(idxs))
+            if key in sums:
+                return sums[key].clone()
             for block in shared[found[0]].blocks:
                 layer = module.get_submodule(block.name + suffix)
                 imp = importance(graph.get_pruning_group(layer, handler, list(range(len(idxs)))))
@@ -272,7 +280,8 @@ def _shared_heads_importance(importance: Any, shared: list[SharedBias], module: 
                     return importance(group)
                 imp = imp / imp.sum().clamp_min(1e-12)
                 total = imp if total is None else total + imp
-            return total
+            sums[key] = total
+            return total.clone()
 
     return SharedHeads()
 
