@@ -348,3 +348,36 @@ class TiedNet(nn.Module):
 
 def tied_net(num_classes: int = 10) -> nn.Module:
     return TiedNet(num_classes)
+
+
+class GluMlp(nn.Module):
+    """A gated feed-forward: one Linear's output chunked in two along the channels (EVA-02, LLaMA-style)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(torch.nn.functional.silu(x1) * x2)
+
+
+class GluViT(nn.Module):
+    """Patch tokens with a learned position embedding (a 3-d parameter, as a ViT's) and gated feed-forwards."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 4, dim) * 0.02)
+        self.blocks = nn.ModuleList(GluMlp(dim, hidden) for _ in range(2))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean(1))
+
+
+def glu_vit(num_classes: int = 10) -> nn.Module:
+    return GluViT(num_classes)

@@ -398,3 +398,15 @@ def test_two_broken_groups_listed_from_the_same_layer_are_both_kept_whole(monkey
     assert sorted(tuple(k.outputs) for k in outcome.kept.values()) == [("left",), ("right",)]
     assert outcome.module.left.out_channels == outcome.module.right.out_channels == 8
     assert outcome.module.mix.out_channels < 16
+
+
+def test_a_gated_feed_forward_after_a_position_embedding_is_pruned(tmp_path):
+    """Torch-Pruning turns off channel mapping through every split downstream of a 3-d parameter (for a ViT's
+    class-token concat); a gated feed-forward's chunk along the channels must keep it, or its width is kept whole."""
+    out = tmp_path / "p"
+    result = prune("--model", f"{TOY}:glu_vit", "--input-shape", "1x3x8x8", "--ratio", 0.5, "--no-latency",
+                   "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    art, y = reload_and_run(out, (3, 8, 8))
+    assert [(b.fc1.out_features, b.fc2.in_features) for b in art.module.blocks] == [(32, 16), (32, 16)]
+    assert y.shape == (2, 10)

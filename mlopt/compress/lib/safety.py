@@ -73,6 +73,11 @@ def guarded(module: Any) -> Iterator[Trace]:
             update = updaters.get(node.type)
             if update is None or node in trace.unmapped:
                 continue
+            if node.type == ops.OPTYPE.SPLIT and _last_dim_split(node):
+                # Torch-Pruning turns index mapping off for every split downstream of a 3-d parameter (a ViT's
+                # position embedding) for the sake of a class-token concat along the tokens; a split along the
+                # last dim (a gated feed-forward's chunk(2, dim=-1), EVA-02's) splits channels and needs it
+                node.enable_index_mapping = True
             try:
                 update(dg, node)
             except Exception as exc:
@@ -104,6 +109,15 @@ def guarded(module: Any) -> Iterator[Trace]:
             patch.object(graph.DependencyGraph, "get_pruning_group", safe_get_pruning_group):
         warnings.simplefilter("ignore")
         yield trace
+
+
+def _last_dim_split(node: Any) -> bool:
+    """Whether a split node of Torch-Pruning's graph splits its input's last dim (the channels of a Linear)."""
+    dim, sizes = getattr(node.grad_fn, "_saved_dim", None), getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if not isinstance(dim, int) or sizes is None:
+        return False
+    dim = dim - 2**64 if dim >= 2**63 else dim  # autograd keeps dim=-1 as an unsigned 64-bit integer
+    return dim in (-1, len(sizes) - 1)
 
 
 def group_layers(dg: Any, grp: Any) -> list[str]:
