@@ -410,3 +410,20 @@ def test_a_gated_feed_forward_after_a_position_embedding_is_pruned(tmp_path):
     art, y = reload_and_run(out, (3, 8, 8))
     assert [(b.fc1.out_features, b.fc2.in_features) for b in art.module.blocks] == [(32, 16), (32, 16)]
     assert y.shape == (2, 10)
+
+
+def test_layers_that_broke_alike_in_two_numbered_stages_are_kept_whole_in_every_stage():
+    """Stages named layer1, layer2, ... (ResNet-style; Res2Net's split blocks broke alike in each) count as
+    repeated blocks, as blocks.0, blocks.1 do; layers of the same block with other numbers (conv1, conv3) do not."""
+    from mlopt.compress.lib.pruning import _alike
+    from mlopt.compress.lib.safety import Kept
+    from mlopt.runtime.models import build_module
+
+    model = build_module("torchvision:resnet18", 10)
+    first = Kept(["layer1.0.conv1", "layer1.0.bn1"], "breaks", ["layer1.0.conv1", "layer1.0.bn1"])
+    assert _alike(model, first, {}) is first  # one failure alone keeps only its group
+    second = Kept(["layer2.0.conv1", "layer2.0.bn1"], "breaks", ["layer2.0.conv1", "layer2.0.bn1"])
+    widened = _alike(model, second, {"layer1.0.conv1 layer1.0.bn1": first})
+    expected = {f"layer{s}.{b}.{n}1" for s in range(1, 5) for b in range(2) for n in ("conv", "bn")}
+    assert set(widened.outputs) == expected
+    assert "kept whole in every block" in widened.reason

@@ -550,8 +550,9 @@ def _alike(module: Any, broke: Kept, kept: dict[str, Kept]) -> Kept:
     broke it before: blocks built by the same code fail alike, and keeping one more group whole per round ran out
     of rounds on a 12-block ViT. One failure alone keeps only its group."""
 
-    def pattern(name: str) -> str:
-        return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+    def pattern(name: str) -> str:  # indices, and numbers ending a container's name (layer1, stage2), made #
+        *path, leaf = name.split(".")
+        return ".".join([*(re.sub(r"\d+$", "#", part) for part in path), re.sub(r"^\d+$", "#", leaf)])
 
     shapes = {pattern(n) for n in broke.outputs}
     if not broke.outputs or not any({pattern(n) for n in k.outputs} == shapes for k in kept.values()):
