@@ -427,3 +427,33 @@ def test_layers_that_broke_alike_in_two_numbered_stages_are_kept_whole_in_every_
     expected = {f"layer{s}.{b}.{n}1" for s in range(1, 5) for b in range(2) for n in ("conv", "bn")}
     assert set(widened.outputs) == expected
     assert "kept whole in every block" in widened.reason
+
+
+@pytest.mark.parametrize("spec", [f"{TOY}:concat_split_net", f"{TOY}:residual_net",
+                                  pytest.param("torchvision:densenet121", marks=pytest.mark.slow)])
+def test_groups_are_the_same_with_the_indexed_dependency_lookup(spec, monkeypatch):
+    """mlopt answers Torch-Pruning's "is this operation in the group already" from a set (its own scan of the
+    whole group was quadratic: minutes on a DPN); the groups must be exactly those Torch-Pruning builds."""
+    import torch_pruning as tp
+    from torch_pruning.dependency import group as tp_group
+
+    from mlopt.compress.lib import safety
+    from mlopt.runtime.models import build_module
+
+    model = build_module(spec, 10).eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    def groups():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        return [[(dep.target.name, dep.handler.__name__, list(idxs)) for dep, idxs in grp]
+                for grp in graph.get_all_groups(root_module_types=(torch.nn.Conv2d, torch.nn.Linear))]
+
+    scans = []
+    scan = tp_group.Group.has_pruning_op
+    monkeypatch.setattr(tp_group.Group, "has_pruning_op", lambda *a: scans.append(1) or scan(*a))
+    with safety.guarded(model):
+        indexed = groups()
+    assert not scans  # the set answered every question
+    monkeypatch.undo()
+    own = groups()
+    assert indexed == own and len(own) > 1
