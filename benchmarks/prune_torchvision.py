@@ -1,10 +1,10 @@
 """Structured pruning of every torchvision classifier: prune, export with parity, one Markdown table.
 
     python benchmarks/prune_torchvision.py [--models resnet18,mnasnet0_5] [--out prune_torchvision.md]
-        [--timeout 600] [--memory-gb 12] [--jobs 1] [--timm]
+        [--timeout 600] [--memory-gb 12] [--jobs 1] [--timm [--more]]
 
-With --timm, timm's classifiers instead (`pip install timm`; a spread of families by default, TIMM_MODELS),
-built by `benchmarks/timm_model.py` with random weights.
+With --timm, timm's classifiers instead (`pip install timm`; a spread of families by default, TIMM_MODELS, or
+with --more a second spread, TIMM_MORE), built by `benchmarks/timm_model.py` with random weights.
 
 For each model of `torchvision.models.list_models(module=torchvision.models)`, in child processes:
 `mlopt prune --model torchvision:NAME --num-classes 10 --ratio 0.5 --input-shape 1x3xSxS --json`
@@ -46,6 +46,12 @@ TIMM_MODELS = ("resnet18,convnext_atto,efficientnet_b0,mobilenetv3_small_050,reg
                "coatnet_nano_rw_224,ghostnet_100,repvgg_a0,densenet121,dla34,cspresnet50,edgenext_xx_small,fastvit_t8,"
                "efficientformer_l1,tiny_vit_5m_224,hrnet_w18_small,mixer_b16_224,resmlp_12_224,xcit_nano_12_p16_224,"
                "gcvit_xxtiny,maxvit_nano_rw_256,nfnet_l0,rexnet_100").split(",")
+# --timm --more: a second spread of families, none of them in the first
+TIMM_MORE = ("cait_xxs24_224,pvt_v2_b0,eva02_tiny_patch14_224,deit3_small_patch16_224,convit_tiny,crossvit_tiny_240,"
+             "efficientvit_b0,efficientvit_m0,inception_v3,mobileone_s0,hgnetv2_b0,res2net50_14w_8s,dpn68,"
+             "mobilenetv4_conv_small,regnety_002,sebotnet33ts_256,ese_vovnet19b_dw,davit_tiny,hiera_tiny_224,pit_ti_224,"
+             "starnet_s1,fasternet_t0,mambaout_femto,gmlp_ti16_224,repvit_m0_9,swiftformer_xs,resnest14d,skresnet18,"
+             "sequencer2d_s,focalnet_tiny_srf").split(",")
 # timm models whose position embeddings, windows or token grids are built for their input size
 TIMM_FIXED_SIZE = ("vit", "deit", "swin", "levit", "mobilevit", "coatnet", "fastvit", "efficientformer", "mixer",
                    "resmlp", "xcit", "gcvit", "maxvit", "cait", "pvt", "eva", "convit", "crossvit", "efficientvit_m",
@@ -223,13 +229,14 @@ def main() -> None:
     p.add_argument("--models", help="comma-separated names (default: every torchvision classifier)")
     p.add_argument("--timm", action="store_true", help="timm classifiers instead (pip install timm; default: "
                    "TIMM_MODELS, a spread of families)")
+    p.add_argument("--more", action="store_true", help="with --timm: the second spread, TIMM_MORE")
     p.add_argument("--out", type=Path, help="write the Markdown table there too")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model, prune and export together")
     p.add_argument("--memory-gb", type=float, default=12, help="resident memory above which a model is stopped")
     p.add_argument("--jobs", type=int, default=1, help="models measured at once")
     args = p.parse_args()
     if args.timm:
-        names = [f"timm:{n}" for n in (args.models.split(",") if args.models else TIMM_MODELS)]
+        names = [f"timm:{n}" for n in (args.models.split(",") if args.models else TIMM_MORE if args.more else TIMM_MODELS)]
     elif args.models:
         names = args.models.split(",")
     else:

@@ -15,6 +15,9 @@ def test_input_size_per_family():
         == [64, 64, 64, 75, 224, 224]
     timm = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:maxvit_nano_rw_256", "timm:levit_128s")
     assert [bench.input_size(n) for n in timm] == [64, 224, 256, 224]
+    more = ("timm:crossvit_tiny_240", "timm:sebotnet33ts_256", "timm:dpn68", "timm:inception_v3")
+    assert [bench.input_size(n) for n in more] == [240, 256, 64, 224]
+    assert not set(bench.TIMM_MORE) & set(bench.TIMM_MODELS)
 
 
 def _run(rc, stderr="", killed=None):
