@@ -156,6 +156,14 @@ class PrunePass(Pass):
             metrics["accuracy"] = evaluate_torch(module, data, batch)["accuracy"]
             metrics["accuracy_drop"] = metrics["accuracy_before"] - metrics["accuracy"]
         latency = self._latency_after(module, artifact, ctx, onnx_before, metrics, notes) if onnx_before else []
+        if metrics.get("latency_speedup", 1.0) < 1.0 and config.sparsity == "structured":
+            # fewer MACs need not run faster: odd channel counts can leave the runtime's kernels less efficient
+            slower = (f"the pruned model ran slower than the original on onnxruntime (FP32, batch 1, measured side by "
+                      f"side): {metrics['latency_speedup']:.2f}x the original's speed with {metrics['macs_ratio']:.2f}x "
+                      "fewer MACs" + ("; channel counts kept to multiples of 8 (--round-to 8) often run faster"
+                                      if config.round_to is None else ""))
+            console.warn(slower)
+            notes.append(slower)
         new = artifact.derive("prune", module=module, builder=builder)
         metrics["size_mb"] = new.size_mb()
         console.info(f"pruned: MACs {metrics['macs_ratio']:.2f}x fewer, parameters {metrics['params_ratio']:.2f}x fewer"

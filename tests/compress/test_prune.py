@@ -457,3 +457,19 @@ def test_groups_are_the_same_with_the_indexed_dependency_lookup(spec, monkeypatc
     monkeypatch.undo()
     own = groups()
     assert indexed == own and len(own) > 1
+
+
+def test_a_pruned_model_that_runs_slower_is_said_to(tmp_path, monkeypatch):
+    import mlopt.compress.prune as prune_step
+
+    def after_is_slower(paths, shape, provider, batch_sizes, iterations):
+        return {1: 1.0}, {1: 1.25}  # before, after: ms at batch 1
+
+    monkeypatch.setattr(prune_step, "interleaved_latency", after_is_slower)
+    out = tmp_path / "p"
+    result = prune("--model", f"{TOY}:tiny_cnn", "--input-shape", "1x1x8x8", "--ratio", 0.5, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["latency_speedup"] == 0.8
+    notes = json.loads((out / "report.json").read_text())["step"]["notes"]
+    assert any(n.startswith("the pruned model ran slower than the original on onnxruntime") and "0.80x" in n
+               and "--round-to 8" in n for n in notes)
