@@ -43,8 +43,13 @@ class GateError(MloptError):
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name): for one-line error messages."""
-    text = _ANSI.sub("", str(exc)).strip()  # libraries colour their messages for a terminal (torch.onnx does)
+    text = without_colours(str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def without_colours(text: str) -> str:
+    """`text` without terminal colour codes (libraries colour their messages for a terminal: torch.onnx does)."""
+    return _ANSI.sub("", text)
 
 
 def format_shape(shape: tuple[int | None, ...] | list[int | None]) -> str:

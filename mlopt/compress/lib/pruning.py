@@ -546,8 +546,8 @@ def prune_safely(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio
 
 def _alike(module: Any, broke: Kept, kept: dict[str, Kept]) -> Kept:
     """The group that broke the pruned model, widened to the same layers of every repeated block when a group of
-    the same layers of another block (the same names but for their indices: blocks.3.attn.qkv, blocks.7.attn.qkv)
-    broke it before: blocks built by the same code fail alike, and keeping one more group whole per round ran out
+    the same layers of another block (the same names but for their indices, blocks.3.attn.qkv and blocks.7.attn.qkv,
+    or for a numbered stage's, layer1.0.conv1 and layer2.0.conv1) broke it before: blocks built by the same code fail alike, and keeping one more group whole per round ran out
     of rounds on a 12-block ViT. One failure alone keeps only its group."""
 
     def pattern(name: str) -> str:  # indices, and numbers ending a container's name (layer1, stage2), made #
@@ -650,9 +650,9 @@ def cut_extra_parameters(extras: dict[Any, list[str]], lost: dict[Any, list[int]
     import torch
 
     for layer, idxs in lost.items():
+        gone = set(idxs)
         for name in extras.get(layer, []):
             param = getattr(layer, name)
-            gone = set(idxs)
             keep = torch.tensor([i for i in range(param.shape[0]) if i not in gone], dtype=torch.long)
             setattr(layer, name, torch.nn.Parameter(param.data[keep].clone(), requires_grad=param.requires_grad))
 

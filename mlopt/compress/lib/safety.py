@@ -101,7 +101,7 @@ def guarded(module: Any) -> Iterator[Trace]:
 
     def indexed_has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
         # Torch-Pruning scans the whole group, comparing index lists, for every dependency it follows: quadratic,
-        # 340 s for one group of a DPN's dense concatenations. The same answer from a set of the group's operations.
+        # minutes for one group of a DPN's dense concatenations. The same answer from a set of the group's operations.
         ops_index = vars(self).get("_mlopt_ops")
         key = _op_key(dep, idxs)
         if ops_index is None or ops_index[1] != len(self._group) or key is None:  # built another way: its own scan

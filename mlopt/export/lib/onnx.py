@@ -14,7 +14,7 @@ from pydantic import Field
 
 from mlopt.core import console
 from mlopt.core.contracts import StepResult
-from mlopt.core.errors import InputError, RunError, first_line, storage_error
+from mlopt.core.errors import InputError, RunError, first_line, storage_error, without_colours
 from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Config
 from mlopt.export.lib.parity import compare
@@ -106,7 +106,7 @@ def export_reason(exc: BaseException) -> str:
     root = chain[-1]
     reason = f"{type(root).__name__}: {first_line(root)}"
     if len(chain) == 1:
-        summary = re.search(r"## Exception summary\s+<class '(?:[\w.]*\.)?(\w+)'>: ([^\n]*)", _ANSI.sub("", str(exc)))
+        summary = re.search(r"## Exception summary\s+<class '(?:[\w.]*\.)?(\w+)'>: ([^\n]*)", without_colours(str(exc)))
         reason = f"{summary.group(1)}: {summary.group(2)}" if summary else reason
     reason = re.sub(r"\s*Next steps:$", "", reason.strip())[:300]
     for e in chain:
@@ -115,9 +115,6 @@ def export_reason(exc: BaseException) -> str:
         if where:
             return f"{reason} (at {where.group(1)}:{where.group(2)}: {where.group(3).strip()[:120]})"
     return reason
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @contextlib.contextmanager
