@@ -241,14 +241,17 @@ def test_near_equal_candidates_are_timed_again_and_a_tie_goes_to_the_closer_to_f
 
 @pytest.mark.slow
 def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path):
-    """With two CPU-bound processes beside it, auto mode still hands back an INT8 model, and one that the idle run
-    timed as fast as its own choice: the same model, or one within the timing noise (at most 10%, plus 5% for the
-    idle run's own timing noise) of it. (Load
-    widens a tie, which then goes to the model closer to FP32; it must never hand back a clearly slower one.)"""
+    """With two CPU-bound processes beside it, auto mode still hands back an INT8 model, and one as fast as the idle
+    run's choice: the same model, or one within the timing noise (at most 10%, plus 5% for the check's own noise) of
+    it. (Load widens a tie, which then goes to the model closer to FP32; it must never hand back a clearly slower
+    one.) The two models are compared once the load is gone, in paired interleaved rounds longer than the runs' own:
+    the candidates of this network are near-equal, and the idle run's best rounds at 9 iterations once put two of them
+    29% apart on a shared runner."""
+    import statistics
     import subprocess
     import sys
 
-    from mlopt.export.lib.timing import NOISE_CAP
+    from mlopt.export.lib.timing import NOISE_CAP, interleaved_rounds
 
     def chosen(out):
         result = ptq("--model", wide_dir, "--data", "digits", "--out", out, *FAST, "--json", "--quiet")
@@ -262,13 +265,16 @@ def test_the_choice_holds_while_another_process_uses_the_cpu(wide_dir, tmp_path)
     finally:
         for p in busy:
             p.kill()
+            p.wait()
     assert idle != "FP32" and loaded != "FP32"
-    if loaded != idle:  # the idle run's own table: the loaded choice is as fast, within the noise
+    if loaded != idle:
         rows = {r["model"]: r for r in candidates(json.loads((tmp_path / "idle" / "report.json").read_text())["step"])}
-        a, b = rows[idle], rows[loaded]
-        speed = (b["batch 1 ms"] * b["batch 8 ms"] / (a["batch 1 ms"] * a["batch 8 ms"])) ** 0.5
-        assert speed <= 1 + NOISE_CAP + 0.05, (idle, loaded, speed)  # 5% for the idle run's own noise
-        assert b["within budget"] and b["faster than FP32"], (idle, loaded)
+        assert rows[loaded]["within budget"] and rows[loaded]["faster than FP32"], (idle, loaded)
+        a, b = interleaved_rounds([tmp_path / "idle" / "model.onnx", tmp_path / "loaded" / "model.onnx"], (3, 32, 32),
+                                  "cpu", [1, 8], iterations=240, rounds=8)
+        ratios = [statistics.median(y / x for x, y in zip(a[k], b[k])) for k in a]
+        speed = (ratios[0] * ratios[1]) ** 0.5
+        assert speed <= 1 + NOISE_CAP + 0.05, (idle, loaded, speed)
 
 
 def test_a_burst_of_load_never_makes_a_model_20_percent_slower_a_tie(tmp_path):
