@@ -176,3 +176,74 @@ def small_swin(num_classes: int = 10) -> nn.Module:
 
     return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
                                               window_size=[4, 4], num_classes=num_classes)
+
+
+class UNet(nn.Module):
+    """A small U-Net: strided convolutions down, transposed convolutions up, skip connections concatenated, and a
+    dense output (batch, classes, height, width) instead of logits."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8):
+        super().__init__()
+        c = width
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.down1, self.down2, self.down3 = block(3, c), block(c, 2 * c, 2), block(2 * c, 4 * c, 2)
+        self.up2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+        self.merge2 = block(4 * c, 2 * c)
+        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.merge1 = block(2 * c, c)
+        self.head = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x):
+        a = self.down1(x)
+        b = self.down2(a)
+        y = self.merge2(torch.cat([self.up2(self.down3(b)), b], 1))
+        return self.head(self.merge1(torch.cat([self.up1(y), a], 1)))
+
+
+def unet(num_classes: int = 4) -> nn.Module:
+    return UNet(num_classes)
+
+
+class TwoHeads(nn.Module):
+    """Class logits and a box, as a tuple."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.cls, self.box = nn.Linear(8, num_classes), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.cls(h), self.box(h)
+
+
+def two_heads(num_classes: int = 10) -> nn.Module:
+    return TwoHeads(num_classes)
+
+
+class WeightNormed(nn.Module):
+    """Convolutions under weight norm, as audio models use it: one parametrized (torch.nn.utils.parametrizations),
+    one with the older hook (torch.nn.utils.weight_norm), and a spectral-normed Linear."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        import warnings
+
+        self.c1 = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 16, 3, padding=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the older hook is deprecated, and still in models
+            self.c2 = nn.utils.weight_norm(nn.Conv2d(16, 32, 3, padding=1))
+        self.mid = nn.utils.parametrizations.spectral_norm(nn.Linear(32, 32))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x)).mean((2, 3))
+        return self.fc(torch.relu(self.mid(x)))
+
+
+def weight_normed(num_classes: int = 10) -> nn.Module:
+    return WeightNormed(num_classes)

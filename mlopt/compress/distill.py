@@ -18,7 +18,7 @@ from mlopt.core.contracts import Pass, StepResult, cli, names_file
 from mlopt.core.errors import InputError
 from mlopt.runtime import hf
 from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
-from mlopt.runtime.data import check_labels, first_inputs
+from mlopt.runtime.data import check_labels, first_inputs, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
 from mlopt.runtime.models import build_module, count_params, probe_output
 from mlopt.runtime.sharding import local_bytes
@@ -102,6 +102,7 @@ class DistillPass(Pass):
 
         if getattr(ctx.data, "text", False):
             return self._run_text(artifact, config, ctx)
+        require_labels(ctx.data, "distill")  # the teacher and student are scored on them, the student trained on them
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
         teacher_note = shard_frozen(teacher, config, first_inputs(ctx.data, 1)) if config.shard_teacher else None

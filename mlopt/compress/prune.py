@@ -25,9 +25,9 @@ from mlopt.core.sections import Bars, Config, Latency, Table
 from mlopt.export.lib.onnx import export_either, text_options
 from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
-from mlopt.runtime.data import count
+from mlopt.runtime.data import count, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
-from mlopt.runtime.models import changed_attributes, shape_attributes
+from mlopt.runtime.models import bake_reparametrized, changed_attributes, reparametrized, shape_attributes
 
 
 class PruneConfig(Config):
@@ -104,9 +104,9 @@ class PrunePass(Pass):
         data = ctx.data
         labeled = data is not None and data.labeled
         if config.finetune_epochs and not labeled:
-            raise InputError("fine-tuning after pruning needs labelled data: give --data")
+            _no_labels(data, "fine-tuning after pruning")
         if config.importance == "taylor" and not labeled:
-            raise InputError("importance 'taylor' needs labelled data (it scores weights by their gradients): give --data")
+            _no_labels(data, "importance 'taylor' (it scores weights by their gradients)")
         if (config.importance == "activation" or config.reconstruct) and data is None:
             raise InputError(f"{'--reconstruct' if config.reconstruct else 'importance activation'} reads the "
                              "model's inputs (labels unused): give --data")
@@ -180,6 +180,14 @@ class PrunePass(Pass):
                     finetune: Any) -> tuple[Any, dict]:
         """Remove channels (and heads) in `config.steps` steps, each from a fresh graph of the model as it is then;
         returns the pruned model and the builder with its pruned shapes."""
+        baked = []
+        if reparametrized(module):  # weight norm and the like: pruned as the plain weights they compute, on a copy
+            module = copy.deepcopy(module)
+            baked = bake_reparametrized(module)
+            notes.append(f"the reparametrized weights of {_listed(baked)} (weight norm, spectral norm, ...) were "
+                         "replaced by the plain weights they compute (same outputs), so that their channels can be cut; "
+                         "training after this step trains the plain weights")
+            console.info(notes[-1])
         before_shapes, before_heads = shape_attributes(module), head_counts(module)
         ratio, kept = config.ratio, {}
         cal = None
@@ -244,6 +252,8 @@ class PrunePass(Pass):
                  series={"before": [before_heads[n] for n in cut], "after": [heads[n] for n in cut]}))
             if bars.labels]
         builder = {**artifact.builder, "pruned": {**(artifact.builder or {}).get("pruned", {}), **pruned}}
+        if baked:  # a reload builds the reparametrized model and bakes these before loading the plain weights
+            builder["baked"] = sorted({*(artifact.builder or {}).get("baked", []), *baked})
         if "hf" in builder and cut:  # onnxruntime's transformer optimizer fuses attention with this head count
             left = set(heads.values())
             builder["hf"] = {**builder["hf"], "num_heads": left.pop() if len(left) == 1 else 0}  # 0: its own guess
@@ -316,3 +326,14 @@ def _before_after(before: dict[str, dict[str, Any]], pruned: dict[str, dict[str,
     changed = [(name, key) for name, attrs in pruned.items() for key in keys if key in attrs]
     return Bars(title=title, labels=[name for name, _ in changed],
                 series={"before": [before[n][k] for n, k in changed], "after": [pruned[n][k] for n, k in changed]})
+
+
+def _no_labels(data: Any, why: str) -> None:
+    """Refuse `why` for want of labels, saying why the data has none (require_labels), or that none was given."""
+    if data is None:
+        raise InputError(f"{why} needs labelled data: give --data")
+    require_labels(data, why)
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlopt.core import console
 from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
-from mlopt.runtime.models import apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output
+from mlopt.runtime.models import (apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output,
+                                  probe_output_shape)
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
@@ -48,7 +50,28 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
         raise InputError(f"{recipe.model.spec} is a text model: give --data text:FILE (one example a line), not {data.name}")
     if data is not None and data.text:
         data = hf.tokenize(data, text_spec, data_cfg.max_length)
-    return initial_artifact(recipe, data, loaded), data
+    artifact = initial_artifact(recipe, data, loaded)
+    dense = dense_output(artifact) if data is not None and data.labeled else None
+    if dense is not None:  # labels cannot score such an output; the inputs still serve (calibration, fidelity)
+        data = data.inputs_only(f"the model returns {dense}, not logits (batch, classes): the labels of "
+                                f"{data.name!r} cannot score it")
+        console.warn(f"the model returns {dense}, not logits (batch, classes): the labels of {data.name!r} are not "
+                     "used; its inputs are, and models are compared by the cosine of their outputs")
+    return artifact, data
+
+
+def dense_output(artifact: "Artifact") -> str | None:
+    """The output's shape (as text) where it is not logits (batch, classes): a segmentation map, a feature map."""
+    if artifact.format == "torch" and artifact.num_classes is None and not hf.is_text_artifact(artifact):
+        return format_shape(probe_output_shape(artifact.module, tuple(artifact.sample_shape)))
+    if artifact.format == "onnx" and artifact.onnx_path is not None:
+        import onnx
+
+        output = onnx.load(str(artifact.onnx_path), load_external_data=False).graph.output[0]
+        dims = output.type.tensor_type.shape.dim
+        if dims and len(dims) != 2:
+            return format_shape(tuple(d.dim_value if d.HasField("dim_value") else None for d in dims))
+    return None
 
 
 def is_decoder_spec(spec: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
-from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
+from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -304,6 +304,11 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     _check_builder(path, builder, meta.get("builder_signature"))
     module = build_module(builder["spec"], builder.get("num_classes"))
     state = load_state_dict_file(path / TORCH_FILE)
+    baked = builder.get("baked")
+    if baked is not None:
+        if not isinstance(baked, list) or not all(isinstance(n, str) for n in baked):
+            raise InputError(f"{path / META_FILE} is corrupt: baked must be a list of module names")
+        bake_reparametrized(module, baked)
     if builder.get("pruned"):
         apply_recorded_shapes(module, builder["pruned"], state)
     apply_state_dict(module, state, str(path / TORCH_FILE))

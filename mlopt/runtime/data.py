@@ -69,12 +69,37 @@ class Dataset:
     num_classes: int | None  # None: no labels
     text: bool = False  # lines of text: tokenized for an hf: model before use (mlopt.runtime.hf.tokenize)
 
+    unlabelled_why: str | None = None  # why the source's labels are not used (`inputs_only`)
+
     @property
     def labeled(self) -> bool:
         return self.num_classes is not None
 
+    def inputs_only(self, why: str) -> "Dataset":
+        """The same inputs without their labels: for a model whose output labels cannot score (a dense output).
+        Batches are (inputs,), as random:SHAPE's are."""
+        from dataclasses import replace
+
+        return replace(self, train=_InputsOnly(self.train), val=_InputsOnly(self.val), num_classes=None,
+                       unlabelled_why=why)
+
+
+class _InputsOnly:
+    """A map-style dataset's samples without their labels."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any]:
+        return (self.dataset[i][0],)
+
 
 def require_labels(data: Dataset, why: str) -> None:
+    if getattr(data, "unlabelled_why", None) is not None:  # duck-typed data (the Python API, tests) may lack it
+        raise InputError(f"{why} needs labels that score the model's output, and {data.unlabelled_why}")
     if not data.labeled:
         hint = {"random": " (random data is for calibration and benchmarking)",
                 "text": " (text:FILE is one unlabelled example a line)"}.get(data.name.split(":")[0], "")
@@ -394,9 +419,10 @@ def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) 
                       num_workers=0)
 
 
-def check_labels(data: Dataset, num_classes: int) -> None:
-    """Labels outside the model's classes are an input error, not a CUDA assert or a silent wrap."""
-    if data.num_classes is not None and data.num_classes > num_classes:
+def check_labels(data: Dataset, num_classes: int | None) -> None:
+    """Labels outside the model's classes are an input error, not a CUDA assert or a silent wrap. (A model with a
+    dense output has no classes: `inputs_only` takes such data's labels away.)"""
+    if data.num_classes is not None and num_classes is not None and data.num_classes > num_classes:
         raise InputError(f"data {data.name!r} has labels up to {data.num_classes - 1} but the model has "
                          f"{num_classes} classes")
 

@@ -263,8 +263,16 @@ def _channel_fix(conv: tuple[str, Any] | None, data_channels: int) -> str | None
     return text
 
 
-def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> int:
-    """Run one dummy sample through the model; return the number of output classes.
+def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> int | None:
+    """The number of output classes (`probe_output_shape`'s second dimension), or None for a dense output (a
+    segmentation map, a feature map, an image: such a model is compared by its outputs, not scored on labels)."""
+    shape = probe_output_shape(module, sample_shape, spec)
+    return shape[1] if len(shape) == 2 else None
+
+
+def probe_output_shape(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> tuple[int, ...]:
+    """Run one dummy sample through the model; return its output's shape (batch first): logits (1, classes) or a
+    dense output such as (1, channels, height, width).
 
     A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
     the fix: the channels the model's first convolution takes (the first one the input reaches, found
@@ -305,10 +313,11 @@ def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = 
     finally:
         for h in handles:
             h.remove()
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise InputError(f"the model must return logits of shape (batch, classes); it returned {shape}")
-    return int(y.shape[1])
+    if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.shape[0] != 1:
+        shape = format_shape(tuple(y.shape)) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise InputError(f"the model must return one tensor with a batch axis (logits of shape (batch, classes), or "
+                         f"a dense output such as (batch, channels, height, width)); it returned {shape}")
+    return tuple(int(d) for d in y.shape)
 
 
 def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:
@@ -333,6 +342,45 @@ def changed_attributes(before: dict[str, dict[str, Any]], after: dict[str, dict[
     changed = {name: {k: v for k, v in attrs.items() if before.get(name, {}).get(k) != v}
                for name, attrs in after.items()}
     return {name: diff for name, diff in changed.items() if diff}
+
+
+def reparametrized(module: Any) -> list[str]:
+    """The submodules whose weights are computed from other tensors on every call: torch.nn.utils.parametrize
+    (weight_norm, spectral_norm, orthogonal in torch.nn.utils.parametrizations) or the older weight_norm and
+    spectral_norm hooks (`weight_g`/`weight_v`, `weight_orig`)."""
+    from torch.nn.utils import parametrize
+
+    return [name for name, m in module.named_modules()
+            if parametrize.is_parametrized(m) or any(type(h).__name__ in _NORM_HOOKS for h in m._forward_pre_hooks.values())]
+
+
+_NORM_HOOKS = ("WeightNorm", "SpectralNorm")
+
+
+def bake_reparametrized(module: Any, names: list[str] | None = None) -> list[str]:
+    """Replace each reparametrized weight (`reparametrized`) by a plain parameter holding its current value: the
+    module computes the same outputs, and structured pruning can cut the weight itself (Torch-Pruning replaces
+    `weight`, which a parametrization or a norm hook computes, and fails with "attribute 'weight' already exists").
+    `names` (a pruned model's model.json) bakes those submodules of a freshly built model; returns what was baked."""
+    from torch.nn.utils import parametrize
+
+    found = reparametrized(module)
+    if names is not None:
+        unknown = sorted(set(names) - set(found))
+        if unknown:
+            raise InputError(f"model.json records reparametrized weights in {unknown[0]!r}, which the model does not "
+                             "reparametrize")
+        found = [n for n in found if n in set(names)]
+    for name in found:  # not under no_grad: there remove_parametrizations leaves a plain tensor, not a Parameter
+        m = module.get_submodule(name)
+        if parametrize.is_parametrized(m):
+            for tensor in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, tensor, leave_parametrized=True)
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if type(hook).__name__ in _NORM_HOOKS:
+                hook.remove(m)  # sets the hook's tensor to its current value, as a plain parameter
+                del m._forward_pre_hooks[key]
+    return found
 
 
 def apply_recorded_shapes(module: Any, recorded: dict[str, dict[str, Any]], state: dict[str, Any]) -> None:

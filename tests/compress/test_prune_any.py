@@ -150,3 +150,39 @@ def test_runaway_groups_are_stopped_and_kept_whole():
     runaway = [k for k in outcome.kept.values() if "multiply through reshapes" in k.reason]
     assert runaway and all(k.outputs for k in runaway)
     assert outcome.module(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_weight_normed_layers_are_pruned_as_their_plain_weights_and_reload(tmp_path):
+    """Torch-Pruning cannot replace a weight that weight norm computes ("attribute 'weight' already exists"): such
+    weights are baked into plain ones first (same outputs), and a reload bakes the rebuilt model alike."""
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "--model", f"{USER}:weight_normed", "--input-shape", "1x3x16x16",
+                                 "--ratio", "0.5", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["macs_ratio"] > 2
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["builder"]["baked"] == ["c1", "c2", "mid"]
+    report = json.loads((out / "report.json").read_text())["step"]
+    assert any("replaced by the plain weights" in n for n in report["notes"])
+    module = load_artifact(out).module
+    assert module.c1.weight.shape[0] == 8 and module.c2.weight.shape[0] == 16
+    x = torch.randn(2, 3, 16, 16)
+    result = runner.invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "e"), "--json", "--quiet"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["max_abs_error"] < 1e-4, result.output
+    with torch.no_grad():
+        assert module(x).shape == (2, 10)
+
+
+def test_a_forged_baked_list_is_refused_in_one_line(tmp_path):
+    from mlopt.runtime.artifacts import _sign
+
+    out = tmp_path / "p"
+    assert runner.invoke(app, ["prune", "--model", f"{USER}:weight_normed", "--input-shape", "1x3x16x16",
+                               "--ratio", "0.5", "--out", str(out), "--quiet"]).exit_code == 0
+    meta = json.loads((out / "model.json").read_text())
+    for forged, why in (("c1", "baked must be a list"), (["fc"], "does not reparametrize")):
+        meta["builder"]["baked"] = forged
+        meta["builder_signature"] = _sign(meta["builder"])  # as this user's own edit: signed, and still refused
+        (out / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(InputError, match=why):
+            load_artifact(out)

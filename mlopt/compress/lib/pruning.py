@@ -406,7 +406,9 @@ def make_pruner(module: Any, sample: Sample, cfg: Any, ratio: float, head_ratio:
         else:  # a block that infers its head count reshapes by a fixed head size: its heads cannot lose dims
             ignored = [*ignored, *(layer for block in blocks if block.attr is None for layer in block.layers)]
 
-    importance = activation_importance(module, cal) if cal is not None and cal.energy \
+    # Activation importance scores what a Linear reads and the rest by L2: a model without Linears (a U-Net) measures
+    # no energy and is ranked by L2 alone.
+    importance = activation_importance(module, cal) if cal is not None and cfg.importance == "activation" \
         else make_importance(cfg.importance)
     shared = shared_position_biases(module, blocks) if blocks else []
     pruner_of: dict[str, Any] = {}
