@@ -87,3 +87,18 @@ def test_probe_rejects_wrong_shape():
     assert probe_output(m, (1, 8, 8)) == 10
     with pytest.raises(InputError, match="rejects input of shape 1x3x8x8"):
         probe_output(m, (3, 8, 8))
+
+
+def test_torchvision_video_and_segmentation_models_build_with_their_default_shapes():
+    import torch
+
+    from mlopt.runtime.models import torchvision_default_shape
+
+    assert torchvision_default_shape("resnet18") == (3, 224, 224)
+    assert torchvision_default_shape("r3d_18") == (3, 16, 112, 112)
+    assert torchvision_default_shape("mvit_v1_b") == (3, 16, 224, 224)
+    seg = build_module("torchvision:lraspp_mobilenet_v3_large", 5).eval()
+    with torch.no_grad():
+        assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)  # the map, not the dict
+    with pytest.raises(InputError, match="unknown torchvision classification, video or segmentation model 'fasterrcnn"):
+        build_module("torchvision:fasterrcnn_resnet50_fpn", 3)

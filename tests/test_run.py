@@ -195,10 +195,10 @@ def test_recipe_validate_and_schema(tmp_path):
 
 
 @pytest.mark.parametrize("spec, step, message", [
-    ("torchvision:resnet1", {"type": "train"}, "model: spec: unknown torchvision classification model 'resnet1'; did you mean resnet18"),
+    ("torchvision:resnet1", {"type": "train"}, "model: spec: unknown torchvision classification, video or segmentation model 'resnet1'; did you mean resnet18"),
     ("torch vision:resnet18", {"type": "train"}, "model: spec: unrecognised model 'torch vision:resnet18': unknown prefix"),
     ("torchvision:resnet18", {"type": "distill", "teacher": "torchvision:resnet05"},
-     "steps[0] (distill): teacher: unknown torchvision classification model 'resnet05'"),
+     "steps[0] (distill): teacher: unknown torchvision classification, video or segmentation model 'resnet05'"),
 ])
 def test_recipe_validate_refuses_model_specs_that_cannot_name_a_model(tmp_path, spec, step, message):
     """A spec's form is checked without any file: an unknown prefix or a torchvision name torchvision lacks is

@@ -247,3 +247,22 @@ class WeightNormed(nn.Module):
 
 def weight_normed(num_classes: int = 10) -> nn.Module:
     return WeightNormed(num_classes)
+
+
+class AudioGru(nn.Module):
+    """A 1-d convolution front end and a GRU over its time steps, as small audio and sensor models are built."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv1d(1, 16, 5, stride=2), nn.BatchNorm1d(16), nn.ReLU(), nn.Conv1d(16, 32, 3),
+                                   nn.ReLU())
+        self.gru = nn.GRU(32, 24, batch_first=True)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        out, _ = self.gru(self.front(x).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+def audio_gru(num_classes: int = 10) -> nn.Module:
+    return AudioGru(num_classes)

@@ -11,7 +11,7 @@ from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
 from mlopt.runtime.models import (apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output,
-                                  probe_output_shape)
+                                  probe_output_shape, torchvision_default_shape)
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
@@ -151,7 +151,7 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
                         module=module, origin=cfg.spec)
     if shape is None and not cfg.spec.startswith("torchvision:"):
         raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
-    shape = shape or (3, 224, 224)
+    shape = shape or torchvision_default_shape(cfg.spec.partition(":")[2])
     classes = probe_output(module, tuple(shape), cfg.spec)
     if data is not None:
         check_labels(data, classes)

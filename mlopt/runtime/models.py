@@ -106,15 +106,41 @@ def build_module(spec: str, num_classes: int | None) -> Any:
     raise InputError(f"unrecognised model {spec!r}: unknown prefix {prefix!r}")
 
 
-def _build_torchvision_name(name: str) -> None:
-    """Refuse a name torchvision has no classification model for, with the closest names."""
+def _torchvision_task(name: str) -> str | None:
+    """Which of torchvision's model families has `name`: classification (logits), video (logits of a clip) or
+    segmentation (a dense map); None for none of them (detection and optical flow return lists and dicts)."""
     import torchvision
 
-    names = sorted(torchvision.models.list_models(module=torchvision.models))
-    if name not in names:
+    for task, module in (("classification", torchvision.models), ("video", torchvision.models.video),
+                         ("segmentation", torchvision.models.segmentation)):
+        if name in torchvision.models.list_models(module=module):
+            return task
+    return None
+
+
+def _build_torchvision_name(name: str) -> None:
+    """Refuse a name torchvision has no classification, video or segmentation model for, with the closest names."""
+    import torchvision
+
+    if _torchvision_task(name) is None:
+        names = sorted({*torchvision.models.list_models(module=torchvision.models),
+                        *torchvision.models.list_models(module=torchvision.models.video),
+                        *torchvision.models.list_models(module=torchvision.models.segmentation)})
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
-        raise InputError(f"unknown torchvision classification model {name!r}{hint}")
+        raise InputError(f"unknown torchvision classification, video or segmentation model {name!r}{hint}")
+
+
+def torchvision_default_shape(name: str) -> tuple[int, ...]:
+    """One sample's shape when none is given: 3x224x224 images; for a video model 16 frames at its weights'
+    crop size (3x16x112x112 for r3d_18)."""
+    if _torchvision_task(name) != "video":
+        return (3, 224, 224)
+    import torchvision
+
+    crop = getattr(torchvision.models.get_model_weights(name).DEFAULT.transforms, "keywords", {}).get("crop_size")
+    side = crop[0] if isinstance(crop, tuple) else 112
+    return (3, 16, side, side)
 
 
 def _build_torchvision(name: str, num_classes: int | None) -> Any:
@@ -126,7 +152,25 @@ def _build_torchvision(name: str, num_classes: int | None) -> Any:
         kwargs["num_classes"] = num_classes
     if name.startswith(("inception", "googlenet")):
         kwargs.update(aux_logits=False, init_weights=False)
+    if _torchvision_task(name) == "segmentation":  # no backbone download, no auxiliary head: the map alone
+        return _segmentation_output()(torchvision.models.get_model(name, weights_backbone=None, aux_loss=False,
+                                                                   **kwargs))
     return torchvision.models.get_model(name, **kwargs)
+
+
+def _segmentation_output() -> Any:
+    """A module that hands on a torchvision segmentation model's map (its output dict's "out")."""
+    import torch
+
+    class SegmentationOutput(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any) -> Any:
+            return self.model(x)["out"]
+
+    return SegmentationOutput
 
 
 def _import_file(path: Path) -> Any:

@@ -117,10 +117,13 @@ def test_the_issue_model_prunes_and_exports_with_parity(tmp_path):
     ("torchvision:regnet_y_400mf", "1x3x32x32"),
     (f"{USER}:small_vit", "1x3x32x32"),
     (f"{USER}:small_swin", "1x3x64x64"),
+    ("torchvision:r3d_18", "1x3x4x32x32"),
+    ("torchvision:lraspp_mobilenet_v3_large", "1x3x64x64"),
 ], ids=lambda v: v.split(":")[-1] if ":" in v else None)
 @pytest.mark.slow
 def test_torchvision_families_prune_run_and_export(spec, shape, tmp_path):
-    """A representative of each torchvision family (benchmarks/prune_torchvision.py runs them all)."""
+    """A representative of each torchvision family (benchmarks/prune_torchvision.py runs them all); a video
+    classifier (a clip: 1x3xFRAMESxHxW) and a segmentation model (its map, the output dict's "out") too."""
     out = tmp_path / "p"
     result = runner.invoke(app, ["prune", "--model", spec, "--num-classes", "10", "--input-shape", shape, "--ratio", "0.5",
                                  "--no-latency", "--out", str(out), "--json", "--quiet"])
@@ -130,7 +133,8 @@ def test_torchvision_families_prune_run_and_export(spec, shape, tmp_path):
     exported = runner.invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "e"), "--json", "--quiet"])
     assert exported.exit_code == 0, exported.output
     dims = [int(d) for d in shape.split("x")]
-    assert load_artifact(out).module.eval()(torch.zeros(dims)).shape == (1, 10)
+    segmentation = spec.endswith("lraspp_mobilenet_v3_large")
+    assert load_artifact(out).module.eval()(torch.zeros(dims)).shape == ((1, 10, *dims[2:]) if segmentation else (1, 10))
 
 
 def test_unreachable_target_says_groups_were_kept_whole():

@@ -155,7 +155,17 @@ def export_either(module: Any, sample_shape: tuple[int, ...], path: Path, opset:
                   fallback: bool = True, **options: Any) -> tuple[str, str | None]:
     """export_onnx with `exporter`, then (with `fallback`) the other one if it fails for a reason other than the
     disk; returns (the exporter used, a note saying why when it is not `exporter`). Both failing raises the
-    first error with the second's named in it."""
+    first error with the second's named in it. With `fallback` (the user did not choose), a model with recurrent
+    layers goes to the TorchScript exporter first (`recurrent_layers`)."""
+    recurrent = recurrent_layers(module) if fallback and exporter == "dynamo" else []
+    if recurrent:
+        used, note = export_either(module, sample_shape, path, opset, "torchscript", True, **options)
+        why = (f"the model has recurrent layers ({', '.join(recurrent[:3])}{', ...' if len(recurrent) > 3 else ''}), "
+               "which the dynamo exporter unrolls step by step while it traces (minutes on long sequences) before "
+               "writing the same ONNX op")
+        note = f"{why}; exported with the TorchScript exporter" if used == "torchscript" else f"{why}; {note}"
+        console.info(note)
+        return used, note
     try:  # a full disk is an InputError, not a RunError: it is raised as it is
         export_onnx(module, sample_shape, path, opset, exporter, **options)
         return exporter, None
@@ -173,6 +183,16 @@ def export_either(module: Any, sample_shape: tuple[int, ...], path: Path, opset:
             f"exported with the {other} exporter instead")
     console.warn(note)
     return other, note
+
+
+def recurrent_layers(module: Any) -> list[str]:
+    """The model's LSTM, GRU and RNN layers. torch's dynamo exporter traces them through their Python
+    decomposition, one time step after another with symbolic shapes, and then writes one ONNX LSTM/GRU/RNN node
+    anyway: a GRU over 248 steps took 31 s against 4 s for the TorchScript exporter, over 498 steps 57 s against
+    4.4 s, and onnxruntime ran both graphs as fast. (torch 2.14.1, 2 cores.)"""
+    import torch
+
+    return [name for name, m in module.named_modules() if isinstance(m, torch.nn.RNNBase)]
 
 
 def _without_hint(exc: Exception) -> str:
