@@ -22,7 +22,7 @@ from mlopt.core.errors import InputError
 from mlopt.run.recipe import Recipe, load_recipe, recipe_from_dict
 from mlopt.run.runner import RunResult, run_recipe
 from mlopt.runtime.artifacts import Artifact
-from mlopt.runtime.models import probe_output
+from mlopt.runtime.models import as_float32, probe_output, refuse_scripted
 
 __all__ = ["Recipe", "RunResult", "run", "step"]
 
@@ -113,7 +113,9 @@ def _module_artifact(model: Any, shape: tuple[int, ...]) -> Any:
 
     if len(shape) < 2:
         raise InputError(f"example_input of shape {tuple(shape)} has no batch axis; give e.g. torch.zeros(1, 3, 32, 32)")
-    module, spec = copy.deepcopy(model).cpu(), _spec(model, True)
+    spec = _spec(model, True)
+    refuse_scripted(model, spec)
+    module = as_float32(copy.deepcopy(model).cpu(), spec)
     classes = probe_output(module, shape[1:], spec)
     return Artifact(format="torch", sample_shape=shape[1:], num_classes=classes, module=module, origin=spec,
                     builder={"spec": None, "num_classes": classes, "module": spec[len("<module "):-1]})

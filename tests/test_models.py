@@ -102,3 +102,26 @@ def test_torchvision_video_and_segmentation_models_build_with_their_default_shap
         assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)  # the map, not the dict
     with pytest.raises(InputError, match="unknown torchvision classification, video or segmentation model 'fasterrcnn"):
         build_module("torchvision:fasterrcnn_resnet50_fpn", 3)
+
+
+def test_float16_weights_are_worked_on_in_float32_with_a_warning(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlopt.cli.main import app
+
+    out = tmp_path / "p"
+    result = CliRunner().invoke(app, ["prune", "--model", "tests/user_models.py:half_cnn", "--input-shape", "1x3x16x16",
+                                      "--ratio", "0.5", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "its weights are float16; mlopt works on the model in float32" in result.stderr
+    assert json.loads(result.stdout)["macs_ratio"] > 2
+
+
+def test_a_model_with_a_scripted_block_is_refused_in_one_line():
+    from mlopt.runtime.models import build_module
+
+    with pytest.raises(InputError, match=r"^tests/user_models.py:scripted_block: 0 is a TorchScript module .* plain "
+                                         r"torch.nn.Module code$"):
+        build_module("tests/user_models.py:scripted_block", 10)

@@ -266,3 +266,19 @@ class AudioGru(nn.Module):
 
 def audio_gru(num_classes: int = 10) -> nn.Module:
     return AudioGru(num_classes)
+
+
+def half_cnn(num_classes: int = 10) -> nn.Module:
+    """A model whose weights are float16, as checkpoints often are."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes)).half()
+
+
+def scripted_block(num_classes: int = 10) -> nn.Module:
+    """A model with a torch.jit.script'ed block inside."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, and still in models
+        block = torch.jit.script(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()))
+    return nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))

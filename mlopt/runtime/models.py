@@ -208,7 +208,45 @@ def _call_factory(module: Any, name: str, num_classes: int | None, spec: str) ->
         raise InputError(f"{spec!r}: the factory raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{spec!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    refuse_scripted(model, spec)
+    return as_float32(model, spec)
+
+
+def refuse_scripted(module: Any, origin: str) -> None:
+    """TorchScript modules (torch.jit.script, torch.jit.trace, torch.jit.load) inside a model: Torch-Pruning cannot
+    hook or change their layers and neither ONNX exporter can trace through them (measured: prune raised
+    "register_forward_hook is not supported on ScriptModules", export "Sequential.forward() takes 2 positional
+    arguments but 3 were given"), so the model is refused at once, in one line."""
+    import torch
+
+    scripted: list[str] = []
+    for name, m in module.named_modules():  # outermost first: a scripted module's own children are not named
+        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{s}.") for s in scripted if s):
+            scripted.append(name)
+    scripted = [name or "the model itself" for name in scripted]
+    if scripted:
+        raise InputError(f"{origin}: {', '.join(scripted[:3])}{' and more' if len(scripted) > 3 else ''} "
+                         f"{'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
+                         "(torch.jit.script, trace or load), which mlopt can neither prune nor export: build the "
+                         "model from its plain torch.nn.Module code")
+
+
+def as_float32(module: Any, origin: str) -> Any:
+    """A model whose weights are float16 or bfloat16 is turned to float32 (lossless), with a warning: mlopt prunes,
+    trains on the CPU and exports in float32 (onnxruntime's CPU kernels), then quantizes; fed float32 inputs, the
+    model as it came failed on its first layer ("Input type (float) and bias type (c10::Half) should be the
+    same")."""
+    import torch
+
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in (*module.parameters(), *module.buffers())
+                  if t.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        from mlopt.core import console
+
+        console.warn(f"{origin}: its weights are {' and '.join(low)}; mlopt works on the model in float32 (every "
+                     "value kept exactly), as onnxruntime's CPU kernels run it")
+        module.float()
+    return module
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
