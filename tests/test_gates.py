@@ -125,11 +125,11 @@ def test_the_cosine_gate_reads_the_chains_fidelity_to_the_baseline(final):
                               final, text, comparison)
         assert rows[0] == {"gate": "min_cosine", "expected": f">= {threshold}", "measured": 0.9812, "passed": passed}
         assert rows[1]["gate"] == "min_speedup" and rows[1]["passed"]
-    with pytest.raises(InputError, match="min_cosine gate compares encoders' outputs on text"):
+    with pytest.raises(InputError, match="min_cosine gate compares outputs on unlabelled data"):
         check_family(GatesConfig(min_cosine=0.99), decoder=False, data=SimpleNamespace(text=False, labeled=True))
     with pytest.raises(InputError, match="the min_cosine gate does not apply to a decoder"):
         check_family(GatesConfig(min_cosine=0.99), decoder=True, data=text)
-    with pytest.raises(InputError, match="min_cosine gate needs text"):
+    with pytest.raises(InputError, match="min_cosine gate needs data to compare outputs on"):
         check_family(GatesConfig(min_cosine=0.99), decoder=False, data=None)
     with pytest.raises(InputError, match="max_accuracy_drop gate needs labelled data, and text:FILE has none"):
         check_family(GatesConfig(max_accuracy_drop=0.01), decoder=False, data=text)

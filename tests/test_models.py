@@ -104,6 +104,7 @@ def test_torchvision_video_and_segmentation_models_build_with_their_default_shap
         build_module("torchvision:fasterrcnn_resnet50_fpn", 3)
 
 
+@pytest.mark.slow
 def test_float16_weights_are_worked_on_in_float32_with_a_warning(tmp_path):
     import json
 

@@ -282,3 +282,15 @@ def scripted_block(num_classes: int = 10) -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, and still in models
         block = torch.jit.script(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()))
     return nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+class DictHeads(TwoHeads):
+    """The same heads, returned as a dict."""
+
+    def forward(self, x):
+        h = self.features(x)
+        return {"classes": self.cls(h), "box": self.box(h)}
+
+
+def dict_heads(num_classes: int = 10) -> nn.Module:
+    return DictHeads(num_classes)

@@ -275,7 +275,7 @@ def _finish(st: QATState, config: QATConfig, fitted: dict[str, Any], out: Path) 
     trained_outputs = quality.outputs(st.trained_int8)
     trained_acc = quality.metrics(trained_outputs)["accuracy"]
     start_acc = quality.score(st.start_int8)["accuracy"]
-    agreement = float((np.concatenate(trained_outputs).argmax(1) == st.sim_logits.argmax(1)).mean())
+    agreement = float((np.concatenate([outs[0] for outs in trained_outputs]).argmax(1) == st.sim_logits.argmax(1)).mean())
     # Never worse than its own starting point: training is kept unless it lost accuracy (a tie keeps it).
     chosen = "trained" if trained_acc >= start_acc else "start"
     int8, int8_acc = (st.trained_int8, trained_acc) if chosen == "trained" else (st.start_int8, start_acc)

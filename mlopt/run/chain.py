@@ -79,7 +79,8 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
     """One row per (label, model): accuracy, latency per batch size and size, all measured alike.
 
     With no batch sizes nothing is timed (accuracy only); without labelled data accuracy is None. On text
-    (tokenized, unlabelled) each row gets its cosine to the outputs of `members[reference]` (the baseline).
+    or any unlabelled data (random inputs; a dense or multi-output model's inputs) each row gets its cosine to the
+    outputs of `members[reference]` (the baseline).
     """
     from mlopt.quant.lib.quantize import Quality
 
@@ -87,7 +88,7 @@ def measure(members: list[tuple[str, "Artifact"]], data: "Dataset | None", provi
     with tempfile.TemporaryDirectory(prefix="mlopt-chain-") as tmp:
         with console.quieted():
             paths = [as_onnx(artifact, Path(tmp) / f"{i:02d}.onnx") for i, (_, artifact) in enumerate(members)]
-        fidelity = Quality(paths[reference], data, batch=ACCURACY_BATCH) if data is not None and data.text else None
+        fidelity = Quality(paths[reference], data, batch=ACCURACY_BATCH) if data is not None and not labeled else None
         rows = []
         for (label, artifact), path in zip(members, paths):
             accuracy = None

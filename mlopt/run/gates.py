@@ -94,11 +94,13 @@ def check_family(gates: "GatesConfig", decoder: bool, data: Any = None, exported
     if gates.max_accuracy_drop is not None and data is not None and getattr(data, "text", False):
         raise InputError("the max_accuracy_drop gate needs labelled data, and text:FILE has none: the min_cosine "
                          "gate measures an encoder's fidelity to the baseline instead")
-    if gates.min_cosine is not None and data is not None and not data.text:
-        raise InputError("the min_cosine gate compares encoders' outputs on text: give 'data: {source: text:FILE}' "
-                         "(labelled data has the max_accuracy_drop gate)")
+    if gates.min_cosine is not None and data is not None and data.labeled:
+        raise InputError("the min_cosine gate compares outputs on unlabelled data (text:FILE for an encoder, "
+                         "random:SHAPE, or the inputs of a model whose output labels cannot score): labelled data "
+                         "has the max_accuracy_drop gate")
     if gates.min_cosine is not None and data is None:
-        raise InputError("the min_cosine gate needs text: add 'data: {source: text:FILE}' to the recipe")
+        raise InputError("the min_cosine gate needs data to compare outputs on: add 'data: {source: text:FILE}' for an "
+                         "encoder, or 'data: {source: random:SHAPE}' to the recipe")
 
 
 def decoder_gates(gates: "GatesConfig", baseline: Any, final: Any, data: Any) -> list[dict[str, Any]]:

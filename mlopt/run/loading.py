@@ -11,7 +11,7 @@ from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
 from mlopt.runtime.models import (apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output,
-                                  probe_output_shape, torchvision_default_shape)
+                                  probe_output_shapes, torchvision_default_shape)
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
@@ -54,23 +54,25 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     dense = dense_output(artifact) if data is not None and data.labeled else None
     if dense is not None:  # labels cannot score such an output; the inputs still serve (calibration, fidelity)
         data = data.inputs_only(f"the model returns {dense}, not logits (batch, classes): the labels of "
-                                f"{data.name!r} cannot score it")
+                                f"{data.name!r} cannot score that")
         console.warn(f"the model returns {dense}, not logits (batch, classes): the labels of {data.name!r} are not "
                      "used; its inputs are, and models are compared by the cosine of their outputs")
     return artifact, data
 
 
 def dense_output(artifact: "Artifact") -> str | None:
-    """The output's shape (as text) where it is not logits (batch, classes): a segmentation map, a feature map."""
+    """The output's shapes (as text) where they are not logits (batch, classes): a segmentation map, a feature map,
+    several outputs."""
     if artifact.format == "torch" and artifact.num_classes is None and not hf.is_text_artifact(artifact):
-        return format_shape(probe_output_shape(artifact.module, tuple(artifact.sample_shape)))
+        return " and ".join(map(format_shape, probe_output_shapes(artifact.module, tuple(artifact.sample_shape))))
     if artifact.format == "onnx" and artifact.onnx_path is not None:
         import onnx
 
-        output = onnx.load(str(artifact.onnx_path), load_external_data=False).graph.output[0]
-        dims = output.type.tensor_type.shape.dim
-        if dims and len(dims) != 2:
-            return format_shape(tuple(d.dim_value if d.HasField("dim_value") else None for d in dims))
+        outputs = onnx.load(str(artifact.onnx_path), load_external_data=False).graph.output
+        shapes = [tuple(d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim)
+                  for o in outputs]
+        if len(shapes) > 1 or shapes[0] and len(shapes[0]) != 2:
+            return " and ".join(map(format_shape, shapes))
     return None
 
 

@@ -342,7 +342,7 @@ def load_onnx_file(path: Path) -> Artifact:
     if sample_shape is not None:
         check_shape_size(sample_shape, f"{path}: input {inputs[0].name!r}")
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
-    num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] else None
+    num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] and len(model.graph.output) == 1 else None
     return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path))
 
 

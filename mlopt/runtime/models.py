@@ -345,16 +345,37 @@ def _channel_fix(conv: tuple[str, Any] | None, data_channels: int) -> str | None
     return text
 
 
+def flat_tensors(y: Any) -> list[Any]:
+    """The tensors in a model's output, in order: a tensor, or nested tuples, lists and dicts of them (a Hugging
+    Face ModelOutput too); what the ONNX exporters make graph outputs of, in the same order."""
+    import torch
+
+    flat, todo = [], [y]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, torch.Tensor):
+            flat.append(item)
+        elif isinstance(item, (tuple, list)):
+            todo[:0] = list(item)
+        elif isinstance(item, dict):
+            todo[:0] = list(item.values())
+        elif hasattr(item, "to_tuple"):  # Hugging Face ModelOutput
+            todo[:0] = list(item.to_tuple())
+    return flat
+
+
 def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> int | None:
-    """The number of output classes (`probe_output_shape`'s second dimension), or None for a dense output (a
-    segmentation map, a feature map, an image: such a model is compared by its outputs, not scored on labels)."""
-    shape = probe_output_shape(module, sample_shape, spec)
-    return shape[1] if len(shape) == 2 else None
+    """The number of output classes where the model returns logits (batch, classes), else None: a dense output (a
+    segmentation map, a feature map, an image) or several outputs (a tuple or dict: detection heads, several
+    tasks). Such a model is compared by its outputs, not scored on labels."""
+    shapes = probe_output_shapes(module, sample_shape, spec)
+    return shapes[0][1] if len(shapes) == 1 and len(shapes[0]) == 2 else None
 
 
-def probe_output_shape(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> tuple[int, ...]:
-    """Run one dummy sample through the model; return its output's shape (batch first): logits (1, classes) or a
-    dense output such as (1, channels, height, width).
+def probe_output_shapes(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> list[tuple[int, ...]]:
+    """Run one dummy sample through the model; return the shapes of the tensors it returns (batch first): logits
+    (1, classes), a dense output such as (1, channels, height, width), or several (a tuple, list or dict of tensors,
+    flattened in order).
 
     A shape the model rejects becomes an InputError naming the shape and, where the tool can tell,
     the fix: the channels the model's first convolution takes (the first one the input reaches, found
@@ -395,11 +416,13 @@ def probe_output_shape(module: Any, sample_shape: tuple[int, ...], spec: str | N
     finally:
         for h in handles:
             h.remove()
-    if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.shape[0] != 1:
-        shape = format_shape(tuple(y.shape)) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise InputError(f"the model must return one tensor with a batch axis (logits of shape (batch, classes), or "
-                         f"a dense output such as (batch, channels, height, width)); it returned {shape}")
-    return tuple(int(d) for d in y.shape)
+    tensors = flat_tensors(y)
+    if not tensors or any(t.dim() < 2 or t.shape[0] != 1 for t in tensors):
+        got = ", ".join(format_shape(tuple(t.shape)) for t in tensors[:4]) if tensors else type(y).__name__
+        raise InputError("the model must return tensors with a batch axis and at least one more (logits (batch, "
+                         f"classes), a map (batch, channels, height, width), or a tuple or dict of such); it returned "
+                         f"{got} for a batch of 1")
+    return [tuple(int(d) for d in t.shape) for t in tensors]
 
 
 def shape_attributes(module: Any) -> dict[str, dict[str, Any]]:

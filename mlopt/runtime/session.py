@@ -120,9 +120,14 @@ def synthetic_feed(session: Any, batch: int, sample_shape: tuple[int, ...], rng:
 
 def run_session(session: Any, x: Any) -> Any:
     """Run a model on one batch (numpy array, or dict of arrays by input name); returns the first output."""
+    return run_session_all(session, x)[0]
+
+
+def run_session_all(session: Any, x: Any) -> list[Any]:
+    """Run a model on one batch; returns every output, in the graph's order."""
     feed = make_feed(session, x)
     try:
-        return session.run(None, feed)[0]
+        return session.run(None, feed)
     except Exception as exc:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feed.items())
         raise InputError(f"onnxruntime rejected an input of shape {shapes}: {first_line(exc)}") from exc

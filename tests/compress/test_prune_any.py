@@ -156,6 +156,7 @@ def test_runaway_groups_are_stopped_and_kept_whole():
     assert outcome.module(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_weight_normed_layers_are_pruned_as_their_plain_weights_and_reload(tmp_path):
     """Torch-Pruning cannot replace a weight that weight norm computes ("attribute 'weight' already exists"): such
     weights are baked into plain ones first (same outputs), and a reload bakes the rebuilt model alike."""
@@ -177,6 +178,7 @@ def test_weight_normed_layers_are_pruned_as_their_plain_weights_and_reload(tmp_p
         assert module(x).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_a_forged_baked_list_is_refused_in_one_line(tmp_path):
     from mlopt.runtime.artifacts import _sign
 

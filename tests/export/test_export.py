@@ -106,6 +106,7 @@ def test_error_lines_lose_terminal_colours():
         "Failed. This is step 2/3 of exporting"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chosen", [None, "dynamo"])
 def test_a_model_with_recurrent_layers_goes_to_the_torchscript_exporter_unless_one_is_chosen(chosen, tmp_path):
     """torch's dynamo exporter traces a GRU one time step after another before writing one ONNX GRU node (31 s

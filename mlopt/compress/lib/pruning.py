@@ -104,6 +104,8 @@ def classifier_names(module: Any, num_classes: int | None, sample: Sample) -> li
     names = [n for n, m in module.named_modules()
              if isinstance(m, torch.nn.Linear) and num_classes is not None and m.out_features == num_classes][-1:]
     names += [n for n, o in written if out and o is out[0]][-1:]
+    if len(out) > 1:  # several outputs (a tuple, a dict): every layer that writes one keeps its width
+        names += [n for n, o in ran + written if any(o is t for t in out) and n not in names]
     if ran and out and isinstance(ran[-1][1], torch.Tensor) and ran[-1][1].dim() > 1:
         name, y = ran[-1]
         width = y.shape[-1] if isinstance(dict(module.named_modules())[name], torch.nn.Linear) else y.shape[1]

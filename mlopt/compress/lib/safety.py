@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from unittest.mock import patch
 
 from mlopt.core.errors import first_line
+from mlopt.runtime.models import flat_tensors
 
 ROUNDS = 12  # pruning attempts before giving up (each one keeps at least one more group whole)
 MAX_GROUP_DEPS = 20_000  # a group with more dependencies than this is a runaway of the index mapping
@@ -236,19 +237,7 @@ def outputs(module: Any, x: Any) -> list[Any]:
 
     module.eval()
     with torch.no_grad():
-        y = module(**x) if isinstance(x, dict) else module(x)
-    flat, todo = [], [y]
-    while todo:
-        item = todo.pop(0)
-        if isinstance(item, torch.Tensor):
-            flat.append(item)
-        elif isinstance(item, (tuple, list)):
-            todo[:0] = list(item)
-        elif isinstance(item, dict):
-            todo[:0] = list(item.values())
-        elif hasattr(item, "to_tuple"):  # Hugging Face ModelOutput
-            todo[:0] = list(item.to_tuple())
-    return flat
+        return flat_tensors(module(**x) if isinstance(x, dict) else module(x))
 
 
 def probe(module: Any, x: Any, reference: list[tuple[int, ...]]) -> str | None:

@@ -20,6 +20,7 @@ from mlopt.core.sections import Config
 from mlopt.export.lib.parity import compare
 from mlopt.runtime import hf
 from mlopt.runtime.data import first_inputs
+from mlopt.runtime.models import flat_tensors
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -52,6 +53,9 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
     names, args = list(example), tuple(example.values())
     printed = io.StringIO()
     try:
+        with torch.no_grad():  # a model that returns several tensors (a tuple, a dict) gets one named output each
+            count = len(flat_tensors(module(*args)))
+        output_names = [output] if count == 1 else [f"output_{i}" for i in range(count)]
         # The exporters print progress, and on failure the whole traced graph: kept out of --json output and the
         # terminal (the error says what failed), shown on stderr under MLOPT_DEBUG=1.
         shown = sys.stderr if os.environ.get("MLOPT_DEBUG") else printed
@@ -62,7 +66,7 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                     dims[1] = torch.export.Dim("sequence", min=1, max=max_sequence)
                 program = torch.onnx.export(
                     module, args, None, dynamo=True, opset_version=opset,
-                    input_names=names, output_names=[output],
+                    input_names=names, output_names=output_names,
                     dynamic_shapes=tuple(dict(dims) for _ in names), verbose=False, optimize=True,
                 )
                 if not debug_metadata:
@@ -74,8 +78,9 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
                 axes = {0: "batch", 1: "sequence"} if max_sequence else {0: "batch"}
                 torch.onnx.export(
                     module, args, str(path), dynamo=False, opset_version=opset,
-                    input_names=names, output_names=[output],
-                    dynamic_axes={n: axes for n in names} | {output: axes if output == "last_hidden_state" else {0: "batch"}},
+                    input_names=names, output_names=output_names,
+                    dynamic_axes={n: axes for n in names} | {o: axes if o == "last_hidden_state" else {0: "batch"}
+                                                              for o in output_names},
                 )
     except Exception as exc:
         full = storage_error(exc, path)

@@ -7,7 +7,8 @@ from typing import Any
 
 from mlopt.core.errors import ParityError
 from mlopt.runtime.data import count, take, to_numpy
-from mlopt.runtime.session import make_session, run_session
+from mlopt.runtime.models import flat_tensors
+from mlopt.runtime.session import make_session, run_session_all
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
@@ -18,20 +19,24 @@ def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float,
 
     session = make_session(onnx_path, "cpu")
     module.eval()
-    max_err, max_ref, agree, n = 0.0, 0.0, 0, 0
+    max_err, max_ref, agree, n, logits = 0.0, 0.0, 0, 0, False
     for start in range(0, count(inputs), batch_size):
         x = take(inputs, start, start + batch_size)
         with torch.no_grad():
-            ref = (module(**x) if isinstance(x, dict) else module(x)).float().numpy()
-        got = run_session(session, to_numpy(x))
-        if got.shape != ref.shape:
-            raise ParityError(f"onnxruntime output shape {got.shape} differs from PyTorch's {ref.shape}")
-        max_err = max(max_err, float(np.abs(got - ref).max()))
-        max_ref = max(max_ref, float(np.abs(ref).max()))
-        if ref.ndim == 2:
-            agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        n += len(ref)
-    agreement = agree / n if n and ref.ndim == 2 else None
+            refs = [t.float().numpy() for t in flat_tensors(module(**x) if isinstance(x, dict) else module(x))]
+        gots = run_session_all(session, to_numpy(x))
+        if len(gots) != len(refs):
+            raise ParityError(f"onnxruntime returns {len(gots)} outputs and PyTorch {len(refs)}")
+        for got, ref in zip(gots, refs):  # every output, in the order the exporter wrote them
+            if got.shape != ref.shape:
+                raise ParityError(f"onnxruntime output shape {got.shape} differs from PyTorch's {ref.shape}")
+            max_err = max(max_err, float(np.abs(got - ref).max()))
+            max_ref = max(max_ref, float(np.abs(ref).max()))
+        logits = len(refs) == 1 and refs[0].ndim == 2
+        if logits:
+            agree += int((gots[0].argmax(1) == refs[0].argmax(1)).sum())
+        n += len(refs[0])
+    agreement = agree / n if n and logits else None
     tolerance = within_tolerance("exported model disagrees with PyTorch", max_err, max_ref, atol, rtol, agreement)
     return {"max_abs_error": max_err, "max_abs_output": max_ref, "tolerance": tolerance, "top1_agreement": agreement,
             "parity_samples": n}

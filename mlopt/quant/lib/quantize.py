@@ -17,7 +17,7 @@ from mlopt.core.sections import Latency
 from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
 from mlopt.runtime.environment import cpu_flags
 from mlopt.runtime.hf import pooled
-from mlopt.runtime.session import make_session, run_session
+from mlopt.runtime.session import make_session, run_session_all
 
 
 @dataclass(frozen=True)
@@ -138,23 +138,30 @@ class Quality:
         self.baseline = self.metrics(self.reference)
 
     def outputs(self, path: Path) -> list[Any]:
-        """The model's outputs for every validation batch, from one onnxruntime session."""
+        """The model's outputs for every validation batch (a list of its graph outputs each), from one onnxruntime
+        session."""
         session = make_session(path, "cpu")
-        return [run_session(session, x) for x, _ in self.batches]
+        return [run_session_all(session, x) for x, _ in self.batches]
 
     def metrics(self, outputs: list[Any]) -> dict[str, Any]:
+        """Top-1 on labels (one output: logits) and each sample's cosine to FP32's outputs: of a model with several
+        outputs (a tuple, a dict), its least faithful output's, so that no output can drift unseen behind the
+        others."""
         import numpy as np
 
         correct, n, cosines = 0, 0, []
-        for (x, y), out, ref in zip(self.batches, outputs, self.reference):
-            # Token models are scored on their sentence embeddings (mean over real tokens).
-            flat, ref_flat = (pooled(out, x), pooled(ref, x)) if isinstance(x, dict) else (
-                out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64))
+        for (x, y), outs, refs in zip(self.batches, outputs, self.reference):
+            per_output = []
+            for out, ref in zip(outs, refs):
+                # Token models are scored on their sentence embeddings (mean over real tokens).
+                flat, ref_flat = (pooled(out, x), pooled(ref, x)) if isinstance(x, dict) else (
+                    out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64))
+                denom = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1)
+                per_output.append(np.where(denom > 0, (flat * ref_flat).sum(1) / np.maximum(denom, 1e-30), 1.0))
             if y is not None:
-                correct += int((flat.argmax(1) == y).sum())
-            n += len(flat)
-            denom = np.linalg.norm(flat, axis=1) * np.linalg.norm(ref_flat, axis=1)
-            cosines.append(np.where(denom > 0, (flat * ref_flat).sum(1) / np.maximum(denom, 1e-30), 1.0))
+                correct += int((outs[0].reshape(len(outs[0]), -1).argmax(1) == y).sum())
+            n += len(outs[0])
+            cosines.append(np.min(per_output, axis=0))
         c = np.concatenate(cosines)
         result: dict[str, Any] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
         if self.labeled:
