@@ -28,26 +28,27 @@ def test_the_probe_gives_dense_and_several_outputs_no_classes():
                      (3, 32, 32))
 
 
+def _step(*args):
+    """Run one mlopt command with --json --quiet; its metrics."""
+    result = runner.invoke(app, [*map(str, args), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 @pytest.mark.slow
 def test_a_unet_prunes_exports_and_quantizes_by_its_outputs(tmp_path):
-    pruned, onnx_dir, quantized = tmp_path / "p", tmp_path / "e", tmp_path / "q"
-    result = runner.invoke(app, ["prune", "--model", f"{USER}:unet", "--data", "random:3x32x32", "--ratio", "0.5",
-                                 "--out", str(pruned), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["macs_ratio"] > 2
     import torch
 
+    pruned, onnx_dir = tmp_path / "p", tmp_path / "e"
+    assert _step("prune", "--model", f"{USER}:unet", "--data", "random:3x32x32", "--ratio", "0.5", "--out",
+                 pruned)["macs_ratio"] > 2
     module = load_artifact(pruned).module.eval()
     with torch.no_grad():
         assert tuple(module(torch.randn(2, 3, 32, 32)).shape) == (2, 4, 32, 32)  # the output layer kept its width
-    result = runner.invoke(app, ["export", "--model", str(pruned), "--out", str(onnx_dir), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["max_abs_error"] < 1e-3
-    result = runner.invoke(app, ["ptq", "--model", str(onnx_dir), "--data", "random:3x32x32", "--out", str(quantized),
-                                 "-n", "6", "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    m = json.loads(result.stdout)
+    assert _step("export", "--model", pruned, "--out", onnx_dir)["max_abs_error"] < 1e-3
+    m = _step("ptq", "--model", onnx_dir, "--data", "random:3x32x32", "--out", tmp_path / "q", "-n", "6")
     assert m["budget"].startswith("mean cosine") and "accuracy" not in m
+
 
 
 @pytest.mark.slow
@@ -82,26 +83,21 @@ def test_a_model_with_several_outputs_prunes_exports_every_output_and_quantizes(
     import onnx
     import torch
 
-    pruned, onnx_dir, quantized = tmp_path / "p", tmp_path / "e", tmp_path / "q"
-    result = runner.invoke(app, ["prune", "--model", f"{USER}:{factory}", "--data", "random:3x16x16", "--ratio", "0.5",
-                                 "--out", str(pruned), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["macs_ratio"] > 1.5
+    pruned, onnx_dir = tmp_path / "p", tmp_path / "e"
+    assert _step("prune", "--model", f"{USER}:{factory}", "--data", "random:3x16x16", "--ratio", "0.5", "--out",
+                 pruned)["macs_ratio"] > 1.5
     module = load_artifact(pruned).module.eval()
     with torch.no_grad():
         out = module(torch.randn(2, 3, 16, 16))
     heads = out if isinstance(out, tuple) else tuple(out.values())
     assert [tuple(t.shape) for t in heads] == [(2, 10), (2, 4)]
-    result = runner.invoke(app, ["export", "--model", str(pruned), "--out", str(onnx_dir), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["top1_agreement"] is None
+    assert _step("export", "--model", pruned, "--out", onnx_dir)["top1_agreement"] is None
     graph = onnx.load(str(onnx_dir / "model.onnx")).graph
     assert [o.name for o in graph.output] == ["output_0", "output_1"]
     assert all(o.type.tensor_type.shape.dim[0].dim_param for o in graph.output)  # both with a dynamic batch
-    result = runner.invoke(app, ["ptq", "--model", str(onnx_dir), "--data", "random:3x16x16", "--out", str(quantized),
-                                 "-n", "6", "-b", "1", "-b", "4", "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["budget"].startswith("mean cosine")
+    m = _step("ptq", "--model", onnx_dir, "--data", "random:3x16x16", "--out", tmp_path / "q", "-n", "6", "-b", "1",
+              "-b", "4")
+    assert m["budget"].startswith("mean cosine")
 
 
 def test_fidelity_is_the_least_faithful_outputs(tmp_path):
