@@ -132,3 +132,23 @@ gates: {{min_cosine: {threshold}, batch_size: 1, iterations: 6}}
         assert result.exit_code == code, result.output
         gate = json.loads((out / "report.json").read_text())["gates"]["results"][0]
         assert gate["gate"] == "min_cosine" and 0.5 < gate["measured"] <= 1.0 and gate["passed"] == (code == 0), gate
+
+
+@pytest.mark.slow
+def test_a_pruned_unet_is_distilled_back_towards_the_original_on_the_datas_inputs(tmp_path):
+    """prune then distil, on labelled images whose labels a map cannot use: the student learns the unpruned
+    U-Net's maps on the images; the report gives the cosine before and after."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""model: {{spec: "{USER}:unet"}}
+data: {{source: digits, channels: 3, image_size: 32}}
+steps:
+  - {{type: prune, ratio: 0.5, importance: activation, measure_latency: false}}
+  - {{type: distill, epochs: 2, lr: 0.001}}
+""")
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    step = json.loads((out / "02-distill" / "report.json").read_text())["step"]
+    m = step["metrics"]
+    assert 0 < m["cosine_before"] < 1 and m["cosine"] >= m["cosine_before"], m
+    assert any("learned the teacher's outputs on digits" in n for n in step["notes"]), step["notes"]

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from mlopt.compress.lib.distillation import distillation_objective, text_distillation_objective
+from mlopt.compress.lib.distillation import (distillation_objective, output_distillation_objective,
+                                             text_distillation_objective)
 from mlopt.compress.lib.engine import TrainingConfig, fit, history_table, shard_frozen
 from mlopt.core import console
 from mlopt.core.contracts import Pass, StepResult, cli, names_file
@@ -102,7 +103,8 @@ class DistillPass(Pass):
 
         if getattr(ctx.data, "text", False):
             return self._run_text(artifact, config, ctx)
-        require_labels(ctx.data, "distill")  # the teacher and student are scored on them, the student trained on them
+        if not ctx.data.labeled:
+            return self._run_unlabelled(artifact, config, ctx)
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
         teacher_note = shard_frozen(teacher, config, first_inputs(ctx.data, 1)) if config.shard_teacher else None
@@ -153,8 +155,6 @@ class DistillPass(Pass):
 
     def _run_text(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         """Label-free distillation of an hf: model on tokenized text (text_distillation_objective)."""
-        import torch
-
         if not hf.is_text_artifact(artifact):
             raise InputError("distill on text:FILE needs an hf: model (the student)")
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
@@ -169,7 +169,49 @@ class DistillPass(Pass):
             objective = text_distillation_objective(teacher, student, ctx.data, batch, config.temperature)
         except InputError as exc:
             raise InputError(f"{teacher_name}: {exc}") from None
+        return self._fit_label_free(artifact, new, student, teacher, teacher_name, objective, config, ctx, batch,
+                                    "its pooled outputs")
+
+    def _run_unlabelled(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
+        """Label-free distillation on unlabelled inputs (random:SHAPE; a dense or multi-output model's inputs): the
+        student learns the teacher's outputs (output_distillation_objective)."""
+        given = config.model_fields_set
+        refused = [(f, why) for f, why, applies in (
+            ("features", "feature pairs are learned beside labels", config.features),
+            ("alpha", "alpha weighs the labels", config.alpha < 1),
+            ("baseline", "the baseline trains on labels", config.baseline),
+            ("shard_teacher", "the sharded teacher serves labelled training", config.shard_teacher))
+            if f in given and applies]
+        if refused:
+            field, why = refused[0]
+            raise InputError(f"distill without labels: {field.replace('_', '-')} is not supported ({why}, and "
+                             f"{ctx.data.unlabelled_why or repr(ctx.data.name) + ' has none'})")
+        teacher, teacher_name = resolve_teacher(config, ctx, artifact)
+        teacher = copy.deepcopy(teacher)
+        if config.student:
+            student = build_module(config.student, artifact.num_classes)
+            new = artifact.derive("distill", module=student,
+                                  builder={"spec": config.student, "num_classes": artifact.num_classes})
+        else:
+            student = copy.deepcopy(artifact.require_torch("distill"))
+            new = artifact.derive("distill", module=student)
+        batch = config.batch_size or ctx.batch_size
+        objective = output_distillation_objective(teacher, student, ctx.data, batch, config.temperature)
+        if ctx.data.name.startswith("random:"):
+            objective.notes.append("the inputs are random noise: the student learns the teacher's outputs on noise, "
+                                   "which need not carry over to real inputs; distil on real inputs where you can")
+            console.warn(objective.notes[-1])
+        return self._fit_label_free(artifact, new, student, teacher, teacher_name, objective, config, ctx, batch,
+                                    "its outputs")
+
+    def _fit_label_free(self, artifact: Any, new: Any, student: Any, teacher: Any, teacher_name: str, objective: Any,
+                        config: DistillConfig, ctx: Any, batch: int, what: str) -> StepResult:
+        """Train `student` on a label-free objective (validated by cosine to the teacher); the better of the
+        student as it came and as trained is handed on."""
+        import torch
+
         before = objective.validate(student, torch.device("cpu"))["cosine"]
+        initial = copy.deepcopy(student)
         ckpt = ctx.checkpoint_dir
         result = fit(student, ctx.data, config, batch, objective=objective, label="distill",
                      checkpoint_dir=ckpt / "distill" if ckpt else None, resume=ctx.resume,
@@ -177,12 +219,13 @@ class DistillPass(Pass):
         history, notes = result.pop("history"), result.pop("notes")
         metrics: dict[str, Any] = {**result, "cosine_before": before, "teacher_params": count_params(teacher),
                                    "params": count_params(student), "size_mb": new.size_mb()}
-        notes.append(f"teacher: {teacher_name}; no labels: the student learned the teacher's outputs on the text. "
-                     f"Mean cosine of its pooled outputs to the teacher's on the validation split: {before:.4f} "
+        notes.append(f"teacher: {teacher_name}; no labels: the student learned the teacher's outputs on "
+                     f"{ctx.data.name}. "
+                     f"Mean cosine of {what} to the teacher's on the validation split: {before:.4f} "
                      f"before, {result['cosine']:.4f} after")
         console.info(notes[-1])
         if result["cosine"] < before:  # hand on the better model: the student as it came
-            new = artifact.derive("distill", module=copy.deepcopy(artifact.require_torch("distill")))
+            new = artifact.derive("distill", module=initial, builder=new.builder)
             metrics.update(cosine=before, cosine_trained=result["cosine"], size_mb=new.size_mb())
             notes.append(f"distillation left the student further from the teacher than it started ({before:.4f} -> "
                          f"{result['cosine']:.4f}), so the student is handed on as it came: try a lower --lr or "

@@ -89,3 +89,36 @@ def test_distill_without_teacher_is_an_error(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "distill needs a teacher" in result.stderr
+
+
+@pytest.mark.slow
+def test_distill_without_labels_learns_the_teachers_outputs_and_refuses_label_options(tmp_path):
+    """On unlabelled inputs (random:SHAPE here) the student learns the teacher's outputs; the report gives their
+    cosine before and after, and says what random inputs are worth. Options about labels are refused, not ignored."""
+    out = tmp_path / "d"
+    args = ["distill", "--student", f"{TOY}:tiny_cnn", "--teacher", f"{TOY}:tiny_cnn", "--data", "random:1x8x8",
+            "--epochs", "2"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert -1 <= m["cosine_before"] <= 1 and m["cosine"] >= m["cosine_before"]  # the better student is handed on
+    assert "the inputs are random noise" in result.stderr
+    for option, why in ((["--alpha", "0.5"], "alpha is not supported (alpha weighs the labels, and 'random:1x8x8' "
+                                             "has none)"),
+                        (["--baseline"], "baseline is not supported")):
+        refused = runner.invoke(app, [*args, *option, "--out", str(tmp_path / "r")])
+        assert refused.exit_code == 2 and why in refused.stderr, refused.output
+        assert not (tmp_path / "r").exists()
+
+
+def test_unlabelled_batches_collate_without_labels():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from mlopt.compress.lib.engine import _collate
+    from mlopt.runtime.data import _InputsOnly
+
+    x = torch.arange(12.0).reshape(6, 2)
+    for dataset in (TensorDataset(x), _InputsOnly(TensorDataset(x, torch.zeros(6, dtype=torch.long)))):
+        inputs, labels = _collate(dataset, [4, 1], torch.device("cpu"))
+        assert labels is None and inputs.tolist() == [[8.0, 9.0], [2.0, 3.0]]

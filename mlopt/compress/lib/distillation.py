@@ -17,6 +17,7 @@ from mlopt.core.errors import InputError, first_line
 from mlopt.runtime.data import loader
 from mlopt.runtime.evaluation import predict_logits
 from mlopt.runtime.hf import pooled_torch
+from mlopt.runtime.models import flat_tensors
 
 
 class _FeaturePair:
@@ -94,6 +95,63 @@ def distillation_objective(teacher: Any, student: Any, data: Any, batch_size: in
 
     return Objective(loss=loss, modules=[p.proj for p in pairs], to_device=to_device,
                      hooks=[h for p in pairs for h in p.handles])
+
+
+def output_distillation_objective(teacher: Any, student: Any, data: Any, batch_size: int,
+                                  temperature: float) -> Objective:
+    """Label-free distillation on unlabelled inputs (random:SHAPE, or the inputs of a model whose output labels
+    cannot score: a segmentation map, several outputs): the student learns the teacher's outputs on the same
+    inputs. Logits alone (N x C): KL divergence at `temperature`. Anything else, output by output: the mean
+    squared error relative to the teacher's mean square (scale-free), plus 1 - each sample's cosine. Validation
+    scores each sample's least faithful output's cosine to the teacher's, averaged (as ptq's fidelity does)."""
+    import torch
+    import torch.nn.functional as F
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    first = data.train[0][0].unsqueeze(0)
+    with torch.no_grad():
+        probe, mine = flat_tensors(teacher(first)), flat_tensors(student(first))
+    if [t.shape for t in probe] != [t.shape for t in mine]:
+        raise InputError(f"the teacher's outputs {[tuple(t.shape) for t in probe]} and the student's "
+                         f"{[tuple(t.shape) for t in mine]} differ: distillation without labels learns the "
+                         "teacher's outputs as they are")
+    logits = len(probe) == 1 and probe[0].dim() == 2
+
+    def compare(outs: list[Any], targets: list[Any]) -> Any:
+        if logits:
+            T = temperature
+            return F.kl_div(F.log_softmax(outs[0].float() / T, -1), F.log_softmax(targets[0].float() / T, -1),
+                            reduction="batchmean", log_target=True) * T * T
+        total = 0
+        for out, target in zip(outs, targets):
+            out, target = out.float().flatten(1), target.float().flatten(1)
+            mse = ((out - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
+            total = total + mse + (1 - F.cosine_similarity(out, target, dim=1)).mean()
+        return total / len(outs)
+
+    def loss(model: Any, x: Any, y: Any, indices: Any) -> tuple[Any, Any]:
+        with torch.no_grad():
+            targets = flat_tensors(teacher(x))
+        outs = flat_tensors(model(x))
+        return compare(outs, targets), outs[0]
+
+    def validate(module: Any, dev: Any) -> dict[str, float]:
+        module.eval()
+        losses, cosines, n = [], [], 0
+        with torch.no_grad():
+            for batch in loader(data.val, batch_size):
+                x = batch[0].to(dev)
+                outs, targets = flat_tensors(module(x)), flat_tensors(teacher(x))
+                losses.append(float(compare(outs, targets)) * len(x))
+                per_output = [F.cosine_similarity(o.float().flatten(1), t.float().flatten(1), dim=1)
+                              for o, t in zip(outs, targets)]
+                cosines.append(torch.stack(per_output).min(0).values.cpu())
+                n += len(x)
+        return {"loss": sum(losses) / n, "cosine": float(torch.cat(cosines).mean())}
+
+    return Objective(loss=loss, to_device=teacher.to, labels=False, validate=validate, metric="cosine")
 
 
 _CACHE_BYTES = 1 << 30  # the teacher's outputs on the train split are kept when they fit in this much memory

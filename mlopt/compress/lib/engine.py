@@ -612,7 +612,8 @@ def _on_device(dataset: Any, dev: Any) -> Any:
 
 
 def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
-    """The batch at `indices` on the device: (inputs, labels), or for tokenized text ({name: tensor}, None)."""
+    """The batch at `indices` on the device: (inputs, labels), (inputs, None) for unlabelled inputs, or for
+    tokenized text ({name: tensor}, None)."""
     import torch
     from torch.utils.data import TensorDataset
 
@@ -624,12 +625,13 @@ def _collate(dataset: Any, indices: list[int], dev: Any) -> tuple[Any, Any]:
             end = int(used[-1]) + 1 if len(used) else 1
             batch = {k: v[:, :end] for k, v in batch.items()}  # trailing columns only: positions stay as they were
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}, None
-    if isinstance(dataset, TensorDataset):
-        x, y = dataset.tensors
-        idx = torch.as_tensor(indices, device=x.device)
-        x, y = x[idx], y[idx]
+    if isinstance(dataset, TensorDataset):  # (inputs, labels), or inputs alone (random:SHAPE)
+        idx = torch.as_tensor(indices, device=dataset.tensors[0].device)
+        x = dataset.tensors[0][idx]
+        y = dataset.tensors[1][idx] if len(dataset.tensors) > 1 else None
     else:
         items = [dataset[i] for i in indices]
-        x, y = torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
-    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x = torch.stack([it[0] for it in items])
+        y = torch.stack([torch.as_tensor(it[1]) for it in items]) if len(items[0]) > 1 else None
+    return x.to(dev, non_blocking=True), None if y is None else y.to(dev, non_blocking=True)
 
