@@ -1,7 +1,10 @@
 """Structured pruning of every torchvision classifier: prune, export with parity, one Markdown table.
 
     python benchmarks/prune_torchvision.py [--models resnet18,mnasnet0_5] [--out prune_torchvision.md]
-        [--timeout 600] [--memory-gb 12] [--jobs 1] [--timm [--more]]
+        [--timeout 600] [--memory-gb 12] [--jobs 1] [--timm [--more]] [--family video|segmentation]
+
+With --family video or segmentation, torchvision's video classifiers (clips, VIDEO_CLIPS) or segmentation models
+(their maps: the output must be 1x10xSxS) instead.
 
 With --timm, timm's classifiers instead (`pip install timm`; a spread of families by default, TIMM_MODELS, or
 with --more a second spread, TIMM_MORE), built by `benchmarks/timm_model.py` with random weights.
@@ -72,6 +75,39 @@ def input_size(name: str) -> int:
     return 64  # every other CNN, and swin (it pads to its windows): a 2x2 map before the global pooling
 
 
+# torchvision video classifiers (--family video): frames and side of the smallest clip each runs on. MViT's
+# position embeddings are built for 16x224x224; S3D pools 2x7x7 at the end of 8x time and 32x space reductions.
+VIDEO_CLIPS = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224)}
+
+
+def family(name: str) -> str:
+    """classification, video or segmentation: which torchvision list the model is in (timm: classification)."""
+    if name.startswith("timm:"):
+        return "classification"
+    import torchvision
+
+    for kind, module in (("video", torchvision.models.video), ("segmentation", torchvision.models.segmentation)):
+        if name in torchvision.models.list_models(module=module):
+            return kind
+    return "classification"
+
+
+def sample_dims(name: str) -> list[int]:
+    """One sample's shape: 3xSxS images (input_size), or 3xFRAMESxSxS clips for a video model (8x64x64 unless
+    VIDEO_CLIPS says more)."""
+    if family(name) == "video":
+        frames, side = VIDEO_CLIPS.get(name, (8, 64))
+        return [3, frames, side, side]
+    size = input_size(name)
+    return [3, size, size]
+
+
+def expected_output(name: str, classes: int) -> str:
+    """The exported model's output shape for a batch of one: logits, or a segmentation model's map."""
+    dims = sample_dims(name)
+    return "x".join(map(str, [1, classes, *dims[1:]])) if family(name) == "segmentation" else f"1x{classes}"
+
+
 def _rss(pid: int) -> int:
     """Resident bytes of the process and its descendants (with /proc: its session, which it started)."""
     if psutil is not None:
@@ -139,15 +175,17 @@ print(json.dumps({"shape": list(y.shape), "finite": bool(np.isfinite(y).all())})
 
 def measure(name: str, timeout: float, limit: int) -> dict:
     """Prune, export, run the exported model once; the row's raw figures."""
-    size, classes = input_size(name), 10
-    row = {"model": name, "input": size, "metrics": {}, "parity": None, "peak": 0, "seconds": 0.0}
+    dims, classes = sample_dims(name), 10
+    shape = "x".join(map(str, [1, *dims]))
+    row = {"model": name, "input": "x".join(map(str, dims[1:])), "metrics": {}, "parity": None, "peak": 0,
+           "seconds": 0.0}
     mlopt = [sys.executable, "-m", "mlopt"]
     with tempfile.TemporaryDirectory(prefix=f"prune-{name.replace(':', '-')}-") as tmp:
         spec = f"benchmarks.timm_model:{name.removeprefix('timm:')}" if name.startswith("timm:") else f"torchvision:{name}"
         steps = [("prune", [*mlopt, "prune", "--model", spec, "--num-classes", str(classes),
-                            "--ratio", "0.5", "--input-shape", f"1x3x{size}x{size}", "--out", f"{tmp}/pruned", "--json"]),
+                            "--ratio", "0.5", "--input-shape", shape, "--out", f"{tmp}/pruned", "--json"]),
                  ("export", [*mlopt, "export", "--model", f"{tmp}/pruned", "--out", f"{tmp}/onnx", "--json"]),
-                 ("output", [sys.executable, "-c", CHECK_OUTPUT, f"{tmp}/onnx/model.onnx", f"1x3x{size}x{size}"])]
+                 ("output", [sys.executable, "-c", CHECK_OUTPUT, f"{tmp}/onnx/model.onnx", shape])]
         for step, cmd in steps:
             run = run_child(cmd, timeout - row["seconds"], limit)
             row["peak"], row["seconds"] = max(row["peak"], run["peak"]), row["seconds"] + run["seconds"]
@@ -169,7 +207,7 @@ def measure(name: str, timeout: float, limit: int) -> dict:
                 top1 = "" if result.get("top1_agreement") is None else f", top-1 {result['top1_agreement']:.2f}"
                 row["parity"] = f"ok (max error {result['max_abs_error']:.1e}{top1})"
             else:
-                row["status"] = output_status(result, classes)
+                row["status"] = output_status(result, expected_output(name, classes))
     return row
 
 
@@ -179,11 +217,11 @@ def read_json(stdout: str) -> dict:
     return json.JSONDecoder().raw_decode(stdout, stdout.rfind("\n{\n") + 1)[0]
 
 
-def output_status(result: dict, classes: int) -> str:
+def output_status(result: dict, expected: str) -> str:
     """ok, or what is wrong with the exported model's output (a pruned classifier, NaNs)."""
     shape = "x".join(map(str, result["shape"]))
-    if shape != f"1x{classes}":
-        return f"wrong output: {shape} instead of 1x{classes}"
+    if shape != expected:
+        return f"wrong output: {shape} instead of {expected}"
     return "ok" if result["finite"] else "wrong output: not finite"
 
 
@@ -210,7 +248,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m = r["metrics"]
         speedup = f"{m['latency_speedup']:.2f}x" if "latency_speedup" in m else "-"
-        cells = [r["model"], f"{r['input']}x{r['input']}", _change(m, "macs"), _change(m, "params"),
+        cells = [r["model"], r["input"], _change(m, "macs"), _change(m, "params"),
                  str(m.get("groups_kept_whole", "-")), speedup, r["parity"] or "-", f"{r['peak'] / 1e9:.1f} GB",
                  f"{r['seconds']:.0f} s", r["status"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -230,6 +268,8 @@ def main() -> None:
     p.add_argument("--timm", action="store_true", help="timm classifiers instead (pip install timm; default: "
                    "TIMM_MODELS, a spread of families)")
     p.add_argument("--more", action="store_true", help="with --timm: the second spread, TIMM_MORE")
+    p.add_argument("--family", choices=("classification", "video", "segmentation"), default="classification",
+                   help="which of torchvision's model lists (default: its classifiers)")
     p.add_argument("--out", type=Path, help="write the Markdown table there too")
     p.add_argument("--timeout", type=float, default=600, help="seconds per model, prune and export together")
     p.add_argument("--memory-gb", type=float, default=12, help="resident memory above which a model is stopped")
@@ -242,7 +282,9 @@ def main() -> None:
     else:
         import torchvision
 
-        names = torchvision.models.list_models(module=torchvision.models)
+        module = {"classification": torchvision.models, "video": torchvision.models.video,
+                  "segmentation": torchvision.models.segmentation}[args.family]
+        names = torchvision.models.list_models(module=module)
     rows: dict[str, dict] = {}
     lock = threading.Lock()
 

@@ -20,6 +20,13 @@ def test_input_size_per_family():
     assert not set(bench.TIMM_MORE) & set(bench.TIMM_MODELS)
 
 
+def test_video_and_segmentation_models_get_clips_and_maps():
+    assert bench.sample_dims("r3d_18") == [3, 8, 64, 64] and bench.sample_dims("mvit_v2_s") == [3, 16, 224, 224]
+    assert bench.sample_dims("fcn_resnet50") == [3, 64, 64] and bench.sample_dims("resnet18") == [3, 64, 64]
+    assert bench.expected_output("fcn_resnet50", 10) == "1x10x64x64"
+    assert bench.expected_output("r3d_18", 10) == bench.expected_output("timm:resnet18", 10) == "1x10"
+
+
 def _run(rc, stderr="", killed=None):
     return {"rc": rc, "stderr": stderr, "killed": killed}
 
@@ -42,9 +49,10 @@ def test_json_result_after_noise_on_stdout():
 
 
 def test_output_of_the_exported_model():
-    assert bench.output_status({"shape": [1, 10], "finite": True}, 10) == "ok"
-    assert bench.output_status({"shape": [1, 5], "finite": True}, 10) == "wrong output: 1x5 instead of 1x10"
-    assert bench.output_status({"shape": [1, 10], "finite": False}, 10) == "wrong output: not finite"
+    assert bench.output_status({"shape": [1, 10], "finite": True}, "1x10") == "ok"
+    assert bench.output_status({"shape": [1, 5], "finite": True}, "1x10") == "wrong output: 1x5 instead of 1x10"
+    assert bench.output_status({"shape": [1, 10], "finite": False}, "1x10") == "wrong output: not finite"
+    assert bench.output_status({"shape": [1, 10, 8, 8], "finite": True}, "1x10x8x8") == "ok"
 
 
 def test_child_is_stopped_past_its_limits():
@@ -59,11 +67,11 @@ def test_child_is_stopped_past_its_limits():
 def test_table_and_summary():
     pruned = {"macs_before": 1.82e9, "macs_after": 4.6e8, "macs_ratio": 3.96, "params_before": 11_689_512,
               "params_after": 2_950_000, "params_ratio": 3.96, "latency_speedup": 3.41, "groups_kept_whole": 2}
-    rows = [{"model": "resnet18", "input": 64, "metrics": pruned, "parity": "ok (2.1e-06)", "peak": 1.3e9,
+    rows = [{"model": "resnet18", "input": "64x64", "metrics": pruned, "parity": "ok (2.1e-06)", "peak": 1.3e9,
              "seconds": 41.2, "status": "ok"},
-            {"model": "vit_b_16", "input": 224, "metrics": {}, "parity": None, "peak": 2e9, "seconds": 12,
+            {"model": "vit_b_16", "input": "224x224", "metrics": {}, "parity": None, "peak": 2e9, "seconds": 12,
              "status": "refused: no group | can be pruned"},
-            {"model": "squeezenet1_1", "input": 64, "metrics": {**pruned, "macs_ratio": 1.2}, "parity": "ok (1e-6)",
+            {"model": "squeezenet1_1", "input": "64x64", "metrics": {**pruned, "macs_ratio": 1.2}, "parity": "ok (1e-6)",
              "peak": 5e8, "seconds": 9, "status": "ok"}]
     lines = bench.table(rows).splitlines()
     assert lines[0].startswith("| model | input | MACs before -> after |") and len(lines) == 2 + 3 + 2
