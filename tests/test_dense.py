@@ -71,7 +71,7 @@ def test_steps_that_need_labels_refuse_a_dense_model_in_one_line(step, tmp_path)
                                  "--image-size", "32", *step[1:], "--out", str(out)])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "returns 1x10x32x32, not logits (batch, classes)" in errors[0], result.stderr
+    assert len(errors) == 1 and "returns 1x10x32x32, not one logits tensor (batch, classes)" in errors[0], result.stderr
     assert not out.exists()
 
 

@@ -53,10 +53,10 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     artifact = initial_artifact(recipe, data, loaded)
     dense = dense_output(artifact) if data is not None and data.labeled else None
     if dense is not None:  # labels cannot score such an output; the inputs still serve (calibration, fidelity)
-        data = data.inputs_only(f"the model returns {dense}, not logits (batch, classes): the labels of "
-                                f"{data.name!r} cannot score that")
-        console.warn(f"the model returns {dense}, not logits (batch, classes): the labels of {data.name!r} are not "
-                     "used; its inputs are, and models are compared by the cosine of their outputs")
+        what = f"the model returns {dense}, not one logits tensor (batch, classes)"
+        data = data.inputs_only(f"{what}: the labels of {data.name!r} cannot score that")
+        console.warn(f"{what}: the labels of {data.name!r} are not used; its inputs are, and models are compared by "
+                     "the cosine of their outputs")
     return artifact, data
 
 
