@@ -85,18 +85,13 @@ class DistillPass(Pass):
     @classmethod
     def check_text(cls, config: DistillConfig) -> None:
         """On text there are no labels and no images: the options about them are refused, not ignored."""
-        given = config.model_fields_set
-        refused = [(f, why) for f, why, applies in (
+        _refuse_given(config, "distill on text", (
             ("student", "the text is tokenized for the current model; prune it, then distil it", config.student),
             ("features", "feature pairs apply to image models", config.features),
             ("feature_weight", "feature pairs apply to image models", True),
             ("alpha", "alpha weighs the labels, and text:FILE has none", config.alpha < 1),
             ("baseline", "the baseline trains on labels, and text:FILE has none", config.baseline),
-            ("shard_teacher", "the teacher is sharded for image models only", config.shard_teacher))
-            if f in given and applies]
-        if refused:
-            field, why = refused[0]
-            raise InputError(f"distill on text: {field.replace('_', '-')} is not supported ({why})")
+            ("shard_teacher", "the teacher is sharded for image models only", config.shard_teacher)))
 
     def run(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         import torch
@@ -175,17 +170,12 @@ class DistillPass(Pass):
     def _run_unlabelled(self, artifact: Any, config: DistillConfig, ctx: Any) -> StepResult:
         """Label-free distillation on unlabelled inputs (random:SHAPE; a dense or multi-output model's inputs): the
         student learns the teacher's outputs (output_distillation_objective)."""
-        given = config.model_fields_set
-        refused = [(f, why) for f, why, applies in (
-            ("features", "feature pairs are learned beside labels", config.features),
-            ("alpha", "alpha weighs the labels", config.alpha < 1),
-            ("baseline", "the baseline trains on labels", config.baseline),
-            ("shard_teacher", "the sharded teacher serves labelled training", config.shard_teacher))
-            if f in given and applies]
-        if refused:
-            field, why = refused[0]
-            raise InputError(f"distill without labels: {field.replace('_', '-')} is not supported ({why}, and "
-                             f"{ctx.data.unlabelled_why or repr(ctx.data.name) + ' has none'})")
+        none = ctx.data.unlabelled_why or f"{ctx.data.name!r} has none"
+        _refuse_given(config, "distill without labels", (
+            ("features", f"feature pairs are learned beside labels, and {none}", config.features),
+            ("alpha", f"alpha weighs the labels, and {none}", config.alpha < 1),
+            ("baseline", f"the baseline trains on labels, and {none}", config.baseline),
+            ("shard_teacher", f"the sharded teacher serves labelled training, and {none}", config.shard_teacher)))
         teacher, teacher_name = resolve_teacher(config, ctx, artifact)
         teacher = copy.deepcopy(teacher)
         if config.student:
@@ -232,3 +222,11 @@ class DistillPass(Pass):
                          "more epochs")
             console.warn(notes[-1])
         return StepResult(artifact=new, metrics=metrics, notes=notes, sections=[history_table(history)])
+
+
+def _refuse_given(config: DistillConfig, case: str, rules: tuple[tuple[str, str, Any], ...]) -> None:
+    """Refuse, in one line, the first option the user gave that does not apply in `case`: rules are (field, why,
+    whether it applies at the value given). Options that do not apply are refused, never ignored."""
+    for field, why, applies in rules:
+        if field in config.model_fields_set and applies:
+            raise InputError(f"{case}: {field.replace('_', '-')} is not supported ({why})")
