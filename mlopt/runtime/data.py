@@ -419,6 +419,20 @@ def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) 
                       num_workers=0)
 
 
+BATCH_ELEMENTS = 1 << 22  # input elements per batch where a step picks its own batch size (16 MB of float32)
+
+
+def batch_within(inputs: Any, cap: int) -> int:
+    """A batch size of at most `cap` whose inputs hold at most BATCH_ELEMENTS values: 32 images of 3x224x224, one
+    video clip of 3x16x224x224. Activations grow with the input: MViT's parity check in batches of 32 clips went past
+    12 GB; a step that sizes its own batches (parity, ptq's scoring) does so by this."""
+    import math
+
+    sample = next(iter(inputs.values()))[0] if isinstance(inputs, dict) else inputs[0]
+    numel = sample.numel() if hasattr(sample, "numel") else math.prod(getattr(sample, "shape", ())) or 1
+    return max(1, min(cap, BATCH_ELEMENTS // max(1, numel)))
+
+
 def check_labels(data: Dataset, num_classes: int | None) -> None:
     """Labels outside the model's classes are an input error, not a CUDA assert or a silent wrap. (A model with a
     dense output has no classes: `inputs_only` takes such data's labels away.)"""

@@ -121,3 +121,14 @@ def test_a_model_with_recurrent_layers_goes_to_the_torchscript_exporter_unless_o
     assert "GRU" in ops, ops
     notes = json.loads((out / "report.json").read_text())["step"]["notes"]
     assert any("recurrent layers (gru)" in n for n in notes) == (chosen is None), notes
+
+
+def test_parity_and_scoring_batches_shrink_for_large_inputs():
+    """MViT's parity check in batches of 32 clips of 3x16x224x224 went past 12 GB: batches hold at most 2**22
+    input values (one such clip), never fewer than one sample nor more than asked."""
+    from mlopt.runtime.data import batch_within
+
+    assert batch_within(torch.zeros(2, 3, 16, 224, 224), 32) == 1
+    assert batch_within(torch.zeros(2, 3, 224, 224), 32) == 27
+    assert batch_within(torch.zeros(2, 1, 8, 8), 32) == 32 and batch_within(torch.zeros(2, 1, 8, 8), 4) == 4
+    assert batch_within({"input_ids": torch.zeros(2, 128, dtype=torch.long)}, 64) == 64

@@ -6,17 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import ParityError
-from mlopt.runtime.data import count, take, to_numpy
+from mlopt.runtime.data import batch_within, count, take, to_numpy
 from mlopt.runtime.models import flat_tensors
 from mlopt.runtime.session import make_session, run_session_all
 
 
 def compare(module: Any, onnx_path: Path, inputs: Any, atol: float, rtol: float, batch_size: int = 32) -> dict[str, Any]:
-    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs`; a ParityError where any
-    output differs by more than atol + rtol * max|torch output|."""
+    """Max abs error and top-1 agreement of onnxruntime against torch on `inputs` (in batches of at most
+    `batch_size`, fewer for large inputs: `batch_within`); a ParityError where any output differs by more than
+    atol + rtol * max|torch output|."""
     import numpy as np
     import torch
 
+    batch_size = batch_within(inputs, batch_size)
     session = make_session(onnx_path, "cpu")
     module.eval()
     max_err, max_ref, agree, n, logits = 0.0, 0.0, 0, 0, False

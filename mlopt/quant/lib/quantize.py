@@ -14,7 +14,7 @@ from typing import Any, Literal
 from mlopt.core import console
 from mlopt.core.errors import RunError, first_line
 from mlopt.core.sections import Latency
-from mlopt.runtime.data import inputs_of, labels_of, loader, to_numpy
+from mlopt.runtime.data import batch_within, first_inputs, inputs_of, labels_of, loader, to_numpy
 from mlopt.runtime.environment import cpu_flags
 from mlopt.runtime.hf import pooled
 from mlopt.runtime.session import make_session, run_session_all
@@ -131,6 +131,8 @@ class Quality:
     def __init__(self, fp32: Path, data: Any, max_drop: float = 0.01, min_cosine: float = 0.99, batch: int = 64):
         self.max_drop, self.min_cosine, self.labeled = max_drop, min_cosine, data.labeled
         self.batches = []
+        if not data.text:  # large inputs (video clips) in smaller batches; token batches are small already
+            batch = batch_within(first_inputs(data, 1), batch)
         for b in loader(data.val, batch):
             y = labels_of(b)
             self.batches.append((to_numpy(inputs_of(b)), None if y is None else y.numpy()))
