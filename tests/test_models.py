@@ -126,3 +126,8 @@ def test_a_model_with_a_scripted_block_is_refused_in_one_line():
     with pytest.raises(InputError, match=r"^tests/user_models.py:scripted_block: 0 is a TorchScript module .* plain "
                                          r"torch.nn.Module code$"):
         build_module("tests/user_models.py:scripted_block", 10)
+    from mlopt.runtime.models import refuse_scripted
+
+    traced = torch.jit.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), torch.zeros(1, 4))
+    with pytest.raises(InputError, match=r"^m: the model itself is a TorchScript module "):  # not its children too
+        refuse_scripted(traced, "m")

@@ -221,7 +221,7 @@ def refuse_scripted(module: Any, origin: str) -> None:
 
     scripted: list[str] = []
     for name, m in module.named_modules():  # outermost first: a scripted module's own children are not named
-        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{s}.") for s in scripted if s):
+        if isinstance(m, torch.jit.ScriptModule) and not any(s == "" or name.startswith(f"{s}.") for s in scripted):
             scripted.append(name)
     scripted = [name or "the model itself" for name in scripted]
     if scripted:
