@@ -73,6 +73,25 @@ def test_models_within_their_timing_noise_count_as_equal():
     assert c["best"] == "02-prune" and not c["final_is_best"]
 
 
+def test_models_timed_in_the_same_rounds_are_compared_round_by_round():
+    # A slow spell hit 03's best rounds (its best round is 22% above 02's) but every round timed the two alike:
+    # round by round 03 is as fast as 02, so the final model is the best (the chain once warned on such noise).
+    rows = [_row("01-train", 0.95, b1=1.0), _row("02-prune", 0.95, b1=0.50), _row("03-export", 0.95, b1=0.61)]
+    rows[0]["rounds_ms"] = {"1": [1.0 + 0.01 * i for i in range(9)]}
+    rows[1]["rounds_ms"] = {"1": [0.50, *(0.61 + 0.01 * i for i in range(8))]}
+    rows[2]["rounds_ms"] = {"1": [0.61 + 0.01 * i for i in range(1, 9)] + [0.62]}
+    c = _comparison(rows)
+    judge(c)
+    assert c["best"] == "03-export" and c["final_is_best"]
+    # Slower in every round by 12%: no tie, whatever the best rounds say.
+    rows[2]["rounds_ms"] = {"1": [1.12 * v for v in rows[1]["rounds_ms"]["1"]]}
+    rows[2]["latency_ms"] = {"1": 0.52}
+    c = _comparison([dict(r) for r in rows])
+    judge(c)
+    assert c["best"] == "02-prune" and not c["final_is_best"]
+    assert c["models"][2]["fastest_at"] == []
+
+
 def test_a_best_final_model_beaten_at_one_batch_size_is_told_so():
     c = _comparison([_row("01-train", 0.95, b1=1.0, b32=10.0), _row("02-prune", 0.95, b1=0.5, b32=8.0),
                      _row("03-qat", 0.95, b1=0.6, b32=3.0)])
@@ -124,6 +143,10 @@ def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_
     assert [r["step"] for r in chain["models"]] == ["01-train", "02-prune", "03-distill"]
     assert chain["baseline"] == "01-train" and chain["final"] == "03-distill" and chain["batch_sizes"] == [32]
     assert chain["best"] in ("01-train", "02-prune") and not chain["final_is_best"]
+    # A slower final model is timed again beside the best before the warning: twice the rounds for those two.
+    assert chain["retimed"] == [chain["best"], "03-distill"] and "after timing the two again" in chain["verdict"]
+    assert [len(r["rounds_ms"]["32"]) for r in chain["models"]] == [18 if r["step"] in chain["retimed"] else 9
+                                                                   for r in chain["models"]]
     assert all(r["accuracy"] is not None for r in chain["models"])
     # The gates read the chain's figures: they cannot disagree with its table.
     rows = {r["step"]: r for r in chain["models"]}
@@ -134,7 +157,7 @@ def test_run_report_names_the_best_model_and_warns_when_the_final_is_not_it(tmp_
     md = (out / "report.md").read_text()
     assert "## Chain: every model measured alike" in md and "**Warning: the final model (03-distill) is NOT" in md
     assert f"| {chain['best']} |" in md and "**best**" in md
-    assert "9 rounds of 3 runs per model and batch size" in md
+    assert "9 rounds of 3 runs per model and batch size" in md and "timed again together in 9 more rounds" in md
     assert "Accuracy: top-1 on the validation split, onnxruntime on the same ONNX files" in md
     page = (out / "report.html").read_text()
     assert f"best model {chain['best']}" in page and "every model timed alike" in page

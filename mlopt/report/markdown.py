@@ -119,7 +119,9 @@ def chain_table(chain: Chain) -> Table:
                      *(f"{r.latency_ms[b]:.3f}" for b in sizes), *(f"{r.speedup[b]:.2f}x" for b in sizes),
                      f"{r.size_mb:.2f}", ", ".join(marks)])
     note = (f"Latency: {chain.method}; {chain.provider}, {chain.rounds} rounds of {chain.iterations_per_round} runs per "
-            f"model and batch size ({chain.duration_s:.1f} s in all, exports included). "
+            f"model and batch size ({chain.duration_s:.1f} s in all, exports included)"
+            + (f"; {' and '.join(chain.retimed)} timed again together in {chain.rounds} more rounds. " if chain.retimed
+               else ". ")
             + (f"Cosine: {COSINE_METHOD}; at least {chain.min_cosine}. " if cosine else
                f"Accuracy: {chain.accuracy_method or 'not measured (no labelled data)'}. Accuracy tolerance "
                f"{chain.accuracy_tolerance} from {chain.accuracy_tolerance_from}. ") + f"Rule: {chain.rule}.")

@@ -54,6 +54,8 @@ class ChainModel(Strict):
     best: bool
     fastest_at: list[int]
     spread: float = Field(0.0, description="timing noise: the median round over the best, minus 1")
+    rounds_ms: dict[int, list[float]] = Field(default_factory=dict, description="batch size -> each interleaved "
+                                              "round's median, ms (models are compared round by round)")
 
 
 class Chain(Strict):
@@ -74,6 +76,8 @@ class Chain(Strict):
     best: str
     final_is_best: bool
     verdict: str
+    retimed: list[str] = Field(default_factory=list, description="the best and the final model, when the final one "
+                               "timed slower and the two were timed again together before the verdict")
     duration_s: float
 
 

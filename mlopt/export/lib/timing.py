@@ -14,6 +14,7 @@ a gate) must not turn on who else uses the machine, so every timing runs without
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,27 @@ def spread_of(medians: dict[int, list[float]]) -> float:
     import statistics
 
     return max(statistics.median(v) / min(v) - 1 for v in medians.values())
+
+
+def paired_ratio(a: dict[int, list[float]], b: dict[int, list[float]]) -> tuple[float, float] | None:
+    """b's latency over a's, round by round, for two models timed in the same interleaved rounds (each round's
+    median per batch size): each round times the models one after the other, so a slow spell of a shared machine
+    weighs on both, and their ratio keeps what their own medians lose. Returns the geometric mean over batch sizes
+    of the median per-round ratio, and its noise: twice the standard error of that median (about a 95% interval;
+    from the median absolute deviation of the ratios, 1.4826 MAD estimating sigma and 1.253 sigma / sqrt(rounds) a
+    median's error), at the batch size where it is largest. None where the rounds do not pair up."""
+    import statistics
+
+    if not a or set(a) != set(b) or any(len(a[k]) != len(b[k]) for k in a):
+        return None
+    medians, errors = [], []
+    for k in a:
+        ratios = [y / x for x, y in zip(a[k], b[k])]
+        m = statistics.median(ratios)
+        mad = statistics.median(abs(r - m) for r in ratios)
+        medians.append(m)
+        errors.append(1.253 * 1.4826 * mad / m / math.sqrt(len(ratios)))
+    return math.prod(medians) ** (1 / len(medians)), 2 * max(errors)
 
 
 def interleaved_latency(paths: list[Path], sample_shape: Any, provider: str, batch_sizes: list[int],

@@ -18,7 +18,7 @@ from mlopt.core.fsutil import file_size_mb
 from mlopt.core.sections import Bars, Table
 from mlopt.export.lib.fusion import float_attention
 from mlopt.export.lib.onnx import ExportOptions, export_checked
-from mlopt.export.lib.timing import NOISE_CAP, TIMING_ROUNDS, best_of, interleaved_rounds, spread_of
+from mlopt.export.lib.timing import NOISE_CAP, TIMING_ROUNDS, best_of, interleaved_rounds, paired_ratio, spread_of
 from mlopt.quant.lib import graph
 from mlopt.quant.lib.quantize import (Quality, Scheme, candidate_schemes, describe_latency, not_faster_at, preprocess,
                                       quantize, reduce_range_for)
@@ -243,26 +243,12 @@ def _noise(*rows: Candidate) -> float:
 
 
 def _paired(a: Candidate, b: Candidate) -> tuple[float, float] | None:
-    """b's latency over a's, round by round, where both were timed in the same interleaved rounds: each round times
-    the models one after the other, so a slow spell of a shared machine weighs on both, and their ratio keeps what
-    their own medians lose. Returns the geometric mean over batch sizes of the median per-round ratio, and its
-    noise: twice the standard error of that median (about a 95% interval; from the median absolute deviation of
-    the ratios, 1.4826 MAD estimating sigma and 1.253 sigma / sqrt(rounds) a median's error), at the batch size
-    where it is largest. None where not timed together. Measured on MiniLM beside a busy process: two INT8 graphs
-    6-8% apart spread 12-26% round to round, which made them a tie half the time; their per-round ratio held."""
-    import statistics
-
-    if (a.timed_with != b.timed_with or not a.rounds or set(a.rounds) != set(b.rounds)
-            or any(len(a.rounds[k]) != len(b.rounds[k]) for k in a.rounds)):
+    """b's latency over a's and its noise, round by round (`paired_ratio`), where both were timed in the same
+    interleaved rounds; None where not. Measured on MiniLM beside a busy process: two INT8 graphs 6-8% apart spread
+    12-26% round to round, which made them a tie half the time; their per-round ratio held."""
+    if a.timed_with != b.timed_with:
         return None
-    medians, errors = [], []
-    for k in a.rounds:
-        ratios = [y / x for x, y in zip(a.rounds[k], b.rounds[k])]
-        m = statistics.median(ratios)
-        mad = statistics.median(abs(r - m) for r in ratios)
-        medians.append(m)
-        errors.append(1.253 * 1.4826 * mad / m / math.sqrt(len(ratios)))
-    return math.prod(medians) ** (1 / len(medians)), 2 * max(errors)
+    return paired_ratio(a.rounds, b.rounds)
 
 
 SETTLE_AT_MOST = 4  # candidates timed again together
