@@ -22,7 +22,7 @@ from mlopt.core.errors import InputError
 from mlopt.run.recipe import Recipe, load_recipe, recipe_from_dict
 from mlopt.run.runner import RunResult, run_recipe
 from mlopt.runtime.artifacts import Artifact
-from mlopt.runtime.models import as_float32, probe_output, refuse_scripted
+from mlopt.runtime.models import as_float32, input_vocabulary, probe_output, refuse_scripted
 
 __all__ = ["Recipe", "RunResult", "run", "step"]
 
@@ -116,9 +116,10 @@ def _module_artifact(model: Any, shape: tuple[int, ...]) -> Any:
     spec = _spec(model, True)
     refuse_scripted(model, spec)
     module = as_float32(copy.deepcopy(model).cpu(), spec)
-    classes = probe_output(module, shape[1:], spec)
+    vocab = input_vocabulary(module, shape[1:])
+    classes = probe_output(module, shape[1:], spec, vocab)
     return Artifact(format="torch", sample_shape=shape[1:], num_classes=classes, module=module, origin=spec,
-                    builder={"spec": None, "num_classes": classes, "module": spec[len("<module "):-1]})
+                    builder={"spec": None, "num_classes": classes, "module": spec[len("<module "):-1]}, vocab=vocab)
 
 
 def _step_function(step_type: str) -> Callable[..., RunResult]:

@@ -294,3 +294,56 @@ class DictHeads(TwoHeads):
 
 def dict_heads(num_classes: int = 10) -> nn.Module:
     return DictHeads(num_classes)
+
+
+class TokenCnn(nn.Module):
+    """A text classifier on token ids (not a Hugging Face model): an embedding, a 1-d convolution, max over time."""
+
+    def __init__(self, num_classes: int = 4, vocab: int = 50, dim: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.conv = nn.Conv1d(dim, 64, 3, padding=1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(self.emb(ids).transpose(1, 2)))
+        return self.fc(h.amax(-1))
+
+
+def token_cnn(num_classes: int = 4) -> nn.Module:
+    return TokenCnn(num_classes)
+
+
+class TokenTransformer(nn.Module):
+    """Token ids through an embedding (7 ids: a vocabulary smaller than any made-up id range), learned positions
+    (an embedding fed with positions, not with the input), nn.TransformerEncoder, mean over time."""
+
+    def __init__(self, num_classes: int = 3, vocab: int = 7, dim: int = 32, length: int = 64):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, 4, 64, batch_first=True), 2)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.fc(self.enc(h).mean(1))
+
+
+def token_transformer(num_classes: int = 3) -> nn.Module:
+    return TokenTransformer(num_classes)
+
+
+class PositionsOnly(nn.Module):
+    """Float features plus a learned position embedding: an nn.Embedding that never reads the input."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.pos = nn.Embedding(16, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((x + self.pos(torch.arange(x.shape[1]))).mean(1))
+
+
+def positions_only(num_classes: int = 3) -> nn.Module:
+    return PositionsOnly(num_classes)

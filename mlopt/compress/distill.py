@@ -21,7 +21,7 @@ from mlopt.runtime import hf
 from mlopt.runtime.artifacts import load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, first_inputs, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
-from mlopt.runtime.models import build_module, count_params, probe_output
+from mlopt.runtime.models import build_module, count_params, input_vocabulary, probe_output
 from mlopt.runtime.sharding import local_bytes
 
 
@@ -112,12 +112,13 @@ class DistillPass(Pass):
             student = copy.deepcopy(artifact.require_torch("distill"))
             new = artifact.derive("distill", module=student)
         shape = tuple(ctx.data.sample_shape)
-        t_classes, s_classes = probe_output(teacher, shape), probe_output(student, shape, config.student)
+        t_vocab, s_vocab = input_vocabulary(teacher, shape), input_vocabulary(student, shape)  # token-id models
+        t_classes, s_classes = probe_output(teacher, shape, vocab=t_vocab), probe_output(student, shape, config.student,
+                                                                                         s_vocab)
         if t_classes != s_classes:
             raise InputError(f"the teacher has {t_classes} classes and the student {s_classes}")
         check_labels(ctx.data, s_classes)
-        new.num_classes = s_classes
-        new.sample_shape = shape
+        new.num_classes, new.sample_shape, new.vocab = s_classes, shape, s_vocab
         batch = config.batch_size or ctx.batch_size
         initial = copy.deepcopy(student)
 

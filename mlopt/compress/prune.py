@@ -27,7 +27,7 @@ from mlopt.export.lib.timing import interleaved_latency
 from mlopt.runtime import hf
 from mlopt.runtime.data import count, require_labels
 from mlopt.runtime.evaluation import evaluate_torch
-from mlopt.runtime.models import bake_reparametrized, changed_attributes, reparametrized, shape_attributes
+from mlopt.runtime.models import bake_reparametrized, changed_attributes, reparametrized, shape_attributes, synthetic_input
 
 
 class PruneConfig(Config):
@@ -100,7 +100,8 @@ class PrunePass(Pass):
         if config.sparsity != "structured":  # structured pruning works on copies; sparsity zeroes weights in place
             module = copy.deepcopy(module)
         shape = tuple(artifact.sample_shape)
-        sample = hf.example_inputs(artifact, 1) if hf.is_text_artifact(artifact) else shape  # what pruning traces
+        sample = (hf.example_inputs(artifact, 1) if hf.is_text_artifact(artifact)  # what pruning traces
+                  else shape if artifact.vocab is None else synthetic_input((1, *shape), artifact.vocab, zeros=True))
         data = ctx.data
         labeled = data is not None and data.labeled
         if config.finetune_epochs and not labeled:
@@ -281,7 +282,8 @@ class PrunePass(Pass):
         export `what` (the latency is then not measured: pruning does not need it)."""
         text = text_options(artifact, hf.example_inputs(artifact, 2)) if hf.is_text_artifact(artifact) else {}
         try:  # no copy: memory is the limit on big models
-            used, fell_back = export_either(module.eval(), tuple(artifact.sample_shape), path, 18, exporter, **text)
+            used, fell_back = export_either(module.eval(), tuple(artifact.sample_shape), path, 18, exporter,
+                                            vocab=artifact.vocab, **text)
         except RunError as exc:
             path.unlink(missing_ok=True)
             message = f"latency not measured: {what} does not export to ONNX ({exc})"

@@ -10,8 +10,8 @@ from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime import decoder, gguf, hf
 from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
-from mlopt.runtime.models import (apply_state_dict, build_module, load_state_dict_file, parse_shape, probe_output,
-                                  probe_output_shapes, torchvision_default_shape)
+from mlopt.runtime.models import (apply_state_dict, build_module, input_vocabulary, load_state_dict_file, parse_shape,
+                                  probe_output, probe_output_shapes, torchvision_default_shape)
 
 if TYPE_CHECKING:
     from mlopt.run.recipe import Recipe
@@ -51,6 +51,8 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     if data is not None and data.text:
         data = hf.tokenize(data, text_spec, data_cfg.max_length)
     artifact = initial_artifact(recipe, data, loaded)
+    if artifact.vocab is not None and data is not None and not data.text:
+        data = data.as_token_ids(artifact.vocab, data_cfg.seed)
     dense = dense_output(artifact) if data is not None and data.labeled else None
     if dense is not None:  # labels cannot score such an output; the inputs still serve (calibration, fidelity)
         what = f"the model returns {dense}, not one logits tensor (batch, classes)"
@@ -64,7 +66,8 @@ def dense_output(artifact: "Artifact") -> str | None:
     """The output's shapes (as text) where they are not logits (batch, classes): a segmentation map, a feature map,
     several outputs."""
     if artifact.format == "torch" and artifact.num_classes is None and not hf.is_text_artifact(artifact):
-        return " and ".join(map(format_shape, probe_output_shapes(artifact.module, tuple(artifact.sample_shape))))
+        shapes = probe_output_shapes(artifact.module, tuple(artifact.sample_shape), vocab=artifact.vocab)
+        return " and ".join(map(format_shape, shapes))
     if artifact.format == "onnx" and artifact.onnx_path is not None:
         import onnx
 
@@ -154,11 +157,12 @@ def initial_artifact(recipe: "Recipe", data: "Dataset | None", loaded: "Artifact
     if shape is None and not cfg.spec.startswith("torchvision:"):
         raise InputError(f"give --input-shape for {cfg.spec} (for example 1x3x224x224): the model does not imply one")
     shape = shape or torchvision_default_shape(cfg.spec.partition(":")[2])
-    classes = probe_output(module, tuple(shape), cfg.spec)
+    vocab = input_vocabulary(module, tuple(shape))
+    classes = probe_output(module, tuple(shape), cfg.spec, vocab)
     if data is not None:
         check_labels(data, classes)
     return Artifact(format="torch", sample_shape=tuple(shape), num_classes=classes, module=module, origin=cfg.spec,
-                    builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes})
+                    builder={"spec": _absolute_spec(cfg.spec), "num_classes": classes}, vocab=vocab)
 
 
 def _absolute_spec(spec: str) -> str:

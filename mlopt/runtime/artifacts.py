@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
-from mlopt.runtime.models import apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
+from mlopt.runtime.models import VOCAB_KEY, apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -36,6 +36,8 @@ class Artifact:
     module: Any = None  # torch: the live nn.Module
     onnx_path: Path | None = None  # onnx: the file
     origin: str = ""  # what the user named, for messages
+    vocab: int | None = None  # the input is integer token ids below this (a model reading its input with an
+    # nn.Embedding, `input_vocabulary`); None: float inputs
 
     def derive(self, step: str, **changes: Any) -> "Artifact":
         """A new artifact produced by a step, keeping the rest of the metadata."""
@@ -68,6 +70,8 @@ class Artifact:
         meta = {"mlopt_model_version": META_VERSION, "format": self.format, "builder": self.builder,
                 "sample_shape": list(self.sample_shape) if self.sample_shape else None,
                 "num_classes": self.num_classes, "lineage": self.lineage}
+        if self.vocab is not None:
+            meta["input_vocabulary"] = self.vocab
         signature = _sign(self.builder)
         if signature is not None:
             meta["builder_signature"] = signature
@@ -192,6 +196,7 @@ def load_artifact(path: str | Path) -> Artifact:
             art.lineage, art.builder = list(meta.get("lineage") or []), meta.get("builder")
             art.sample_shape = tuple(meta["sample_shape"]) if meta.get("sample_shape") else art.sample_shape
             art.num_classes = meta.get("num_classes") or art.num_classes
+            art.vocab = meta.get("input_vocabulary") or art.vocab
             return art
         raise InputError(f"{meta_path}: unknown model format {fmt!r}")
     if path.suffix == ".onnx":
@@ -286,6 +291,9 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     classes = meta.get("num_classes")
     if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes <= 0):
         raise InputError(f"{meta_path} is corrupt: num_classes must be a positive integer, not {classes!r:.80}")
+    vocab = meta.get("input_vocabulary")
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0):
+        raise InputError(f"{meta_path} is corrupt: input_vocabulary must be a positive integer, not {vocab!r:.80}")
     lineage = meta.get("lineage") or []
     if not isinstance(lineage, list) or not all(isinstance(step, str) for step in lineage):
         raise InputError(f"{meta_path} is corrupt: lineage must be a list of step names")
@@ -315,7 +323,8 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     module.eval()
     shape = meta.get("sample_shape")
     return Artifact(format="torch", sample_shape=tuple(shape) if shape else None, num_classes=meta.get("num_classes"),
-                    lineage=list(meta.get("lineage") or []), builder=builder, module=module, origin=str(path))
+                    lineage=list(meta.get("lineage") or []), builder=builder, module=module, origin=str(path),
+                    vocab=meta.get("input_vocabulary"))
 
 
 def load_onnx_file(path: Path) -> Artifact:
@@ -343,7 +352,14 @@ def load_onnx_file(path: Path) -> Artifact:
         check_shape_size(sample_shape, f"{path}: input {inputs[0].name!r}")
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] and len(model.graph.output) == 1 else None
-    return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path))
+    return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path),
+                    vocab=onnx_vocabulary(model))
+
+
+def onnx_vocabulary(model: Any) -> int | None:
+    """The input vocabulary mlopt's export recorded in an ONNX model's metadata (`VOCAB_KEY`), else None."""
+    value = next((p.value for p in model.metadata_props if p.key == VOCAB_KEY), None)
+    return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
 
 
 def _tensors(graph: Any) -> Any:

@@ -364,15 +364,59 @@ def flat_tensors(y: Any) -> list[Any]:
     return flat
 
 
-def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> int | None:
+VOCAB_KEY = "mlopt.input_vocabulary"  # ONNX metadata written by mlopt's export: token ids are valid below it
+
+
+def input_vocabulary(module: Any, sample_shape: tuple[int, ...]) -> int | None:
+    """Where the model's input is integer token ids (a text classifier whose input goes into an nn.Embedding or
+    nn.EmbeddingBag): the number of ids that every such layer the input reaches takes, else None. Found by running
+    one float sample with hooks on the embeddings (only models that have one): an embedding handed that float
+    tensor is where the model reads its input as ids."""
+    import torch
+
+    embeddings = [m for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    if not embeddings:
+        return None
+    fed: list[int] = []
+
+    def hook(m: Any, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            fed.append(m.num_embeddings)
+
+    handles = [m.register_forward_pre_hook(hook) for m in embeddings]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros((1, *sample_shape)))
+    except Exception:
+        pass  # an embedding fails on float ids once its hook has seen them; other failures are probe_output's
+    finally:
+        for h in handles:
+            h.remove()
+    return min(fed) if fed else None
+
+
+def synthetic_input(shape: tuple[int, ...], vocab: int | None = None, generator: Any = None,
+                    zeros: bool = False) -> Any:
+    """A made-up input of `shape` (batch first): Gaussian noise (zeros with `zeros`), or token ids below `vocab`
+    (uniform; zeros with `zeros`) for a model that reads ids (`input_vocabulary`)."""
+    import torch
+
+    if vocab is None:
+        return torch.zeros(shape) if zeros else torch.randn(shape, generator=generator)
+    return torch.zeros(shape, dtype=torch.long) if zeros else torch.randint(0, vocab, shape, generator=generator)
+
+
+def probe_output(module: Any, sample_shape: tuple[int, ...], spec: str | None = None,
+                 vocab: int | None = None) -> int | None:
     """The number of output classes where the model returns logits (batch, classes), else None: a dense output (a
     segmentation map, a feature map, an image) or several outputs (a tuple or dict: detection heads, several
     tasks). Such a model is compared by its outputs, not scored on labels."""
-    shapes = probe_output_shapes(module, sample_shape, spec)
+    shapes = probe_output_shapes(module, sample_shape, spec, vocab)
     return shapes[0][1] if len(shapes) == 1 and len(shapes[0]) == 2 else None
 
 
-def probe_output_shapes(module: Any, sample_shape: tuple[int, ...], spec: str | None = None) -> list[tuple[int, ...]]:
+def probe_output_shapes(module: Any, sample_shape: tuple[int, ...], spec: str | None = None,
+                        vocab: int | None = None) -> list[tuple[int, ...]]:
     """Run one dummy sample through the model; return the shapes of the tensors it returns (batch first): logits
     (1, classes), a dense output such as (1, channels, height, width), or several (a tuple, list or dict of tensors,
     flattened in order).
@@ -385,7 +429,7 @@ def probe_output_shapes(module: Any, sample_shape: tuple[int, ...], spec: str | 
     import torch
 
     module.eval()
-    x = torch.zeros((1, *sample_shape))
+    x = synthetic_input((1, *sample_shape), vocab, zeros=True)
     convs = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
     reached: list[tuple[str, Any]] = []
 

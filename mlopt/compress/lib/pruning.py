@@ -23,16 +23,18 @@ from mlopt.core.errors import InputError, first_line
 from mlopt.runtime.models import shape_attributes
 
 
-Sample = Any  # one sample's shape (tuple[int, ...]: a float input of that shape), or a model's named inputs
-# (dict[str, Tensor], batch of 1: token models)
+Sample = Any  # one sample's shape (tuple[int, ...]: a float input of that shape), a model's named inputs
+# (dict[str, Tensor], batch of 1: Hugging Face token models), or its one input (Tensor, batch of 1: token ids)
 
 
 def example(sample: Sample) -> Any:
     """The input pruning traces and probes the model with: zeros of the sample's shape (batch 1), or the named
-    inputs as given (`module(**inputs)`)."""
+    inputs or the input tensor as given (`module(**inputs)`, `module(input)`)."""
     import torch
 
-    return dict(sample) if isinstance(sample, dict) else torch.zeros((1, *sample))
+    if isinstance(sample, dict):
+        return dict(sample)
+    return sample if isinstance(sample, torch.Tensor) else torch.zeros((1, *sample))
 
 
 def _quiet() -> Any:

@@ -20,7 +20,7 @@ from mlopt.core.sections import Config
 from mlopt.export.lib.parity import compare
 from mlopt.runtime import hf
 from mlopt.runtime.data import first_inputs
-from mlopt.runtime.models import flat_tensors
+from mlopt.runtime.models import VOCAB_KEY, flat_tensors, synthetic_input
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -40,16 +40,18 @@ class ExportOptions(Config):
 
 def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,
                 example: dict[str, Any] | None = None, output: str = "logits", max_sequence: int | None = None,
-                debug_metadata: bool = False) -> None:
+                debug_metadata: bool = False, vocab: int | None = None) -> None:
     """Write `module` to `path` with a dynamic batch axis; raise a one-line error on failure. `example` names
     the inputs of a multi-input model (token models: input_ids, attention_mask, ...); with `max_sequence` their
     second axis (the sequence) is dynamic as well. The dynamo exporter's per-node debug metadata is dropped
-    unless `debug_metadata`: onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file."""
+    unless `debug_metadata`: onnxruntime never reads it, and it is 3% of an INT8 mobilenet_v2 file. A model reading
+    token ids (`vocab`) is traced on ids below it, and the vocabulary is written into the file's metadata
+    (`VOCAB_KEY`), from which timing makes up valid ids."""
     import onnx
     import torch
 
     module.eval()
-    example = example or {"input": torch.randn((2, *sample_shape))}
+    example = example or {"input": synthetic_input((2, *sample_shape), vocab)}
     names, args = list(example), tuple(example.values())
     printed = io.StringIO()
     try:
@@ -92,11 +94,15 @@ def export_onnx(module: Any, sample_shape: tuple[int, ...], path: Path, opset: i
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise RunError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}") from exc
-    produced = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    written = onnx.load(str(path), load_external_data=False)
+    produced = {o.domain: o.version for o in written.opset_import}
     if produced.get("", produced.get("ai.onnx")) != opset:
         hint = " (the dynamo exporter needs opset >= 18 for most models; try exporter: torchscript)"
         raise RunError(f"the {exporter} exporter produced opset {produced.get('')} instead of the requested {opset}"
                        + (hint if exporter == "dynamo" else ""))
+    if vocab is not None:  # the tensors stay where the exporter wrote them (external data is not loaded)
+        onnx.helper.set_model_props(written, {**{p.key: p.value for p in written.metadata_props}, VOCAB_KEY: str(vocab)})
+        onnx.save(written, str(path))
 
 
 def export_reason(exc: BaseException) -> str:
@@ -140,7 +146,9 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     if hf.is_text_artifact(artifact):
         return hf.example_inputs(artifact, n), "fixed token ids"
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *artifact.sample_shape), generator=g), "random normal inputs"
+    if artifact.vocab is not None:
+        return synthetic_input((n, *artifact.sample_shape), artifact.vocab, g), f"random token ids below {artifact.vocab}"
+    return synthetic_input((n, *artifact.sample_shape), None, g), "random normal inputs"
 
 
 def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
@@ -153,7 +161,7 @@ def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = 
         raise InputError("the model's input shape is unknown: give --input-shape")
     text = text_options(artifact, parity_inputs(artifact, data, 2)[0]) if hf.is_text_artifact(artifact) else {}
     return export_either(module, tuple(artifact.sample_shape), path, opset, exporter, fallback,
-                         debug_metadata=debug_metadata, **text)
+                         debug_metadata=debug_metadata, vocab=artifact.vocab, **text)
 
 
 def export_either(module: Any, sample_shape: tuple[int, ...], path: Path, opset: int, exporter: str,

@@ -24,8 +24,8 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
     feeds, seen = [], 0
     for items in loader(data.train, batch):
         x = to_numpy(inputs_of(items))
-        if not isinstance(x, dict) and x.dtype != np.float32:
-            raise InputError(f"calibration data must be float32, got {x.dtype}")
+        if not isinstance(x, dict) and x.dtype not in (np.float32, np.int64):  # images and features; token ids
+            raise InputError(f"calibration data must be float32 (or int64 token ids), got {x.dtype}")
         size = min(count(x), n - seen)
         # token models feed every input by name; image models their one input
         feeds.append(take(x, 0, size) if isinstance(x, dict) else {input_name: x[:size]})
