@@ -15,6 +15,7 @@ A factory that accepts a ``num_classes`` argument receives it. Weights are alway
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -106,9 +107,11 @@ def build_module(spec: str, num_classes: int | None) -> Any:
     raise InputError(f"unrecognised model {spec!r}: unknown prefix {prefix!r}")
 
 
+@functools.lru_cache(maxsize=None)
 def _torchvision_task(name: str) -> str | None:
     """Which of torchvision's model families has `name`: classification (logits), video (logits of a clip) or
-    segmentation (a dense map); None for none of them (detection and optical flow return lists and dicts)."""
+    segmentation (a dense map); None for none of them (detection and optical flow return lists and dicts).
+    Cached: a build asks up to three times, and each ask lists all of torchvision's models."""
     import torchvision
 
     for task, module in (("classification", torchvision.models), ("video", torchvision.models.video),
