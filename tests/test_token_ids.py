@@ -109,3 +109,21 @@ def test_a_forged_vocabulary_in_model_json_is_refused(tmp_path):
     (out / "model.json").write_text(json.dumps(meta))
     result = runner.invoke(app, ["export", "--model", str(out), "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "input_vocabulary must be a positive integer" in result.stderr
+
+
+@pytest.mark.parametrize("teacher,student,ok", [
+    ("token_cnn", "token_cnn", True),
+    ("token_cnn", "small_vocab_cnn", True),  # the data is the student's: ids below 7, which the teacher reads
+    ("small_vocab_cnn", "token_cnn", False),  # ids below 50 for a teacher of 7
+    ("float_mlp", "token_cnn", False),
+])
+def test_teacher_and_student_must_read_the_same_ids(tmp_path, teacher, student, ok):
+    args = ["distill", "--teacher", f"{USER}:{teacher}", "--data", "random:16", "--student", f"{USER}:{student}",
+            "--epochs", "1", "--out", str(tmp_path / "d"), "--quiet"]
+    result = runner.invoke(app, args)
+    if ok:
+        assert result.exit_code == 0, result.output
+        assert load_artifact(tmp_path / "d").vocab == (50 if student == "token_cnn" else 7)
+    else:
+        assert result.exit_code == 2 and "teacher and student must read the same inputs" in result.stderr
+        assert "the teacher reads" in result.stderr

@@ -347,3 +347,13 @@ class PositionsOnly(nn.Module):
 
 def positions_only(num_classes: int = 3) -> nn.Module:
     return PositionsOnly(num_classes)
+
+
+def small_vocab_cnn(num_classes: int = 4) -> nn.Module:
+    """TokenCnn with 7 ids: it cannot read the ids of a 50-id model's data."""
+    return TokenCnn(num_classes, vocab=7)
+
+
+def float_mlp(num_classes: int = 4) -> nn.Module:
+    """16 float features in, as many outputs as TokenCnn: the same shapes, but floats, not ids."""
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, num_classes))
