@@ -103,7 +103,8 @@ def test_images_for_a_token_model_are_refused_in_one_line(tmp_path):
 
 def test_a_forged_vocabulary_in_model_json_is_refused(tmp_path):
     out = tmp_path / "p"
-    _step("prune", "--model", f"{USER}:token_cnn", "--input-shape", "1x16", "--ratio", "0.5", "--out", out)
+    _step("prune", "--model", f"{USER}:token_cnn", "--input-shape", "1x16", "--ratio", "0.5", "--no-latency",
+          "--out", out)
     meta = json.loads((out / "model.json").read_text())
     meta["input_vocabulary"] = "many"
     (out / "model.json").write_text(json.dumps(meta))
@@ -127,3 +128,22 @@ def test_teacher_and_student_must_read_the_same_ids(tmp_path, teacher, student, 
     else:
         assert result.exit_code == 2 and "teacher and student must read the same inputs" in result.stderr
         assert "the teacher reads" in result.stderr
+
+
+def test_an_onnx_model_from_elsewhere_with_integer_input_reads_whole_numbers_and_refuses_random_data(tmp_path):
+    # An ONNX file mlopt did not write: an int64 input, no vocabulary recorded.
+    import torch
+
+    from user_models import token_cnn as build
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(build().eval(), (torch.zeros(2, 16, dtype=torch.long),), str(path), dynamo=False,
+                      input_names=["ids"], dynamic_axes={"ids": {0: "batch"}})
+    result = runner.invoke(app, ["eval", "--model", str(path), "--data", "random:16"])
+    assert result.exit_code == 2 and "integer inputs (token ids?) and records no vocabulary" in result.stderr
+    np.savez(tmp_path / "f.npz", x=np.full((40, 16), 0.5), y=np.arange(40) % 4)
+    result = runner.invoke(app, ["eval", "--model", str(path), "--data", f"npz:{tmp_path / 'f.npz'}"])
+    assert result.exit_code == 2 and "holds 0.5: give whole numbers 0 or more" in result.stderr
+    m = json.loads(runner.invoke(app, ["eval", "--model", str(path), "--data", f"npz:{_ids_npz(tmp_path / 'i.npz')}",
+                                       "--json", "--quiet"]).stdout)
+    assert 0 <= m["accuracy"] <= 1 and m["samples"] == 48

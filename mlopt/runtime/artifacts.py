@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
+from mlopt.runtime import hf
 from mlopt.runtime.models import VOCAB_KEY, apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
 
 META_FILE = "model.json"
@@ -354,6 +355,20 @@ def load_onnx_file(path: Path) -> Artifact:
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] and len(model.graph.output) == 1 else None
     return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path),
                     vocab=onnx_vocabulary(model))
+
+
+def integer_input(artifact: Artifact) -> bool:
+    """Whether an ONNX artifact's one input is int32 or int64 (token ids, most likely); hf: text models excluded
+    (their tokenizer makes their inputs)."""
+    import onnx
+
+    if artifact.format != "onnx" or artifact.onnx_path is None or hf.is_text_artifact(artifact):
+        return False
+    graph = onnx.load(str(artifact.onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    ids = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}  # not uint8: images with the conversion in the graph
+    return len(inputs) == 1 and inputs[0].type.tensor_type.elem_type in ids
 
 
 def onnx_vocabulary(model: Any) -> int | None:

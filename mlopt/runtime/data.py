@@ -84,28 +84,34 @@ class Dataset:
                        unlabelled_why=why)
 
 
-    def as_token_ids(self, vocab: int, seed: int = 0) -> "Dataset":
-        """The data for a model that reads integer token ids below `vocab` (`input_vocabulary`): random:SHAPE becomes
-        random ids (seeded); other data must hold whole numbers in [0, vocab) (an .npz of ids), which become int64."""
+    def as_token_ids(self, vocab: int | None, seed: int = 0) -> "Dataset":
+        """The data for a model that reads integer token ids below `vocab` (`input_vocabulary`; None: an ONNX model
+        from elsewhere whose input is integer, with no vocabulary recorded): random:SHAPE becomes random ids
+        (seeded); other data must hold whole numbers in [0, vocab) (an .npz of ids), which become int64."""
         import torch
         from dataclasses import replace
         from torch.utils.data import TensorDataset
 
+        reads = (f"token ids below {vocab} (its input goes into an embedding of {vocab})" if vocab is not None
+                 else "integer inputs (token ids?) and records no vocabulary")
         if self.name.startswith("random:"):
+            if vocab is None:
+                raise InputError(f"the model reads {reads}: {self.name} cannot make up valid ones; give an .npz "
+                                 "whose x holds its inputs")
             g = torch.Generator().manual_seed(seed)
             ids = TensorDataset(torch.randint(0, vocab, (len(self.train), *self.sample_shape), generator=g))
             return replace(self, train=ids, val=ids)
         if not isinstance(self.train, TensorDataset) or not isinstance(self.val, TensorDataset):
-            raise InputError(f"the model reads token ids (its input goes into an embedding of {vocab}); {self.name} "
-                             "holds images: give an .npz whose x holds the ids")
+            raise InputError(f"the model reads {reads}; {self.name} holds images: give an .npz whose x holds the ids")
         splits = []
         for split in (self.train, self.val):
             x, *rest = split.tensors
-            bad = ~torch.isfinite(x) | (x != x.round()) | (x < 0) | (x >= vocab)
+            bad = ~torch.isfinite(x) | (x != x.round()) | (x < 0) | (x >= (vocab or float("inf")))
             if bool(bad.any()):
                 value = x[bad][0].item()
-                raise InputError(f"the model reads token ids below {vocab} (its input goes into an embedding of "
-                                 f"{vocab}), but {self.name} holds {value:g}: give whole numbers 0..{vocab - 1}")
+                allowed = f"0..{vocab - 1}" if vocab is not None else "0 or more"
+                raise InputError(f"the model reads {reads}, but {self.name} holds {value:g}: give whole numbers "
+                                 f"{allowed}")
             splits.append(TensorDataset(x.long(), *rest))
         return replace(self, train=splits[0], val=splits[1])
 
