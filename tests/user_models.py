@@ -315,10 +315,11 @@ def token_cnn(num_classes: int = 4) -> nn.Module:
 
 
 class TokenTransformer(nn.Module):
-    """Token ids through an embedding (7 ids: a vocabulary smaller than any made-up id range), learned positions
-    (an embedding fed with positions, not with the input), nn.TransformerEncoder, mean over time."""
+    """Token ids through an embedding (3 ids: fewer than the ids 0..4 timing makes up for an integer input of
+    unknown meaning), learned positions (an embedding fed with positions, not with the input),
+    nn.TransformerEncoder, mean over time."""
 
-    def __init__(self, num_classes: int = 3, vocab: int = 7, dim: int = 32, length: int = 64):
+    def __init__(self, num_classes: int = 3, vocab: int = 3, dim: int = 32, length: int = 64):
         super().__init__()
         self.emb, self.pos = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
         self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, 4, 64, batch_first=True), 2)
@@ -357,3 +358,30 @@ def small_vocab_cnn(num_classes: int = 4) -> nn.Module:
 def float_mlp(num_classes: int = 4) -> nn.Module:
     """16 float features in, as many outputs as TokenCnn: the same shapes, but floats, not ids."""
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+class TwoTables(nn.Module):
+    """The ids read by two embeddings, the second smaller: every id must be below the smaller one."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.words, self.tags = nn.Embedding(100, 16), nn.Embedding(10, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.words(ids) + self.tags(ids)).mean(1))
+
+
+def two_tables(num_classes: int = 4) -> nn.Module:
+    return TwoTables(num_classes)
+
+
+class CastIds(nn.Module):
+    """Integer input used as numbers (cast to float), not as ids into a table."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(ids.float())

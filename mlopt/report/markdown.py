@@ -120,7 +120,8 @@ def chain_table(chain: Chain) -> Table:
                      f"{r.size_mb:.2f}", ", ".join(marks)])
     note = (f"Latency: {chain.method}; {chain.provider}, {chain.rounds} rounds of {chain.iterations_per_round} runs per "
             f"model and batch size ({chain.duration_s:.1f} s in all, exports included)"
-            + (f"; {' and '.join(chain.retimed)} timed again together in {chain.rounds} more rounds. " if chain.retimed
+            + (f"; {' and '.join(chain.retimed)} timed again together in {chain.rounds} more rounds (final/best "
+               f"{chain.retimed_ratio:.2f}x round by round). " if chain.retimed
                else ". ")
             + (f"Cosine: {COSINE_METHOD}; at least {chain.min_cosine}. " if cosine else
                f"Accuracy: {chain.accuracy_method or 'not measured (no labelled data)'}. Accuracy tolerance "

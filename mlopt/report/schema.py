@@ -78,6 +78,9 @@ class Chain(Strict):
     verdict: str
     retimed: list[str] = Field(default_factory=list, description="the best and the final model, when the final one "
                                "timed slower and the two were timed again together before the verdict")
+    retimed_ratio: float | None = Field(None, description="the final model's latency over the best one's, median "
+                                        "per-round ratio over all their rounds (geometric mean over batch sizes)")
+    retimed_noise: float | None = Field(None, description="that ratio's noise: twice its median's standard error")
     duration_s: float
 
 

@@ -18,7 +18,9 @@ from typing import Any, Literal
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
 from mlopt.runtime import hf
-from mlopt.runtime.models import VOCAB_KEY, apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module, check_shape_size, count_params, cpu_state_dict, load_state_dict_file
+from mlopt.runtime.models import (VOCAB_KEY, apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module,
+                                  check_shape_size, count_params, cpu_state_dict, input_vocabulary, load_state_dict_file,
+                                  parse_vocabulary)
 
 META_FILE = "model.json"
 TORCH_FILE = "model.pt"
@@ -323,9 +325,11 @@ def _load_torch_dir(path: Path, meta: dict[str, Any]) -> Artifact:
     apply_state_dict(module, state, str(path / TORCH_FILE))
     module.eval()
     shape = meta.get("sample_shape")
+    # A folder written before mlopt recorded the vocabulary: probed again (only models with an embedding run)
+    vocab = meta["input_vocabulary"] if "input_vocabulary" in meta or not shape else input_vocabulary(module, tuple(shape))
     return Artifact(format="torch", sample_shape=tuple(shape) if shape else None, num_classes=meta.get("num_classes"),
                     lineage=list(meta.get("lineage") or []), builder=builder, module=module, origin=str(path),
-                    vocab=meta.get("input_vocabulary"))
+                    vocab=vocab)
 
 
 def load_onnx_file(path: Path) -> Artifact:
@@ -372,9 +376,17 @@ def integer_input(artifact: Artifact) -> bool:
 
 
 def onnx_vocabulary(model: Any) -> int | None:
-    """The input vocabulary mlopt's export recorded in an ONNX model's metadata (`VOCAB_KEY`), else None."""
-    value = next((p.value for p in model.metadata_props if p.key == VOCAB_KEY), None)
-    return int(value) if value is not None and value.isdigit() and int(value) > 0 else None
+    """The input vocabulary mlopt's export recorded in an ONNX model's metadata (`VOCAB_KEY`); for a file from
+    elsewhere whose input indexes tables directly (Gather of an initializer by the graph input), the smallest
+    table's rows; else None."""
+    recorded = parse_vocabulary(next((p.value for p in model.metadata_props if p.key == VOCAB_KEY), None))
+    if recorded is not None or len(model.graph.input) != 1:
+        return recorded
+    tables = {i.name: i.dims[0] for i in model.graph.initializer if i.dims}
+    name = model.graph.input[0].name
+    rows = [tables[n.input[0]] for n in model.graph.node
+            if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == name and n.input[0] in tables]
+    return min(rows) if rows else None
 
 
 def _tensors(graph: Any) -> Any:

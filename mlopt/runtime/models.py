@@ -382,9 +382,11 @@ def input_vocabulary(module: Any, sample_shape: tuple[int, ...]) -> int | None:
         return None
     fed: list[int] = []
 
-    def hook(m: Any, args: tuple[Any, ...]) -> None:
+    def hook(m: Any, args: tuple[Any, ...]) -> Any:
         if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             fed.append(m.num_embeddings)
+            return (args[0].long(), *args[1:])  # zeros as ids: the forward goes on to every embedding the input reaches
+        return None
 
     handles = [m.register_forward_pre_hook(hook) for m in embeddings]
     try:
@@ -396,6 +398,13 @@ def input_vocabulary(module: Any, sample_shape: tuple[int, ...]) -> int | None:
         for h in handles:
             h.remove()
     return min(fed) if fed else None
+
+
+def parse_vocabulary(value: str | None) -> int | None:
+    """A vocabulary size read from a file's metadata (`VOCAB_KEY`): a plain positive number, else None."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 12 or int(value) <= 0:
+        return None
+    return int(value)
 
 
 def synthetic_input(shape: tuple[int, ...], vocab: int | None = None, generator: Any = None,

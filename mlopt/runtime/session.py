@@ -103,10 +103,10 @@ def synthetic_feed(session: Any, batch: int, sample_shape: tuple[int, ...], rng:
     integer input mlopt exported with its vocabulary (`VOCAB_KEY`), ids below it."""
     import numpy as np
 
-    from mlopt.runtime.models import VOCAB_KEY
+    from mlopt.runtime.models import VOCAB_KEY, parse_vocabulary
 
     feed, full = {}, (batch, *sample_shape)
-    vocab = session.get_modelmeta().custom_metadata_map.get(VOCAB_KEY, "")
+    vocab = parse_vocabulary(session.get_modelmeta().custom_metadata_map.get(VOCAB_KEY))
     for name, _, dtype in input_specs(session):
         if np.issubdtype(dtype, np.floating):
             feed[name] = rng.standard_normal(full).astype(dtype)
@@ -117,10 +117,10 @@ def synthetic_feed(session: Any, batch: int, sample_shape: tuple[int, ...], rng:
         elif "ids" in name:
             # Ids below 5 exist in every vocabulary; a transformer's cost does not depend on the tokens.
             feed[name] = rng.integers(0, 5, size=full).astype(dtype)
-        elif vocab.isdigit() and int(vocab) > 0:  # token ids of a model mlopt exported (its input's vocabulary)
-            feed[name] = rng.integers(0, int(vocab), size=full).astype(dtype)
-        else:
-            feed[name] = rng.integers(0, 100, size=full).astype(dtype)
+        elif vocab is not None:  # token ids of a model mlopt exported (its input's vocabulary)
+            feed[name] = rng.integers(0, vocab, size=full).astype(dtype)
+        else:  # an integer input of unknown meaning: most often ids into a table, and 0..4 index any of them
+            feed[name] = rng.integers(0, 5, size=full).astype(dtype)
     return feed
 
 
