@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from mlopt.core import console
 from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime import decoder, gguf, hf
-from mlopt.runtime.artifacts import Artifact, integer_input, load_artifact, looks_like_artifact
+from mlopt.runtime.artifacts import Artifact, load_artifact, looks_like_artifact
 from mlopt.runtime.data import check_labels, load_data
 from mlopt.runtime.models import (apply_state_dict, build_module, input_vocabulary, load_state_dict_file, parse_shape,
                                   probe_output, probe_output_shapes, torchvision_default_shape)
@@ -51,7 +51,8 @@ def prepare(recipe: "Recipe", model: "Artifact | None" = None) -> tuple["Artifac
     if data is not None and data.text:
         data = hf.tokenize(data, text_spec, data_cfg.max_length)
     artifact = initial_artifact(recipe, data, loaded)
-    if data is not None and not data.text and (artifact.vocab is not None or integer_input(artifact)):
+    ids = artifact.vocab is not None or artifact.integer_input and not hf.is_text_artifact(artifact)
+    if data is not None and not data.text and ids:  # hf: text models' ids come from their tokenizer
         data = data.as_token_ids(artifact.vocab, data_cfg.seed)
     dense = dense_output(artifact) if data is not None and data.labeled else None
     if dense is not None:  # labels cannot score such an output; the inputs still serve (calibration, fidelity)

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from mlopt.core.errors import InputError, first_line, storage_error
 from mlopt.core.fsutil import atomic_write_json, file_size_mb
-from mlopt.runtime import hf
 from mlopt.runtime.models import (VOCAB_KEY, apply_recorded_shapes, apply_state_dict, bake_reparametrized, build_module,
                                   check_shape_size, count_params, cpu_state_dict, input_vocabulary, load_state_dict_file,
                                   parse_vocabulary)
@@ -40,7 +39,8 @@ class Artifact:
     onnx_path: Path | None = None  # onnx: the file
     origin: str = ""  # what the user named, for messages
     vocab: int | None = None  # the input is integer token ids below this (a model reading its input with an
-    # nn.Embedding, `input_vocabulary`); None: float inputs
+    # nn.Embedding, `input_vocabulary`); None: float inputs, or (integer_input) ids of unknown range
+    integer_input: bool = False  # onnx: the one graph input is int32/int64 (token ids, most likely)
 
     def derive(self, step: str, **changes: Any) -> "Artifact":
         """A new artifact produced by a step, keeping the rest of the metadata."""
@@ -357,22 +357,10 @@ def load_onnx_file(path: Path) -> Artifact:
         check_shape_size(sample_shape, f"{path}: input {inputs[0].name!r}")
     out_dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] and len(model.graph.output) == 1 else None
-    return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path),
-                    vocab=onnx_vocabulary(model))
-
-
-def integer_input(artifact: Artifact) -> bool:
-    """Whether an ONNX artifact's one input is int32 or int64 (token ids, most likely); hf: text models excluded
-    (their tokenizer makes their inputs)."""
-    import onnx
-
-    if artifact.format != "onnx" or artifact.onnx_path is None or hf.is_text_artifact(artifact):
-        return False
-    graph = onnx.load(str(artifact.onnx_path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
     ids = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}  # not uint8: images with the conversion in the graph
-    return len(inputs) == 1 and inputs[0].type.tensor_type.elem_type in ids
+    return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path),
+                    vocab=onnx_vocabulary(model),
+                    integer_input=len(inputs) == 1 and inputs[0].type.tensor_type.elem_type in ids)
 
 
 def onnx_vocabulary(model: Any) -> int | None:
