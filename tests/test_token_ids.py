@@ -195,3 +195,23 @@ def test_a_folder_written_before_the_vocabulary_was_recorded_is_probed_again(tmp
     del meta["input_vocabulary"]
     (out / "model.json").write_text(json.dumps(meta))
     assert load_artifact(out).vocab == 50
+
+
+@pytest.mark.slow
+def test_static_ptq_calibrates_an_int32_input_from_elsewhere_in_its_own_type(tmp_path):
+    import torch
+
+    class Int32Ids(torch.nn.Module):  # a model from elsewhere whose ids are int32
+        def __init__(self):
+            super().__init__()
+            self.net = token_cnn()
+
+        def forward(self, ids):
+            return self.net(ids.long())
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Int32Ids().eval(), (torch.zeros(2, 16, dtype=torch.int32),), str(path), dynamo=False,
+                      input_names=["ids"], dynamic_axes={"ids": {0: "batch"}})
+    m = _step("ptq", "--model", path, "--data", f"npz:{_ids_npz(tmp_path / 'i.npz')}", "--mode", "static",
+              "--out", tmp_path / "q", "-n", "3", "-b", "1")
+    assert m["quantized"] or m["chosen"] != "FP32"

@@ -458,3 +458,15 @@ def test_when_both_methods_meet_the_budget_they_are_timed_together_and_the_faste
                         lambda paths, *a: [{1: [30.0, 30.0, 30.0]}, {1: [20.2, 20.1, 20.3]}, {1: [20.0, 20.1, 20.0]}])
     assert search._fallback(plan, cfg) is found["dynamic"]
     assert "within the timing noise of each other, the closer to FP32: dyn + 10 nodes in float" in plan.notes[0]
+
+
+def test_a_scheme_asked_for_that_onnxruntime_cannot_make_is_one_line_not_a_traceback():
+    from types import SimpleNamespace
+
+    from mlopt.core.errors import RunError
+    from mlopt.quant.lib.search import choose
+
+    why = "QDQ U8S8 per-channel minmax: not a candidate (onnxruntime could not quantize: Unexpected input data type)"
+    plan = SimpleNamespace(candidates=[], notes=[why])
+    with pytest.raises(RunError, match=r"^static INT8 as asked could not be made: QDQ U8S8 .* not a candidate"):
+        choose(plan, SimpleNamespace(mode="static", fallback=False))

@@ -12,8 +12,10 @@ from mlopt.core.errors import InputError, format_shape
 from mlopt.runtime.data import count, inputs_of, loader, take, to_numpy
 
 
-def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: int, batch: int = 16) -> list[dict[str, Any]]:
-    """Up to `n` training inputs in feeds of `batch`, checked against the model's input."""
+def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: int, batch: int = 16,
+                        dtype: Any = None) -> list[dict[str, Any]]:
+    """Up to `n` training inputs in feeds of `batch`, checked against the model's input; token ids are handed over
+    in the input's integer type (`dtype`: int32 for some models from elsewhere)."""
     import numpy as np
 
     expected = [d if isinstance(d, int) and d > 0 else None for d in model_shape[1:]]
@@ -26,6 +28,8 @@ def calibration_batches(data: Any, input_name: str, model_shape: list[Any], n: i
         x = to_numpy(inputs_of(items))
         if not isinstance(x, dict) and x.dtype not in (np.float32, np.int64):  # images and features; token ids
             raise InputError(f"calibration data must be float32 (or int64 token ids), got {x.dtype}")
+        if not isinstance(x, dict) and x.dtype == np.int64 and dtype is not None and np.issubdtype(dtype, np.integer):
+            x = x.astype(dtype)
         size = min(count(x), n - seen)
         # token models feed every input by name; image models their one input
         feeds.append(take(x, 0, size) if isinstance(x, dict) else {input_name: x[:size]})

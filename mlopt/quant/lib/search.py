@@ -121,8 +121,8 @@ def prepare(artifact: Any, config: Any, data: Any, work: Path) -> Plan:
     static = any(s.method == "static" for s in schemes)
     if static or config.fallback:  # dynamic quantization needs none, but its fallback ranks what it quantizes on them
         try:
-            name, shape, _ = input_specs(make_session(fp32, "cpu"))[0]
-            feeds = calibration_batches(data, name, shape, config.calibration_samples)
+            name, shape, dtype = input_specs(make_session(fp32, "cpu"))[0]
+            feeds = calibration_batches(data, name, shape, config.calibration_samples, dtype=dtype)
         except InputError as exc:
             if static:
                 raise
@@ -350,6 +350,9 @@ def choose(plan: Plan, config: Any) -> Candidate | None:
         chosen = _fallback(plan, config)
     if chosen is None and config.mode != "auto":
         # The user asked for this exact scheme: hand it back, and say plainly what it costs.
+        if not plan.candidates:  # onnxruntime could not make it at all: why, in one line
+            why = next((n for n in reversed(plan.notes) if "not a candidate" in n), "no candidate was made")
+            raise RunError(f"{config.mode} INT8 as asked could not be made: {why}")
         within = [r for r in plan.candidates if r.within_budget]
         chosen = fastest(within) if within else plan.candidates[0]
         if not chosen.faster_than_fp32:
