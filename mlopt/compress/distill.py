@@ -112,9 +112,7 @@ class DistillPass(Pass):
             student = copy.deepcopy(artifact.require_torch("distill"))
             new = artifact.derive("distill", module=student)
         shape = tuple(ctx.data.sample_shape)
-        t_vocab, s_vocab = input_vocabulary(teacher, shape), input_vocabulary(student, shape)  # token-id models
-        _reads_the_data("teacher", t_vocab, artifact.vocab)
-        _reads_the_data("student", s_vocab, artifact.vocab)
+        t_vocab, s_vocab = _read_the_data(teacher, student, artifact.vocab, shape)
         t_classes, s_classes = probe_output(teacher, shape, vocab=t_vocab), probe_output(student, shape, config.student,
                                                                                          s_vocab)
         if t_classes != s_classes:
@@ -184,13 +182,11 @@ class DistillPass(Pass):
         if config.student:
             student = build_module(config.student, artifact.num_classes)
             new = artifact.derive("distill", module=student,
-                                  builder={"spec": config.student, "num_classes": artifact.num_classes},
-                                  vocab=input_vocabulary(student, tuple(ctx.data.sample_shape)))
+                                  builder={"spec": config.student, "num_classes": artifact.num_classes})
         else:
             student = copy.deepcopy(artifact.require_torch("distill"))
             new = artifact.derive("distill", module=student)
-        _reads_the_data("student", new.vocab, artifact.vocab)
-        _reads_the_data("teacher", input_vocabulary(teacher, tuple(ctx.data.sample_shape)), artifact.vocab)
+        new.vocab = _read_the_data(teacher, student, artifact.vocab, tuple(ctx.data.sample_shape))[1]
         batch = config.batch_size or ctx.batch_size
         objective = output_distillation_objective(teacher, student, ctx.data, batch, config.temperature)
         if ctx.data.name.startswith("random:"):
@@ -238,12 +234,16 @@ def _refuse_given(config: DistillConfig, case: str, rules: tuple[tuple[str, str,
             raise InputError(f"{case}: {field.replace('_', '-')} is not supported ({why})")
 
 
-def _reads_the_data(who: str, vocab: int | None, data: int | None) -> None:
-    """Refuse a teacher or student that cannot read the data (made for the current model): floats against token
-    ids, or fewer ids than the data holds."""
-    if (vocab is None) != (data is None) or vocab is not None and vocab < data:
-        def what(v: int | None) -> str:
-            return "float inputs" if v is None else f"token ids below {v}"
+def _read_the_data(teacher: Any, student: Any, data: int | None, shape: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """The teacher's and the student's input vocabularies (`input_vocabulary`; None: float inputs); refuse either
+    when it cannot read the data (made for the current model, token ids below `data`): floats against ids, or
+    fewer ids than the data holds."""
+    vocabs = input_vocabulary(teacher, shape), input_vocabulary(student, shape)
+    for who, vocab in zip(("teacher", "student"), vocabs):
+        if (vocab is None) != (data is None) or vocab is not None and vocab < data:
+            def what(v: int | None) -> str:
+                return "float inputs" if v is None else f"token ids below {v}"
 
-        raise InputError(f"the {who} reads {what(vocab)}, but the data holds {what(data)}: teacher and student must "
-                         "read the same inputs")
+            raise InputError(f"the {who} reads {what(vocab)}, but the data holds {what(data)}: teacher and student "
+                             "must read the same inputs")
+    return vocabs

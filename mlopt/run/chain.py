@@ -236,6 +236,7 @@ def judge(comparison: dict[str, Any]) -> None:
 
     sizes = comparison["batch_sizes"]
     keys = [str(b) for b in sizes]
+
     def typical(r: dict[str, Any], sizes: list[str]) -> float:
         """Where rounds were kept, the geometric mean of the median rounds (one quiet round does not make a model
         the reference the others are held to); else of the best rounds."""

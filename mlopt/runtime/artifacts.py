@@ -359,19 +359,18 @@ def load_onnx_file(path: Path) -> Artifact:
     num_classes = out_dims[-1] if len(out_dims) == 2 and out_dims[-1] and len(model.graph.output) == 1 else None
     ids = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}  # not uint8: images with the conversion in the graph
     return Artifact(format="onnx", sample_shape=sample_shape, num_classes=num_classes, onnx_path=path, origin=str(path),
-                    vocab=onnx_vocabulary(model),
+                    vocab=onnx_vocabulary(model, inputs[0].name if len(inputs) == 1 else None),
                     integer_input=len(inputs) == 1 and inputs[0].type.tensor_type.elem_type in ids)
 
 
-def onnx_vocabulary(model: Any) -> int | None:
+def onnx_vocabulary(model: Any, name: str | None) -> int | None:
     """The input vocabulary mlopt's export recorded in an ONNX model's metadata (`VOCAB_KEY`); for a file from
-    elsewhere whose input indexes tables directly (Gather of an initializer by the graph input), the smallest
-    table's rows; else None."""
+    elsewhere whose one input (`name`; initializers listed as inputs do not count) indexes tables directly (Gather
+    of an initializer by the graph input), the smallest table's rows; else None."""
     recorded = parse_vocabulary(next((p.value for p in model.metadata_props if p.key == VOCAB_KEY), None))
-    if recorded is not None or len(model.graph.input) != 1:
+    if recorded is not None or name is None:
         return recorded
     tables = {i.name: i.dims[0] for i in model.graph.initializer if i.dims}
-    name = model.graph.input[0].name
     rows = [tables[n.input[0]] for n in model.graph.node
             if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == name and n.input[0] in tables]
     return min(rows) if rows else None

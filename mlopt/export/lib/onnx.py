@@ -146,9 +146,8 @@ def parity_inputs(artifact: Any, data: Any, n: int, seed: int = 0) -> tuple[Any,
     if hf.is_text_artifact(artifact):
         return hf.example_inputs(artifact, n), "fixed token ids"
     g = torch.Generator().manual_seed(seed)
-    if artifact.vocab is not None:
-        return synthetic_input((n, *artifact.sample_shape), artifact.vocab, g), f"random token ids below {artifact.vocab}"
-    return synthetic_input((n, *artifact.sample_shape), None, g), "random normal inputs"
+    what = "random normal inputs" if artifact.vocab is None else f"random token ids below {artifact.vocab}"
+    return synthetic_input((n, *artifact.sample_shape), artifact.vocab, g), what
 
 
 def export_artifact(artifact: Any, path: Path, opset: int = 18, exporter: str = "dynamo", data: Any = None,
